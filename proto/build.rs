@@ -1,0 +1,29 @@
+//! Compiles `heist/v1/*.proto` with protox (pure Rust, no system `protoc`) and generates the
+//! prost messages and tonic clients/servers. The encoded descriptor set is written next to the
+//! generated code for gRPC server reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message as _;
+
+const PROTOS: &[&str] = &[
+    "heist/v1/auth.proto",
+    "heist/v1/cluster.proto",
+    "heist/v1/session.proto",
+    "heist/v1/tool.proto",
+    "heist/v1/worker.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let fds = protox::compile(PROTOS, ["."])?;
+    fs::write(out_dir.join("heist_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Rich errors: canonical codes, a message that says what to do, and `google.rpc.ErrorInfo`
+//! (domain + reason + metadata) for programs that must branch on the cause.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// ErrorInfo domain of every heist error.
+pub const DOMAIN: &str = "heist.dev";
+
+/// ErrorInfo reasons. Stable: programs match on them.
+pub mod reason {
+    /// No worker is registered and connected.
+    pub const NO_WORKERS: &str = "NO_WORKERS";
+    /// Every eligible worker is at capacity.
+    pub const ALL_WORKERS_FULL: &str = "ALL_WORKERS_FULL";
+    /// No connected worker has the requested labels.
+    pub const NO_MATCHING_WORKER: &str = "NO_MATCHING_WORKER";
+    /// The session does not exist (or belongs to someone else).
+    pub const SESSION_NOT_FOUND: &str = "SESSION_NOT_FOUND";
+    /// The session exists but is not ready (closing, closed, failed).
+    pub const SESSION_NOT_READY: &str = "SESSION_NOT_READY";
+    /// The session's worker is not connected right now.
+    pub const WORKER_UNAVAILABLE: &str = "WORKER_UNAVAILABLE";
+    /// The worker does not exist.
+    pub const WORKER_NOT_FOUND: &str = "WORKER_NOT_FOUND";
+    /// The tool does not exist on the session's worker.
+    pub const TOOL_NOT_FOUND: &str = "TOOL_NOT_FOUND";
+    /// Tool arguments violate the tool's input schema (metadata: `field`).
+    pub const SCHEMA_VIOLATION: &str = "SCHEMA_VIOLATION";
+    /// A path leaves the session workspace (metadata: `path`).
+    pub const PATH_OUTSIDE_WORKSPACE: &str = "PATH_OUTSIDE_WORKSPACE";
+    /// A request id was reused with different arguments.
+    pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
+    /// A call with this request id is still running.
+    pub const REQUEST_IN_PROGRESS: &str = "REQUEST_IN_PROGRESS";
+    /// A request field is malformed (metadata: `field`).
+    pub const INVALID_FIELD: &str = "INVALID_FIELD";
+    /// No bearer token was sent.
+    pub const TOKEN_MISSING: &str = "TOKEN_MISSING";
+    /// The bearer token is malformed, forged, or for another audience or issuer.
+    pub const TOKEN_INVALID: &str = "TOKEN_INVALID";
+    /// The bearer token has expired.
+    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
+    /// The token lacks the scope the RPC needs (metadata: `scope`).
+    pub const SCOPE_MISSING: &str = "SCOPE_MISSING";
+    /// Wrong client id or secret.
+    pub const BAD_CLIENT_CREDENTIALS: &str = "BAD_CLIENT_CREDENTIALS";
+    /// The worker's join token is missing or wrong.
+    pub const JOIN_TOKEN_INVALID: &str = "JOIN_TOKEN_INVALID";
+    /// The server is shutting down or not ready.
+    pub const NOT_SERVING: &str = "NOT_SERVING";
+    /// A size or count limit was exceeded (metadata: `limit`).
+    pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
+}
+
+/// A status with an ErrorInfo detail.
+pub fn status(code: Code, message: impl Into<String>, reason: &str, metadata: &[(&str, &str)]) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+/// INVALID_ARGUMENT about one request field.
+pub fn invalid_argument(field: &str, message: impl Into<String>) -> Status {
+    status(
+        Code::InvalidArgument,
+        message,
+        reason::INVALID_FIELD,
+        &[("field", field)],
+    )
+}
+
+/// The ErrorInfo reason of a status, if it carries one.
+pub fn reason_of(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The ErrorInfo metadata value `key` of a status, if present.
+pub fn metadata_of(status: &Status, key: &str) -> Option<String> {
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get(key).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_info_round_trips() {
+        let st = status(
+            Code::ResourceExhausted,
+            "all workers are full",
+            reason::ALL_WORKERS_FULL,
+            &[("workers", "2")],
+        );
+        assert_eq!(reason_of(&st).as_deref(), Some(reason::ALL_WORKERS_FULL));
+        assert_eq!(metadata_of(&st, "workers").as_deref(), Some("2"));
+        assert_eq!(st.message(), "all workers are full");
+    }
+}

@@ -1,0 +1,30 @@
+//! heist.v1 on the wire, and the small glue every side of it shares.
+//!
+//! - [`v1`]: generated prost messages and tonic clients/servers for `proto/heist/v1/*.proto`.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`ids`]: newtype ids (`WorkerId`, `SessionId`, `RequestId`).
+//! - [`metadata`]: metadata keys and deadline propagation.
+//! - [`scopes`]: scope names and the scope each public RPC requires.
+//! - [`errors`]: the ErrorInfo domain and reasons, and a builder for rich statuses.
+//! - [`json`]: `google.protobuf.Struct`/`Value` <-> `serde_json` conversion.
+//! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
+
+pub mod errors;
+pub mod ids;
+pub mod json;
+pub mod logging;
+pub mod metadata;
+pub mod scopes;
+pub mod token;
+
+/// Generated code for package `heist.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("heist.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every heist.v1 file and its imports (for server reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("heist_descriptor");
+
+/// Version of this build, reported by workers at registration and by `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,230 @@
+//! JWTs: the claims heist puts in them, the signer (coordinator) and the verifier (coordinator for
+//! client tokens, workers for coordinator credentials).
+//!
+//! The algorithm is pinned to EdDSA (Ed25519): a token whose header names any other algorithm —
+//! `none`, `HS256` signed with the public key, anything — is rejected before its signature is
+//! looked at. `iss`, `aud`, `exp` and `nbf` are always checked.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, PoisonError},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// Claims of every heist token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Issuer (the coordinator's configured issuer).
+    pub iss: String,
+    /// Audience: "heist" for client tokens, "heist-worker:<id>" for coordinator credentials.
+    pub aud: String,
+    /// Subject: the client id (principal), or "coordinator".
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: u64,
+    /// Not before, seconds since the Unix epoch.
+    pub nbf: u64,
+    /// Unique token id.
+    pub jti: String,
+    /// Space-separated scopes.
+    pub scope: String,
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// `exp` is in the past.
+    #[error("the token has expired")]
+    Expired,
+    /// Anything else: bad signature, wrong algorithm, audience, issuer, malformed.
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+}
+
+/// Signs tokens with an Ed25519 key.
+pub struct TokenSigner {
+    encoding: EncodingKey,
+    public_key: [u8; 32],
+}
+
+impl TokenSigner {
+    /// A signer from a 32-byte Ed25519 seed (the secret key).
+    pub fn from_seed(seed: &[u8; 32]) -> Result<Self, TokenError> {
+        let key = SigningKey::from_bytes(seed);
+        let der = key
+            .to_pkcs8_der()
+            .map_err(|e| TokenError::Invalid(format!("cannot encode signing key: {e}")))?;
+        Ok(Self {
+            encoding: EncodingKey::from_ed_der(der.as_bytes()),
+            public_key: key.verifying_key().to_bytes(),
+        })
+    }
+
+    /// A fresh random 32-byte seed.
+    pub fn generate_seed() -> Result<[u8; 32], TokenError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| TokenError::Invalid(format!("no randomness available: {e}")))?;
+        Ok(seed)
+    }
+
+    /// The raw 32-byte public key that verifies this signer's tokens.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
+    }
+
+    /// Signs claims.
+    pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &self.encoding)
+            .map_err(|e| TokenError::Invalid(format!("cannot sign token: {e}")))
+    }
+
+    /// Claims for a token valid from now for `ttl`.
+    pub fn claims(iss: &str, aud: &str, sub: &str, scope: &str, ttl: Duration) -> Claims {
+        let now = unix_now();
+        Claims {
+            iss: iss.to_owned(),
+            aud: aud.to_owned(),
+            sub: sub.to_owned(),
+            exp: now.saturating_add(ttl.as_secs()),
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: scope.to_owned(),
+        }
+    }
+}
+
+/// Most tokens kept in the verified-token cache before it is cleared.
+const CACHE_CAPACITY: usize = 4096;
+
+/// Verifies tokens for one issuer and audience. Verified tokens are cached (keyed by the whole
+/// token string) until they expire, so a client reusing its token pays for the signature check
+/// once, not on every call.
+pub struct TokenVerifier {
+    decoding: DecodingKey,
+    validation: Validation,
+    cache: Mutex<HashMap<String, Claims>>,
+}
+
+impl TokenVerifier {
+    /// A verifier for tokens signed by `public_key` with this issuer and audience.
+    pub fn new(public_key: &[u8], issuer: &str, audience: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        Self {
+            decoding: DecodingKey::from_ed_der(public_key),
+            validation,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The claims of a valid token.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let now = unix_now();
+        {
+            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(claims) = cache.get(token) {
+                if claims.exp > now {
+                    return Ok(claims.clone());
+                }
+            }
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid(e.to_string()),
+            })?;
+        let claims = data.claims;
+        // Leeway applies to acceptance, but cached entries never outlive `exp`.
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, c| c.exp > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> TokenSigner {
+        TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer")
+    }
+
+    #[test]
+    fn accepts_own_tokens_and_rejects_others() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "iss", "aud");
+        let c = TokenSigner::claims("iss", "aud", "alice", "admin", Duration::from_secs(60));
+        let t = s.sign(&c).expect("sign");
+        assert_eq!(v.verify(&t).expect("valid"), c);
+        // Cached path gives the same answer.
+        assert_eq!(v.verify(&t).expect("valid"), c);
+
+        let other = signer();
+        let forged = other.sign(&c).expect("sign");
+        assert!(matches!(v.verify(&forged), Err(TokenError::Invalid(_))));
+
+        let wrong_aud = s
+            .sign(&TokenSigner::claims("iss", "x", "alice", "", Duration::from_secs(60)))
+            .expect("sign");
+        assert!(matches!(v.verify(&wrong_aud), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn rejects_expired_and_alg_none() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "iss", "aud");
+        let mut c = TokenSigner::claims("iss", "aud", "alice", "admin", Duration::from_secs(60));
+        c.exp = unix_now() - 3600;
+        let t = s.sign(&c).expect("sign");
+        assert_eq!(v.verify(&t), Err(TokenError::Expired));
+
+        // {"alg":"none","typ":"JWT"} with valid claims and an empty signature.
+        let c = TokenSigner::claims("iss", "aud", "alice", "admin", Duration::from_secs(60));
+        let body = serde_json::to_vec(&c).expect("json");
+        let none = format!(
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+            b64url(&body)
+        );
+        assert!(matches!(v.verify(&none), Err(TokenError::Invalid(_))));
+    }
+
+    fn b64url(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        out
+    }
+}
