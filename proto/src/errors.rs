@@ -56,7 +56,12 @@ pub mod reason {
 }
 
 /// A status with an ErrorInfo detail.
-pub fn status(code: Code, message: impl Into<String>, reason: &str, metadata: &[(&str, &str)]) -> Status {
+pub fn status(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: &[(&str, &str)],
+) -> Status {
     let metadata: HashMap<String, String> = metadata
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

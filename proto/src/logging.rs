@@ -12,7 +12,11 @@ pub fn init(level: &str, format: &str) -> Result<(), String> {
     let result = match format {
         "json" => builder.json().flatten_event(true).try_init(),
         "text" | "" => builder.try_init(),
-        other => return Err(format!("LOG_FORMAT {other:?} is not known: use text or json")),
+        other => {
+            return Err(format!(
+                "LOG_FORMAT {other:?} is not known: use text or json"
+            ));
+        }
     };
     result.map_err(|e| format!("cannot install the log subscriber: {e}"))
 }

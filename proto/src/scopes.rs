@@ -58,7 +58,10 @@ mod tests {
             required_for("/heist.v1.SessionService/ListSessions"),
             Some(SESSIONS_READ)
         );
-        assert_eq!(required_for("/heist.v1.ToolService/CallTool"), Some(TOOLS_CALL));
+        assert_eq!(
+            required_for("/heist.v1.ToolService/CallTool"),
+            Some(TOOLS_CALL)
+        );
         assert_eq!(required_for("/heist.v1.AuthService/IssueToken"), None);
         assert_eq!(required_for("/grpc.health.v1.Health/Check"), None);
     }

@@ -134,10 +134,10 @@ impl TokenVerifier {
         let now = unix_now();
         {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(claims) = cache.get(token) {
-                if claims.exp > now {
-                    return Ok(claims.clone());
-                }
+            if let Some(claims) = cache.get(token)
+                && claims.exp > now
+            {
+                return Ok(claims.clone());
             }
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
@@ -192,7 +192,13 @@ mod tests {
         assert!(matches!(v.verify(&forged), Err(TokenError::Invalid(_))));
 
         let wrong_aud = s
-            .sign(&TokenSigner::claims("iss", "x", "alice", "", Duration::from_secs(60)))
+            .sign(&TokenSigner::claims(
+                "iss",
+                "x",
+                "alice",
+                "",
+                Duration::from_secs(60),
+            ))
             .expect("sign");
         assert!(matches!(v.verify(&wrong_aud), Err(TokenError::Invalid(_))));
     }
@@ -209,10 +215,7 @@ mod tests {
         // {"alg":"none","typ":"JWT"} with valid claims and an empty signature.
         let c = TokenSigner::claims("iss", "aud", "alice", "admin", Duration::from_secs(60));
         let body = serde_json::to_vec(&c).expect("json");
-        let none = format!(
-            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
-            b64url(&body)
-        );
+        let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", b64url(&body));
         assert!(matches!(v.verify(&none), Err(TokenError::Invalid(_))));
     }
 
@@ -220,7 +223,8 @@ mod tests {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+                << (8 * (3 - chunk.len()));
             for i in 0..=chunk.len() {
                 out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
             }

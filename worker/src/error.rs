@@ -1,0 +1,231 @@
+//! The worker's one error type and its one mapping to `tonic::Status`.
+//!
+//! Codes are chosen by what the caller should do: UNAVAILABLE means "retry later or elsewhere",
+//! INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED mean "change the request", UNAUTHENTICATED
+//! means "get a valid credential". Every status carries an ErrorInfo reason.
+
+use std::path::PathBuf;
+
+use heist_proto::errors::{self, reason};
+use tonic::{Code, Status};
+
+/// Everything that can go wrong on a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is wrong; the message names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding, reading or writing something the worker itself needs.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the worker was doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// No coordinator has accepted this worker yet, so no credential can be checked.
+    #[error("not registered with a coordinator yet: retry once the worker has joined the cluster")]
+    NotRegistered,
+    /// The call carries no usable credential.
+    #[error("{message}")]
+    Unauthenticated {
+        /// ErrorInfo reason (TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED).
+        reason: &'static str,
+        /// What was wrong and what to do.
+        message: String,
+    },
+    /// The worker is draining and takes no new sessions.
+    #[error("worker is draining and takes no new sessions: place the session on another worker")]
+    Draining,
+    /// The worker holds `max` sessions already.
+    #[error("worker is full ({max} sessions open): close a session or use another worker")]
+    Full {
+        /// MAX_SESSIONS.
+        max: u32,
+    },
+    /// The session is not open on this worker.
+    #[error("session {0} is not open on this worker: open it first")]
+    SessionNotFound(String),
+    /// No tool by that name.
+    #[error("tool {name:?} does not exist: available tools are {available}")]
+    ToolNotFound {
+        /// Requested name.
+        name: String,
+        /// Comma-separated catalogue.
+        available: String,
+    },
+    /// Arguments violate the tool's input schema.
+    #[error("{message}")]
+    SchemaViolation {
+        /// Offending property path ("path", "variables.x"; "" for the root).
+        field: String,
+        /// `argument `path`: 5 is not of type "string"`.
+        message: String,
+    },
+    /// A request field is malformed.
+    #[error("{message}")]
+    InvalidArgument {
+        /// Field name.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A path leaves the session workspace.
+    #[error("path {path:?} {why}: paths must be relative and stay inside the session workspace")]
+    PathOutside {
+        /// The path as the caller sent it.
+        path: String,
+        /// Why it was refused.
+        why: &'static str,
+    },
+    /// A size or count limit would be exceeded.
+    #[error("{message}")]
+    LimitExceeded {
+        /// Name of the limit (e.g. "max_file_bytes").
+        limit: &'static str,
+        /// What exceeded it.
+        message: String,
+    },
+    /// The worker stopped waiting for the call (it is shutting down).
+    #[error(
+        "the worker is shutting down and stopped the call: retry it, it will be placed elsewhere"
+    )]
+    Stopped,
+    /// The caller's deadline passed while the tool ran.
+    #[error("the tool did not finish before the call's deadline")]
+    DeadlineExceeded,
+    /// A session workspace could not be created or removed.
+    #[error("workspace {path}: {source}")]
+    Workspace {
+        /// Workspace directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A bug or an environment problem the caller cannot fix.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let message = err.to_string();
+        let with = |code, why, md: &[(&str, &str)]| errors::status(code, message.clone(), why, md);
+        match &err {
+            Error::NotRegistered | Error::Draining | Error::Stopped => {
+                with(Code::Unavailable, reason::NOT_SERVING, &[])
+            }
+            Error::Unauthenticated { reason, .. } => with(Code::Unauthenticated, reason, &[]),
+            Error::Full { .. } => with(
+                Code::ResourceExhausted,
+                reason::LIMIT_EXCEEDED,
+                &[("limit", "max_sessions")],
+            ),
+            Error::SessionNotFound(id) => with(
+                Code::NotFound,
+                reason::SESSION_NOT_FOUND,
+                &[("session_id", id)],
+            ),
+            Error::ToolNotFound { name, .. } => {
+                with(Code::NotFound, reason::TOOL_NOT_FOUND, &[("tool", name)])
+            }
+            Error::SchemaViolation { field, .. } => with(
+                Code::InvalidArgument,
+                reason::SCHEMA_VIOLATION,
+                &[("field", field)],
+            ),
+            Error::InvalidArgument { field, .. } => with(
+                Code::InvalidArgument,
+                reason::INVALID_FIELD,
+                &[("field", field)],
+            ),
+            Error::PathOutside { path, .. } => with(
+                Code::InvalidArgument,
+                reason::PATH_OUTSIDE_WORKSPACE,
+                &[("path", path)],
+            ),
+            Error::LimitExceeded { limit, .. } => with(
+                Code::ResourceExhausted,
+                reason::LIMIT_EXCEEDED,
+                &[("limit", limit)],
+            ),
+            Error::DeadlineExceeded => Status::deadline_exceeded(message),
+            Error::Config(_)
+            | Error::Io { .. }
+            | Error::Transport(_)
+            | Error::Workspace { .. }
+            | Error::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_errors_to_codes_and_reasons() {
+        let cases = [
+            (
+                Error::NotRegistered,
+                Code::Unavailable,
+                Some(reason::NOT_SERVING),
+            ),
+            (
+                Error::Draining,
+                Code::Unavailable,
+                Some(reason::NOT_SERVING),
+            ),
+            (
+                Error::Full { max: 2 },
+                Code::ResourceExhausted,
+                Some(reason::LIMIT_EXCEEDED),
+            ),
+            (
+                Error::SessionNotFound("s-1".into()),
+                Code::NotFound,
+                Some(reason::SESSION_NOT_FOUND),
+            ),
+            (
+                Error::PathOutside {
+                    path: "/etc".into(),
+                    why: "is absolute",
+                },
+                Code::InvalidArgument,
+                Some(reason::PATH_OUTSIDE_WORKSPACE),
+            ),
+            (Error::Internal("x".into()), Code::Internal, None),
+        ];
+        for (err, code, why) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            assert_eq!(errors::reason_of(&status).as_deref(), why);
+        }
+    }
+
+    #[test]
+    fn path_errors_carry_the_path() {
+        let status = Status::from(Error::PathOutside {
+            path: "../x".into(),
+            why: "leaves the workspace",
+        });
+        assert_eq!(
+            errors::metadata_of(&status, "path").as_deref(),
+            Some("../x")
+        );
+        assert!(status.message().contains("inside the session workspace"));
+    }
+}

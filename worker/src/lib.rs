@@ -1,0 +1,210 @@
+//! heist worker: session workspaces and the tools that run in them.
+//!
+//! A worker serves `heist.v1.WorkerService` (plus grpc.health.v1 and reflection) for the
+//! coordinator, and keeps one control stream open to it. The map:
+//!
+//! - [`config`]: [`Config`] with its defaults and `validate()`.
+//! - `control`: the control stream (register, heartbeat, Drain/Evict, GoingAway, reconnect with
+//!   `backoff`); its `Connector` seam makes it testable without a coordinator.
+//! - `service` / `state`: thin gRPC handlers and the operations behind them.
+//! - `auth`: verifying the coordinator-signed credential on every call.
+//! - [`sessions`]: `BASE_WORKSPACE/<session id>/` directories, adopted again after a restart.
+//! - [`tools`]: the tool trait, schema validation, and echo, calc and fs.*.
+//! - `inflight`: counting calls so shutdown can drain them.
+//!
+//! Shutdown: when the shutdown future fires the worker stops taking sessions, tells the
+//! coordinator GoingAway, keeps serving until no call is in flight (or `drain_timeout`), then
+//! closes the control stream and stops the server.
+
+mod auth;
+mod backoff;
+pub mod config;
+mod control;
+mod error;
+mod inflight;
+mod service;
+pub mod sessions;
+mod state;
+pub mod tools;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use heist_proto::{ids::WorkerId, v1::worker_service_server::WorkerServiceServer};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+use tracing::{Instrument as _, info, info_span, warn};
+
+pub use config::{Config, parse_labels};
+pub use error::Error;
+
+use crate::{
+    backoff::Backoff,
+    control::{Control, ControlSettings, GrpcConnector},
+    service::WorkerApi,
+    sessions::Sessions,
+    state::State,
+    tools::{Limits, Registry},
+};
+
+/// Reason sent in GoingAway when the shutdown future fires.
+const SHUTDOWN_REASON: &str = "shutdown requested";
+/// How long connections may stay open after the drain before they are dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs a worker on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.validate()?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the listener's address", e))?;
+    let advertise_addr = config
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| default_advertise_addr(local_addr));
+    let worker_id = WorkerId::parse(config.worker_id.as_str())
+        .map_err(|s| Error::Config(format!("WORKER_ID: {}", s.message())))?;
+
+    let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
+    let tools = Registry::builtin()?;
+    let limits = Limits {
+        max_file_bytes: config.max_file_bytes,
+        max_list_entries: config.max_list_entries,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let state = Arc::new(State::new(
+        worker_id.clone(),
+        sessions,
+        tools,
+        limits,
+        health,
+    ));
+    state.set_registered(false).await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(heist_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("cannot build the reflection service: {e}")))?;
+
+    let stop = CancellationToken::new();
+    let (going_away_tx, going_away_rx) = watch::channel(None);
+    let control = Control::new(
+        Arc::clone(&state),
+        Box::new(GrpcConnector::new(&config)?),
+        Backoff::new(
+            config.reconnect_min,
+            config.reconnect_max,
+            fastrand::Rng::new(),
+        ),
+        ControlSettings {
+            advertise_addr: advertise_addr.clone(),
+            capacity: config.max_sessions,
+            labels: config.labels.clone(),
+        },
+        going_away_rx,
+        stop.clone(),
+    );
+    let control_task = tokio::spawn(
+        control
+            .run()
+            .instrument(info_span!("control", worker_id = %worker_id)),
+    );
+
+    let drain = {
+        let state = Arc::clone(&state);
+        let stop = stop.clone();
+        let drain_timeout = config.drain_timeout;
+        async move {
+            shutdown.await;
+            info!(
+                in_flight = state.inflight.count(),
+                "shutdown requested: draining"
+            );
+            state.drain().await;
+            let _ = going_away_tx.send(Some(SHUTDOWN_REASON.to_owned()));
+            if tokio::time::timeout(drain_timeout, state.inflight.wait_idle())
+                .await
+                .is_err()
+            {
+                warn!(
+                    in_flight = state.inflight.count(),
+                    "drain timeout reached: stopping the calls still running"
+                );
+            }
+            state.hard_stop.cancel();
+            stop.cancel();
+        }
+    };
+
+    info!(addr = %local_addr, worker_id = %worker_id, advertise = %advertise_addr, "worker listening");
+    let api = WorkerServiceServer::new(WorkerApi::new(Arc::clone(&state)))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, drain);
+    // After the drain, tonic waits for every connection to close; a client holding a stream
+    // open (a health Watch) must not keep the worker alive forever.
+    let lingering = async {
+        stop.cancelled().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    let served = tokio::select! {
+        served = server => served,
+        () = lingering => {
+            warn!("connections still open after the drain; closing them");
+            Ok(())
+        }
+    };
+
+    // The server may also have failed on its own: stop the control loop either way.
+    state.hard_stop.cancel();
+    stop.cancel();
+    if let Err(err) = control_task.await {
+        warn!(error = %err, "control task ended abnormally");
+    }
+    info!(worker_id = %worker_id, "worker stopped");
+    served.map_err(Error::from)
+}
+
+/// `http://<addr>`, with an unspecified bind address (0.0.0.0, ::) replaced by loopback: a
+/// coordinator cannot dial 0.0.0.0, so multi-host setups must set HEIST_ADVERTISE_ADDR.
+fn default_advertise_addr(local: SocketAddr) -> String {
+    let ip = local.ip();
+    let ip = if ip.is_unspecified() {
+        if ip.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        }
+    } else {
+        ip
+    };
+    format!("http://{}", SocketAddr::new(ip, local.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertises_a_dialable_address() {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            default_advertise_addr(addr("0.0.0.0:50052")),
+            "http://127.0.0.1:50052"
+        );
+        assert_eq!(
+            default_advertise_addr(addr("10.1.2.3:7")),
+            "http://10.1.2.3:7"
+        );
+        assert_eq!(default_advertise_addr(addr("[::]:9")), "http://[::1]:9");
+    }
+}

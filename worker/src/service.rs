@@ -1,0 +1,58 @@
+//! The WorkerService gRPC handlers: check the credential, count the call, delegate to
+//! [`State`], map the error.
+
+use std::sync::Arc;
+
+use heist_proto::{
+    metadata,
+    v1::{self, worker_service_server::WorkerService},
+};
+use tonic::{Request, Response, Status};
+
+use crate::state::State;
+
+/// WorkerService over the shared worker state.
+#[derive(Clone)]
+pub struct WorkerApi {
+    state: Arc<State>,
+}
+
+impl WorkerApi {
+    pub(crate) fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn open_session(
+        &self,
+        request: Request<v1::OpenSessionRequest>,
+    ) -> Result<Response<v1::OpenSessionResponse>, Status> {
+        self.state.auth.check(request.metadata())?;
+        let _call = self.state.inflight.enter();
+        let response = self.state.open_session(request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<v1::WorkerCloseSessionRequest>,
+    ) -> Result<Response<v1::WorkerCloseSessionResponse>, Status> {
+        self.state.auth.check(request.metadata())?;
+        let _call = self.state.inflight.enter();
+        let response = self.state.close_session(request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn call_tool(
+        &self,
+        request: Request<v1::CallToolRequest>,
+    ) -> Result<Response<v1::CallToolResponse>, Status> {
+        self.state.auth.check(request.metadata())?;
+        let _call = self.state.inflight.enter();
+        let deadline = metadata::remaining_deadline(request.metadata());
+        let response = self.state.call_tool(request.into_inner(), deadline).await?;
+        Ok(Response::new(response))
+    }
+}

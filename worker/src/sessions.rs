@@ -1,0 +1,321 @@
+//! Sessions and their workspaces: `BASE_WORKSPACE/<session id>/`.
+//!
+//! Opening creates the directory (idempotent), closing removes it recursively (idempotent). At
+//! startup every directory under the base whose name is a valid session id is adopted as an
+//! open session, so a restarted worker re-reports what it still holds and the coordinator can
+//! re-attach or evict it.
+//!
+//! Lookups (every tool call) take a short read lock on the map; opening and closing are
+//! serialized by an async lifecycle lock so the capacity check and the directory work cannot
+//! interleave.
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use cap_std::{ambient_authority, fs::Dir};
+use heist_proto::ids::SessionId;
+use tracing::{info, warn};
+
+use crate::Error;
+
+/// One session's workspace, opened once as a directory capability.
+pub struct Workspace {
+    id: SessionId,
+    path: PathBuf,
+    dir: Dir,
+}
+
+impl Workspace {
+    /// Opens an existing workspace directory.
+    pub fn open(id: SessionId, path: PathBuf) -> io::Result<Self> {
+        let dir = Dir::open_ambient_dir(&path, ambient_authority())?;
+        Ok(Self { id, path, dir })
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// Absolute path of the workspace.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory every tool path is resolved beneath.
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+}
+
+/// The sessions open on this worker.
+pub struct Sessions {
+    base: PathBuf,
+    max: u32,
+    open: RwLock<HashMap<SessionId, Arc<Workspace>>>,
+    lifecycle: tokio::sync::Mutex<()>,
+    draining: AtomicBool,
+}
+
+impl Sessions {
+    /// Creates `base` if needed and adopts the workspaces already in it.
+    pub async fn load(base: &Path, max: u32) -> Result<Self, Error> {
+        let base = base.to_path_buf();
+        let (base, adopted) = tokio::task::spawn_blocking(move || adopt(&base))
+            .await
+            .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        if !adopted.is_empty() {
+            info!(count = adopted.len(), base = %base.display(), "adopted existing workspaces");
+        }
+        let open = adopted
+            .into_iter()
+            .map(|ws| (ws.id.clone(), Arc::new(ws)))
+            .collect();
+        Ok(Self {
+            base,
+            max,
+            open: RwLock::new(open),
+            lifecycle: tokio::sync::Mutex::new(()),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The absolute base directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The open session `id`.
+    pub fn get(&self, id: &SessionId) -> Result<Arc<Workspace>, Error> {
+        self.read()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::SessionNotFound(id.to_string()))
+    }
+
+    /// Opens `id` (creating its workspace), or returns it if it is already open.
+    pub async fn open(&self, id: SessionId) -> Result<Arc<Workspace>, Error> {
+        let _serial = self.lifecycle.lock().await;
+        if let Some(ws) = self.read().get(&id) {
+            return Ok(Arc::clone(ws));
+        }
+        if self.is_draining() {
+            return Err(Error::Draining);
+        }
+        if self.len() >= self.max as usize {
+            return Err(Error::Full { max: self.max });
+        }
+        let path = self.base.join(id.as_str());
+        let ws = tokio::task::spawn_blocking(move || create(id, path))
+            .await
+            .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        let ws = Arc::new(ws);
+        self.write().insert(ws.id.clone(), Arc::clone(&ws));
+        Ok(ws)
+    }
+
+    /// Closes `id` and removes its workspace; returns whether it was open. Removing the
+    /// directory is attempted even when the session was not open, so a retry finishes the job.
+    pub async fn close(&self, id: &SessionId) -> Result<bool, Error> {
+        let _serial = self.lifecycle.lock().await;
+        let was_open = self.write().remove(id).is_some();
+        let path = self.base.join(id.as_str());
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Workspace { path, source }),
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        Ok(was_open)
+    }
+
+    /// Ids of the open sessions, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.read().keys().map(ToString::to_string).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Number of open sessions.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stops taking new sessions (existing ones keep working).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether new sessions are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SessionId, Arc<Workspace>>> {
+        self.open.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<SessionId, Arc<Workspace>>> {
+        self.open.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Creates `base` if needed and opens every session directory in it.
+fn adopt(base: &Path) -> Result<(PathBuf, Vec<Workspace>), Error> {
+    std::fs::create_dir_all(base).map_err(|e| {
+        Error::io(
+            format!("cannot create BASE_WORKSPACE {}", base.display()),
+            e,
+        )
+    })?;
+    let base = std::fs::canonicalize(base).map_err(|e| {
+        Error::io(
+            format!("cannot resolve BASE_WORKSPACE {}", base.display()),
+            e,
+        )
+    })?;
+    let entries = std::fs::read_dir(&base)
+        .map_err(|e| Error::io(format!("cannot read BASE_WORKSPACE {}", base.display()), e))?;
+    let mut adopted = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot read BASE_WORKSPACE entry", e))?;
+        let name = entry.file_name();
+        let path = entry.path();
+        // Only real directories (not symlinks) named like a session are workspaces.
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let id = name.to_str().and_then(|n| SessionId::parse(n).ok());
+        match (is_dir, id) {
+            (true, Some(id)) => match Workspace::open(id, path.clone()) {
+                Ok(ws) => adopted.push(ws),
+                Err(err) => {
+                    warn!(path = %path.display(), error = %err, "cannot adopt workspace; skipping it")
+                }
+            },
+            _ => warn!(path = %path.display(), "not a session workspace; leaving it alone"),
+        }
+    }
+    Ok((base, adopted))
+}
+
+/// Creates (or reuses) the workspace directory of `id`.
+fn create(id: SessionId, path: PathBuf) -> Result<Workspace, Error> {
+    let failed = |source| Error::Workspace {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::create_dir(&path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            // Reuse a leftover directory, but never a symlink planted in its place.
+            let meta = std::fs::symlink_metadata(&path).map_err(failed)?;
+            if !meta.is_dir() {
+                return Err(failed(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "exists and is not a directory; remove it",
+                )));
+            }
+        }
+        Err(err) => return Err(failed(err)),
+    }
+    Workspace::open(id, path.clone()).map_err(failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(raw: &str) -> SessionId {
+        SessionId::parse(raw).expect("id")
+    }
+
+    #[tokio::test]
+    async fn open_is_idempotent_and_close_removes_the_workspace() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sessions = Sessions::load(&tmp.path().join("ws"), 4)
+            .await
+            .expect("load");
+        let a = sessions.open(id("s-a")).await.expect("open");
+        assert!(a.path().is_dir());
+        assert!(a.path().is_absolute());
+        std::fs::write(a.path().join("f"), b"x").expect("write");
+        let again = sessions.open(id("s-a")).await.expect("reopen");
+        assert_eq!(again.path(), a.path());
+        assert!(
+            again.path().join("f").exists(),
+            "reopening keeps the content"
+        );
+        assert_eq!(sessions.ids(), ["s-a"]);
+
+        assert!(sessions.close(&id("s-a")).await.expect("close"));
+        assert!(!a.path().exists());
+        assert!(!sessions.close(&id("s-a")).await.expect("close again"));
+        assert!(sessions.is_empty());
+        assert!(matches!(
+            sessions.get(&id("s-a")),
+            Err(Error::SessionNotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn capacity_and_draining_refuse_new_sessions_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let sessions = Sessions::load(tmp.path(), 1).await.expect("load");
+        sessions.open(id("s-a")).await.expect("first");
+        assert!(matches!(
+            sessions.open(id("s-b")).await,
+            Err(Error::Full { max: 1 })
+        ));
+        sessions.set_draining();
+        assert!(
+            sessions.open(id("s-a")).await.is_ok(),
+            "an open session stays openable"
+        );
+        sessions.close(&id("s-a")).await.expect("close");
+        assert!(matches!(
+            sessions.open(id("s-b")).await,
+            Err(Error::Draining)
+        ));
+    }
+
+    #[tokio::test]
+    async fn restart_adopts_session_directories_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let sessions = Sessions::load(tmp.path(), 4).await.expect("load");
+            sessions.open(id("s-1")).await.expect("open");
+            sessions.open(id("s-2")).await.expect("open");
+        }
+        std::fs::write(tmp.path().join("stray-file"), b"x").expect("file");
+        std::fs::create_dir(tmp.path().join("not a session")).expect("dir");
+        std::os::unix::fs::symlink("/tmp", tmp.path().join("s-link")).expect("symlink");
+
+        let sessions = Sessions::load(tmp.path(), 4).await.expect("reload");
+        assert_eq!(sessions.ids(), ["s-1", "s-2"]);
+        assert!(sessions.get(&id("s-1")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_planted_symlink_is_not_used_as_a_workspace() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("outside");
+        let sessions = Sessions::load(tmp.path(), 4).await.expect("load");
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join("s-x")).expect("symlink");
+        assert!(matches!(
+            sessions.open(id("s-x")).await,
+            Err(Error::Workspace { .. })
+        ));
+    }
+}

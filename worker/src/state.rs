@@ -1,0 +1,177 @@
+//! The worker's shared state and the operations behind each WorkerService call.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use heist_proto::{
+    ids::{SessionId, WorkerId},
+    json,
+    v1::{self, worker_service_server::WorkerServiceServer},
+};
+use serde_json::{Map, Value as Json};
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{debug, info, instrument};
+
+use crate::{
+    Error,
+    auth::Auth,
+    inflight::InFlight,
+    service::WorkerApi,
+    sessions::Sessions,
+    tools::{Limits, Registry, ToolContext},
+};
+
+/// Everything the gRPC handlers and the control loop share.
+pub(crate) struct State {
+    /// This worker's id.
+    pub worker_id: WorkerId,
+    /// Open sessions and their workspaces.
+    pub sessions: Sessions,
+    /// The tool catalogue.
+    pub tools: Registry,
+    /// Verifier of coordinator credentials.
+    pub auth: Auth,
+    /// Calls being served.
+    pub inflight: InFlight,
+    /// Limits for tool calls.
+    pub limits: Limits,
+    /// Cancelled when shutdown stops waiting for in-flight calls.
+    pub hard_stop: CancellationToken,
+    /// Whether the control stream is registered right now.
+    registered: AtomicBool,
+    health: HealthReporter,
+}
+
+impl State {
+    /// Shared state around `sessions` and `tools`.
+    pub fn new(
+        worker_id: WorkerId,
+        sessions: Sessions,
+        tools: Registry,
+        limits: Limits,
+        health: HealthReporter,
+    ) -> Self {
+        Self {
+            worker_id,
+            sessions,
+            tools,
+            auth: Auth::default(),
+            inflight: InFlight::default(),
+            limits,
+            hard_stop: CancellationToken::new(),
+            registered: AtomicBool::new(false),
+            health,
+        }
+    }
+
+    /// Records whether the control stream is registered and republishes health.
+    pub async fn set_registered(&self, registered: bool) {
+        self.registered.store(registered, Ordering::SeqCst);
+        self.publish_health().await;
+    }
+
+    /// Stops taking new sessions and republishes health.
+    pub async fn drain(&self) {
+        self.sessions.set_draining();
+        self.publish_health().await;
+    }
+
+    /// SERVING while registered and not draining, NOT_SERVING otherwise.
+    async fn publish_health(&self) {
+        let serving = self.registered.load(Ordering::SeqCst) && !self.sessions.is_draining();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in ["", <WorkerServiceServer<WorkerApi> as NamedService>::NAME] {
+            self.health.set_service_status(name, status).await;
+        }
+    }
+
+    /// OpenSession: creates the workspace (idempotent).
+    #[instrument(skip_all, fields(session_id = %request.session_id, owner = %request.owner))]
+    pub async fn open_session(
+        &self,
+        request: v1::OpenSessionRequest,
+    ) -> Result<v1::OpenSessionResponse, Error> {
+        let id = parse_session_id(request.session_id)?;
+        let workspace = self.sessions.open(id).await?;
+        info!(workspace = %workspace.path().display(), "session open");
+        Ok(v1::OpenSessionResponse {
+            workspace: workspace.path().display().to_string(),
+        })
+    }
+
+    /// CloseSession: removes the workspace (idempotent).
+    #[instrument(skip_all, fields(session_id = %request.session_id))]
+    pub async fn close_session(
+        &self,
+        request: v1::WorkerCloseSessionRequest,
+    ) -> Result<v1::WorkerCloseSessionResponse, Error> {
+        let id = parse_session_id(request.session_id)?;
+        let was_open = self.sessions.close(&id).await?;
+        info!(was_open, "session closed");
+        Ok(v1::WorkerCloseSessionResponse { was_open })
+    }
+
+    /// CallTool: validates and runs a tool in an open session.
+    #[instrument(skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
+    pub async fn call_tool(
+        &self,
+        request: v1::CallToolRequest,
+        deadline: Option<Duration>,
+    ) -> Result<v1::CallToolResponse, Error> {
+        let id = parse_session_id(request.session_id)?;
+        let workspace = self.sessions.get(&id)?;
+        let args = request
+            .arguments
+            .as_ref()
+            .map_or_else(|| Json::Object(Map::new()), json::struct_to_json);
+        let cancel = self.hard_stop.child_token();
+        let _cancel_when_dropped = cancel.clone().drop_guard();
+        let ctx = ToolContext {
+            workspace,
+            limits: self.limits,
+            cancel: cancel.clone(),
+        };
+        let started = Instant::now();
+        let run = self.tools.call(&request.tool, &ctx, args);
+        let output = tokio::select! {
+            output = run_with_deadline(run, deadline) => output?,
+            () = cancel.cancelled() => return Err(Error::Stopped),
+        };
+        let duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        debug!(
+            is_error = output.is_error,
+            duration_us, "tool call finished"
+        );
+        let mut response = output.into_response();
+        response.worker_id = self.worker_id.to_string();
+        response.duration_us = duration_us;
+        Ok(response)
+    }
+}
+
+async fn run_with_deadline<F, T>(run: F, deadline: Option<Duration>) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    match deadline {
+        Some(deadline) => tokio::time::timeout(deadline, run)
+            .await
+            .map_err(|_| Error::DeadlineExceeded)?,
+        None => run.await,
+    }
+}
+
+fn parse_session_id(raw: String) -> Result<SessionId, Error> {
+    SessionId::parse(raw).map_err(|status| Error::InvalidArgument {
+        field: "session_id".to_owned(),
+        message: status.message().to_owned(),
+    })
+}

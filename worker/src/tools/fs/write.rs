@@ -1,0 +1,255 @@
+//! `fs.write`: create, replace or append to a file.
+//!
+//! A replacing write is atomic: the content goes to a temp file in the same directory, which is
+//! then renamed over the target, so readers see the old or the new file, never a torn one (the
+//! data is not fsynced: a crash may lose the write, but not half of it). Renaming replaces the
+//! directory entry, so a pre-existing hard link to a file elsewhere is unlinked, not written
+//! through. A symlink target is written only when the link resolves inside the workspace.
+
+use std::{
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+};
+
+use base64::Engine as _;
+use cap_std::fs::{Dir, MetadataExt, OpenOptions};
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::{Map, Value as Json, json};
+
+use super::{blocking, checked_path, display, io_failure, is_root, read::Encoding};
+use crate::{
+    Error,
+    sessions::Workspace,
+    tools::{Limits, Tool, ToolContext, ToolOutput, parse_args},
+};
+
+/// The fs.write tool.
+pub(crate) struct Write;
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+struct Args {
+    path: String,
+    content: String,
+    #[serde(default)]
+    encoding: Encoding,
+    #[serde(default)]
+    append: bool,
+    #[serde(default = "yes")]
+    create_parents: bool,
+}
+
+impl Tool for Write {
+    fn name(&self) -> &'static str {
+        "fs.write"
+    }
+
+    fn description(&self) -> &'static str {
+        "Writes a file in the session workspace: replaces it atomically, or appends with \
+         append: true. Parent directories are created unless create_parents is false. The \
+         resulting file may not exceed the worker's size limit."
+    }
+
+    fn input_schema(&self) -> Json {
+        json!({
+            "type": "object",
+            "properties": {
+                "path": {"type": "string", "minLength": 1, "description": "File path relative to the workspace."},
+                "content": {"type": "string", "description": "The data, as text or base64 (see encoding)."},
+                "encoding": {"enum": ["utf8", "base64"], "default": "utf8"},
+                "append": {"type": "boolean", "default": false, "description": "Append instead of replacing."},
+                "create_parents": {"type": "boolean", "default": true, "description": "Create missing parent directories."}
+            },
+            "required": ["path", "content"],
+            "additionalProperties": false
+        })
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn call<'a>(
+        &'a self,
+        ctx: &'a ToolContext,
+        args: Json,
+    ) -> BoxFuture<'a, Result<ToolOutput, Error>> {
+        Box::pin(async move {
+            let args: Args = parse_args(args)?;
+            let limits = ctx.limits;
+            blocking(ctx, move |ws| write(ws, args, limits)).await
+        })
+    }
+}
+
+fn write(ws: &Workspace, args: Args, limits: Limits) -> Result<ToolOutput, Error> {
+    let rel = checked_path(&args.path)?;
+    let not_a_file = || Error::InvalidArgument {
+        field: "path".to_owned(),
+        message: format!(
+            "path {:?} does not name a file: give a file path such as \"notes/a.txt\"",
+            args.path
+        ),
+    };
+    if is_root(&rel) {
+        return Err(not_a_file());
+    }
+    let bytes = match args.encoding {
+        Encoding::Utf8 => args.content.into_bytes(),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(args.content.as_bytes())
+            .map_err(|e| Error::InvalidArgument {
+                field: "content".to_owned(),
+                message: format!("content is not valid base64: {e}"),
+            })?,
+    };
+    let limit_error = |size: u64| Error::LimitExceeded {
+        limit: "max_file_bytes",
+        message: format!(
+            "writing `{}` would make it {size} bytes, over the worker's {}-byte file limit \
+             (HEIST_MAX_FILE_BYTES); the file was not changed",
+            args.path, limits.max_file_bytes
+        ),
+    };
+    let len = bytes.len() as u64;
+    if len > limits.max_file_bytes {
+        return Err(limit_error(len));
+    }
+
+    let dir = ws.dir();
+    let (parent, name) = match split(&rel) {
+        Some(split) => split,
+        None => return Err(not_a_file()),
+    };
+    if args.create_parents
+        && !parent.as_os_str().is_empty()
+        && let Err(err) = dir.create_dir_all(&parent)
+    {
+        return io_failure(&err, &args.path, "create the parent directories of");
+    }
+    let mut target = match open_parent(dir, &parent) {
+        Ok(target) => target,
+        Err(err) if err.kind() == io::ErrorKind::NotFound && !args.create_parents => {
+            return Ok(ToolOutput::failed(format!(
+                "cannot write `{}`: the directory `{}` does not exist (pass create_parents: true to create it)",
+                args.path,
+                display(&parent)
+            )));
+        }
+        Err(err) => return io_failure(&err, &args.path, "write"),
+    };
+    let mut name = name;
+    // A symlink is written through only when it resolves inside the workspace.
+    if target
+        .symlink_metadata(&name)
+        .is_ok_and(|meta| meta.is_symlink())
+    {
+        let resolved = match dir.canonicalize(&rel) {
+            Ok(resolved) => resolved,
+            Err(err) => return io_failure(&err, &args.path, "write through the symlink"),
+        };
+        let Some((resolved_parent, resolved_name)) = split(&resolved) else {
+            return Err(not_a_file());
+        };
+        target = match open_parent(dir, &resolved_parent) {
+            Ok(target) => target,
+            Err(err) => return io_failure(&err, &args.path, "write"),
+        };
+        name = resolved_name;
+    }
+
+    let outcome = if args.append {
+        append(&target, &name, &bytes, limits.max_file_bytes, &args.path)
+    } else {
+        replace(&target, &name, &bytes).map(|()| Outcome::Written(len))
+    };
+    let size = match outcome {
+        Ok(Outcome::Written(size)) => size,
+        Ok(Outcome::TooBig(size)) => return Err(limit_error(size)),
+        Ok(Outcome::Refused(output)) => return Ok(output),
+        Err(err) => return io_failure(&err, &args.path, "write"),
+    };
+    let mut info = Map::new();
+    info.insert("path".to_owned(), json!(args.path));
+    info.insert("bytes_written".to_owned(), json!(len));
+    info.insert("size".to_owned(), json!(size));
+    info.insert("appended".to_owned(), json!(args.append));
+    Ok(ToolOutput::object(info))
+}
+
+/// `a/b/c.txt` -> (`a/b`, `c.txt`); `None` when the last component is not a name.
+fn split(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let name = path.file_name()?;
+    let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Some((parent, PathBuf::from(name)))
+}
+
+fn open_parent(dir: &Dir, parent: &Path) -> io::Result<Dir> {
+    if parent.as_os_str().is_empty() {
+        dir.try_clone()
+    } else {
+        dir.open_dir(parent)
+    }
+}
+
+/// Writes `bytes` to a temp file next to `name` and renames it over `name`.
+fn replace(dir: &Dir, name: &Path, bytes: &[u8]) -> io::Result<()> {
+    let existing = dir.symlink_metadata(name).ok();
+    if existing.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(io::Error::from(io::ErrorKind::IsADirectory));
+    }
+    let tmp = PathBuf::from(format!(
+        ".{}.heist-tmp-{:016x}",
+        name.to_string_lossy(),
+        fastrand::u64(..)
+    ));
+    let written = (|| {
+        let mut file = dir.open_with(&tmp, OpenOptions::new().write(true).create_new(true))?;
+        file.write_all(bytes)?;
+        if let Some(meta) = &existing {
+            file.set_permissions(meta.permissions())?;
+        }
+        dir.rename(&tmp, dir, name)
+    })();
+    if written.is_err() {
+        // Best effort: the temp file is ours and must not linger.
+        let _ = dir.remove_file(&tmp);
+    }
+    written
+}
+
+/// How a write ended, short of an I/O error.
+enum Outcome {
+    /// The file now has this size.
+    Written(u64),
+    /// The file would grow to this size, over the limit; nothing was written.
+    TooBig(u64),
+    /// Refused for a reason the caller should read; nothing was written.
+    Refused(ToolOutput),
+}
+
+/// Appends `bytes` to `name` unless the file has other hard links or would exceed `max_bytes`.
+fn append(dir: &Dir, name: &Path, bytes: &[u8], max_bytes: u64, raw: &str) -> io::Result<Outcome> {
+    let mut file = dir.open_with(name, OpenOptions::new().append(true).create(true))?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(io::Error::from(io::ErrorKind::IsADirectory));
+    }
+    if meta.nlink() > 1 {
+        return Ok(Outcome::Refused(ToolOutput::failed(format!(
+            "cannot append to `{raw}`: it has {} hard links, so appending could change a file \
+             outside the workspace; write the whole file without append instead",
+            meta.nlink()
+        ))));
+    }
+    let size = meta.len().saturating_add(bytes.len() as u64);
+    if size > max_bytes {
+        return Ok(Outcome::TooBig(size));
+    }
+    file.write_all(bytes)?;
+    Ok(Outcome::Written(size))
+}
