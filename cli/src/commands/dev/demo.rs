@@ -1,0 +1,384 @@
+//! `heistctl dev demo` (what `make demo` runs): starts a throwaway local cluster and narrates,
+//! step by step with the equivalent heistctl command, workers registering, sessions spreading
+//! over the workers, tool calls routed to them, hostile input refused, and sessions closed.
+//! Every step checks its outcome, so the demo doubles as a smoke test: any surprise stops it
+//! with a non-zero exit and the data directory (with the logs) is kept.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use heist_proto::{errors::reason, v1};
+use serde_json::{Value as Json, json};
+use tonic::Code;
+
+use super::StopSignals;
+use crate::{
+    cli::Context,
+    client::Client,
+    cluster::{LocalCluster, Options},
+    commands::{session, tool, workers},
+    error::{EXIT_OK, Error},
+    output::{self, CallResultView, Format},
+};
+
+/// `println!` that ignores a closed stdout (`heistctl dev demo | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Sessions the demo creates.
+const SESSIONS: usize = 4;
+
+/// Flags of `dev demo`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Number of workers.
+    #[arg(long, env = "HEIST_DEV_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub workers: u16,
+    /// Directory with the `coordinator` and `worker` binaries (default: next to heistctl, then PATH).
+    #[arg(long, env = "HEIST_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Keep the data directory (logs, workspaces) even when every step passed.
+    #[arg(long, env = "HEIST_DEMO_KEEP")]
+    pub keep: bool,
+    /// LOG_LEVEL of the cluster processes.
+    #[arg(long, env = "HEIST_DEV_LOG_LEVEL", default_value = "info")]
+    pub cluster_log_level: String,
+}
+
+/// Runs the demo.
+pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
+    let mut signals = StopSignals::install()?;
+    let n = usize::from(args.workers);
+    let mut say = Narrator::default();
+    say.step(
+        &format!("Start a local cluster: one coordinator and {n} workers"),
+        &format!("heistctl dev up --workers {n}"),
+    );
+    let opts = Options {
+        workers: n,
+        port: 0,
+        data_dir: None,
+        bin_dir: args.bin_dir.clone(),
+        log_level: args.cluster_log_level.clone(),
+        call_timeout: ctx.timeout(),
+        ..Options::default()
+    };
+    let cluster = tokio::select! {
+        cluster = LocalCluster::start(opts) => cluster?,
+        () = signals.recv() => return Err(Error::Interrupted),
+    };
+    say!(
+        "coordinator at {} ({} workers ready; data in {})",
+        cluster.coordinator_url(),
+        n,
+        cluster.data_dir().display()
+    );
+    let data_dir = cluster.data_dir().to_path_buf();
+
+    let outcome = tokio::select! {
+        outcome = async {
+            let client = cluster.client().await?;
+            steps(&mut say, &client, n).await
+        } => outcome,
+        () = signals.recv() => Err(Error::Interrupted),
+    };
+
+    say.step(
+        "Stop the cluster (what Ctrl-C does in `heistctl dev up`)",
+        "",
+    );
+    cluster.stop().await?;
+    say!("all processes stopped");
+    match outcome {
+        Ok(()) => {
+            if args.keep {
+                say!("\ndata dir kept: {}", data_dir.display());
+            } else if let Err(e) = std::fs::remove_dir_all(&data_dir) {
+                eprintln!("could not remove {}: {e}", data_dir.display());
+            }
+            say!("\ndemo finished: every step behaved as expected");
+            Ok(EXIT_OK)
+        }
+        Err(err) => {
+            eprintln!("logs and workspaces kept in {}", data_dir.display());
+            Err(err)
+        }
+    }
+}
+
+/// The narrated steps against a ready cluster.
+async fn steps(say: &mut Narrator, client: &Client, n: usize) -> Result<(), Error> {
+    // 1. Workers.
+    say.step(
+        "Workers registered with the coordinator",
+        "heistctl workers ls",
+    );
+    let registered = client.list_workers().await?;
+    workers::ls::print(Format::Table, &registered)?;
+    let ready = registered
+        .iter()
+        .filter(|w| w.state == v1::WorkerState::Ready as i32)
+        .count();
+    expect(ready == n, || format!("{ready} of {n} workers are ready"))?;
+
+    // 2. Sessions spread over the workers.
+    say.step(
+        &format!(
+            "Create {SESSIONS} sessions: the coordinator places each on the least-loaded worker"
+        ),
+        "heistctl session create",
+    );
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        let s = client
+            .create_session(Default::default(), &session::create::new_request_id())
+            .await?;
+        say!("created {} on {}", s.id, s.worker_id);
+        sessions.push(s);
+    }
+    say.command("heistctl session ls");
+    session::print_many(Format::Table, &client.list_sessions(false, 0).await?)?;
+    let used: BTreeSet<&str> = sessions.iter().map(|s| s.worker_id.as_str()).collect();
+    let want = n.min(SESSIONS);
+    expect(used.len() == want, || {
+        format!(
+            "sessions landed on {} worker(s), expected {want}",
+            used.len()
+        )
+    })?;
+    say!("sessions are spread over {} workers", used.len());
+
+    // 3. Tools, routed to each session's worker.
+    say.step(
+        "Call tools in every session; each call is routed to the session's worker",
+        "heistctl tool ls",
+    );
+    tool::ls::print(Format::Table, &client.list_tools(None).await?)?;
+    for s in &sessions {
+        say.sub(&format!("session {} on {}", s.id, s.worker_id));
+        tool_calls(say, client, s).await?;
+    }
+
+    // 4. Hostile input.
+    let first = &sessions[0].id;
+    say.step(
+        "A schema violation is rejected before the tool runs",
+        &format!("heistctl tool call {first} calc --arg expression=42"),
+    );
+    let err = call(client, first, "calc", json!({"expression": 42}))
+        .await
+        .expect_err_demo("calc with a number expression was accepted")?;
+    output::write_text(&mut std::io::stdout(), &err.report())?;
+    expect(
+        err.code() == Some(Code::InvalidArgument)
+            && err.reason().as_deref() == Some(reason::SCHEMA_VIOLATION),
+        || format!("expected INVALID_ARGUMENT/SCHEMA_VIOLATION, got {err:?}"),
+    )?;
+    say!("(rejected, as expected)");
+
+    say.step(
+        "A path that leaves the workspace is refused",
+        &format!("heistctl tool call {first} fs.read --arg path=../../../../etc/passwd"),
+    );
+    match call(
+        client,
+        first,
+        "fs.read",
+        json!({"path": "../../../../etc/passwd"}),
+    )
+    .await
+    {
+        Err(err) => {
+            output::write_text(&mut std::io::stdout(), &err.report())?;
+            expect(
+                matches!(
+                    err.code(),
+                    Some(Code::InvalidArgument | Code::PermissionDenied)
+                ),
+                || format!("expected INVALID_ARGUMENT or PERMISSION_DENIED, got {err:?}"),
+            )?;
+        }
+        Ok(view) => {
+            output::write_text(&mut std::io::stdout(), &view.text())?;
+            expect(view.is_error && !view.text().contains("root:"), || {
+                "fs.read of ../../../../etc/passwd was not refused".to_owned()
+            })?;
+        }
+    }
+    say!("(refused, as expected)");
+
+    // 5. Close.
+    say.step(
+        "Close the sessions (their workspaces are removed)",
+        "heistctl session close ID",
+    );
+    for s in &sessions {
+        let closed = client
+            .close_session(&s.id, &session::create::new_request_id())
+            .await?;
+        say!(
+            "closed {} ({})",
+            closed.id,
+            crate::output::session_state(closed.state)
+        );
+        expect(closed.state == v1::SessionState::Closed as i32, || {
+            format!(
+                "session {} is {} after close",
+                closed.id,
+                crate::output::session_state(closed.state)
+            )
+        })?;
+    }
+    say.command("heistctl session ls --all");
+    session::print_many(Format::Table, &client.list_sessions(true, 0).await?)?;
+    Ok(())
+}
+
+/// echo, calc, fs.write, fs.read and fs.list in one session, each checked.
+async fn tool_calls(say: &mut Narrator, client: &Client, s: &v1::Session) -> Result<(), Error> {
+    let id = &s.id;
+    let greeting = format!("hello from {id}");
+    say.command(&format!(
+        "heistctl tool call {id} echo --arg text='{greeting}'"
+    ));
+    let echo = show(
+        call(client, id, "echo", json!({"text": greeting})).await?,
+        &s.worker_id,
+    )?;
+    expect(everything(&echo).contains(&greeting), || {
+        "echo did not return its input".to_owned()
+    })?;
+
+    say.command(&format!(
+        "heistctl tool call {id} calc --arg expression='2*(3+4)^2'"
+    ));
+    let calc = show(
+        call(client, id, "calc", json!({"expression": "2*(3+4)^2"})).await?,
+        &s.worker_id,
+    )?;
+    expect(everything(&calc).contains("98"), || {
+        "calc did not answer 98 for 2*(3+4)^2".to_owned()
+    })?;
+
+    let content = format!("the vault opens at midnight ({id})");
+    say.command(&format!(
+        "heistctl tool call {id} fs.write --arg path=plans/vault.txt --arg content='{content}'"
+    ));
+    show(
+        call(
+            client,
+            id,
+            "fs.write",
+            json!({"path": "plans/vault.txt", "content": content}),
+        )
+        .await?,
+        &s.worker_id,
+    )?;
+
+    say.command(&format!(
+        "heistctl tool call {id} fs.read --arg path=plans/vault.txt"
+    ));
+    let read = show(
+        call(client, id, "fs.read", json!({"path": "plans/vault.txt"})).await?,
+        &s.worker_id,
+    )?;
+    expect(everything(&read).contains(&content), || {
+        "fs.read did not return what fs.write wrote".to_owned()
+    })?;
+
+    say.command(&format!(
+        "heistctl tool call {id} fs.list --arg path=. --arg recursive=true"
+    ));
+    let list = show(
+        call(
+            client,
+            id,
+            "fs.list",
+            json!({"path": ".", "recursive": true}),
+        )
+        .await?,
+        &s.worker_id,
+    )?;
+    expect(everything(&list).contains("vault.txt"), || {
+        "fs.list does not show plans/vault.txt".to_owned()
+    })
+}
+
+/// One tool call with a fresh request id.
+async fn call(
+    client: &Client,
+    session: &str,
+    tool: &str,
+    args: Json,
+) -> Result<CallResultView, Error> {
+    let arguments = heist_proto::json::json_to_struct(&args).unwrap_or_default();
+    let response = client
+        .call_tool(session, tool, arguments, &session::create::new_request_id())
+        .await?;
+    Ok(CallResultView::from(&response))
+}
+
+/// Prints a result like `heistctl tool call` does; a tool error or a call answered by another
+/// worker than the session's fails the demo.
+fn show(view: CallResultView, worker_id: &str) -> Result<CallResultView, Error> {
+    tool::call::print(Format::Table, &view)?;
+    expect(!view.is_error, || {
+        format!("the tool reported an error: {}", view.text().trim())
+    })?;
+    expect(
+        view.worker_id.is_empty() || view.worker_id == worker_id,
+        || format!("the call ran on {} instead of {worker_id}", view.worker_id),
+    )?;
+    Ok(view)
+}
+
+/// Text and structured content of a result, for checks.
+fn everything(view: &CallResultView) -> String {
+    format!("{}{}", view.text(), view.structured_content)
+}
+
+fn expect(ok: bool, what: impl FnOnce() -> String) -> Result<(), Error> {
+    if ok { Ok(()) } else { Err(Error::Demo(what())) }
+}
+
+/// `expect_err` for results the demo needs to fail.
+trait ExpectErr<T> {
+    fn expect_err_demo(self, what: &str) -> Result<Error, Error>;
+}
+
+impl<T> ExpectErr<T> for Result<T, Error> {
+    fn expect_err_demo(self, what: &str) -> Result<Error, Error> {
+        match self {
+            Ok(_) => Err(Error::Demo(what.to_owned())),
+            Err(err) => Ok(err),
+        }
+    }
+}
+
+/// Numbered step headers and command lines.
+#[derive(Default)]
+struct Narrator {
+    step: usize,
+}
+
+impl Narrator {
+    fn step(&mut self, title: &str, command: &str) {
+        self.step += 1;
+        say!("\n==> Step {}: {title}", self.step);
+        if !command.is_empty() {
+            self.command(command);
+        }
+    }
+
+    fn sub(&self, title: &str) {
+        say!("\n--- {title}");
+    }
+
+    fn command(&self, command: &str) {
+        say!("$ {command}");
+    }
+}

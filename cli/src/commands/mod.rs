@@ -1,0 +1,31 @@
+//! One module per noun, one file per verb (`commands/<noun>/<verb>.rs`). Every verb takes the
+//! [`Context`] and its own flags, prints data on stdout, and returns the exit code to use on
+//! success (0, or 6 for a tool result with `is_error`).
+
+pub mod completions;
+pub mod dev;
+pub mod login;
+pub mod logout;
+pub mod session;
+pub mod tool;
+pub mod workers;
+
+use crate::{
+    cli::{Cli, Command, Context},
+    error::Error,
+};
+
+/// Runs the command line; returns the exit code.
+pub async fn run(cli: Cli) -> Result<u8, Error> {
+    let ctx = Context::new(cli.global);
+    match cli.command {
+        Command::Login(args) => login::run(&ctx, args).await,
+        Command::Logout(args) => logout::run(&ctx, args),
+        Command::Workers(cmd) => workers::run(&ctx, cmd).await,
+        Command::Session(cmd) => session::run(&ctx, cmd).await,
+        Command::Tool(cmd) => tool::run(&ctx, cmd).await,
+        Command::Completions(args) => completions::run(args),
+        Command::Dev(cmd) => dev::run(&ctx, cmd).await,
+        Command::Bench(args) => crate::bench::run(&ctx, args).await,
+    }
+}
