@@ -1,0 +1,38 @@
+//! heist.v1.AuthService: the client-credentials grant (no bearer token needed).
+
+use std::sync::Arc;
+
+use heist_proto::v1::{IssueTokenRequest, IssueTokenResponse, auth_service_server::AuthService};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::app::App;
+
+/// AuthService handlers.
+pub struct AuthApi {
+    app: Arc<App>,
+}
+
+impl AuthApi {
+    /// Handlers over `app`.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    #[instrument(skip_all, fields(client_id = %request.get_ref().client_id))]
+    async fn issue_token(
+        &self,
+        request: Request<IssueTokenRequest>,
+    ) -> Result<Response<IssueTokenResponse>, Status> {
+        let req = request.into_inner();
+        self.app
+            .auth
+            .issue_token(&req.client_id, &req.client_secret, &req.scopes)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+}

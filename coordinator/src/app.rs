@@ -1,0 +1,154 @@
+//! [`App`]: the state every service shares, opened from the data directory at startup, and the
+//! background tasks that keep it tidy (lease sweeper, idempotency sweeper).
+
+use std::{sync::Arc, time::Duration};
+
+use heist_proto::{
+    ids::WorkerId,
+    token::TokenSigner,
+    v1::{Session, Worker},
+};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, error, info, info_span, warn};
+
+use crate::{
+    auth::Auth, config::Config, error::Error, idempotency::Idempotency, registry::Registry,
+    sessions::SessionTable, store::Store,
+};
+
+/// Shared coordinator state.
+pub struct App {
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Durable state.
+    pub store: Store,
+    /// Signs client tokens and worker credentials.
+    pub signer: Arc<TokenSigner>,
+    /// Clients and the token grant.
+    pub auth: Auth,
+    /// Workers.
+    pub registry: Registry,
+    /// Sessions.
+    pub sessions: SessionTable,
+    /// Request-id records.
+    pub idempotency: Idempotency,
+    /// Every task spawned on behalf of the server; waited for at shutdown.
+    pub tasks: TaskTracker,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+impl App {
+    /// Opens the store under `config.data_dir`, loads workers and sessions, and upserts the
+    /// bootstrap admin client.
+    pub async fn open(config: Config) -> Result<Arc<Self>, Error> {
+        let store = Store::open(&config.data_dir)?;
+        let seed = crate::store::load_or_create_signing_seed(&config.data_dir)?;
+        let signer = Arc::new(TokenSigner::from_seed(&seed).map_err(Error::Signing)?);
+        let auth = Auth::new(
+            store.clone(),
+            signer.clone(),
+            config.token_issuer.clone(),
+            config.token_ttl,
+            &config.admin_client_id,
+            &config.admin_client_secret,
+        )
+        .await?;
+        let registry = Registry::new(config.lease_ttl);
+        let workers: Vec<Worker> = Store::load_all(&store.workers, "worker")?;
+        let known = workers.len();
+        for record in registry.load(workers, Instant::now()) {
+            Store::put(&store.workers, record.id.as_bytes(), &record)?;
+        }
+        let sessions = SessionTable::load(&store)?;
+        store.flush().await?;
+        info!(workers = known, data_dir = %config.data_dir.display(), "state loaded");
+        Ok(Arc::new(Self {
+            idempotency: Idempotency::new(store.clone(), config.idempotency_ttl),
+            config,
+            store,
+            signer,
+            auth,
+            registry,
+            sessions,
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// Writes changed worker records (flushed lazily: worker state is not acknowledged to
+    /// clients, and sled flushes on its own within a second).
+    pub fn persist_workers(&self, records: &[Worker]) {
+        for record in records {
+            if let Err(err) = Store::put(&self.store.workers, record.id.as_bytes(), record) {
+                error!(worker_id = %record.id, %err, "cannot store worker record");
+            }
+        }
+    }
+
+    /// A session as clients see it: `worker_connected` from the live registry.
+    pub fn view(&self, mut session: Session) -> Session {
+        session.worker_connected = WorkerId::parse(session.worker_id.as_str())
+            .is_ok_and(|id| self.registry.is_connected(&id));
+        session
+    }
+
+    /// A worker as clients see it: `active_sessions` counted by the coordinator.
+    pub fn worker_view(&self, mut worker: Worker) -> Worker {
+        worker.active_sessions = self.sessions.slots(&worker.id);
+        worker
+    }
+
+    /// Starts the named background tasks; they stop when [`App::shutdown`] is cancelled.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let app = self.clone();
+        self.tasks
+            .spawn(async move { app.sweep_leases().await }.instrument(info_span!("lease-sweeper")));
+        let app = self.clone();
+        self.tasks.spawn(
+            async move { app.sweep_idempotency().await }
+                .instrument(info_span!("idempotency-sweeper")),
+        );
+    }
+
+    /// Marks workers LOST when their lease runs out.
+    async fn sweep_leases(&self) {
+        let period =
+            (self.config.lease_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let lost = self.registry.sweep(Instant::now());
+            for record in &lost {
+                warn!(worker_id = %record.id, "worker lost: lease expired");
+            }
+            self.persist_workers(&lost);
+        }
+    }
+
+    /// Drops request-id records older than the TTL.
+    async fn sweep_idempotency(&self) {
+        let period = self.config.idempotency_ttl.min(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let table = self.idempotency.clone();
+            let now = crate::idempotency::now_ms();
+            match tokio::task::spawn_blocking(move || table.sweep(now)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(removed)) => info!(removed, "expired request-id records removed"),
+                Ok(Err(err)) => warn!(%err, "idempotency sweep failed"),
+                Err(err) => warn!(%err, "idempotency sweep panicked"),
+            }
+        }
+    }
+}

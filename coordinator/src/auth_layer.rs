@@ -1,0 +1,254 @@
+//! Bearer-token checks for every public RPC, as a tower layer on the whole server (a tonic
+//! interceptor cannot see the method path, which decides the scope).
+//!
+//! Paths for which [`heist_proto::scopes::required_for`] is `None` pass through untouched:
+//! AuthService, grpc.health.v1, reflection and WorkerControl (which checks the join token
+//! itself). For the rest the token must verify and carry the scope; the caller becomes a
+//! [`Principal`] in the request extensions, read by handlers with [`principal`].
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures::future::{Either, Ready, ready};
+use heist_proto::{metadata, scopes, token::TokenVerifier};
+use tonic::Status;
+use tower::{Layer, Service};
+use tracing::info;
+
+use crate::error::Error;
+
+/// The authenticated caller of an RPC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// Token subject: the client id.
+    pub id: String,
+    /// Scopes the token carries.
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    /// Whether the principal holds `scope` (`admin` holds everything).
+    pub fn has(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope || s == scopes::ADMIN)
+    }
+}
+
+/// The caller of a handler, as put there by [`AuthLayer`].
+pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .ok_or_else(|| Status::from(Error::TokenMissing))
+}
+
+/// Decides one call: `Ok(None)` when the path needs no token, `Ok(Some(principal))` when the
+/// token is valid and carries the scope, the reason otherwise.
+pub fn authorize(
+    verifier: &TokenVerifier,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<Option<Principal>, Error> {
+    let Some(needed) = scopes::required_for(path) else {
+        return Ok(None);
+    };
+    let token = bearer(headers).ok_or(Error::TokenMissing)?;
+    let claims = verifier.verify(token)?;
+    if !scopes::grants(&claims.scope, needed) {
+        return Err(Error::ScopeMissing(needed));
+    }
+    Ok(Some(Principal {
+        id: claims.sub,
+        scopes: claims
+            .scope
+            .split_ascii_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    }))
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(metadata::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Layer that wraps the server's routes in [`AuthMiddleware`].
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Arc<TokenVerifier>,
+}
+
+impl AuthLayer {
+    /// A layer verifying tokens with `verifier`.
+    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
+        Self { verifier }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthMiddleware<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthMiddleware {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+/// Checks the bearer token before the inner service sees the request.
+#[derive(Clone)]
+pub struct AuthMiddleware<S> {
+    inner: S,
+    verifier: Arc<TokenVerifier>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthMiddleware<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        match authorize(&self.verifier, request.uri().path(), request.headers()) {
+            Ok(Some(principal)) => {
+                request.extensions_mut().insert(principal);
+                Either::Left(self.inner.call(request))
+            }
+            Ok(None) => Either::Left(self.inner.call(request)),
+            Err(err) => {
+                info!(path = request.uri().path(), error = %err, "call refused");
+                Either::Right(ready(Ok(Status::from(err).into_http())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use heist_proto::{
+        errors::{reason, reason_of},
+        token::{TokenSigner, unix_now},
+    };
+
+    use super::*;
+
+    const CREATE: &str = "/heist.v1.SessionService/CreateSession";
+
+    fn signer() -> TokenSigner {
+        TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer")
+    }
+
+    fn headers(token: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        h
+    }
+
+    fn reason(err: Error) -> String {
+        reason_of(&Status::from(err)).expect("reason")
+    }
+
+    #[test]
+    fn open_paths_need_no_token() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
+        let empty = http::HeaderMap::new();
+        for path in [
+            "/heist.v1.AuthService/IssueToken",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/heist.v1.WorkerControl/Join",
+        ] {
+            assert_eq!(authorize(&v, path, &empty).expect(path), None);
+        }
+    }
+
+    #[test]
+    fn refuses_missing_forged_expired_and_unscoped_tokens() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
+        let ttl = Duration::from_secs(60);
+
+        let missing = authorize(&v, CREATE, &http::HeaderMap::new()).expect_err("missing");
+        assert_eq!(reason(missing), reason::TOKEN_MISSING);
+
+        let forged = signer()
+            .sign(&TokenSigner::claims("heist", "heist", "eve", "admin", ttl))
+            .expect("sign");
+        let err = authorize(&v, CREATE, &headers(&forged)).expect_err("forged");
+        assert_eq!(reason(err), reason::TOKEN_INVALID);
+
+        let wrong_aud = s
+            .sign(&TokenSigner::claims("heist", "other", "eve", "admin", ttl))
+            .expect("sign");
+        let err = authorize(&v, CREATE, &headers(&wrong_aud)).expect_err("aud");
+        assert_eq!(reason(err), reason::TOKEN_INVALID);
+
+        let mut old = TokenSigner::claims("heist", "heist", "alice", "admin", ttl);
+        old.exp = unix_now() - 3600;
+        let expired = s.sign(&old).expect("sign");
+        let err = authorize(&v, CREATE, &headers(&expired)).expect_err("expired");
+        assert_eq!(reason(err), reason::TOKEN_EXPIRED);
+
+        let read_only = s
+            .sign(&TokenSigner::claims(
+                "heist",
+                "heist",
+                "bob",
+                "sessions:read",
+                ttl,
+            ))
+            .expect("sign");
+        let err = authorize(&v, CREATE, &headers(&read_only)).expect_err("scope");
+        assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn valid_tokens_become_principals() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
+        let token = s
+            .sign(&TokenSigner::claims(
+                "heist",
+                "heist",
+                "alice",
+                "sessions:read sessions:write",
+                Duration::from_secs(60),
+            ))
+            .expect("sign");
+        let p = authorize(&v, CREATE, &headers(&token))
+            .expect("ok")
+            .expect("principal");
+        assert_eq!(p.id, "alice");
+        assert!(p.has("sessions:write"));
+        assert!(!p.has("tools:call"));
+    }
+
+    #[test]
+    fn bearer_parsing_is_strict() {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Basic abc".parse().expect("ascii"));
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "bearer   ".parse().expect("ascii"));
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer a.b.c".parse().expect("ascii"));
+        assert_eq!(bearer(&h), Some("a.b.c"));
+    }
+}

@@ -1,0 +1,282 @@
+//! heist.v1.WorkerControl: the control stream each worker keeps open.
+//!
+//! The join token is checked (in constant time) before anything else. The first message must be
+//! `register`; the first reply is `accepted`, followed by an `evict` when the worker holds
+//! sessions the coordinator no longer has open. A named task then reads heartbeats and
+//! `going_away` until the stream ends or the coordinator shuts down, and finally reports the
+//! disconnect to the registry under the registration's epoch.
+
+use std::{sync::Arc, time::SystemTime};
+
+use heist_proto::{
+    errors,
+    ids::WorkerId,
+    metadata,
+    v1::{
+        Accepted, CoordinatorMessage, Evict, Register, Worker, WorkerMessage, WorkerState,
+        coordinator_message, worker_control_server::WorkerControl, worker_message,
+    },
+};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tracing::{Instrument as _, debug, info, info_span, instrument, warn};
+
+use crate::{
+    app::App,
+    error::Error,
+    registry::{Catalogue, Registration},
+    store::Store,
+    worker_client::{WorkerClient, credential_audience, normalise_address},
+};
+
+/// Buffered coordinator -> worker messages per stream.
+const COMMAND_BUFFER: usize = 32;
+
+/// WorkerControl handlers.
+pub struct ControlApi {
+    app: Arc<App>,
+}
+
+impl ControlApi {
+    /// Handlers over `app`.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerControl for ControlApi {
+    type JoinStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    #[instrument(skip_all, fields(worker_id))]
+    async fn join(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::JoinStream>, Status> {
+        check_join_token(&self.app.config.join_token, request.metadata())?;
+        let mut inbound = request.into_inner();
+        let register = first_register(&self.app, &mut inbound).await?;
+        tracing::Span::current().record("worker_id", register.worker_id.as_str());
+        join(&self.app, register, inbound)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+}
+
+/// Compares the presented join token with the configured one without leaking, through timing,
+/// how much of it matched (BLAKE3 hashes compare in constant time).
+fn check_join_token(expected: &str, md: &MetadataMap) -> Result<(), Error> {
+    let presented = md
+        .get(metadata::JOIN_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Error::JoinTokenInvalid)?;
+    if blake3::hash(presented.as_bytes()) == blake3::hash(expected.as_bytes()) {
+        Ok(())
+    } else {
+        warn!("worker refused: wrong join token");
+        Err(Error::JoinTokenInvalid)
+    }
+}
+
+/// The first message, which must be `register` and must arrive within one lease.
+async fn first_register(
+    app: &App,
+    inbound: &mut Streaming<WorkerMessage>,
+) -> Result<Register, Error> {
+    let first = tokio::time::timeout(app.config.lease_ttl, inbound.message())
+        .await
+        .map_err(|_| {
+            Error::Status(Status::deadline_exceeded(
+                "no register message within the lease: send register first",
+            ))
+        })??;
+    match first.and_then(|m| m.msg) {
+        Some(worker_message::Msg::Register(register)) => Ok(register),
+        _ => Err(Error::Status(errors::invalid_argument(
+            "register",
+            "the first message on WorkerControl/Join must be register",
+        ))),
+    }
+}
+
+/// Registers the worker, reconciles its sessions and starts the stream task.
+async fn join(
+    app: &Arc<App>,
+    reg: Register,
+    inbound: Streaming<WorkerMessage>,
+) -> Result<ReceiverStream<Result<CoordinatorMessage, Status>>, Error> {
+    if app.shutdown.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    let id = WorkerId::parse(reg.worker_id.as_str())?;
+    if reg.capacity == 0 {
+        return Err(Error::Status(errors::invalid_argument(
+            "capacity",
+            "capacity must be at least 1: set MAX_SESSIONS",
+        )));
+    }
+    let client = match app.registry.client(&id) {
+        Some(client) if client.address() == normalise_address(&reg.advertise_addr) => client,
+        _ => Arc::new(WorkerClient::new(
+            id.clone(),
+            &reg.advertise_addr,
+            app.signer.clone(),
+            &app.config.token_issuer,
+            app.config.max_message_bytes,
+        )?),
+    };
+    let now = SystemTime::now();
+    let state = if reg.draining {
+        WorkerState::Draining
+    } else {
+        WorkerState::Ready
+    };
+    let record = Worker {
+        id: id.to_string(),
+        address: client.address().to_owned(),
+        capacity: reg.capacity,
+        active_sessions: 0,
+        labels: reg.labels,
+        state: state as i32,
+        version: reg.version,
+        tools: reg.tools.iter().map(|t| t.name.clone()).collect(),
+        sandbox_backend: reg.sandbox_backend,
+        registered_at: Some(now.into()),
+        last_seen_at: Some(now.into()),
+        in_flight_calls: 0,
+    };
+
+    let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
+    let accepted = Accepted {
+        lease_ttl_ms: u64::try_from(app.config.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        heartbeat_interval_ms: u64::try_from(app.config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        coordinator_public_key: app.signer.public_key().to_vec(),
+        credential_audience: credential_audience(&id),
+        credential_issuer: app.config.token_issuer.clone(),
+    };
+    // Queued before the registry can hand the sender to anyone else, so it is always first.
+    let _ = tx.try_send(Ok(command(coordinator_message::Msg::Accepted(accepted))));
+
+    Store::put(&app.store.workers, id.as_str().as_bytes(), &record)?;
+    let epoch = app.registry.register(
+        &id,
+        Registration {
+            record,
+            catalogue: Arc::new(Catalogue::new(reg.tools)),
+            client,
+            commands: tx.clone(),
+        },
+        Instant::now(),
+    );
+    let outcome = app.sessions.reconcile(&id, &reg.open_session_ids)?;
+    app.store.flush().await?;
+    if !outcome.evict.is_empty() {
+        let evict = Evict {
+            session_ids: outcome.evict.clone(),
+        };
+        let _ = tx.try_send(Ok(command(coordinator_message::Msg::Evict(evict))));
+    }
+    info!(
+        worker_id = %id,
+        epoch,
+        capacity = reg.capacity,
+        draining = reg.draining,
+        attached = outcome.attached,
+        failed = outcome.failed,
+        evicted = outcome.evict.len(),
+        "worker registered"
+    );
+
+    let task_app = app.clone();
+    app.tasks.spawn(
+        async move { run_stream(&task_app, &id, epoch, inbound, tx).await }
+            .instrument(info_span!("worker-stream", worker_id = %reg.worker_id, epoch)),
+    );
+    Ok(ReceiverStream::new(rx))
+}
+
+/// Reads the worker's messages until its stream ends or the coordinator shuts down.
+async fn run_stream(
+    app: &App,
+    id: &WorkerId,
+    epoch: u64,
+    mut inbound: Streaming<WorkerMessage>,
+    tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = app.shutdown.cancelled() => {
+                let _ = tx.try_send(Err(Error::ShuttingDown.into()));
+                break;
+            }
+            msg = inbound.message() => msg,
+        };
+        match msg {
+            Ok(Some(WorkerMessage { msg: Some(msg) })) => handle(app, id, epoch, msg),
+            Ok(Some(WorkerMessage { msg: None })) => debug!("empty worker message ignored"),
+            Ok(None) => {
+                debug!("worker closed its stream");
+                break;
+            }
+            Err(status) => {
+                debug!(error = %status.message(), "worker stream failed");
+                break;
+            }
+        }
+    }
+    if let Some(record) = app.registry.disconnected(id, epoch) {
+        warn!(
+            state = ?WorkerState::try_from(record.state).unwrap_or(WorkerState::Unspecified),
+            "worker disconnected"
+        );
+        app.persist_workers(&[record]);
+    }
+}
+
+fn handle(app: &App, id: &WorkerId, epoch: u64, msg: worker_message::Msg) {
+    match msg {
+        worker_message::Msg::Heartbeat(hb) => {
+            if let Some(record) = app.registry.heartbeat(id, epoch, &hb, Instant::now()) {
+                info!("worker back after its lease expired");
+                app.persist_workers(&[record]);
+            }
+        }
+        worker_message::Msg::GoingAway(bye) => {
+            info!(reason = %bye.reason, "worker going away: draining");
+            if let Some(record) = app.registry.going_away(id, epoch) {
+                app.persist_workers(&[record]);
+            }
+        }
+        worker_message::Msg::Register(_) => {
+            warn!("register on an open stream ignored: open a new stream to re-register");
+        }
+    }
+}
+
+fn command(msg: coordinator_message::Msg) -> CoordinatorMessage {
+    CoordinatorMessage { msg: Some(msg) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_token_must_match_exactly() {
+        let mut md = MetadataMap::new();
+        assert!(check_join_token("sekrit", &md).is_err());
+        md.insert(metadata::JOIN_TOKEN, "sekri".parse().expect("ascii"));
+        assert!(check_join_token("sekrit", &md).is_err());
+        md.insert(metadata::JOIN_TOKEN, "sekrit".parse().expect("ascii"));
+        assert!(check_join_token("sekrit", &md).is_ok());
+        let st = Status::from(check_join_token("other", &md).expect_err("wrong"));
+        assert_eq!(st.code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            errors::reason_of(&st).as_deref(),
+            Some(errors::reason::JOIN_TOKEN_INVALID)
+        );
+    }
+}

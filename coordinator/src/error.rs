@@ -1,0 +1,268 @@
+//! The coordinator's one error type, and its one mapping to a gRPC status. Codes are chosen by
+//! what the client should do next (fix the request, log in, retry later, give up); the ErrorInfo
+//! reason is what a program branches on.
+
+use std::path::PathBuf;
+
+use heist_proto::{
+    errors::{self, reason},
+    ids::{RequestId, SessionId, WorkerId},
+    token::TokenError,
+};
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is unusable (startup only).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A file under the data directory could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("cannot read", ...).
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The sled database failed.
+    #[error("the state store failed: {0}")]
+    Store(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("stored {what} record is corrupt: {source}")]
+    Corrupt {
+        /// Which kind of record.
+        what: &'static str,
+        /// The cause.
+        source: prost::DecodeError,
+    },
+    /// Signing a token failed.
+    #[error("cannot sign a token: {0}")]
+    Signing(TokenError),
+    /// Hashing or parsing a stored client secret failed.
+    #[error("cannot hash a client secret: {0}")]
+    SecretHash(String),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A status to return as is: a worker's answer passed through, or a malformed request field.
+    #[error("{}", .0.message())]
+    Status(#[from] Status),
+    /// A background task panicked or was cancelled.
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// No worker is connected.
+    #[error("no workers are connected: start one with `worker --coordinator-addr ...`")]
+    NoWorkers,
+    /// No connected worker has the requested labels.
+    #[error(
+        "no connected worker has the labels {labels}: start a worker with them or drop the selector"
+    )]
+    NoMatchingWorker {
+        /// The selector, as `k=v,k=v`.
+        labels: String,
+    },
+    /// Every matching worker is at capacity.
+    #[error(
+        "all {workers} matching workers are full: close sessions or start more workers, then retry"
+    )]
+    AllWorkersFull {
+        /// How many workers matched the selector.
+        workers: usize,
+    },
+    /// The session does not exist or belongs to another principal.
+    #[error("session {0} not found: list yours with `heistctl session ls`")]
+    SessionNotFound(SessionId),
+    /// The session exists but cannot take calls.
+    #[error("session {id} is {state}, not ready: create a new session")]
+    SessionNotReady {
+        /// The session.
+        id: SessionId,
+        /// Its state, lower case.
+        state: &'static str,
+    },
+    /// The session's worker is not connected.
+    #[error("worker {0} is not connected; retry when it re-registers")]
+    WorkerUnavailable(WorkerId),
+    /// The caller's deadline passed before the worker answered.
+    #[error("the deadline passed before worker {0} answered: retry with a longer deadline")]
+    DeadlineExceeded(WorkerId),
+    /// No worker has this id.
+    #[error("worker {0} not found: list workers with `heistctl workers ls`")]
+    WorkerNotFound(WorkerId),
+    /// The session's worker does not offer the tool.
+    #[error("tool {tool:?} is not offered by worker {worker}: list tools with `heistctl tool ls`")]
+    ToolNotFound {
+        /// The tool asked for.
+        tool: String,
+        /// The worker holding the session.
+        worker: WorkerId,
+    },
+    /// A request id was reused for a different request.
+    #[error("request_id {0} was already used for a different request: send a new request_id")]
+    RequestIdReused(RequestId),
+    /// Wrong client id or secret (deliberately not saying which).
+    #[error("unknown client id or wrong secret: check --client-id and --client-secret")]
+    BadClientCredentials,
+    /// A token was asked for with a scope the client does not hold.
+    #[error("client does not hold scope {0:?}: ask for fewer scopes or leave scopes empty")]
+    ScopeNotHeld(String),
+    /// A worker presented no join token or a wrong one.
+    #[error("join token missing or wrong: set HEIST_JOIN_TOKEN on the worker to the coordinator's")]
+    JoinTokenInvalid,
+    /// No bearer token on a call that needs one.
+    #[error(
+        "no bearer token: run `heistctl login --client-id ... --client-secret ...` \
+         or call heist.v1.AuthService/IssueToken"
+    )]
+    TokenMissing,
+    /// The bearer token is forged, malformed, or for another audience or issuer.
+    #[error("bearer token rejected ({0}): log in again with `heistctl login`")]
+    TokenInvalid(String),
+    /// The bearer token has expired.
+    #[error("token expired: log in again with `heistctl login`")]
+    TokenExpired,
+    /// The token lacks the scope the RPC needs.
+    #[error("token lacks scope {0:?}: log in with a client that holds it")]
+    ScopeMissing(&'static str),
+    /// The coordinator is shutting down.
+    #[error("the coordinator is shutting down: retry against it once it is back")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// An `Io` error for `path`.
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        Self::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<TokenError> for Error {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::Expired => Self::TokenExpired,
+            TokenError::Invalid(why) => Self::TokenInvalid(why),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let msg = err.to_string();
+        let rich =
+            |code, reason, md: &[(&str, &str)]| errors::status(code, msg.clone(), reason, md);
+        match &err {
+            Error::Status(status) => status.clone(),
+            Error::NoWorkers => rich(Code::ResourceExhausted, reason::NO_WORKERS, &[]),
+            Error::NoMatchingWorker { labels } => rich(
+                Code::ResourceExhausted,
+                reason::NO_MATCHING_WORKER,
+                &[("labels", labels)],
+            ),
+            Error::AllWorkersFull { workers } => rich(
+                Code::ResourceExhausted,
+                reason::ALL_WORKERS_FULL,
+                &[("workers", &workers.to_string())],
+            ),
+            Error::SessionNotFound(id) => rich(
+                Code::NotFound,
+                reason::SESSION_NOT_FOUND,
+                &[("session_id", id.as_str())],
+            ),
+            Error::SessionNotReady { id, state } => rich(
+                Code::FailedPrecondition,
+                reason::SESSION_NOT_READY,
+                &[("session_id", id.as_str()), ("state", state)],
+            ),
+            Error::WorkerUnavailable(id) => rich(
+                Code::Unavailable,
+                reason::WORKER_UNAVAILABLE,
+                &[("worker_id", id.as_str())],
+            ),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            Error::WorkerNotFound(id) => rich(
+                Code::NotFound,
+                reason::WORKER_NOT_FOUND,
+                &[("worker_id", id.as_str())],
+            ),
+            Error::ToolNotFound { tool, worker } => rich(
+                Code::NotFound,
+                reason::TOOL_NOT_FOUND,
+                &[("tool", tool), ("worker_id", worker.as_str())],
+            ),
+            Error::RequestIdReused(id) => rich(
+                Code::InvalidArgument,
+                reason::REQUEST_ID_REUSED,
+                &[("request_id", id.as_str())],
+            ),
+            Error::BadClientCredentials => {
+                rich(Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS, &[])
+            }
+            Error::ScopeNotHeld(scope) => rich(
+                Code::PermissionDenied,
+                reason::SCOPE_MISSING,
+                &[("scope", scope)],
+            ),
+            Error::JoinTokenInvalid => rich(Code::Unauthenticated, reason::JOIN_TOKEN_INVALID, &[]),
+            Error::TokenMissing => rich(Code::Unauthenticated, reason::TOKEN_MISSING, &[]),
+            Error::TokenInvalid(_) => rich(Code::Unauthenticated, reason::TOKEN_INVALID, &[]),
+            Error::TokenExpired => rich(Code::Unauthenticated, reason::TOKEN_EXPIRED, &[]),
+            Error::ScopeMissing(scope) => rich(
+                Code::PermissionDenied,
+                reason::SCOPE_MISSING,
+                &[("scope", scope)],
+            ),
+            Error::ShuttingDown => rich(Code::Unavailable, reason::NOT_SERVING, &[]),
+            Error::Io { .. } | Error::Store(_) => Status::unavailable(msg),
+            Error::Task(_) => Status::unavailable(msg),
+            Error::InvalidConfig(_)
+            | Error::Corrupt { .. }
+            | Error::Signing(_)
+            | Error::SecretHash(_)
+            | Error::Transport(_)
+            | Error::Reflection(_) => Status::internal(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_placement_errors_to_resource_exhausted_with_reasons() {
+        let st = Status::from(Error::AllWorkersFull { workers: 2 });
+        assert_eq!(st.code(), Code::ResourceExhausted);
+        assert_eq!(
+            errors::reason_of(&st).as_deref(),
+            Some(reason::ALL_WORKERS_FULL)
+        );
+        assert!(st.message().contains("all 2 matching workers are full"));
+    }
+
+    #[test]
+    fn passes_worker_statuses_through() {
+        let original = errors::status(
+            Code::InvalidArgument,
+            "bad field",
+            reason::SCHEMA_VIOLATION,
+            &[("field", "path")],
+        );
+        let st = Status::from(Error::Status(original));
+        assert_eq!(st.code(), Code::InvalidArgument);
+        assert_eq!(errors::metadata_of(&st, "field").as_deref(), Some("path"));
+    }
+}

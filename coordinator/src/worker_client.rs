@@ -1,0 +1,399 @@
+//! The data plane: calls from the coordinator to one worker's WorkerService.
+//!
+//! One lazily connected tonic channel per worker, reused by every call (HTTP/2 multiplexes
+//! them). Every call carries `authorization: Bearer <credential>`, a JWT the coordinator signs
+//! for audience `heist-worker:<id>` (re-minted when less than two minutes are left), and
+//! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
+//! here as well. Worker statuses come back unchanged, except transport failures, which become
+//! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use heist_proto::{
+    errors,
+    ids::WorkerId,
+    metadata,
+    token::{TokenSigner, unix_now},
+    v1::{
+        CallToolRequest, CallToolResponse, OpenSessionRequest, OpenSessionResponse,
+        WorkerCloseSessionRequest, WorkerCloseSessionResponse,
+        worker_service_client::WorkerServiceClient,
+    },
+};
+use tokio::time::Instant;
+use tonic::{
+    Code, Request, Status,
+    metadata::{AsciiMetadataValue, MetadataMap},
+    transport::{Channel, Endpoint},
+};
+use tracing::warn;
+
+use crate::error::Error;
+
+/// Lifetime of a coordinator credential.
+const CREDENTIAL_TTL: Duration = Duration::from_secs(600);
+/// A credential with less than this left is replaced before use.
+const CREDENTIAL_REFRESH_MARGIN: u64 = 120;
+/// Most of the caller's deadline kept back to send our answer in time.
+const MAX_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+/// How long dialling a worker may take before the call fails as unavailable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Subject of coordinator credentials.
+const CREDENTIAL_SUBJECT: &str = "coordinator";
+/// Scope of coordinator credentials.
+const CREDENTIAL_SCOPE: &str = "worker";
+
+/// Audience a worker requires in coordinator credentials.
+pub fn credential_audience(worker: &WorkerId) -> String {
+    format!("heist-worker:{worker}")
+}
+
+/// An advertised address as dialled: a bare `host:port` gets `http://`.
+pub fn normalise_address(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+/// A reusable client for one worker.
+pub struct WorkerClient {
+    worker: WorkerId,
+    address: String,
+    client: WorkerServiceClient<Channel>,
+    credentials: Credentials,
+}
+
+impl WorkerClient {
+    /// A client for `worker` at `address` (`http://host:port`; a bare `host:port` gets `http://`).
+    /// Nothing is dialled until the first call.
+    pub fn new(
+        worker: WorkerId,
+        address: &str,
+        signer: Arc<TokenSigner>,
+        issuer: &str,
+        max_message_bytes: usize,
+    ) -> Result<Self, Error> {
+        let address = normalise_address(address);
+        let endpoint = Endpoint::from_shared(address.clone())
+            .map_err(|e| {
+                errors::invalid_argument(
+                    "advertise_addr",
+                    format!("advertise_addr {address:?} is not a URL ({e}): set HEIST_ADVERTISE_ADDR to e.g. http://10.0.0.5:50052"),
+                )
+            })?
+            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let client = WorkerServiceClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        Ok(Self {
+            credentials: Credentials {
+                signer,
+                issuer: issuer.to_owned(),
+                audience: credential_audience(&worker),
+                current: Mutex::new(None),
+            },
+            worker,
+            address,
+            client,
+        })
+    }
+
+    /// The address this client dials.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// WorkerService.OpenSession.
+    pub async fn open_session(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: OpenSessionRequest,
+    ) -> Result<OpenSessionResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.open_session(request)).await
+    }
+
+    /// WorkerService.CloseSession.
+    pub async fn close_session(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: WorkerCloseSessionRequest,
+    ) -> Result<WorkerCloseSessionResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.close_session(request)).await
+    }
+
+    /// WorkerService.CallTool.
+    pub async fn call_tool(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: CallToolRequest,
+    ) -> Result<CallToolResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.call_tool(request)).await
+    }
+
+    /// A request with credential, principal and the time left until `deadline` as its
+    /// `grpc-timeout`; also returns that time.
+    fn request<T>(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: T,
+    ) -> Result<(Request<T>, Duration), Error> {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if budget.is_zero() {
+            return Err(Error::DeadlineExceeded(self.worker.clone()));
+        }
+        let mut request = Request::new(msg);
+        let md = request.metadata_mut();
+        md.insert(metadata::AUTHORIZATION, self.credentials.header()?);
+        if let Ok(value) = AsciiMetadataValue::try_from(principal) {
+            md.insert(metadata::PRINCIPAL, value);
+        }
+        request.set_timeout(budget);
+        Ok((request, budget))
+    }
+
+    /// Awaits a call, enforcing the deadline here too: the caller then gets DEADLINE_EXCEEDED
+    /// from us rather than whatever the worker's transport says when its timer fires.
+    async fn finish<T>(
+        &self,
+        budget: Duration,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(budget, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(self.map_status(status)),
+            Err(_) => Err(Error::DeadlineExceeded(self.worker.clone())),
+        }
+    }
+
+    /// Transport failures (nothing listening, connection reset) carry no heist reason; they mean
+    /// the worker is unreachable. A worker whose own server timer fired reports CANCELLED
+    /// "Timeout expired": that is the deadline. Everything else is the worker's own answer.
+    fn map_status(&self, status: Status) -> Error {
+        let no_reason = errors::reason_of(&status).is_none();
+        if status.code() == Code::Unavailable && no_reason {
+            warn!(worker_id = %self.worker, address = %self.address, error = %status.message(), "worker unreachable");
+            return Error::WorkerUnavailable(self.worker.clone());
+        }
+        if status.code() == Code::Cancelled && no_reason && status.message() == "Timeout expired" {
+            return Error::DeadlineExceeded(self.worker.clone());
+        }
+        Error::Status(status)
+    }
+}
+
+/// When a call forwarded on behalf of a caller must be answered: the caller's remaining
+/// deadline (or `cap` if it sent none, capped by `cap` otherwise), minus a small margin so our
+/// answer reaches the caller before its own deadline fires. Compute it when the request arrives.
+pub fn call_deadline(incoming: &MetadataMap, cap: Duration) -> Instant {
+    let budget = metadata::remaining_deadline(incoming).map_or(cap, |d| d.min(cap));
+    let margin = (budget / 20).min(MAX_DEADLINE_MARGIN);
+    Instant::now() + (budget - margin)
+}
+
+/// The cached coordinator credential for one worker.
+struct Credentials {
+    signer: Arc<TokenSigner>,
+    issuer: String,
+    audience: String,
+    /// `Bearer <jwt>` and its expiry (Unix seconds).
+    current: Mutex<Option<(AsciiMetadataValue, u64)>>,
+}
+
+impl Credentials {
+    /// The `authorization` value, re-minted when close to expiry.
+    fn header(&self) -> Result<AsciiMetadataValue, Error> {
+        let now = unix_now();
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((value, exp)) = current.as_ref()
+            && exp.saturating_sub(now) > CREDENTIAL_REFRESH_MARGIN
+        {
+            return Ok(value.clone());
+        }
+        let claims = TokenSigner::claims(
+            &self.issuer,
+            &self.audience,
+            CREDENTIAL_SUBJECT,
+            CREDENTIAL_SCOPE,
+            CREDENTIAL_TTL,
+        );
+        let jwt = self.signer.sign(&claims).map_err(Error::Signing)?;
+        let value = AsciiMetadataValue::try_from(format!("Bearer {jwt}")).map_err(|e| {
+            Error::Status(Status::internal(format!("credential is not ASCII: {e}")))
+        })?;
+        *current = Some((value.clone(), claims.exp));
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use heist_proto::token::TokenVerifier;
+
+    use super::*;
+
+    fn signer() -> Arc<TokenSigner> {
+        Arc::new(
+            TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
+        )
+    }
+
+    #[tokio::test]
+    async fn credentials_verify_for_the_worker_audience_and_are_cached() {
+        let s = signer();
+        let id = WorkerId::parse("w1").expect("id");
+        let client = WorkerClient::new(id.clone(), "127.0.0.1:1", s.clone(), "heist", 1 << 20)
+            .expect("client");
+        assert_eq!(client.address(), "http://127.0.0.1:1");
+        let first = client.credentials.header().expect("header");
+        let second = client.credentials.header().expect("header");
+        assert_eq!(first, second);
+        let jwt = first
+            .to_str()
+            .expect("ascii")
+            .strip_prefix("Bearer ")
+            .expect("bearer");
+        let verifier = TokenVerifier::new(&s.public_key(), "heist", &credential_audience(&id));
+        let claims = verifier.verify(jwt).expect("valid");
+        assert_eq!(claims.sub, "coordinator");
+    }
+
+    #[tokio::test]
+    async fn unreachable_worker_is_worker_unavailable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let client = WorkerClient::new(
+            WorkerId::parse("w1").expect("id"),
+            &format!("http://{addr}"),
+            signer(),
+            "heist",
+            1 << 20,
+        )
+        .expect("client");
+        let err = client
+            .open_session(
+                "alice",
+                call_deadline(&MetadataMap::new(), Duration::from_secs(5)),
+                OpenSessionRequest::default(),
+            )
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, Error::WorkerUnavailable(_)), "{err:?}");
+    }
+
+    /// A worker whose CallTool never answers in time.
+    struct Slow;
+
+    #[tonic::async_trait]
+    impl heist_proto::v1::worker_service_server::WorkerService for Slow {
+        async fn open_session(
+            &self,
+            _: Request<OpenSessionRequest>,
+        ) -> Result<tonic::Response<OpenSessionResponse>, Status> {
+            Err(Status::unimplemented("slow"))
+        }
+
+        async fn close_session(
+            &self,
+            _: Request<WorkerCloseSessionRequest>,
+        ) -> Result<tonic::Response<WorkerCloseSessionResponse>, Status> {
+            Err(Status::unimplemented("slow"))
+        }
+
+        async fn call_tool(
+            &self,
+            request: Request<CallToolRequest>,
+        ) -> Result<tonic::Response<CallToolResponse>, Status> {
+            assert!(request.metadata().get(metadata::GRPC_TIMEOUT).is_some());
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(tonic::Response::new(CallToolResponse::default()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_worker_slower_than_the_deadline_is_deadline_exceeded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(heist_proto::v1::worker_service_server::WorkerServiceServer::new(Slow))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let client = WorkerClient::new(
+            WorkerId::parse("w1").expect("id"),
+            &format!("http://{addr}"),
+            signer(),
+            "heist",
+            1 << 20,
+        )
+        .expect("client");
+        let mut md = MetadataMap::new();
+        md.insert(metadata::GRPC_TIMEOUT, "200m".parse().expect("ascii"));
+        let started = Instant::now();
+        let err = client
+            .call_tool(
+                "alice",
+                call_deadline(&md, Duration::from_secs(5)),
+                CallToolRequest::default(),
+            )
+            .await
+            .expect_err("too slow");
+        assert!(matches!(err, Error::DeadlineExceeded(_)), "{err:?}");
+        assert_eq!(Status::from(err).code(), Code::DeadlineExceeded);
+        assert!(started.elapsed() < Duration::from_millis(200));
+        server.abort();
+    }
+
+    #[test]
+    fn call_deadline_follows_the_caller_with_a_margin_and_a_cap() {
+        let cap = Duration::from_secs(10);
+        let mut md = MetadataMap::new();
+        let now = Instant::now();
+        let d = call_deadline(&md, cap);
+        assert!(d >= now + Duration::from_millis(9_980) && d <= Instant::now() + cap);
+        md.insert(metadata::GRPC_TIMEOUT, "300m".parse().expect("ascii"));
+        let d = call_deadline(&md, cap);
+        let left = d.saturating_duration_since(now);
+        assert!(
+            left >= Duration::from_millis(280) && left < Duration::from_millis(300),
+            "{left:?}"
+        );
+        md.insert(metadata::GRPC_TIMEOUT, "1H".parse().expect("ascii"));
+        assert!(call_deadline(&md, cap) <= Instant::now() + cap);
+    }
+
+    #[test]
+    fn bad_addresses_are_invalid_argument() {
+        let err = WorkerClient::new(
+            WorkerId::parse("w1").expect("id"),
+            "http://bad host:1",
+            signer(),
+            "heist",
+            1 << 20,
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(Status::from(err).code(), Code::InvalidArgument);
+    }
+}

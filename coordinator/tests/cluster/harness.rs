@@ -1,0 +1,496 @@
+//! Starts real coordinators and workers in this process (port 0, temp dirs) or as child processes,
+//! and talks to them through the generated clients.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use heist_proto::v1::{
+    self, auth_service_client::AuthServiceClient, cluster_service_client::ClusterServiceClient,
+    session_service_client::SessionServiceClient, tool_service_client::ToolServiceClient,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, transport::Channel};
+
+pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
+pub const ADMIN_ID: &str = "admin";
+pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789";
+
+/// How long any wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns Some, failing the test with `what` after WAIT.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn coordinator_config(data_dir: &Path) -> heist_coordinator::Config {
+    heist_coordinator::Config {
+        data_dir: data_dir.to_path_buf(),
+        join_token: JOIN_TOKEN.into(),
+        admin_client_id: ADMIN_ID.into(),
+        admin_client_secret: ADMIN_SECRET.into(),
+        lease_ttl: Duration::from_secs(3),
+        heartbeat_interval: Duration::from_millis(200),
+        ..heist_coordinator::Config::default()
+    }
+}
+
+/// An in-process coordinator.
+pub struct Coordinator {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), heist_coordinator::Error>>,
+}
+
+impl Coordinator {
+    pub async fn start(config: heist_coordinator::Config) -> Self {
+        Self::start_on("127.0.0.1:0", config).await
+    }
+
+    pub async fn start_on(bind: &str, config: heist_coordinator::Config) -> Self {
+        let listener = TcpListener::bind(bind).await.expect("bind coordinator");
+        let addr = listener.local_addr().expect("local addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(heist_coordinator::serve(
+            listener,
+            config,
+            stop.clone().cancelled_owned(),
+        ));
+        let c = Self { addr, stop, task };
+        c.wait_serving().await;
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn wait_serving(&self) {
+        let url = self.url();
+        wait_for("coordinator health SERVING", || {
+            let url = url.clone();
+            async move { health_serving(&url).await.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Graceful stop; returns what serve returned.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("coordinator task")
+            .expect("coordinator serve returned an error");
+    }
+}
+
+pub struct WorkerOpts {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub max_sessions: u32,
+    pub join_token: String,
+}
+
+impl WorkerOpts {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            labels: BTreeMap::new(),
+            max_sessions: 16,
+            join_token: JOIN_TOKEN.into(),
+        }
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn capacity(mut self, n: u32) -> Self {
+        self.max_sessions = n;
+        self
+    }
+}
+
+/// An in-process worker on a runtime of its own, so that [`Worker::crash`] can make it vanish
+/// the way a killed process does: every task dropped, every socket closed, no goodbye.
+pub struct Worker {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub base_workspace: PathBuf,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), heist_worker::Error>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Worker {
+    pub async fn start(coordinator_url: &str, base: &Path, opts: WorkerOpts) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("worker-{}", opts.id))
+            .enable_all()
+            .build()
+            .expect("worker runtime");
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind worker");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local addr");
+        let base_workspace = base.join(&opts.id);
+        let config = heist_worker::Config {
+            worker_id: opts.id.clone(),
+            coordinator_addr: coordinator_url.into(),
+            advertise_addr: None,
+            max_sessions: opts.max_sessions,
+            base_workspace: base_workspace.clone(),
+            labels: opts.labels,
+            join_token: opts.join_token,
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(200),
+            drain_timeout: Duration::from_secs(10),
+            ..heist_worker::Config::default()
+        };
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        let task = runtime.spawn(async move {
+            let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+            heist_worker::serve(listener, config, shutdown).await
+        });
+        Self {
+            id: opts.id,
+            addr,
+            base_workspace,
+            stop,
+            task,
+            runtime,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn workspace(&self, session_id: &str) -> PathBuf {
+        self.base_workspace.join(session_id)
+    }
+
+    /// Graceful stop (what SIGTERM does): drains, says GoingAway, returns what serve returned.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let result = self.task.await.expect("worker task");
+        self.runtime.shutdown_background();
+        result.expect("worker serve returned an error");
+    }
+
+    /// Drops the worker without any goodbye (its control stream just breaks).
+    pub fn crash(self) {
+        self.runtime.shutdown_background();
+    }
+}
+
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+pub async fn health_serving(url: &str) -> bool {
+    let Ok(endpoint) = Channel::from_shared(url.to_owned()) else {
+        return false;
+    };
+    let Ok(ch) = endpoint.connect().await else {
+        return false;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+    matches!(
+        client
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await,
+        Ok(resp) if resp.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    )
+}
+
+pub async fn issue_token(url: &str, id: &str, secret: &str) -> Result<String, tonic::Status> {
+    let mut auth = AuthServiceClient::new(channel(url).await);
+    let resp = auth
+        .issue_token(v1::IssueTokenRequest {
+            client_id: id.into(),
+            client_secret: secret.into(),
+            scopes: vec![],
+        })
+        .await?;
+    Ok(resp.into_inner().access_token)
+}
+
+/// Wraps a message with a bearer token.
+pub fn authed<T>(token: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}
+
+/// Typed clients for one coordinator, all sharing a channel and a token.
+#[derive(Clone)]
+pub struct Client {
+    pub token: String,
+    pub cluster: ClusterServiceClient<Channel>,
+    pub sessions: SessionServiceClient<Channel>,
+    pub tools: ToolServiceClient<Channel>,
+}
+
+impl Client {
+    pub async fn admin(url: &str) -> Self {
+        let token = issue_token(url, ADMIN_ID, ADMIN_SECRET)
+            .await
+            .expect("admin token");
+        Self::with_token(url, token).await
+    }
+
+    pub async fn with_token(url: &str, token: String) -> Self {
+        let ch = channel(url).await;
+        Self {
+            token,
+            cluster: ClusterServiceClient::new(ch.clone()),
+            sessions: SessionServiceClient::new(ch.clone()),
+            tools: ToolServiceClient::new(ch),
+        }
+    }
+
+    pub async fn workers(&mut self) -> Vec<v1::Worker> {
+        self.cluster
+            .list_workers(authed(&self.token, v1::ListWorkersRequest {}))
+            .await
+            .expect("list workers")
+            .into_inner()
+            .workers
+    }
+
+    /// Waits until the listed workers are READY.
+    pub async fn wait_ready(&mut self, ids: &[&str]) {
+        let want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        wait_for(&format!("workers {want:?} READY"), || {
+            let mut c = self.clone();
+            let want = want.clone();
+            async move {
+                let workers = c.workers().await;
+                want.iter()
+                    .all(|id| {
+                        workers
+                            .iter()
+                            .any(|w| &w.id == id && w.state == v1::WorkerState::Ready as i32)
+                    })
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until worker `id` is in `state`.
+    pub async fn wait_worker_state(&self, id: &str, state: v1::WorkerState) {
+        let mut last = None;
+        let reached = tokio::time::timeout(WAIT, async {
+            loop {
+                let now = self.clone().worker_state(id).await;
+                if now == Some(state) {
+                    return;
+                }
+                last = now;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "timed out waiting for worker {id} {state:?}; last seen {last:?}"
+        );
+    }
+
+    pub async fn worker_state(&mut self, id: &str) -> Option<v1::WorkerState> {
+        self.workers()
+            .await
+            .into_iter()
+            .find(|w| w.id == id)
+            .and_then(|w| v1::WorkerState::try_from(w.state).ok())
+    }
+
+    pub async fn create_session(
+        &mut self,
+        labels: &[(&str, &str)],
+    ) -> Result<v1::Session, tonic::Status> {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.sessions
+            .create_session(authed(
+                &self.token,
+                v1::CreateSessionRequest {
+                    request_id: String::new(),
+                    labels,
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn get_session(&mut self, id: &str) -> Result<v1::Session, tonic::Status> {
+        self.sessions
+            .get_session(authed(
+                &self.token,
+                v1::GetSessionRequest {
+                    session_id: id.into(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn close_session(&mut self, id: &str) -> Result<v1::Session, tonic::Status> {
+        self.sessions
+            .close_session(authed(
+                &self.token,
+                v1::CloseSessionRequest {
+                    session_id: id.into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn call(
+        &mut self,
+        session: &str,
+        tool: &str,
+        args: serde_json::Value,
+    ) -> Result<v1::CallToolResponse, tonic::Status> {
+        self.call_with_id(session, tool, args, "").await
+    }
+
+    pub async fn call_with_id(
+        &mut self,
+        session: &str,
+        tool: &str,
+        args: serde_json::Value,
+        request_id: &str,
+    ) -> Result<v1::CallToolResponse, tonic::Status> {
+        let arguments = heist_proto::json::json_to_struct(&args).expect("arguments object");
+        self.tools
+            .call_tool(authed(
+                &self.token,
+                v1::CallToolRequest {
+                    session_id: session.into(),
+                    tool: tool.into(),
+                    arguments: Some(arguments),
+                    request_id: request_id.into(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// The text of a response's first text block.
+pub fn text_of(resp: &v1::CallToolResponse) -> String {
+    resp.content
+        .iter()
+        .find_map(|b| match &b.block {
+            Some(v1::content_block::Block::Text(t)) => Some(t.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// structured_content as JSON.
+pub fn structured(resp: &v1::CallToolResponse) -> serde_json::Value {
+    resp.structured_content
+        .as_ref()
+        .map(heist_proto::json::struct_to_json)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Asserts a status's code and ErrorInfo reason.
+#[track_caller]
+pub fn assert_status(err: &tonic::Status, code: tonic::Code, reason: &str) {
+    assert_eq!(err.code(), code, "unexpected status: {err:?}");
+    assert_eq!(
+        heist_proto::errors::reason_of(err).as_deref(),
+        Some(reason),
+        "unexpected reason in {err:?}"
+    );
+}
+
+/// A binary built next to this crate's `coordinator` binary (`make test` builds every binary first).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let coordinator = PathBuf::from(env!("CARGO_BIN_EXE_coordinator"));
+    let path = coordinator.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (make test does) before this test",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; used where a process must be restarted on the same port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the real `coordinator` binary on `port` with `data_dir`.
+pub fn spawn_coordinator_process(port: u16, data_dir: &Path, log: &Path) -> ChildGuard {
+    let log = std::fs::File::create(log).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .env("GRPC_PORT", port.to_string())
+        .env("HEIST_BIND_ADDR", "127.0.0.1")
+        .env("HEIST_DATA_DIR", data_dir)
+        .env("HEIST_JOIN_TOKEN", JOIN_TOKEN)
+        .env("HEIST_ADMIN_CLIENT_ID", ADMIN_ID)
+        .env("HEIST_ADMIN_CLIENT_SECRET", ADMIN_SECRET)
+        .env("HEIST_HEARTBEAT_INTERVAL_MS", "200")
+        .env("HEIST_LEASE_TTL_MS", "3000")
+        .env("LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn coordinator");
+    ChildGuard(child)
+}

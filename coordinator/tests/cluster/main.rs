@@ -1,0 +1,10 @@
+//! Integration tests: real coordinators and workers on loopback, driven through the generated
+//! clients. Each test builds its own cluster in temp dirs.
+
+mod auth;
+mod durability;
+mod ecosystem;
+mod harness;
+mod registration;
+mod sessions;
+mod tools;
