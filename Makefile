@@ -28,7 +28,6 @@ dev: build
 test:
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) nextest run --locked --workspace --no-fail-fast
-	$(CARGO) test --locked --workspace --doc
 
 ## lint: formatting and clippy, warnings denied
 lint:

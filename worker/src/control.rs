@@ -285,6 +285,12 @@ impl Control {
         loop {
             tokio::select! {
                 () = stop.cancelled() => {
+                    // Both may have fired at once: a stop must never skip the goodbye, or the
+                    // coordinator would take a clean shutdown for a crash.
+                    let reason = self.going_away.borrow().clone();
+                    if let (false, Some(reason)) = (said_going_away, reason) {
+                        let _ = outbound.send(going_away(reason)).await;
+                    }
                     close(outbound, inbound).await;
                     return Ended::Stopped;
                 }

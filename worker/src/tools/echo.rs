@@ -51,7 +51,11 @@ impl Tool for Echo {
         args: Json,
     ) -> BoxFuture<'a, Result<ToolOutput, Error>> {
         Box::pin(async move {
-            if let Some(ms) = args.get("delay_ms").and_then(Json::as_u64).filter(|ms| *ms > 0) {
+            if let Some(ms) = args
+                .get("delay_ms")
+                .and_then(Json::as_u64)
+                .filter(|ms| *ms > 0)
+            {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(ms.min(MAX_DELAY_MS))) => {}
                     () = ctx.cancel.cancelled() => return Err(Error::Stopped),
@@ -87,18 +91,27 @@ mod tests {
     async fn waits_for_delay_ms_and_stops_when_cancelled() {
         let (_tmp, ctx) = context();
         let started = tokio::time::Instant::now();
-        run(&ctx, "echo", json!({"delay_ms": 250})).await.expect("echo");
+        run(&ctx, "echo", json!({"delay_ms": 250}))
+            .await
+            .expect("echo");
         assert!(started.elapsed() >= std::time::Duration::from_millis(250));
 
         ctx.cancel.cancel();
-        let err = run(&ctx, "echo", json!({"delay_ms": 60_000})).await.expect_err("cancelled");
+        let err = run(&ctx, "echo", json!({"delay_ms": 60_000}))
+            .await
+            .expect_err("cancelled");
         assert!(matches!(err, crate::Error::Stopped), "{err:?}");
     }
 
     #[tokio::test]
     async fn refuses_delays_over_the_limit() {
         let (_tmp, ctx) = context();
-        let err = run(&ctx, "echo", json!({"delay_ms": 60_001})).await.expect_err("too long");
-        assert!(matches!(err, crate::Error::SchemaViolation { .. }), "{err:?}");
+        let err = run(&ctx, "echo", json!({"delay_ms": 60_001}))
+            .await
+            .expect_err("too long");
+        assert!(
+            matches!(err, crate::Error::SchemaViolation { .. }),
+            "{err:?}"
+        );
     }
 }
