@@ -143,6 +143,7 @@ async fn join(
         version: reg.version,
         tools: reg.tools.iter().map(|t| t.name.clone()).collect(),
         sandbox_backend: reg.sandbox_backend,
+        isolation: reg.isolation,
         registered_at: Some(now.into()),
         last_seen_at: Some(now.into()),
         in_flight_calls: 0,

@@ -208,6 +208,7 @@ impl Control {
             tools: state.tools.specs(),
             version: heist_proto::VERSION.to_owned(),
             sandbox_backend: "none".to_owned(),
+            isolation: Vec::new(),
             agent_kinds: Vec::new(),
             open_session_ids: state.sessions.ids(),
             draining,

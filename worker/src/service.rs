@@ -55,4 +55,29 @@ impl WorkerService for WorkerApi {
         let response = self.state.call_tool(request.into_inner(), deadline).await?;
         Ok(Response::new(response))
     }
+
+    // PENDING(issue 3): replaced by the sandbox and checkpoint work in progress.
+    type CallToolStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ToolEvent, Status>> + Send>>;
+
+    async fn call_tool_stream(
+        &self,
+        _request: Request<v1::CallToolRequest>,
+    ) -> Result<Response<Self::CallToolStreamStream>, Status> {
+        Err(Status::unimplemented("PENDING(issue 3)"))
+    }
+
+    async fn capture_workspace(
+        &self,
+        _request: Request<v1::CaptureWorkspaceRequest>,
+    ) -> Result<Response<v1::CaptureWorkspaceResponse>, Status> {
+        Err(Status::unimplemented("PENDING(issue 3)"))
+    }
+
+    async fn restore_workspace(
+        &self,
+        _request: Request<v1::RestoreWorkspaceRequest>,
+    ) -> Result<Response<v1::RestoreWorkspaceResponse>, Status> {
+        Err(Status::unimplemented("PENDING(issue 3)"))
+    }
 }

@@ -99,7 +99,28 @@ impl ToolService for EchoServer {
         let args = request.into_inner().arguments.unwrap_or_default();
         Ok(Response::new(echo_response(args, "baseline-echo")))
     }
+
+    type CallToolStreamStream = ToolEventStream;
+
+    /// Echo has no incremental output: the stream is the one result event.
+    async fn call_tool_stream(
+        &self,
+        request: Request<v1::CallToolRequest>,
+    ) -> Result<Response<Self::CallToolStreamStream>, Status> {
+        let args = request.into_inner().arguments.unwrap_or_default();
+        let event = v1::ToolEvent {
+            event: Some(v1::tool_event::Event::Result(echo_response(
+                args,
+                "baseline-echo",
+            ))),
+        };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(event)]))))
+    }
 }
+
+/// Server-streaming response type of the baseline servers.
+type ToolEventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ToolEvent, Status>> + Send>>;
 
 /// The 2-hop server: one channel to the echo server, every call forwarded with its deadline.
 struct ProxyServer {
@@ -139,6 +160,20 @@ impl ToolService for ProxyServer {
             .call_tool(Self::forward(request))
             .await?;
         Ok(Response::new(response.into_inner()))
+    }
+
+    type CallToolStreamStream = ToolEventStream;
+
+    async fn call_tool_stream(
+        &self,
+        request: Request<v1::CallToolRequest>,
+    ) -> Result<Response<Self::CallToolStreamStream>, Status> {
+        let response = self
+            .upstream
+            .clone()
+            .call_tool_stream(Self::forward(request))
+            .await?;
+        Ok(Response::new(Box::pin(response.into_inner())))
     }
 }
 

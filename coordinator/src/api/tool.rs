@@ -67,6 +67,18 @@ impl ToolService for ToolApi {
             .map(Response::new)
             .map_err(Status::from)
     }
+
+    // PENDING(issue 3): replaced by the streaming work in progress.
+    type CallToolStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<heist_proto::v1::ToolEvent, Status>> + Send>,
+    >;
+
+    async fn call_tool_stream(
+        &self,
+        _request: Request<CallToolRequest>,
+    ) -> Result<Response<Self::CallToolStreamStream>, Status> {
+        Err(Status::unimplemented("PENDING(issue 3)"))
+    }
 }
 
 fn list_tools(app: &App, owner: &str, session_id: &str) -> Result<ListToolsResponse, Error> {
