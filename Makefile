@@ -2,7 +2,7 @@
 # `make demo` and `make test` are the two commands the README promises work on a fresh machine.
 
 CARGO       ?= cargo
-BINS        := coordinator worker heistctl
+BINS        := coordinator worker heist-sandbox heistctl
 RELEASE_DIR := target/release
 
 .PHONY: all build demo dev test test-unit lint fmt bench clean

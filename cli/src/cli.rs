@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     client::Client,
-    commands::{completions, dev, login, logout, session, tool, workers},
+    commands::{
+        checkpoint, completions, dev, exec, login, logout, run_python, session, tool, workers,
+    },
     credentials::Store,
     error::Error,
     output::Format,
@@ -82,6 +84,15 @@ pub enum Command {
     /// Tools: list them and call them in a session.
     #[command(subcommand, alias = "tools")]
     Tool(tool::Command),
+    /// Checkpoints: snapshot, list, show, restore and delete workspaces.
+    #[command(subcommand, alias = "checkpoints")]
+    Checkpoint(checkpoint::Command),
+    /// Run a command in a session's sandbox, streaming its output (`exec SESSION -- CMD...`);
+    /// exits with the command's exit code.
+    Exec(exec::Args),
+    /// Run a local Python file (or `-` for stdin) in a session's sandbox, streaming its output;
+    /// exits with its exit code.
+    RunPython(run_python::Args),
     /// Print a shell completion script.
     Completions(completions::Args),
     /// Run a local cluster (coordinator + workers as child processes).

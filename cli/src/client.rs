@@ -19,6 +19,8 @@ use tonic_health::pb::{
 
 use crate::error::Error;
 
+mod checkpoints;
+
 /// How many times a mutating call is retried after a transport failure.
 const TRANSPORT_RETRIES: u32 = 2;
 /// First pause before such a retry (doubles each time).
@@ -250,6 +252,30 @@ impl Client {
                 .into_inner())
         })
         .await
+    }
+
+    /// ToolService.CallToolStream, with `timeout` as the deadline of the whole stream (a long
+    /// command needs more than the per-call default). Not retried: output may already have
+    /// been shown; the request id still makes a retry by the user safe.
+    pub async fn call_tool_stream(
+        &self,
+        session_id: &str,
+        tool: &str,
+        arguments: prost_types::Struct,
+        request_id: &str,
+        timeout: Duration,
+    ) -> Result<tonic::Streaming<v1::ToolEvent>, Error> {
+        let mut request = self.authed(v1::CallToolRequest {
+            session_id: session_id.to_owned(),
+            tool: tool.to_owned(),
+            arguments: Some(arguments),
+            request_id: request_id.to_owned(),
+        })?;
+        request.set_timeout(timeout);
+        Ok(ToolServiceClient::new(self.channel.clone())
+            .call_tool_stream(request)
+            .await?
+            .into_inner())
     }
 
     /// Runs `call`, retrying transport failures (UNAVAILABLE without an ErrorInfo reason: the

@@ -31,6 +31,17 @@ const PHASES: &[(&str, &[&str])] = &[
             "open_sessions",
         ],
     ),
+    (
+        "checkpoint",
+        &[
+            "tar_ms",
+            "cp_ms",
+            "capture_full_ms",
+            "capture_one_ms",
+            "restore_other_ms",
+            "restore_in_place_ms",
+        ],
+    ),
 ];
 
 const CALL_METRICS: &[&str] = &[
@@ -46,12 +57,18 @@ const RATIOS: &[&str] = &[
     "routed_p50_over_1hop_p50",
     "routed_tput_over_2hop_tput",
     "routed_tput_over_1hop_tput",
+    "capture_one_over_tar",
+    "capture_full_over_cp",
+    "restore_other_over_cp",
 ];
 
 const TARGETS: &[&str] = &[
     "routed_p50_over_2hop_p50",
     "routed_tput_over_2hop_tput",
     "session_create_p50_ms",
+    "capture_one_over_tar",
+    "capture_full_over_cp",
+    "restore_other_over_cp",
 ];
 
 #[test]

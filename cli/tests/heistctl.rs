@@ -61,6 +61,10 @@ impl Cluster {
             base_workspace: tmp.path().join("workspaces"),
             labels: [("zone".to_owned(), "test".to_owned())].into(),
             join_token: JOIN_TOKEN.to_owned(),
+            // Built next to heistctl (`make test` builds every binary first).
+            sandbox_helper: Some(
+                PathBuf::from(env!("CARGO_BIN_EXE_heistctl")).with_file_name("heist-sandbox"),
+            ),
             ..heist_worker::Config::default()
         };
         let (stop_worker, stopped) = oneshot::channel::<()>();
@@ -448,6 +452,51 @@ async fn exit_codes_tell_scripts_what_went_wrong() {
         ])
         .await;
     assert_eq!(code(&out), 5, "{}", stderr(&out));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_run_python_stream_output_and_exit_with_the_commands_code() {
+    let cluster = Cluster::start().await;
+    cluster.login().await;
+    let created = cluster.json(&["session", "create"]).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let out = cluster
+        .run(&[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ])
+        .await;
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "out\n");
+    assert!(stderr(&out).contains("err\n"), "{}", stderr(&out));
+
+    let out = cluster
+        .run(&["exec", "--shell", &id, "--", "echo a | tr a b"])
+        .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "b\n");
+
+    let out = cluster
+        .run_with_stdin(
+            &["run-python", &id, "-", "x"],
+            Some("import sys\nprint('py', sys.argv[1])\nsys.exit(3)\n"),
+        )
+        .await;
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert_eq!(stdout(&out), "py x\n");
+
+    // A timeout exits 124 like timeout(1), and says so.
+    let out = cluster
+        .run(&["exec", &id, "--timeout-s", "1", "--", "sleep", "30"])
+        .await;
+    assert_eq!(code(&out), 124, "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
     cluster.stop().await;
 }
 

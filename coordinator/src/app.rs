@@ -1,5 +1,5 @@
 //! [`App`]: the state every service shares, opened from the data directory at startup, and the
-//! background tasks that keep it tidy (lease sweeper, idempotency sweeper).
+//! background tasks that keep it tidy (lease sweeper, idempotency sweeper, checkpoint GC).
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,8 +13,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::{
-    auth::Auth, config::Config, error::Error, idempotency::Idempotency, registry::Registry,
-    sessions::SessionTable, store::Store,
+    auth::Auth,
+    cas::Cas,
+    checkpoints::{Checkpoints, Retention},
+    config::Config,
+    error::Error,
+    idempotency::Idempotency,
+    registry::Registry,
+    sessions::SessionTable,
+    store::Store,
 };
 
 /// Shared coordinator state.
@@ -33,6 +40,8 @@ pub struct App {
     pub sessions: SessionTable,
     /// Request-id records.
     pub idempotency: Idempotency,
+    /// Checkpoints and the blob store.
+    pub checkpoints: Arc<Checkpoints>,
     /// Every task spawned on behalf of the server; waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when the server starts shutting down.
@@ -62,6 +71,8 @@ impl App {
             Store::put(&store.workers, record.id.as_bytes(), &record)?;
         }
         let sessions = SessionTable::load(&store)?;
+        let cas = Arc::new(Cas::open(&config.data_dir.join("blobs"))?);
+        let checkpoints = Checkpoints::load(&store, cas)?;
         store.flush().await?;
         info!(workers = known, data_dir = %config.data_dir.display(), "state loaded");
         Ok(Arc::new(Self {
@@ -72,6 +83,7 @@ impl App {
             auth,
             registry,
             sessions,
+            checkpoints,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }))
@@ -110,6 +122,55 @@ impl App {
             async move { app.sweep_idempotency().await }
                 .instrument(info_span!("idempotency-sweeper")),
         );
+        let app = self.clone();
+        self.tasks.spawn(
+            async move { app.collect_checkpoints().await }.instrument(info_span!("checkpoint-gc")),
+        );
+    }
+
+    /// Checkpoint retention limits from the configuration.
+    pub fn retention(&self) -> Retention {
+        Retention {
+            max_per_session: self.config.checkpoint_max_per_session,
+            max_age: self.config.checkpoint_max_age,
+        }
+    }
+
+    /// Age retention for every session, then the sweep of blobs no manifest references.
+    async fn collect_checkpoints(&self) {
+        let period = self.config.checkpoint_gc_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let table = self.checkpoints.clone();
+            let (limits, grace) = (self.retention(), self.config.blob_orphan_grace);
+            let swept = tokio::task::spawn_blocking(move || {
+                let freed = table.retain_all(limits, std::time::SystemTime::now())?;
+                let orphans = table.sweep_unreferenced(grace)?;
+                Ok::<_, Error>((freed, orphans))
+            })
+            .await;
+            match swept {
+                Ok(Ok((freed, orphans))) => {
+                    if let Err(err) = self.store.flush().await {
+                        warn!(%err, "cannot flush after checkpoint retention");
+                    }
+                    if freed.checkpoints > 0 || orphans > 0 {
+                        info!(
+                            checkpoints = freed.checkpoints,
+                            blobs = freed.blobs + orphans as u64,
+                            "checkpoint garbage collected"
+                        );
+                    }
+                }
+                Ok(Err(err)) => warn!(%err, "checkpoint garbage collection failed"),
+                Err(err) => warn!(%err, "checkpoint garbage collection panicked"),
+            }
+        }
     }
 
     /// Marks workers LOST when their lease runs out.

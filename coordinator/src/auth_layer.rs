@@ -2,8 +2,8 @@
 //! interceptor cannot see the method path, which decides the scope).
 //!
 //! Paths for which [`heist_proto::scopes::required_for`] is `None` pass through untouched:
-//! AuthService, grpc.health.v1, reflection and WorkerControl (which checks the join token
-//! itself). For the rest the token must verify and carry the scope; the caller becomes a
+//! AuthService, grpc.health.v1, reflection, WorkerControl and BlobService (which check the
+//! workers' join token themselves). For the rest the token must verify and carry the scope; the caller becomes a
 //! [`Principal`] in the request extensions, read by handlers with [`principal`].
 
 use std::{
@@ -175,6 +175,7 @@ mod tests {
             "/grpc.health.v1.Health/Check",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/heist.v1.WorkerControl/Join",
+            "/heist.v1.BlobService/PutBlobs",
         ] {
             assert_eq!(authorize(&v, path, &empty).expect(path), None);
         }

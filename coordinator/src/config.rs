@@ -38,6 +38,28 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Largest gRPC message accepted or sent. HEIST_MAX_MESSAGE_BYTES, default 16 MiB.
     pub max_message_bytes: usize,
+    /// Largest blob (one file of a checkpoint) the blob store accepts, in bytes.
+    /// HEIST_MAX_BLOB_BYTES, default 1 GiB.
+    pub max_blob_bytes: u64,
+    /// Most hashes in one FindMissingBlobs or GetBlobs request. HEIST_MAX_BLOB_BATCH, default
+    /// 100000.
+    pub max_blob_batch: usize,
+    /// Checkpoints kept per session; older ones are removed by retention (never a fork point or
+    /// a session's restore source, and never the newest). 0 keeps all.
+    /// HEIST_CHECKPOINT_MAX_PER_SESSION, default 100.
+    pub checkpoint_max_per_session: u32,
+    /// Checkpoints older than this are removed by retention (same exceptions). Zero keeps all.
+    /// HEIST_CHECKPOINT_MAX_AGE_S, default 2592000 s (30 days).
+    pub checkpoint_max_age: Duration,
+    /// How often age retention and the unreferenced-blob sweep run.
+    /// HEIST_CHECKPOINT_GC_INTERVAL_S, default 300 s.
+    pub checkpoint_gc_interval: Duration,
+    /// An unreferenced blob younger than this is left alone by the periodic sweep (an upload
+    /// whose checkpoint has not been committed yet). HEIST_BLOB_ORPHAN_GRACE_S, default 600 s.
+    pub blob_orphan_grace: Duration,
+    /// Take a checkpoint after every successful call of a tool that is not read-only.
+    /// HEIST_AUTO_CHECKPOINT, default false.
+    pub auto_checkpoint: bool,
 }
 
 impl Default for Config {
@@ -54,6 +76,13 @@ impl Default for Config {
             worker_call_timeout: Duration::from_secs(300),
             idempotency_ttl: Duration::from_secs(86_400),
             max_message_bytes: 16 * 1024 * 1024,
+            max_blob_bytes: 1 << 30,
+            max_blob_batch: 100_000,
+            checkpoint_max_per_session: 100,
+            checkpoint_max_age: Duration::from_secs(30 * 86_400),
+            checkpoint_gc_interval: Duration::from_secs(300),
+            blob_orphan_grace: Duration::from_secs(600),
+            auto_checkpoint: false,
         }
     }
 }
@@ -73,6 +102,16 @@ impl fmt::Debug for Config {
             .field("worker_call_timeout", &self.worker_call_timeout)
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_blob_bytes", &self.max_blob_bytes)
+            .field("max_blob_batch", &self.max_blob_batch)
+            .field(
+                "checkpoint_max_per_session",
+                &self.checkpoint_max_per_session,
+            )
+            .field("checkpoint_max_age", &self.checkpoint_max_age)
+            .field("checkpoint_gc_interval", &self.checkpoint_gc_interval)
+            .field("blob_orphan_grace", &self.blob_orphan_grace)
+            .field("auto_checkpoint", &self.auto_checkpoint)
             .finish()
     }
 }
@@ -119,6 +158,15 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return bad("HEIST_MAX_MESSAGE_BYTES must be at least 1024");
+        }
+        if self.max_blob_bytes == 0 {
+            return bad("HEIST_MAX_BLOB_BYTES must be at least 1");
+        }
+        if self.max_blob_batch == 0 {
+            return bad("HEIST_MAX_BLOB_BATCH must be at least 1");
+        }
+        if self.checkpoint_gc_interval.is_zero() {
+            return bad("HEIST_CHECKPOINT_GC_INTERVAL_S must be at least 1 second");
         }
         Ok(())
     }

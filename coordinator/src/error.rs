@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use heist_proto::{
     errors::{self, reason},
-    ids::{RequestId, SessionId, WorkerId},
+    ids::{CheckpointId, RequestId, SessionId, WorkerId},
     token::TokenError,
 };
 use tonic::{Code, Status};
@@ -133,6 +133,50 @@ pub enum Error {
     /// The coordinator is shutting down.
     #[error("the coordinator is shutting down: retry against it once it is back")]
     ShuttingDown,
+    /// The checkpoint does not exist or belongs to another principal.
+    #[error("checkpoint {0} not found: list yours with `heistctl checkpoint ls`")]
+    CheckpointNotFound(CheckpointId),
+    /// The checkpoint is the parent of other checkpoints.
+    #[error(
+        "checkpoint {id} is the parent of {children} other checkpoint(s): delete those first \
+         (newest first), or keep it"
+    )]
+    CheckpointHasChildren {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// How many checkpoints name it as parent.
+        children: usize,
+    },
+    /// Blobs a manifest names are not in the blob store.
+    #[error(
+        "{missing} blob(s) of this checkpoint are missing from the blob store (first: {hash}); \
+         nothing was changed: the checkpoint cannot be restored, take a new one"
+    )]
+    BlobMissing {
+        /// Hex hash of the first missing blob.
+        hash: String,
+        /// How many are missing.
+        missing: usize,
+    },
+    /// GetBlobs named a blob the store does not have.
+    #[error("blob {0} is not in the blob store")]
+    BlobNotFound(String),
+    /// An uploaded blob is malformed: wrong hash or size, chunks out of order.
+    #[error("blob {hash} rejected: {why}")]
+    BlobCorrupt {
+        /// Hex hash the uploader announced.
+        hash: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// A size or count limit of the blob store or checkpoints.
+    #[error("{message}")]
+    LimitExceeded {
+        /// The setting that sets the limit.
+        limit: &'static str,
+        /// What exceeded it and what to do.
+        message: String,
+    },
 }
 
 impl Error {
@@ -226,6 +270,37 @@ impl From<Error> for Status {
                 &[("scope", scope)],
             ),
             Error::ShuttingDown => rich(Code::Unavailable, reason::NOT_SERVING, &[]),
+            Error::CheckpointNotFound(id) => rich(
+                Code::NotFound,
+                reason::CHECKPOINT_NOT_FOUND,
+                &[("checkpoint_id", id.as_str())],
+            ),
+            Error::CheckpointHasChildren { id, children } => rich(
+                Code::FailedPrecondition,
+                reason::CHECKPOINT_HAS_CHILDREN,
+                &[
+                    ("checkpoint_id", id.as_str()),
+                    ("children", &children.to_string()),
+                ],
+            ),
+            Error::BlobMissing { hash, missing } => rich(
+                Code::FailedPrecondition,
+                reason::BLOB_MISSING,
+                &[("hash", hash), ("missing", &missing.to_string())],
+            ),
+            Error::BlobNotFound(hash) => {
+                rich(Code::NotFound, reason::BLOB_MISSING, &[("hash", hash)])
+            }
+            Error::BlobCorrupt { hash, .. } => rich(
+                Code::InvalidArgument,
+                reason::BLOB_CORRUPT,
+                &[("hash", hash)],
+            ),
+            Error::LimitExceeded { limit, .. } => rich(
+                Code::ResourceExhausted,
+                reason::LIMIT_EXCEEDED,
+                &[("limit", limit)],
+            ),
             Error::Io { .. } | Error::Store(_) => Status::unavailable(msg),
             Error::Task(_) => Status::unavailable(msg),
             Error::InvalidConfig(_)

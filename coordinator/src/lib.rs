@@ -13,11 +13,15 @@
 //! - [`app`]: the shared state and the background sweepers.
 //! - [`api`]: thin handlers for AuthService, ClusterService, SessionService, ToolService.
 //! - [`control`]: WorkerControl.Join, the worker control stream.
+//! - [`cas`], [`checkpoints`]: the blob store and the checkpoint table (records, lineage,
+//!   retention, blob GC); [`api::checkpoint`] and [`api::blob`] serve them.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod auth_layer;
+pub mod cas;
+pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod error;

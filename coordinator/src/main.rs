@@ -7,8 +7,6 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use heist_coordinator::Config;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
 
 /// heist coordinator: auth, worker registry, placement and routing, durable state.
 #[derive(Debug, Parser)]
@@ -59,6 +57,27 @@ struct Flags {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "HEIST_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Largest blob (one checkpointed file) the blob store accepts, in bytes.
+    #[arg(long, env = "HEIST_MAX_BLOB_BYTES", default_value_t = 1 << 30)]
+    max_blob_bytes: u64,
+    /// Most hashes in one FindMissingBlobs or GetBlobs request.
+    #[arg(long, env = "HEIST_MAX_BLOB_BATCH", default_value_t = 100_000)]
+    max_blob_batch: usize,
+    /// Checkpoints kept per session (0: all).
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_PER_SESSION", default_value_t = 100)]
+    checkpoint_max_per_session: u32,
+    /// Checkpoints older than this are removed, in seconds (0: never).
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_AGE_S", default_value_t = 30 * 86_400)]
+    checkpoint_max_age_s: u64,
+    /// How often checkpoint age retention and the blob sweep run, in seconds.
+    #[arg(long, env = "HEIST_CHECKPOINT_GC_INTERVAL_S", default_value_t = 300)]
+    checkpoint_gc_interval_s: u64,
+    /// Unreferenced blobs younger than this survive the periodic sweep, in seconds.
+    #[arg(long, env = "HEIST_BLOB_ORPHAN_GRACE_S", default_value_t = 600)]
+    blob_orphan_grace_s: u64,
+    /// Checkpoint after every successful call of a tool that is not read-only.
+    #[arg(long, env = "HEIST_AUTO_CHECKPOINT", default_value_t = false)]
+    auto_checkpoint: bool,
 }
 
 impl Flags {
@@ -75,6 +94,13 @@ impl Flags {
             worker_call_timeout: Duration::from_secs(self.worker_call_timeout_s),
             idempotency_ttl: Duration::from_secs(self.idempotency_ttl_s),
             max_message_bytes: self.max_message_bytes,
+            max_blob_bytes: self.max_blob_bytes,
+            max_blob_batch: self.max_blob_batch,
+            checkpoint_max_per_session: self.checkpoint_max_per_session,
+            checkpoint_max_age: Duration::from_secs(self.checkpoint_max_age_s),
+            checkpoint_gc_interval: Duration::from_secs(self.checkpoint_gc_interval_s),
+            blob_orphan_grace: Duration::from_secs(self.blob_orphan_grace_s),
+            auto_checkpoint: self.auto_checkpoint,
         }
     }
 }
@@ -89,31 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}: is another process using the port?"))?;
-    let shutdown = shutdown_signal()?;
+    let shutdown =
+        heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     heist_coordinator::serve(listener, config, shutdown).await?;
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT; the second one exits the process at once.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        info!(
-            signal = name,
-            "shutting down gracefully (send the signal again to exit now)"
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            warn!("second signal: exiting now");
-            std::process::exit(130);
-        });
-    })
 }

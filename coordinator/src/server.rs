@@ -6,9 +6,10 @@ use heist_proto::{
     FILE_DESCRIPTOR_SET,
     token::TokenVerifier,
     v1::{
-        auth_service_server::AuthServiceServer, cluster_service_server::ClusterServiceServer,
-        session_service_server::SessionServiceServer, tool_service_server::ToolServiceServer,
-        worker_control_server::WorkerControlServer,
+        auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
+        checkpoint_service_server::CheckpointServiceServer,
+        cluster_service_server::ClusterServiceServer, session_service_server::SessionServiceServer,
+        tool_service_server::ToolServiceServer, worker_control_server::WorkerControlServer,
     },
 };
 use tokio::net::TcpListener;
@@ -17,7 +18,10 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::info;
 
 use crate::{
-    api::{auth::AuthApi, cluster::ClusterApi, session::SessionApi, tool::ToolApi},
+    api::{
+        auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi, cluster::ClusterApi,
+        session::SessionApi, tool::ToolApi,
+    },
     app::App,
     auth::CLIENT_AUDIENCE,
     auth_layer::AuthLayer,
@@ -34,6 +38,8 @@ const SERVICES: &[&str] = &[
     "heist.v1.SessionService",
     "heist.v1.ToolService",
     "heist.v1.WorkerControl",
+    "heist.v1.CheckpointService",
+    "heist.v1.BlobService",
 ];
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -88,6 +94,9 @@ async fn run(
     ));
     let max = app.config.max_message_bytes;
     let router = Server::builder()
+        // Larger HTTP/2 windows: blob uploads stream megabytes per call.
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
         .layer(AuthLayer::new(verifier))
         .add_service(health_service)
         .add_service(reflection)
@@ -109,6 +118,16 @@ async fn run(
         )
         .add_service(
             ToolServiceServer::new(ToolApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            CheckpointServiceServer::new(CheckpointApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            BlobServiceServer::new(BlobApi::new(app.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )

@@ -104,6 +104,12 @@ impl Store {
         Ok(())
     }
 
+    /// Opens (creating) another tree of the same database, for a module that owns its records
+    /// (e.g. `checkpoints`); writes to it are covered by [`Store::flush`].
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, Error> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Encodes and inserts a record (not yet flushed).
     pub fn put<M: Message>(tree: &sled::Tree, key: &[u8], msg: &M) -> Result<(), Error> {
         tree.insert(key, msg.encode_to_vec())?;

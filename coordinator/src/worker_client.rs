@@ -13,14 +13,16 @@ use std::{
     time::Duration,
 };
 
+use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
     errors,
     ids::WorkerId,
     metadata,
     token::{TokenSigner, unix_now},
     v1::{
-        CallToolRequest, CallToolResponse, OpenSessionRequest, OpenSessionResponse,
-        WorkerCloseSessionRequest, WorkerCloseSessionResponse,
+        CallToolRequest, CallToolResponse, CaptureWorkspaceRequest, CaptureWorkspaceResponse,
+        OpenSessionRequest, OpenSessionResponse, RestoreWorkspaceRequest, RestoreWorkspaceResponse,
+        ToolEvent, WorkerCloseSessionRequest, WorkerCloseSessionResponse,
         worker_service_client::WorkerServiceClient,
     },
 };
@@ -146,6 +148,51 @@ impl WorkerClient {
         let (request, budget) = self.request(principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.call_tool(request)).await
+    }
+
+    /// WorkerService.CaptureWorkspace.
+    pub async fn capture_workspace(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: CaptureWorkspaceRequest,
+    ) -> Result<CaptureWorkspaceResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.capture_workspace(request)).await
+    }
+
+    /// WorkerService.RestoreWorkspace.
+    pub async fn restore_workspace(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: RestoreWorkspaceRequest,
+    ) -> Result<RestoreWorkspaceResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.restore_workspace(request)).await
+    }
+
+    /// WorkerService.CallToolStream: the worker's events as they come, with statuses mapped
+    /// like those of unary calls. Only the start is bounded here; the caller bounds the whole
+    /// stream by `deadline` (the worker enforces it too). Dropping the stream cancels the call
+    /// on the worker, which kills the tool's processes.
+    pub async fn call_tool_stream(
+        self: &Arc<Self>,
+        principal: &str,
+        deadline: Instant,
+        msg: CallToolRequest,
+    ) -> Result<BoxStream<'static, Result<ToolEvent, Error>>, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        let events = self
+            .finish(budget, client.call_tool_stream(request))
+            .await?;
+        let this = Arc::clone(self);
+        Ok(events
+            .map(move |event| event.map_err(|status| this.map_status(status)))
+            .boxed())
     }
 
     /// A request with credential, principal and the time left until `deadline` as its

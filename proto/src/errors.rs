@@ -53,6 +53,21 @@ pub mod reason {
     pub const NOT_SERVING: &str = "NOT_SERVING";
     /// A size or count limit was exceeded (metadata: `limit`).
     pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
+    /// The worker cannot run commands: its sandbox (or interpreter) does not work on that host
+    /// (metadata: `missing`, e.g. `sandbox` or `python`).
+    pub const SANDBOX_UNAVAILABLE: &str = "SANDBOX_UNAVAILABLE";
+    /// The checkpoint does not exist (or belongs to someone else) (metadata: `checkpoint_id`).
+    pub const CHECKPOINT_NOT_FOUND: &str = "CHECKPOINT_NOT_FOUND";
+    /// The checkpoint is the parent of other checkpoints (metadata: `checkpoint_id`,
+    /// `children`): delete those first.
+    pub const CHECKPOINT_HAS_CHILDREN: &str = "CHECKPOINT_HAS_CHILDREN";
+    /// A blob a manifest names is not in the blob store (metadata: `hash`, hex, and `missing`,
+    /// how many).
+    pub const BLOB_MISSING: &str = "BLOB_MISSING";
+    /// An uploaded blob's content does not match its hash or size (metadata: `hash`).
+    pub const BLOB_CORRUPT: &str = "BLOB_CORRUPT";
+    /// The blob store (the coordinator's BlobService) could not be reached from a worker.
+    pub const BLOB_STORE_UNAVAILABLE: &str = "BLOB_STORE_UNAVAILABLE";
 }
 
 /// A status with an ErrorInfo detail.

@@ -67,11 +67,23 @@ string_id!(
     RequestId,
     "request_id"
 );
+string_id!(
+    /// Id of a checkpoint: `c-` followed by a UUIDv7, so ids sort by creation time.
+    CheckpointId,
+    "checkpoint_id"
+);
 
 impl SessionId {
     /// A fresh, time-ordered session id.
     pub fn generate() -> Self {
         Self(format!("s-{}", uuid::Uuid::now_v7()))
+    }
+}
+
+impl CheckpointId {
+    /// A fresh, time-ordered checkpoint id.
+    pub fn generate() -> Self {
+        Self(format!("c-{}", uuid::Uuid::now_v7()))
     }
 }
 
@@ -112,5 +124,10 @@ mod tests {
         let b = SessionId::generate();
         assert!(SessionId::parse(a.as_str()).is_ok());
         assert!(a < b);
+        let c = CheckpointId::generate();
+        let d = CheckpointId::generate();
+        assert!(c.as_str().starts_with("c-"));
+        assert!(CheckpointId::parse(c.as_str()).is_ok());
+        assert!(c < d);
     }
 }

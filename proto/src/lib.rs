@@ -15,6 +15,7 @@ pub mod json;
 pub mod logging;
 pub mod metadata;
 pub mod scopes;
+pub mod shutdown;
 pub mod token;
 
 /// Generated code for package `heist.v1`.

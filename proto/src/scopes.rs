@@ -10,6 +10,10 @@ pub const SESSIONS_WRITE: &str = "sessions:write";
 pub const TOOLS_READ: &str = "tools:read";
 /// Call tools.
 pub const TOOLS_CALL: &str = "tools:call";
+/// Read the caller's checkpoints.
+pub const CHECKPOINTS_READ: &str = "checkpoints:read";
+/// Create, restore, fork and delete checkpoints.
+pub const CHECKPOINTS_WRITE: &str = "checkpoints:write";
 /// Everything, including administration.
 pub const ADMIN: &str = "admin";
 
@@ -20,11 +24,14 @@ pub const ALL: &[&str] = &[
     SESSIONS_WRITE,
     TOOLS_READ,
     TOOLS_CALL,
+    CHECKPOINTS_READ,
+    CHECKPOINTS_WRITE,
     ADMIN,
 ];
 
 /// Scope required by a public RPC, by its gRPC path (`/heist.v1.SessionService/CreateSession`).
-/// `None` means the path needs no token (IssueToken, health, reflection) or is not public.
+/// `None` means the path needs no token (IssueToken, health, reflection) or is not public
+/// (WorkerControl and BlobService check the workers' join token themselves).
 pub fn required_for(path: &str) -> Option<&'static str> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     Some(match (service, method) {
@@ -33,6 +40,8 @@ pub fn required_for(path: &str) -> Option<&'static str> {
         ("heist.v1.SessionService", _) => SESSIONS_WRITE,
         ("heist.v1.ToolService", "ListTools") => TOOLS_READ,
         ("heist.v1.ToolService", _) => TOOLS_CALL,
+        ("heist.v1.CheckpointService", "GetCheckpoint" | "ListCheckpoints") => CHECKPOINTS_READ,
+        ("heist.v1.CheckpointService", _) => CHECKPOINTS_WRITE,
         _ => return None,
     })
 }
@@ -62,6 +71,15 @@ mod tests {
             required_for("/heist.v1.ToolService/CallTool"),
             Some(TOOLS_CALL)
         );
+        assert_eq!(
+            required_for("/heist.v1.CheckpointService/ListCheckpoints"),
+            Some(CHECKPOINTS_READ)
+        );
+        assert_eq!(
+            required_for("/heist.v1.CheckpointService/ForkSession"),
+            Some(CHECKPOINTS_WRITE)
+        );
+        assert_eq!(required_for("/heist.v1.BlobService/PutBlobs"), None);
         assert_eq!(required_for("/heist.v1.AuthService/IssueToken"), None);
         assert_eq!(required_for("/grpc.health.v1.Health/Check"), None);
     }

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use heist_proto::ids::WorkerId;
 
-use crate::Error;
+use crate::{Error, quota::Quotas, sandbox::Mode};
 
 /// Everything a worker needs to run.
 #[derive(Clone, Debug)]
@@ -41,6 +41,41 @@ pub struct Config {
     pub max_list_entries: usize,
     /// Largest gRPC message accepted or sent, in bytes (HEIST_MAX_MESSAGE_BYTES). Default 16 MiB.
     pub max_message_bytes: usize,
+    /// How commands are isolated (HEIST_SANDBOX: process or unconfined). Default process.
+    pub sandbox: Mode,
+    /// The `heist-sandbox` helper binary (HEIST_SANDBOX_HELPER). `None` means `heist-sandbox`
+    /// next to the running executable.
+    pub sandbox_helper: Option<PathBuf>,
+    /// uid commands run as (outside their user namespace) when the worker runs as root
+    /// (HEIST_SANDBOX_UID). Default 65534 (nobody). Must not be 0.
+    pub sandbox_uid: u32,
+    /// gid commands run as when the worker runs as root (HEIST_SANDBOX_GID). Default 65534.
+    pub sandbox_gid: u32,
+    /// Niceness commands run at, 0-19 (HEIST_SANDBOX_NICE): above the worker's, so a busy or
+    /// hostile command cannot starve the worker's own threads. Default 19 (the lowest priority).
+    pub sandbox_nice: i32,
+    /// Python interpreter for run.python (HEIST_PYTHON). `None` means `python3` on PATH.
+    pub python: Option<PathBuf>,
+    /// Time a timed-out command gets between SIGTERM and SIGKILL (HEIST_SANDBOX_KILL_GRACE_MS).
+    /// Default 500 ms.
+    pub kill_grace: Duration,
+    /// How often a running command's workspace is measured against the disk and file quotas
+    /// (HEIST_QUOTA_POLL_MS). Default 500 ms.
+    pub quota_poll_interval: Duration,
+    /// Per-session quotas (HEIST_QUOTA_*; see [`Quotas`]).
+    pub quotas: Quotas,
+    /// Local blob cache for checkpoints (HEIST_BLOB_CACHE_DIR). `None` means
+    /// `BASE_WORKSPACE/../blobs`.
+    pub blob_cache_dir: Option<PathBuf>,
+    /// Size bound of the local blob cache, in bytes; least recently used blobs are evicted
+    /// (HEIST_BLOB_CACHE_BYTES). 0 disables the cache. Default 2 GiB.
+    pub blob_cache_bytes: u64,
+    /// Most entries (files, directories, symlinks) a captured workspace may have
+    /// (HEIST_CHECKPOINT_MAX_ENTRIES). Default 100000.
+    pub checkpoint_max_entries: usize,
+    /// Hashes per FindMissingBlobs / GetBlobs call to the coordinator (HEIST_BLOB_BATCH); keep
+    /// it at most the coordinator's HEIST_MAX_BLOB_BATCH. Default 10000.
+    pub blob_batch: usize,
 }
 
 impl Default for Config {
@@ -59,6 +94,19 @@ impl Default for Config {
             max_file_bytes: 8 * 1024 * 1024,
             max_list_entries: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
+            sandbox: Mode::Process,
+            sandbox_helper: None,
+            sandbox_uid: 65_534,
+            sandbox_gid: 65_534,
+            sandbox_nice: 19,
+            python: None,
+            kill_grace: Duration::from_millis(500),
+            quota_poll_interval: Duration::from_millis(500),
+            quotas: Quotas::default(),
+            blob_cache_dir: None,
+            blob_cache_bytes: 2 << 30,
+            checkpoint_max_entries: 100_000,
+            blob_batch: 10_000,
         }
     }
 }
@@ -96,6 +144,28 @@ impl Config {
                 "HEIST_MAX_FILE_BYTES, HEIST_MAX_LIST_ENTRIES and HEIST_MAX_MESSAGE_BYTES must be \
                  above 0"
                     .to_owned(),
+            ));
+        }
+        if self.checkpoint_max_entries == 0 || self.blob_batch == 0 {
+            return Err(Error::Config(
+                "HEIST_CHECKPOINT_MAX_ENTRIES and HEIST_BLOB_BATCH must be above 0".to_owned(),
+            ));
+        }
+        self.quotas.validate(self.max_message_bytes)?;
+        if self.sandbox_uid == 0 || self.sandbox_gid == 0 {
+            return Err(Error::Config(
+                "HEIST_SANDBOX_UID and HEIST_SANDBOX_GID must not be 0: commands never run as root"
+                    .to_owned(),
+            ));
+        }
+        if !(0..=19).contains(&self.sandbox_nice) {
+            return Err(Error::Config(
+                "HEIST_SANDBOX_NICE must be between 0 and 19".to_owned(),
+            ));
+        }
+        if self.kill_grace.is_zero() || self.quota_poll_interval.is_zero() {
+            return Err(Error::Config(
+                "HEIST_SANDBOX_KILL_GRACE_MS and HEIST_QUOTA_POLL_MS must be above 0".to_owned(),
             ));
         }
         if self.base_workspace.as_os_str().is_empty() {

@@ -97,6 +97,14 @@ pub enum Error {
     /// The caller's deadline passed while the tool ran.
     #[error("the tool did not finish before the call's deadline")]
     DeadlineExceeded,
+    /// Commands cannot run here: the sandbox (or the interpreter) does not work on this host.
+    #[error("{message}")]
+    SandboxUnavailable {
+        /// What is missing ("sandbox", "python").
+        missing: &'static str,
+        /// Why, and what an operator can do.
+        message: String,
+    },
     /// A session workspace could not be created or removed.
     #[error("workspace {path}: {source}")]
     Workspace {
@@ -108,6 +116,26 @@ pub enum Error {
     /// A bug or an environment problem the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The coordinator's blob store refused or failed a call.
+    #[error("the coordinator's blob store failed: {}", .0.message())]
+    BlobStore(Status),
+    /// A blob a manifest names is not in the blob store.
+    #[error(
+        "blob {0} of the checkpoint is missing from the blob store; the workspace was left as \
+         it was"
+    )]
+    BlobMissing(String),
+    /// A file changed while it was being captured.
+    #[error("{0} changed while the workspace was being captured: retry the checkpoint")]
+    ChangedDuringCapture(String),
+    /// The workspace holds something a checkpoint cannot record.
+    #[error("cannot checkpoint {path:?}: {why}")]
+    Uncapturable {
+        /// Path inside the workspace.
+        path: String,
+        /// Why, and what to do.
+        why: String,
+    },
 }
 
 impl Error {
@@ -163,6 +191,29 @@ impl From<Error> for Status {
                 &[("limit", limit)],
             ),
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
+            Error::SandboxUnavailable { missing, .. } => with(
+                Code::FailedPrecondition,
+                reason::SANDBOX_UNAVAILABLE,
+                &[("missing", missing)],
+            ),
+            Error::BlobStore(status) => match errors::reason_of(status) {
+                Some(why) => {
+                    let why = why.clone();
+                    errors::status(status.code(), message, &why, &[])
+                }
+                None => with(Code::Unavailable, reason::BLOB_STORE_UNAVAILABLE, &[]),
+            },
+            Error::BlobMissing(hash) => with(
+                Code::FailedPrecondition,
+                reason::BLOB_MISSING,
+                &[("hash", hash)],
+            ),
+            Error::ChangedDuringCapture(_) => Status::aborted(message),
+            Error::Uncapturable { path, .. } => with(
+                Code::FailedPrecondition,
+                reason::INVALID_FIELD,
+                &[("field", "workspace"), ("path", path)],
+            ),
             Error::Config(_)
             | Error::Io { .. }
             | Error::Transport(_)

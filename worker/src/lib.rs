@@ -9,7 +9,11 @@
 //! - `service` / `state`: thin gRPC handlers and the operations behind them.
 //! - `auth`: verifying the coordinator-signed credential on every call.
 //! - [`sessions`]: `BASE_WORKSPACE/<session id>/` directories, adopted again after a restart.
-//! - [`tools`]: the tool trait, schema validation, and echo, calc and fs.*.
+//! - [`tools`]: the tool trait, schema validation, and echo, calc, fs.*, exec and run.python.
+//! - [`sandbox`]: running commands isolated (the `heist-sandbox` helper and its backend);
+//!   [`quota`]: per-session quotas and workspace usage; `streaming`: CallToolStream.
+//! - [`checkpoint`]: workspace capture (stat cache, BLAKE3, upload of missing blobs) and
+//!   restore (staging tree, atomic swap), with a local blob cache.
 //! - `inflight`: counting calls so shutdown can drain them.
 //!
 //! Shutdown: when the shutdown future fires the worker stops taking sessions, tells the
@@ -18,13 +22,17 @@
 
 mod auth;
 mod backoff;
+pub mod checkpoint;
 pub mod config;
 mod control;
 mod error;
 mod inflight;
+pub mod quota;
+pub mod sandbox;
 mod service;
 pub mod sessions;
 mod state;
+mod streaming;
 pub mod tools;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -69,20 +77,21 @@ pub async fn serve(
     let worker_id = WorkerId::parse(config.worker_id.as_str())
         .map_err(|s| Error::Config(format!("WORKER_ID: {}", s.message())))?;
 
+    checkpoint::clean_leftovers(&config.base_workspace);
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
+    let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let tools = Registry::builtin()?;
+    let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config)).await);
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    let state = Arc::new(State::new(
-        worker_id.clone(),
-        sessions,
-        tools,
-        limits,
-        health,
-    ));
+    let state = Arc::new(
+        State::new(worker_id.clone(), sessions, tools, limits, health)
+            .with_sandbox(sandbox)
+            .with_checkpoints(checkpoints),
+    );
     state.set_registered(false).await;
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -166,12 +175,30 @@ pub async fn serve(
 
     // The server may also have failed on its own: stop the control loop either way.
     state.hard_stop.cancel();
+    if let Some(checkpoints) = &state.checkpoints {
+        checkpoints.shutdown();
+    }
     stop.cancel();
     if let Err(err) = control_task.await {
         warn!(error = %err, "control task ended abnormally");
     }
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)
+}
+
+/// The sandbox part of the configuration.
+fn sandbox_settings(config: &Config) -> sandbox::Settings {
+    sandbox::Settings {
+        mode: config.sandbox,
+        helper: config.sandbox_helper.clone(),
+        uid: config.sandbox_uid,
+        gid: config.sandbox_gid,
+        python: config.python.clone(),
+        kill_grace: config.kill_grace,
+        poll_interval: config.quota_poll_interval,
+        nice: config.sandbox_nice,
+        quotas: config.quotas.clone(),
+    }
 }
 
 /// `http://<addr>`, with an unspecified bind address (0.0.0.0, ::) replaced by loopback: a

@@ -5,9 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
-use heist_worker::{Config, parse_labels};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use heist_worker::{Config, parse_labels, sandbox::SandboxFlags};
 
 /// heist worker: hosts session workspaces and runs tools for the coordinator.
 #[derive(Debug, Parser)]
@@ -69,12 +67,27 @@ struct Flags {
     /// Largest gRPC message, in bytes.
     #[arg(long, env = "HEIST_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Local checkpoint blob cache (default: BASE_WORKSPACE/../blobs).
+    #[arg(long, env = "HEIST_BLOB_CACHE_DIR")]
+    blob_cache_dir: Option<PathBuf>,
+    /// Size bound of the blob cache, in bytes (0 disables it).
+    #[arg(long, env = "HEIST_BLOB_CACHE_BYTES", default_value_t = 2 << 30)]
+    blob_cache_bytes: u64,
+    /// Most entries a captured workspace may have.
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_ENTRIES", default_value_t = 100_000)]
+    checkpoint_max_entries: usize,
+    /// Hashes per FindMissingBlobs / GetBlobs call (at most the coordinator's HEIST_MAX_BLOB_BATCH).
+    #[arg(long, env = "HEIST_BLOB_BATCH", default_value_t = 10_000)]
+    blob_batch: usize,
+    /// Sandbox and per-session quota flags.
+    #[command(flatten)]
+    sandbox: SandboxFlags,
 }
 
 impl Flags {
     fn into_config(self) -> anyhow::Result<Config> {
         let defaults = Config::default();
-        Ok(Config {
+        let mut config = Config {
             worker_id: self.worker_id.unwrap_or(defaults.worker_id),
             coordinator_addr: self.coordinator_addr,
             advertise_addr: self.advertise_addr.filter(|a| !a.is_empty()),
@@ -88,7 +101,14 @@ impl Flags {
             max_file_bytes: self.max_file_bytes,
             max_list_entries: self.max_list_entries,
             max_message_bytes: self.max_message_bytes,
-        })
+            blob_cache_dir: self.blob_cache_dir.filter(|p| !p.as_os_str().is_empty()),
+            blob_cache_bytes: self.blob_cache_bytes,
+            checkpoint_max_entries: self.checkpoint_max_entries,
+            blob_batch: self.blob_batch,
+            ..defaults
+        };
+        self.sandbox.apply(&mut config);
+        Ok(config)
     }
 }
 
@@ -102,31 +122,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}: is another process using the port?"))?;
-    let shutdown = shutdown_signal()?;
+    let shutdown =
+        heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     heist_worker::serve(listener, config, shutdown).await?;
     Ok(())
-}
-
-/// Resolves on the first SIGTERM or SIGINT; the second one exits the process at once.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        info!(
-            signal = name,
-            "shutting down gracefully (send the signal again to exit now)"
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            warn!("second signal: exiting now");
-            std::process::exit(130);
-        });
-    })
 }

@@ -56,28 +56,36 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(response))
     }
 
-    // PENDING(issue 3): replaced by the sandbox and checkpoint work in progress.
     type CallToolStreamStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::ToolEvent, Status>> + Send>>;
 
     async fn call_tool_stream(
         &self,
-        _request: Request<v1::CallToolRequest>,
+        request: Request<v1::CallToolRequest>,
     ) -> Result<Response<Self::CallToolStreamStream>, Status> {
-        Err(Status::unimplemented("PENDING(issue 3)"))
+        self.state.auth.check(request.metadata())?;
+        let deadline = metadata::remaining_deadline(request.metadata());
+        let events = self.state.call_tool_stream(request.into_inner(), deadline);
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn capture_workspace(
         &self,
-        _request: Request<v1::CaptureWorkspaceRequest>,
+        request: Request<v1::CaptureWorkspaceRequest>,
     ) -> Result<Response<v1::CaptureWorkspaceResponse>, Status> {
-        Err(Status::unimplemented("PENDING(issue 3)"))
+        self.state.auth.check(request.metadata())?;
+        let _call = self.state.inflight.enter();
+        let response = self.state.capture_workspace(request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn restore_workspace(
         &self,
-        _request: Request<v1::RestoreWorkspaceRequest>,
+        request: Request<v1::RestoreWorkspaceRequest>,
     ) -> Result<Response<v1::RestoreWorkspaceResponse>, Status> {
-        Err(Status::unimplemented("PENDING(issue 3)"))
+        self.state.auth.check(request.metadata())?;
+        let _call = self.state.inflight.enter();
+        let response = self.state.restore_workspace(request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }

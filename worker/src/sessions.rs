@@ -21,22 +21,36 @@ use std::{
 
 use cap_std::{ambient_authority, fs::Dir};
 use heist_proto::ids::SessionId;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::Error;
+use crate::{Error, quota::UsageCache, sandbox::RunningCommands};
 
 /// One session's workspace, opened once as a directory capability.
 pub struct Workspace {
     id: SessionId,
     path: PathBuf,
     dir: Dir,
+    /// What the workspace holds, for the disk and file quotas.
+    usage: UsageCache,
+    /// Sandboxed commands running in it now.
+    running: RunningCommands,
+    /// Cancelled when the session is closed.
+    closed: CancellationToken,
 }
 
 impl Workspace {
     /// Opens an existing workspace directory.
     pub fn open(id: SessionId, path: PathBuf) -> io::Result<Self> {
         let dir = Dir::open_ambient_dir(&path, ambient_authority())?;
-        Ok(Self { id, path, dir })
+        Ok(Self {
+            id,
+            path,
+            dir,
+            usage: UsageCache::default(),
+            running: RunningCommands::new(0),
+            closed: CancellationToken::new(),
+        })
     }
 
     /// The session id.
@@ -52,6 +66,22 @@ impl Workspace {
     /// The directory every tool path is resolved beneath.
     pub fn dir(&self) -> &Dir {
         &self.dir
+    }
+
+    /// The cached usage of the workspace (disk and file quotas). Whoever changes the workspace
+    /// in bulk (a restore) must call `invalidate()` on it.
+    pub fn usage(&self) -> &UsageCache {
+        &self.usage
+    }
+
+    /// How many sandboxed commands run in the workspace now.
+    pub fn running_commands(&self) -> &RunningCommands {
+        &self.running
+    }
+
+    /// Cancelled when the session is closed (its commands stop then).
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
     }
 }
 
@@ -125,7 +155,12 @@ impl Sessions {
     /// directory is attempted even when the session was not open, so a retry finishes the job.
     pub async fn close(&self, id: &SessionId) -> Result<bool, Error> {
         let _serial = self.lifecycle.lock().await;
-        let was_open = self.write().remove(id).is_some();
+        let removed = self.write().remove(id);
+        if let Some(ws) = &removed {
+            // Commands still running in it are stopped.
+            ws.closed.cancel();
+        }
+        let was_open = removed.is_some();
         let path = self.base.join(id.as_str());
         tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
@@ -135,6 +170,38 @@ impl Sessions {
         .await
         .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
         Ok(was_open)
+    }
+
+    /// Replaces the workspace of the open session `id` with the tree at `staging` (built next
+    /// to it, on the same file system), under the lifecycle lock so a close cannot interleave:
+    /// the old tree is renamed to `trash`, `staging` is renamed into place and reopened. If the
+    /// second rename fails the old tree is put back. The caller removes `trash` afterwards.
+    pub async fn swap_workspace(
+        &self,
+        id: &SessionId,
+        staging: PathBuf,
+        trash: PathBuf,
+    ) -> Result<Arc<Workspace>, Error> {
+        let _serial = self.lifecycle.lock().await;
+        let path = self.get(id)?.path().to_path_buf();
+        let owned = id.clone();
+        let ws = tokio::task::spawn_blocking(move || {
+            let failed = |source| Error::Workspace {
+                path: path.clone(),
+                source,
+            };
+            std::fs::rename(&path, &trash).map_err(failed)?;
+            if let Err(err) = std::fs::rename(&staging, &path) {
+                let _ = std::fs::rename(&trash, &path);
+                return Err(failed(err));
+            }
+            Workspace::open(owned, path.clone()).map_err(failed)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        let ws = Arc::new(ws);
+        self.write().insert(id.clone(), Arc::clone(&ws));
+        Ok(ws)
     }
 
     /// Ids of the open sessions, sorted.

@@ -1,7 +1,10 @@
 //! The worker's shared state and the operations behind each WorkerService call.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -19,7 +22,10 @@ use tracing::{debug, info, instrument};
 use crate::{
     Error,
     auth::Auth,
+    checkpoint::Checkpointer,
     inflight::InFlight,
+    quota::Quotas,
+    sandbox::{OutputSink, Sandbox},
     service::WorkerApi,
     sessions::Sessions,
     tools::{Limits, Registry, ToolContext},
@@ -41,6 +47,10 @@ pub(crate) struct State {
     pub limits: Limits,
     /// Cancelled when shutdown stops waiting for in-flight calls.
     pub hard_stop: CancellationToken,
+    /// Runs commands for exec and run.python (disabled until [`State::with_sandbox`]).
+    pub sandbox: Arc<Sandbox>,
+    /// Checkpoint capture and restore (none until [`State::with_checkpoints`]).
+    pub checkpoints: Option<Checkpointer>,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -63,9 +73,26 @@ impl State {
             inflight: InFlight::default(),
             limits,
             hard_stop: CancellationToken::new(),
+            sandbox: Arc::new(Sandbox::disabled(
+                "no sandbox was configured for this worker",
+                Quotas::default(),
+            )),
+            checkpoints: None,
             registered: AtomicBool::new(false),
             health,
         }
+    }
+
+    /// The same state with `checkpoints` capturing and restoring workspaces.
+    pub fn with_checkpoints(mut self, checkpoints: Checkpointer) -> Self {
+        self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// The same state with `sandbox` running commands.
+    pub fn with_sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Records whether the control stream is registered and republishes health.
@@ -115,16 +142,30 @@ impl State {
     ) -> Result<v1::WorkerCloseSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let was_open = self.sessions.close(&id).await?;
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.forget(&id);
+        }
         info!(was_open, "session closed");
         Ok(v1::WorkerCloseSessionResponse { was_open })
     }
 
     /// CallTool: validates and runs a tool in an open session.
-    #[instrument(skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
     pub async fn call_tool(
         &self,
         request: v1::CallToolRequest,
         deadline: Option<Duration>,
+    ) -> Result<v1::CallToolResponse, Error> {
+        self.run_tool(request, deadline, None).await
+    }
+
+    /// Runs a tool; with `output`, tools that produce output as they go (exec, run.python)
+    /// send it there while they run.
+    #[instrument(skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
+    pub async fn run_tool(
+        &self,
+        request: v1::CallToolRequest,
+        deadline: Option<Duration>,
+        output: Option<OutputSink>,
     ) -> Result<v1::CallToolResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let workspace = self.sessions.get(&id)?;
@@ -138,6 +179,8 @@ impl State {
             workspace,
             limits: self.limits,
             cancel: cancel.clone(),
+            sandbox: Arc::clone(&self.sandbox),
+            output,
         };
         let started = Instant::now();
         let run = self.tools.call(&request.tool, &ctx, args);
@@ -154,6 +197,37 @@ impl State {
         response.worker_id = self.worker_id.to_string();
         response.duration_us = duration_us;
         Ok(response)
+    }
+}
+
+impl State {
+    fn checkpointer(&self) -> Result<&Checkpointer, Error> {
+        self.checkpoints.as_ref().ok_or_else(|| {
+            Error::Internal("this worker was started without checkpoints".to_owned())
+        })
+    }
+
+    /// CaptureWorkspace: the session's manifest, every blob durable at the coordinator.
+    #[instrument(skip_all, fields(session_id = %request.session_id, checkpoint_id = %request.checkpoint_id))]
+    pub async fn capture_workspace(
+        &self,
+        request: v1::CaptureWorkspaceRequest,
+    ) -> Result<v1::CaptureWorkspaceResponse, Error> {
+        let id = parse_session_id(request.session_id)?;
+        self.checkpointer()?.capture(&self.sessions, &id).await
+    }
+
+    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
+    #[instrument(skip_all, fields(session_id = %request.session_id))]
+    pub async fn restore_workspace(
+        &self,
+        request: v1::RestoreWorkspaceRequest,
+    ) -> Result<v1::RestoreWorkspaceResponse, Error> {
+        let id = parse_session_id(request.session_id)?;
+        let manifest = request.manifest.unwrap_or_default();
+        self.checkpointer()?
+            .restore(&self.sessions, &id, manifest)
+            .await
     }
 }
 

@@ -9,11 +9,15 @@
 //! - [`load`]: the client code every call phase uses (sequential latency, throughput).
 //! - [`report`]: metrics, ratios, the targets; the table and the JSON.
 //! - [`machine`]: CPU, kernel, and process memory from /proc.
+//! - [`exec`]: sandboxed `exec true` through the cluster against a plain spawn of `true`.
+//! - [`checkpoint`]: checkpoint capture and restore against `tar -cf` and `cp -a`.
 //!
 //! Everything talks to 127.0.0.1 only; every loop stops at a count and at a time cap; children
 //! are stopped at the end, on error and on Ctrl-C (a second Ctrl-C kills them at once).
 
 pub mod baseline;
+pub mod checkpoint;
+pub mod exec;
 pub mod load;
 pub mod machine;
 pub mod phases;
@@ -70,6 +74,14 @@ pub struct Args {
     /// Directory with the `coordinator` and `worker` binaries (default: next to heistctl, then PATH).
     #[arg(long, env = "HEIST_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Run only these phases (repeatable, e.g. `--phase checkpoint`) [default: all].
+    #[arg(
+        long = "phase",
+        value_name = "NAME",
+        env = "HEIST_BENCH_PHASES",
+        value_delimiter = ','
+    )]
+    pub phases: Vec<String>,
     /// LOG_LEVEL of the cluster processes (logging costs time; keep it quiet).
     #[arg(long, env = "HEIST_BENCH_LOG_LEVEL", default_value = "warn")]
     pub cluster_log_level: String,
@@ -119,7 +131,17 @@ pub async fn run(_ctx: &Context, args: Args) -> Result<u8, Error> {
         args.bin_dir.clone(),
         args.cluster_log_level.clone(),
     );
-    let phases = phases::all();
+    let mut phases = phases::all();
+    if !args.phases.is_empty() {
+        let known: Vec<&str> = phases.iter().map(|p| p.name()).collect();
+        if let Some(unknown) = args.phases.iter().find(|n| !known.contains(&n.as_str())) {
+            return Err(Error::Usage(format!(
+                "--phase {unknown:?} is not a phase: choose from {}",
+                known.join(", ")
+            )));
+        }
+        phases.retain(|p| args.phases.iter().any(|n| n == p.name()));
+    }
     let outcome = tokio::select! {
         outcome = run_phases(&phases, &mut lab) => outcome,
         () = signals.recv() => Err(Error::Interrupted),

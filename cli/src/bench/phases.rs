@@ -40,6 +40,8 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(Routed),
         Box::new(Sessions),
         Box::new(Memory),
+        Box::new(super::exec::Exec),
+        Box::new(super::checkpoint::Checkpoints),
     ]
 }
 

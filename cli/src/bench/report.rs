@@ -144,16 +144,53 @@ const RATIOS: &[RatioSpec] = &[
         denominator: ("baseline-1hop", "seq_p50_us"),
         target: None,
     },
+    RatioSpec {
+        name: "capture_one_over_tar",
+        label: "capture after 1 change / tar -cf",
+        numerator: ("checkpoint", "capture_one_ms"),
+        denominator: ("checkpoint", "tar_ms"),
+        target: Some((Op::AtMost, 0.05)),
+    },
+    RatioSpec {
+        name: "capture_full_over_cp",
+        label: "first capture / cp -a",
+        numerator: ("checkpoint", "capture_full_ms"),
+        denominator: ("checkpoint", "cp_ms"),
+        target: Some((Op::AtMost, 1.5)),
+    },
+    RatioSpec {
+        name: "restore_other_over_cp",
+        label: "restore on the other worker / cp -a",
+        numerator: ("checkpoint", "restore_other_ms"),
+        denominator: ("checkpoint", "cp_ms"),
+        target: Some((Op::AtMost, 1.5)),
+    },
+    RatioSpec {
+        name: "restore_in_place_over_cp",
+        label: "restore in place / cp -a",
+        numerator: ("checkpoint", "restore_in_place_ms"),
+        denominator: ("checkpoint", "cp_ms"),
+        target: None,
+    },
 ];
 
 /// Targets on absolute values: (name, label, metric, op, limit).
-const ABSOLUTE_TARGETS: &[(&str, &str, MetricRef, Op, f64)] = &[(
-    "session_create_p50_ms",
-    "session create p50",
-    ("sessions", "create_p50_ms"),
-    Op::AtMost,
-    5.0,
-)];
+const ABSOLUTE_TARGETS: &[(&str, &str, MetricRef, Op, f64)] = &[
+    (
+        "session_create_p50_ms",
+        "session create p50",
+        ("sessions", "create_p50_ms"),
+        Op::AtMost,
+        5.0,
+    ),
+    (
+        "exec_overhead_p50_ms",
+        "sandbox overhead per exec (p50)",
+        ("exec", "overhead_p50_ms"),
+        Op::AtMost,
+        10.0,
+    ),
+];
 
 /// A ratio between two metrics of the run.
 #[derive(Clone, Debug, Serialize)]

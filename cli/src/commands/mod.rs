@@ -2,10 +2,13 @@
 //! [`Context`] and its own flags, prints data on stdout, and returns the exit code to use on
 //! success (0, or 6 for a tool result with `is_error`).
 
+pub mod checkpoint;
 pub mod completions;
 pub mod dev;
+pub mod exec;
 pub mod login;
 pub mod logout;
+pub mod run_python;
 pub mod session;
 pub mod tool;
 pub mod workers;
@@ -24,6 +27,9 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Tool(cmd) => tool::run(&ctx, cmd).await,
+        Command::Checkpoint(cmd) => checkpoint::run(&ctx, cmd).await,
+        Command::Exec(args) => exec::run(&ctx, args).await,
+        Command::RunPython(args) => run_python::run(&ctx, args).await,
         Command::Completions(args) => completions::run(args),
         Command::Dev(cmd) => dev::run(&ctx, cmd).await,
         Command::Bench(args) => crate::bench::run(&ctx, args).await,

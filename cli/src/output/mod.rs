@@ -93,6 +93,8 @@ pub struct WorkerView {
     pub tools: Vec<String>,
     /// Sandbox backend.
     pub sandbox_backend: String,
+    /// Isolation its sandbox really has (`userns`, `landlock:v6`, `rlimits`, ...).
+    pub isolation: Vec<String>,
     /// When its registration was accepted (RFC 3339).
     pub registered_at: Option<String>,
     /// Last heartbeat (RFC 3339).
@@ -112,6 +114,7 @@ impl From<&v1::Worker> for WorkerView {
             version: w.version.clone(),
             tools: w.tools.clone(),
             sandbox_backend: w.sandbox_backend.clone(),
+            isolation: w.isolation.clone(),
             registered_at: w.registered_at.map(|t| t.to_string()),
             last_seen_at: w.last_seen_at.map(|t| t.to_string()),
         }

@@ -142,6 +142,7 @@ pub fn worker_details(w: &WorkerView) -> String {
         .row(vec!["labels:".into(), labels_text(&w.labels)])
         .row(vec!["version:".into(), w.version.clone()])
         .row(vec!["sandbox_backend:".into(), w.sandbox_backend.clone()])
+        .row(vec!["isolation:".into(), or_dash_list(&w.isolation)])
         .row(vec!["tools:".into(), w.tools.join(", ")])
         .row(vec!["registered_at:".into(), or_dash(&w.registered_at)])
         .row(vec!["last_seen_at:".into(), or_dash(&w.last_seen_at)]);
@@ -194,6 +195,14 @@ fn yes_no(b: bool) -> String {
 
 fn or_dash(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".to_owned())
+}
+
+fn or_dash_list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,12 @@
 //! works on [`crate::app::App`], and maps the error to a status.
 
 pub mod auth;
+pub mod blob;
+pub mod checkpoint;
 pub mod cluster;
 pub mod session;
 pub mod tool;
+pub mod tool_stream;
 
 use std::collections::HashMap;
 

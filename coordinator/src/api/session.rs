@@ -3,7 +3,11 @@
 //! Create and close run their body in a tracked task, so a caller that gives up half way never
 //! leaves a session stuck in CREATING or CLOSING; the caller still waits for the result.
 
-use std::{collections::HashMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use heist_proto::{
     ids::{RequestId, SessionId, WorkerId},
@@ -146,7 +150,9 @@ async fn create_session(
     app.tasks
         .spawn(
             async move {
-                let session = place_and_open(&task_app, &owner, deadline, req.labels).await?;
+                let session =
+                    place_and_open(&task_app, &owner, deadline, req.labels, &HashSet::new())
+                        .await?;
                 if let Some(guard) = guard {
                     guard.complete(fingerprint, session.encode_to_vec()).await?;
                 }
@@ -158,11 +164,14 @@ async fn create_session(
 }
 
 /// Places a session, stores it CREATING, opens it on the worker, stores READY (or FAILED).
-async fn place_and_open(
+/// Workers in `prefer` (e.g. holding a checkpoint's blobs, for a fork) win when one of them is
+/// eligible; otherwise the normal rules pick among all.
+pub(crate) async fn place_and_open(
     app: &App,
     owner: &str,
     deadline: Instant,
     labels: HashMap<String, String>,
+    prefer: &HashSet<String>,
 ) -> Result<Session, Error> {
     if app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
@@ -179,7 +188,15 @@ async fn place_and_open(
                 in_flight: v.in_flight,
             })
             .collect();
-        let worker = placement::place(&candidates, &labels)?;
+        let preferred: Vec<Candidate<'_>> = candidates
+            .iter()
+            .filter(|c| prefer.contains(c.id.as_str()))
+            .cloned()
+            .collect();
+        let worker = match placement::place(&preferred, &labels) {
+            Ok(worker) => worker,
+            Err(_) => placement::place(&candidates, &labels)?,
+        };
         let now = SystemTime::now();
         Ok(Session {
             id: SessionId::generate().into_string(),

@@ -68,16 +68,19 @@ impl ToolService for ToolApi {
             .map_err(Status::from)
     }
 
-    // PENDING(issue 3): replaced by the streaming work in progress.
-    type CallToolStreamStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<heist_proto::v1::ToolEvent, Status>> + Send>,
-    >;
+    type CallToolStreamStream = super::tool_stream::EventStream;
 
+    #[instrument(skip_all, fields(session_id = %request.get_ref().session_id, tool = %request.get_ref().tool))]
     async fn call_tool_stream(
         &self,
-        _request: Request<CallToolRequest>,
+        request: Request<CallToolRequest>,
     ) -> Result<Response<Self::CallToolStreamStream>, Status> {
-        Err(Status::unimplemented("PENDING(issue 3)"))
+        let owner = principal(&request)?.id.clone();
+        let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
+        super::tool_stream::call_tool_stream(&self.app, owner, deadline, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }
 
@@ -105,7 +108,12 @@ fn list_tools(app: &App, owner: &str, session_id: &str) -> Result<ListToolsRespo
 }
 
 /// The worker of the caller's session; with `ready`, the session must also be READY.
-fn session_worker(app: &App, owner: &str, id: &SessionId, ready: bool) -> Result<WorkerId, Error> {
+pub(super) fn session_worker(
+    app: &App,
+    owner: &str,
+    id: &SessionId,
+    ready: bool,
+) -> Result<WorkerId, Error> {
     app.sessions
         .with(id, |s| {
             if s.owner != owner {
@@ -129,7 +137,20 @@ fn session_worker(app: &App, owner: &str, id: &SessionId, ready: bool) -> Result
         .unwrap_or_else(|| Err(Error::SessionNotFound(id.clone())))
 }
 
+/// A tool call, then (with HEIST_AUTO_CHECKPOINT) a checkpoint if the tool is not read-only.
 async fn call_tool(
+    app: &Arc<App>,
+    owner: String,
+    deadline: Instant,
+    req: CallToolRequest,
+) -> Result<CallToolResponse, Error> {
+    let (session, tool) = (req.session_id.clone(), req.tool.clone());
+    let resp = call_tool_once(app, owner.clone(), deadline, req).await?;
+    super::checkpoint::after_tool_call(app, &owner, &session, &tool, &resp, deadline).await;
+    Ok(resp)
+}
+
+async fn call_tool_once(
     app: &Arc<App>,
     owner: String,
     deadline: Instant,
@@ -199,7 +220,7 @@ async fn forward(
 
 /// Session, tool and arguments (prost `Struct` fields are a BTreeMap, so the encoding is
 /// canonical).
-fn fingerprint(req: &CallToolRequest) -> [u8; 32] {
+pub(super) fn fingerprint(req: &CallToolRequest) -> [u8; 32] {
     let args = req
         .arguments
         .as_ref()

@@ -110,6 +110,8 @@ pub struct WorkerOpts {
     pub labels: BTreeMap<String, String>,
     pub max_sessions: u32,
     pub join_token: String,
+    /// Last-minute changes to the worker's config (quotas, sandbox mode, ...).
+    pub configure: Option<fn(&mut heist_worker::Config)>,
 }
 
 impl WorkerOpts {
@@ -119,7 +121,13 @@ impl WorkerOpts {
             labels: BTreeMap::new(),
             max_sessions: 16,
             join_token: JOIN_TOKEN.into(),
+            configure: None,
         }
+    }
+
+    pub fn configure(mut self, f: fn(&mut heist_worker::Config)) -> Self {
+        self.configure = Some(f);
+        self
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
@@ -156,7 +164,7 @@ impl Worker {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
         let base_workspace = base.join(&opts.id);
-        let config = heist_worker::Config {
+        let mut config = heist_worker::Config {
             worker_id: opts.id.clone(),
             coordinator_addr: coordinator_url.into(),
             advertise_addr: None,
@@ -167,8 +175,12 @@ impl Worker {
             reconnect_min: Duration::from_millis(20),
             reconnect_max: Duration::from_millis(200),
             drain_timeout: Duration::from_secs(10),
+            sandbox_helper: Some(sibling_binary("heist-sandbox")),
             ..heist_worker::Config::default()
         };
+        if let Some(configure) = opts.configure {
+            configure(&mut config);
+        }
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();
         let task = runtime.spawn(async move {

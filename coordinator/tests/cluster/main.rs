@@ -2,9 +2,11 @@
 //! clients. Each test builds its own cluster in temp dirs.
 
 mod auth;
+mod checkpoints;
 mod durability;
 mod ecosystem;
 mod harness;
 mod registration;
+mod sandbox;
 mod sessions;
 mod tools;

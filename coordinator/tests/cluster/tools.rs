@@ -58,11 +58,13 @@ async fn every_tool_is_routed_to_the_sessions_worker() {
         [
             "calc",
             "echo",
+            "exec",
             "fs.delete",
             "fs.list",
             "fs.read",
             "fs.stat",
-            "fs.write"
+            "fs.write",
+            "run.python"
         ]
     );
     for t in &tools {

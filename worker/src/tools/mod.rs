@@ -9,7 +9,9 @@
 
 mod calc;
 mod echo;
+mod exec;
 mod fs;
+mod python;
 mod schema;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -19,7 +21,11 @@ use heist_proto::{json, v1};
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, sessions::Workspace};
+use crate::{
+    Error,
+    sandbox::{OutputSink, Sandbox},
+    sessions::Workspace,
+};
 
 /// Limits every tool call observes.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +45,10 @@ pub struct ToolContext {
     pub limits: Limits,
     /// Cancelled when the caller goes away or the worker stops waiting for the call.
     pub cancel: CancellationToken,
+    /// Runs commands (exec, run.python) and holds the session quotas (fs.write checks them).
+    pub sandbox: Arc<Sandbox>,
+    /// Live output of a streaming call (`None` for unary calls).
+    pub output: Option<OutputSink>,
 }
 
 /// One piece of output.
@@ -170,9 +180,14 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools: echo, calc and the fs.* family.
+    /// The built-in tools: echo, calc, the fs.* family, exec and run.python.
     pub fn builtin() -> Result<Self, Error> {
-        let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(echo::Echo), Box::new(calc::Calc)];
+        let mut tools: Vec<Box<dyn Tool>> = vec![
+            Box::new(echo::Echo),
+            Box::new(calc::Calc),
+            Box::new(exec::Exec),
+            Box::new(python::RunPython),
+        ];
         tools.extend(fs::tools());
         Self::new(tools)
     }
@@ -227,6 +242,11 @@ pub(crate) mod test_support {
                 max_list_entries: 100,
             },
             cancel: CancellationToken::new(),
+            sandbox: Arc::new(Sandbox::disabled(
+                "unit tests run no commands",
+                crate::quota::Quotas::default(),
+            )),
+            output: None,
         };
         (root, ctx)
     }
@@ -265,7 +285,7 @@ mod tests {
             Some(errors::reason::TOOL_NOT_FOUND)
         );
         assert!(
-            status.message().contains("calc, echo, fs.delete"),
+            status.message().contains("calc, echo, exec, fs.delete"),
             "{}",
             status.message()
         );
@@ -280,11 +300,13 @@ mod tests {
             [
                 "calc",
                 "echo",
+                "exec",
                 "fs.delete",
                 "fs.list",
                 "fs.read",
                 "fs.stat",
-                "fs.write"
+                "fs.write",
+                "run.python"
             ]
         );
         assert!(specs.iter().all(|s| s.input_schema.is_some()));
@@ -293,7 +315,7 @@ mod tests {
             .filter(|s| !s.read_only)
             .map(|s| s.name.as_str())
             .collect();
-        assert_eq!(read_only, ["fs.delete", "fs.write"]);
+        assert_eq!(read_only, ["exec", "fs.delete", "fs.write", "run.python"]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! `heistctl session create|ls|show|close`.
+//! `heistctl session create|ls|show|close|fork`.
 
 pub mod close;
 pub mod create;
+pub mod fork;
 pub mod ls;
 pub mod show;
 
@@ -27,6 +28,8 @@ pub enum Command {
     Show(show::Args),
     /// Close a session and remove its workspace.
     Close(close::Args),
+    /// Create a session from a checkpoint (on any worker).
+    Fork(fork::Args),
 }
 
 /// Runs a `session` verb.
@@ -36,6 +39,7 @@ pub async fn run(ctx: &Context, cmd: Command) -> Result<u8, Error> {
         Command::Ls(args) => ls::run(ctx, args).await,
         Command::Show(args) => show::run(ctx, args).await,
         Command::Close(args) => close::run(ctx, args).await,
+        Command::Fork(args) => fork::run(ctx, args).await,
     }
 }
 

@@ -5,6 +5,9 @@
 //! data is not fsynced: a crash may lose the write, but not half of it). Renaming replaces the
 //! directory entry, so a pre-existing hard link to a file elsewhere is unlinked, not written
 //! through. A symlink target is written only when the link resolves inside the workspace.
+//!
+//! Writes respect the session's disk and file quotas (see [`crate::quota`]): a write that would
+//! take the workspace over one is RESOURCE_EXHAUSTED naming it, and nothing is changed.
 
 use std::{
     io::{self, Write as _},
@@ -20,6 +23,7 @@ use serde_json::{Map, Value as Json, json};
 use super::{blocking, checked_path, display, io_failure, is_root, read::Encoding};
 use crate::{
     Error,
+    quota::{self, Quotas, UsageGuard},
     sessions::Workspace,
     tools::{Limits, Tool, ToolContext, ToolOutput, parse_args},
 };
@@ -81,12 +85,13 @@ impl Tool for Write {
         Box::pin(async move {
             let args: Args = parse_args(args)?;
             let limits = ctx.limits;
-            blocking(ctx, move |ws| write(ws, args, limits)).await
+            let quotas = ctx.sandbox.quotas().clone();
+            blocking(ctx, move |ws| write(ws, args, limits, &quotas)).await
         })
     }
 }
 
-fn write(ws: &Workspace, args: Args, limits: Limits) -> Result<ToolOutput, Error> {
+fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<ToolOutput, Error> {
     let rel = checked_path(&args.path)?;
     let not_a_file = || Error::InvalidArgument {
         field: "path".to_owned(),
@@ -125,6 +130,9 @@ fn write(ws: &Workspace, args: Args, limits: Limits) -> Result<ToolOutput, Error
         Some(split) => split,
         None => return Err(not_a_file()),
     };
+    // Held until the write is done, so concurrent writes cannot share the same free space.
+    let mut usage = ws.usage().lock();
+    let change = make_room(ws, &mut usage, quotas, &rel, len, args.append, &args.path)?;
     if args.create_parents
         && !parent.as_os_str().is_empty()
         && let Err(err) = dir.create_dir_all(&parent)
@@ -173,12 +181,80 @@ fn write(ws: &Workspace, args: Args, limits: Limits) -> Result<ToolOutput, Error
         Ok(Outcome::Refused(output)) => return Ok(output),
         Err(err) => return io_failure(&err, &args.path, "write"),
     };
+    usage.adjust(change.bytes, change.files);
     let mut info = Map::new();
     info.insert("path".to_owned(), json!(args.path));
     info.insert("bytes_written".to_owned(), json!(len));
     info.insert("size".to_owned(), json!(size));
     info.insert("appended".to_owned(), json!(args.append));
     Ok(ToolOutput::object(info))
+}
+
+/// How a write changes the workspace's usage.
+struct Change {
+    bytes: i64,
+    files: i64,
+}
+
+/// Checks that writing `len` bytes to `rel` (appending or replacing) keeps the workspace
+/// within its disk and file quotas; returns the change to record once written. A write that
+/// shrinks the workspace is always allowed, even over quota.
+fn make_room(
+    ws: &Workspace,
+    usage: &mut UsageGuard<'_>,
+    quotas: &Quotas,
+    rel: &Path,
+    len: u64,
+    append: bool,
+    raw: &str,
+) -> Result<Change, Error> {
+    let current = usage
+        .current(ws.path(), quotas)
+        .map_err(|e| Error::io("cannot measure the workspace for its quota", e))?;
+    let dir = ws.dir();
+    let existing = dir.metadata(rel).ok().filter(|m| m.is_file());
+    let old_len = existing.as_ref().map_or(0, |m| m.len());
+    let new_len = if append {
+        old_len.saturating_add(len)
+    } else {
+        len
+    };
+    // The file itself and every missing parent directory are new entries.
+    let mut new_entries = u64::from(dir.symlink_metadata(rel).is_err());
+    let mut prefix = PathBuf::new();
+    if let Some(parent) = rel.parent() {
+        for component in parent.components() {
+            prefix.push(component);
+            if dir.symlink_metadata(&prefix).is_err() {
+                new_entries += 1;
+            }
+        }
+    }
+    let bytes_after = current
+        .bytes
+        .saturating_sub(old_len)
+        .saturating_add(new_len);
+    if bytes_after > quotas.disk_bytes && bytes_after > current.bytes {
+        let what = format!("writing `{raw}` ({len} bytes)");
+        return Err(quota::exceeded(
+            "disk_bytes",
+            bytes_after,
+            quotas.disk_bytes,
+            &what,
+        ));
+    }
+    let files_after = current.files.saturating_add(new_entries);
+    if new_entries > 0 && files_after > quotas.files {
+        let what = format!("creating `{raw}`");
+        return Err(quota::exceeded("files", files_after, quotas.files, &what));
+    }
+    let delta = |after: u64, before: u64| {
+        i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
+    };
+    Ok(Change {
+        bytes: delta(new_len, old_len),
+        files: i64::try_from(new_entries).unwrap_or(i64::MAX),
+    })
 }
 
 /// `a/b/c.txt` -> (`a/b`, `c.txt`); `None` when the last component is not a name.
@@ -252,4 +328,74 @@ fn append(dir: &Dir, name: &Path, bytes: &[u8], max_bytes: u64, raw: &str) -> io
     }
     file.write_all(bytes)?;
     Ok(Outcome::Written(size))
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use crate::{
+        Error,
+        quota::Quotas,
+        sandbox::Sandbox,
+        tools::test_support::{context, run},
+    };
+
+    #[tokio::test]
+    async fn writes_stay_within_the_disk_and_file_quotas() {
+        let (_tmp, mut ctx) = context();
+        ctx.sandbox = Arc::new(Sandbox::disabled(
+            "test",
+            Quotas {
+                disk_bytes: 10,
+                files: 3,
+                ..Quotas::default()
+            },
+        ));
+        let write = |path: &str, content: &str, append: bool| json!({"path": path, "content": content, "append": append});
+        run(&ctx, "fs.write", write("a", "12345678", false))
+            .await
+            .expect("fits");
+        let err = run(&ctx, "fs.write", write("b", "123", false))
+            .await
+            .expect_err("over the disk quota");
+        assert!(
+            matches!(&err, Error::LimitExceeded { limit: "disk_bytes", message } if message.contains("HEIST_QUOTA_DISK_BYTES")),
+            "{err:?}"
+        );
+        assert!(!ctx.workspace.path().join("b").exists(), "nothing written");
+        let err = run(&ctx, "fs.write", write("a", "123", true))
+            .await
+            .expect_err("appending over the quota");
+        assert!(matches!(
+            err,
+            Error::LimitExceeded {
+                limit: "disk_bytes",
+                ..
+            }
+        ));
+        // Replacing with something smaller is fine, and frees room.
+        run(&ctx, "fs.write", write("a", "1", false))
+            .await
+            .expect("shrinks");
+        run(&ctx, "fs.write", write("b", "123456789", false))
+            .await
+            .expect("fits again");
+        let err = run(&ctx, "fs.write", write("d/e", "", false))
+            .await
+            .expect_err("two more entries is over the file quota");
+        assert!(
+            matches!(err, Error::LimitExceeded { limit: "files", .. }),
+            "{err:?}"
+        );
+        assert!(
+            !ctx.workspace.path().join("d").exists(),
+            "no parent left behind"
+        );
+        run(&ctx, "fs.write", write("c", "", false))
+            .await
+            .expect("a third entry fits");
+    }
 }

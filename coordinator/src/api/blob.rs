@@ -1,0 +1,324 @@
+//! heist.v1.BlobService: the blob store as workers see it (internal).
+//!
+//! Every call must carry the workers' join token in `x-heist-join-token` (compared in constant
+//! time); the bearer-token layer lets this service through untouched because
+//! [`heist_proto::scopes::required_for`] has no scope for it.
+//!
+//! File I/O runs on one blocking thread per call, fed through a small bounded channel, so a
+//! stream of many small blobs costs no thread hop per chunk and a slow disk pushes back on the
+//! sender. PutBlobs makes the whole batch durable before it replies (see
+//! [`Cas::sync_batch`]).
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::Stream;
+use heist_proto::{
+    errors, metadata,
+    v1::{
+        BlobChunk, FindMissingBlobsRequest, FindMissingBlobsResponse, GetBlobsRequest,
+        PutBlobsResponse, blob_service_server::BlobService,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tracing::{debug, instrument, warn};
+
+use crate::{
+    app::App,
+    cas::{BlobWriter, CHUNK_BYTES, Cas, Hash, Rejected, hash_from_bytes, hex},
+    error::Error,
+};
+
+/// Chunks buffered between the network and the disk thread.
+const PIPELINE_DEPTH: usize = 8;
+
+/// BlobService handlers.
+pub struct BlobApi {
+    app: Arc<App>,
+}
+
+impl BlobApi {
+    /// Handlers over `app`.
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+
+    fn check(&self, md: &MetadataMap) -> Result<(), Status> {
+        check_join_token(&self.app.config.join_token, md).map_err(Status::from)
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BlobService for BlobApi {
+    #[instrument(skip_all, fields(hashes = request.get_ref().hashes.len()))]
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        self.check(request.metadata())?;
+        let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
+        let table = self.app.checkpoints.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            table
+                .missing(hashes)
+                .into_iter()
+                .map(|h| h.to_vec())
+                .collect()
+        })
+        .await
+        .map_err(Error::from)?;
+        Ok(Response::new(FindMissingBlobsResponse { missing }))
+    }
+
+    #[instrument(skip_all)]
+    async fn put_blobs(
+        &self,
+        request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<PutBlobsResponse>, Status> {
+        self.check(request.metadata())?;
+        put_blobs(&self.app, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    type GetBlobsStream = ChunkStream;
+
+    #[instrument(skip_all, fields(hashes = request.get_ref().hashes.len()))]
+    async fn get_blobs(
+        &self,
+        request: Request<GetBlobsRequest>,
+    ) -> Result<Response<Self::GetBlobsStream>, Status> {
+        self.check(request.metadata())?;
+        let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
+        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        let cas = self.app.checkpoints.cas().clone();
+        tokio::task::spawn_blocking(move || send_blobs(&cas, &hashes, &tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Compares the presented join token with the configured one without leaking, through timing,
+/// how much of it matched (BLAKE3 hashes compare in constant time).
+fn check_join_token(expected: &str, md: &MetadataMap) -> Result<(), Error> {
+    let presented = md
+        .get(metadata::JOIN_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Error::JoinTokenInvalid)?;
+    if blake3::hash(presented.as_bytes()) == blake3::hash(expected.as_bytes()) {
+        Ok(())
+    } else {
+        warn!("blob call refused: wrong join token");
+        Err(Error::JoinTokenInvalid)
+    }
+}
+
+/// Hashes from the wire: at most `max` of them, each exactly 32 bytes.
+fn parse_hashes(raw: &[Vec<u8>], max: usize) -> Result<Vec<Hash>, Error> {
+    if raw.len() > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_blob_batch",
+            message: format!(
+                "{} hashes in one request; at most {max} (HEIST_MAX_BLOB_BATCH): send smaller \
+                 batches",
+                raw.len()
+            ),
+        });
+    }
+    raw.iter()
+        .map(|h| {
+            hash_from_bytes(h).ok_or_else(|| {
+                Error::Status(errors::invalid_argument(
+                    "hashes",
+                    format!("a hash has {} bytes; BLAKE3 hashes have 32", h.len()),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Receives a PutBlobs stream and hands the chunks to a disk thread.
+async fn put_blobs(
+    app: &App,
+    mut inbound: Streaming<BlobChunk>,
+) -> Result<PutBlobsResponse, Error> {
+    let (tx, rx) = mpsc::channel::<BlobChunk>(PIPELINE_DEPTH);
+    let cas = app.checkpoints.cas().clone();
+    let max_blob = app.config.max_blob_bytes;
+    let disk = tokio::task::spawn_blocking(move || store_blobs(&cas, max_blob, rx));
+    let mut received = Ok(());
+    loop {
+        match inbound.message().await {
+            Ok(Some(chunk)) => {
+                if tx.send(chunk).await.is_err() {
+                    break; // the disk thread stopped: its error says why
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                received = Err(Error::Status(status));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let stored = disk.await??;
+    received?;
+    // The stream ended cleanly: a blob cut short is an error, not a silent partial upload.
+    if let Some((hash, got, size)) = stored.unfinished {
+        return Err(Error::BlobCorrupt {
+            hash: hex(&hash),
+            why: format!("the stream ended after {got} of {size} bytes"),
+        });
+    }
+    debug!(
+        blobs = stored.response.blobs,
+        bytes = stored.response.bytes,
+        "blobs stored"
+    );
+    Ok(stored.response)
+}
+
+struct Stored {
+    response: PutBlobsResponse,
+    /// A blob whose chunks stopped before its announced size: hash, bytes, size.
+    unfinished: Option<(Hash, u64, u64)>,
+}
+
+/// The disk side of PutBlobs: writes each blob, verifies it, renames it into place, and syncs
+/// once at the end.
+fn store_blobs(
+    cas: &Cas,
+    max_blob: u64,
+    mut rx: mpsc::Receiver<BlobChunk>,
+) -> Result<Stored, Error> {
+    let mut response = PutBlobsResponse::default();
+    let mut current: Option<Box<BlobWriter>> = None;
+    let mut written: Vec<Hash> = Vec::new();
+    while let Some(chunk) = rx.blocking_recv() {
+        let hash = hash_from_bytes(&chunk.hash).ok_or_else(|| {
+            Error::Status(errors::invalid_argument(
+                "hash",
+                format!(
+                    "a chunk's hash has {} bytes; BLAKE3 hashes have 32",
+                    chunk.hash.len()
+                ),
+            ))
+        })?;
+        let corrupt = |why: String| Error::BlobCorrupt {
+            hash: hex(&hash),
+            why,
+        };
+        if chunk.data.len() > CHUNK_BYTES {
+            return Err(corrupt(format!(
+                "a chunk carries {} bytes; at most {CHUNK_BYTES} per chunk",
+                chunk.data.len()
+            )));
+        }
+        if current.as_ref().is_some_and(|c| c.hash() != &hash) {
+            let (got, size) = current.as_ref().map_or((0, 0), |c| (c.written(), c.size()));
+            if got != size {
+                return Err(corrupt(format!(
+                    "chunks of the previous blob stopped after {got} of {size} bytes: send each \
+                     blob's chunks contiguously"
+                )));
+            }
+            current = None;
+        }
+        if current.is_none() {
+            if chunk.offset != 0 {
+                return Err(corrupt(format!(
+                    "the first chunk starts at offset {}, not 0",
+                    chunk.offset
+                )));
+            }
+            if chunk.size > max_blob {
+                return Err(Error::LimitExceeded {
+                    limit: "max_blob_bytes",
+                    message: format!(
+                        "a {}-byte file is larger than the blob store takes ({max_blob} bytes, \
+                         HEIST_MAX_BLOB_BYTES): remove or shrink it before checkpointing",
+                        chunk.size
+                    ),
+                });
+            }
+            response.blobs += 1;
+            // No stat first: the uploader asked FindMissingBlobs, and replacing an existing blob
+            // with verified identical content is harmless (the rename is atomic).
+            current = Some(Box::new(cas.writer(hash, chunk.size)?));
+        }
+        response.bytes += chunk.data.len() as u64;
+        let done = match current.as_mut() {
+            Some(w) => {
+                w.write(chunk.offset, &chunk.data)?
+                    .map_err(|r| corrupt(rejection(r)))?;
+                w.written() == w.size()
+            }
+            None => false,
+        };
+        if done && let Some(w) = current.take() {
+            w.finish()?.map_err(|r| corrupt(rejection(r)))?;
+            written.push(hash);
+        }
+    }
+    let unfinished = current.map(|c| (*c.hash(), c.written(), c.size()));
+    if !written.is_empty() {
+        cas.sync_batch(&written)?;
+    }
+    Ok(Stored {
+        response,
+        unfinished,
+    })
+}
+
+fn rejection(r: Rejected) -> String {
+    match r {
+        Rejected::BadChunk(why) => why,
+        Rejected::Mismatch => "its content does not match its hash and size".to_owned(),
+    }
+}
+
+/// The disk side of GetBlobs: each blob in 1 MiB chunks, in the order asked (an empty blob is
+/// one empty chunk). A missing blob ends the stream with NOT_FOUND BLOB_MISSING.
+fn send_blobs(cas: &Cas, hashes: &[Hash], tx: &mpsc::Sender<Result<BlobChunk, Status>>) {
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    for hash in hashes {
+        let Some(size) = cas.size(hash) else {
+            let _ = tx.blocking_send(Err(Error::BlobNotFound(hex(hash)).into()));
+            return;
+        };
+        let mut offset = 0u64;
+        loop {
+            let n = match cas.read_chunk(hash, offset, &mut buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    let _ = tx.blocking_send(Err(Error::BlobNotFound(hex(hash)).into()));
+                    return;
+                }
+                Err(err) => {
+                    let _ = tx.blocking_send(Err(err.into()));
+                    return;
+                }
+            };
+            if n == 0 && (offset > 0 || size > 0) {
+                break; // the end (or a file shorter than it was: the receiver sees it short)
+            }
+            let chunk = BlobChunk {
+                hash: hash.to_vec(),
+                size,
+                offset,
+                data: buf[..n].to_vec(),
+            };
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                return; // the caller went away
+            }
+            offset += n as u64;
+            if offset >= size {
+                break;
+            }
+        }
+    }
+}

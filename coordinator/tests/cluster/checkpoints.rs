@@ -1,0 +1,575 @@
+//! Checkpoints end to end: capture on one worker, restore in place, fork onto another worker,
+//! incremental capture, a blob missing from the store, retention, auto-checkpoint, and a
+//! coordinator restart.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{PermissionsExt as _, symlink},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use heist_proto::{
+    errors::reason,
+    v1::{self, checkpoint_service_client::CheckpointServiceClient},
+};
+use serde_json::json;
+use tonic::{Code, transport::Channel};
+
+use crate::harness::{
+    Client, Coordinator, Worker, WorkerOpts, assert_status, authed, channel, coordinator_config,
+    text_of,
+};
+
+/// One path of a tree as the test compares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Node {
+    File { mode: u32, content: Vec<u8> },
+    Dir { mode: u32 },
+    Symlink { target: PathBuf },
+}
+
+/// Every path under `root` (relative), with kind, mode and content or target.
+fn tree(root: &Path) -> BTreeMap<String, Node> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let entry = entry.expect("entry");
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned();
+            let meta = std::fs::symlink_metadata(&path).expect("lstat");
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).expect("readlink");
+                out.insert(rel, Node::Symlink { target });
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir { mode });
+                walk(root, &path, out);
+            } else {
+                let content = std::fs::read(&path).expect("read");
+                out.insert(rel, Node::File { mode, content });
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn write(root: &Path, rel: &str, content: &[u8], mode: u32) {
+    let path = root.join(rel);
+    std::fs::write(&path, content).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// Backdates a file's mtime so the stat cache may trust it (a file written within the last
+/// few milliseconds is deliberately re-hashed).
+fn backdate(path: &Path) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .expect("open")
+        .set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .expect("set mtime");
+}
+
+/// A workspace with every kind of entry: nested and empty directories, modes, an empty file,
+/// duplicate contents, a multi-chunk file, and relative and absolute symlinks.
+fn populate(root: &Path) {
+    std::fs::create_dir_all(root.join("src/pkg")).expect("dirs");
+    std::fs::create_dir_all(root.join("empty/nested-empty")).expect("dirs");
+    std::fs::create_dir(root.join("locked")).expect("dir");
+    write(root, "README.md", b"# plan\nvault at 3am\n", 0o644);
+    write(root, "run.sh", b"#!/bin/sh\necho go\n", 0o755);
+    write(root, "secret.key", b"k3y", 0o600);
+    write(root, "empty.txt", b"", 0o644);
+    write(root, "src/pkg/a.py", b"print('same')\n", 0o644);
+    write(root, "src/pkg/b.py", b"print('same')\n", 0o640);
+    let big: Vec<u8> = (0..3_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    write(root, "src/big.bin", &big, 0o644);
+    write(root, "locked/inside.txt", b"read-only dir", 0o444);
+    std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o555))
+        .expect("chmod dir");
+    symlink("src/pkg/a.py", root.join("link-rel")).expect("symlink");
+    symlink("/etc/hostname", root.join("link-abs")).expect("symlink");
+    symlink("does/not/exist", root.join("src/dangling")).expect("symlink");
+}
+
+/// How many sessions the admin has, closed and failed ones included.
+async fn sessions_count(client: &mut Client) -> usize {
+    let msg = v1::ListSessionsRequest {
+        page_size: 1000,
+        page_token: String::new(),
+        include_closed: true,
+    };
+    client
+        .sessions
+        .list_sessions(authed(&client.token, msg))
+        .await
+        .expect("list sessions")
+        .into_inner()
+        .sessions
+        .len()
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    coordinator: Coordinator,
+    workers: Vec<Worker>,
+    client: Client,
+    checkpoints: CheckpointServiceClient<Channel>,
+}
+
+impl Cluster {
+    async fn start(workers: usize, tune: impl FnOnce(&mut heist_coordinator::Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("coordinator");
+        let mut config = coordinator_config(&data_dir);
+        tune(&mut config);
+        let coordinator = Coordinator::start(config).await;
+        let mut started = Vec::new();
+        for i in 1..=workers {
+            let id = format!("w{i}");
+            let opts = WorkerOpts::new(&id).label("w", &i.to_string());
+            started
+                .push(Worker::start(&coordinator.url(), &dir.path().join("workers"), opts).await);
+        }
+        let mut client = Client::admin(&coordinator.url()).await;
+        let ids: Vec<String> = (1..=workers).map(|i| format!("w{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        client.wait_ready(&ids).await;
+        let checkpoints = CheckpointServiceClient::new(channel(&coordinator.url()).await);
+        Self {
+            _dir: dir,
+            data_dir,
+            coordinator,
+            workers: started,
+            client,
+            checkpoints,
+        }
+    }
+
+    fn worker(&self, id: &str) -> &Worker {
+        self.workers.iter().find(|w| w.id == id).expect("worker")
+    }
+
+    fn workspace(&self, session: &v1::Session) -> PathBuf {
+        self.worker(&session.worker_id).workspace(&session.id)
+    }
+
+    async fn session_on(&mut self, worker: &str) -> v1::Session {
+        let session = self
+            .client
+            .create_session(&[("w", worker)])
+            .await
+            .expect("session");
+        assert_eq!(session.worker_id, format!("w{worker}"));
+        session
+    }
+
+    async fn create(&mut self, session: &str) -> Result<v1::Checkpoint, tonic::Status> {
+        self.create_labelled(session, &[]).await
+    }
+
+    async fn create_labelled(
+        &mut self,
+        session: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<v1::Checkpoint, tonic::Status> {
+        let msg = v1::CreateCheckpointRequest {
+            session_id: session.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            request_id: String::new(),
+        };
+        self.checkpoints
+            .create_checkpoint(authed(&self.client.token, msg))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn restore(&mut self, id: &str, session: &str) -> Result<v1::Session, tonic::Status> {
+        let msg = v1::RestoreCheckpointRequest {
+            checkpoint_id: id.to_owned(),
+            session_id: session.to_owned(),
+            request_id: String::new(),
+        };
+        self.checkpoints
+            .restore_checkpoint(authed(&self.client.token, msg))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn fork(
+        &mut self,
+        id: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<v1::Session, tonic::Status> {
+        let msg = v1::ForkSessionRequest {
+            checkpoint_id: id.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            request_id: String::new(),
+        };
+        self.checkpoints
+            .fork_session(authed(&self.client.token, msg))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn get(&mut self, id: &str, manifest: bool) -> Result<v1::Checkpoint, tonic::Status> {
+        let msg = v1::GetCheckpointRequest {
+            checkpoint_id: id.to_owned(),
+            include_manifest: manifest,
+        };
+        self.checkpoints
+            .get_checkpoint(authed(&self.client.token, msg))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn list(&mut self, session: &str) -> Vec<v1::Checkpoint> {
+        let msg = v1::ListCheckpointsRequest {
+            session_id: session.to_owned(),
+            page_size: 0,
+            page_token: String::new(),
+        };
+        self.checkpoints
+            .list_checkpoints(authed(&self.client.token, msg))
+            .await
+            .expect("list")
+            .into_inner()
+            .checkpoints
+    }
+
+    async fn delete(&mut self, id: &str) -> Result<v1::DeleteCheckpointResponse, tonic::Status> {
+        let msg = v1::DeleteCheckpointRequest {
+            checkpoint_id: id.to_owned(),
+            request_id: String::new(),
+        };
+        self.checkpoints
+            .delete_checkpoint(authed(&self.client.token, msg))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn stop(self) {
+        for w in self.workers {
+            w.stop().await;
+        }
+        self.coordinator.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn checkpoint_taken_on_worker_1_restores_in_place_and_forks_onto_worker_2() {
+    let mut c = Cluster::start(2, |_| {}).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    populate(&ws);
+    let original = tree(&ws);
+
+    let cp = c.create(&session.id).await.expect("checkpoint");
+    assert!(cp.id.starts_with("c-"), "{}", cp.id);
+    assert_eq!(cp.session_id, session.id);
+    assert_eq!(cp.worker_id, "w1");
+    assert_eq!(cp.parent_id, "");
+    assert_eq!(cp.file_count, 8);
+    let stats = cp.stats.expect("stats");
+    assert_eq!(stats.uploaded_blobs, 7, "two files share one blob");
+
+    // Change everything: content, modes, deletions, new files and directories.
+    write(&ws, "README.md", b"# plan\nvault at NOON\n", 0o644);
+    std::fs::set_permissions(ws.join("run.sh"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    std::fs::remove_file(ws.join("secret.key")).expect("rm");
+    std::fs::remove_dir_all(ws.join("empty")).expect("rm dir");
+    std::fs::remove_file(ws.join("link-rel")).expect("rm link");
+    std::fs::create_dir(ws.join("new-dir")).expect("mkdir");
+    write(&ws, "new-dir/created-later.txt", b"should vanish", 0o644);
+    write(&ws, "created-later.txt", b"should vanish too", 0o644);
+    assert_ne!(tree(&ws), original);
+
+    // Restore in place: back to the checkpoint exactly, later files gone.
+    let restored = c.restore(&cp.id, "").await.expect("restore");
+    assert_eq!(restored.id, session.id);
+    assert_eq!(tree(&ws), original);
+    // Tools see the restored tree (the worker reopened the workspace).
+    let read = c
+        .client
+        .call(&session.id, "fs.read", json!({"path": "README.md"}))
+        .await
+        .expect("read");
+    assert_eq!(text_of(&read), "# plan\nvault at 3am\n");
+
+    // Fork onto worker 2 (forced by labels): identical content on the other machine.
+    let fork = c.fork(&cp.id, &[("w", "2")]).await.expect("fork");
+    assert_eq!(fork.worker_id, "w2");
+    assert_eq!(fork.state, v1::SessionState::Ready as i32);
+    assert_ne!(fork.id, session.id);
+    assert_eq!(tree(&c.workspace(&fork)), original);
+
+    // Without a selector the fork goes to a worker that already holds the blobs.
+    let warm = c.fork(&cp.id, &[]).await.expect("fork");
+    assert!(["w1", "w2"].contains(&warm.worker_id.as_str()));
+    assert_eq!(tree(&c.workspace(&warm)), original);
+
+    // The fork's first checkpoint descends from the checkpoint it came from.
+    let child = c.create(&fork.id).await.expect("checkpoint of the fork");
+    assert_eq!(child.parent_id, cp.id);
+    assert_eq!(child.worker_id, "w2");
+    let full = c.get(&child.id, true).await.expect("get");
+    let manifest = full.manifest.expect("manifest");
+    let link = manifest
+        .entries
+        .iter()
+        .find(|e| e.path == "link-abs")
+        .expect("symlink entry");
+    assert_eq!(link.kind, v1::EntryKind::Symlink as i32);
+    assert_eq!(link.symlink_target, "/etc/hostname");
+    assert!(
+        c.get(&child.id, false)
+            .await
+            .expect("get")
+            .manifest
+            .is_none()
+    );
+
+    // Unlock the read-only directory so the temp dir can be removed.
+    for root in [ws, c.workspace(&fork), c.workspace(&warm)] {
+        let _ =
+            std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o755));
+    }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn second_capture_hashes_and_uploads_only_the_changed_file() {
+    let mut c = Cluster::start(1, |_| {}).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    for i in 0..40 {
+        let path = ws.join(format!("f{i:02}.txt"));
+        std::fs::write(&path, format!("file {i}\n").repeat(100)).expect("write");
+        backdate(&path);
+    }
+    let first = c.create(&session.id).await.expect("first");
+    let s1 = first.stats.expect("stats");
+    assert_eq!((s1.files, s1.hashed_files, s1.uploaded_blobs), (40, 40, 40));
+
+    std::fs::write(ws.join("f07.txt"), "changed\n".repeat(100)).expect("change");
+    let second = c.create(&session.id).await.expect("second");
+    let s2 = second.stats.expect("stats");
+    assert_eq!(s2.files, 40);
+    assert_eq!(s2.hashed_files, 1, "only the changed file is read again");
+    assert_eq!(s2.uploaded_blobs, 1, "only its new content is uploaded");
+    assert_eq!(s2.uploaded_bytes, 800);
+    assert_eq!(second.parent_id, first.id);
+
+    let listed = c.list(&session.id).await;
+    let ids: Vec<&str> = listed.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, [second.id.as_str(), first.id.as_str()], "newest first");
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_blob_missing_from_the_store_fails_restore_and_fork_and_changes_nothing() {
+    let mut c = Cluster::start(2, |_| {}).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    write(&ws, "keep.txt", b"still here", 0o644);
+    write(&ws, "doomed.txt", b"this blob will vanish", 0o644);
+    let cp = c.create(&session.id).await.expect("checkpoint");
+
+    let hash = blake3::hash(b"this blob will vanish").to_hex().to_string();
+    let blob = c.data_dir.join("blobs").join(&hash[..2]).join(&hash);
+    std::fs::remove_file(&blob).expect("delete the blob from the store");
+
+    write(&ws, "keep.txt", b"changed after the checkpoint", 0o644);
+    write(&ws, "new.txt", b"new", 0o644);
+    let before = tree(&ws);
+
+    let err = c.restore(&cp.id, "").await.expect_err("blob missing");
+    assert_status(&err, Code::FailedPrecondition, reason::BLOB_MISSING);
+    assert_eq!(
+        heist_proto::errors::metadata_of(&err, "hash").as_deref(),
+        Some(hash.as_str())
+    );
+    assert_eq!(tree(&ws), before, "nothing half-restored");
+    let ready = c.client.get_session(&session.id).await.expect("session");
+    assert_eq!(ready.state, v1::SessionState::Ready as i32);
+
+    let sessions_before = sessions_count(&mut c.client).await;
+    let err = c
+        .fork(&cp.id, &[("w", "2")])
+        .await
+        .expect_err("blob missing");
+    assert_status(&err, Code::FailedPrecondition, reason::BLOB_MISSING);
+    assert_eq!(
+        sessions_count(&mut c.client).await,
+        sessions_before,
+        "no session created"
+    );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn retention_keeps_the_parent_chain_and_delete_refuses_parents() {
+    let mut c = Cluster::start(1, |config| config.checkpoint_max_per_session = 3).await;
+    let a = c.session_on("1").await;
+    let ws = c.workspace(&a);
+    let mut ids = Vec::new();
+    for i in 1..=2 {
+        write(&ws, "state.txt", format!("version {i}").as_bytes(), 0o644);
+        ids.push(c.create(&a.id).await.expect("checkpoint").id);
+    }
+    // c1 becomes a fork point: the fork's checkpoint names it as parent.
+    let fork = c.fork(&ids[0], &[]).await.expect("fork");
+    let n1 = c.create(&fork.id).await.expect("fork checkpoint");
+    assert_eq!(n1.parent_id, ids[0]);
+    for i in 3..=5 {
+        write(&ws, "state.txt", format!("version {i}").as_bytes(), 0o644);
+        ids.push(c.create(&a.id).await.expect("checkpoint").id);
+    }
+
+    // Max 3 per session: c2 is gone; c1 stays (a fork point), c3..c5 stay.
+    let listed: Vec<String> = c.list(&a.id).await.into_iter().map(|c| c.id).collect();
+    assert_eq!(
+        listed,
+        [
+            ids[4].clone(),
+            ids[3].clone(),
+            ids[2].clone(),
+            ids[0].clone()
+        ]
+    );
+    let err = c.get(&ids[1], false).await.expect_err("removed");
+    assert_status(&err, Code::NotFound, reason::CHECKPOINT_NOT_FOUND);
+    // Every retained checkpoint's chain is complete.
+    let mut cursor = ids[4].clone();
+    let mut chain = Vec::new();
+    while !cursor.is_empty() {
+        chain.push(cursor.clone());
+        cursor = c
+            .get(&cursor, false)
+            .await
+            .expect("ancestor exists")
+            .parent_id;
+    }
+    assert_eq!(
+        chain,
+        [
+            ids[4].clone(),
+            ids[3].clone(),
+            ids[2].clone(),
+            ids[0].clone()
+        ]
+    );
+    // c2's content (version 2) was only in c2: its blob is freed; the fork point still restores.
+    let v2 = blake3::hash(b"version 2").to_hex().to_string();
+    assert!(!c.data_dir.join("blobs").join(&v2[..2]).join(&v2).exists());
+    c.restore(&ids[0], "")
+        .await
+        .expect("restore the fork point");
+    assert_eq!(
+        std::fs::read(ws.join("state.txt")).expect("read"),
+        b"version 1"
+    );
+
+    // Explicit delete refuses a parent, frees a leaf's unshared blobs.
+    let err = c.delete(&ids[0]).await.expect_err("has children");
+    assert_status(
+        &err,
+        Code::FailedPrecondition,
+        reason::CHECKPOINT_HAS_CHILDREN,
+    );
+    let freed = c.delete(&n1.id).await.expect("delete a leaf");
+    assert_eq!(freed.freed_blobs, 0, "n1 shares its only blob with c1");
+    let err = c.delete(&n1.id).await.expect_err("gone");
+    assert_status(&err, Code::NotFound, reason::CHECKPOINT_NOT_FOUND);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn auto_checkpoint_follows_mutating_tool_calls_only() {
+    let mut c = Cluster::start(1, |config| config.auto_checkpoint = true).await;
+    let session = c.session_on("1").await;
+    c.client
+        .call(
+            &session.id,
+            "fs.write",
+            json!({"path": "a.txt", "content": "one"}),
+        )
+        .await
+        .expect("write");
+    c.client
+        .call(&session.id, "fs.read", json!({"path": "a.txt"}))
+        .await
+        .expect("read");
+    let listed = c.list(&session.id).await;
+    assert_eq!(listed.len(), 1, "one mutating call, one checkpoint");
+    assert_eq!(
+        listed[0].labels.get("heist.auto").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(listed[0].file_count, 1);
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn checkpoints_survive_a_coordinator_restart() {
+    let mut c = Cluster::start(1, |_| {}).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    write(&ws, "plan.txt", b"before the restart", 0o644);
+    let labelled = c
+        .create_labelled(&session.id, &[("stage", "recon")])
+        .await
+        .expect("checkpoint");
+
+    let addr = c.coordinator.addr;
+    let config = coordinator_config(&c.data_dir);
+    let Cluster {
+        _dir,
+        data_dir,
+        coordinator,
+        workers,
+        ..
+    } = c;
+    coordinator.stop().await;
+    let coordinator = Coordinator::start_on(&addr.to_string(), config).await;
+    let mut client = Client::admin(&coordinator.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let checkpoints = CheckpointServiceClient::new(channel(&coordinator.url()).await);
+    let mut c = Cluster {
+        _dir,
+        data_dir,
+        coordinator,
+        workers,
+        client,
+        checkpoints,
+    };
+
+    let got = c.get(&labelled.id, true).await.expect("still there");
+    assert_eq!(got.labels.get("stage").map(String::as_str), Some("recon"));
+    assert_eq!(got.manifest.expect("manifest").entries.len(), 1);
+    write(&ws, "plan.txt", b"after the restart", 0o644);
+    c.restore(&labelled.id, "")
+        .await
+        .expect("restore after restart");
+    assert_eq!(
+        std::fs::read(ws.join("plan.txt")).expect("read"),
+        b"before the restart"
+    );
+    let next = c.create(&session.id).await.expect("checkpoint");
+    assert_eq!(next.parent_id, labelled.id, "lineage survived the restart");
+    c.stop().await;
+}

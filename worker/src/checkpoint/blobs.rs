@@ -1,0 +1,198 @@
+//! The worker's client of the coordinator's BlobService: one lazily connected channel to
+//! COORDINATOR_ADDR, the join token on every call, hashes in batches of HEIST_BLOB_BATCH.
+//!
+//! Uploads are pipelined: a blocking reader thread reads the blobs (1 MiB chunks) into a small
+//! bounded channel that is the PutBlobs request stream, so disk reads and the network overlap
+//! and memory stays bounded.
+
+use std::time::Duration;
+
+use cap_std::fs::Dir;
+use heist_proto::{
+    errors::{self, reason},
+    metadata,
+    v1::{
+        BlobChunk, FindMissingBlobsRequest, GetBlobsRequest, PutBlobsResponse,
+        blob_service_client::BlobServiceClient,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Status, Streaming,
+    metadata::AsciiMetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use super::manifest::Hash;
+use crate::{Config, Error};
+
+/// Largest chunk sent, in bytes (the store's limit).
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// Chunks buffered between the disk reader and the network.
+const PIPELINE_DEPTH: usize = 8;
+
+/// BlobService client.
+#[derive(Clone)]
+pub struct BlobClient {
+    client: BlobServiceClient<Channel>,
+    token: AsciiMetadataValue,
+    batch: usize,
+}
+
+impl BlobClient {
+    /// A client for `config.coordinator_addr` (nothing is dialled until the first call).
+    pub fn new(config: &Config) -> Result<Self, Error> {
+        let endpoint = Endpoint::from_shared(config.coordinator_addr.clone())
+            .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20);
+        let token = config
+            .join_token
+            .parse()
+            .map_err(|_| Error::Config("HEIST_JOIN_TOKEN must be printable ASCII".to_owned()))?;
+        let client = BlobServiceClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(config.max_message_bytes.max(2 * CHUNK_BYTES))
+            .max_encoding_message_size(config.max_message_bytes.max(2 * CHUNK_BYTES));
+        Ok(Self {
+            client,
+            token,
+            batch: config.blob_batch,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut request = Request::new(msg);
+        request
+            .metadata_mut()
+            .insert(metadata::JOIN_TOKEN, self.token.clone());
+        request
+    }
+
+    /// The subset of `hashes` the store lacks.
+    pub async fn find_missing(&self, hashes: &[Hash]) -> Result<Vec<Hash>, Error> {
+        let mut missing = Vec::new();
+        for batch in hashes.chunks(self.batch) {
+            let request = self.request(FindMissingBlobsRequest {
+                hashes: batch.iter().map(|h| h.to_vec()).collect(),
+            });
+            let resp = self
+                .client
+                .clone()
+                .find_missing_blobs(request)
+                .await
+                .map_err(Error::BlobStore)?;
+            for raw in resp.into_inner().missing {
+                let hash: Hash = raw.as_slice().try_into().map_err(|_| {
+                    Error::Internal("the blob store answered with a malformed hash".to_owned())
+                })?;
+                missing.push(hash);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Uploads `blobs` (hash, size, path beneath `root`), reading them on a blocking thread.
+    pub async fn put(
+        &self,
+        root: Dir,
+        blobs: Vec<(Hash, u64, String)>,
+    ) -> Result<PutBlobsResponse, Error> {
+        if blobs.is_empty() {
+            return Ok(PutBlobsResponse::default());
+        }
+        let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
+        let reader = tokio::task::spawn_blocking(move || read_blobs(&root, &blobs, &tx));
+        let sent = self
+            .client
+            .clone()
+            .put_blobs(self.request(ReceiverStream::new(rx)))
+            .await;
+        let read = reader
+            .await
+            .map_err(|e| Error::Internal(format!("blob reader failed: {e}")))?;
+        // A read error explains a refused stream better than the refusal does.
+        read?;
+        Ok(sent.map_err(Error::BlobStore)?.into_inner())
+    }
+
+    /// Streams the chunks of `hashes`, in order. A missing blob ends the stream with
+    /// [`Error::BlobMissing`] (see [`blob_error`]).
+    pub async fn get(&self, hashes: &[Hash]) -> Result<Streaming<BlobChunk>, Error> {
+        let request = self.request(GetBlobsRequest {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        });
+        self.client
+            .clone()
+            .get_blobs(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(blob_error)
+    }
+
+    /// Hashes per GetBlobs call.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+}
+
+/// A BlobService error as a worker error: BLOB_MISSING keeps its meaning.
+pub fn blob_error(status: Status) -> Error {
+    if errors::reason_of(&status).as_deref() == Some(reason::BLOB_MISSING) {
+        return Error::BlobMissing(errors::metadata_of(&status, "hash").unwrap_or_default());
+    }
+    Error::BlobStore(status)
+}
+
+/// Sends each blob as chunks; a file that no longer matches its size is an error (the store
+/// would refuse the blob anyway).
+fn read_blobs(
+    root: &Dir,
+    blobs: &[(Hash, u64, String)],
+    tx: &mpsc::Sender<BlobChunk>,
+) -> Result<(), Error> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; CHUNK_BYTES];
+    for (hash, size, path) in blobs {
+        let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
+        let mut file = root.open(path).map_err(io)?;
+        let mut offset = 0u64;
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = file.read(&mut buf[filled..]).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 && (offset > 0 || *size > 0) {
+                break;
+            }
+            if offset + filled as u64 > *size {
+                return Err(Error::ChangedDuringCapture(path.clone()));
+            }
+            let chunk = BlobChunk {
+                hash: hash.to_vec(),
+                size: *size,
+                offset,
+                data: buf[..filled].to_vec(),
+            };
+            if tx.blocking_send(chunk).is_err() {
+                return Ok(()); // the call failed; its status says why
+            }
+            offset += filled as u64;
+            if offset >= *size {
+                break;
+            }
+        }
+        if offset != *size {
+            return Err(Error::ChangedDuringCapture(path.clone()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,480 @@
+//! Building a manifest from a workspace, with a stat cache so unchanged files are not re-hashed,
+//! and checking a manifest before it is materialised.
+//!
+//! The walk goes through a `cap_std` directory handle: every open is resolved beneath the
+//! workspace and symlinks are recorded, never followed, so a tree changed under our feet (a
+//! directory swapped for a symlink to `/`) cannot make a capture read outside the workspace.
+//! Recorded: regular files (mode, size, BLAKE3), directories (mode) and symlinks (target
+//! verbatim). Sockets, FIFOs and device nodes are skipped with a warning.
+//!
+//! Stat cache (in memory, per session; a restarted worker re-hashes once): path -> (dev, inode,
+//! size, mtime ns, ctime ns) -> hash. A file whose stat matches is not read. A file modified
+//! less than [`RACY_WINDOW_NS`] before the scan started is never cached: file timestamps come
+//! from a coarse clock, so a write in the same tick as our read could leave its stat unchanged.
+//! Hashing runs on the rayon pool, one file per task (measured faster than chunks of files on
+//! `spawn_blocking` for the benchmark's 10,000-file tree).
+
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use cap_std::fs::{Dir, Metadata, MetadataExt as _};
+use heist_proto::v1::{EntryKind, Manifest, ManifestEntry};
+use rayon::prelude::*;
+use tracing::warn;
+
+use crate::Error;
+
+/// A BLAKE3 hash.
+pub type Hash = [u8; 32];
+
+/// Files modified this recently before a scan are not trusted to the stat cache.
+pub const RACY_WINDOW_NS: i128 = 20_000_000;
+/// Permission bits recorded and restored (no setuid, setgid or sticky bits).
+pub const MODE_MASK: u32 = 0o777;
+/// Longest path a manifest may carry, in bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Read buffer for hashing.
+const READ_BUF: usize = 256 * 1024;
+
+/// What identifies a file's content without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatKey {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i128,
+    /// Status change time, ns since the epoch.
+    pub ctime_ns: i128,
+}
+
+impl StatKey {
+    /// The key of `meta`.
+    pub fn of(meta: &Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the content may still change without the stat changing, seen at
+    /// `scan_start_ns`: a write stamps mtime from a coarse clock, so a write in the same tick as
+    /// a recent one leaves mtime (and size) as they were. (ctime is not used here: it also
+    /// moves for metadata-only changes, which never make a cached hash wrong.)
+    pub fn racy(&self, scan_start_ns: i128) -> bool {
+        self.mtime_ns + RACY_WINDOW_NS > scan_start_ns
+    }
+}
+
+/// Path -> (stat, hash) of one session's files at its last capture or restore.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    entries: HashMap<String, (StatKey, Hash)>,
+}
+
+impl StatCache {
+    /// The hash of `path` if its stat still matches.
+    pub fn lookup(&self, path: &str, key: &StatKey) -> Option<Hash> {
+        self.entries
+            .get(path)
+            .filter(|(k, _)| k == key)
+            .map(|(_, h)| *h)
+    }
+
+    /// Records a file.
+    pub fn insert(&mut self, path: String, key: StatKey, hash: Hash) {
+        self.entries.insert(path, (key, hash));
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry (for restores that reuse files of the current workspace).
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &(StatKey, Hash))> {
+        self.entries.iter()
+    }
+}
+
+/// Wall-clock now, ns since the epoch.
+pub fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
+/// A scanned workspace.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The manifest, sorted by path.
+    pub manifest: Manifest,
+    /// The stat cache to keep for the next capture.
+    pub cache: StatCache,
+    /// Files whose content was read.
+    pub hashed_files: u64,
+    /// Bytes read.
+    pub hashed_bytes: u64,
+}
+
+struct Found {
+    path: String,
+    kind: EntryKind,
+    meta: Metadata,
+    target: String,
+}
+
+/// Walks `root` and builds its manifest, hashing only files `previous` cannot vouch for.
+pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan, Error> {
+    let scan_start = now_ns();
+    let counted = AtomicUsize::new(0);
+    let mut found = walk(root, "", &counted, max_entries)?;
+    found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
+
+    // Hash what the cache cannot vouch for, in parallel.
+    let hashed: Vec<Option<Result<(Hash, StatKey), Error>>> = found
+        .par_iter()
+        .map(|f| {
+            (f.kind == EntryKind::File && previous.lookup(&f.path, &StatKey::of(&f.meta)).is_none())
+                .then(|| hash_file(root, &f.path))
+        })
+        .collect();
+
+    let mut out = Scan::default();
+    for (f, fresh) in found.into_iter().zip(hashed) {
+        let mode = f.meta.mode() & MODE_MASK;
+        let mut entry = ManifestEntry {
+            path: f.path,
+            kind: f.kind as i32,
+            mode,
+            size: 0,
+            hash: Vec::new(),
+            symlink_target: f.target,
+        };
+        if f.kind == EntryKind::File {
+            let (hash, key) = match fresh {
+                Some(result) => {
+                    let (hash, key) = result?;
+                    out.hashed_files += 1;
+                    out.hashed_bytes += key.size;
+                    (hash, key)
+                }
+                None => {
+                    let key = StatKey::of(&f.meta);
+                    let hash = previous
+                        .lookup(&entry.path, &key)
+                        .ok_or_else(|| Error::Internal("stat cache changed mid-scan".to_owned()))?;
+                    (hash, key)
+                }
+            };
+            entry.size = key.size;
+            entry.hash = hash.to_vec();
+            if !key.racy(scan_start) {
+                out.cache.insert(entry.path.clone(), key, hash);
+            }
+        }
+        out.manifest.entries.push(entry);
+    }
+    Ok(out)
+}
+
+/// Lists `dir` (recursively; subdirectories in parallel on the rayon pool). `counted` bounds
+/// the entries of the whole walk.
+fn walk(dir: &Dir, prefix: &str, counted: &AtomicUsize, max: usize) -> Result<Vec<Found>, Error> {
+    let io = |path: &str, e: std::io::Error| Error::io(format!("cannot capture {path:?}"), e);
+    let shown = if prefix.is_empty() { "." } else { prefix };
+    let mut out = Vec::new();
+    let mut subdirs = Vec::new();
+    for entry in dir.entries().map_err(|e| io(shown, e))? {
+        let entry = entry.map_err(|e| io(shown, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(Error::Uncapturable {
+                path: format!("{prefix}/{}", name.to_string_lossy()),
+                why: "the name is not UTF-8: rename it".to_owned(),
+            });
+        };
+        let path = if prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if counted.fetch_add(1, Ordering::Relaxed) >= max {
+            return Err(Error::LimitExceeded {
+                limit: "checkpoint_max_entries",
+                message: format!(
+                    "the workspace has more than {max} entries (HEIST_CHECKPOINT_MAX_ENTRIES): \
+                     remove files before checkpointing"
+                ),
+            });
+        }
+        let meta = entry.metadata().map_err(|e| io(&path, e))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            let sub = entry.open_dir().map_err(|e| io(&path, e))?;
+            out.push(Found {
+                path: path.clone(),
+                kind: EntryKind::Dir,
+                meta,
+                target: String::new(),
+            });
+            subdirs.push((sub, path));
+        } else if kind.is_file() {
+            out.push(Found {
+                path,
+                kind: EntryKind::File,
+                meta,
+                target: String::new(),
+            });
+        } else if kind.is_symlink() {
+            let target = dir.read_link_contents(name).map_err(|e| io(&path, e))?;
+            let Some(target) = target.to_str().map(str::to_owned) else {
+                return Err(Error::Uncapturable {
+                    path,
+                    why: "the symlink target is not UTF-8: change it".to_owned(),
+                });
+            };
+            out.push(Found {
+                path,
+                kind: EntryKind::Symlink,
+                meta,
+                target,
+            });
+        } else {
+            warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+        }
+    }
+    let nested: Vec<Result<Vec<Found>, Error>> = subdirs
+        .into_par_iter()
+        .map(|(sub, path)| walk(&sub, &path, counted, max))
+        .collect();
+    for inner in nested {
+        out.extend(inner?);
+    }
+    Ok(out)
+}
+
+/// Hashes one file, opened beneath `root`; fails if it changes while being read.
+pub fn hash_file(root: &Dir, path: &str) -> Result<(Hash, StatKey), Error> {
+    let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
+    let mut file = root.open(path).map_err(io)?;
+    let before = StatKey::of(&file.metadata().map_err(io)?);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut read = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    let after = StatKey::of(&file.metadata().map_err(io)?);
+    if before != after || read != after.size {
+        return Err(Error::ChangedDuringCapture(path.to_owned()));
+    }
+    Ok((*hasher.finalize().as_bytes(), after))
+}
+
+/// Checks that every path of `manifest` is a clean relative path, entries are unique, files
+/// carry 32-byte hashes, and every parent is a directory of the manifest.
+pub fn validate(manifest: &Manifest) -> Result<(), Error> {
+    let bad = |message: String| Error::InvalidArgument {
+        field: "manifest".to_owned(),
+        message,
+    };
+    let mut kinds: HashMap<&str, EntryKind> = HashMap::with_capacity(manifest.entries.len());
+    for entry in &manifest.entries {
+        let path = entry.path.as_str();
+        let clean = !path.is_empty()
+            && path.len() <= MAX_PATH_BYTES
+            && !path.contains('\0')
+            && path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && c.len() <= 255);
+        if !clean {
+            return Err(bad(format!(
+                "path {path:?} is not a clean relative path (no empty, `.` or `..` components)"
+            )));
+        }
+        let kind = EntryKind::try_from(entry.kind).unwrap_or(EntryKind::Unspecified);
+        match kind {
+            EntryKind::File if entry.hash.len() != 32 => {
+                return Err(bad(format!("file {path:?} has no 32-byte hash")));
+            }
+            EntryKind::Symlink if entry.symlink_target.is_empty() => {
+                return Err(bad(format!("symlink {path:?} has no target")));
+            }
+            EntryKind::Unspecified => return Err(bad(format!("{path:?} has no kind"))),
+            _ => {}
+        }
+        if kinds.insert(path, kind).is_some() {
+            return Err(bad(format!("{path:?} appears twice")));
+        }
+    }
+    for entry in &manifest.entries {
+        if let Some((parent, _)) = entry.path.rsplit_once('/')
+            && kinds.get(parent) != Some(&EntryKind::Dir)
+        {
+            return Err(bad(format!(
+                "{:?} is inside {parent:?}, which is not a directory of the manifest",
+                entry.path
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt as _, symlink};
+
+    use cap_std::ambient_authority;
+
+    use super::*;
+
+    fn open(path: &std::path::Path) -> Dir {
+        Dir::open_ambient_dir(path, ambient_authority()).expect("open")
+    }
+
+    fn set_old_mtime(path: &std::path::Path) {
+        let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .expect("open")
+            .set_modified(old)
+            .expect("set mtime");
+    }
+
+    #[test]
+    fn manifest_records_files_dirs_symlinks_and_modes_sorted() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("src/empty")).expect("dirs");
+        std::fs::write(root.join("src/main.py"), b"print(1)\n").expect("write");
+        std::fs::write(root.join("run.sh"), b"#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        symlink("/etc/passwd", root.join("escape")).expect("symlink");
+        symlink("src/main.py", root.join("link")).expect("symlink");
+
+        let scan = scan(&open(root), &StatCache::default(), 100).expect("scan");
+        let got: Vec<(&str, i32, u32, u64, &str)> = scan
+            .manifest
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.path.as_str(),
+                    e.kind,
+                    e.mode,
+                    e.size,
+                    e.symlink_target.as_str(),
+                )
+            })
+            .collect();
+        let (f, d, l) = (
+            EntryKind::File as i32,
+            EntryKind::Dir as i32,
+            EntryKind::Symlink as i32,
+        );
+        assert_eq!(got[0], ("escape", l, 0o777, 0, "/etc/passwd"));
+        assert_eq!(got[1], ("link", l, 0o777, 0, "src/main.py"));
+        assert_eq!(got[2], ("run.sh", f, 0o755, 10, ""));
+        assert_eq!(got[3].0, "src");
+        assert_eq!(got[3].1, d);
+        assert_eq!(got[4].0, "src/empty");
+        assert_eq!(got[5].0, "src/main.py");
+        assert_eq!(
+            scan.manifest.entries[5].hash,
+            blake3::hash(b"print(1)\n").as_bytes().to_vec()
+        );
+        assert_eq!(scan.hashed_files, 2);
+        validate(&scan.manifest).expect("valid");
+
+        let err = super::scan(&open(root), &StatCache::default(), 3).expect_err("limit");
+        assert!(matches!(err, Error::LimitExceeded { .. }));
+    }
+
+    #[test]
+    fn stat_cache_skips_unchanged_files_and_distrusts_fresh_ones() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        for name in ["a", "b", "c"] {
+            std::fs::write(root.join(name), name.repeat(1000)).expect("write");
+            set_old_mtime(&root.join(name));
+        }
+        std::fs::write(root.join("fresh"), b"just written").expect("write");
+        let first = scan(&open(root), &StatCache::default(), 100).expect("scan");
+        assert_eq!(first.hashed_files, 4);
+        assert_eq!(
+            first.cache.len(),
+            3,
+            "a file written just now is racy, not cached"
+        );
+
+        std::fs::write(root.join("b"), "B".repeat(1000)).expect("rewrite same size");
+        let second = scan(&open(root), &first.cache, 100).expect("scan");
+        assert_eq!(second.hashed_files, 2, "only b (changed) and fresh (racy)");
+        let b = second
+            .manifest
+            .entries
+            .iter()
+            .find(|e| e.path == "b")
+            .expect("b");
+        assert_eq!(
+            b.hash,
+            blake3::hash("B".repeat(1000).as_bytes())
+                .as_bytes()
+                .to_vec()
+        );
+    }
+
+    #[test]
+    fn validation_refuses_unclean_paths_orphans_and_duplicates() {
+        let file = |p: &str| ManifestEntry {
+            path: p.to_owned(),
+            kind: EntryKind::File as i32,
+            hash: vec![0; 32],
+            ..ManifestEntry::default()
+        };
+        let dir = |p: &str| ManifestEntry {
+            path: p.to_owned(),
+            kind: EntryKind::Dir as i32,
+            ..ManifestEntry::default()
+        };
+        let m = |entries: Vec<ManifestEntry>| Manifest { entries };
+        assert!(validate(&m(vec![dir("a"), file("a/b")])).is_ok());
+        for bad in [
+            m(vec![file("../x")]),
+            m(vec![file("/etc/passwd")]),
+            m(vec![file("a//b")]),
+            m(vec![file("./x")]),
+            m(vec![file("a/b")]),
+            m(vec![file("x"), file("x")]),
+            m(vec![ManifestEntry {
+                hash: vec![1],
+                ..file("short")
+            }]),
+        ] {
+            assert!(validate(&bad).is_err(), "{bad:?}");
+        }
+    }
+}

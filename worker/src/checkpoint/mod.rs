@@ -1,0 +1,423 @@
+//! Checkpoint capture and restore on the worker.
+//!
+//! Capture ([`Checkpointer::capture`]): walk the workspace and hash what the stat cache cannot
+//! vouch for ([`manifest`]), ask the coordinator which blobs it lacks, upload only those
+//! ([`blobs`]), and return the manifest. Blobs not yet in the local [`cache`] are copied there
+//! afterwards by a background task, so a later restore here needs no download.
+//!
+//! Restore ([`Checkpointer::restore`]): build the manifest's tree in a staging directory next to
+//! the workspace ([`restore`]), taking content from the cache, from unchanged files of the
+//! current workspace, or from the coordinator; then swap it in with two renames under the
+//! session lifecycle lock and delete the old tree in the background. Any error before the swap
+//! removes the staging directory and leaves the workspace as it was.
+//!
+//! Captures and restores of one session are serialized; different sessions run in parallel.
+//! Leftover staging and trash directories (named `.heist-*` under BASE_WORKSPACE) are removed
+//! at startup by [`clean_leftovers`].
+
+pub mod blobs;
+pub mod cache;
+pub mod manifest;
+pub mod restore;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant, SystemTime},
+};
+
+use heist_proto::{
+    ids::SessionId,
+    v1::{
+        CaptureStats, CaptureWorkspaceResponse, Manifest, RestoreStats, RestoreWorkspaceResponse,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use self::{
+    blobs::{BlobClient, blob_error},
+    cache::BlobCache,
+    manifest::{Hash, StatCache},
+    restore::{FilePlan, Plan, Source},
+};
+use crate::{Config, Error, sessions::Sessions};
+
+/// Prefix of the worker's own directories under BASE_WORKSPACE (never a session id).
+pub const PRIVATE_PREFIX: &str = ".heist-";
+/// Chunks buffered between the network and the restore writer.
+const FETCH_DEPTH: usize = 8;
+/// Concurrent PutBlobs / GetBlobs streams for a large transfer (each has its own disk thread on
+/// both sides, so blob files are created and written in parallel).
+const STREAMS: usize = 4;
+/// Below this many blobs a transfer uses one stream.
+const MIN_BLOBS_PER_STREAM: usize = 64;
+
+/// Splits `items` into up to [`STREAMS`] groups of similar total `weight`.
+fn split<T>(mut items: Vec<T>, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let groups = STREAMS
+        .min(items.len().div_ceil(MIN_BLOBS_PER_STREAM))
+        .max(1);
+    items.sort_by_key(|item| std::cmp::Reverse(weight(item)));
+    let mut out: Vec<(u64, Vec<T>)> = (0..groups).map(|_| (0, Vec::new())).collect();
+    for item in items {
+        let w = weight(&item);
+        if let Some(lightest) = out.iter_mut().min_by_key(|(total, _)| *total) {
+            lightest.0 += w;
+            lightest.1.push(item);
+        }
+    }
+    out.into_iter()
+        .map(|(_, group)| group)
+        .filter(|g| !g.is_empty())
+        .collect()
+}
+
+/// Per-session capture/restore state.
+#[derive(Default)]
+struct SessionState {
+    /// Serializes captures and restores of the session.
+    busy: Arc<tokio::sync::Mutex<()>>,
+    /// The session's stat cache.
+    stat: Arc<Mutex<StatCache>>,
+}
+
+/// Captures and restores workspaces.
+pub struct Checkpointer {
+    blobs: BlobClient,
+    cache: Arc<BlobCache>,
+    max_entries: usize,
+    sessions: Mutex<HashMap<SessionId, SessionState>>,
+    /// Stops background cache fills at shutdown.
+    stop: CancellationToken,
+}
+
+/// Removes staging and trash directories a previous run left under `base`.
+pub fn clean_leftovers(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_private = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PRIVATE_PREFIX));
+        if is_private && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            info!(path = %entry.path().display(), "removing a leftover restore directory");
+            restore::remove_tree(&entry.path());
+        }
+    }
+}
+
+/// The blob cache directory: HEIST_BLOB_CACHE_DIR, else `BASE_WORKSPACE/../blobs`.
+pub fn cache_dir(config: &Config) -> PathBuf {
+    config.blob_cache_dir.clone().unwrap_or_else(|| {
+        let base = std::path::absolute(&config.base_workspace)
+            .unwrap_or_else(|_| config.base_workspace.clone());
+        base.parent()
+            .map_or_else(|| base.join("blobs"), |p| p.join("blobs"))
+    })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Checkpointer {
+    /// A checkpointer for `config`; `stop` ends background work.
+    pub fn new(config: &Config, stop: CancellationToken) -> Result<Self, Error> {
+        Ok(Self {
+            blobs: BlobClient::new(config)?,
+            cache: Arc::new(BlobCache::open(
+                &cache_dir(config),
+                config.blob_cache_bytes,
+            )?),
+            max_entries: config.checkpoint_max_entries,
+            sessions: Mutex::new(HashMap::new()),
+            stop,
+        })
+    }
+
+    fn state(&self, id: &SessionId) -> (Arc<tokio::sync::Mutex<()>>, Arc<Mutex<StatCache>>) {
+        let mut map = self.lock();
+        let s = map.entry(id.clone()).or_default();
+        (s.busy.clone(), s.stat.clone())
+    }
+
+    /// Stops background work (cache fills).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Drops what is kept for a closed session.
+    pub fn forget(&self, id: &SessionId) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<SessionId, SessionState>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// CaptureWorkspace: manifest of the session's workspace, every blob durable at the
+    /// coordinator.
+    pub async fn capture(
+        &self,
+        sessions: &Sessions,
+        id: &SessionId,
+    ) -> Result<CaptureWorkspaceResponse, Error> {
+        let started = Instant::now();
+        let (busy, stat) = self.state(id);
+        let _busy = busy.lock().await;
+        let workspace = sessions.get(id)?;
+        let root = workspace
+            .dir()
+            .try_clone()
+            .map_err(|e| Error::io("cannot open the workspace", e))?;
+        let scan_root = root
+            .try_clone()
+            .map_err(|e| Error::io("cannot open the workspace", e))?;
+        let max = self.max_entries;
+        let scan_stat = stat.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let previous = scan_stat.lock().unwrap_or_else(PoisonError::into_inner);
+            manifest::scan(&scan_root, &previous, max)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let scanned = started.elapsed();
+
+        let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for entry in &scan.manifest.entries {
+            if let Ok(hash) = <Hash>::try_from(entry.hash.as_slice()) {
+                files += 1;
+                bytes += entry.size;
+                firsts
+                    .entry(hash)
+                    .or_insert_with(|| (entry.size, entry.path.clone()));
+            }
+        }
+        let hashes: Vec<Hash> = firsts.keys().copied().collect();
+        let missing = self.blobs.find_missing(&hashes).await?;
+        let uploads: Vec<(Hash, u64, String)> = missing
+            .iter()
+            .filter_map(|h| firsts.get(h).map(|(size, path)| (*h, *size, path.clone())))
+            .collect();
+        let uploaded_bytes: u64 = uploads.iter().map(|(_, size, _)| size).sum();
+        let mut puts = Vec::new();
+        for group in split(uploads.clone(), |(_, size, _)| *size) {
+            let upload_root = root
+                .try_clone()
+                .map_err(|e| Error::io("cannot open the workspace", e))?;
+            puts.push(self.blobs.put(upload_root, group));
+        }
+        futures::future::try_join_all(puts).await?;
+        *stat.lock().unwrap_or_else(PoisonError::into_inner) = scan.cache;
+
+        let uncached: Vec<(Hash, u64, String)> = firsts
+            .into_iter()
+            .filter(|(h, _)| !self.cache.contains(h))
+            .map(|(h, (size, path))| (h, size, path))
+            .collect();
+        self.fill_cache(root, uncached);
+
+        let stats = CaptureStats {
+            files,
+            bytes,
+            hashed_files: scan.hashed_files,
+            hashed_bytes: scan.hashed_bytes,
+            uploaded_blobs: uploads.len() as u64,
+            uploaded_bytes,
+            duration_us: micros(started.elapsed()),
+        };
+        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
+        Ok(CaptureWorkspaceResponse {
+            manifest: Some(scan.manifest),
+            stats: Some(stats),
+        })
+    }
+
+    /// Copies blobs into the local cache in the background (verifying each one).
+    fn fill_cache(&self, root: cap_std::fs::Dir, blobs: Vec<(Hash, u64, String)>) {
+        if !self.cache.enabled() || blobs.is_empty() {
+            return;
+        }
+        let (cache, stop) = (self.cache.clone(), self.stop.clone());
+        let span = info_span!("blob-cache-fill", blobs = blobs.len());
+        tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            for (hash, size, path) in blobs {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let Ok(mut file) = root.open(&path) else {
+                    continue; // gone since: nothing to cache
+                };
+                if let Err(err) = cache.insert_from(&mut file, &hash, size) {
+                    warn!(%err, "cannot fill the blob cache");
+                    return;
+                }
+            }
+            debug!("blob cache filled");
+        });
+    }
+
+    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
+    pub async fn restore(
+        &self,
+        sessions: &Sessions,
+        id: &SessionId,
+        manifest: Manifest,
+    ) -> Result<RestoreWorkspaceResponse, Error> {
+        let started = Instant::now();
+        let begun = SystemTime::now() - Duration::from_secs(1);
+        manifest::validate(&manifest)?;
+        let (busy, stat) = self.state(id);
+        let _busy = busy.lock().await;
+        let workspace = sessions.get(id)?;
+        let old_root = workspace
+            .dir()
+            .try_clone()
+            .map_err(|e| Error::io("cannot open the workspace", e))?;
+        let root_mode = std::fs::metadata(workspace.path())
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+            .unwrap_or(0o755);
+        let tag = format!("{id}-{}", uuid::Uuid::new_v4().simple());
+        let staging = sessions
+            .base()
+            .join(format!("{PRIVATE_PREFIX}staging-{tag}"));
+        let trash = sessions.base().join(format!("{PRIVATE_PREFIX}trash-{tag}"));
+
+        let built = self
+            .build(&staging, manifest, old_root, stat.clone(), root_mode, begun)
+            .await;
+        let (plan, new_stat, fetched_blobs, fetched_bytes) = match built {
+            Ok(done) => done,
+            Err(err) => {
+                let doomed = staging.clone();
+                let _ = tokio::task::spawn_blocking(move || restore::remove_tree(&doomed)).await;
+                return Err(err);
+            }
+        };
+        if let Err(err) = sessions
+            .swap_workspace(id, staging.clone(), trash.clone())
+            .await
+        {
+            let _ = tokio::task::spawn_blocking(move || restore::remove_tree(&staging)).await;
+            return Err(err);
+        }
+        tokio::task::spawn_blocking(move || restore::remove_tree(&trash));
+        *stat.lock().unwrap_or_else(PoisonError::into_inner) = new_stat;
+
+        if let Ok(ws) = sessions.get(id)
+            && let Ok(root) = ws.dir().try_clone()
+        {
+            let uncached: Vec<(Hash, u64, String)> = plan
+                .first_files()
+                .into_iter()
+                .filter(|f| !self.cache.contains(&f.hash))
+                .map(|f| (f.hash, f.size, f.path.clone()))
+                .collect();
+            self.fill_cache(root, uncached);
+        }
+        let stats = RestoreStats {
+            files: plan.files.len() as u64,
+            bytes: plan.files.iter().map(|f| f.size).sum(),
+            fetched_blobs,
+            fetched_bytes,
+            duration_us: micros(started.elapsed()),
+        };
+        info!(session_id = %id, files = stats.files, fetched_blobs, duration_us = stats.duration_us, "workspace restored");
+        Ok(RestoreWorkspaceResponse { stats: Some(stats) })
+    }
+
+    /// Builds the staging tree; returns the plan, the new stat cache and what was fetched.
+    async fn build(
+        &self,
+        staging: &Path,
+        manifest: Manifest,
+        old_root: cap_std::fs::Dir,
+        stat: Arc<Mutex<StatCache>>,
+        root_mode: u32,
+        begun: SystemTime,
+    ) -> Result<(Plan, StatCache, u64, u64), Error> {
+        let (cache, dir) = (self.cache.clone(), staging.to_path_buf());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let plan = Plan::new(&manifest);
+            restore::build_skeleton(&dir, &plan)?;
+            let sources = {
+                let previous = stat.lock().unwrap_or_else(PoisonError::into_inner);
+                restore::sources(&plan, &cache, Some((&old_root, &previous)))
+            };
+            Ok::<_, Error>((plan, sources, old_root))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("restore task failed: {e}")))??;
+        let (plan, sources, old_root) = prepared;
+
+        let remote: Vec<FilePlan> = plan
+            .first_files()
+            .into_iter()
+            .filter(|f| matches!(sources.get(&f.hash), Some(Source::Remote)))
+            .cloned()
+            .collect();
+        let fetched_blobs = remote.len() as u64;
+        let mut fetches = Vec::new();
+        for group in split(remote, |f| f.size) {
+            fetches.push(async move {
+                let mut bytes = 0;
+                for batch in group.chunks(self.blobs.batch()) {
+                    bytes += self.fetch(staging, batch.to_vec()).await?;
+                }
+                Ok::<u64, Error>(bytes)
+            });
+        }
+        let fetched_bytes: u64 = futures::future::try_join_all(fetches)
+            .await?
+            .into_iter()
+            .sum();
+
+        let dir = staging.to_path_buf();
+        let new_stat = tokio::task::spawn_blocking(move || {
+            restore::copy_local(&dir, &plan, &sources, Some(&old_root))?;
+            let stat = restore::finish_modes(&dir, &plan, root_mode, begun)?;
+            Ok::<_, Error>((plan, stat))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("restore task failed: {e}")))??;
+        Ok((new_stat.0, new_stat.1, fetched_blobs, fetched_bytes))
+    }
+
+    /// Streams `files`' blobs from the coordinator into their staging paths.
+    async fn fetch(&self, staging: &Path, files: Vec<FilePlan>) -> Result<u64, Error> {
+        let hashes: Vec<Hash> = files.iter().map(|f| f.hash).collect();
+        let mut stream = self.blobs.get(&hashes).await?;
+        let (tx, rx) = mpsc::channel(FETCH_DEPTH);
+        let dir = staging.to_path_buf();
+        let writer = tokio::task::spawn_blocking(move || restore::write_fetched(&dir, &files, rx))
+            .instrument(info_span!("restore-writer"));
+        let mut received = Ok(());
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer stopped: its error says why
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    received = Err(blob_error(status));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::Internal(format!("restore writer failed: {e}")))?;
+        received?;
+        written
+    }
+}

@@ -1,0 +1,146 @@
+//! The worker's sandbox and quota flags (each with its environment variable), flattened into
+//! the `worker` command line.
+
+use std::{path::PathBuf, time::Duration};
+
+use super::Mode;
+use crate::{Config, quota::Quotas};
+
+/// Sandbox and quota flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SandboxFlags {
+    /// How commands (exec, run.python) are isolated: `process` (namespaces + rlimits +
+    /// Landlock) or `unconfined` (rlimits, timeouts and output caps only; logged loudly).
+    #[arg(long, env = "HEIST_SANDBOX", value_enum, default_value_t = Mode::Process)]
+    pub sandbox: Mode,
+    /// The heist-sandbox helper binary (default: next to the worker binary).
+    #[arg(long, env = "HEIST_SANDBOX_HELPER")]
+    pub sandbox_helper: Option<PathBuf>,
+    /// uid commands run as when the worker runs as root (never 0).
+    #[arg(long, env = "HEIST_SANDBOX_UID", default_value_t = 65_534)]
+    pub sandbox_uid: u32,
+    /// gid commands run as when the worker runs as root (never 0).
+    #[arg(long, env = "HEIST_SANDBOX_GID", default_value_t = 65_534)]
+    pub sandbox_gid: u32,
+    /// Niceness commands run at (0-19), so they cannot starve the worker.
+    #[arg(long, env = "HEIST_SANDBOX_NICE", default_value_t = 19)]
+    pub sandbox_nice: i32,
+    /// Python interpreter for run.python (default: python3 on PATH).
+    #[arg(long, env = "HEIST_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Milliseconds a timed-out command gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "HEIST_SANDBOX_KILL_GRACE_MS", default_value_t = 500)]
+    pub kill_grace_ms: u64,
+    /// How often a running command's workspace is measured against the quotas, in ms.
+    #[arg(long, env = "HEIST_QUOTA_POLL_MS", default_value_t = 500)]
+    pub quota_poll_ms: u64,
+    /// Bytes of file content a session's workspace may hold.
+    #[arg(long, env = "HEIST_QUOTA_DISK_BYTES", default_value_t = 1 << 30)]
+    pub quota_disk_bytes: u64,
+    /// Files, directories and symlinks a session's workspace may hold.
+    #[arg(long, env = "HEIST_QUOTA_FILES", default_value_t = 100_000)]
+    pub quota_files: u64,
+    /// Processes one command may have at once (RLIMIT_NPROC in its user namespace).
+    #[arg(long, env = "HEIST_QUOTA_PROCESSES", default_value_t = 256)]
+    pub quota_processes: u64,
+    /// CPU seconds per process of a command (RLIMIT_CPU).
+    #[arg(long, env = "HEIST_QUOTA_CPU_SECONDS", default_value_t = 60)]
+    pub quota_cpu_seconds: u64,
+    /// Address space per process of a command, in bytes (RLIMIT_AS).
+    #[arg(long, env = "HEIST_QUOTA_MEMORY_BYTES", default_value_t = 4 << 30)]
+    pub quota_memory_bytes: u64,
+    /// Open files per process of a command (RLIMIT_NOFILE).
+    #[arg(long, env = "HEIST_QUOTA_OPEN_FILES", default_value_t = 1024)]
+    pub quota_open_files: u64,
+    /// Bytes of stdout and of stderr kept per command (the rest is dropped, flagged truncated).
+    #[arg(long, env = "HEIST_QUOTA_OUTPUT_BYTES", default_value_t = 1 << 20)]
+    pub quota_output_bytes: u64,
+    /// Bytes of argv plus environment a command may be given.
+    #[arg(long, env = "HEIST_QUOTA_ARGV_BYTES", default_value_t = 256 << 10)]
+    pub quota_argv_bytes: u64,
+    /// Bytes of stdin (and of run.python code) a command may be given.
+    #[arg(long, env = "HEIST_QUOTA_STDIN_BYTES", default_value_t = 1 << 20)]
+    pub quota_stdin_bytes: u64,
+    /// Timeout of a command that asks for none, in seconds.
+    #[arg(long, env = "HEIST_EXEC_TIMEOUT_S", default_value_t = 30)]
+    pub exec_timeout_s: u64,
+    /// Longest timeout a command may ask for, in seconds.
+    #[arg(long, env = "HEIST_QUOTA_TIMEOUT_MAX_S", default_value_t = 600)]
+    pub quota_timeout_max_s: u64,
+    /// Commands one session may run at once.
+    #[arg(long, env = "HEIST_QUOTA_CONCURRENT_COMMANDS", default_value_t = 4)]
+    pub quota_concurrent_commands: u32,
+}
+
+impl SandboxFlags {
+    /// Writes these settings into `config`.
+    pub fn apply(self, config: &mut Config) {
+        config.sandbox = self.sandbox;
+        config.sandbox_helper = self.sandbox_helper.filter(|p| !p.as_os_str().is_empty());
+        config.sandbox_uid = self.sandbox_uid;
+        config.sandbox_gid = self.sandbox_gid;
+        config.sandbox_nice = self.sandbox_nice;
+        config.python = self.python.filter(|p| !p.as_os_str().is_empty());
+        config.kill_grace = Duration::from_millis(self.kill_grace_ms);
+        config.quota_poll_interval = Duration::from_millis(self.quota_poll_ms);
+        config.quotas = Quotas {
+            disk_bytes: self.quota_disk_bytes,
+            files: self.quota_files,
+            processes: self.quota_processes,
+            cpu_seconds: self.quota_cpu_seconds,
+            memory_bytes: self.quota_memory_bytes,
+            open_files: self.quota_open_files,
+            output_bytes: self.quota_output_bytes,
+            argv_bytes: self.quota_argv_bytes,
+            stdin_bytes: self.quota_stdin_bytes,
+            default_timeout: Duration::from_secs(self.exec_timeout_s),
+            max_timeout: Duration::from_secs(self.quota_timeout_max_s),
+            concurrent_commands: self.quota_concurrent_commands,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sandbox: SandboxFlags,
+    }
+
+    #[test]
+    fn flag_defaults_match_the_config_defaults() {
+        let cli = Cli::try_parse_from(["worker"]).expect("parse");
+        let mut config = Config::default();
+        cli.sandbox.apply(&mut config);
+        let defaults = Config::default();
+        assert_eq!(config.quotas, defaults.quotas);
+        assert_eq!(config.sandbox, defaults.sandbox);
+        assert_eq!(config.kill_grace, defaults.kill_grace);
+        assert_eq!(config.quota_poll_interval, defaults.quota_poll_interval);
+        assert_eq!(
+            (config.sandbox_uid, config.sandbox_gid),
+            (defaults.sandbox_uid, defaults.sandbox_gid)
+        );
+    }
+
+    #[test]
+    fn unconfined_is_spelled_out() {
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--sandbox",
+            "unconfined",
+            "--quota-disk-bytes",
+            "5",
+        ])
+        .expect("parse");
+        let mut config = Config::default();
+        cli.sandbox.apply(&mut config);
+        assert_eq!(config.sandbox, Mode::Unconfined);
+        assert_eq!(config.quotas.disk_bytes, 5);
+    }
+}

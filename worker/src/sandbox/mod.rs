@@ -1,0 +1,336 @@
+//! Running untrusted commands: the [`Backend`] trait (prepare -> exec -> collect -> cleanup)
+//! and [`Sandbox`], the worker's entry point that picks a backend at startup, reports what
+//! isolation really works, and takes every command through the phases.
+//!
+//! - `process` ([`Mode::Process`], the default): the `heist-sandbox` helper puts each command in
+//!   new user, mount, pid, network, IPC and UTS namespaces, caps it with rlimits, empties its
+//!   capability bounding set and confines its filesystem with Landlock (see [`helper`]).
+//! - [`Mode::Unconfined`]: the same helper with rlimits only, for hosts without user
+//!   namespaces or Landlock, chosen explicitly by an operator and logged loudly.
+//! - A docker backend (one container per session) fits the same trait: `prepare` ensures the
+//!   session's container, `exec` starts `docker exec`, `collect` is shared, `cleanup` is a no-op.
+//!
+//! The parts: `admit` (a request checked against the quotas, turned into a [`Job`]),
+//! [`protocol`] (worker <-> helper lines), `confine` (the helper's steps), `process` (the
+//! worker side of the process backend), `collect` (output caps, timeout, quota polling, shared
+//! by every backend), `env` (the environment allow-list), `probe` (startup checks), `flags`
+//! (the worker's command-line flags for all of this).
+
+mod admit;
+mod collect;
+mod confine;
+mod env;
+mod flags;
+pub mod helper;
+mod probe;
+mod process;
+pub mod protocol;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+pub use self::{
+    admit::{CommandLimits, Job, Request, RunningCommands},
+    collect::{Captured, Finished},
+    env::validate_env,
+    flags::SandboxFlags,
+    probe::Python,
+};
+use crate::{Error, quota::Quotas, sessions::Workspace};
+
+/// How commands are isolated (HEIST_SANDBOX / --sandbox).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Namespaces + rlimits + Landlock via the `heist-sandbox` helper (the default).
+    #[default]
+    Process,
+    /// rlimits, timeout, output caps and a scrubbed environment only. Weaker: commands can read
+    /// and write whatever the worker's user can and reach the network.
+    Unconfined,
+}
+
+/// The sandbox settings from the worker's configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Backend choice.
+    pub mode: Mode,
+    /// The `heist-sandbox` binary; `None` means next to the running executable.
+    pub helper: Option<PathBuf>,
+    /// uid outside the namespace that commands run as when the worker runs as root.
+    pub uid: u32,
+    /// gid outside the namespace that commands run as when the worker runs as root.
+    pub gid: u32,
+    /// The Python interpreter for run.python; `None` means `python3` on PATH.
+    pub python: Option<PathBuf>,
+    /// How long a timed-out command gets between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// How often a running command's workspace is measured against the disk quotas.
+    pub poll_interval: Duration,
+    /// Niceness commands run at (0-19).
+    pub nice: i32,
+    /// Session quotas.
+    pub quotas: Quotas,
+}
+
+/// Which output stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of live output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Where it came from.
+    pub stream: Stream,
+    /// The bytes (at most the part that fits under the output quota).
+    pub data: Vec<u8>,
+}
+
+/// Where live output goes while a command runs (the streaming call's event channel).
+pub type OutputSink = mpsc::Sender<Chunk>;
+
+/// How a command ended, as a backend saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// CPU time used, in ms.
+    pub cpu_ms: u64,
+}
+
+/// What a running command produces next.
+#[derive(Debug)]
+pub enum Event {
+    /// Output.
+    Output(Chunk),
+    /// It ended (and its output is drained).
+    Exited(ExitInfo),
+}
+
+/// A started command.
+pub trait Execution: Send {
+    /// The next output or the exit; an error means the backend lost the command.
+    fn next(&mut self) -> BoxFuture<'_, Result<Event, Error>>;
+    /// Asks the command's processes to stop (SIGTERM to its process group).
+    fn terminate(&mut self) -> BoxFuture<'_, ()>;
+    /// Stops the command's processes now (SIGKILL). Dropping an execution does this too.
+    fn kill(&mut self) -> BoxFuture<'_, ()>;
+}
+
+/// A way to run commands in isolation. The phases run in order for every command; `cleanup`
+/// runs whatever happened in between.
+pub trait Backend: Send + Sync + 'static {
+    /// Name reported to the coordinator (`process`, `docker`).
+    fn name(&self) -> &'static str;
+    /// Phase 1: readies what the command needs, or says why it cannot run.
+    fn prepare<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), Error>>;
+    /// Phase 2: starts the command.
+    fn exec<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<Box<dyn Execution>, Error>>;
+    /// Phase 3: follows the command to its end, capturing output under the caps, enforcing the
+    /// timeout and the disk quotas. The shared implementation fits every backend whose
+    /// workspace is a host directory.
+    fn collect<'a>(
+        &'a self,
+        job: &'a Job,
+        execution: Box<dyn Execution>,
+        watch: collect::Watch<'a>,
+    ) -> BoxFuture<'a, Result<Finished, Error>> {
+        Box::pin(collect::collect(job, execution, watch))
+    }
+    /// Phase 4: releases what prepare and exec set up.
+    fn cleanup<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The worker's sandbox: the backend (when it works), what it isolates, and the quotas.
+pub struct Sandbox {
+    mode: Mode,
+    backend: Result<Box<dyn Backend>, String>,
+    isolation: Vec<String>,
+    settings: Settings,
+    python: Result<Python, String>,
+    system_paths: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// Probes the host and picks the backend: a test command runs through the real pipeline at
+    /// startup, so what is reported is what works. A sandbox that does not work is not an error
+    /// here: the worker still serves, and exec/run.python say why they cannot run.
+    pub async fn start(settings: Settings) -> Self {
+        // Both spawn processes; neither needs the other.
+        let (python, probed) = tokio::join!(
+            probe::find_python(settings.python.as_deref()),
+            probe::probe(&settings),
+        );
+        let system_paths = probe::system_paths(python.as_ref().ok());
+        let mut sandbox = Self {
+            mode: settings.mode,
+            backend: Err("not probed yet".to_owned()),
+            isolation: Vec::new(),
+            settings,
+            python,
+            system_paths,
+        };
+        match probed {
+            Ok((mut backend, isolation)) => {
+                backend.set_read_only(sandbox.system_paths.clone());
+                let backend: Box<dyn Backend> = Box::new(backend);
+                if sandbox.mode == Mode::Unconfined {
+                    warn!(
+                        isolation = ?isolation,
+                        "SANDBOX IS UNCONFINED (--sandbox unconfined): commands run without namespaces \
+                         or Landlock and can read and write anything this worker's user can, and reach \
+                         the network; only rlimits, timeouts, output caps and a scrubbed environment apply"
+                    );
+                } else {
+                    info!(isolation = ?isolation, "sandbox ready");
+                }
+                sandbox.backend = Ok(backend);
+                sandbox.isolation = isolation;
+            }
+            Err(reason) => {
+                warn!(
+                    reason = %reason,
+                    "the sandbox does not work on this host: exec and run.python will be refused \
+                     (an operator may choose --sandbox unconfined to run commands without isolation)"
+                );
+                sandbox.backend = Err(reason);
+            }
+        }
+        match &sandbox.python {
+            Ok(python) => info!(python = %python.executable.display(), "python found"),
+            Err(reason) => warn!(reason = %reason, "run.python will be refused"),
+        }
+        sandbox
+    }
+
+    /// A sandbox that refuses every command (tests of other tools, control-loop tests).
+    pub fn disabled(reason: &str, quotas: Quotas) -> Self {
+        Self {
+            mode: Mode::Process,
+            backend: Err(reason.to_owned()),
+            isolation: Vec::new(),
+            settings: Settings {
+                mode: Mode::Process,
+                helper: None,
+                uid: 65_534,
+                gid: 65_534,
+                python: None,
+                kill_grace: Duration::from_millis(500),
+                poll_interval: Duration::from_millis(500),
+                nice: 19,
+                quotas,
+            },
+            python: Err(reason.to_owned()),
+            system_paths: Vec::new(),
+        }
+    }
+
+    /// The backend name for Register (`none` when no backend works).
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Ok(backend) => backend.name(),
+            Err(_) => "none",
+        }
+    }
+
+    /// Why commands cannot run here, when they cannot.
+    pub fn problem(&self) -> Option<&str> {
+        self.backend.as_ref().err().map(String::as_str)
+    }
+
+    /// The isolation really in force, for Register.
+    pub fn isolation(&self) -> Vec<String> {
+        self.isolation.clone()
+    }
+
+    /// The session quotas.
+    pub fn quotas(&self) -> &Quotas {
+        &self.settings.quotas
+    }
+
+    /// The Python interpreter, or why run.python cannot run.
+    pub fn python(&self) -> Result<&Python, Error> {
+        self.python
+            .as_ref()
+            .map_err(|reason| Error::SandboxUnavailable {
+                missing: "python",
+                message: format!("run.python is unavailable on this worker: {reason}"),
+            })
+    }
+
+    /// Runs `request` in `workspace`, streaming output into `sink` when given. Dropping the
+    /// returned future kills the command.
+    pub async fn run(
+        &self,
+        workspace: &Arc<Workspace>,
+        request: Request,
+        sink: Option<OutputSink>,
+    ) -> Result<Finished, Error> {
+        let backend = self
+            .backend
+            .as_ref()
+            .map_err(|reason| Error::SandboxUnavailable {
+                missing: "sandbox",
+                message: format!(
+                    "this worker cannot run commands safely: {reason}. An operator may start the \
+                 worker with --sandbox unconfined (HEIST_SANDBOX=unconfined) to run them without \
+                 isolation"
+                ),
+            })?;
+        let quotas = &self.settings.quotas;
+        let _slot = admit::CommandSlot::take(workspace, quotas.concurrent_commands)?;
+        let before = admit::usage_of(workspace, quotas).await?;
+        let python_bin = self
+            .python
+            .as_ref()
+            .ok()
+            .and_then(|p| p.executable.parent());
+        let job = admit::admit(&self.settings, python_bin, workspace, request, before)?;
+        backend.prepare(&job).await?;
+        let run = async {
+            let execution = backend.exec(&job).await?;
+            let watch = collect::Watch {
+                sink,
+                kill_grace: self.settings.kill_grace,
+                poll_interval: self.settings.poll_interval,
+                quotas,
+                before,
+                usage: workspace.usage(),
+            };
+            backend.collect(&job, execution, watch).await
+        };
+        // Closing the session drops the run, which kills the command.
+        let result = tokio::select! {
+            result = run => result,
+            () = workspace.closed().cancelled() => Err(Error::SessionNotFound(job.session.clone())),
+        };
+        backend.cleanup(&job).await;
+        match &result {
+            Ok(f) => debug!(
+                session_id = %job.session,
+                exit_code = ?f.exit_code,
+                signal = ?f.signal,
+                timed_out = f.timed_out,
+                duration_ms = u64::try_from(f.duration.as_millis()).unwrap_or(u64::MAX),
+                stdout_bytes = f.stdout.total,
+                stderr_bytes = f.stderr.total,
+                "command finished"
+            ),
+            Err(err) => {
+                debug!(session_id = %job.session, error = %err, "command refused or stopped")
+            }
+        }
+        result
+    }
+}
