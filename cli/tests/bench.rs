@@ -42,6 +42,15 @@ const PHASES: &[(&str, &[&str])] = &[
             "restore_in_place_ms",
         ],
     ),
+    (
+        "scaling",
+        &[
+            "workers_1_calls_per_s",
+            "workers_2_calls_per_s",
+            "workers_4_calls_per_s",
+            "workers_4_vs_1",
+        ],
+    ),
 ];
 
 const CALL_METRICS: &[&str] = &[

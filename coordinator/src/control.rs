@@ -128,11 +128,8 @@ async fn join(
         )?),
     };
     let now = SystemTime::now();
-    let state = if reg.draining {
-        WorkerState::Draining
-    } else {
-        WorkerState::Ready
-    };
+    // READY (or DRAINING) comes with the first heartbeat; see WORKER_STATE_JOINING.
+    let state = WorkerState::Joining;
     let record = Worker {
         id: id.to_string(),
         address: client.address().to_owned(),
@@ -166,6 +163,7 @@ async fn join(
         &id,
         Registration {
             record,
+            draining: reg.draining,
             catalogue: Arc::new(Catalogue::new(reg.tools)),
             client,
             commands: tx.clone(),
@@ -241,7 +239,8 @@ fn handle(app: &App, id: &WorkerId, epoch: u64, msg: worker_message::Msg) {
     match msg {
         worker_message::Msg::Heartbeat(hb) => {
             if let Some(record) = app.registry.heartbeat(id, epoch, &hb, Instant::now()) {
-                info!("worker back after its lease expired");
+                let state = WorkerState::try_from(record.state).unwrap_or_default();
+                info!(?state, "worker ready to serve");
                 app.persist_workers(&[record]);
             }
         }

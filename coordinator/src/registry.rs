@@ -87,8 +87,10 @@ pub struct PlacementView {
 
 /// A new registration.
 pub struct Registration {
-    /// The record to store (state READY or DRAINING, timestamps set).
+    /// The record to store (state JOINING, timestamps set).
     pub record: Worker,
+    /// The worker registered as draining: its first heartbeat makes it DRAINING, not READY.
+    pub draining: bool,
     /// Its tools.
     pub catalogue: Arc<Catalogue>,
     /// Its data-plane client.
@@ -106,6 +108,8 @@ struct Entry {
     client: Option<Arc<WorkerClient>>,
     /// The worker said GoingAway on its current stream.
     going_away: bool,
+    /// It registered as draining (see [`Registration::draining`]).
+    joined_draining: bool,
 }
 
 impl Entry {
@@ -158,8 +162,12 @@ impl Registry {
                 catalogue: Arc::new(Catalogue::default()),
                 client: None,
                 going_away: false,
+                joined_draining: false,
             };
-            if matches!(entry.state(), WorkerState::Ready | WorkerState::Draining) {
+            if matches!(
+                entry.state(),
+                WorkerState::Ready | WorkerState::Draining | WorkerState::Joining
+            ) {
                 entry.set_state(WorkerState::Suspect);
                 changed.push(entry.record.clone());
             }
@@ -180,6 +188,7 @@ impl Registry {
             catalogue: reg.catalogue,
             client: Some(reg.client),
             going_away: false,
+            joined_draining: reg.draining,
         };
         self.write().insert(id.clone(), entry);
         epoch
@@ -190,8 +199,9 @@ impl Registry {
         self.read().get(id).and_then(|e| e.client.clone())
     }
 
-    /// Records a heartbeat: renews the lease and updates the load. A worker that was declared
-    /// lost while its stream stayed up comes back. Returns the record when its state changed.
+    /// Records a heartbeat: renews the lease and updates the load. The first one after a
+    /// registration makes a JOINING worker READY (or DRAINING); a worker declared lost while
+    /// its stream stayed up comes back. Returns the record when its state changed.
     pub fn heartbeat(
         &self,
         id: &WorkerId,
@@ -204,11 +214,13 @@ impl Registry {
         entry.lease_deadline = now + self.lease_ttl;
         entry.record.in_flight_calls = hb.in_flight_calls;
         entry.record.last_seen_at = Some(SystemTime::now().into());
-        if entry.state() == WorkerState::Lost {
-            entry.set_state(WorkerState::Ready);
-            return Some(entry.record.clone());
+        match entry.state() {
+            // The first heartbeat: the worker can now verify coordinator credentials.
+            WorkerState::Joining if entry.joined_draining => entry.set_state(WorkerState::Draining),
+            WorkerState::Joining | WorkerState::Lost => entry.set_state(WorkerState::Ready),
+            _ => return None,
         }
-        None
+        Some(entry.record.clone())
     }
 
     /// The worker said GoingAway: DRAINING. Returns the changed record.
@@ -228,7 +240,9 @@ impl Registry {
         entry.commands = None;
         match entry.state() {
             WorkerState::Draining if entry.going_away => entry.set_state(WorkerState::Gone),
-            WorkerState::Ready | WorkerState::Draining => entry.set_state(WorkerState::Suspect),
+            WorkerState::Ready | WorkerState::Draining | WorkerState::Joining => {
+                entry.set_state(WorkerState::Suspect);
+            }
             _ => return None,
         }
         Some(entry.record.clone())
@@ -240,7 +254,10 @@ impl Registry {
         for entry in self.write().values_mut() {
             let live = matches!(
                 entry.state(),
-                WorkerState::Ready | WorkerState::Draining | WorkerState::Suspect
+                WorkerState::Ready
+                    | WorkerState::Draining
+                    | WorkerState::Suspect
+                    | WorkerState::Joining
             );
             if live && now >= entry.lease_deadline {
                 entry.set_state(WorkerState::Lost);
@@ -350,11 +367,12 @@ mod tests {
         let record = Worker {
             id: id.to_string(),
             capacity: 2,
-            state: WorkerState::Ready as i32,
+            state: WorkerState::Joining as i32,
             ..Worker::default()
         };
         let reg = Registration {
             record,
+            draining: false,
             catalogue: Arc::new(Catalogue::new(vec![ToolSpec {
                 name: "echo".to_owned(),
                 read_only: true,
@@ -366,8 +384,39 @@ mod tests {
         (reg, rx)
     }
 
+    /// Registers and sends the first heartbeat: the worker is READY.
+    fn join(r: &Registry, id: &WorkerId, reg: Registration, now: Instant) -> u64 {
+        let epoch = r.register(id, reg, now);
+        assert!(r.heartbeat(id, epoch, &Heartbeat::default(), now).is_some());
+        epoch
+    }
+
     fn state(r: &Registry, id: &WorkerId) -> WorkerState {
         WorkerState::try_from(r.get(id).expect("known").state).expect("state")
+    }
+
+    #[tokio::test]
+    async fn a_joining_worker_takes_nothing_until_its_first_heartbeat() {
+        let r = Registry::new(TTL);
+        let id = WorkerId::parse("w1").expect("id");
+        let now = Instant::now();
+        let (reg, _rx) = registration(&id);
+        let epoch = r.register(&id, reg, now);
+        assert_eq!(state(&r, &id), WorkerState::Joining);
+        assert!(r.placement_views().is_empty());
+        assert!(matches!(r.route(&id), Err(Error::WorkerUnavailable(_))));
+        assert!(
+            r.heartbeat(&id, epoch, &Heartbeat::default(), now)
+                .is_some()
+        );
+        assert_eq!(state(&r, &id), WorkerState::Ready);
+        assert_eq!(r.placement_views().len(), 1);
+        assert!(r.route(&id).is_ok());
+        // Later heartbeats change nothing.
+        assert!(
+            r.heartbeat(&id, epoch, &Heartbeat::default(), now)
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -376,7 +425,7 @@ mod tests {
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (reg, _rx) = registration(&id);
-        let epoch = r.register(&id, reg, now);
+        let epoch = join(&r, &id, reg, now);
         assert!(r.is_connected(&id));
         assert_eq!(r.placement_views().len(), 1);
         assert!(r.route(&id).is_ok());
@@ -398,7 +447,7 @@ mod tests {
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (reg, _rx) = registration(&id);
-        let epoch = r.register(&id, reg, now);
+        let epoch = join(&r, &id, reg, now);
         let hb = Heartbeat {
             active_sessions: 1,
             in_flight_calls: 3,
@@ -418,9 +467,9 @@ mod tests {
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (first, _rx1) = registration(&id);
-        let old = r.register(&id, first, now);
+        let old = join(&r, &id, first, now);
         let (second, _rx2) = registration(&id);
-        let new = r.register(&id, second, now);
+        let new = join(&r, &id, second, now);
         assert_ne!(old, new);
         assert!(r.disconnected(&id, old).is_none());
         assert!(r.going_away(&id, old).is_none());
@@ -433,7 +482,7 @@ mod tests {
         let r = Registry::new(TTL);
         let id = WorkerId::parse("w1").expect("id");
         let (reg, _rx) = registration(&id);
-        let epoch = r.register(&id, reg, Instant::now());
+        let epoch = join(&r, &id, reg, Instant::now());
         r.going_away(&id, epoch);
         assert_eq!(state(&r, &id), WorkerState::Draining);
         assert!(r.placement_views().is_empty(), "draining takes no sessions");

@@ -312,10 +312,20 @@ mod tests {
             panic!("expected evict: {second:?}");
         };
         assert_eq!(evict.session_ids, vec!["s-stale".to_owned()]);
+        // JOINING until the first heartbeat says the worker can verify credentials.
         assert_eq!(
             worker_state(ch.clone(), &token, "w1").await,
-            Some(WorkerState::Ready)
+            Some(WorkerState::Joining)
         );
+        tx.send(WorkerMessage {
+            msg: Some(worker_message::Msg::Heartbeat(v1::Heartbeat::default())),
+        })
+        .await
+        .expect("send");
+        eventually("w1 ready after its first heartbeat", async || {
+            worker_state(ch.clone(), &token, "w1").await == Some(WorkerState::Ready)
+        })
+        .await;
 
         // The stream breaks: SUSPECT at once, LOST when the lease runs out.
         drop(tx);

@@ -281,7 +281,9 @@ impl Control {
             said_going_away = true;
         }
         let period = heartbeat_period(accepted.heartbeat_interval_ms);
-        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        // The first tick is immediate: that heartbeat tells the coordinator the key is installed
+        // and calls may come (the worker is JOINING until then).
+        let mut ticker = tokio::time::interval_at(Instant::now(), period);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {

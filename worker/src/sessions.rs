@@ -200,7 +200,12 @@ impl Sessions {
         .await
         .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
         let ws = Arc::new(ws);
-        self.write().insert(id.clone(), Arc::clone(&ws));
+        let old = self.write().insert(id.clone(), Arc::clone(&ws));
+        // Commands still running in the replaced tree would write into the trash: stop them, as
+        // a close would. (Calls that start now see the restored workspace.)
+        if let Some(old) = old {
+            old.closed().cancel();
+        }
         Ok(ws)
     }
 

@@ -11,6 +11,7 @@
 //! - [`machine`]: CPU, kernel, and process memory from /proc.
 //! - [`exec`]: sandboxed `exec true` through the cluster against a plain spawn of `true`.
 //! - [`checkpoint`]: checkpoint capture and restore against `tar -cf` and `cp -a`.
+//! - [`scaling`]: routed throughput with 1, 2 and 4 workers.
 //!
 //! Everything talks to 127.0.0.1 only; every loop stops at a count and at a time cap; children
 //! are stopped at the end, on error and on Ctrl-C (a second Ctrl-C kills them at once).
@@ -22,6 +23,7 @@ pub mod load;
 pub mod machine;
 pub mod phases;
 pub mod report;
+pub mod scaling;
 pub mod sessions;
 pub mod settings;
 

@@ -42,6 +42,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(Memory),
         Box::new(super::exec::Exec),
         Box::new(super::checkpoint::Checkpoints),
+        Box::new(super::scaling::Scaling),
     ]
 }
 

@@ -77,7 +77,7 @@ pub struct WorkerView {
     pub id: String,
     /// Data-plane address.
     pub address: String,
-    /// ready | draining | suspect | lost | gone.
+    /// joining | ready | draining | suspect | lost | gone.
     pub state: String,
     /// Maximum sessions.
     pub capacity: u32,
