@@ -47,7 +47,7 @@ pub struct Quotas {
     /// Default 30 s.
     pub default_timeout: Duration,
     /// Longest wall-clock timeout a command may ask for (HEIST_QUOTA_TIMEOUT_MAX_S).
-    /// Default 600 s.
+    /// Default 300 s (the coordinator's default cap on forwarded deadlines).
     pub max_timeout: Duration,
     /// Commands one session may run at once (HEIST_QUOTA_CONCURRENT_COMMANDS). Default 4.
     pub concurrent_commands: u32,
@@ -66,7 +66,7 @@ impl Default for Quotas {
             argv_bytes: 256 << 10,
             stdin_bytes: 1 << 20,
             default_timeout: Duration::from_secs(30),
-            max_timeout: Duration::from_secs(600),
+            max_timeout: Duration::from_secs(300),
             concurrent_commands: 4,
         }
     }

@@ -64,8 +64,9 @@ pub struct SandboxFlags {
     /// Timeout of a command that asks for none, in seconds.
     #[arg(long, env = "HEIST_EXEC_TIMEOUT_S", default_value_t = 30)]
     pub exec_timeout_s: u64,
-    /// Longest timeout a command may ask for, in seconds.
-    #[arg(long, env = "HEIST_QUOTA_TIMEOUT_MAX_S", default_value_t = 600)]
+    /// Longest timeout a command may ask for, in seconds (keep it within the coordinator's
+    /// HEIST_WORKER_CALL_TIMEOUT_S, 300 by default, or the coordinator cuts the call first).
+    #[arg(long, env = "HEIST_QUOTA_TIMEOUT_MAX_S", default_value_t = 300)]
     pub quota_timeout_max_s: u64,
     /// Commands one session may run at once.
     #[arg(long, env = "HEIST_QUOTA_CONCURRENT_COMMANDS", default_value_t = 4)]
