@@ -1,6 +1,7 @@
 //! `heistctl dev demo` (what `make demo` runs): starts a throwaway local cluster and narrates,
 //! step by step with the equivalent heistctl command, workers registering, sessions spreading
-//! over the workers, tool calls routed to them, hostile input refused, and sessions closed.
+//! over the workers, tool calls routed to them, hostile input refused, a sandboxed command, a
+//! checkpoint forked onto another worker, and sessions closed.
 //! Every step checks its outcome, so the demo doubles as a smoke test: any surprise stops it
 //! with a non-zero exit and the data directory (with the logs) is kept.
 
@@ -62,6 +63,8 @@ pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
         workers: n,
         port: 0,
         data_dir: None,
+        // One label per worker so the fork step can name the worker it wants.
+        worker_labels: (1..=n).map(|i| format!("name=worker-{i}")).collect(),
         bin_dir: args.bin_dir.clone(),
         log_level: args.cluster_log_level.clone(),
         call_timeout: ctx.timeout(),
@@ -211,7 +214,11 @@ async fn steps(say: &mut Narrator, client: &Client, n: usize) -> Result<(), Erro
     }
     say!("(refused, as expected)");
 
-    // 5. Close.
+    // 5. Sandbox and checkpoints.
+    let forked = sandbox_and_fork(say, client, &sessions[0], n).await?;
+    sessions.push(forked);
+
+    // 6. Close.
     say.step(
         "Close the sessions (their workspaces are removed)",
         "heistctl session close ID",
@@ -236,6 +243,80 @@ async fn steps(say: &mut Narrator, client: &Client, n: usize) -> Result<(), Erro
     say.command("heistctl session ls --all");
     session::print_many(Format::Table, &client.list_sessions(true, 0).await?)?;
     Ok(())
+}
+
+/// A sandboxed command writes a file, a checkpoint captures the session, and a fork of it lands
+/// on another worker with the file intact. Returns the forked session.
+async fn sandbox_and_fork(
+    say: &mut Narrator,
+    client: &Client,
+    s: &v1::Session,
+    n: usize,
+) -> Result<v1::Session, Error> {
+    let id = &s.id;
+    let script = "echo 'crew of six, one is a mole' > plans/crew.txt && ls plans && \
+                  (cat /etc/passwd 2>&1 || echo 'no /etc/passwd in here') | head -1";
+    say.step(
+        "Run a command in the session's sandbox (namespaces, Landlock, rlimits)",
+        &format!("heistctl exec {id} -- sh -c \"{script}\""),
+    );
+    let ran = show(
+        call(client, id, "exec", json!({"argv": ["sh", "-c", script]})).await?,
+        &s.worker_id,
+    )?;
+    expect(
+        everything(&ran).contains("crew.txt") && !everything(&ran).contains("root:"),
+        || "the sandboxed command did not behave as expected".to_owned(),
+    )?;
+
+    say.step(
+        "Checkpoint the session, then fork it onto another worker",
+        &format!("heistctl checkpoint create {id}"),
+    );
+    let checkpoint = client
+        .create_checkpoint(id, Default::default(), &session::create::new_request_id())
+        .await?;
+    say!(
+        "checkpoint {} of {id}: {} files, {} bytes, taken on {}",
+        checkpoint.id,
+        checkpoint.file_count,
+        checkpoint.total_bytes,
+        checkpoint.worker_id
+    );
+    let other = (1..=n)
+        .map(|i| format!("worker-{i}"))
+        .find(|w| *w != s.worker_id)
+        .unwrap_or_else(|| s.worker_id.clone());
+    say.command(&format!(
+        "heistctl session fork {} --label name={other}",
+        checkpoint.id
+    ));
+    let labels = [("name".to_owned(), other.clone())].into_iter().collect();
+    let forked = client
+        .fork_session(&checkpoint.id, labels, &session::create::new_request_id())
+        .await?;
+    say!("forked into {} on {}", forked.id, forked.worker_id);
+    expect(forked.worker_id == other, || {
+        format!("the fork landed on {}, not {other}", forked.worker_id)
+    })?;
+    say.command(&format!(
+        "heistctl tool call {} fs.read --arg path=plans/crew.txt",
+        forked.id
+    ));
+    let read = show(
+        call(
+            client,
+            &forked.id,
+            "fs.read",
+            json!({"path": "plans/crew.txt"}),
+        )
+        .await?,
+        &forked.worker_id,
+    )?;
+    expect(everything(&read).contains("one is a mole"), || {
+        "the forked session does not have the checkpointed file".to_owned()
+    })?;
+    Ok(forked)
 }
 
 /// echo, calc, fs.write, fs.read and fs.list in one session, each checked.
