@@ -137,6 +137,54 @@ pub(super) fn session_worker(
         .unwrap_or_else(|| Err(Error::SessionNotFound(id.clone())))
 }
 
+/// What CallTool and CallToolStream both establish before a call runs: the caller owns the
+/// session and it is READY, its worker is connected and offers the tool, and, for a tool that is
+/// not read-only, the request id to deduplicate by.
+pub(super) struct Admitted {
+    /// The session.
+    pub(super) session: SessionId,
+    /// Its worker.
+    pub(super) worker: WorkerId,
+    /// How to reach the worker.
+    pub(super) route: Route,
+    /// Set only for mutating tools called with a request id.
+    pub(super) request_id: Option<RequestId>,
+}
+
+/// Checks a call before it runs (see [`Admitted`]).
+pub(super) fn admit(app: &App, owner: &str, req: &CallToolRequest) -> Result<Admitted, Error> {
+    let session = SessionId::parse(req.session_id.as_str())?;
+    let worker = session_worker(app, owner, &session, true)?;
+    let route = app.registry.route(&worker)?;
+    let Some(read_only) = route.catalogue.get(&req.tool).map(|spec| spec.read_only) else {
+        return Err(Error::ToolNotFound {
+            tool: req.tool.clone(),
+            worker,
+        });
+    };
+    let request_id = if read_only {
+        None
+    } else {
+        RequestId::parse_optional(&req.request_id)?
+    };
+    Ok(Admitted {
+        session,
+        worker,
+        route,
+        request_id,
+    })
+}
+
+/// A recorded response, marked as replayed.
+pub(super) fn replayed(recorded: &[u8]) -> Result<CallToolResponse, Error> {
+    let mut resp = CallToolResponse::decode(recorded).map_err(|source| Error::Corrupt {
+        what: "idempotency",
+        source,
+    })?;
+    resp.replayed = true;
+    Ok(resp)
+}
+
 /// A tool call, then (with HEIST_AUTO_CHECKPOINT) a checkpoint if the tool is not read-only.
 async fn call_tool(
     app: &Arc<App>,
@@ -156,23 +204,12 @@ async fn call_tool_once(
     deadline: Instant,
     req: CallToolRequest,
 ) -> Result<CallToolResponse, Error> {
-    let id = SessionId::parse(req.session_id.as_str())?;
-    let worker = session_worker(app, &owner, &id, true)?;
-    let route = app.registry.route(&worker)?;
-    let read_only = match route.catalogue.get(&req.tool) {
-        Some(spec) => spec.read_only,
-        None => {
-            return Err(Error::ToolNotFound {
-                tool: req.tool,
-                worker,
-            });
-        }
-    };
-    let request_id = if read_only {
-        None
-    } else {
-        RequestId::parse_optional(&req.request_id)?
-    };
+    let Admitted {
+        session: id,
+        worker,
+        route,
+        request_id,
+    } = admit(app, &owner, &req)?;
     let Some(request_id) = request_id else {
         return forward(&route, worker, &owner, deadline, req).await;
     };
@@ -180,15 +217,7 @@ async fn call_tool_once(
     let fingerprint = fingerprint(&req);
     let key = idempotency::key(&owner, CALL, &request_id);
     let guard = match app.idempotency.begin(key, fingerprint, &request_id).await? {
-        Begin::Replay(bytes) => {
-            let mut resp =
-                CallToolResponse::decode(bytes.as_slice()).map_err(|source| Error::Corrupt {
-                    what: "idempotency",
-                    source,
-                })?;
-            resp.replayed = true;
-            return Ok(resp);
-        }
+        Begin::Replay(bytes) => return replayed(&bytes),
         Begin::Run(guard) => guard,
     };
     let span = info_span!("call-tool", session_id = %id, request_id = %request_id);

@@ -12,14 +12,14 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt as _, stream::BoxStream};
 use heist_proto::{
-    ids::{RequestId, SessionId, WorkerId},
+    ids::WorkerId,
     v1::{CallToolRequest, CallToolResponse, ToolEvent, tool_event},
 };
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::tool::{fingerprint, session_worker};
+use super::tool::{Admitted, admit, fingerprint, replayed};
 use crate::{
     app::App,
     error::Error,
@@ -40,37 +40,19 @@ pub async fn call_tool_stream(
     deadline: Instant,
     req: CallToolRequest,
 ) -> Result<EventStream, Error> {
-    let id = SessionId::parse(req.session_id.as_str())?;
-    let worker = session_worker(app, &owner, &id, true)?;
-    let route = app.registry.route(&worker)?;
-    let read_only = match route.catalogue.get(&req.tool) {
-        Some(spec) => spec.read_only,
-        None => {
-            return Err(Error::ToolNotFound {
-                tool: req.tool,
-                worker,
-            });
-        }
-    };
-    let request_id = if read_only {
-        None
-    } else {
-        RequestId::parse_optional(&req.request_id)?
-    };
+    let Admitted {
+        worker,
+        route,
+        request_id,
+        ..
+    } = admit(app, &owner, &req)?;
     let mut record = None;
     if let Some(request_id) = request_id {
         let print = fingerprint(&req);
         let key = idempotency::key(&owner, CALL, &request_id);
         match app.idempotency.begin(key, print, &request_id).await? {
             Begin::Replay(bytes) => {
-                let mut resp = CallToolResponse::decode(bytes.as_slice()).map_err(|source| {
-                    Error::Corrupt {
-                        what: "idempotency",
-                        source,
-                    }
-                })?;
-                resp.replayed = true;
-                let event = result_event(resp);
+                let event = result_event(replayed(&bytes)?);
                 return Ok(Box::pin(futures::stream::once(async move { Ok(event) })));
             }
             Begin::Run(guard) => record = Some((guard, print)),
