@@ -49,6 +49,14 @@ impl Lab {
         self.client.create_session(&[]).await.expect("session").id
     }
 
+    /// A second session holding `keep.txt`; [`Lab::assert_healthy`] checks later that a
+    /// hostile command in another session left it alone.
+    async fn bystander(&mut self) -> String {
+        let other = self.session().await;
+        self.sh_ok(&other, "echo precious > keep.txt").await;
+        other
+    }
+
     async fn exec(
         &mut self,
         session: &str,
@@ -467,8 +475,7 @@ async fn streamed_output_arrives_while_the_command_runs() {
 async fn timeouts_kill_the_whole_process_group_even_when_sigterm_is_ignored() {
     let mut lab = lab().await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
     let mark = marker();
     let script = format!(
         ": {mark}; trap '' TERM; sh -c 'trap \"\" TERM; while :; do sleep 1; done; : {mark}' & while :; do sleep 1; done"
@@ -499,8 +506,7 @@ async fn timeouts_kill_the_whole_process_group_even_when_sigterm_is_ignored() {
 async fn cancelling_or_a_deadline_kills_the_command() {
     let mut lab = lab().await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
 
     let mark = marker();
     let mut events = lab
@@ -577,8 +583,7 @@ async fn cancelling_or_a_deadline_kills_the_command() {
 async fn commands_cannot_read_or_write_outside_the_workspace() {
     let mut lab = lab().await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
     let other_file = lab.worker.workspace(&other).join("keep.txt");
     let ws = lab.worker.workspace(&s);
 
@@ -675,8 +680,7 @@ async fn commands_cannot_read_or_write_outside_the_workspace() {
 async fn commands_cannot_reach_the_network() {
     let mut lab = lab().await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().expect("addr").port();
@@ -709,8 +713,7 @@ fn few_processes(config: &mut heist_worker::Config) {
 async fn a_fork_bomb_is_contained_by_the_process_quota() {
     let mut lab = lab_with(WorkerOpts::new("w1").configure(few_processes)).await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
 
     // Count how many processes one command gets: RLIMIT_NPROC holds in its user namespace.
     let code = "import os, sys, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('fork failed', e.errno, file=sys.stderr)\nprint(n)\n";
@@ -753,8 +756,7 @@ fn small_disk(config: &mut heist_worker::Config) {
 async fn quotas_stop_commands_and_writes_with_resource_exhausted() {
     let mut lab = lab_with(WorkerOpts::new("w1").configure(small_disk)).await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
 
     // One big file: RLIMIT_FSIZE stops it at the quota.
     let err = lab
@@ -844,8 +846,7 @@ async fn quotas_stop_commands_and_writes_with_resource_exhausted() {
 async fn huge_output_is_capped_and_huge_argv_refused() {
     let mut lab = lab().await;
     let s = lab.session().await;
-    let other = lab.session().await;
-    lab.sh_ok(&other, "echo precious > keep.txt").await;
+    let other = lab.bystander().await;
     let cap = heist_worker::quota::Quotas::default().output_bytes;
 
     let events = lab
