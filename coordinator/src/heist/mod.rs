@@ -1,0 +1,11 @@
+//! The heist game: a crew of six agents plans a job against a generated target, one of them is
+//! a mole, and the player has to catch it.
+//!
+//! - [`scenario`]: the target from a seed (blueprints, facts) and [`database`], its security
+//!   database as a SQLite file.
+
+pub mod database;
+pub mod scenario;
+
+#[cfg(test)]
+mod tests;

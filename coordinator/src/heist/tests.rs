@@ -1,0 +1,118 @@
+use rusqlite::{Connection, OpenFlags};
+
+use super::{
+    database,
+    scenario::{Clock, Scenario, route_minutes},
+};
+
+#[test]
+fn a_seed_always_gives_the_same_target_and_seeds_differ() {
+    let a = Scenario::generate(7);
+    let b = Scenario::generate(7);
+    assert_eq!(a.files(), b.files());
+    assert_eq!(a.facts(), b.facts());
+    let targets: std::collections::HashSet<_> = (0..20)
+        .map(|seed| Scenario::generate(seed).files())
+        .collect();
+    assert!(
+        targets.len() >= 18,
+        "20 seeds gave only {} distinct targets",
+        targets.len()
+    );
+}
+
+#[test]
+fn every_target_has_one_unmanned_window_covered_by_a_camera_outage() {
+    for seed in 0..200 {
+        let s = Scenario::generate(seed);
+        let f = s.facts();
+        assert!(!f.entrance.is_empty(), "seed {seed}: no unmanned post");
+        assert!(
+            f.window_closes > f.window_opens,
+            "seed {seed}: empty window {f:?}"
+        );
+        let camera = s.cameras.iter().find(|c| c.id == f.camera).expect("camera");
+        let (from, to) = (
+            camera.offline_from.expect("from"),
+            camera.offline_to.expect("to"),
+        );
+        assert!(
+            from <= f.window_opens && to >= f.window_closes,
+            "seed {seed}: {camera:?} vs {f:?}"
+        );
+        let gaps = s
+            .entrances
+            .iter()
+            .filter(|e| {
+                let on_post: Vec<_> = s.guards.iter().filter(|g| g.post == e.post).collect();
+                on_post[1].start > on_post[0].end
+            })
+            .count();
+        assert_eq!(gaps, 1, "seed {seed}: {gaps} unmanned posts");
+    }
+}
+
+#[test]
+fn the_database_holds_the_facts_the_crew_must_find() {
+    let s = Scenario::generate(42);
+    let facts = s.facts();
+    let bytes = database::build(&s).expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("security.db");
+    std::fs::write(&path, bytes).expect("write");
+    let db = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open");
+
+    let post = &s
+        .entrances
+        .iter()
+        .find(|e| e.name == facts.entrance)
+        .expect("entrance")
+        .post;
+    let night_end: String = db
+        .query_row(
+            "SELECT end FROM shifts WHERE post = ?1 AND start = '22:00'",
+            [post],
+            |row| row.get(0),
+        )
+        .expect("the night guard's shift");
+    assert_eq!(Clock::parse(&night_end), Some(facts.window_opens));
+    let relief: String = db
+        .query_row(
+            "SELECT start FROM shifts WHERE post = ?1 AND start != '22:00'",
+            [post],
+            |row| row.get(0),
+        )
+        .expect("relief");
+    assert_eq!(Clock::parse(&relief), Some(facts.window_closes));
+
+    let drill: u16 = db
+        .query_row("SELECT drill_minutes FROM vault", [], |row| row.get(0))
+        .expect("vault");
+    assert_eq!(drill, facts.drill_minutes);
+    let fastest: (String, u16, u16) = db
+        .query_row(
+            "SELECT name, distance_km, speed_kmh FROM getaway_routes \
+             ORDER BY (distance_km * 60 + speed_kmh - 1) / speed_kmh LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .expect("routes");
+    assert_eq!(fastest.0, facts.route);
+    assert_eq!(
+        route_minutes(&super::scenario::Route {
+            name: fastest.0,
+            distance_km: fastest.1,
+            speed_kmh: fastest.2
+        }),
+        facts.route_minutes
+    );
+}
+
+#[test]
+fn clock_round_trips_and_wraps() {
+    assert_eq!(Clock::parse("02:15"), Some(Clock(135)));
+    assert_eq!(Clock(135).hhmm(), "02:15");
+    assert_eq!(Clock(23 * 60 + 50).plus(20).hhmm(), "00:10");
+    assert_eq!(Clock::parse("24:00"), None);
+    assert_eq!(Clock::parse("7"), None);
+}
