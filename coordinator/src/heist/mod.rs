@@ -3,7 +3,9 @@
 //!
 //! - [`scenario`]: the target from a seed (blueprints, facts) and [`database`], its security
 //!   database as a SQLite file.
+//! - [`analyzer`]: suspicion scores with evidence, from the transcript and the database.
 
+pub mod analyzer;
 pub mod database;
 pub mod scenario;
 

@@ -420,7 +420,7 @@ impl Scenario {
                 let mut on_post = self.guards.iter().filter(|g| g.post == e.post);
                 let night = on_post.next()?;
                 let relief = on_post.next()?;
-                (relief.start > night.end).then(|| (e, night.end, relief.start))
+                (relief.start > night.end).then_some((e, night.end, relief.start))
             })
             .map(|(e, o, c)| (e.name.clone(), o, c))
             // Every generated scenario has a gap; an empty one reads as "no window".

@@ -116,3 +116,142 @@ fn clock_round_trips_and_wraps() {
     assert_eq!(Clock::parse("24:00"), None);
     assert_eq!(Clock::parse("7"), None);
 }
+
+mod analyzer {
+    use std::collections::HashMap;
+
+    use rusqlite::Connection;
+
+    use super::super::{
+        analyzer::{Facts, Message, ToolUse, analyze},
+        database,
+        scenario::Scenario,
+    };
+
+    fn facts_of(scenario: &Scenario) -> Facts {
+        let bytes = database::build(scenario).expect("build");
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("security.db");
+        std::fs::write(&path, bytes).expect("write");
+        let db = Connection::open(&path).expect("open");
+        Facts::load(|sql| {
+            let mut stmt = db.prepare(sql)?;
+            let n = stmt.column_count();
+            let rows = stmt.query_map([], |row| {
+                (0..n)
+                    .map(|i| {
+                        let v: rusqlite::types::Value = row.get(i)?;
+                        Ok(match v {
+                            rusqlite::types::Value::Null => String::new(),
+                            rusqlite::types::Value::Integer(i) => i.to_string(),
+                            rusqlite::types::Value::Real(f) => f.to_string(),
+                            rusqlite::types::Value::Text(t) => t,
+                            rusqlite::types::Value::Blob(_) => String::new(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            rows.collect::<Result<Vec<_>, rusqlite::Error>>()
+        })
+        .expect("facts")
+    }
+
+    #[test]
+    fn a_misquoted_shift_time_is_evidence_and_an_exact_quote_is_not() {
+        let s = Scenario::generate(3);
+        let f = s.facts();
+        let facts = facts_of(&s);
+        let post = s
+            .entrances
+            .iter()
+            .find(|e| e.name == f.entrance)
+            .expect("entrance")
+            .post
+            .clone();
+        let night = s
+            .guards
+            .iter()
+            .find(|g| g.post == post)
+            .expect("guard")
+            .name
+            .clone();
+        let shifted = f.window_opens.plus(25).hhmm();
+        let messages = vec![
+            Message {
+                round: 1,
+                agent: "intel".into(),
+                turn_id: "t-1".into(),
+                seq: 5,
+                text: format!("{night} leaves the {post} at {}.", f.window_opens.hhmm()),
+                tools: vec![],
+            },
+            Message {
+                round: 1,
+                agent: "lookout".into(),
+                turn_id: "t-2".into(),
+                seq: 7,
+                text: format!("{night} leaves the {post} at {shifted}, maybe."),
+                tools: vec![ToolUse {
+                    tool: "fs.write".into(),
+                    denied: true,
+                    seq: 3,
+                    ..ToolUse::default()
+                }],
+            },
+        ];
+        let roles = HashMap::from([
+            ("intel".to_owned(), vec!["db.query".to_owned()]),
+            ("lookout".to_owned(), vec!["db.query".to_owned()]),
+        ]);
+        let scores = analyze(&messages, &roles, &facts);
+        assert_eq!(scores[0].agent, "lookout", "{scores:#?}");
+        assert!(
+            scores[0]
+                .evidence
+                .iter()
+                .any(|e| e.kind == "contradicts-database" && e.turn_id == "t-2")
+        );
+        assert!(
+            scores[0]
+                .evidence
+                .iter()
+                .any(|e| e.kind == "tool-outside-role")
+        );
+        let intel = scores.iter().find(|s| s.agent == "intel").expect("intel");
+        assert_eq!(intel.score, 0.0, "{intel:#?}");
+    }
+
+    #[test]
+    fn removing_another_agents_plan_lines_is_evidence() {
+        let facts = Facts::default();
+        let write = |agent: &str, content: &str, seq| Message {
+            round: 1,
+            agent: agent.into(),
+            turn_id: format!("t-{seq}"),
+            seq,
+            text: "Updated the plan.".into(),
+            tools: vec![ToolUse {
+                tool: "fs.write".into(),
+                arguments: serde_json::json!({"path": "plan.md", "content": content}),
+                seq,
+                ..ToolUse::default()
+            }],
+        };
+        let messages = vec![
+            write("planner", "- entry: loading dock\n", 1),
+            write(
+                "hacker",
+                "- entry: loading dock\n- cameras: CAM-02 down\n",
+                2,
+            ),
+            write("driver", "- getaway: ring motorway\n", 3),
+        ];
+        let roles = HashMap::new();
+        let scores = analyze(&messages, &roles, &facts);
+        assert_eq!(scores[0].agent, "driver");
+        assert!(
+            scores[0].evidence[0].detail.contains("removed 2"),
+            "{scores:#?}"
+        );
+    }
+}
