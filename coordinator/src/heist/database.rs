@@ -7,6 +7,8 @@ use super::scenario::{Scenario, floor_slug};
 
 /// The schema, one statement per table; columns are plain so a model can query them unaided.
 const SCHEMA: &str = "
+CREATE TABLE entrances (name TEXT PRIMARY KEY, floor INTEGER NOT NULL, post TEXT NOT NULL,
+                        zone TEXT NOT NULL);
 CREATE TABLE guards (id INTEGER PRIMARY KEY, name TEXT NOT NULL, post TEXT NOT NULL);
 CREATE TABLE shifts (guard_id INTEGER NOT NULL REFERENCES guards(id), post TEXT NOT NULL,
                      start TEXT NOT NULL, end TEXT NOT NULL);
@@ -30,6 +32,12 @@ pub fn build(scenario: &Scenario) -> Result<Vec<u8>, rusqlite::Error> {
     {
         db.execute_batch(SCHEMA)?;
         let tx = db.transaction()?;
+        for e in &scenario.entrances {
+            tx.execute(
+                "INSERT INTO entrances VALUES (?1, ?2, ?3, ?4)",
+                params![e.name, e.floor, e.post, e.zone],
+            )?;
+        }
         for g in &scenario.guards {
             tx.execute(
                 "INSERT INTO guards VALUES (?1, ?2, ?3)",

@@ -454,6 +454,7 @@ impl Scenario {
         let mut files = vec![
             ("brief.md".to_owned(), self.brief()),
             ("blueprints/building.md".to_owned(), self.building()),
+            ("blueprints/cameras.md".to_owned(), self.camera_plan()),
         ];
         for (floor, rooms) in &self.rooms {
             files.push((
@@ -469,7 +470,7 @@ impl Scenario {
             "# Mission brief: {target}\n\n\
              The job: get into the {target}'s vault and out again before anyone knows.\n\n\
              Everything you need is on file: the blueprints in `blueprints/` and the security \
-             database `security.db` (tables guards, shifts, cameras, alarm_zones, vault, \
+             database `security.db` (tables entrances, guards, shifts, cameras, alarm_zones, vault, \
              patrol_routes, getaway_routes). Check the facts; do not guess.\n\n\
              Agree the plan in `plan.md`: the entry point, the entry time, the camera to avoid, \
              the vault method and time, and the getaway route.\n",
@@ -496,6 +497,34 @@ impl Scenario {
             self.vault.floor,
             floor_slug(self.vault.floor)
         );
+        out
+    }
+
+    fn camera_plan(&self) -> String {
+        let mut out = format!("# {}: cameras and alarms\n\n## Cameras\n", self.target);
+        for c in &self.cameras {
+            let window = match (c.offline_from, c.offline_to) {
+                (Some(from), Some(to)) => format!("maintenance {} to {}", from.hhmm(), to.hhmm()),
+                _ => "always recording".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "- {} (floor {}) covers the {}: {window}",
+                c.id, c.floor, c.covers
+            );
+        }
+        let _ = writeln!(out, "\n## Alarm zones");
+        for z in &self.zones {
+            let _ = writeln!(
+                out,
+                "- {} (floor {}): {}, armed {} to {}",
+                z.zone,
+                z.floor,
+                z.sensor,
+                z.armed_from.hhmm(),
+                z.armed_to.hhmm()
+            );
+        }
         out
     }
 

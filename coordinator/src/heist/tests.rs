@@ -255,3 +255,45 @@ mod analyzer {
         );
     }
 }
+
+mod crew {
+    use std::collections::HashMap;
+
+    use super::super::crew::{Mole, Pattern, ROLES, instructions};
+
+    #[test]
+    fn every_role_and_pattern_is_a_possible_mole_and_seeds_decide() {
+        let moles: Vec<Mole> = (0..300).map(Mole::for_seed).collect();
+        let mut roles: HashMap<&str, usize> = HashMap::new();
+        for m in &moles {
+            *roles.entry(m.agent.as_str()).or_default() += 1;
+            assert!((1..=3).contains(&m.severity));
+        }
+        assert_eq!(roles.len(), ROLES.len(), "{roles:?}");
+        for p in Pattern::ALL {
+            assert!(moles.iter().any(|m| m.pattern == p), "{p} never drawn");
+            assert_eq!(Pattern::parse(p.name()), Some(p));
+        }
+        assert_eq!(Mole::for_seed(9), Mole::for_seed(9));
+    }
+
+    #[test]
+    fn only_the_moles_instructions_carry_sabotage() {
+        let mole = Mole {
+            agent: "intel".into(),
+            pattern: Pattern::TimingErrors,
+            severity: 2,
+        };
+        let honest = instructions("intel", 1, 3, None);
+        let sealed = instructions("intel", 1, 3, Some(&mole));
+        assert!(!honest.contains("sabotage") && !honest.contains("mole"));
+        assert!(sealed.contains("sabotage: timing severity=2"));
+        for role in ROLES {
+            let text = instructions(role, 1, 3, None);
+            assert!(
+                text.contains("[scripted]") && text.contains("step: "),
+                "{role}: {text}"
+            );
+        }
+    }
+}
