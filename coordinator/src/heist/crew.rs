@@ -221,11 +221,11 @@ fn script(role: &str, round: u32, rounds: u32) -> (String, Vec<(&'static str, St
         "lookout" => (
             "find the camera on that entrance and when it is down".to_owned(),
             vec![
-                query(&format!(
+                query(
                     "SELECT c.id, c.offline_from, c.offline_to, e.name FROM cameras c JOIN entrances e ON c.covers = e.name \
                      JOIN shifts a ON a.post = e.post AND a.start = '22:00' JOIN shifts b ON b.post = e.post AND b.start <> '22:00' \
                      WHERE b.start > a.end"
-                )),
+                ),
                 query("SELECT g.name, p.route, p.every_minutes, p.first_pass FROM patrol_routes p JOIN guards g ON g.id = p.guard_id"),
                 append("- camera: {{1:/rows/0/0}} down from {{1:/rows/0/1}} to {{1:/rows/0/2}} (lookout)"),
             ],
