@@ -25,6 +25,7 @@ pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod eventlog;
 pub mod heist;
 pub mod idempotency;
 pub mod placement;
