@@ -7,9 +7,11 @@ use std::{env, fs, path::PathBuf};
 use prost::Message as _;
 
 const PROTOS: &[&str] = &[
+    "heist/v1/agent.proto",
     "heist/v1/auth.proto",
     "heist/v1/checkpoint.proto",
     "heist/v1/cluster.proto",
+    "heist/v1/heist.proto",
     "heist/v1/session.proto",
     "heist/v1/tool.proto",
     "heist/v1/worker.proto",

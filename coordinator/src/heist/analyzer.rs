@@ -66,20 +66,37 @@ pub struct Facts {
     pub route_minutes: BTreeMap<String, u32>,
 }
 
+/// Rows whose clock times belong to the words in the same row (names, posts, cameras).
+const ROWS_WITH_TIMES: [&str; 4] = [
+    "SELECT guards.name, shifts.post, shifts.start, shifts.end FROM shifts JOIN guards ON guards.id = shifts.guard_id",
+    "SELECT id, covers, offline_from, offline_to FROM cameras",
+    "SELECT zone, sensor, armed_from, armed_to FROM alarm_zones",
+    "SELECT guards.name, route, first_pass FROM patrol_routes JOIN guards ON guards.id = patrol_routes.guard_id",
+];
+const CAMERAS: &str = "SELECT id, covers FROM cameras";
+const VAULT: &str = "SELECT drill_minutes FROM vault";
+const ROUTES: &str = "SELECT name, distance_km, speed_kmh FROM getaway_routes";
+
 /// Rows of a query: column names and string cells.
 pub type Rows = Vec<Vec<String>>;
 
 impl Facts {
+    /// Every query [`Facts::load`] runs, in order (so a caller can run them ahead).
+    pub const QUERIES: &'static [&'static str] = &[
+        ROWS_WITH_TIMES[0],
+        ROWS_WITH_TIMES[1],
+        ROWS_WITH_TIMES[2],
+        ROWS_WITH_TIMES[3],
+        CAMERAS,
+        VAULT,
+        ROUTES,
+    ];
+
     /// Reads the facts with the queries an honest crew would run; `query` runs SQL against the
     /// target's database and returns its rows (cells as text, NULL as "").
     pub fn load<E>(mut query: impl FnMut(&str) -> Result<Rows, E>) -> Result<Self, E> {
         let mut facts = Self::default();
-        for sql in [
-            "SELECT guards.name, shifts.post, shifts.start, shifts.end FROM shifts JOIN guards ON guards.id = shifts.guard_id",
-            "SELECT id, covers, offline_from, offline_to FROM cameras",
-            "SELECT zone, sensor, armed_from, armed_to FROM alarm_zones",
-            "SELECT guards.name, route, first_pass FROM patrol_routes JOIN guards ON guards.id = patrol_routes.guard_id",
-        ] {
+        for sql in ROWS_WITH_TIMES {
             for row in query(sql)? {
                 let times: HashSet<String> = row.iter().filter(|c| is_clock(c)).cloned().collect();
                 facts.times.extend(times.iter().cloned());
@@ -92,17 +109,17 @@ impl Facts {
                 }
             }
         }
-        for row in query("SELECT id, covers FROM cameras")? {
+        for row in query(CAMERAS)? {
             if let [id, covers] = row.as_slice() {
                 facts
                     .camera_covers
                     .insert(id.to_uppercase(), covers.to_lowercase());
             }
         }
-        if let Some(row) = query("SELECT drill_minutes FROM vault")?.first() {
+        if let Some(row) = query(VAULT)?.first() {
             facts.drill_minutes = row.first().and_then(|c| c.parse().ok());
         }
-        for row in query("SELECT name, distance_km, speed_kmh FROM getaway_routes")? {
+        for row in query(ROUTES)? {
             if let [name, km, kmh] = row.as_slice()
                 && let (Ok(km), Ok(kmh)) = (km.parse::<u32>(), kmh.parse::<u32>())
             {

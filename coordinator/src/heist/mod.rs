@@ -4,11 +4,14 @@
 //! - [`scenario`]: the target from a seed (blueprints, facts) and [`database`], its security
 //!   database as a SQLite file.
 //! - [`crew`]: the six roles, their instructions per round, and the sealed mole.
+//! - [`game`]: playing the rounds through the cluster ([`game::Ports`]), the analysis, the
+//!   outcome.
 //! - [`analyzer`]: suspicion scores with evidence, from the transcript and the database.
 
 pub mod analyzer;
 pub mod crew;
 pub mod database;
+pub mod game;
 pub mod scenario;
 
 #[cfg(test)]

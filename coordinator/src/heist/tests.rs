@@ -297,3 +297,40 @@ mod crew {
         }
     }
 }
+
+mod outcome {
+    use heist_proto::v1 as pb;
+
+    use super::super::{
+        game::{check_plan, outcome},
+        scenario::Scenario,
+    };
+
+    #[test]
+    fn a_plan_with_the_true_facts_holds_and_a_shifted_time_or_lost_line_does_not() {
+        let truth = Scenario::generate(11).facts();
+        let entry = format!(
+            "- entry: {}, unmanned from {} to {} (intel)",
+            truth.entrance,
+            truth.window_opens.hhmm(),
+            truth.window_closes.hhmm()
+        );
+        let rest = format!(
+            "- camera: {} down (lookout)\n- vault: X, drill {} minutes (safecracker)\n- getaway: {}, {} minutes (driver)\n",
+            truth.camera, truth.drill_minutes, truth.route, truth.route_minutes
+        );
+        assert_eq!(
+            check_plan(&format!("{entry}\n{rest}"), &truth),
+            Vec::<String>::new()
+        );
+        let shifted = entry.replace(
+            &truth.window_opens.hhmm(),
+            &truth.window_opens.plus(30).hhmm(),
+        );
+        assert_eq!(check_plan(&format!("{shifted}\n{rest}"), &truth).len(), 1);
+        assert!(check_plan(&rest, &truth)[0].contains("no entry line"));
+        assert_eq!(outcome(false, true), pb::HeistOutcome::Busted);
+        assert_eq!(outcome(true, true), pb::HeistOutcome::Success);
+        assert_eq!(outcome(true, false), pb::HeistOutcome::Failure);
+    }
+}
