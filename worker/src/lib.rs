@@ -27,6 +27,7 @@ pub mod config;
 mod control;
 mod error;
 mod inflight;
+pub mod model;
 pub mod quota;
 pub mod sandbox;
 mod service;

@@ -8,6 +8,7 @@
 //! can read what happened and try something else.
 
 mod calc;
+pub mod db;
 mod echo;
 mod exec;
 mod fs;
@@ -180,11 +181,12 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools: echo, calc, the fs.* family, exec and run.python.
+    /// The built-in tools: echo, calc, db.query, the fs.* family, exec and run.python.
     pub fn builtin() -> Result<Self, Error> {
         let mut tools: Vec<Box<dyn Tool>> = vec![
             Box::new(echo::Echo),
             Box::new(calc::Calc),
+            Box::new(db::DbQuery::new(db::DbLimits::default())),
             Box::new(exec::Exec),
             Box::new(python::RunPython),
         ];
@@ -299,6 +301,7 @@ mod tests {
             names,
             [
                 "calc",
+                "db.query",
                 "echo",
                 "exec",
                 "fs.delete",
