@@ -20,6 +20,7 @@
 //! coordinator GoingAway, keeps serving until no call is in flight (or `drain_timeout`), then
 //! closes the control stream and stops the server.
 
+pub mod agent;
 mod auth;
 mod backoff;
 pub mod checkpoint;
