@@ -12,6 +12,7 @@ pub mod db;
 mod echo;
 mod exec;
 mod fs;
+pub mod memory;
 mod python;
 mod schema;
 
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
+    agent::AgentStates,
     sandbox::{OutputSink, Sandbox},
     sessions::Workspace,
 };
@@ -181,8 +183,15 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools: echo, calc, db.query, the fs.* family, exec and run.python.
+    /// The built-in tools, with memory notes kept in a set of agent states of their own (see
+    /// [`Registry::builtin_with`]).
     pub fn builtin() -> Result<Self, Error> {
+        Self::builtin_with(Arc::new(AgentStates::new()))
+    }
+
+    /// The built-in tools: echo, calc, db.query, the fs.* family, memory.store/recall (over
+    /// `agent_states`, the same the turns use), exec and run.python.
+    pub fn builtin_with(agent_states: Arc<AgentStates>) -> Result<Self, Error> {
         let mut tools: Vec<Box<dyn Tool>> = vec![
             Box::new(echo::Echo),
             Box::new(calc::Calc),
@@ -191,6 +200,7 @@ impl Registry {
             Box::new(python::RunPython),
         ];
         tools.extend(fs::tools());
+        tools.extend(memory::tools(&agent_states));
         Self::new(tools)
     }
 
@@ -287,7 +297,7 @@ mod tests {
             Some(errors::reason::TOOL_NOT_FOUND)
         );
         assert!(
-            status.message().contains("calc, echo, exec, fs.delete"),
+            status.message().contains("calc, db.query, echo, exec, fs.delete"),
             "{}",
             status.message()
         );
@@ -309,6 +319,8 @@ mod tests {
                 "fs.read",
                 "fs.stat",
                 "fs.write",
+                "memory.recall",
+                "memory.store",
                 "run.python"
             ]
         );
