@@ -10,6 +10,9 @@ mod spec;
 mod state;
 mod turn;
 
+#[cfg(test)]
+mod tests;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

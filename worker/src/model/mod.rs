@@ -15,6 +15,9 @@ pub mod scripted;
 mod sse;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 pub use config::{

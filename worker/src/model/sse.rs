@@ -80,6 +80,7 @@ fn take_event(buf: &mut Vec<u8>) -> Option<SseEvent> {
         let mut event = SseEvent::default();
         let mut has_data = false;
         for line in text.lines() {
+            let line = line.trim_end_matches('\r');
             let (field, value) = line.split_once(':').unwrap_or((line, ""));
             let value = value.strip_prefix(' ').unwrap_or(value);
             match field {

@@ -160,7 +160,10 @@ impl Tool for Recall {
                 .map(|n| {
                     let mut have = words_of(n);
                     have.sort_unstable();
-                    let score = words.iter().filter(|w| have.binary_search(w).is_ok()).count();
+                    let score = words
+                        .iter()
+                        .filter(|w| have.binary_search(w).is_ok())
+                        .count();
                     (score, n)
                 })
                 .filter(|(score, _)| words.is_empty() || *score > 0)
@@ -212,11 +215,26 @@ mod tests {
         let (_tmp, ctx) = context();
         let states = Arc::new(AgentStates::new());
         let [store, recall]: [Box<dyn Tool>; 2] = tools(&states).try_into().ok().expect("two");
-        call(&*store, &ctx, json!({"text": "Vault guard Ada starts at 22:00", "tags": ["vault"]})).await;
+        call(
+            &*store,
+            &ctx,
+            json!({"text": "Vault guard Ada starts at 22:00", "tags": ["vault"]}),
+        )
+        .await;
         call(&*store, &ctx, json!({"text": "Van parked on Elm street"})).await;
-        call(&*store, &ctx, json!({"text": "Lobby camera blind spot", "tags": ["camera"]})).await;
+        call(
+            &*store,
+            &ctx,
+            json!({"text": "Lobby camera blind spot", "tags": ["camera"]}),
+        )
+        .await;
 
-        let found = call(&*recall, &ctx, json!({"query": "when does the vault guard start?"})).await;
+        let found = call(
+            &*recall,
+            &ctx,
+            json!({"query": "when does the vault guard start?"}),
+        )
+        .await;
         assert_eq!(found["notes"][0]["text"], "Vault guard Ada starts at 22:00");
         assert_eq!(found["notes"].as_array().map(Vec::len), Some(1));
 
@@ -230,7 +248,10 @@ mod tests {
         let state = states.get(ctx.workspace.id());
         assert_eq!(lock(&state).memory.len(), 3);
         assert!(
-            std::fs::read_dir(ctx.workspace.path()).expect("ls").next().is_none(),
+            std::fs::read_dir(ctx.workspace.path())
+                .expect("ls")
+                .next()
+                .is_none(),
             "nothing was written to the workspace"
         );
     }

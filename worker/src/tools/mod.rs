@@ -297,7 +297,9 @@ mod tests {
             Some(errors::reason::TOOL_NOT_FOUND)
         );
         assert!(
-            status.message().contains("calc, db.query, echo, exec, fs.delete"),
+            status
+                .message()
+                .contains("calc, db.query, echo, exec, fs.delete"),
             "{}",
             status.message()
         );

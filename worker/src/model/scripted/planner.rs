@@ -262,7 +262,7 @@ fn cite(seen: &Seen<'_>, directives: &Directives, user: &str) -> String {
         }
         ("calc", Some(result)) => format!(
             "calc gives {}.",
-            plain(result.get("value").unwrap_or(result))
+            plain(result.get("result").unwrap_or(result))
         ),
         ("fs.read", _) => {
             let keys = keywords(directives.goal.as_deref().unwrap_or(user));
