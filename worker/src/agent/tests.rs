@@ -184,19 +184,18 @@ async fn a_tool_outside_the_gate_is_a_denied_event_and_an_error_the_model_reads(
         "{}",
         denied.1
     );
-    let state = rig.states.get(rig.ctx.workspace.id());
-    let state = lock(&state);
-    let tool_msgs: Vec<_> = state.conversations["intel"]
+    let shared = rig.states.get(rig.ctx.workspace.id());
+    let tool_msgs: Vec<_> = lock(&shared).conversations["intel"]
         .messages
         .iter()
         .filter(|m| m.role == Role::Tool && m.is_error)
+        .cloned()
         .collect();
     assert_eq!(tool_msgs.len(), 1);
     assert!(tool_msgs[0].content.starts_with("denied:"));
 
     // Allowed to the agent but not granted: never offered, and refused if called anyway.
     let grant: BTreeSet<String> = BTreeSet::new();
-    drop(state);
     let (result, events) = rig
         .turn_with(&spec, "when?", &grant, CancellationToken::new())
         .await;

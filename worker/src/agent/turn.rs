@@ -246,7 +246,7 @@ impl Turn<'_> {
             arguments: call.arguments.clone(),
         });
         if !self.allowed(&call.name) {
-            let reason = if self.agent.allowed_tools.iter().any(|t| *t == call.name) {
+            let reason = if self.agent.allowed_tools.contains(&call.name) {
                 format!("tool {:?} is not granted to this turn's caller", call.name)
             } else {
                 format!(

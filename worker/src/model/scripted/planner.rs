@@ -104,7 +104,8 @@ fn plan(directives: &Directives, user: &str, offered: &[&str], rng: &mut Rng) ->
 fn from_message(user: &str, offered: &[&str]) -> Vec<Step> {
     let mut steps = Vec::new();
     let has = |t: &str| offered.contains(&t);
-    let lower = user.to_lowercase();
+    // ASCII lowering keeps byte offsets, so they index `user` too.
+    let lower = user.to_ascii_lowercase();
     let words: Vec<&str> = user
         .split_whitespace()
         .map(|w| w.trim_matches(|c: char| "\"'`,;:()?!".contains(c)))
@@ -112,11 +113,11 @@ fn from_message(user: &str, offered: &[&str]) -> Vec<Step> {
     if let Some(rest) = lower
         .find("remember")
         .map(|i| user[i + "remember".len()..].trim())
+        && has("memory.store")
+        && !rest.is_empty()
     {
-        if has("memory.store") && !rest.is_empty() {
-            let text = rest.trim_start_matches(|c: char| c == ':' || c == ' ');
-            steps.push(step("memory.store", json!({"text": text})));
-        }
+        let text = rest.trim_start_matches([':', ' ']);
+        steps.push(step("memory.store", json!({"text": text})));
     }
     if (lower.contains("recall") || lower.contains("what do you know")) && has("memory.recall") {
         steps.push(step("memory.recall", json!({})));
@@ -317,10 +318,10 @@ fn sabotage_args(tool: &str, args: &mut Json, pattern: Sabotage, severity: u32, 
             args["content"] = json!(sabotage_text(content, pattern, severity, rng));
         }
     }
-    if tool == "memory.store" {
-        if let Some(text) = args["text"].as_str() {
-            args["text"] = json!(sabotage_text(text, pattern, severity, rng));
-        }
+    if tool == "memory.store"
+        && let Some(text) = args["text"].as_str()
+    {
+        args["text"] = json!(sabotage_text(text, pattern, severity, rng));
     }
 }
 
