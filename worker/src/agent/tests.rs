@@ -395,3 +395,54 @@ fn the_builtin_agents_include_the_heist_crew() {
         assert!(names.iter().any(|n| n == role), "{role} missing");
     }
 }
+
+/// The crew's shape: read a blueprint, query the database, add to a shared plan file.
+const CREW: &str = "You are intel.\n[scripted]\ngoal: vault entrance and guard shift\n\
+step: fs.read {\"path\": \"blueprints/vault.md\"}\n\
+step: db.query {\"database\": \"security.db\", \"sql\": \"SELECT name, shift_start FROM guards WHERE zone = 'vault'\"}\n\
+step: fs.write {\"path\": \"plan.md\", \"content\": \"- intel: {{2:/rows/0/0}} guards the vault from {{2:/rows/0/1}}. {{1}}\\n\", \"append\": true}\n\
+final: Added to the plan: {{facts}}\n";
+
+#[tokio::test]
+async fn directives_drive_a_crew_member_through_files_db_and_the_plan() {
+    let rig = rig("Ada", "22:00", |_| {});
+    let ws = rig.ctx.workspace.path();
+    std::fs::create_dir(ws.join("blueprints")).expect("mkdir");
+    std::fs::write(
+        ws.join("blueprints/vault.md"),
+        "# Floor B1\nThe vault entrance is the steel door at the end of corridor C.\nCafeteria on the left.\n",
+    )
+    .expect("blueprint");
+    std::fs::write(ws.join("plan.md"), "- planner: go at night\n").expect("plan");
+    let tools = ["fs.read", "db.query", "fs.write"];
+
+    let honest = agent(&tools, &format!("{CREW}[/scripted]"));
+    let text = rig
+        .turn(&honest, "your part of the plan")
+        .await
+        .0
+        .expect("answer");
+    assert!(
+        text.contains("steel door at the end of corridor C"),
+        "{text}"
+    );
+    assert!(text.contains("name=Ada, shift_start=22:00"), "{text}");
+    let plan = std::fs::read_to_string(ws.join("plan.md")).expect("plan");
+    assert!(plan.starts_with("- planner: go at night\n"), "{plan}");
+    assert!(
+        plan.contains("- intel: Ada guards the vault from 22:00."),
+        "{plan}"
+    );
+
+    let mole = agent(&tools, &format!("{CREW}sabotage: chaos\n[/scripted]"));
+    rig.turn(&mole, "your part of the plan")
+        .await
+        .0
+        .expect("answer");
+    let plan = std::fs::read_to_string(ws.join("plan.md")).expect("plan");
+    assert!(
+        !plan.contains("planner: go at night"),
+        "the mole overwrote the others' work: {plan}"
+    );
+    assert!(plan.contains("Scrap the earlier plan"), "{plan}");
+}
