@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use events::{TurnEvent, TurnEventKind};
 pub use runner::{RegistryRunner, ToolResult, ToolRunner};
-pub use spec::{AgentSpec, builtin_agents};
+pub use spec::{AgentSpec, MAX_STEP_LIMIT, SpecError, agents_with, builtin_agents};
 pub use state::{
     AgentState, AgentStates, Conversation, InProgressTurn, MemoryNote, STATE_VERSION,
     SharedAgentState, StateError, lock,

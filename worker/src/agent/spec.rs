@@ -45,6 +45,78 @@ mod defaults {
     }
 }
 
+/// Why an agent spec was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {agent:?}: {message}")]
+pub struct SpecError {
+    /// The agent's name.
+    pub agent: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Largest `step_limit` accepted.
+pub const MAX_STEP_LIMIT: u32 = 100;
+
+impl AgentSpec {
+    /// Checks the fields a config file may get wrong.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let fail = |message: String| {
+            Err(SpecError {
+                agent: self.name.clone(),
+                message,
+            })
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return fail(
+                "the name must be non-empty ASCII letters, digits, '-', '_' or '.'".to_owned(),
+            );
+        }
+        if self.step_limit == 0 || self.step_limit > MAX_STEP_LIMIT {
+            return fail(format!(
+                "step_limit is {}; use 1 to {MAX_STEP_LIMIT}",
+                self.step_limit
+            ));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return fail(format!(
+                "temperature is {}; use 0.0 to 2.0",
+                self.temperature
+            ));
+        }
+        if self.max_output_tokens == 0 {
+            return fail("max_output_tokens must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// The built-in agents with `configured` ones added (a configured agent with a built-in name
+/// replaces it), each validated, names unique, ordered by name.
+pub fn agents_with(configured: Vec<AgentSpec>) -> Result<Vec<AgentSpec>, SpecError> {
+    let mut all: std::collections::BTreeMap<String, AgentSpec> = builtin_agents()
+        .into_iter()
+        .map(|a| (a.name.clone(), a))
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in configured {
+        spec.validate()?;
+        if !seen.insert(spec.name.clone()) {
+            return Err(SpecError {
+                agent: spec.name,
+                message: "is configured twice; give each agent its own name".to_owned(),
+            });
+        }
+        all.insert(spec.name.clone(), spec);
+    }
+    Ok(all.into_values().collect())
+}
+
 fn agent(name: &str, role: &str, tools: &[&str]) -> AgentSpec {
     let tool_list = tools.join(", ");
     AgentSpec {

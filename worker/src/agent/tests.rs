@@ -31,7 +31,9 @@ fn rig(guard: &str, start: &str, edit: impl FnOnce(&mut ModelsConfig)) -> Rig {
     )
     .expect("rows");
     let states = Arc::new(AgentStates::new());
-    let registry = Arc::new(Registry::builtin_with(Arc::clone(&states)).expect("registry"));
+    let registry = Arc::new(
+        Registry::builtin_with(Arc::clone(&states), Default::default()).expect("registry"),
+    );
     let runner = RegistryRunner::new(registry, ctx.clone());
     let mut config = ModelsConfig::default();
     edit(&mut config);
@@ -379,6 +381,30 @@ async fn a_saved_state_forks_into_conversations_that_diverge() {
     assert_eq!(a[..4], b[..4], "the same history");
     assert_ne!(a[4..], b[4..], "then each its own");
     assert!(b.last().expect("answer").content.contains("42"));
+}
+
+#[test]
+fn configured_agents_are_validated_and_replace_builtins() {
+    let mut custom = agent(&["calc"], "You count.");
+    custom.name = "planner".into();
+    let all = agents_with(vec![custom.clone()]).expect("valid");
+    let planner = all.iter().find(|a| a.name == "planner").expect("planner");
+    assert_eq!(planner.system_prompt, "You count.");
+    assert!(all.iter().any(|a| a.name == "lookout"));
+
+    let mut bad = custom.clone();
+    bad.step_limit = 0;
+    let err = agents_with(vec![bad]).expect_err("zero steps");
+    assert!(
+        err.to_string().contains("step_limit is 0; use 1 to 100"),
+        "{err}"
+    );
+    let err = agents_with(vec![custom.clone(), custom]).expect_err("twice");
+    assert!(err.to_string().contains("configured twice"), "{err}");
+    let typo = serde_json::from_value::<AgentSpec>(serde_json::json!({
+        "name": "x", "role": "r", "system_prompt": "p", "steps": 3
+    }));
+    assert!(typo.is_err(), "unknown fields are refused");
 }
 
 #[test]

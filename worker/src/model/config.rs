@@ -110,7 +110,8 @@ pub struct ChainConfig {
     #[serde(default = "defaults::backoff_max_ms")]
     pub backoff_max_ms: u64,
     /// Longest `Retry-After` honoured, in milliseconds (default 30000); a longer one moves on
-    /// to the next provider instead of waiting.
+    /// to the next provider instead of waiting. `Retry-After` is read in seconds; an HTTP date
+    /// there is ignored (the backoff applies).
     #[serde(default = "defaults::max_retry_after_ms")]
     pub max_retry_after_ms: u64,
     /// Context budget of an agent on this chain, in (estimated) tokens (default 6000): past it,
@@ -172,8 +173,8 @@ pub struct BreakerConfig {
     /// Consecutive failed attempts that open the breaker (default 5).
     #[serde(default = "defaults::breaker_failures")]
     pub failures: u32,
-    /// How long an open breaker skips the provider, in milliseconds (default 30000); then one
-    /// trial call decides whether it closes again.
+    /// How long an open breaker skips the provider, in milliseconds (default 30000). After it,
+    /// calls go through again: a success closes the breaker, a failure opens it at once.
     #[serde(default = "defaults::breaker_cooldown_ms")]
     pub cooldown_ms: u64,
 }

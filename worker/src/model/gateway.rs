@@ -181,6 +181,12 @@ impl Gateway {
             .entry("default".to_owned())
             .or_insert_with(|| ChainConfig::of(&["scripted"]));
         for (name, chain) in &chains {
+            if chain.timeout_ms == 0 || chain.backoff_base_ms > chain.backoff_max_ms {
+                return Err(GatewayError::Config(format!(
+                    "chain {name:?}: timeout_ms must be above 0 and backoff_base_ms at most \
+                     backoff_max_ms"
+                )));
+            }
             if chain.providers.is_empty() {
                 return Err(GatewayError::Config(format!(
                     "chain {name:?} lists no providers: give it at least one"
@@ -193,6 +199,22 @@ impl Gateway {
                     providers.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
+        }
+        let dollars = |v: f64| v.is_finite() && v >= 0.0;
+        if let Some((model, _)) = config
+            .prices
+            .iter()
+            .find(|(_, p)| !dollars(p.input_usd_per_mtok) || !dollars(p.output_usd_per_mtok))
+        {
+            return Err(GatewayError::Config(format!(
+                "the price of model {model:?} must be a non-negative number of dollars"
+            )));
+        }
+        if !dollars(config.budget.max_cost_usd_per_session) {
+            return Err(GatewayError::Config(
+                "budget.max_cost_usd_per_session must be a non-negative number of dollars"
+                    .to_owned(),
+            ));
         }
         Ok(Self {
             providers,

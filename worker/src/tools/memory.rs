@@ -14,27 +14,44 @@ use crate::{
     agent::{AgentStates, MemoryNote, lock},
 };
 
-/// Longest note, in characters.
-pub const MAX_NOTE_CHARS: usize = 4_000;
-/// Most notes a session keeps; storing more is refused until the session is reset.
-pub const MAX_NOTES: usize = 1_000;
-/// Most notes one recall returns.
-pub const MAX_RECALL: usize = 50;
+/// Bounds on a session's memory.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryLimits {
+    /// Longest note, in characters (default 4000).
+    pub max_note_chars: usize,
+    /// Most notes a session keeps (default 1000); storing more is refused.
+    pub max_notes: usize,
+    /// Most notes one recall returns (default 50).
+    pub max_recall: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_note_chars: 4_000,
+            max_notes: 1_000,
+            max_recall: 50,
+        }
+    }
+}
 
 /// The memory tools over these agent states.
-pub(crate) fn tools(states: &Arc<AgentStates>) -> Vec<Box<dyn Tool>> {
+pub(crate) fn tools(states: &Arc<AgentStates>, limits: MemoryLimits) -> Vec<Box<dyn Tool>> {
     vec![
         Box::new(Store {
             states: Arc::clone(states),
+            limits,
         }),
         Box::new(Recall {
             states: Arc::clone(states),
+            limits,
         }),
     ]
 }
 
 struct Store {
     states: Arc<AgentStates>,
+    limits: MemoryLimits,
 }
 
 #[derive(Deserialize)]
@@ -58,7 +75,7 @@ impl Tool for Store {
         json!({
             "type": "object",
             "properties": {
-                "text": {"type": "string", "minLength": 1, "maxLength": MAX_NOTE_CHARS, "description": "The note."},
+                "text": {"type": "string", "minLength": 1, "maxLength": self.limits.max_note_chars, "description": "The note."},
                 "tags": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 64}, "maxItems": 16, "description": "Tags to filter by later."}
             },
             "required": ["text"],
@@ -79,11 +96,12 @@ impl Tool for Store {
             let args: StoreArgs = parse_args(args)?;
             let shared = self.states.get(ctx.workspace.id());
             let mut state = lock(&shared);
-            if state.memory.len() >= MAX_NOTES {
+            let max = self.limits.max_notes;
+            if state.memory.len() >= max {
                 return Err(Error::LimitExceeded {
                     limit: "max_notes",
                     message: format!(
-                        "the session already holds {MAX_NOTES} notes, the most it keeps: \
+                        "the session already holds {max} notes, the most it keeps: \
                          start a new session or fork an earlier checkpoint"
                     ),
                 });
@@ -104,6 +122,7 @@ impl Tool for Store {
 
 struct Recall {
     states: Arc<AgentStates>,
+    limits: MemoryLimits,
 }
 
 #[derive(Deserialize)]
@@ -133,7 +152,7 @@ impl Tool for Recall {
             "properties": {
                 "query": {"type": "string", "description": "Words to look for."},
                 "tag": {"type": "string", "description": "Only notes with this tag."},
-                "limit": {"type": "integer", "minimum": 1, "maximum": MAX_RECALL, "default": 10, "description": "Most notes returned."}
+                "limit": {"type": "integer", "minimum": 1, "maximum": self.limits.max_recall, "default": 10, "description": "Most notes returned."}
             },
             "additionalProperties": false
         })
@@ -172,7 +191,7 @@ impl Tool for Recall {
             hits.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.id.cmp(&a.1.id)));
             let notes: Vec<Json> = hits
                 .into_iter()
-                .take(args.limit.unwrap_or(10).min(MAX_RECALL))
+                .take(args.limit.unwrap_or(10).min(self.limits.max_recall))
                 .map(|(_, n)| json!({"id": n.id, "text": n.text, "tags": n.tags}))
                 .collect();
             let mut out = Map::new();
@@ -214,7 +233,10 @@ mod tests {
     async fn notes_are_found_by_words_and_tags_and_live_in_agent_state() {
         let (_tmp, ctx) = context();
         let states = Arc::new(AgentStates::new());
-        let [store, recall]: [Box<dyn Tool>; 2] = tools(&states).try_into().ok().expect("two");
+        let [store, recall]: [Box<dyn Tool>; 2] = tools(&states, MemoryLimits::default())
+            .try_into()
+            .ok()
+            .expect("two");
         call(
             &*store,
             &ctx,

@@ -39,6 +39,15 @@ pub struct Limits {
     pub max_list_entries: usize,
 }
 
+/// Limits of the tools agents lean on (db.query and memory.*).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentToolLimits {
+    /// db.query's time, row and byte limits.
+    pub db: db::DbLimits,
+    /// The session memory's limits.
+    pub memory: memory::MemoryLimits,
+}
+
 /// What a tool call runs against.
 #[derive(Clone)]
 pub struct ToolContext {
@@ -183,24 +192,27 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools, with memory notes kept in a set of agent states of their own (see
-    /// [`Registry::builtin_with`]).
+    /// The built-in tools with default limits, memory notes kept in a set of agent states of
+    /// their own (see [`Registry::builtin_with`]).
     pub fn builtin() -> Result<Self, Error> {
-        Self::builtin_with(Arc::new(AgentStates::new()))
+        Self::builtin_with(Arc::new(AgentStates::new()), AgentToolLimits::default())
     }
 
     /// The built-in tools: echo, calc, db.query, the fs.* family, memory.store/recall (over
     /// `agent_states`, the same the turns use), exec and run.python.
-    pub fn builtin_with(agent_states: Arc<AgentStates>) -> Result<Self, Error> {
+    pub fn builtin_with(
+        agent_states: Arc<AgentStates>,
+        limits: AgentToolLimits,
+    ) -> Result<Self, Error> {
         let mut tools: Vec<Box<dyn Tool>> = vec![
             Box::new(echo::Echo),
             Box::new(calc::Calc),
-            Box::new(db::DbQuery::new(db::DbLimits::default())),
+            Box::new(db::DbQuery::new(limits.db)),
             Box::new(exec::Exec),
             Box::new(python::RunPython),
         ];
         tools.extend(fs::tools());
-        tools.extend(memory::tools(&agent_states));
+        tools.extend(memory::tools(&agent_states, limits.memory));
         Self::new(tools)
     }
 
