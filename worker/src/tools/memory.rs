@@ -84,7 +84,9 @@ impl Tool for Store {
     }
 
     fn read_only(&self) -> bool {
-        true
+        // It changes the session's state (which checkpoints carry), so retries must not
+        // store a note twice.
+        false
     }
 
     fn call<'a>(

@@ -344,7 +344,16 @@ mod tests {
             .filter(|s| !s.read_only)
             .map(|s| s.name.as_str())
             .collect();
-        assert_eq!(read_only, ["exec", "fs.delete", "fs.write", "run.python"]);
+        assert_eq!(
+            read_only,
+            [
+                "exec",
+                "fs.delete",
+                "fs.write",
+                "memory.store",
+                "run.python"
+            ]
+        );
     }
 
     #[test]
