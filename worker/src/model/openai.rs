@@ -149,17 +149,23 @@ fn decode(
         done: false,
         tools,
     };
+    // `None` marks the end of the body: a server that closes cleanly after a finish_reason
+    // without sending `[DONE]` has still finished; one that closes before it has not.
     events
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
         .map(move |event| -> Vec<Result<ModelEvent, ModelError>> {
             if state.done {
                 return Vec::new();
             }
             let event = match event {
-                Ok(event) => event,
-                Err(err) => {
+                Some(Ok(event)) => event,
+                Some(Err(err)) => {
                     state.done = true;
                     return vec![Err(err)];
                 }
+                None if state.finish.is_some() => "[DONE]".into(),
+                None => return Vec::new(),
             };
             match chunk(&mut state, &event.data) {
                 Ok(out) => out.into_iter().map(Ok).collect(),
@@ -200,8 +206,14 @@ fn chunk(state: &mut State, data: &str) -> Result<Vec<ModelEvent>, ModelError> {
         if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
             out.push(ModelEvent::TextDelta(text.to_owned()));
         }
-        for call in delta["tool_calls"].as_array().into_iter().flatten() {
-            let index = call["index"].as_u64().unwrap_or(0);
+        for (position, call) in delta["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            // Some servers (older Ollama) send whole calls without an index.
+            let index = call["index"].as_u64().unwrap_or(position as u64);
             let partial = state.calls.entry(index).or_default();
             if let Some(id) = call["id"].as_str() {
                 partial.id = id.to_owned();

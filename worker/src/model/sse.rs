@@ -28,6 +28,15 @@ pub(crate) fn events(
     }))
 }
 
+impl From<&str> for SseEvent {
+    fn from(data: &str) -> Self {
+        Self {
+            event: None,
+            data: data.to_owned(),
+        }
+    }
+}
+
 fn decode<S>(body: S) -> BoxStream<'static, Result<SseEvent, ModelError>>
 where
     S: Stream<Item = Result<Vec<u8>, ModelError>> + Send + 'static,

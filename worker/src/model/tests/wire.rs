@@ -448,3 +448,39 @@ fn the_models_section_parses_with_defaults_and_rejects_typos() {
         .expect("unknown provider");
     assert!(err.to_string().contains("\"nope\""), "{err}");
 }
+
+#[tokio::test]
+async fn whole_tool_calls_without_index_and_no_done_marker_are_accepted() {
+    // Older Ollama: complete calls in one chunk, no `index`, and a body that ends after the
+    // finish_reason without `[DONE]`.
+    let server = Server::start(vec![Reply::Sse(vec![
+        chunk(json!({"tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "db__query", "arguments": "{\"sql\": \"SELECT 1\"}"}},
+            {"id": "b", "type": "function", "function": {"name": "db__query", "arguments": "{\"sql\": \"SELECT 2\"}"}}
+        ]})),
+        (None, json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}).to_string()),
+    ])])
+    .await;
+    let gw = gateway(vec![("oa", openai(&server, ""))], |_| {});
+    let done = run(&gw, &mut Spend::default()).await.0.expect("completion");
+    let ids: Vec<&str> = done.tool_calls.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(done.tool_calls[1].arguments, json!({"sql": "SELECT 2"}));
+}
+
+#[tokio::test]
+async fn a_body_that_ends_before_finishing_is_a_broken_stream() {
+    let server = Server::start(vec![
+        Reply::Sse(vec![chunk(json!({"content": "half an ans"}))]),
+        text_reply("whole answer"),
+    ])
+    .await;
+    let gw = gateway(vec![("oa", openai(&server, ""))], |_| {});
+    let (result, events) = run(&gw, &mut Spend::default()).await;
+    assert_eq!(result.expect("completion").text, "whole answer");
+    assert!(
+        matches!(&events[1], GatewayEvent::Discarded { .. }),
+        "{events:?}"
+    );
+    assert!(matches!(&events[2], GatewayEvent::Retrying { reason, .. } if reason == "stream_cut"));
+}
