@@ -6,22 +6,30 @@ use crate::model::{Message, ModelRequest, Role, estimate_tokens, scripted};
 
 use super::{AgentSpec, Conversation};
 
-/// System prompt, summary and conversation as the model's messages.
+/// System prompt, summary and conversation as the model's messages. The agent's own prompt is
+/// the first system message; the summary and notes (text that came from models and tools)
+/// follow in a second, so they can never pose as the agent's directives.
 pub(crate) fn messages(
     agent: &AgentSpec,
     conversation: &Conversation,
     memory: &str,
 ) -> Vec<Message> {
-    let mut system = agent.system_prompt.clone();
+    let mut out = vec![Message::text(Role::System, agent.system_prompt.clone())];
+    let mut context = String::new();
     if let Some(summary) = &conversation.summary {
-        system.push_str("\n\nSummary of the earlier conversation:\n");
-        system.push_str(summary);
+        context.push_str("Summary of the earlier conversation:\n");
+        context.push_str(summary);
     }
     if !memory.is_empty() {
-        system.push_str("\n\nNotes in memory:\n");
-        system.push_str(memory);
+        if !context.is_empty() {
+            context.push_str("\n\n");
+        }
+        context.push_str("Notes in memory:\n");
+        context.push_str(memory);
     }
-    let mut out = vec![Message::text(Role::System, system)];
+    if !context.is_empty() {
+        out.push(Message::text(Role::System, context));
+    }
     out.extend(conversation.messages.iter().cloned());
     out
 }

@@ -34,18 +34,17 @@ impl ModelProvider for Scripted {
     }
 
     fn stream(&self, request: ModelRequest) -> BoxFuture<'_, Result<ModelStream, ModelError>> {
+        // Directives come from the agent's own prompt (the first system message) only.
         let system = request
             .messages
             .iter()
-            .filter(|m| m.role == Role::System)
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        let directives = Directives::parse(&system);
+            .find(|m| m.role == Role::System)
+            .map_or("", |m| m.content.as_str());
+        let directives = Directives::parse(system);
         let seed = directives.seed.unwrap_or(self.seed);
         // The same conversation gives the same choices; a later step gets fresh ones.
         let mut rng =
-            Rng::new(seed ^ fnv(&system) ^ (request.messages.len() as u64).rotate_left(17));
+            Rng::new(seed ^ fnv(system) ^ (request.messages.len() as u64).rotate_left(17));
         let decision = planner::decide(&request, &directives, &mut rng);
         let input_tokens = request
             .messages
