@@ -248,6 +248,7 @@ impl Gateway {
     /// Runs `request` on `chain`: streams text through `on_event` as it arrives and returns the
     /// whole response, adding its usage to `spend`. Refuses to start when `spend` is over the
     /// session budget.
+    #[tracing::instrument(skip_all, fields(chain = %chain_name))]
     pub async fn complete(
         &self,
         chain_name: &str,
@@ -270,52 +271,16 @@ impl Gateway {
                 last = format!("{name}: circuit breaker open");
                 continue;
             }
-            let mut attempt = 0u32;
-            let failure = loop {
-                let span = info_span!("model_call", provider = %name, chain = %chain_name, attempt);
-                let timeout = Duration::from_millis(chain.timeout_ms);
-                let mut streamed = false;
-                let result = tokio::select! {
-                    () = cancel.cancelled() => return Err(GatewayError::Cancelled),
-                    r = tokio::time::timeout(timeout, attempt_once(slot, request, &mut streamed, on_event)).instrument(span) => {
-                        r.unwrap_or(Err(ModelError::Timeout(timeout)))
-                    }
-                };
-                match result {
-                    Ok(mut completion) => {
-                        self.record(slot, true);
-                        completion.provider = name.clone();
-                        self.account(name, slot, &completion, spend, on_event);
-                        return Ok(completion);
-                    }
-                    Err(err) => {
-                        self.record(slot, false);
-                        warn!(provider = %name, error = %err, attempt, "model call failed");
-                        if streamed {
-                            on_event(GatewayEvent::Discarded {
-                                provider: name.clone(),
-                                reason: err.to_string(),
-                            });
-                        }
-                        let Some(delay) = self.retry_delay(chain, attempt, &err) else {
-                            break err;
-                        };
-                        attempt += 1;
-                        on_event(GatewayEvent::Retrying {
-                            provider: name.clone(),
-                            attempt,
-                            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                            reason: err.kind(),
-                        });
-                        tokio::select! {
-                            () = cancel.cancelled() => return Err(GatewayError::Cancelled),
-                            () = tokio::time::sleep(delay) => {}
-                        }
-                        if !self.breaker_allows(slot) {
-                            break err;
-                        }
-                    }
+            let failure = match self
+                .retrying(name, slot, chain, request, cancel, on_event)
+                .await?
+            {
+                Ok(mut completion) => {
+                    completion.provider = name.clone();
+                    self.account(name, slot, &completion, spend, on_event);
+                    return Ok(completion);
                 }
+                Err(failure) => failure,
             };
             last = format!("{name}: {failure}");
             if let Some(next) = chain.providers.get(index + 1) {
@@ -330,6 +295,64 @@ impl Gateway {
             chain: chain_name.to_owned(),
             last,
         })
+    }
+
+    /// Calls one provider, retrying while its failures are retryable, its retries last and its
+    /// breaker stays closed. The outer error is cancellation; the inner one the last failure.
+    async fn retrying(
+        &self,
+        name: &str,
+        slot: &Slot,
+        chain: &ChainConfig,
+        request: &ModelRequest,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(GatewayEvent) + Send),
+    ) -> Result<Result<Completion, ModelError>, GatewayError> {
+        let timeout = Duration::from_millis(chain.timeout_ms);
+        let mut attempt = 0u32;
+        loop {
+            let span = info_span!("model_call", provider = %name, attempt);
+            let mut streamed = false;
+            let call = attempt_once(slot, request, &mut streamed, on_event);
+            let result = tokio::select! {
+                () = cancel.cancelled() => return Err(GatewayError::Cancelled),
+                r = tokio::time::timeout(timeout, call).instrument(span) => {
+                    r.unwrap_or(Err(ModelError::Timeout(timeout)))
+                }
+            };
+            let err = match result {
+                Ok(completion) => {
+                    self.record(slot, true);
+                    return Ok(Ok(completion));
+                }
+                Err(err) => err,
+            };
+            self.record(slot, false);
+            warn!(provider = %name, error = %err, attempt, "model call failed");
+            if streamed {
+                on_event(GatewayEvent::Discarded {
+                    provider: name.to_owned(),
+                    reason: err.to_string(),
+                });
+            }
+            let Some(delay) = self.retry_delay(chain, attempt, &err) else {
+                return Ok(Err(err));
+            };
+            attempt += 1;
+            on_event(GatewayEvent::Retrying {
+                provider: name.to_owned(),
+                attempt,
+                delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                reason: err.kind(),
+            });
+            tokio::select! {
+                () = cancel.cancelled() => return Err(GatewayError::Cancelled),
+                () = tokio::time::sleep(delay) => {}
+            }
+            if !self.breaker_allows(slot) {
+                return Ok(Err(err));
+            }
+        }
     }
 
     fn check_budget(&self, spend: &Spend) -> Result<(), GatewayError> {
