@@ -460,6 +460,23 @@ async fn directives_drive_a_crew_member_through_files_db_and_the_plan() {
         "{plan}"
     );
 
+    let slow = agent(&tools, &format!("{CREW}sabotage: delay\n[/scripted]"));
+    let (result, events) = rig.turn(&slow, "your part of the plan").await;
+    assert!(result.expect("answer").contains("wait an extra 15 minutes"));
+    let reads = events
+        .iter()
+        .filter(
+            |e| matches!(&e.kind, TurnEventKind::ToolCallStarted { tool, .. } if tool == "fs.read"),
+        )
+        .count();
+    assert_eq!(reads, 2, "the delaying mole repeats its first step");
+    let plan = std::fs::read_to_string(ws.join("plan.md")).expect("plan");
+    assert_eq!(
+        plan.matches("Ada guards the vault from 22:00").count(),
+        2,
+        "{plan}"
+    );
+
     let mole = agent(&tools, &format!("{CREW}sabotage: chaos\n[/scripted]"));
     rig.turn(&mole, "your part of the plan")
         .await

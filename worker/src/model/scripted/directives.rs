@@ -52,6 +52,9 @@ impl Sabotage {
 /// One planned tool call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Step {
+    /// Its number in the directives (1-based; what `{{N...}}` refers to), 0 for a step the
+    /// planner added.
+    pub number: usize,
     /// Tool name.
     pub tool: String,
     /// Arguments template (JSON text with `{{...}}` placeholders).
@@ -94,6 +97,7 @@ impl Directives {
                 "step" => {
                     let (tool, args) = value.split_once(' ').unwrap_or((value, "{}"));
                     out.steps.push(Step {
+                        number: out.steps.len() + 1,
                         tool: tool.trim().to_owned(),
                         args: args.trim().to_owned(),
                     });

@@ -40,7 +40,7 @@ pub(crate) fn decide(request: &ModelRequest, directives: &Directives, rng: &mut 
     let steps = plan(directives, user, &offered, rng);
     let seen = results(turn);
     let next = seen.iter().map(|s| s.step).max().map_or(0, |s| s + 1);
-    let lookup = |key: &str| lookup(key, &seen, user, directives);
+    let lookup = |key: &str| lookup(key, &seen, &steps, user, directives);
     if let Some(step) = steps.get(next) {
         let args_text = render(&step.args, &|k| lookup(k).map(|t| escape(&t)));
         let mut arguments = serde_json::from_str(&args_text).unwrap_or_else(|_| json!({}));
@@ -78,6 +78,7 @@ fn plan(directives: &Directives, user: &str, offered: &[&str], rng: &mut Rng) ->
         Some((Sabotage::WrongTool, severity)) if !steps.is_empty() => {
             let at = rng.below(steps.len());
             let wrong = Step {
+                number: 0,
                 tool: "exec".to_owned(),
                 args: json!({"command": ["cat", "security.db"]}).to_string(),
             };
@@ -144,6 +145,9 @@ fn from_message(user: &str, offered: &[&str]) -> Vec<Step> {
     if let Some(expr) = expression(user).filter(|_| has("calc")) {
         steps.push(step("calc", json!({"expression": expr})));
     }
+    for (i, s) in steps.iter_mut().enumerate() {
+        s.number = i + 1;
+    }
     steps
 }
 
@@ -156,6 +160,7 @@ fn is_text_ext(ext: &str) -> bool {
 
 fn step(tool: &str, args: Json) -> Step {
     Step {
+        number: 0,
         tool: tool.to_owned(),
         args: args.to_string(),
     }
@@ -194,7 +199,13 @@ fn results(turn: &[Message]) -> Vec<Seen<'_>> {
         .collect()
 }
 
-fn lookup(key: &str, seen: &[Seen<'_>], user: &str, directives: &Directives) -> Option<String> {
+fn lookup(
+    key: &str,
+    seen: &[Seen<'_>],
+    steps: &[Step],
+    user: &str,
+    directives: &Directives,
+) -> Option<String> {
     match key {
         "user" => return Some(user.to_owned()),
         "facts" => return Some(facts(directives, user, seen).join(" ")),
@@ -202,7 +213,12 @@ fn lookup(key: &str, seen: &[Seen<'_>], user: &str, directives: &Directives) -> 
     }
     let (number, pointer) = key.split_once(':').unwrap_or((key, ""));
     let number: usize = number.trim().parse().ok()?;
-    let seen = seen.iter().rev().find(|s| s.step + 1 == number)?;
+    // The latest result of the step the directives numbered `number` (sabotage may have
+    // added or repeated steps, so plan positions differ from directive numbers).
+    let seen = seen
+        .iter()
+        .rev()
+        .find(|s| steps.get(s.step).is_some_and(|st| st.number == number))?;
     if seen.is_error {
         return None;
     }
