@@ -111,11 +111,11 @@ async fn http_error(response: reqwest::Response) -> ModelError {
 
 /// Maps a reqwest error from sending a request.
 fn send_error(err: &reqwest::Error) -> ModelError {
-    ModelError::Connect(without_url(err))
+    ModelError::Connect(error_chain(err))
 }
 
 /// A reqwest error with its causes (keys travel in headers, never in URLs or these messages).
-fn without_url(err: &reqwest::Error) -> String {
+fn error_chain(err: &reqwest::Error) -> String {
     let mut text = String::new();
     let mut source: Option<&dyn std::error::Error> = Some(err);
     while let Some(e) = source {

@@ -24,7 +24,7 @@ pub(crate) fn events(
     decode(response.bytes_stream().map(|chunk| {
         chunk
             .map(|b| b.to_vec())
-            .map_err(|e| ModelError::StreamCut(super::without_url(&e)))
+            .map_err(|e| ModelError::StreamCut(super::error_chain(&e)))
     }))
 }
 
