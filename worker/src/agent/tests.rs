@@ -533,3 +533,107 @@ fn events_serialise_as_flat_json_lines() {
     let back: TurnEvent = serde_json::from_value(json).expect("parse");
     assert_eq!(back, event);
 }
+
+mod over_http {
+    //! The loop with a real provider client against a local OpenAI-protocol server.
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{
+        HttpProviderConfig, ProviderConfig,
+        tests::server::{Reply, Server},
+    };
+
+    fn chunk(delta: serde_json::Value, finish: Option<&str>) -> (Option<&'static str>, String) {
+        let data = json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        (None, data.to_string())
+    }
+
+    fn text(answer: &str) -> Reply {
+        Reply::Sse(vec![
+            chunk(json!({"content": answer}), Some("stop")),
+            (None, "[DONE]".to_owned()),
+        ])
+    }
+
+    fn on(server: &Server, budget: u64) -> impl FnOnce(&mut ModelsConfig) {
+        let url = format!("{}/v1", server.url);
+        move |c: &mut ModelsConfig| {
+            c.providers.insert(
+                "local".into(),
+                ProviderConfig::Openai(HttpProviderConfig {
+                    base_url: Some(url),
+                    model: Some("m".into()),
+                    ..Default::default()
+                }),
+            );
+            let mut chain = ChainConfig::of(&["local"]);
+            chain.context_budget_tokens = budget;
+            c.chains.insert("default".into(), chain);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_tool_call_runs_and_its_result_goes_back_to_the_model() {
+        let server = Server::start(vec![
+            Reply::Sse(vec![
+                chunk(json!({"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "calc", "arguments": "{\"expression\": "}}]}), None),
+                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"6 * 7\"}"}}]}), Some("tool_calls")),
+                (None, "[DONE]".to_owned()),
+            ]),
+            text("It is 42."),
+        ])
+        .await;
+        let rig = rig("Ada", "22:00", on(&server, 100_000));
+        let spec = agent(&["calc"], "You compute.");
+        let (result, events) = rig.turn(&spec, "six times seven?").await;
+        assert_eq!(result.expect("answer"), "It is 42.");
+        assert!(events.iter().any(|e| matches!(&e.kind,
+            TurnEventKind::ToolCallFinished { tool, result, .. } if tool == "calc" && result.contains("42"))));
+        server.seen(1, |seen| {
+            let messages = seen.body["messages"].as_array().expect("messages");
+            let tool = messages.last().expect("tool result");
+            assert_eq!(tool["role"], "tool");
+            assert_eq!(tool["tool_call_id"], "c1");
+            assert!(tool["content"].as_str().expect("content").contains("42"));
+            assert_eq!(
+                seen.body["tools"].as_array().map(Vec::len),
+                Some(1),
+                "only granted tools"
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn a_real_model_writes_the_summary_when_the_context_is_compressed() {
+        let server = Server::start(vec![
+            text("First answer, quite long to fill the budget of this agent."),
+            text("MODEL SUMMARY: the user asked twice."),
+            text("Second answer."),
+        ])
+        .await;
+        let rig = rig("Ada", "22:00", on(&server, 20));
+        let spec = agent(&[], "You answer.");
+        rig.turn(&spec, "a first question that is long enough to matter")
+            .await
+            .0
+            .expect("one");
+        let (result, events) = rig.turn(&spec, "and a second one").await;
+        assert_eq!(result.expect("two"), "Second answer.");
+        let summary = events.iter().find_map(|e| match &e.kind {
+            TurnEventKind::ContextSummarised { summary, .. } => Some(summary.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            summary.as_deref(),
+            Some("MODEL SUMMARY: the user asked twice.")
+        );
+        server.seen(2, |seen| {
+            let system = seen.body["messages"][1]["content"]
+                .as_str()
+                .expect("context");
+            assert!(system.contains("MODEL SUMMARY"), "{system}");
+        });
+    }
+}

@@ -1,4 +1,4 @@
 //! Provider and gateway tests against protocol servers in the test process.
 
-mod server;
+pub(crate) mod server;
 mod wire;
