@@ -484,3 +484,42 @@ async fn a_body_that_ends_before_finishing_is_a_broken_stream() {
     );
     assert!(matches!(&events[2], GatewayEvent::Retrying { reason, .. } if reason == "stream_cut"));
 }
+
+#[tokio::test]
+async fn an_anthropic_error_event_midway_is_discarded_and_retried() {
+    let ev = |event: &'static str, data: Json| (Some(event), data.to_string());
+    let start = || {
+        ev(
+            "message_start",
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 5}}}),
+        )
+    };
+    let delta = |text: &str| {
+        ev(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        )
+    };
+    let server = Server::start(vec![
+        Reply::Sse(vec![
+            start(),
+            delta("The va"),
+            ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})),
+        ]),
+        Reply::Sse(vec![
+            start(),
+            delta("The van is blue."),
+            ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}})),
+            ev("message_stop", json!({"type": "message_stop"})),
+        ]),
+    ])
+    .await;
+    let gw = gateway(vec![("an", anthropic(&server))], |_| {});
+    let (result, events) = run(&gw, &mut Spend::default()).await;
+    assert_eq!(result.expect("completion").text, "The van is blue.");
+    assert!(
+        matches!(&events[1], GatewayEvent::Discarded { reason, .. } if reason.contains("overloaded_error")),
+        "{events:?}"
+    );
+    assert!(matches!(&events[2], GatewayEvent::Retrying { reason, .. } if reason == "stream_cut"));
+}
