@@ -15,7 +15,7 @@ use heist_proto::ids::SessionId;
 use serde::{Deserialize, Serialize};
 
 use super::TurnId;
-use crate::model::{Message, Spend};
+use crate::model::{Message, Role, Spend};
 
 /// The format version written by this build.
 pub const STATE_VERSION: u32 = 1;
@@ -160,6 +160,48 @@ impl AgentState {
     pub fn conversation(&mut self, agent: &str) -> &mut Conversation {
         self.conversations.entry(agent.to_owned()).or_default()
     }
+
+    /// After a restore or fork of a state saved mid-turn: takes the in-progress marker and
+    /// answers the tool calls that turn left open, so the conversation is valid for any
+    /// provider again. Returns the interrupted turn.
+    pub fn recover_interrupted(&mut self) -> Option<InProgressTurn> {
+        let turn = self.in_progress.take()?;
+        self.conversation(&turn.agent)
+            .answer_open_calls("the turn was interrupted (the session was restored or forked)");
+        Some(turn)
+    }
+}
+
+impl Conversation {
+    /// Appends an error result for every tool call of the last assistant message that has
+    /// none (providers refuse a conversation with unanswered calls). Returns how many.
+    pub fn answer_open_calls(&mut self, reason: &str) -> usize {
+        let Some(at) = self
+            .messages
+            .iter()
+            .rposition(|m| m.role == Role::Assistant)
+        else {
+            return 0;
+        };
+        let answered: Vec<String> = self.messages[at + 1..]
+            .iter()
+            .filter_map(|m| m.tool_call_id.clone())
+            .collect();
+        let open: Vec<_> = self.messages[at]
+            .tool_calls
+            .iter()
+            .filter(|c| !answered.contains(&c.id))
+            .cloned()
+            .collect();
+        for call in &open {
+            self.messages.push(Message::tool_result(
+                call,
+                format!("not run: {reason}"),
+                true,
+            ));
+        }
+        open.len()
+    }
 }
 
 /// A session's agent state, shared by its turns and its memory tools.
@@ -205,7 +247,40 @@ impl AgentStates {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Role;
+    use crate::model::ToolCall;
+
+    #[test]
+    fn a_state_saved_mid_turn_recovers_with_its_open_calls_answered() {
+        let mut state = AgentState::default();
+        let call = |id: &str| ToolCall {
+            id: id.into(),
+            name: "calc".into(),
+            arguments: serde_json::json!({}),
+        };
+        let conversation = state.conversation("driver");
+        conversation
+            .messages
+            .push(Message::text(Role::User, "route?"));
+        conversation
+            .messages
+            .push(Message::assistant("", vec![call("a"), call("b")]));
+        conversation
+            .messages
+            .push(Message::tool_result(&call("a"), "1", false));
+        state.in_progress = Some(InProgressTurn {
+            turn_id: TurnId::from_text("t-1"),
+            agent: "driver".into(),
+            message: "route?".into(),
+        });
+        let turn = state.recover_interrupted().expect("was mid-turn");
+        assert_eq!(turn.turn_id.as_str(), "t-1");
+        let last = state.conversations["driver"].messages.last().cloned();
+        let last = last.expect("message");
+        assert_eq!(last.tool_call_id.as_deref(), Some("b"));
+        assert!(last.is_error && last.content.starts_with("not run:"));
+        assert!(state.in_progress.is_none());
+        assert!(state.recover_interrupted().is_none());
+    }
 
     #[test]
     fn save_then_load_round_trips_and_replaces_atomically() {

@@ -282,7 +282,14 @@ async fn cancelling_stops_a_running_tool_and_the_turn() {
     let (result, saw_error) = tokio::join!(turn.run("wait".into()), watcher);
     assert!(matches!(result, Err(TurnError::Cancelled)));
     assert!(saw_error);
-    assert!(lock(&state).in_progress.is_none());
+    let state = lock(&state);
+    assert!(state.in_progress.is_none());
+    let last = state.conversations["intel"]
+        .messages
+        .last()
+        .expect("message");
+    assert_eq!(last.role, Role::Tool, "the open call is answered");
+    assert!(last.content.contains("cancelled"), "{}", last.content);
 }
 
 #[tokio::test]

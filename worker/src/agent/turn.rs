@@ -143,6 +143,12 @@ impl Turn<'_> {
             {
                 state.in_progress = None;
             }
+            if let Err(err) = &result {
+                // A cancelled turn may stop between a tool call and its result.
+                state
+                    .conversation(&self.agent.name)
+                    .answer_open_calls(&err.to_string());
+            }
         }
         match &result {
             Ok(text) => emitter.emit(TurnEventKind::FinalMessage { text: text.clone() }),
@@ -271,9 +277,11 @@ impl Turn<'_> {
             call_id: call.id.clone(),
             tool: call.name.clone(),
         });
+        // Cancellation first: a tool stopped by it must not read as the tool's own failure.
         let result = tokio::select! {
-            r = self.tools.call(&call.name, call.arguments.clone(), self.cancel.child_token()) => r,
+            biased;
             () = self.cancel.cancelled() => return Err(TurnError::Cancelled),
+            r = self.tools.call(&call.name, call.arguments.clone(), self.cancel.child_token()) => r,
         };
         emitter.emit(TurnEventKind::ToolCallFinished {
             call_id: call.id.clone(),
