@@ -20,6 +20,7 @@
 //! coordinator GoingAway, keeps serving until no call is in flight (or `drain_timeout`), then
 //! closes the control stream and stops the server.
 
+pub mod agent;
 mod auth;
 mod backoff;
 pub mod checkpoint;
@@ -27,6 +28,7 @@ pub mod config;
 mod control;
 mod error;
 mod inflight;
+pub mod model;
 pub mod quota;
 pub mod sandbox;
 mod service;

@@ -8,9 +8,11 @@
 //! can read what happened and try something else.
 
 mod calc;
+pub mod db;
 mod echo;
 mod exec;
 mod fs;
+pub mod memory;
 mod python;
 mod schema;
 
@@ -23,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
+    agent::AgentStates,
     sandbox::{OutputSink, Sandbox},
     sessions::Workspace,
 };
@@ -34,6 +37,15 @@ pub struct Limits {
     pub max_file_bytes: u64,
     /// Most entries fs.list returns.
     pub max_list_entries: usize,
+}
+
+/// Limits of the tools agents lean on (db.query and memory.*).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentToolLimits {
+    /// db.query's time, row and byte limits.
+    pub db: db::DbLimits,
+    /// The session memory's limits.
+    pub memory: memory::MemoryLimits,
 }
 
 /// What a tool call runs against.
@@ -180,15 +192,27 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools: echo, calc, the fs.* family, exec and run.python.
+    /// The built-in tools with default limits, memory notes kept in a set of agent states of
+    /// their own (see [`Registry::builtin_with`]).
     pub fn builtin() -> Result<Self, Error> {
+        Self::builtin_with(Arc::new(AgentStates::new()), AgentToolLimits::default())
+    }
+
+    /// The built-in tools: echo, calc, db.query, the fs.* family, memory.store/recall (over
+    /// `agent_states`, the same the turns use), exec and run.python.
+    pub fn builtin_with(
+        agent_states: Arc<AgentStates>,
+        limits: AgentToolLimits,
+    ) -> Result<Self, Error> {
         let mut tools: Vec<Box<dyn Tool>> = vec![
             Box::new(echo::Echo),
             Box::new(calc::Calc),
+            Box::new(db::DbQuery::new(limits.db)),
             Box::new(exec::Exec),
             Box::new(python::RunPython),
         ];
         tools.extend(fs::tools());
+        tools.extend(memory::tools(&agent_states, limits.memory));
         Self::new(tools)
     }
 
@@ -285,7 +309,9 @@ mod tests {
             Some(errors::reason::TOOL_NOT_FOUND)
         );
         assert!(
-            status.message().contains("calc, echo, exec, fs.delete"),
+            status
+                .message()
+                .contains("calc, db.query, echo, exec, fs.delete"),
             "{}",
             status.message()
         );
@@ -299,6 +325,7 @@ mod tests {
             names,
             [
                 "calc",
+                "db.query",
                 "echo",
                 "exec",
                 "fs.delete",
@@ -306,6 +333,8 @@ mod tests {
                 "fs.read",
                 "fs.stat",
                 "fs.write",
+                "memory.recall",
+                "memory.store",
                 "run.python"
             ]
         );
@@ -315,7 +344,16 @@ mod tests {
             .filter(|s| !s.read_only)
             .map(|s| s.name.as_str())
             .collect();
-        assert_eq!(read_only, ["exec", "fs.delete", "fs.write", "run.python"]);
+        assert_eq!(
+            read_only,
+            [
+                "exec",
+                "fs.delete",
+                "fs.write",
+                "memory.store",
+                "run.python"
+            ]
+        );
     }
 
     #[test]
