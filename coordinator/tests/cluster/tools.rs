@@ -57,6 +57,7 @@ async fn every_tool_is_routed_to_the_sessions_worker() {
         names,
         [
             "calc",
+            "db.query",
             "echo",
             "exec",
             "fs.delete",
@@ -64,6 +65,8 @@ async fn every_tool_is_routed_to_the_sessions_worker() {
             "fs.read",
             "fs.stat",
             "fs.write",
+            "memory.recall",
+            "memory.store",
             "run.python"
         ]
     );
