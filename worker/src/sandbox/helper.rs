@@ -198,8 +198,10 @@ fn run(control: &mut Control) -> Result<(), Stop> {
         if confine.idmapped {
             features.push("idmap".to_owned());
         }
+        // Started before the host's root moves away (its loader must still be found).
+        let init = spawn_init()?;
         rootfs::build(confine, mounts)?;
-        start_init(&spec, &mut features)?
+        hand_over(init, &spec, &mut features)?
     } else {
         features.push("rlimits".to_owned());
         start_unconfined(&spec, stdin)?
@@ -256,13 +258,11 @@ fn run(control: &mut Control) -> Result<(), Stop> {
     })
 }
 
-/// Starts the command's first process (`init`) in the new namespaces, hands it the spec and
-/// waits until it executed the command (its socket closes) or says why it could not.
-fn start_init(spec: &Spec, features: &mut Vec<String>) -> Result<Child, Stop> {
+/// Starts the command's first process (`init`) in the new namespaces; it waits for its spec.
+fn spawn_init() -> Result<(Child, UnixStream), Stop> {
     let (ours, theirs) = UnixStream::pair()
         .map_err(|e| step("spawn", format!("cannot create a socket pair: {e}")))?;
-    // The host's /proc is still mounted beneath the staging root.
-    let mut command = Command::new("/oldroot/proc/self/exe");
+    let mut command = Command::new("/proc/self/exe");
     command
         .arg(INIT_ARG)
         .env_clear()
@@ -270,13 +270,22 @@ fn start_init(spec: &Spec, features: &mut Vec<String>) -> Result<Child, Stop> {
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
-    let mut child = command.spawn().map_err(|e| {
+    let child = command.spawn().map_err(|e| {
         step(
             "spawn",
             format!("cannot start the sandbox's first process: {e}"),
         )
     })?;
-    drop(command);
+    Ok((child, ours))
+}
+
+/// Hands the first process its spec (once its root is ready) and waits until it executed the
+/// command (its socket closes) or says why it could not.
+fn hand_over(
+    (mut child, ours): (Child, UnixStream),
+    spec: &Spec,
+    features: &mut Vec<String>,
+) -> Result<Child, Stop> {
     let mut line = serde_json::to_vec(spec).map_err(|e| step("spec", e.to_string()))?;
     line.push(b'\n');
     let mut writer = ours.try_clone().map_err(|e| step("spawn", e.to_string()))?;

@@ -192,14 +192,17 @@ pub async fn probe(settings: &Settings) -> Result<(ProcessBackend, Vec<String>),
     };
     let run = async {
         let (mut execution, features) = backend.start(&job).await.map_err(|e| e.to_string())?;
+        let mut output = Vec::new();
         loop {
             match execution.next().await.map_err(|e| e.to_string())? {
                 Event::Exited(exit) if exit.code == Some(0) => return Ok(features),
                 Event::Exited(exit) => {
                     return Err(format!(
-                        "the probe command `true` failed in the sandbox ({exit:?})"
+                        "the probe command `true` failed in the sandbox ({exit:?}): {}",
+                        String::from_utf8_lossy(&output).trim()
                     ));
                 }
+                Event::Output(chunk) if output.len() < 4096 => output.extend(chunk.data),
                 Event::Output(_) => {}
             }
         }
