@@ -187,6 +187,7 @@ fn run(control: &mut Control) -> Result<(), Stop> {
 
     let mut features = Vec::new();
     let child = if let Some(confine) = &spec.confine {
+        let sources = rootfs::sources(confine)?;
         confine::unshare_all()?;
         control.report(&Report::Unshared)?;
         let mounts = control.mapped()?;
@@ -200,7 +201,7 @@ fn run(control: &mut Control) -> Result<(), Stop> {
         }
         // Started before the host's root moves away (its loader must still be found).
         let init = spawn_init()?;
-        rootfs::build(confine, mounts)?;
+        rootfs::build(confine, sources, mounts)?;
         hand_over(init, &spec, &mut features)?
     } else {
         features.push("rlimits".to_owned());
@@ -274,6 +275,14 @@ fn spawn_init() -> Result<(Child, UnixStream), Stop> {
         step(
             "spawn",
             format!("cannot start the sandbox's first process: {e}"),
+        )
+    })?;
+    // It says when it runs: until then its loader may still need the host's root.
+    let mut ready = [0u8; 1];
+    (&ours).read_exact(&mut ready).map_err(|e| {
+        step(
+            "spawn",
+            format!("the sandbox's first process did not start: {e}"),
         )
     })?;
     Ok((child, ours))

@@ -47,6 +47,10 @@ pub fn main() -> ExitCode {
     let Ok(reader) = socket.try_clone() else {
         return ExitCode::from(HELPER_FAILED);
     };
+    // Loaded and running: the helper may now move the host's root away.
+    if socket.write_all(b"r").is_err() {
+        return ExitCode::from(HELPER_FAILED);
+    }
     let mut line = String::new();
     if BufReader::new(reader).read_line(&mut line).is_err() {
         return ExitCode::from(HELPER_FAILED);

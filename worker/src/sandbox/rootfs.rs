@@ -48,6 +48,76 @@ const GROUP: &str = "sandbox:x:0:\nnogroup:x:65534:\n";
 /// `/etc/hosts` of the command (its loopback interface is down; names still resolve).
 const HOSTS: &str = "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost\n";
 
+/// Where a system path or device comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// A symlink on the host (e.g. a merged-/usr `/bin`): recreated as the same symlink.
+    Link(PathBuf),
+    /// A clone of the host's mount, taken while the helper was still host root (before its
+    /// namespaces existed), so it can reach paths the sandbox user cannot (a Python beneath
+    /// `/root`).
+    Tree {
+        /// The detached mount.
+        fd: OwnedFd,
+        /// Whether it is a directory.
+        dir: bool,
+    },
+    /// Bound by path from beneath [`OLD_ROOT`] (a helper that never was root).
+    Path,
+}
+
+/// The system paths and devices with their sources; missing paths are left out.
+#[derive(Debug, Default)]
+pub struct Sources {
+    system: Vec<(PathBuf, Source)>,
+    devices: Vec<(PathBuf, Source)>,
+}
+
+/// Collects the sources, before the helper leaves the host's namespaces: a root helper clones
+/// each mount (`open_tree`), another helper binds by path later.
+pub fn sources(confine: &Confinement) -> Result<Sources, StepError> {
+    let root = nix::unistd::geteuid().is_root();
+    let source = |path: &PathBuf| -> Result<Option<(PathBuf, Source)>, StepError> {
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io("rootfs", "cannot look at", path, e)),
+        };
+        let source = if meta.file_type().is_symlink() {
+            Source::Link(std::fs::read_link(path).map_err(|e| io("rootfs", "cannot read", path, e))?)
+        } else if root {
+            let fd = rustix::mount::open_tree(
+                CWD,
+                path,
+                rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+                    | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC
+                    | rustix::mount::OpenTreeFlags::AT_RECURSIVE,
+            )
+            .map_err(|e| io("rootfs", "cannot clone the mount of", path, e))?;
+            Source::Tree {
+                fd,
+                dir: meta.is_dir(),
+            }
+        } else {
+            Source::Path
+        };
+        Ok(Some((path.clone(), source)))
+    };
+    let collect = |paths: &[PathBuf]| -> Result<Vec<_>, StepError> {
+        Ok(paths
+            .iter()
+            .map(source)
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    };
+    Ok(Sources {
+        system: collect(&confine.system)?,
+        devices: collect(&confine.devices)?,
+    })
+}
+
 fn failed(stage: &'static str, error: impl Into<String>) -> StepError {
     StepError {
         stage,
@@ -83,7 +153,11 @@ fn mount_tmpfs(target: &Path, bytes: u64, mode: &str) -> Result<(), StepError> {
 /// Builds the command's root: called by the helper after it settled into its namespaces.
 /// `mounts` are the worker's id-mapped mounts of the workspace and the extra paths (empty
 /// when those are bound by path).
-pub fn build(confine: &Confinement, mounts: Vec<OwnedFd>) -> Result<(), StepError> {
+pub fn build(
+    confine: &Confinement,
+    sources: Sources,
+    mounts: Vec<OwnedFd>,
+) -> Result<(), StepError> {
     // The staging root: a tmpfs over /tmp of this (private) mount namespace.
     let staging = Path::new("/tmp");
     mount_tmpfs(staging, ROOT_BYTES, "0755")?;
@@ -96,8 +170,8 @@ pub fn build(confine: &Confinement, mounts: Vec<OwnedFd>) -> Result<(), StepErro
     chdir("/").map_err(|e| failed("rootfs", format!("cannot enter the staging root: {e}")))?;
     mount_tmpfs(Path::new(NEW_ROOT), ROOT_BYTES, "0755")?;
 
-    for path in &confine.system {
-        bind_host(path, true)?;
+    for (path, source) in sources.system {
+        bind_host(&path, source, true)?;
     }
     let etc = under(NEW_ROOT, Path::new("/etc"));
     std::fs::create_dir_all(&etc).map_err(|e| io("rootfs", "cannot create", &etc, e))?;
@@ -112,8 +186,8 @@ pub fn build(confine: &Confinement, mounts: Vec<OwnedFd>) -> Result<(), StepErro
     }
     let dev = under(NEW_ROOT, Path::new("/dev"));
     std::fs::create_dir_all(&dev).map_err(|e| io("rootfs", "cannot create", &dev, e))?;
-    for path in &confine.devices {
-        bind_host(path, false)?;
+    for (path, source) in sources.devices {
+        bind_host(&path, source, false)?;
     }
     for (name, target) in DEV_LINKS {
         let link = dev.join(name);
@@ -169,38 +243,41 @@ pub fn build(confine: &Confinement, mounts: Vec<OwnedFd>) -> Result<(), StepErro
     remount_read_only(Path::new(NEW_ROOT), Path::new(NEW_ROOT))
 }
 
-/// Binds host `path` at the same place in the new root (read-only when `read_only`); a
-/// symlink is recreated as the same symlink; a missing path is skipped.
-fn bind_host(path: &Path, read_only: bool) -> Result<(), StepError> {
-    let source = under(OLD_ROOT, path);
+/// Puts host `path` at the same place in the new root (read-only when `read_only`).
+fn bind_host(path: &Path, source: Source, read_only: bool) -> Result<(), StepError> {
     let target = under(NEW_ROOT, path);
-    let meta = match std::fs::symlink_metadata(&source) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io("rootfs", "cannot look at", path, e)),
-    };
-    if meta.file_type().is_symlink() {
-        let link = std::fs::read_link(&source).map_err(|e| io("rootfs", "cannot read", path, e))?;
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| io("rootfs", "cannot create", parent, e))?;
-        }
-        return match std::os::unix::fs::symlink(&link, &target) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(io("rootfs", "cannot create", &target, e)),
-        };
-    }
     if target.symlink_metadata().is_ok() {
-        // Already there through a parent (e.g. /lib64 after /usr on some layouts).
+        // Already there through a parent (e.g. /usr/lib64 when /lib64 is a link into /usr).
         return Ok(());
     }
-    make_mount_point(&target, meta.is_dir())?;
-    bind(&source, &target)?;
-    if read_only {
-        remount_read_only(&source, &target)?;
+    match source {
+        Source::Link(link) => {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io("rootfs", "cannot create", parent, e))?;
+            }
+            std::os::unix::fs::symlink(&link, &target)
+                .map_err(|e| io("rootfs", "cannot create", &target, e))
+        }
+        Source::Tree { fd, dir } => {
+            make_mount_point(&target, dir)?;
+            move_mount(&fd, "", CWD, &target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+                .map_err(|e| io("rootfs", "cannot attach the mount of", path, e))?;
+            if read_only {
+                remount_read_only(&target, &target)?;
+            }
+            Ok(())
+        }
+        Source::Path => {
+            let source = under(OLD_ROOT, path);
+            make_mount_point(&target, source.is_dir())?;
+            bind(&source, &target)?;
+            if read_only {
+                remount_read_only(&source, &target)?;
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 fn make_mount_point(target: &Path, dir: bool) -> Result<(), StepError> {
