@@ -114,7 +114,10 @@ async fn commands_hold_no_capabilities_and_no_host_identity() {
         text.lines().any(|l| l == "NoNewPrivs:\t1"),
         "no_new_privs is not set: {text}"
     );
-    assert!(text.lines().any(|l| l == "Seccomp:\t2"), "no seccomp filter: {text}");
+    assert!(
+        text.lines().any(|l| l == "Seccomp:\t2"),
+        "no seccomp filter: {text}"
+    );
     // Only the sandbox's own id is mapped: one line, to the unprivileged sandbox user.
     let maps: Vec<Vec<&str>> = text
         .lines()
@@ -174,7 +177,11 @@ async fn host_files_keep_their_mode_times_and_xattrs() {
             "chmod 4777 {p}; chmod u+s {p}; touch -d 2000-01-01 {p}; echo tried"
         ))
         .await;
-    assert!(out(&resp, "stdout").contains("tried"), "{}", structured(&resp));
+    assert!(
+        out(&resp, "stdout").contains("tried"),
+        "{}",
+        structured(&resp)
+    );
     let code = format!(
         "import os\np = {p:?}\nfor name, f in (('chmod', lambda: os.chmod(p, 0o4777)), \
          ('utime', lambda: os.utime(p, (0, 0))), \
@@ -259,7 +266,10 @@ async fn proc_shows_only_the_commands_own_processes() {
         .collect();
     assert!(pids.contains(&1), "the command is not PID 1: {text}");
     assert!(pids.len() <= 4, "more processes than the command's: {text}");
-    assert!(!text.contains("cargo") && !text.contains("worker"), "{text}");
+    assert!(
+        !text.contains("cargo") && !text.contains("worker"),
+        "{text}"
+    );
     lab.stop().await;
 }
 

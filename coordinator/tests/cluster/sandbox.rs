@@ -593,11 +593,7 @@ async fn commands_cannot_read_or_write_outside_the_workspace() {
     assert!(!stdout(&resp).contains("root:"), "{}", stdout(&resp));
     let resp = lab.exec(&s, sh("cat /etc/shadow")).await.expect("exec");
     assert!(resp.is_error);
-    assert!(
-        stderr(&resp).contains("No such file"),
-        "{}",
-        stderr(&resp)
-    );
+    assert!(stderr(&resp).contains("No such file"), "{}", stderr(&resp));
 
     // ../../x and absolute paths.
     let escape = format!("/tmp/heist-escape-{}", uuid::Uuid::new_v4().simple());

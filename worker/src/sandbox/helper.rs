@@ -32,9 +32,9 @@ use nix::{
     errno::Errno,
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::{
+        memfd::{MFdFlags, memfd_create},
         resource::{UsageWho, getrusage},
         signal::{SigSet, Signal, killpg},
-        memfd::{MFdFlags, memfd_create},
         signalfd::{SfdFlags, SignalFd},
         time::TimeVal,
         wait::{Id, WaitPidFlag, WaitStatus, waitid},
@@ -152,7 +152,10 @@ impl Control {
             Some(line) if line == MAPPED.as_bytes() => Ok(fds),
             Some(other) => Err(step(
                 "handshake",
-                format!("expected {MAPPED}, got {:?}", String::from_utf8_lossy(other)),
+                format!(
+                    "expected {MAPPED}, got {:?}",
+                    String::from_utf8_lossy(other)
+                ),
             )),
         }
     }
@@ -193,8 +196,16 @@ fn run(control: &mut Control) -> Result<(), Stop> {
         let mounts = control.mapped()?;
         confine::settle_in(confine)?;
         features.extend(
-            ["userns", "userns:own-ids", "mountns", "pidns", "netns", "ipcns", "utsns"]
-                .map(str::to_owned),
+            [
+                "userns",
+                "userns:own-ids",
+                "mountns",
+                "pidns",
+                "netns",
+                "ipcns",
+                "utsns",
+            ]
+            .map(str::to_owned),
         );
         if confine.idmapped {
             features.push("idmap".to_owned());

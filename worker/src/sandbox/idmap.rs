@@ -55,7 +55,7 @@ pub fn clones(pid: u32, paths: &[&Path]) -> Result<Vec<OwnedFd>, Error> {
                     path.display()
                 ))
             })?;
-            Ok(OwnedFd::from(tree))
+            Ok(tree)
         })
         .collect()
 }
@@ -75,14 +75,19 @@ pub async fn send(
     loop {
         socket.writable().await.map_err(failed)?;
         let sent = socket.try_io(Interest::WRITABLE, || {
-            let mut space = [std::mem::MaybeUninit::uninit();
-                rustix::cmsg_space!(ScmRights(MAX_EXTRA + 1))];
+            let mut space =
+                [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_EXTRA + 1))];
             let mut control = SendAncillaryBuffer::new(&mut space);
             if !borrowed.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&borrowed)) {
                 return Err(std::io::Error::other("too many descriptors"));
             }
-            sendmsg(socket, &[IoSlice::new(line)], &mut control, SendFlags::empty())
-                .map_err(std::io::Error::from)
+            sendmsg(
+                socket,
+                &[IoSlice::new(line)],
+                &mut control,
+                SendFlags::empty(),
+            )
+            .map_err(std::io::Error::from)
         });
         match sent {
             Ok(n) if n == line.len() => return Ok(()),

@@ -95,11 +95,7 @@ fn prepare(spec: &Spec, socket: &mut UnixStream) -> Result<Command, StepError> {
     let mut features = vec!["pivot_root".to_owned()];
 
     let ws = confine.workspace.as_path();
-    let argv: Vec<String> = spec
-        .argv
-        .iter()
-        .map(|a| rootfs::translate(ws, a))
-        .collect();
+    let argv: Vec<String> = spec.argv.iter().map(|a| rootfs::translate(ws, a)).collect();
     let env = spec.env.iter().map(|(key, value)| {
         let value = if key == "TMPDIR" && Path::new(value) == ws {
             "/tmp".to_owned()

@@ -161,12 +161,7 @@ pub async fn probe(settings: &Settings) -> Result<(ProcessBackend, Vec<String>),
         Mode::Unconfined => None,
     };
     // /tmp may hold as much as the workspace may.
-    let backend = ProcessBackend::new(
-        helper,
-        ids,
-        system_paths(None),
-        settings.quotas.disk_bytes,
-    );
+    let backend = ProcessBackend::new(helper, ids, system_paths(None), settings.quotas.disk_bytes);
     let dir = tempfile::Builder::new()
         .prefix("heist-sandbox-probe-")
         .tempdir()

@@ -100,7 +100,12 @@ pub struct ProcessBackend {
 
 impl ProcessBackend {
     /// A backend running `helper`; `ids` is `None` for unconfined mode.
-    pub fn new(helper: PathBuf, ids: Option<IdMaps>, read_only: Vec<PathBuf>, tmp_bytes: u64) -> Self {
+    pub fn new(
+        helper: PathBuf,
+        ids: Option<IdMaps>,
+        read_only: Vec<PathBuf>,
+        tmp_bytes: u64,
+    ) -> Self {
         Self {
             helper,
             ids,

@@ -84,7 +84,9 @@ pub fn sources(confine: &Confinement) -> Result<Sources, StepError> {
             Err(e) => return Err(io("rootfs", "cannot look at", path, e)),
         };
         let source = if meta.file_type().is_symlink() {
-            Source::Link(std::fs::read_link(path).map_err(|e| io("rootfs", "cannot read", path, e))?)
+            Source::Link(
+                std::fs::read_link(path).map_err(|e| io("rootfs", "cannot read", path, e))?,
+            )
         } else if root {
             let fd = rustix::mount::open_tree(
                 CWD,
@@ -165,8 +167,12 @@ pub fn build(
         let dir = under("/tmp", Path::new(dir));
         std::fs::create_dir(&dir).map_err(|e| io("rootfs", "cannot create", &dir, e))?;
     }
-    pivot_root(staging, &under("/tmp", Path::new(OLD_ROOT)))
-        .map_err(|e| failed("pivot_root", format!("cannot pivot into the staging root: {e}")))?;
+    pivot_root(staging, &under("/tmp", Path::new(OLD_ROOT))).map_err(|e| {
+        failed(
+            "pivot_root",
+            format!("cannot pivot into the staging root: {e}"),
+        )
+    })?;
     chdir("/").map_err(|e| failed("rootfs", format!("cannot enter the staging root: {e}")))?;
     mount_tmpfs(Path::new(NEW_ROOT), ROOT_BYTES, "0755")?;
 
@@ -198,11 +204,20 @@ pub fn build(
         let dir = under(NEW_ROOT, Path::new(dir));
         std::fs::create_dir_all(&dir).map_err(|e| io("rootfs", "cannot create", &dir, e))?;
     }
-    mount_tmpfs(&under(NEW_ROOT, Path::new("/tmp")), confine.tmp_bytes, "1777")?;
+    mount_tmpfs(
+        &under(NEW_ROOT, Path::new("/tmp")),
+        confine.tmp_bytes,
+        "1777",
+    )?;
 
     // The workspace, then the extra paths (which may lie under the private /tmp).
     let targets = std::iter::once((confine.workspace.as_path(), Path::new(WORKSPACE), false))
-        .chain(confine.extra.iter().map(|p| (p.as_path(), p.as_path(), true)));
+        .chain(
+            confine
+                .extra
+                .iter()
+                .map(|p| (p.as_path(), p.as_path(), true)),
+        );
     if confine.idmapped {
         if mounts.len() != 1 + confine.extra.len() {
             return Err(failed(
@@ -261,8 +276,14 @@ fn bind_host(path: &Path, source: Source, read_only: bool) -> Result<(), StepErr
         }
         Source::Tree { fd, dir } => {
             make_mount_point(&target, dir)?;
-            move_mount(&fd, "", CWD, &target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-                .map_err(|e| io("rootfs", "cannot attach the mount of", path, e))?;
+            move_mount(
+                &fd,
+                "",
+                CWD,
+                &target,
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            )
+            .map_err(|e| io("rootfs", "cannot attach the mount of", path, e))?;
             if read_only {
                 remount_read_only(&target, &target)?;
             }
@@ -305,7 +326,11 @@ fn bind(source: &Path, target: &Path) -> Result<(), StepError> {
     .map_err(|e| {
         failed(
             "rootfs",
-            format!("cannot bind {} at {}: {e}", source.display(), target.display()),
+            format!(
+                "cannot bind {} at {}: {e}",
+                source.display(),
+                target.display()
+            ),
         )
     })
 }
@@ -346,7 +371,12 @@ pub fn enter() -> Result<(), StepError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| failed("proc", format!("cannot mount /proc for the pid namespace: {e}")))?;
+    .map_err(|e| {
+        failed(
+            "proc",
+            format!("cannot mount /proc for the pid namespace: {e}"),
+        )
+    })?;
     chdir(NEW_ROOT).map_err(|e| failed("pivot_root", format!("cannot enter the new root: {e}")))?;
     pivot_root(".", ".")
         .map_err(|e| failed("pivot_root", format!("cannot pivot into the new root: {e}")))?;
@@ -393,8 +423,14 @@ mod tests {
             PathBuf::from("/tmp/heist-run-x/main.py")
         );
         assert_eq!(translate(ws, "/var/lib/heist/ws/s-1/x"), "/workspace/x");
-        assert_eq!(translate(ws, "/var/lib/heist/ws/s-10"), "/var/lib/heist/ws/s-10");
+        assert_eq!(
+            translate(ws, "/var/lib/heist/ws/s-10"),
+            "/var/lib/heist/ws/s-10"
+        );
         assert_eq!(translate(ws, "-c"), "-c");
-        assert_eq!(under("/newroot", Path::new("/usr/lib")), PathBuf::from("/newroot/usr/lib"));
+        assert_eq!(
+            under("/newroot", Path::new("/usr/lib")),
+            PathBuf::from("/newroot/usr/lib")
+        );
     }
 }

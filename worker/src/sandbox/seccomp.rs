@@ -85,8 +85,13 @@ fn arch() -> Result<TargetArch, StepError> {
 
 /// A rule matching when `(arg & flag) == flag`.
 fn has_flag(arg: u8, flag: u64) -> Result<SeccompRule, StepError> {
-    let cond = SeccompCondition::new(arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
-        .map_err(failed)?;
+    let cond = SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(flag),
+        flag,
+    )
+    .map_err(failed)?;
     SeccompRule::new(vec![cond]).map_err(failed)
 }
 
