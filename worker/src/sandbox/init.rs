@@ -40,6 +40,10 @@ fn step(stage: &'static str, error: impl Into<String>) -> StepError {
 
 /// Runs the first process; returns only when the command could not be started.
 pub fn main() -> ExitCode {
+    // Should the helper die, the command dies with it (and with it the whole pid namespace).
+    if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+        return ExitCode::from(HELPER_FAILED);
+    }
     let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
         return ExitCode::from(HELPER_FAILED);
     };
