@@ -1,9 +1,10 @@
-//! The confinement steps the helper applies to itself before it starts the command (which
-//! inherits all of them): namespaces, rlimits, capability bounding set, Landlock.
+//! The confinement steps applied before the command starts (it inherits all of them):
+//! namespaces (by the helper), then rlimits, capabilities, no_new_privs and Landlock (by the
+//! command's first process, see `init`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use caps::{CapSet, Capability};
+use caps::CapSet;
 use landlock::{
     ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, LandlockStatus,
     PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
@@ -16,6 +17,17 @@ use nix::{
 };
 
 use super::protocol::{Confinement, Rlimits};
+
+/// The Landlock rules of a command, as paths inside its own root.
+#[derive(Debug)]
+pub struct Rules {
+    /// Read, write and execute beneath these (the workspace, /tmp).
+    pub read_write: Vec<PathBuf>,
+    /// Read and execute beneath these (system paths, /etc, /proc, the job's extra paths).
+    pub read_only: Vec<PathBuf>,
+    /// Read and write these device files.
+    pub devices: Vec<PathBuf>,
+}
 
 /// The Landlock ABI whose rights the sandbox asks for (Linux 6.12: filesystem incl. truncate
 /// and device ioctl, TCP bind/connect, signal and abstract-socket scoping). Older kernels get
@@ -137,14 +149,11 @@ pub fn apply_rlimits(limits: &Rlimits, nproc: bool) -> Result<(), StepError> {
     Ok(())
 }
 
-/// Empties the capability bounding set (so the command, uid 0 of its namespace, starts with no
-/// capabilities), except CAP_DAC_OVERRIDE and CAP_FOWNER when `keep_file_caps`.
-pub fn drop_capabilities(keep_file_caps: bool) -> Result<(), StepError> {
-    let keep = [Capability::CAP_DAC_OVERRIDE, Capability::CAP_FOWNER];
+/// Empties the capability bounding set and the inheritable and ambient sets, so the command
+/// (uid 0 of its namespace, which holds no host id but its own) starts with no capabilities
+/// at all: exec recomputes its permitted and effective sets from the empty bounding set.
+pub fn drop_capabilities() -> Result<(), StepError> {
     for cap in caps::all() {
-        if keep_file_caps && keep.contains(&cap) {
-            continue;
-        }
         if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, cap)
                 .map_err(|e| failed("capabilities", format!("cannot drop {cap}: {e}")))?;
@@ -156,13 +165,16 @@ pub fn drop_capabilities(keep_file_caps: bool) -> Result<(), StepError> {
             format!("cannot clear inheritable caps: {e}"),
         )
     })?;
+    caps::clear(None, CapSet::Ambient)
+        .map_err(|e| failed("capabilities", format!("cannot clear ambient caps: {e}")))?;
     Ok(())
 }
 
 /// Restricts this thread (and what it spawns) with Landlock: read-write beneath `read_write`,
 /// read and execute beneath `read_only`, read-write on `devices`, nothing else; no TCP bind or
-/// connect; no signals or abstract sockets outside the sandbox. Returns the ABI in force.
-pub fn landlock(confine: &Confinement) -> Result<i32, StepError> {
+/// connect; no signals or abstract sockets outside the sandbox (ABI 6+). Returns the ABI in
+/// force.
+pub fn landlock(rules: &Rules) -> Result<i32, StepError> {
     let ll = |e: landlock::RulesetError| failed("landlock", format!("cannot set up Landlock: {e}"));
     let abi = LANDLOCK_ABI;
     let all = AccessFs::from_all(abi);
@@ -181,9 +193,9 @@ pub fn landlock(confine: &Confinement) -> Result<i32, StepError> {
         .create()
         .map_err(ll)?;
     let groups: [(&[std::path::PathBuf], BitFlags<AccessFs>); 3] = [
-        (&confine.read_write, write_all),
-        (&confine.read_only, read),
-        (&confine.devices, device),
+        (&rules.read_write, write_all),
+        (&rules.read_only, read),
+        (&rules.devices, device),
     ];
     for (paths, access) in groups {
         for path in paths {

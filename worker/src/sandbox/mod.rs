@@ -22,9 +22,13 @@ mod confine;
 mod env;
 mod flags;
 pub mod helper;
+mod idmap;
+mod init;
 mod probe;
 mod process;
 pub mod protocol;
+mod rootfs;
+mod seccomp;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

@@ -20,8 +20,18 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 const SYSTEM_DIRS: [&str; 7] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
 ];
-/// The only files of /etc commands may read: the dynamic loader's cache and configuration.
-const ETC_FILES: [&str; 3] = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d"];
+/// The only parts of the host's /etc a command sees (read-only): the dynamic loader's cache and
+/// configuration, Debian's alternatives (e.g. `awk`), TLS certificates and the time zone. Its
+/// passwd, group and hosts are written for it (see `rootfs`).
+const ETC_FILES: [&str; 7] = [
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/localtime",
+];
 /// Asks an interpreter where it lives.
 const PYTHON_SCRIPT: &str = "import sys\nfor p in (sys.executable, sys.prefix, sys.base_prefix, \
                              sys.exec_prefix, sys.base_exec_prefix): print(p)\nprint(sys.version.split()[0])";
@@ -150,7 +160,8 @@ pub async fn probe(settings: &Settings) -> Result<(ProcessBackend, Vec<String>),
         Mode::Process => Some(IdMaps::for_this_process((settings.uid, settings.gid))),
         Mode::Unconfined => None,
     };
-    let backend = ProcessBackend::new(helper, ids, system_paths(None));
+    // /tmp may hold as much as the workspace may.
+    let backend = ProcessBackend::new(helper, ids, system_paths(None), settings.quotas.disk_bytes);
     let dir = tempfile::Builder::new()
         .prefix("heist-sandbox-probe-")
         .tempdir()
@@ -176,14 +187,17 @@ pub async fn probe(settings: &Settings) -> Result<(ProcessBackend, Vec<String>),
     };
     let run = async {
         let (mut execution, features) = backend.start(&job).await.map_err(|e| e.to_string())?;
+        let mut output = Vec::new();
         loop {
             match execution.next().await.map_err(|e| e.to_string())? {
                 Event::Exited(exit) if exit.code == Some(0) => return Ok(features),
                 Event::Exited(exit) => {
                     return Err(format!(
-                        "the probe command `true` failed in the sandbox ({exit:?})"
+                        "the probe command `true` failed in the sandbox ({exit:?}): {}",
+                        String::from_utf8_lossy(&output).trim()
                     ));
                 }
+                Event::Output(chunk) if output.len() < 4096 => output.extend(chunk.data),
                 Event::Output(_) => {}
             }
         }

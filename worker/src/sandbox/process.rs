@@ -3,12 +3,11 @@
 //! and gid maps when the helper asks (only a process outside the namespace may map ids other
 //! than its own), then turn pipe reads and helper reports into [`Event`]s.
 //!
-//! Id mapping: a worker running as root maps uid/gid 0 of the namespace to an unprivileged
-//! user (HEIST_SANDBOX_UID/GID, default 65534), so RLIMIT_NPROC applies (the kernel exempts
-//! real root from it) and nothing the command does is done as root; host root is mapped as id
-//! 1 so that, with CAP_DAC_OVERRIDE and CAP_FOWNER kept, the command can use the root-owned
-//! workspace files (Landlock still confines it to the workspace). A worker running as another
-//! user maps uid/gid 0 to itself and keeps no capability.
+//! Id mapping: only the sandbox's own id is mapped. A worker running as root maps uid/gid 0 of
+//! the namespace to an unprivileged user (HEIST_SANDBOX_UID/GID, default 65534), so
+//! RLIMIT_NPROC applies (the kernel exempts real root from it) and nothing the command does is
+//! done as root; the root-owned workspace reaches it as an id-mapped mount (see `idmap`). A
+//! worker running as another user maps uid/gid 0 to itself.
 
 use std::{collections::VecDeque, os::fd::OwnedFd, path::PathBuf, process::Stdio, time::Duration};
 
@@ -37,12 +36,13 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Exit code reported when the program could not be started (what shells use).
 const NOT_STARTED: i32 = 127;
 /// Device files every confined command may read and write.
-const DEVICES: [&str; 5] = [
+const DEVICES: [&str; 6] = [
     "/dev/null",
     "/dev/zero",
     "/dev/full",
     "/dev/random",
     "/dev/urandom",
+    "/dev/tty",
 ];
 
 /// The uid/gid maps of a command's user namespace.
@@ -52,8 +52,8 @@ pub struct IdMaps {
     pub uid_map: String,
     /// `/proc/<pid>/gid_map` content.
     pub gid_map: String,
-    /// Whether the command keeps CAP_DAC_OVERRIDE/CAP_FOWNER (root-owned workspace).
-    pub keep_file_caps: bool,
+    /// Whether the workspace must reach the command as an id-mapped mount (root-owned files).
+    pub idmap: bool,
 }
 
 impl IdMaps {
@@ -62,15 +62,15 @@ impl IdMaps {
     pub fn new(euid: u32, egid: u32, sandbox: (u32, u32)) -> Self {
         if euid == 0 {
             Self {
-                uid_map: format!("0 {} 1\n1 0 1\n", sandbox.0),
-                gid_map: format!("0 {} 1\n1 0 1\n", sandbox.1),
-                keep_file_caps: true,
+                uid_map: format!("0 {} 1\n", sandbox.0),
+                gid_map: format!("0 {} 1\n", sandbox.1),
+                idmap: true,
             }
         } else {
             Self {
                 uid_map: format!("0 {euid} 1\n"),
                 gid_map: format!("0 {egid} 1\n"),
-                keep_file_caps: false,
+                idmap: false,
             }
         }
     }
@@ -94,15 +94,23 @@ pub struct ProcessBackend {
     /// `None`: unconfined (rlimits only).
     ids: Option<IdMaps>,
     read_only: Vec<PathBuf>,
+    /// Bytes of each command's private /tmp.
+    tmp_bytes: u64,
 }
 
 impl ProcessBackend {
     /// A backend running `helper`; `ids` is `None` for unconfined mode.
-    pub fn new(helper: PathBuf, ids: Option<IdMaps>, read_only: Vec<PathBuf>) -> Self {
+    pub fn new(
+        helper: PathBuf,
+        ids: Option<IdMaps>,
+        read_only: Vec<PathBuf>,
+        tmp_bytes: u64,
+    ) -> Self {
         Self {
             helper,
             ids,
             read_only,
+            tmp_bytes,
         }
     }
 
@@ -126,15 +134,12 @@ impl ProcessBackend {
                 file_size: job.limits.file_size,
             },
             confine: self.ids.as_ref().map(|ids| Confinement {
-                read_write: vec![job.root.clone()],
-                read_only: self
-                    .read_only
-                    .iter()
-                    .chain(&job.read_only)
-                    .cloned()
-                    .collect(),
+                workspace: job.root.clone(),
+                system: self.read_only.clone(),
+                extra: job.read_only.clone(),
                 devices: DEVICES.iter().map(PathBuf::from).collect(),
-                keep_file_caps: ids.keep_file_caps,
+                idmapped: ids.idmap,
+                tmp_bytes: self.tmp_bytes,
                 hostname: "sandbox".to_owned(),
             }),
         }
@@ -184,10 +189,15 @@ impl ProcessBackend {
                     "cannot write the uid/gid maps of the sandbox's user namespace: {e}"
                 ))
             })?;
-            write
-                .write_all(format!("{MAPPED}\n").as_bytes())
-                .await
-                .map_err(|e| helper_failed("it stopped reading", e))?;
+            let mounts = if ids.idmap {
+                let paths: Vec<&std::path::Path> = std::iter::once(job.root.as_path())
+                    .chain(job.read_only.iter().map(PathBuf::as_path))
+                    .collect();
+                super::idmap::clones(pid, &paths)?
+            } else {
+                Vec::new()
+            };
+            super::idmap::send(write.as_ref(), format!("{MAPPED}\n").as_bytes(), &mounts).await?;
             report = next_report(&mut lines).await?;
         }
         let (features, exit) = match report {
@@ -423,11 +433,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn root_maps_to_the_sandbox_user_and_keeps_root_files_usable() {
+    fn root_maps_only_the_sandbox_user_and_id_maps_the_workspace() {
         let ids = IdMaps::new(0, 0, (65_534, 65_533));
-        assert_eq!(ids.uid_map, "0 65534 1\n1 0 1\n");
-        assert_eq!(ids.gid_map, "0 65533 1\n1 0 1\n");
-        assert!(ids.keep_file_caps);
+        assert_eq!(ids.uid_map, "0 65534 1\n");
+        assert_eq!(ids.gid_map, "0 65533 1\n");
+        assert!(ids.idmap);
     }
 
     #[test]
@@ -435,6 +445,6 @@ mod tests {
         let ids = IdMaps::new(1000, 100, (65_534, 65_534));
         assert_eq!(ids.uid_map, "0 1000 1\n");
         assert_eq!(ids.gid_map, "0 100 1\n");
-        assert!(!ids.keep_file_caps);
+        assert!(!ids.idmap);
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! worker -> helper   Spec                      (one line)
 //! helper -> worker   Report::Unshared          (confined only: new namespaces exist)
-//! worker -> helper   "mapped"                  (the worker wrote the uid/gid maps)
+//! worker -> helper   "mapped" [+ mount fds]    (the worker wrote the uid/gid maps; with
+//!                                               SCM_RIGHTS: id-mapped workspace mounts)
 //! helper -> worker   Report::Started | Failed  (the command runs as PID 1 of its namespace)
 //! worker -> helper   "term" | "kill"           (at any time; end of file means "kill")
 //! helper -> worker   Report::Exited | Failed
@@ -64,19 +65,31 @@ pub struct Rlimits {
     pub file_size: u64,
 }
 
+/// Where the command sees its workspace (the host path is never shown to it).
+pub const WORKSPACE: &str = "/workspace";
+
+/// Most paths a job may add read-only (`extra`): the worker passes one mount per path.
+pub const MAX_EXTRA: usize = 8;
+
 /// How to confine the command.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Confinement {
-    /// Directories the command may read, write and execute in (the workspace).
-    pub read_write: Vec<PathBuf>,
-    /// Directories and files the command may read and execute (system dirs, the interpreter).
-    pub read_only: Vec<PathBuf>,
-    /// Device files the command may read and write (/dev/null and friends).
+    /// The session workspace on the host; the command sees it, read-write, at [`WORKSPACE`].
+    pub workspace: PathBuf,
+    /// System directories and files bound read-only at the same path in the command's root
+    /// (symlinks, such as a merged-/usr `/bin`, are recreated as symlinks).
+    pub system: Vec<PathBuf>,
+    /// The job's own read-only paths (run.python's code directory), bound at the same path.
+    pub extra: Vec<PathBuf>,
+    /// Device nodes bound from the host (/dev/null and friends).
     pub devices: Vec<PathBuf>,
-    /// Keep CAP_DAC_OVERRIDE and CAP_FOWNER inside the user namespace: needed when the worker
-    /// runs as root, so the command (an unprivileged user) can use root-owned workspace files.
-    pub keep_file_caps: bool,
+    /// The worker sends, with [`MAPPED`], id-mapped mounts of `workspace` and then of each
+    /// `extra` path (a worker running as root: host root's files appear owned by the command,
+    /// whose own id is the unprivileged sandbox user). Otherwise they are bound by path.
+    pub idmapped: bool,
+    /// Bytes the command's private /tmp (a tmpfs, charged to memory) may hold.
+    pub tmp_bytes: u64,
     /// Host name inside the UTS namespace.
     pub hostname: String,
 }
