@@ -64,6 +64,8 @@ pub struct Config {
     pub quota_poll_interval: Duration,
     /// Per-session quotas (HEIST_QUOTA_*; see [`Quotas`]).
     pub quotas: Quotas,
+    /// Where the cgroup file system is mounted (HEIST_CGROUP_ROOT); `None`: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
     /// Local blob cache for checkpoints (HEIST_BLOB_CACHE_DIR). `None` means
     /// `BASE_WORKSPACE/../blobs`.
     pub blob_cache_dir: Option<PathBuf>,
@@ -103,6 +105,7 @@ impl Default for Config {
             kill_grace: Duration::from_millis(500),
             quota_poll_interval: Duration::from_millis(500),
             quotas: Quotas::default(),
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             blob_cache_dir: None,
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,

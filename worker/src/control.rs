@@ -353,7 +353,12 @@ async fn evict_sessions(state: Arc<State>, ids: Vec<String>) {
             warn!(session_id = %raw, "the coordinator asked to evict a malformed session id");
             continue;
         };
-        match state.sessions.close(&id).await {
+        let closed = state.sessions.close(&id).await;
+        let path = state.sessions.base().join(id.as_str());
+        if let Err(err) = state.sandbox.close_session(&id, &path).await {
+            warn!(session_id = %id, error = %err, "cannot release the session's resources");
+        }
+        match closed {
             Ok(was_open) => info!(session_id = %id, was_open, "session evicted"),
             Err(err) => warn!(session_id = %id, error = %err, "cannot evict session"),
         }

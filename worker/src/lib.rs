@@ -82,6 +82,14 @@ pub async fn serve(
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let tools = Registry::builtin()?;
     let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config)).await);
+    // Adopted workspaces get their per-session resources back (the seams change moves this
+    // into the session lifecycle).
+    for id in sessions.ids() {
+        if let Ok(id) = heist_proto::ids::SessionId::parse(&id) {
+            let path = sessions.base().join(id.as_str());
+            sandbox.open_session(&id, &path).await?;
+        }
+    }
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
@@ -198,6 +206,8 @@ fn sandbox_settings(config: &Config) -> sandbox::Settings {
         poll_interval: config.quota_poll_interval,
         nice: config.sandbox_nice,
         quotas: config.quotas.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        worker_id: config.worker_id.clone(),
     }
 }
 

@@ -51,6 +51,22 @@ pub struct Quotas {
     pub max_timeout: Duration,
     /// Commands one session may run at once (HEIST_QUOTA_CONCURRENT_COMMANDS). Default 4.
     pub concurrent_commands: u32,
+    /// Memory (resident + page cache, no swap) all of a session's commands may use together,
+    /// the hard limit of its cgroup (HEIST_QUOTA_SESSION_MEMORY_BYTES). Default 2 GiB.
+    pub session_memory_bytes: u64,
+    /// Memory one command (all its processes) may use, the hard limit of its cgroup
+    /// (HEIST_QUOTA_COMMAND_MEMORY_BYTES). Default 1 GiB.
+    pub command_memory_bytes: u64,
+    /// Processes and threads all of a session's commands may have at once, `pids.max` of its
+    /// cgroup (HEIST_QUOTA_SESSION_PROCESSES). Default 512. Each command's cgroup gets
+    /// [`Quotas::processes`].
+    pub session_processes: u64,
+    /// CPU a session's commands may use together, in percent of one core, the CFS quota of its
+    /// cgroup (HEIST_QUOTA_SESSION_CPU_PERCENT). Default 100 (one core).
+    pub session_cpu_percent: u64,
+    /// Relative CPU weight of each command's cgroup, 1-10000 (HEIST_QUOTA_CPU_WEIGHT).
+    /// Default 100 (the kernel's default share).
+    pub cpu_weight: u64,
 }
 
 impl Default for Quotas {
@@ -68,6 +84,11 @@ impl Default for Quotas {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             concurrent_commands: 4,
+            session_memory_bytes: 2 << 30,
+            command_memory_bytes: 1 << 30,
+            session_processes: 512,
+            session_cpu_percent: 100,
+            cpu_weight: 100,
         }
     }
 }
@@ -88,6 +109,17 @@ impl Quotas {
                 "HEIST_QUOTA_CONCURRENT_COMMANDS",
                 u64::from(self.concurrent_commands),
             ),
+            (
+                "HEIST_QUOTA_SESSION_MEMORY_BYTES",
+                self.session_memory_bytes,
+            ),
+            (
+                "HEIST_QUOTA_COMMAND_MEMORY_BYTES",
+                self.command_memory_bytes,
+            ),
+            ("HEIST_QUOTA_SESSION_PROCESSES", self.session_processes),
+            ("HEIST_QUOTA_SESSION_CPU_PERCENT", self.session_cpu_percent),
+            ("HEIST_QUOTA_CPU_WEIGHT", self.cpu_weight),
         ];
         if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{name} must be above 0")));
@@ -97,6 +129,19 @@ impl Quotas {
                 "HEIST_EXEC_TIMEOUT_S must be above 0 and at most HEIST_QUOTA_TIMEOUT_MAX_S"
                     .to_owned(),
             ));
+        }
+        if self.cpu_weight > 10_000 {
+            return Err(Error::Config(
+                "HEIST_QUOTA_CPU_WEIGHT must be between 1 and 10000".to_owned(),
+            ));
+        }
+        // A cgroup below a few MiB cannot even start the sandbox helper.
+        let min_memory = 8 << 20;
+        if self.session_memory_bytes < min_memory || self.command_memory_bytes < min_memory {
+            return Err(Error::Config(format!(
+                "HEIST_QUOTA_SESSION_MEMORY_BYTES and HEIST_QUOTA_COMMAND_MEMORY_BYTES must be at \
+                 least {min_memory} bytes (8 MiB)"
+            )));
         }
         // stdout and stderr travel twice in a result (text blocks and structured content).
         let result_bytes = self.output_bytes.saturating_mul(4).saturating_add(64 << 10);

@@ -13,7 +13,9 @@ use std::{
 use tokio::time::{Instant as TokioInstant, MissedTickBehavior, sleep_until};
 use tracing::{debug, warn};
 
-use super::{Chunk, Event, Execution, ExitInfo, Job, OutputSink, Stream, admit::quota_error};
+use super::{
+    Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, OutputSink, Stream, admit::quota_error,
+};
 use crate::{
     Error,
     quota::{self, Quotas, Usage, UsageCache},
@@ -189,6 +191,9 @@ pub async fn collect(
     if let Some((quota, used, limit)) = over {
         return Err(quota_error(quota, used, limit));
     }
+    if let Some(memory) = exit.out_of_memory {
+        return Err(out_of_memory(memory));
+    }
     // PID 1 of a pid namespace ignores SIGXCPU, so the hard limit's SIGKILL is what ends it.
     let cpu_limit_ms = watch.quotas.cpu_seconds.saturating_mul(1000);
     let out_of_cpu = exit.signal == Some(SIGXCPU)
@@ -211,6 +216,26 @@ pub async fn collect(
         stdout,
         stderr,
     })
+}
+
+/// RESOURCE_EXHAUSTED for a command whose processes the kernel killed at a memory limit.
+fn out_of_memory(memory: MemoryLimit) -> Error {
+    let (whose, setting) = match memory.quota {
+        "session_memory_bytes" => (
+            "the session's commands together reached",
+            "HEIST_QUOTA_SESSION_MEMORY_BYTES",
+        ),
+        _ => ("the command reached", "HEIST_QUOTA_COMMAND_MEMORY_BYTES"),
+    };
+    Error::LimitExceeded {
+        limit: memory.quota,
+        message: format!(
+            "out of memory: {whose} the {}-byte memory limit ({setting}) and the kernel killed \
+             a process of the command; use less memory (fewer or smaller processes) or ask the \
+             operator for a larger limit",
+            memory.bytes
+        ),
+    }
 }
 
 /// The quota `now` is over that the command is to blame for: only growth counts, so a command

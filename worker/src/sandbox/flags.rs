@@ -71,6 +71,27 @@ pub struct SandboxFlags {
     /// Commands one session may run at once.
     #[arg(long, env = "HEIST_QUOTA_CONCURRENT_COMMANDS", default_value_t = 4)]
     pub quota_concurrent_commands: u32,
+    /// Memory all of a session's commands may use together, in bytes (its cgroup's hard limit,
+    /// swap included).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_MEMORY_BYTES", default_value_t = 2 << 30)]
+    pub quota_session_memory_bytes: u64,
+    /// Memory one command (all its processes) may use, in bytes (its cgroup's hard limit).
+    #[arg(long, env = "HEIST_QUOTA_COMMAND_MEMORY_BYTES", default_value_t = 1 << 30)]
+    pub quota_command_memory_bytes: u64,
+    /// Processes and threads all of a session's commands may have at once (cgroup pids.max).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_PROCESSES", default_value_t = 512)]
+    pub quota_session_processes: u64,
+    /// CPU a session's commands may use together, in percent of one core (cgroup CPU quota).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_CPU_PERCENT", default_value_t = 100)]
+    pub quota_session_cpu_percent: u64,
+    /// Relative CPU weight of each command, 1-10000 (100: the kernel's default share).
+    #[arg(long, env = "HEIST_QUOTA_CPU_WEIGHT", default_value_t = 100)]
+    pub quota_cpu_weight: u64,
+    /// Where the cgroup file system is mounted; the worker uses `<root>/heist/<worker id>` (v2)
+    /// or `<root>/<controller>/heist/<worker id>` (v1). Empty: no cgroups (reported as
+    /// `cgroup:none` in the worker's isolation).
+    #[arg(long, env = "HEIST_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
 }
 
 impl SandboxFlags {
@@ -97,7 +118,13 @@ impl SandboxFlags {
             default_timeout: Duration::from_secs(self.exec_timeout_s),
             max_timeout: Duration::from_secs(self.quota_timeout_max_s),
             concurrent_commands: self.quota_concurrent_commands,
+            session_memory_bytes: self.quota_session_memory_bytes,
+            command_memory_bytes: self.quota_command_memory_bytes,
+            session_processes: self.quota_session_processes,
+            session_cpu_percent: self.quota_session_cpu_percent,
+            cpu_weight: self.quota_cpu_weight,
         };
+        config.cgroup_root = Some(self.cgroup_root).filter(|p| !p.as_os_str().is_empty());
     }
 }
 

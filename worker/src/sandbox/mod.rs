@@ -10,6 +10,10 @@
 //! - A docker backend (one container per session) fits the same trait: `prepare` ensures the
 //!   session's container, `exec` starts `docker exec`, `collect` is shared, `cleanup` is a no-op.
 //!
+//! Resources: `cgroup` puts each session and each command in its own control group (memory,
+//! pids, CPU) where the host lets the worker; the process backend sets them up through the
+//! per-session hooks ([`Backend::open_session`], [`Backend::close_session`]) and per command.
+//!
 //! The parts: `admit` (a request checked against the quotas, turned into a [`Job`]),
 //! [`protocol`] (worker <-> helper lines), `confine` (the helper's steps), `process` (the
 //! worker side of the process backend), `collect` (output caps, timeout, quota polling, shared
@@ -17,6 +21,7 @@
 //! (the worker's command-line flags for all of this).
 
 mod admit;
+mod cgroup;
 mod collect;
 mod confine;
 mod env;
@@ -26,7 +31,11 @@ mod probe;
 mod process;
 pub mod protocol;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -39,6 +48,8 @@ pub use self::{
     flags::SandboxFlags,
     probe::Python,
 };
+use heist_proto::ids::SessionId;
+
 use crate::{Error, quota::Quotas, sessions::Workspace};
 
 /// How commands are isolated (HEIST_SANDBOX / --sandbox).
@@ -73,6 +84,10 @@ pub struct Settings {
     pub nice: i32,
     /// Session quotas.
     pub quotas: Quotas,
+    /// Where the cgroup file system is mounted; `None`: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
+    /// This worker's id (names its cgroup subtree).
+    pub worker_id: String,
 }
 
 /// Which output stream.
@@ -105,6 +120,17 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
     /// CPU time used, in ms.
     pub cpu_ms: u64,
+    /// Set when the kernel killed a process of the command for lack of memory: the limit hit.
+    pub out_of_memory: Option<MemoryLimit>,
+}
+
+/// The cgroup memory limit an out-of-memory kill was due to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLimit {
+    /// The quota's name (`session_memory_bytes` or `command_memory_bytes`).
+    pub quota: &'static str,
+    /// Its value in bytes.
+    pub bytes: u64,
 }
 
 /// What a running command produces next.
@@ -150,6 +176,22 @@ pub trait Backend: Send + Sync + 'static {
     fn cleanup<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// Per-session hook: runs once when a session's workspace comes into use on this worker (created, adopted at start-up), after its directory exists and before the workspace is opened as a capability.
+    fn open_session<'a>(
+        &'a self,
+        _session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Per-session hook: runs once when a session leaves this worker (closed or evicted), after its commands stopped and before its directory is removed.
+    fn close_session<'a>(
+        &'a self,
+        _session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The worker's sandbox: the backend (when it works), what it isolates, and the quotas.
@@ -182,8 +224,9 @@ impl Sandbox {
             system_paths,
         };
         match probed {
-            Ok((mut backend, isolation)) => {
+            Ok((mut backend, mut isolation)) => {
                 backend.set_read_only(sandbox.system_paths.clone());
+                isolation.push(backend.use_cgroups(&sandbox.settings).await);
                 let backend: Box<dyn Backend> = Box::new(backend);
                 if sandbox.mode == Mode::Unconfined {
                     warn!(
@@ -230,6 +273,8 @@ impl Sandbox {
                 poll_interval: Duration::from_millis(500),
                 nice: 19,
                 quotas,
+                cgroup_root: None,
+                worker_id: String::new(),
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
@@ -252,6 +297,23 @@ impl Sandbox {
     /// The isolation really in force, for Register.
     pub fn isolation(&self) -> Vec<String> {
         self.isolation.clone()
+    }
+
+    /// Readies per-session resources (the session's cgroup) for `session`; see
+    /// [`Backend::open_session`]. Without a working backend there is nothing to ready.
+    pub async fn open_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.open_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Releases per-session resources of `session`; see [`Backend::close_session`].
+    pub async fn close_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.close_session(session, path).await,
+            Err(_) => Ok(()),
+        }
     }
 
     /// The session quotas.
