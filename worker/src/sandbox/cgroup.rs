@@ -77,12 +77,16 @@ impl Cgroups {
         } else {
             setup_v1(root, worker)?
         };
+        let swap_file = match base.version {
+            Version::V1 => "memory.memsw.limit_in_bytes",
+            Version::V2 => "memory.swap.max",
+        };
+        // The base (`heist/<worker>`) or, on v1, the hierarchy's root has it when the kernel
+        // accounts swap (v2's root cgroup has no swap file).
         let swap_limited = base.memory.as_ref().is_some_and(|dir| {
-            dir.join(match base.version {
-                Version::V1 => "memory.memsw.limit_in_bytes",
-                Version::V2 => "memory.swap.max",
-            })
-            .exists()
+            dir.ancestors()
+                .take(3)
+                .any(|d| d.join(swap_file).exists())
         });
         Ok(Self { base, swap_limited })
     }
@@ -382,7 +386,8 @@ fn setup_v1(root: &Path, worker: &str) -> Result<Group, String> {
     let group = Group {
         version: Version::V1,
         memory: usable("memory", "memory.limit_in_bytes"),
-        pids: usable("pids", "pids.max"),
+        // The root of the pids hierarchy has no pids.* files.
+        pids: usable("pids", "cgroup.procs"),
         cpu: usable("cpu", "cpu.shares"),
     };
     if group.dirs().is_empty() {

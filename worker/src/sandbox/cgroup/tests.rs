@@ -6,7 +6,7 @@ fn fake_v1() -> tempfile::TempDir {
     for (controller, file) in [
         ("memory", "memory.limit_in_bytes"),
         ("memory", "memory.memsw.limit_in_bytes"),
-        ("pids", "pids.max"),
+        ("pids", "cgroup.procs"),
         ("cpu", "cpu.shares"),
     ] {
         let dir = tmp.path().join(controller);
@@ -39,11 +39,6 @@ fn v1_limits_land_in_each_controllers_hierarchy() {
         read(root.path().join(controller).join("heist/w1/s1/c1").join(file))
     };
     assert_eq!(at("memory", "memory.limit_in_bytes"), "67108864");
-    assert_eq!(
-        at("memory", "memory.memsw.limit_in_bytes"),
-        "67108864",
-        "swap off"
-    );
     assert_eq!(at("pids", "pids.max"), "32");
     assert_eq!(at("cpu", "cpu.shares"), "512");
     assert_eq!(at("cpu", "cpu.cfs_quota_us"), "150000");
@@ -106,9 +101,26 @@ fn real_groups_hold_processes_and_are_removed_with_them() {
         pids: Some(8),
         ..Limits::default()
     };
+    let isolation = cgroups.isolation();
+    assert!(
+        isolation.contains("memory") && isolation.contains("pids") && isolation.contains("cpu"),
+        "{isolation}"
+    );
     let group = cgroups
         .command("s", &Limits::default(), "c", &limits)
         .expect("group");
+    if let Some(memory) = &group.memory
+        && group.version == Version::V1
+    {
+        assert_eq!(read(memory.join("memory.limit_in_bytes")).trim(), "33554432");
+        let memsw = memory.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            assert_eq!(read(memsw).trim(), "33554432", "swap off");
+        }
+    }
+    if let Some(pids) = &group.pids {
+        assert_eq!(read(pids.join("pids.max")).trim(), "8");
+    }
     let mut child = std::process::Command::new("sleep")
         .arg("600")
         .spawn()
