@@ -311,6 +311,7 @@ impl Control {
                     let heartbeat = Heartbeat {
                         active_sessions: u32::try_from(self.state.sessions.len()).unwrap_or(u32::MAX),
                         in_flight_calls: self.state.inflight.count(),
+                        fs_pool_saturated: self.state.sandbox.fs_pool().saturated(),
                     };
                     if outbound.send(message(worker_message::Msg::Heartbeat(heartbeat))).await.is_err() {
                         return broken("sending a heartbeat");

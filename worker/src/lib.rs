@@ -81,7 +81,7 @@ pub async fn serve(
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let tools = Registry::builtin()?;
-    let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config)).await);
+    let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
     // Adopted workspaces get their per-session resources back (the seams change moves this
     // into the session lifecycle).
     for id in sessions.ids() {
@@ -195,7 +195,7 @@ pub async fn serve(
 }
 
 /// The sandbox part of the configuration.
-fn sandbox_settings(config: &Config) -> sandbox::Settings {
+fn sandbox_settings(config: &Config, base: &std::path::Path) -> sandbox::Settings {
     sandbox::Settings {
         mode: config.sandbox,
         helper: config.sandbox_helper.clone(),
@@ -207,7 +207,8 @@ fn sandbox_settings(config: &Config) -> sandbox::Settings {
         nice: config.sandbox_nice,
         quotas: config.quotas.clone(),
         cgroup_root: config.cgroup_root.clone(),
-        worker_id: config.worker_id.clone(),
+        cgroup_name: sandbox::cgroup_name(&config.worker_id, base),
+        fs_pool: config.fs_pool,
     }
 }
 

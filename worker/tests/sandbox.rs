@@ -35,11 +35,8 @@ async fn lab(mode: Mode, quotas: Quotas) -> Lab {
         quotas,
         cgroup_root: Some("/sys/fs/cgroup".into()),
         // Unique per lab: a worker sweeps its own id's cgroups at start.
-        worker_id: tmp
-            .path()
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        cgroup_name: heist_worker::sandbox::cgroup_name("lab", tmp.path()),
+        fs_pool: heist_worker::tools::PoolLimits::default(),
     })
     .await;
     Lab {

@@ -92,6 +92,17 @@ pub struct SandboxFlags {
     /// `cgroup:none` in the worker's isolation).
     #[arg(long, env = "HEIST_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
+    /// Filesystem operations the fs tools may run at once on this worker (a worker with all
+    /// of them busy reports itself saturated and gets no new sessions).
+    #[arg(long, env = "HEIST_FS_POOL_THREADS", default_value_t = 16)]
+    pub fs_pool_threads: usize,
+    /// Of those, how many one session may run at once.
+    #[arg(long, env = "HEIST_FS_POOL_PER_SESSION", default_value_t = 4)]
+    pub fs_pool_per_session: usize,
+    /// Longest an fs tool waits for one filesystem operation, in seconds (the call's deadline
+    /// applies when earlier).
+    #[arg(long, env = "HEIST_FS_OP_TIMEOUT_S", default_value_t = 30)]
+    pub fs_op_timeout_s: u64,
 }
 
 impl SandboxFlags {
@@ -125,6 +136,11 @@ impl SandboxFlags {
             cpu_weight: self.quota_cpu_weight,
         };
         config.cgroup_root = Some(self.cgroup_root).filter(|p| !p.as_os_str().is_empty());
+        config.fs_pool = crate::tools::PoolLimits {
+            threads: self.fs_pool_threads,
+            per_session: self.fs_pool_per_session,
+            op_timeout: Duration::from_secs(self.fs_op_timeout_s),
+        };
     }
 }
 

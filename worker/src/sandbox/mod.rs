@@ -50,7 +50,12 @@ pub use self::{
 };
 use heist_proto::ids::SessionId;
 
-use crate::{Error, quota::Quotas, sessions::Workspace};
+use crate::{
+    Error,
+    quota::Quotas,
+    sessions::Workspace,
+    tools::{FsPool, PoolLimits},
+};
 
 /// How commands are isolated (HEIST_SANDBOX / --sandbox).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -86,8 +91,19 @@ pub struct Settings {
     pub quotas: Quotas,
     /// Where the cgroup file system is mounted; `None`: no cgroups.
     pub cgroup_root: Option<PathBuf>,
-    /// This worker's id (names its cgroup subtree).
-    pub worker_id: String,
+    /// Names this worker's cgroup subtree ([`cgroup_name`]).
+    pub cgroup_name: String,
+    /// The pool the fs tools run their filesystem work on.
+    pub fs_pool: PoolLimits,
+}
+
+/// The name of a worker's cgroup subtree: its id and a digest of its workspace directory, so
+/// that a restarted worker (same id, same directory) sweeps what its crashed predecessor left,
+/// and two workers that share an id on one host (tests) never touch each other's groups.
+pub fn cgroup_name(worker_id: &str, base_workspace: &Path) -> String {
+    let digest = blake3::hash(base_workspace.as_os_str().as_encoded_bytes());
+    let hex = digest.to_hex();
+    format!("{worker_id}-{}", &hex.as_str()[..12])
 }
 
 /// Which output stream.
@@ -202,6 +218,7 @@ pub struct Sandbox {
     settings: Settings,
     python: Result<Python, String>,
     system_paths: Vec<PathBuf>,
+    fs_pool: Arc<FsPool>,
 }
 
 impl Sandbox {
@@ -219,6 +236,7 @@ impl Sandbox {
             mode: settings.mode,
             backend: Err("not probed yet".to_owned()),
             isolation: Vec::new(),
+            fs_pool: FsPool::new(settings.fs_pool),
             settings,
             python,
             system_paths,
@@ -274,10 +292,12 @@ impl Sandbox {
                 nice: 19,
                 quotas,
                 cgroup_root: None,
-                worker_id: String::new(),
+                cgroup_name: String::new(),
+                fs_pool: PoolLimits::default(),
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
+            fs_pool: FsPool::new(PoolLimits::default()),
         }
     }
 
@@ -314,6 +334,11 @@ impl Sandbox {
             Ok(backend) => backend.close_session(session, path).await,
             Err(_) => Ok(()),
         }
+    }
+
+    /// The pool the fs tools run on (its saturation goes into the heartbeat).
+    pub fn fs_pool(&self) -> &Arc<FsPool> {
+        &self.fs_pool
     }
 
     /// The session quotas.

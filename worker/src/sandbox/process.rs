@@ -159,7 +159,7 @@ impl ProcessBackend {
                    and CPU are bounded by rlimits per process only");
             return "cgroup:none".to_owned();
         };
-        let worker = settings.worker_id.clone();
+        let worker = settings.cgroup_name.clone();
         let setup = tokio::task::spawn_blocking(move || Cgroups::setup(&root, &worker)).await;
         let cgroups = match setup {
             Ok(Ok(cgroups)) => cgroups,

@@ -14,6 +14,8 @@ mod fs;
 mod python;
 mod schema;
 
+pub use self::fs::{FsPool, PoolLimits};
+
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures::future::BoxFuture;
