@@ -459,10 +459,12 @@ mod tests {
         let hb = Heartbeat {
             active_sessions: 1,
             in_flight_calls: 3,
+            fs_pool_saturated: true,
         };
         r.heartbeat(&id, epoch, &hb, now + TTL / 2);
         assert!(r.sweep(now + TTL).is_empty());
         assert_eq!(r.placement_views()[0].in_flight, 3);
+        assert!(r.placement_views()[0].saturated, "placement sees the pool saturated");
         assert_eq!(r.sweep(now + TTL * 2).len(), 1);
         // A heartbeat on a still-open stream brings a lost worker back.
         assert!(r.heartbeat(&id, epoch, &hb, now + TTL * 2).is_some());
