@@ -464,7 +464,10 @@ mod tests {
         r.heartbeat(&id, epoch, &hb, now + TTL / 2);
         assert!(r.sweep(now + TTL).is_empty());
         assert_eq!(r.placement_views()[0].in_flight, 3);
-        assert!(r.placement_views()[0].saturated, "placement sees the pool saturated");
+        assert!(
+            r.placement_views()[0].saturated,
+            "placement sees the pool saturated"
+        );
         assert_eq!(r.sweep(now + TTL * 2).len(), 1);
         // A heartbeat on a still-open stream brings a lost worker back.
         assert!(r.heartbeat(&id, epoch, &hb, now + TTL * 2).is_some());

@@ -81,7 +81,8 @@ pub async fn serve(
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let tools = Registry::builtin()?;
-    let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
+    let sandbox =
+        Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
     // Adopted workspaces get their per-session resources back (the seams change moves this
     // into the session lifecycle).
     for id in sessions.ids() {

@@ -5,6 +5,7 @@ mod auth;
 mod checkpoints;
 mod durability;
 mod ecosystem;
+mod exhaustion;
 mod harness;
 mod registration;
 mod sandbox;

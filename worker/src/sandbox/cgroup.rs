@@ -83,11 +83,10 @@ impl Cgroups {
         };
         // The base (`heist/<worker>`) or, on v1, the hierarchy's root has it when the kernel
         // accounts swap (v2's root cgroup has no swap file).
-        let swap_limited = base.memory.as_ref().is_some_and(|dir| {
-            dir.ancestors()
-                .take(3)
-                .any(|d| d.join(swap_file).exists())
-        });
+        let swap_limited = base
+            .memory
+            .as_ref()
+            .is_some_and(|dir| dir.ancestors().take(3).any(|d| d.join(swap_file).exists()));
         Ok(Self { base, swap_limited })
     }
 
@@ -213,11 +212,18 @@ impl Group {
                 Version::V1 => {
                     // memsw (memory + swap) may never be below the memory limit: a fresh group
                     // has both unlimited, so memory first, then memsw equal to it (no swap).
-                    write_lowering(dir, "memory.limit_in_bytes", "memory.memsw.limit_in_bytes", bytes)?;
+                    write_lowering(
+                        dir,
+                        "memory.limit_in_bytes",
+                        "memory.memsw.limit_in_bytes",
+                        bytes,
+                    )?;
                 }
                 Version::V2 => {
                     fs::write(dir.join("memory.max"), bytes.to_string())?;
                     write_if_present(&dir.join("memory.swap.max"), "0")?;
+                    // An OOM kill takes the whole group (command), not one process of it.
+                    write_if_present(&dir.join("memory.oom.group"), "1")?;
                 }
             }
         }
@@ -267,7 +273,12 @@ impl Group {
         match self.version {
             Version::V1 => MemoryEvents {
                 oom_kills: keyed(&read("memory.oom_control"), "oom_kill"),
-                limit_hits: read("memory.failcnt").trim().parse().unwrap_or(0),
+                peak_bytes: read("memory.max_usage_in_bytes").trim().parse().ok(),
+                // A charge checks memory+swap first when swap is accounted: either may fail.
+                limit_hits: ["memory.failcnt", "memory.memsw.failcnt"]
+                    .iter()
+                    .map(|f| read(f).trim().parse::<u64>().unwrap_or(0))
+                    .sum(),
             },
             Version::V2 => {
                 let local = read("memory.events.local");
@@ -279,6 +290,7 @@ impl Group {
                 MemoryEvents {
                     oom_kills: keyed(&events, "oom_kill"),
                     limit_hits: keyed(&events, "max"),
+                    peak_bytes: read("memory.peak").trim().parse().ok(),
                 }
             }
         }
@@ -299,8 +311,11 @@ impl Group {
 pub struct MemoryEvents {
     /// Processes the kernel's OOM killer killed in the group.
     pub oom_kills: u64,
-    /// Times an allocation hit the group's own limit.
+    /// Times an allocation hit the group's own limit (recent v1 kernels no longer count
+    /// this: use `peak_bytes` there).
     pub limit_hits: u64,
+    /// Highest memory use of the group so far, where the kernel reports it.
+    pub peak_bytes: Option<u64>,
 }
 
 /// `value` of the `key value` line in a flat-keyed cgroup file.
@@ -381,7 +396,9 @@ fn kill_all(dir: &Path, version: Version) {
 fn setup_v1(root: &Path, worker: &str) -> Result<Group, String> {
     let usable = |controller: &str, probe: &str| {
         let dir = root.join(controller);
-        dir.join(probe).is_file().then(|| dir.join("heist").join(worker))
+        dir.join(probe)
+            .is_file()
+            .then(|| dir.join("heist").join(worker))
     };
     let group = Group {
         version: Version::V1,
@@ -454,7 +471,10 @@ fn start_fresh(group: Group) -> Result<Group, String> {
         group.enable_children().map_err(|e| {
             format!(
                 "cannot enable controllers in {}: {e}",
-                group.dirs().first().map_or_else(String::new, |d| d.display().to_string())
+                group
+                    .dirs()
+                    .first()
+                    .map_or_else(String::new, |d| d.display().to_string())
             )
         })?;
     }

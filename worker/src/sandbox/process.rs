@@ -36,7 +36,7 @@ use tracing::{info, warn};
 
 use super::{
     Backend, Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, Settings, Stream,
-    cgroup::{self, Cgroups, Group, MemoryEvents},
+    cgroup::{self, Cgroups, Group},
     protocol::{Confinement, KILL, MAPPED, Report, Rlimits, Spec, TERM},
 };
 use crate::Error;
@@ -45,6 +45,8 @@ use crate::Error;
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// How long the helper has to end after a kill before it is killed itself.
 const HELPER_GRACE: Duration = Duration::from_secs(5);
+/// How often a running command's cgroup is checked for an out-of-memory kill (one small read).
+const OOM_CHECK: Duration = Duration::from_millis(200);
 /// Bytes read from a pipe at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Exit code reported when the program could not be started (what shells use).
@@ -155,8 +157,10 @@ impl ProcessBackend {
     /// (`cgroup:none` when the host does not let the worker use cgroups, which is logged).
     pub async fn use_cgroups(&mut self, settings: &Settings) -> String {
         let Some(root) = settings.cgroup_root.clone() else {
-            warn!("cgroups are off (HEIST_CGROUP_ROOT is empty): commands' memory, processes \
-                   and CPU are bounded by rlimits per process only");
+            warn!(
+                "cgroups are off (HEIST_CGROUP_ROOT is empty): commands' memory, processes \
+                   and CPU are bounded by rlimits per process only"
+            );
             return "cgroup:none".to_owned();
         };
         let worker = settings.cgroup_name.clone();
@@ -202,7 +206,6 @@ impl ProcessBackend {
         };
         let session = job.session.clone();
         let placed = tokio::task::spawn_blocking(move || {
-            let session_group = resources.session_group(&session)?;
             let name = format!(
                 "cmd-{}",
                 resources.next_command.fetch_add(1, Ordering::Relaxed)
@@ -211,14 +214,14 @@ impl ProcessBackend {
                 .cgroups
                 .command(&session, &resources.session, &name, &resources.command)
                 .map_err(|e| cgroup_failed("command", &session, &e))?;
-            let entered = group.add(pid).map_err(|e| cgroup_failed("command", &session, &e));
+            let entered = group
+                .add(pid)
+                .map_err(|e| cgroup_failed("command", &session, &e));
             if let Err(err) = entered {
                 let _ = group.remove();
                 return Err(err);
             }
             Ok(CommandGroup {
-                session_before: session_group.memory_events(),
-                session: session_group,
                 group: Some(group),
                 session_limit: resources.session.memory_bytes.unwrap_or(u64::MAX),
                 command_limit: resources.command.memory_bytes.unwrap_or(u64::MAX),
@@ -363,6 +366,7 @@ impl ProcessBackend {
             out_buf: vec![0; READ_CHUNK],
             err_buf: vec![0; READ_CHUNK],
             cgroup,
+            oom_check_at: Instant::now() + OOM_CHECK,
         };
         Ok((execution, features))
     }
@@ -431,10 +435,9 @@ impl Backend for ProcessBackend {
             };
             let session = session.to_string();
             tokio::task::spawn_blocking(move || {
-                resources
-                    .cgroups
-                    .remove_session(&session)
-                    .map_err(|e| Error::io(format!("cannot remove the cgroup of session {session}"), e))
+                resources.cgroups.remove_session(&session).map_err(|e| {
+                    Error::io(format!("cannot remove the cgroup of session {session}"), e)
+                })
             })
             .await
             .map_err(|e| Error::Internal(format!("cgroup task failed: {e}")))?
@@ -445,31 +448,32 @@ impl Backend for ProcessBackend {
 /// A command's cgroup, removed (with anything left in it) when the command is dropped.
 struct CommandGroup {
     group: Option<Group>,
-    session: Group,
-    /// The session group's memory events before the command started.
-    session_before: MemoryEvents,
     session_limit: u64,
     command_limit: u64,
 }
 
 impl CommandGroup {
-    /// The memory limit behind an OOM kill in the command, if there was one: the session's
-    /// when the session group's own limit was hit meanwhile, else the command's.
+    /// The memory limit behind an OOM kill in the command, if there was one: the command's
+    /// own when its group reached that limit, else the session's (which the command's
+    /// processes share with the session's other commands).
     fn out_of_memory(&self) -> Option<MemoryLimit> {
-        let group = self.group.as_ref()?;
-        if group.memory_events().oom_kills == 0 {
+        let events = self.group.as_ref()?.memory_events();
+        if events.oom_kills == 0 {
             return None;
         }
-        let session_hits = self.session.memory_events().limit_hits;
-        Some(if session_hits > self.session_before.limit_hits {
-            MemoryLimit {
-                quota: "session_memory_bytes",
-                bytes: self.session_limit,
-            }
-        } else {
+        // Within a page or two of the limit counts as reaching it.
+        let near = self.command_limit.saturating_sub(1 << 20);
+        let command_hit =
+            events.limit_hits > 0 || events.peak_bytes.is_some_and(|peak| peak >= near);
+        Some(if command_hit {
             MemoryLimit {
                 quota: "command_memory_bytes",
                 bytes: self.command_limit,
+            }
+        } else {
+            MemoryLimit {
+                quota: "session_memory_bytes",
+                bytes: self.session_limit,
             }
         })
     }
@@ -524,6 +528,8 @@ pub struct ProcessExecution {
     err_buf: Vec<u8>,
     /// The command's cgroup (`None` without cgroups).
     cgroup: Option<CommandGroup>,
+    /// When the cgroup is next checked for an out-of-memory kill.
+    oom_check_at: Instant,
 }
 
 impl ProcessExecution {
@@ -543,7 +549,20 @@ impl ProcessExecution {
         let give_up_at = self
             .killed_at
             .map_or_else(Instant::now, |at| at + HELPER_GRACE);
+        let watch_memory = self.cgroup.is_some() && self.exit.is_none() && self.killed_at.is_none();
         tokio::select! {
+            () = sleep_until(self.oom_check_at), if watch_memory => {
+                self.oom_check_at = Instant::now() + OOM_CHECK;
+                // The kernel killed one of its processes at a memory limit: the command is
+                // stopped as a whole (as cgroup v2's memory.oom.group does), and reported so
+                // when it exits.
+                if self.cgroup.as_ref().and_then(CommandGroup::out_of_memory).is_some() {
+                    self.send(KILL).await;
+                    self.control = None;
+                    self.killed_at = Some(Instant::now());
+                }
+                Ok(None)
+            }
             read = read_some(self.stdout.as_mut(), &mut self.out_buf), if self.stdout.is_some() => {
                 Ok(chunk(read, Stream::Stdout, &mut self.stdout, &self.out_buf))
             }

@@ -36,7 +36,12 @@ fn v1_limits_land_in_each_controllers_hierarchy() {
         .command("s1", &session, "c1", &limits)
         .expect("command group");
     let at = |controller: &str, file: &str| {
-        read(root.path().join(controller).join("heist/w1/s1/c1").join(file))
+        read(
+            root.path()
+                .join(controller)
+                .join("heist/w1/s1/c1")
+                .join(file),
+        )
     };
     assert_eq!(at("memory", "memory.limit_in_bytes"), "67108864");
     assert_eq!(at("pids", "pids.max"), "32");
@@ -68,10 +73,7 @@ fn without_controllers_setup_says_why() {
 #[test]
 fn memory_events_parse_both_versions() {
     assert_eq!(
-        keyed(
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
-            "oom_kill"
-        ),
+        keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"),
         3
     );
     assert_eq!(
@@ -112,7 +114,10 @@ fn real_groups_hold_processes_and_are_removed_with_them() {
     if let Some(memory) = &group.memory
         && group.version == Version::V1
     {
-        assert_eq!(read(memory.join("memory.limit_in_bytes")).trim(), "33554432");
+        assert_eq!(
+            read(memory.join("memory.limit_in_bytes")).trim(),
+            "33554432"
+        );
         let memsw = memory.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
             assert_eq!(read(memsw).trim(), "33554432", "swap off");

@@ -141,7 +141,9 @@ where
 /// followed only while they stay inside the workspace (cap-std's beneath resolution).
 pub(crate) fn open_regular(dir: &Dir, path: &Path, raw: &str) -> Result<io::Result<File>, Error> {
     let mut options = OpenOptions::new();
-    options.read(true).custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
+    options
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
     let file = match dir.open_with(path, &options) {
         Ok(file) => file,
         // Opening a socket fails with ENXIO: say what it is.

@@ -198,7 +198,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let err = pool.run("a", || ()).await.expect_err("over a's share");
-        assert!(err.to_string().contains("HEIST_FS_POOL_PER_SESSION"), "{err}");
+        assert!(
+            err.to_string().contains("HEIST_FS_POOL_PER_SESSION"),
+            "{err}"
+        );
         assert!(!pool.saturated());
         let b = tokio::spawn({
             let pool = Arc::clone(&pool);
@@ -213,7 +216,10 @@ mod tests {
         assert!(a.await.expect("a").expect("a ran"));
         assert!(b.await.expect("b").expect("b ran"));
         assert!(!pool.saturated());
-        assert!(pool.running.lock().expect("lock").is_empty(), "shares released");
+        assert!(
+            pool.running.lock().expect("lock").is_empty(),
+            "shares released"
+        );
     }
 
     #[test]
@@ -223,7 +229,10 @@ mod tests {
             per_session: 20,
             ..PoolLimits::default()
         };
-        let err = bad.validate().expect_err("per session above threads").to_string();
+        let err = bad
+            .validate()
+            .expect_err("per session above threads")
+            .to_string();
         assert!(err.contains("HEIST_FS_POOL_PER_SESSION"), "{err}");
     }
 }
