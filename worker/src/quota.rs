@@ -3,7 +3,10 @@
 //!
 //! Disk and file-count quotas are enforced in three places: `fs.write` checks before it writes;
 //! a sandboxed command gets RLIMIT_FSIZE set to the bytes left (so no single file can overshoot)
-//! and is polled while it runs; and the workspace is measured again when it ends. A session that
+//! and is polled while it runs (the walk plus, where the command has a cgroup, the files its
+//! processes hold open after unlinking them: [`unlinked_open_bytes`]); and the workspace is
+//! measured again when it ends. Polling is not a hard limit: parallel writers can overshoot by
+//! what they write in one poll interval (HEIST_QUOTA_POLL_MS). A session that
 //! ends up over its quota keeps its files (nothing is deleted behind the caller's back) but
 //! cannot grow until files are deleted: writes are refused and commands get RLIMIT_FSIZE 0.
 
@@ -195,6 +198,39 @@ pub fn measure(root: &Path, stop_after_files: u64) -> io::Result<Usage> {
     Ok(usage)
 }
 
+/// Bytes of the regular files that the processes listed in `procs` (a cgroup's `cgroup.procs`)
+/// hold open after they were unlinked, on the file system of `root`: space a command uses that
+/// no walk of the workspace sees. Each file counts once however many descriptors point at it.
+/// Processes that exit meanwhile are skipped.
+pub fn unlinked_open_bytes(procs: &Path, root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(device) = std::fs::metadata(root).map(|m| m.dev()) else {
+        return 0;
+    };
+    let pids = std::fs::read_to_string(procs).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes: u64 = 0;
+    for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // stat through the magic link reaches the open file, even an unlinked one.
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if meta.is_file()
+                && meta.nlink() == 0
+                && meta.dev() == device
+                && seen.insert(meta.ino())
+            {
+                bytes = bytes.saturating_add(meta.len());
+            }
+        }
+    }
+    bytes
+}
+
 /// The last measured usage of one workspace, kept up to date by the writers that know their
 /// delta (fs.write) and refreshed by a walk after every command. Anything that changes the
 /// workspace in bulk (a checkpoint restore) calls [`UsageCache::invalidate`].
@@ -307,6 +343,28 @@ mod tests {
             cache.lock().current(tmp.path(), &quotas).expect("usage"),
             Usage { bytes: 2, files: 1 }
         );
+    }
+
+    #[test]
+    fn unlinked_open_files_of_listed_processes_count() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("ghost");
+        let mut ghost = std::fs::File::create(&path).expect("create");
+        ghost.write_all(&[7u8; 5000]).expect("write");
+        std::fs::remove_file(&path).expect("unlink");
+        let kept = tmp.path().join("kept");
+        std::fs::write(&kept, b"visible").expect("kept");
+        let _open = std::fs::File::open(&kept).expect("open kept");
+        let procs = tmp.path().join("procs");
+        std::fs::write(&procs, format!("{}\n", std::process::id())).expect("procs");
+        assert_eq!(
+            unlinked_open_bytes(&procs, tmp.path()),
+            5000,
+            "the unlinked file counts, the linked one is found by the walk instead"
+        );
+        drop(ghost);
+        assert_eq!(unlinked_open_bytes(&procs, tmp.path()), 0);
     }
 
     #[test]

@@ -149,7 +149,9 @@ async fn unconfined_mode_reports_rlimits_only() {
     let isolation = lab.sandbox.isolation();
     assert_eq!(isolation.first().map(String::as_str), Some("rlimits"));
     assert!(
-        isolation[1..].iter().all(|i| i.starts_with("cgroup")),
+        isolation[1..]
+            .iter()
+            .all(|i| i.starts_with("cgroup") || i.starts_with("disk-quota:")),
         "unconfined adds only resource limits: {isolation:?}"
     );
     let f = run(&lab, sh("echo $HOME")).await;

@@ -206,6 +206,71 @@ async fn a_fork_bomb_is_bounded_by_the_session_pids_limit() {
 fn defaults(_: &mut heist_worker::Config) {}
 
 #[tokio::test]
+async fn the_worker_says_which_resource_limits_it_enforces() {
+    let mut lab = lab(defaults).await;
+    let workers = lab.client.workers().await;
+    let isolation = &workers[0].isolation;
+    assert!(
+        isolation.iter().any(|i| i.starts_with("cgroup-v")
+            && i.contains("memory")
+            && i.contains("pids")
+            && i.contains("cpu")),
+        "{isolation:?}"
+    );
+    assert!(
+        isolation.iter().any(|i| i == "disk-quota:polling"),
+        "{isolation:?}"
+    );
+    lab.stop().await;
+}
+
+fn small_disk(config: &mut heist_worker::Config) {
+    config.quotas.disk_bytes = 16 << 20;
+    config.quota_poll_interval = std::time::Duration::from_millis(50);
+}
+
+#[tokio::test]
+async fn unlinked_files_held_open_count_against_the_disk_quota() {
+    let mut lab = lab(small_disk).await;
+    let s = lab.session().await;
+    let other = lab.bystander().await;
+
+    // Four processes each write 10 MiB to a file they unlinked first: every file is under
+    // RLIMIT_FSIZE and invisible to a walk of the workspace, together they hold 40 MiB of a
+    // 16 MiB quota. They keep the files open until killed.
+    let fill = "import os, time
+for i in range(4):
+    if os.fork() == 0:
+        f = open('ghost%d' % i, 'wb')
+        os.unlink('ghost%d' % i)
+        for _ in range(10):
+            f.write(b'x' * (1 << 20))
+            f.flush()
+        time.sleep(60)
+        os._exit(0)
+for _ in range(4):
+    os.wait()
+";
+    let err = lab
+        .client
+        .call(&s, "run.python", json!({"code": fill, "timeout_s": 120}))
+        .await
+        .expect_err("over the disk quota");
+    assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
+    assert_eq!(
+        heist_proto::errors::metadata_of(&err, "limit").as_deref(),
+        Some("disk_bytes"),
+        "{}",
+        err.message()
+    );
+    // Killed, so the space is free again and the session works.
+    assert_eq!(lab.sh_ok(&s, "echo fine").await, "fine\n");
+    wait_no_command_cgroups(&s).await;
+    lab.assert_healthy(&other).await;
+    lab.stop().await;
+}
+
+#[tokio::test]
 async fn fifo_reads_are_refused_at_once_while_another_session_keeps_working() {
     let mut lab = lab(defaults).await;
     let s = lab.session().await;

@@ -264,6 +264,11 @@ impl Group {
         Ok(())
     }
 
+    /// The file listing the group's processes (`None` for a group without controllers).
+    pub fn procs_file(&self) -> Option<PathBuf> {
+        self.dirs().first().map(|d| d.join("cgroup.procs"))
+    }
+
     /// Memory counters now: (OOM kills in this group, times its own limit was hit).
     pub fn memory_events(&self) -> MemoryEvents {
         let Some(dir) = &self.memory else {

@@ -1,11 +1,12 @@
 //! Phase 3, shared by every backend: follow a running command to its end. Output is kept up to
 //! the output quota per stream (the rest is read and dropped, so the command never blocks on a
 //! full pipe) and forwarded live; the wall-clock timeout sends SIGTERM, then SIGKILL after the
-//! grace; the workspace is measured every poll interval and once more at the end, and a command
-//! that takes it over a disk quota is killed and reported as RESOURCE_EXHAUSTED.
+//! grace; the workspace is measured every poll interval (with the files the command's processes
+//! hold open after unlinking them) and once more at the end, and a command that takes it over a
+//! disk quota is killed and reported as RESOURCE_EXHAUSTED.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -163,7 +164,7 @@ pub async fn collect(
                 stopping = Stopping::Killed;
             }
             _ = poll.tick(), if over.is_none() => {
-                let now = measure(&job.root, watch.quotas).await?;
+                let now = measure(&job.root, watch.quotas, execution.processes()).await?;
                 if let Some(hit) = grown_over(now, watch.before, watch.quotas) {
                     debug!(session_id = %job.session, quota = hit.0, "quota exceeded: killing the command");
                     over = Some(hit);
@@ -176,7 +177,7 @@ pub async fn collect(
     let duration = started.elapsed();
 
     // The final measurement: it also refreshes the cache the next command and fs.write use.
-    let after = measure(&job.root, watch.quotas).await?;
+    let after = measure(&job.root, watch.quotas, None).await?;
     watch.usage.set(after);
     if over.is_none() {
         over = grown_over(after, watch.before, watch.quotas);
@@ -251,16 +252,26 @@ fn grown_over(now: Usage, before: Usage, quotas: &Quotas) -> Option<(&'static st
 }
 
 /// Measures the workspace (stopping once it is clearly over the file quota).
-async fn measure(root: &Path, quotas: &Quotas) -> Result<Usage, Error> {
+/// With `processes` (the command's `cgroup.procs`), the files its processes hold open after
+/// unlinking them count too: they take disk space no directory walk can see.
+async fn measure(root: &Path, quotas: &Quotas, processes: Option<PathBuf>) -> Result<Usage, Error> {
     let root: Arc<Path> = Arc::from(root);
     let stop = quotas.files.saturating_add(1);
-    tokio::task::spawn_blocking(move || quota::measure(&root, stop))
-        .await
-        .map_err(|e| Error::Internal(format!("usage task failed: {e}")))?
-        .map_err(|e| {
-            warn!(error = %e, "cannot measure the workspace");
-            Error::io("cannot measure the workspace", e)
-        })
+    tokio::task::spawn_blocking(move || {
+        let mut usage = quota::measure(&root, stop)?;
+        if let Some(procs) = processes {
+            usage.bytes = usage
+                .bytes
+                .saturating_add(quota::unlinked_open_bytes(&procs, &root));
+        }
+        Ok(usage)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("usage task failed: {e}")))?
+    .map_err(|e| {
+        warn!(error = %e, "cannot measure the workspace");
+        Error::io("cannot measure the workspace", e)
+    })
 }
 
 #[cfg(test)]

@@ -166,6 +166,11 @@ pub trait Execution: Send {
     fn terminate(&mut self) -> BoxFuture<'_, ()>;
     /// Stops the command's processes now (SIGKILL). Dropping an execution does this too.
     fn kill(&mut self) -> BoxFuture<'_, ()>;
+    /// The `cgroup.procs` file listing the command's processes, when it has a cgroup (the disk
+    /// quota polling then also counts files they hold open after unlinking them).
+    fn processes(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// A way to run commands in isolation. The phases run in order for every command; `cleanup`
@@ -245,6 +250,9 @@ impl Sandbox {
             Ok((mut backend, mut isolation)) => {
                 backend.set_read_only(sandbox.system_paths.clone());
                 isolation.push(backend.use_cgroups(&sandbox.settings).await);
+                // The disk quota is measured (walks, plus unlinked-but-open files of commands
+                // with a cgroup), not enforced by the file system: say so.
+                isolation.push("disk-quota:polling".to_owned());
                 let backend: Box<dyn Backend> = Box::new(backend);
                 if sandbox.mode == Mode::Unconfined {
                     warn!(

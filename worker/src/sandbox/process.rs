@@ -653,6 +653,10 @@ impl Execution for ProcessExecution {
         Box::pin(self.send(TERM))
     }
 
+    fn processes(&self) -> Option<PathBuf> {
+        self.cgroup.as_ref()?.group.as_ref()?.procs_file()
+    }
+
     fn kill(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.send(KILL).await;
