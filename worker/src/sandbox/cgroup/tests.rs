@@ -139,3 +139,45 @@ fn real_groups_hold_processes_and_are_removed_with_them() {
     assert!(!group.exists());
     cgroups.base.remove().expect("cleanup");
 }
+
+#[test]
+fn v2_enables_the_controllers_down_the_tree_and_writes_unified_files() {
+    let root = tempfile::tempdir().expect("tempdir");
+    fs::write(
+        root.path().join("cgroup.controllers"),
+        "cpuset cpu io memory hugetlb pids rdma\n",
+    )
+    .expect("controllers");
+    let cgroups = Cgroups::setup(root.path(), "w1").expect("setup");
+    assert!(
+        cgroups.isolation().starts_with("cgroup-v2:memory"),
+        "{}",
+        cgroups.isolation()
+    );
+    for dir in ["", "heist", "heist/w1"] {
+        assert_eq!(
+            read(root.path().join(dir).join("cgroup.subtree_control")),
+            "+memory +pids +cpu",
+            "{dir}"
+        );
+    }
+    let limits = Limits {
+        memory_bytes: Some(1 << 30),
+        pids: Some(64),
+        cpu_weight: Some(200),
+        cpu_percent: Some(50),
+    };
+    cgroups.session("s1", &limits).expect("session");
+    let at = |file: &str| read(root.path().join("heist/w1/s1").join(file));
+    assert_eq!(at("memory.max"), "1073741824");
+    assert_eq!(at("memory.swap.max"), "0");
+    assert_eq!(at("memory.oom.group"), "1");
+    assert_eq!(at("pids.max"), "64");
+    assert_eq!(at("cpu.weight"), "200");
+    assert_eq!(at("cpu.max"), "50000 100000");
+    assert_eq!(
+        at("cgroup.subtree_control"),
+        "+memory +pids +cpu",
+        "commands nest inside"
+    );
+}
