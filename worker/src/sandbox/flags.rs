@@ -90,8 +90,9 @@ pub struct SandboxFlags {
     /// Where the cgroup file system is mounted; the worker uses `<root>/heist/<worker id>` (v2)
     /// or `<root>/<controller>/heist/<worker id>` (v1). Empty: no cgroups (reported as
     /// `cgroup:none` in the worker's isolation).
+    // A String, not a PathBuf: clap refuses an empty path, and empty means "off".
     #[arg(long, env = "HEIST_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
-    pub cgroup_root: PathBuf,
+    pub cgroup_root: String,
     /// Filesystem operations the fs tools may run at once on this worker (a worker with all
     /// of them busy reports itself saturated and gets no new sessions).
     #[arg(long, env = "HEIST_FS_POOL_THREADS", default_value_t = 16)]
@@ -135,7 +136,9 @@ impl SandboxFlags {
             session_cpu_percent: self.quota_session_cpu_percent,
             cpu_weight: self.quota_cpu_weight,
         };
-        config.cgroup_root = Some(self.cgroup_root).filter(|p| !p.as_os_str().is_empty());
+        config.cgroup_root = Some(self.cgroup_root)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
         config.fs_pool = crate::tools::PoolLimits {
             threads: self.fs_pool_threads,
             per_session: self.fs_pool_per_session,
@@ -166,6 +169,8 @@ mod tests {
         assert_eq!(config.sandbox, defaults.sandbox);
         assert_eq!(config.kill_grace, defaults.kill_grace);
         assert_eq!(config.quota_poll_interval, defaults.quota_poll_interval);
+        assert_eq!(config.fs_pool, defaults.fs_pool);
+        assert_eq!(config.cgroup_root, defaults.cgroup_root);
         assert_eq!(
             (config.sandbox_uid, config.sandbox_gid),
             (defaults.sandbox_uid, defaults.sandbox_gid)
@@ -186,5 +191,16 @@ mod tests {
         cli.sandbox.apply(&mut config);
         assert_eq!(config.sandbox, Mode::Unconfined);
         assert_eq!(config.quotas.disk_bytes, 5);
+    }
+
+    #[test]
+    fn an_empty_cgroup_root_turns_cgroups_off() {
+        let cli = Cli::try_parse_from(["worker", "--cgroup-root", ""]).expect("parse");
+        let mut config = Config::default();
+        cli.sandbox.apply(&mut config);
+        assert_eq!(config.cgroup_root, None);
+        let cli = Cli::try_parse_from(["worker"]).expect("parse");
+        cli.sandbox.apply(&mut config);
+        assert_eq!(config.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
     }
 }
