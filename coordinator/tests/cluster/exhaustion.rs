@@ -90,9 +90,31 @@ impl Lab {
         assert_eq!(self.sh_ok(other, "cat keep.txt").await, "precious\n");
     }
 
+    /// The worker's cgroup subtree in each hierarchy that has one.
+    fn worker_cgroups(&self) -> Vec<PathBuf> {
+        let base = &self.worker.base_workspace;
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.clone());
+        let name = heist_worker::sandbox::cgroup_name("w1", &base);
+        ["memory", "pids", "cpu", ""]
+            .iter()
+            .map(|c| {
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join("heist")
+                    .join(&name)
+            })
+            .filter(|dir| dir.exists())
+            .collect()
+    }
+
     async fn stop(self) {
+        let dirs = self.worker_cgroups();
         self.worker.stop().await;
         self.coord.stop().await;
+        // A stopped worker leaves no cgroup behind.
+        for dir in dirs {
+            assert!(!dir.exists(), "{} left behind", dir.display());
+        }
     }
 }
 
@@ -220,6 +242,11 @@ async fn the_worker_says_which_resource_limits_it_enforces() {
     assert!(
         isolation.iter().any(|i| i == "disk-quota:polling"),
         "{isolation:?}"
+    );
+    // Its subtree exists while it runs (and `stop` checks it is gone afterwards).
+    assert!(
+        !lab.worker_cgroups().is_empty(),
+        "no cgroup subtree for the worker"
     );
     lab.stop().await;
 }

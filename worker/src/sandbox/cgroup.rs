@@ -142,6 +142,11 @@ impl Cgroups {
         Ok(group)
     }
 
+    /// Kills whatever still runs in the worker's subtree and removes it.
+    pub fn remove_all(&self) -> io::Result<()> {
+        self.base.remove()
+    }
+
     /// Kills whatever still runs in the session's cgroup and removes it with its commands'.
     pub fn remove_session(&self, session: &str) -> io::Result<()> {
         self.base.child(session).remove()

@@ -131,6 +131,17 @@ impl Resources {
     }
 }
 
+impl Drop for Resources {
+    /// A worker that stops removes its cgroup subtree (anything still in it is killed; its
+    /// commands are stopped by then). A restarted worker recreates the session groups when it
+    /// adopts the workspaces; after a crash, start-up sweeps what is left.
+    fn drop(&mut self) {
+        if let Err(e) = self.cgroups.remove_all() {
+            warn!(error = %e, "cannot remove this worker's cgroups");
+        }
+    }
+}
+
 fn cgroup_failed(what: &str, name: &str, err: &std::io::Error) -> Error {
     Error::SandboxUnavailable {
         missing: "cgroup",
