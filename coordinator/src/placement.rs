@@ -1,7 +1,8 @@
 //! Placement: which worker gets a new session.
 //!
 //! Candidates are the workers taking sessions (READY and connected). Those whose labels contain
-//! every requested label and that have a free slot are eligible; the least loaded wins, by
+//! every requested label, that have a free slot and whose filesystem pool is not saturated (as
+//! their last heartbeat said) are eligible; the least loaded wins, by
 //! sessions per slot, then calls in flight, then id (so the choice is deterministic). The
 //! session count includes sessions placed but not yet reported by the worker's heartbeat, so
 //! concurrent creates spread instead of piling onto the same worker.
@@ -25,6 +26,8 @@ pub struct Candidate<'a> {
     pub active_sessions: u32,
     /// Calls in flight at its last heartbeat.
     pub in_flight: u32,
+    /// Its last heartbeat said every thread of its filesystem pool was busy.
+    pub saturated: bool,
 }
 
 impl Candidate<'_> {
@@ -33,7 +36,7 @@ impl Candidate<'_> {
     }
 
     fn has_room(&self) -> bool {
-        self.active_sessions < self.capacity
+        self.active_sessions < self.capacity && !self.saturated
     }
 
     /// Compares load as `active/capacity` without floating point.
@@ -91,6 +94,7 @@ mod tests {
         capacity: u32,
         active: u32,
         in_flight: u32,
+        saturated: bool,
     }
 
     fn w(id: &str, labels: &[(&str, &str)], capacity: u32, active: u32) -> W {
@@ -103,6 +107,7 @@ mod tests {
             capacity,
             active,
             in_flight: 0,
+            saturated: false,
         }
     }
 
@@ -114,6 +119,7 @@ mod tests {
                 capacity: w.capacity,
                 active_sessions: w.active,
                 in_flight: w.in_flight,
+                saturated: w.saturated,
             })
             .collect()
     }
@@ -158,6 +164,20 @@ mod tests {
         let err = place(&cands(&ws[..2]), &sel(&[])).expect_err("full");
         assert!(matches!(err, Error::AllWorkersFull { workers: 2 }));
         assert_eq!(place(&cands(&ws), &sel(&[])).expect("placed").as_str(), "c");
+    }
+
+    #[test]
+    fn a_saturated_worker_gets_no_new_sessions() {
+        let mut ws = vec![w("a", &[], 4, 0), w("b", &[], 4, 3)];
+        ws[0].saturated = true;
+        assert_eq!(
+            place(&cands(&ws), &sel(&[])).expect("placed").as_str(),
+            "b",
+            "the idle but saturated worker is skipped"
+        );
+        ws[1].saturated = true;
+        let err = place(&cands(&ws), &sel(&[])).expect_err("all saturated");
+        assert!(matches!(err, Error::AllWorkersFull { workers: 2 }));
     }
 
     #[test]

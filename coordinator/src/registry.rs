@@ -83,6 +83,8 @@ pub struct PlacementView {
     pub capacity: u32,
     /// Calls in flight at its last heartbeat.
     pub in_flight: u32,
+    /// Its last heartbeat said its filesystem pool was saturated.
+    pub saturated: bool,
 }
 
 /// A new registration.
@@ -110,6 +112,8 @@ struct Entry {
     going_away: bool,
     /// It registered as draining (see [`Registration::draining`]).
     joined_draining: bool,
+    /// Its last heartbeat said its filesystem pool was saturated: no new sessions.
+    fs_pool_saturated: bool,
 }
 
 impl Entry {
@@ -163,6 +167,7 @@ impl Registry {
                 client: None,
                 going_away: false,
                 joined_draining: false,
+                fs_pool_saturated: false,
             };
             if matches!(
                 entry.state(),
@@ -189,6 +194,7 @@ impl Registry {
             client: Some(reg.client),
             going_away: false,
             joined_draining: reg.draining,
+            fs_pool_saturated: false,
         };
         self.write().insert(id.clone(), entry);
         epoch
@@ -213,6 +219,7 @@ impl Registry {
         let entry = workers.get_mut(id).filter(|e| e.epoch == epoch)?;
         entry.lease_deadline = now + self.lease_ttl;
         entry.record.in_flight_calls = hb.in_flight_calls;
+        entry.fs_pool_saturated = hb.fs_pool_saturated;
         entry.record.last_seen_at = Some(SystemTime::now().into());
         match entry.state() {
             // The first heartbeat: the worker can now verify coordinator credentials.
@@ -319,6 +326,7 @@ impl Registry {
                 labels: e.record.labels.clone(),
                 capacity: e.record.capacity,
                 in_flight: e.record.in_flight_calls,
+                saturated: e.fs_pool_saturated,
             })
             .collect()
     }
@@ -451,10 +459,15 @@ mod tests {
         let hb = Heartbeat {
             active_sessions: 1,
             in_flight_calls: 3,
+            fs_pool_saturated: true,
         };
         r.heartbeat(&id, epoch, &hb, now + TTL / 2);
         assert!(r.sweep(now + TTL).is_empty());
         assert_eq!(r.placement_views()[0].in_flight, 3);
+        assert!(
+            r.placement_views()[0].saturated,
+            "placement sees the pool saturated"
+        );
         assert_eq!(r.sweep(now + TTL * 2).len(), 1);
         // A heartbeat on a still-open stream brings a lost worker back.
         assert!(r.heartbeat(&id, epoch, &hb, now + TTL * 2).is_some());

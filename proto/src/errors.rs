@@ -49,6 +49,9 @@ pub mod reason {
     pub const BAD_CLIENT_CREDENTIALS: &str = "BAD_CLIENT_CREDENTIALS";
     /// The worker's join token is missing or wrong.
     pub const JOIN_TOKEN_INVALID: &str = "JOIN_TOKEN_INVALID";
+    /// An fs tool was pointed at something that is neither a regular file nor a directory (a
+    /// FIFO, socket or device), which it never opens (metadata: `path`, `type`).
+    pub const NOT_A_REGULAR_FILE: &str = "NOT_A_REGULAR_FILE";
     /// The server is shutting down or not ready.
     pub const NOT_SERVING: &str = "NOT_SERVING";
     /// A size or count limit was exceeded (metadata: `limit`).

@@ -64,6 +64,11 @@ pub struct Config {
     pub quota_poll_interval: Duration,
     /// Per-session quotas (HEIST_QUOTA_*; see [`Quotas`]).
     pub quotas: Quotas,
+    /// Where the cgroup file system is mounted (HEIST_CGROUP_ROOT); `None`: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
+    /// The fs tools' bounded pool (HEIST_FS_POOL_THREADS, HEIST_FS_POOL_PER_SESSION,
+    /// HEIST_FS_OP_TIMEOUT_S).
+    pub fs_pool: crate::tools::PoolLimits,
     /// Local blob cache for checkpoints (HEIST_BLOB_CACHE_DIR). `None` means
     /// `BASE_WORKSPACE/../blobs`.
     pub blob_cache_dir: Option<PathBuf>,
@@ -103,6 +108,8 @@ impl Default for Config {
             kill_grace: Duration::from_millis(500),
             quota_poll_interval: Duration::from_millis(500),
             quotas: Quotas::default(),
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+            fs_pool: crate::tools::PoolLimits::default(),
             blob_cache_dir: None,
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,
@@ -152,6 +159,7 @@ impl Config {
             ));
         }
         self.quotas.validate(self.max_message_bytes)?;
+        self.fs_pool.validate()?;
         if self.sandbox_uid == 0 || self.sandbox_gid == 0 {
             return Err(Error::Config(
                 "HEIST_SANDBOX_UID and HEIST_SANDBOX_GID must not be 0: commands never run as root"

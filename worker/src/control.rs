@@ -311,6 +311,7 @@ impl Control {
                     let heartbeat = Heartbeat {
                         active_sessions: u32::try_from(self.state.sessions.len()).unwrap_or(u32::MAX),
                         in_flight_calls: self.state.inflight.count(),
+                        fs_pool_saturated: self.state.sandbox.fs_pool().saturated(),
                     };
                     if outbound.send(message(worker_message::Msg::Heartbeat(heartbeat))).await.is_err() {
                         return broken("sending a heartbeat");
@@ -353,7 +354,12 @@ async fn evict_sessions(state: Arc<State>, ids: Vec<String>) {
             warn!(session_id = %raw, "the coordinator asked to evict a malformed session id");
             continue;
         };
-        match state.sessions.close(&id).await {
+        let closed = state.sessions.close(&id).await;
+        let path = state.sessions.base().join(id.as_str());
+        if let Err(err) = state.sandbox.close_session(&id, &path).await {
+            warn!(session_id = %id, error = %err, "cannot release the session's resources");
+        }
+        match closed {
             Ok(was_open) => info!(session_id = %id, was_open, "session evicted"),
             Err(err) => warn!(session_id = %id, error = %err, "cannot evict session"),
         }

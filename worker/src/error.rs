@@ -81,6 +81,18 @@ pub enum Error {
         /// Why it was refused.
         why: &'static str,
     },
+    /// An fs tool was pointed at a FIFO, socket or device.
+    #[error(
+        "`{path}` is a {kind}, not a regular file or directory: the fs tools only open regular \
+         files and directories (so a FIFO or device can never block them); use exec to work \
+         with it, or fs.delete to remove it"
+    )]
+    NotRegularFile {
+        /// The path as the caller sent it.
+        path: String,
+        /// What it is ("fifo", "socket", "character device", "block device").
+        kind: &'static str,
+    },
     /// A size or count limit would be exceeded.
     #[error("{message}")]
     LimitExceeded {
@@ -184,6 +196,11 @@ impl From<Error> for Status {
                 Code::InvalidArgument,
                 reason::PATH_OUTSIDE_WORKSPACE,
                 &[("path", path)],
+            ),
+            Error::NotRegularFile { path, kind } => with(
+                Code::FailedPrecondition,
+                reason::NOT_A_REGULAR_FILE,
+                &[("path", path), ("type", kind)],
             ),
             Error::LimitExceeded { limit, .. } => with(
                 Code::ResourceExhausted,

@@ -83,7 +83,16 @@ pub async fn serve(
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let tools = Registry::builtin()?;
-    let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config)).await);
+    let sandbox =
+        Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
+    // Adopted workspaces get their per-session resources back (the seams change moves this
+    // into the session lifecycle).
+    for id in sessions.ids() {
+        if let Ok(id) = heist_proto::ids::SessionId::parse(&id) {
+            let path = sessions.base().join(id.as_str());
+            sandbox.open_session(&id, &path).await?;
+        }
+    }
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
@@ -189,7 +198,7 @@ pub async fn serve(
 }
 
 /// The sandbox part of the configuration.
-fn sandbox_settings(config: &Config) -> sandbox::Settings {
+fn sandbox_settings(config: &Config, base: &std::path::Path) -> sandbox::Settings {
     sandbox::Settings {
         mode: config.sandbox,
         helper: config.sandbox_helper.clone(),
@@ -200,6 +209,9 @@ fn sandbox_settings(config: &Config) -> sandbox::Settings {
         poll_interval: config.quota_poll_interval,
         nice: config.sandbox_nice,
         quotas: config.quotas.clone(),
+        cgroup_root: config.cgroup_root.clone(),
+        cgroup_name: sandbox::cgroup_name(&config.worker_id, base),
+        fs_pool: config.fs_pool,
     }
 }
 

@@ -3,7 +3,10 @@
 //!
 //! Disk and file-count quotas are enforced in three places: `fs.write` checks before it writes;
 //! a sandboxed command gets RLIMIT_FSIZE set to the bytes left (so no single file can overshoot)
-//! and is polled while it runs; and the workspace is measured again when it ends. A session that
+//! and is polled while it runs (the walk plus, where the command has a cgroup, the files its
+//! processes hold open after unlinking them: [`unlinked_open_bytes`]); and the workspace is
+//! measured again when it ends. Polling is not a hard limit: parallel writers can overshoot by
+//! what they write in one poll interval (HEIST_QUOTA_POLL_MS). A session that
 //! ends up over its quota keeps its files (nothing is deleted behind the caller's back) but
 //! cannot grow until files are deleted: writes are refused and commands get RLIMIT_FSIZE 0.
 
@@ -51,6 +54,22 @@ pub struct Quotas {
     pub max_timeout: Duration,
     /// Commands one session may run at once (HEIST_QUOTA_CONCURRENT_COMMANDS). Default 4.
     pub concurrent_commands: u32,
+    /// Memory (resident + page cache, no swap) all of a session's commands may use together,
+    /// the hard limit of its cgroup (HEIST_QUOTA_SESSION_MEMORY_BYTES). Default 2 GiB.
+    pub session_memory_bytes: u64,
+    /// Memory one command (all its processes) may use, the hard limit of its cgroup
+    /// (HEIST_QUOTA_COMMAND_MEMORY_BYTES). Default 1 GiB.
+    pub command_memory_bytes: u64,
+    /// Processes and threads all of a session's commands may have at once, `pids.max` of its
+    /// cgroup (HEIST_QUOTA_SESSION_PROCESSES). Default 512. Each command's cgroup gets
+    /// [`Quotas::processes`].
+    pub session_processes: u64,
+    /// CPU a session's commands may use together, in percent of one core, the CFS quota of its
+    /// cgroup (HEIST_QUOTA_SESSION_CPU_PERCENT). Default 100 (one core).
+    pub session_cpu_percent: u64,
+    /// Relative CPU weight of each command's cgroup, 1-10000 (HEIST_QUOTA_CPU_WEIGHT).
+    /// Default 100 (the kernel's default share).
+    pub cpu_weight: u64,
 }
 
 impl Default for Quotas {
@@ -68,6 +87,11 @@ impl Default for Quotas {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             concurrent_commands: 4,
+            session_memory_bytes: 2 << 30,
+            command_memory_bytes: 1 << 30,
+            session_processes: 512,
+            session_cpu_percent: 100,
+            cpu_weight: 100,
         }
     }
 }
@@ -88,6 +112,17 @@ impl Quotas {
                 "HEIST_QUOTA_CONCURRENT_COMMANDS",
                 u64::from(self.concurrent_commands),
             ),
+            (
+                "HEIST_QUOTA_SESSION_MEMORY_BYTES",
+                self.session_memory_bytes,
+            ),
+            (
+                "HEIST_QUOTA_COMMAND_MEMORY_BYTES",
+                self.command_memory_bytes,
+            ),
+            ("HEIST_QUOTA_SESSION_PROCESSES", self.session_processes),
+            ("HEIST_QUOTA_SESSION_CPU_PERCENT", self.session_cpu_percent),
+            ("HEIST_QUOTA_CPU_WEIGHT", self.cpu_weight),
         ];
         if let Some((name, _)) = zero.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{name} must be above 0")));
@@ -97,6 +132,19 @@ impl Quotas {
                 "HEIST_EXEC_TIMEOUT_S must be above 0 and at most HEIST_QUOTA_TIMEOUT_MAX_S"
                     .to_owned(),
             ));
+        }
+        if self.cpu_weight > 10_000 {
+            return Err(Error::Config(
+                "HEIST_QUOTA_CPU_WEIGHT must be between 1 and 10000".to_owned(),
+            ));
+        }
+        // A cgroup below a few MiB cannot even start the sandbox helper.
+        let min_memory = 8 << 20;
+        if self.session_memory_bytes < min_memory || self.command_memory_bytes < min_memory {
+            return Err(Error::Config(format!(
+                "HEIST_QUOTA_SESSION_MEMORY_BYTES and HEIST_QUOTA_COMMAND_MEMORY_BYTES must be at \
+                 least {min_memory} bytes (8 MiB)"
+            )));
         }
         // stdout and stderr travel twice in a result (text blocks and structured content).
         let result_bytes = self.output_bytes.saturating_mul(4).saturating_add(64 << 10);
@@ -148,6 +196,39 @@ pub fn measure(root: &Path, stop_after_files: u64) -> io::Result<Usage> {
         }
     }
     Ok(usage)
+}
+
+/// Bytes of the regular files that the processes listed in `procs` (a cgroup's `cgroup.procs`)
+/// hold open after they were unlinked, on the file system of `root`: space a command uses that
+/// no walk of the workspace sees. Each file counts once however many descriptors point at it.
+/// Processes that exit meanwhile are skipped.
+pub fn unlinked_open_bytes(procs: &Path, root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(device) = std::fs::metadata(root).map(|m| m.dev()) else {
+        return 0;
+    };
+    let pids = std::fs::read_to_string(procs).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes: u64 = 0;
+    for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            // stat through the magic link reaches the open file, even an unlinked one.
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if meta.is_file()
+                && meta.nlink() == 0
+                && meta.dev() == device
+                && seen.insert(meta.ino())
+            {
+                bytes = bytes.saturating_add(meta.len());
+            }
+        }
+    }
+    bytes
 }
 
 /// The last measured usage of one workspace, kept up to date by the writers that know their
@@ -262,6 +343,28 @@ mod tests {
             cache.lock().current(tmp.path(), &quotas).expect("usage"),
             Usage { bytes: 2, files: 1 }
         );
+    }
+
+    #[test]
+    fn unlinked_open_files_of_listed_processes_count() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("ghost");
+        let mut ghost = std::fs::File::create(&path).expect("create");
+        ghost.write_all(&[7u8; 5000]).expect("write");
+        std::fs::remove_file(&path).expect("unlink");
+        let kept = tmp.path().join("kept");
+        std::fs::write(&kept, b"visible").expect("kept");
+        let _open = std::fs::File::open(&kept).expect("open kept");
+        let procs = tmp.path().join("procs");
+        std::fs::write(&procs, format!("{}\n", std::process::id())).expect("procs");
+        assert_eq!(
+            unlinked_open_bytes(&procs, tmp.path()),
+            5000,
+            "the unlinked file counts, the linked one is found by the walk instead"
+        );
+        drop(ghost);
+        assert_eq!(unlinked_open_bytes(&procs, tmp.path()), 0);
     }
 
     #[test]

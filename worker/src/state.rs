@@ -128,6 +128,9 @@ impl State {
     ) -> Result<v1::OpenSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let workspace = self.sessions.open(id).await?;
+        self.sandbox
+            .open_session(workspace.id(), workspace.path())
+            .await?;
         info!(workspace = %workspace.path().display(), "session open");
         Ok(v1::OpenSessionResponse {
             workspace: workspace.path().display().to_string(),
@@ -142,6 +145,10 @@ impl State {
     ) -> Result<v1::WorkerCloseSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let was_open = self.sessions.close(&id).await?;
+        // After the commands stopped (the close cancels them); the seams change moves this
+        // before the directory's removal.
+        let path = self.sessions.base().join(id.as_str());
+        self.sandbox.close_session(&id, &path).await?;
         if let Some(checkpoints) = &self.checkpoints {
             checkpoints.forget(&id);
         }

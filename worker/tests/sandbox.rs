@@ -33,6 +33,10 @@ async fn lab(mode: Mode, quotas: Quotas) -> Lab {
         poll_interval: Duration::from_millis(100),
         nice: 19,
         quotas,
+        cgroup_root: Some("/sys/fs/cgroup".into()),
+        // Unique per lab: a worker sweeps its own id's cgroups at start.
+        cgroup_name: heist_worker::sandbox::cgroup_name("lab", tmp.path()),
+        fs_pool: heist_worker::tools::PoolLimits::default(),
     })
     .await;
     Lab {
@@ -138,7 +142,14 @@ async fn output_streams_into_the_sink_as_it_is_written() {
 #[tokio::test]
 async fn unconfined_mode_reports_rlimits_only() {
     let lab = lab(Mode::Unconfined, Quotas::default()).await;
-    assert_eq!(lab.sandbox.isolation(), ["rlimits"]);
+    let isolation = lab.sandbox.isolation();
+    assert_eq!(isolation.first().map(String::as_str), Some("rlimits"));
+    assert!(
+        isolation[1..]
+            .iter()
+            .all(|i| i.starts_with("cgroup") || i.starts_with("disk-quota:")),
+        "unconfined adds only resource limits: {isolation:?}"
+    );
     let f = run(&lab, sh("echo $HOME")).await;
     assert_eq!(out(&f), format!("{}\n", lab.workspace.path().display()));
 }

@@ -186,6 +186,7 @@ pub(crate) async fn place_and_open(
                 capacity: v.capacity,
                 active_sessions: slots.get(v.id.as_str()).copied().unwrap_or(0),
                 in_flight: v.in_flight,
+                saturated: v.saturated,
             })
             .collect();
         let preferred: Vec<Candidate<'_>> = candidates

@@ -6,6 +6,7 @@ mod checkpoints;
 mod durability;
 mod ecosystem;
 mod escape;
+mod exhaustion;
 mod harness;
 mod registration;
 mod sandbox;

@@ -919,7 +919,15 @@ async fn a_missing_sandbox_refuses_commands_and_unconfined_is_explicit() {
     let mut lab = lab_with(WorkerOpts::new("w1").configure(unconfined)).await;
     let workers = lab.client.workers().await;
     assert_eq!(workers[0].sandbox_backend, "process");
-    assert_eq!(workers[0].isolation, ["rlimits"]);
+    // Unconfined: no namespaces or Landlock, only the resource limits.
+    assert_eq!(workers[0].isolation[0], "rlimits");
+    assert!(
+        workers[0].isolation[1..]
+            .iter()
+            .all(|i| i.starts_with("cgroup") || i.starts_with("disk-quota:")),
+        "{:?}",
+        workers[0].isolation
+    );
     let s = lab.session().await;
     assert_eq!(lab.sh_ok(&s, "echo unconfined").await, "unconfined\n");
     lab.stop().await;

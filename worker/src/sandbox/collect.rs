@@ -1,11 +1,12 @@
 //! Phase 3, shared by every backend: follow a running command to its end. Output is kept up to
 //! the output quota per stream (the rest is read and dropped, so the command never blocks on a
 //! full pipe) and forwarded live; the wall-clock timeout sends SIGTERM, then SIGKILL after the
-//! grace; the workspace is measured every poll interval and once more at the end, and a command
-//! that takes it over a disk quota is killed and reported as RESOURCE_EXHAUSTED.
+//! grace; the workspace is measured every poll interval (with the files the command's processes
+//! hold open after unlinking them) and once more at the end, and a command that takes it over a
+//! disk quota is killed and reported as RESOURCE_EXHAUSTED.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -13,7 +14,9 @@ use std::{
 use tokio::time::{Instant as TokioInstant, MissedTickBehavior, sleep_until};
 use tracing::{debug, warn};
 
-use super::{Chunk, Event, Execution, ExitInfo, Job, OutputSink, Stream, admit::quota_error};
+use super::{
+    Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, OutputSink, Stream, admit::quota_error,
+};
 use crate::{
     Error,
     quota::{self, Quotas, Usage, UsageCache},
@@ -161,7 +164,7 @@ pub async fn collect(
                 stopping = Stopping::Killed;
             }
             _ = poll.tick(), if over.is_none() => {
-                let now = measure(&job.root, watch.quotas).await?;
+                let now = measure(&job.root, watch.quotas, execution.processes()).await?;
                 if let Some(hit) = grown_over(now, watch.before, watch.quotas) {
                     debug!(session_id = %job.session, quota = hit.0, "quota exceeded: killing the command");
                     over = Some(hit);
@@ -174,7 +177,7 @@ pub async fn collect(
     let duration = started.elapsed();
 
     // The final measurement: it also refreshes the cache the next command and fs.write use.
-    let after = measure(&job.root, watch.quotas).await?;
+    let after = measure(&job.root, watch.quotas, None).await?;
     watch.usage.set(after);
     if over.is_none() {
         over = grown_over(after, watch.before, watch.quotas);
@@ -188,6 +191,9 @@ pub async fn collect(
     }
     if let Some((quota, used, limit)) = over {
         return Err(quota_error(quota, used, limit));
+    }
+    if let Some(memory) = exit.out_of_memory {
+        return Err(out_of_memory(memory));
     }
     // PID 1 of a pid namespace ignores SIGXCPU, so the hard limit's SIGKILL is what ends it.
     let cpu_limit_ms = watch.quotas.cpu_seconds.saturating_mul(1000);
@@ -213,6 +219,26 @@ pub async fn collect(
     })
 }
 
+/// RESOURCE_EXHAUSTED for a command whose processes the kernel killed at a memory limit.
+fn out_of_memory(memory: MemoryLimit) -> Error {
+    let (whose, setting) = match memory.quota {
+        "session_memory_bytes" => (
+            "the session's commands together reached",
+            "HEIST_QUOTA_SESSION_MEMORY_BYTES",
+        ),
+        _ => ("the command reached", "HEIST_QUOTA_COMMAND_MEMORY_BYTES"),
+    };
+    Error::LimitExceeded {
+        limit: memory.quota,
+        message: format!(
+            "out of memory: {whose} the {}-byte memory limit ({setting}) and the kernel killed \
+             a process of the command; use less memory (fewer or smaller processes) or ask the \
+             operator for a larger limit",
+            memory.bytes
+        ),
+    }
+}
+
 /// The quota `now` is over that the command is to blame for: only growth counts, so a command
 /// may run (and delete files) in a workspace that was already over a quota.
 fn grown_over(now: Usage, before: Usage, quotas: &Quotas) -> Option<(&'static str, u64, u64)> {
@@ -226,16 +252,26 @@ fn grown_over(now: Usage, before: Usage, quotas: &Quotas) -> Option<(&'static st
 }
 
 /// Measures the workspace (stopping once it is clearly over the file quota).
-async fn measure(root: &Path, quotas: &Quotas) -> Result<Usage, Error> {
+/// With `processes` (the command's `cgroup.procs`), the files its processes hold open after
+/// unlinking them count too: they take disk space no directory walk can see.
+async fn measure(root: &Path, quotas: &Quotas, processes: Option<PathBuf>) -> Result<Usage, Error> {
     let root: Arc<Path> = Arc::from(root);
     let stop = quotas.files.saturating_add(1);
-    tokio::task::spawn_blocking(move || quota::measure(&root, stop))
-        .await
-        .map_err(|e| Error::Internal(format!("usage task failed: {e}")))?
-        .map_err(|e| {
-            warn!(error = %e, "cannot measure the workspace");
-            Error::io("cannot measure the workspace", e)
-        })
+    tokio::task::spawn_blocking(move || {
+        let mut usage = quota::measure(&root, stop)?;
+        if let Some(procs) = processes {
+            usage.bytes = usage
+                .bytes
+                .saturating_add(quota::unlinked_open_bytes(&procs, &root));
+        }
+        Ok(usage)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("usage task failed: {e}")))?
+    .map_err(|e| {
+        warn!(error = %e, "cannot measure the workspace");
+        Error::io("cannot measure the workspace", e)
+    })
 }
 
 #[cfg(test)]

@@ -71,6 +71,39 @@ pub struct SandboxFlags {
     /// Commands one session may run at once.
     #[arg(long, env = "HEIST_QUOTA_CONCURRENT_COMMANDS", default_value_t = 4)]
     pub quota_concurrent_commands: u32,
+    /// Memory all of a session's commands may use together, in bytes (its cgroup's hard limit,
+    /// swap included).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_MEMORY_BYTES", default_value_t = 2 << 30)]
+    pub quota_session_memory_bytes: u64,
+    /// Memory one command (all its processes) may use, in bytes (its cgroup's hard limit).
+    #[arg(long, env = "HEIST_QUOTA_COMMAND_MEMORY_BYTES", default_value_t = 1 << 30)]
+    pub quota_command_memory_bytes: u64,
+    /// Processes and threads all of a session's commands may have at once (cgroup pids.max).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_PROCESSES", default_value_t = 512)]
+    pub quota_session_processes: u64,
+    /// CPU a session's commands may use together, in percent of one core (cgroup CPU quota).
+    #[arg(long, env = "HEIST_QUOTA_SESSION_CPU_PERCENT", default_value_t = 100)]
+    pub quota_session_cpu_percent: u64,
+    /// Relative CPU weight of each command, 1-10000 (100: the kernel's default share).
+    #[arg(long, env = "HEIST_QUOTA_CPU_WEIGHT", default_value_t = 100)]
+    pub quota_cpu_weight: u64,
+    /// Where the cgroup file system is mounted; the worker uses `<root>/heist/<worker id>` (v2)
+    /// or `<root>/<controller>/heist/<worker id>` (v1). Empty: no cgroups (reported as
+    /// `cgroup:none` in the worker's isolation).
+    // A String, not a PathBuf: clap refuses an empty path, and empty means "off".
+    #[arg(long, env = "HEIST_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: String,
+    /// Filesystem operations the fs tools may run at once on this worker (a worker with all
+    /// of them busy reports itself saturated and gets no new sessions).
+    #[arg(long, env = "HEIST_FS_POOL_THREADS", default_value_t = 16)]
+    pub fs_pool_threads: usize,
+    /// Of those, how many one session may run at once.
+    #[arg(long, env = "HEIST_FS_POOL_PER_SESSION", default_value_t = 4)]
+    pub fs_pool_per_session: usize,
+    /// Longest an fs tool waits for one filesystem operation, in seconds (the call's deadline
+    /// applies when earlier).
+    #[arg(long, env = "HEIST_FS_OP_TIMEOUT_S", default_value_t = 30)]
+    pub fs_op_timeout_s: u64,
 }
 
 impl SandboxFlags {
@@ -97,6 +130,19 @@ impl SandboxFlags {
             default_timeout: Duration::from_secs(self.exec_timeout_s),
             max_timeout: Duration::from_secs(self.quota_timeout_max_s),
             concurrent_commands: self.quota_concurrent_commands,
+            session_memory_bytes: self.quota_session_memory_bytes,
+            command_memory_bytes: self.quota_command_memory_bytes,
+            session_processes: self.quota_session_processes,
+            session_cpu_percent: self.quota_session_cpu_percent,
+            cpu_weight: self.quota_cpu_weight,
+        };
+        config.cgroup_root = Some(self.cgroup_root)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        config.fs_pool = crate::tools::PoolLimits {
+            threads: self.fs_pool_threads,
+            per_session: self.fs_pool_per_session,
+            op_timeout: Duration::from_secs(self.fs_op_timeout_s),
         };
     }
 }
@@ -123,6 +169,8 @@ mod tests {
         assert_eq!(config.sandbox, defaults.sandbox);
         assert_eq!(config.kill_grace, defaults.kill_grace);
         assert_eq!(config.quota_poll_interval, defaults.quota_poll_interval);
+        assert_eq!(config.fs_pool, defaults.fs_pool);
+        assert_eq!(config.cgroup_root, defaults.cgroup_root);
         assert_eq!(
             (config.sandbox_uid, config.sandbox_gid),
             (defaults.sandbox_uid, defaults.sandbox_gid)
@@ -143,5 +191,16 @@ mod tests {
         cli.sandbox.apply(&mut config);
         assert_eq!(config.sandbox, Mode::Unconfined);
         assert_eq!(config.quotas.disk_bytes, 5);
+    }
+
+    #[test]
+    fn an_empty_cgroup_root_turns_cgroups_off() {
+        let cli = Cli::try_parse_from(["worker", "--cgroup-root", ""]).expect("parse");
+        let mut config = Config::default();
+        cli.sandbox.apply(&mut config);
+        assert_eq!(config.cgroup_root, None);
+        let cli = Cli::try_parse_from(["worker"]).expect("parse");
+        cli.sandbox.apply(&mut config);
+        assert_eq!(config.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
     }
 }

@@ -10,6 +10,10 @@
 //! - A docker backend (one container per session) fits the same trait: `prepare` ensures the
 //!   session's container, `exec` starts `docker exec`, `collect` is shared, `cleanup` is a no-op.
 //!
+//! Resources: `cgroup` puts each session and each command in its own control group (memory,
+//! pids, CPU) where the host lets the worker; the process backend sets them up through the
+//! per-session hooks ([`Backend::open_session`], [`Backend::close_session`]) and per command.
+//!
 //! The parts: `admit` (a request checked against the quotas, turned into a [`Job`]),
 //! [`protocol`] (worker <-> helper lines), `confine` (the helper's steps), `process` (the
 //! worker side of the process backend), `collect` (output caps, timeout, quota polling, shared
@@ -17,6 +21,7 @@
 //! (the worker's command-line flags for all of this).
 
 mod admit;
+mod cgroup;
 mod collect;
 mod confine;
 mod env;
@@ -30,7 +35,11 @@ pub mod protocol;
 mod rootfs;
 mod seccomp;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -43,7 +52,14 @@ pub use self::{
     flags::SandboxFlags,
     probe::Python,
 };
-use crate::{Error, quota::Quotas, sessions::Workspace};
+use heist_proto::ids::SessionId;
+
+use crate::{
+    Error,
+    quota::Quotas,
+    sessions::Workspace,
+    tools::{FsPool, PoolLimits},
+};
 
 /// How commands are isolated (HEIST_SANDBOX / --sandbox).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -77,6 +93,21 @@ pub struct Settings {
     pub nice: i32,
     /// Session quotas.
     pub quotas: Quotas,
+    /// Where the cgroup file system is mounted; `None`: no cgroups.
+    pub cgroup_root: Option<PathBuf>,
+    /// Names this worker's cgroup subtree ([`cgroup_name`]).
+    pub cgroup_name: String,
+    /// The pool the fs tools run their filesystem work on.
+    pub fs_pool: PoolLimits,
+}
+
+/// The name of a worker's cgroup subtree: its id and a digest of its workspace directory, so
+/// that a restarted worker (same id, same directory) sweeps what its crashed predecessor left,
+/// and two workers that share an id on one host (tests) never touch each other's groups.
+pub fn cgroup_name(worker_id: &str, base_workspace: &Path) -> String {
+    let digest = blake3::hash(base_workspace.as_os_str().as_encoded_bytes());
+    let hex = digest.to_hex();
+    format!("{worker_id}-{}", &hex.as_str()[..12])
 }
 
 /// Which output stream.
@@ -109,6 +140,17 @@ pub struct ExitInfo {
     pub signal: Option<i32>,
     /// CPU time used, in ms.
     pub cpu_ms: u64,
+    /// Set when the kernel killed a process of the command for lack of memory: the limit hit.
+    pub out_of_memory: Option<MemoryLimit>,
+}
+
+/// The cgroup memory limit an out-of-memory kill was due to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLimit {
+    /// The quota's name (`session_memory_bytes` or `command_memory_bytes`).
+    pub quota: &'static str,
+    /// Its value in bytes.
+    pub bytes: u64,
 }
 
 /// What a running command produces next.
@@ -128,6 +170,11 @@ pub trait Execution: Send {
     fn terminate(&mut self) -> BoxFuture<'_, ()>;
     /// Stops the command's processes now (SIGKILL). Dropping an execution does this too.
     fn kill(&mut self) -> BoxFuture<'_, ()>;
+    /// The `cgroup.procs` file listing the command's processes, when it has a cgroup (the disk
+    /// quota polling then also counts files they hold open after unlinking them).
+    fn processes(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// A way to run commands in isolation. The phases run in order for every command; `cleanup`
@@ -154,6 +201,22 @@ pub trait Backend: Send + Sync + 'static {
     fn cleanup<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// Per-session hook: runs once when a session's workspace comes into use on this worker (created, adopted at start-up), after its directory exists and before the workspace is opened as a capability.
+    fn open_session<'a>(
+        &'a self,
+        _session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Per-session hook: runs once when a session leaves this worker (closed or evicted), after its commands stopped and before its directory is removed.
+    fn close_session<'a>(
+        &'a self,
+        _session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The worker's sandbox: the backend (when it works), what it isolates, and the quotas.
@@ -164,6 +227,7 @@ pub struct Sandbox {
     settings: Settings,
     python: Result<Python, String>,
     system_paths: Vec<PathBuf>,
+    fs_pool: Arc<FsPool>,
 }
 
 impl Sandbox {
@@ -181,13 +245,18 @@ impl Sandbox {
             mode: settings.mode,
             backend: Err("not probed yet".to_owned()),
             isolation: Vec::new(),
+            fs_pool: FsPool::new(settings.fs_pool),
             settings,
             python,
             system_paths,
         };
         match probed {
-            Ok((mut backend, isolation)) => {
+            Ok((mut backend, mut isolation)) => {
                 backend.set_read_only(sandbox.system_paths.clone());
+                isolation.push(backend.use_cgroups(&sandbox.settings).await);
+                // The disk quota is measured (walks, plus unlinked-but-open files of commands
+                // with a cgroup), not enforced by the file system: say so.
+                isolation.push("disk-quota:polling".to_owned());
                 let backend: Box<dyn Backend> = Box::new(backend);
                 if sandbox.mode == Mode::Unconfined {
                     warn!(
@@ -234,9 +303,13 @@ impl Sandbox {
                 poll_interval: Duration::from_millis(500),
                 nice: 19,
                 quotas,
+                cgroup_root: None,
+                cgroup_name: String::new(),
+                fs_pool: PoolLimits::default(),
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
+            fs_pool: FsPool::new(PoolLimits::default()),
         }
     }
 
@@ -256,6 +329,28 @@ impl Sandbox {
     /// The isolation really in force, for Register.
     pub fn isolation(&self) -> Vec<String> {
         self.isolation.clone()
+    }
+
+    /// Readies per-session resources (the session's cgroup) for `session`; see
+    /// [`Backend::open_session`]. Without a working backend there is nothing to ready.
+    pub async fn open_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.open_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Releases per-session resources of `session`; see [`Backend::close_session`].
+    pub async fn close_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.close_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// The pool the fs tools run on (its saturation goes into the heartbeat).
+    pub fn fs_pool(&self) -> &Arc<FsPool> {
+        &self.fs_pool
     }
 
     /// The session quotas.

@@ -9,10 +9,21 @@
 //! done as root; the root-owned workspace reaches it as an id-mapped mount (see `idmap`). A
 //! worker running as another user maps uid/gid 0 to itself.
 
-use std::{collections::VecDeque, os::fd::OwnedFd, path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    collections::VecDeque,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use base64::Engine as _;
 use futures::future::BoxFuture;
+use heist_proto::ids::SessionId;
 use nix::unistd::{getegid, geteuid};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, Lines},
@@ -20,9 +31,11 @@ use tokio::{
     process::{Child, ChildStderr, ChildStdout},
     time::{Instant, sleep_until},
 };
+use tracing::{info, warn};
 
 use super::{
-    Backend, Chunk, Event, Execution, ExitInfo, Job, Stream,
+    Backend, Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, Settings, Stream,
+    cgroup::{self, Cgroups, Group},
     protocol::{Confinement, KILL, MAPPED, Report, Rlimits, Spec, TERM},
 };
 use crate::Error;
@@ -31,6 +44,8 @@ use crate::Error;
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 /// How long the helper has to end after a kill before it is killed itself.
 const HELPER_GRACE: Duration = Duration::from_secs(5);
+/// How often a running command's cgroup is checked for an out-of-memory kill (one small read).
+const OOM_CHECK: Duration = Duration::from_millis(200);
 /// Bytes read from a pipe at a time.
 const READ_CHUNK: usize = 64 * 1024;
 /// Exit code reported when the program could not be started (what shells use).
@@ -96,6 +111,47 @@ pub struct ProcessBackend {
     read_only: Vec<PathBuf>,
     /// Bytes of each command's private /tmp.
     tmp_bytes: u64,
+    /// Session and command cgroups, where the host has them.
+    resources: Option<Arc<Resources>>,
+}
+
+/// The cgroup subtree and the limits written into it.
+struct Resources {
+    cgroups: Cgroups,
+    session: cgroup::Limits,
+    command: cgroup::Limits,
+    /// Names commands' cgroups (`cmd-<n>`), unique for this worker's life.
+    next_command: AtomicU64,
+}
+
+impl Resources {
+    /// The session's (already created) cgroup, created when missing.
+    fn session_group(&self, session: &str) -> Result<Group, Error> {
+        self.cgroups
+            .session(session, &self.session)
+            .map_err(|e| cgroup_failed("session", session, &e))
+    }
+}
+
+impl Drop for Resources {
+    /// A worker that stops removes its cgroup subtree (anything still in it is killed; its
+    /// commands are stopped by then). A restarted worker recreates the session groups when it
+    /// adopts the workspaces; after a crash, start-up sweeps what is left.
+    fn drop(&mut self) {
+        if let Err(e) = self.cgroups.remove_all() {
+            warn!(error = %e, "cannot remove this worker's cgroups");
+        }
+    }
+}
+
+fn cgroup_failed(what: &str, name: &str, err: &std::io::Error) -> Error {
+    Error::SandboxUnavailable {
+        missing: "cgroup",
+        message: format!(
+            "cannot set up the {what} cgroup for {name}: {err}; the worker's cgroup subtree is \
+             unusable (see HEIST_CGROUP_ROOT), try again or move the session to another worker"
+        ),
+    }
 }
 
 impl ProcessBackend {
@@ -111,7 +167,88 @@ impl ProcessBackend {
             ids,
             read_only,
             tmp_bytes,
+            resources: None,
         }
+    }
+
+    /// Sets up the worker's cgroup subtree (sweeping what a crashed predecessor left) and puts
+    /// every later session and command in it; returns what is enforced for the isolation list
+    /// (`cgroup:none` when the host does not let the worker use cgroups, which is logged).
+    pub async fn use_cgroups(&mut self, settings: &Settings) -> String {
+        let Some(root) = settings.cgroup_root.clone() else {
+            warn!(
+                "cgroups are off (HEIST_CGROUP_ROOT is empty): commands' memory, processes \
+                   and CPU are bounded by rlimits per process only"
+            );
+            return "cgroup:none".to_owned();
+        };
+        let worker = settings.cgroup_name.clone();
+        let setup = tokio::task::spawn_blocking(move || Cgroups::setup(&root, &worker)).await;
+        let cgroups = match setup {
+            Ok(Ok(cgroups)) => cgroups,
+            Ok(Err(reason)) => {
+                warn!(reason = %reason, "no cgroups: commands' memory, processes and CPU are \
+                      bounded by rlimits per process only");
+                return "cgroup:none".to_owned();
+            }
+            Err(e) => {
+                warn!(error = %e, "cgroup setup task failed");
+                return "cgroup:none".to_owned();
+            }
+        };
+        let q = &settings.quotas;
+        let isolation = cgroups.isolation();
+        info!(cgroups = %isolation, "commands run in per-session and per-command cgroups");
+        self.resources = Some(Arc::new(Resources {
+            cgroups,
+            session: cgroup::Limits {
+                memory_bytes: Some(q.session_memory_bytes),
+                pids: Some(q.session_processes),
+                cpu_weight: None,
+                cpu_percent: Some(q.session_cpu_percent),
+            },
+            command: cgroup::Limits {
+                memory_bytes: Some(q.command_memory_bytes),
+                pids: Some(q.processes),
+                cpu_weight: Some(q.cpu_weight),
+                cpu_percent: None,
+            },
+            next_command: AtomicU64::new(1),
+        }));
+        isolation
+    }
+
+    /// Creates the cgroup of `job`'s command and moves the helper (`pid`) into it.
+    async fn enter_cgroup(&self, job: &Job, pid: u32) -> Result<Option<CommandGroup>, Error> {
+        let Some(resources) = self.resources.clone() else {
+            return Ok(None);
+        };
+        let session = job.session.clone();
+        let placed = tokio::task::spawn_blocking(move || {
+            let name = format!(
+                "cmd-{}",
+                resources.next_command.fetch_add(1, Ordering::Relaxed)
+            );
+            let group = resources
+                .cgroups
+                .command(&session, &resources.session, &name, &resources.command)
+                .map_err(|e| cgroup_failed("command", &session, &e))?;
+            let entered = group
+                .add(pid)
+                .map_err(|e| cgroup_failed("command", &session, &e));
+            if let Err(err) = entered {
+                let _ = group.remove();
+                return Err(err);
+            }
+            Ok(CommandGroup {
+                group: Some(group),
+                session_limit: resources.session.memory_bytes.unwrap_or(u64::MAX),
+                command_limit: resources.command.memory_bytes.unwrap_or(u64::MAX),
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("cgroup task failed: {e}")))??;
+        Ok(Some(placed))
     }
 
     /// Replaces the paths every command may read (once the interpreter is known).
@@ -167,6 +304,18 @@ impl ProcessBackend {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| helper_failed("cannot start it", e))?;
+        // The helper waits for its spec before it does anything, so everything the command
+        // starts is inside the cgroup (children inherit it).
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::Internal("the sandbox helper exited early".to_owned()))?;
+        let cgroup = match self.enter_cgroup(job, pid).await {
+            Ok(cgroup) => cgroup,
+            Err(err) => {
+                let _ = child.start_kill();
+                return Err(err);
+            }
+        };
         let (read, mut write) = ours.into_split();
         let mut lines = BufReader::new(read).lines();
 
@@ -210,8 +359,7 @@ impl ProcessBackend {
                 }));
                 let exit = ExitInfo {
                     code: Some(NOT_STARTED),
-                    signal: None,
-                    cpu_ms: 0,
+                    ..ExitInfo::default()
                 };
                 (Vec::new(), Some(exit))
             }
@@ -238,6 +386,8 @@ impl ProcessBackend {
             pending,
             out_buf: vec![0; READ_CHUNK],
             err_buf: vec![0; READ_CHUNK],
+            cgroup,
+            oom_check_at: Instant::now() + OOM_CHECK,
         };
         Ok((execution, features))
     }
@@ -278,6 +428,93 @@ impl Backend for ProcessBackend {
             Ok(Box::new(execution) as Box<dyn Execution>)
         })
     }
+
+    fn open_session<'a>(
+        &'a self,
+        session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(resources) = self.resources.clone() else {
+                return Ok(());
+            };
+            let session = session.to_string();
+            tokio::task::spawn_blocking(move || resources.session_group(&session).map(|_| ()))
+                .await
+                .map_err(|e| Error::Internal(format!("cgroup task failed: {e}")))?
+        })
+    }
+
+    fn close_session<'a>(
+        &'a self,
+        session: &'a SessionId,
+        _path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(resources) = self.resources.clone() else {
+                return Ok(());
+            };
+            let session = session.to_string();
+            tokio::task::spawn_blocking(move || {
+                resources.cgroups.remove_session(&session).map_err(|e| {
+                    Error::io(format!("cannot remove the cgroup of session {session}"), e)
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("cgroup task failed: {e}")))?
+        })
+    }
+}
+
+/// A command's cgroup, removed (with anything left in it) when the command is dropped.
+struct CommandGroup {
+    group: Option<Group>,
+    session_limit: u64,
+    command_limit: u64,
+}
+
+impl CommandGroup {
+    /// The memory limit behind an OOM kill in the command, if there was one: the command's
+    /// own when its group reached that limit, else the session's (which the command's
+    /// processes share with the session's other commands).
+    fn out_of_memory(&self) -> Option<MemoryLimit> {
+        let events = self.group.as_ref()?.memory_events();
+        if events.oom_kills == 0 {
+            return None;
+        }
+        // Within a page or two of the limit counts as reaching it.
+        let near = self.command_limit.saturating_sub(1 << 20);
+        let command_hit =
+            events.limit_hits > 0 || events.peak_bytes.is_some_and(|peak| peak >= near);
+        Some(if command_hit {
+            MemoryLimit {
+                quota: "command_memory_bytes",
+                bytes: self.command_limit,
+            }
+        } else {
+            MemoryLimit {
+                quota: "session_memory_bytes",
+                bytes: self.session_limit,
+            }
+        })
+    }
+}
+
+impl Drop for CommandGroup {
+    fn drop(&mut self) {
+        let Some(group) = self.group.take() else {
+            return;
+        };
+        let remove = move || {
+            if let Err(e) = group.remove() {
+                warn!(error = %e, "cannot remove a command's cgroup");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
 }
 
 async fn next_report(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Result<Report, Error> {
@@ -310,6 +547,10 @@ pub struct ProcessExecution {
     pending: VecDeque<Event>,
     out_buf: Vec<u8>,
     err_buf: Vec<u8>,
+    /// The command's cgroup (`None` without cgroups).
+    cgroup: Option<CommandGroup>,
+    /// When the cgroup is next checked for an out-of-memory kill.
+    oom_check_at: Instant,
 }
 
 impl ProcessExecution {
@@ -329,7 +570,20 @@ impl ProcessExecution {
         let give_up_at = self
             .killed_at
             .map_or_else(Instant::now, |at| at + HELPER_GRACE);
+        let watch_memory = self.cgroup.is_some() && self.exit.is_none() && self.killed_at.is_none();
         tokio::select! {
+            () = sleep_until(self.oom_check_at), if watch_memory => {
+                self.oom_check_at = Instant::now() + OOM_CHECK;
+                // The kernel killed one of its processes at a memory limit: the command is
+                // stopped as a whole (as cgroup v2's memory.oom.group does), and reported so
+                // when it exits.
+                if self.cgroup.as_ref().and_then(CommandGroup::out_of_memory).is_some() {
+                    self.send(KILL).await;
+                    self.control = None;
+                    self.killed_at = Some(Instant::now());
+                }
+                Ok(None)
+            }
             read = read_some(self.stdout.as_mut(), &mut self.out_buf), if self.stdout.is_some() => {
                 Ok(chunk(read, Stream::Stdout, &mut self.stdout, &self.out_buf))
             }
@@ -343,7 +597,8 @@ impl ProcessExecution {
                 };
                 match serde_json::from_str(&line) {
                     Ok(Report::Exited { code, signal, cpu_ms }) => {
-                        self.exit = Some(ExitInfo { code, signal, cpu_ms });
+                        let out_of_memory = self.cgroup.as_ref().and_then(CommandGroup::out_of_memory);
+                        self.exit = Some(ExitInfo { code, signal, cpu_ms, out_of_memory });
                         self.drain_until = Some(Instant::now() + DRAIN_GRACE);
                         Ok(None)
                     }
@@ -417,6 +672,10 @@ impl Execution for ProcessExecution {
 
     fn terminate(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(self.send(TERM))
+    }
+
+    fn processes(&self) -> Option<PathBuf> {
+        self.cgroup.as_ref()?.group.as_ref()?.procs_file()
     }
 
     fn kill(&mut self) -> BoxFuture<'_, ()> {

@@ -16,6 +16,8 @@ pub mod memory;
 mod python;
 mod schema;
 
+pub use self::fs::{FsPool, PoolLimits};
+
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures::future::BoxFuture;

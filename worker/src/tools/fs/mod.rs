@@ -15,6 +15,7 @@
 
 mod delete;
 mod list;
+mod pool;
 mod read;
 mod write;
 
@@ -24,9 +25,10 @@ use std::{
     sync::Arc,
 };
 
-use cap_std::fs::{FileType, Metadata, MetadataExt};
+use cap_std::fs::{Dir, File, FileType, Metadata, MetadataExt, OpenOptions, OpenOptionsExt as _};
 use serde_json::{Map, Value as Json, json};
 
+pub use self::pool::{FsPool, PoolLimits};
 use super::{Tool, ToolContext, ToolOutput};
 use crate::{Error, sessions::Workspace};
 
@@ -120,15 +122,66 @@ pub(crate) fn describe(err: &io::Error) -> String {
     }
 }
 
-/// Runs blocking filesystem work off the async runtime.
+/// Runs blocking filesystem work on the worker's bounded fs pool (see [`FsPool`]).
 pub(crate) async fn blocking<F>(ctx: &ToolContext, work: F) -> Result<ToolOutput, Error>
 where
     F: FnOnce(&Workspace) -> Result<ToolOutput, Error> + Send + 'static,
 {
     let workspace = Arc::clone(&ctx.workspace);
-    tokio::task::spawn_blocking(move || work(&workspace))
-        .await
-        .map_err(|e| Error::Internal(format!("filesystem task failed: {e}")))?
+    let session = workspace.id().to_string();
+    ctx.sandbox
+        .fs_pool()
+        .run(&session, move || work(&workspace))
+        .await?
+}
+
+/// Opens `path` beneath `dir` for reading without ever blocking: O_NONBLOCK (a FIFO with no
+/// writer would otherwise block the open), and anything that is not a regular file or a
+/// directory is refused with [`Error::NotRegularFile`] before a byte is read. Symlinks are
+/// followed only while they stay inside the workspace (cap-std's beneath resolution).
+pub(crate) fn open_regular(dir: &Dir, path: &Path, raw: &str) -> Result<io::Result<File>, Error> {
+    let mut options = OpenOptions::new();
+    options
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits());
+    let file = match dir.open_with(path, &options) {
+        Ok(file) => file,
+        // Opening a socket fails with ENXIO: say what it is.
+        Err(err) if err.raw_os_error() == Some(nix::libc::ENXIO) => {
+            return Err(Error::NotRegularFile {
+                path: raw.to_owned(),
+                kind: "socket",
+            });
+        }
+        Err(err) => return Ok(Err(err)),
+    };
+    match file.metadata() {
+        Ok(meta) => {
+            refuse_special(meta.file_type(), raw)?;
+            Ok(Ok(file))
+        }
+        Err(err) => Ok(Err(err)),
+    }
+}
+
+/// [`Error::NotRegularFile`] unless `file_type` is a regular file, directory or symlink.
+pub(crate) fn refuse_special(file_type: FileType, raw: &str) -> Result<(), Error> {
+    use cap_std::fs::FileTypeExt as _;
+    let kind = if file_type.is_fifo() {
+        "fifo"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotRegularFile {
+        path: raw.to_owned(),
+        kind,
+    })
 }
 
 /// "file", "dir", "symlink" or "other".

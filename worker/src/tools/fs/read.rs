@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
-use super::{blocking, checked_path, io_failure};
+use super::{blocking, checked_path, io_failure, open_regular};
 use crate::{
     Error,
     sessions::Workspace,
@@ -86,7 +86,7 @@ impl Tool for Read {
 
 fn read(ws: &Workspace, args: &Args, limits: Limits) -> Result<ToolOutput, Error> {
     let rel = checked_path(&args.path)?;
-    let file = match ws.dir().open(&rel) {
+    let file = match open_regular(ws.dir(), &rel, &args.path)? {
         Ok(file) => file,
         Err(err) => return io_failure(&err, &args.path, "read"),
     };

@@ -508,3 +508,47 @@ fn formats_rfc3339() {
     assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
     assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
 }
+
+#[tokio::test]
+async fn fifos_and_sockets_are_refused_without_blocking() {
+    let (_tmp, ctx) = context();
+    let root = ws(&ctx).to_path_buf();
+    nix::unistd::mkfifo(
+        &root.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .expect("mkfifo");
+    let _listener =
+        std::os::unix::net::UnixListener::bind(root.join("sock")).expect("bind a socket");
+    std::fs::write(root.join("plain.txt"), b"fine").expect("plain");
+    std::os::unix::fs::symlink("pipe", root.join("to-pipe")).expect("symlink");
+
+    for (path, kind) in [("pipe", "fifo"), ("to-pipe", "fifo"), ("sock", "socket")] {
+        for args in [
+            json!({"path": path}),
+            json!({"path": path, "content": "x", "append": true}),
+            json!({"path": path, "content": "x"}),
+        ] {
+            let tool = if args.get("content").is_some() {
+                "fs.write"
+            } else {
+                "fs.read"
+            };
+            let err = refused(&ctx, tool, args.clone()).await;
+            assert!(
+                matches!(&err, Error::NotRegularFile { kind: k, .. } if *k == kind),
+                "{tool} {args}: {err:?}"
+            );
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+            assert_eq!(
+                heist_proto::errors::reason_of(&status).as_deref(),
+                Some(heist_proto::errors::reason::NOT_A_REGULAR_FILE)
+            );
+        }
+    }
+    let out = ok(&ctx, "fs.read", json!({"path": "plain.txt"})).await;
+    assert_eq!(text(&out), "fine");
+    // fs.delete still removes them.
+    ok(&ctx, "fs.delete", json!({"path": "pipe"})).await;
+}

@@ -15,7 +15,7 @@ use std::{
 };
 
 use base64::Engine as _;
-use cap_std::fs::{Dir, MetadataExt, OpenOptions};
+use cap_std::fs::{Dir, MetadataExt, OpenOptions, OpenOptionsExt as _};
 use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
@@ -169,6 +169,10 @@ fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<
         };
         name = resolved_name;
     }
+    // Never write to (or replace) a FIFO, socket or device: say what it is instead.
+    if let Ok(meta) = target.symlink_metadata(&name) {
+        super::refuse_special(meta.file_type(), &args.path)?;
+    }
 
     let outcome = if args.append {
         append(&target, &name, &bytes, limits.max_file_bytes, &args.path)
@@ -310,8 +314,20 @@ enum Outcome {
 
 /// Appends `bytes` to `name` unless the file has other hard links or would exceed `max_bytes`.
 fn append(dir: &Dir, name: &Path, bytes: &[u8], max_bytes: u64, raw: &str) -> io::Result<Outcome> {
-    let mut file = dir.open_with(name, OpenOptions::new().append(true).create(true))?;
+    // O_NONBLOCK: a FIFO swapped in since the type check must not block the open.
+    let mut file = dir.open_with(
+        name,
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits()),
+    )?;
     let meta = file.metadata()?;
+    if !meta.is_file() && !meta.is_dir() {
+        return Ok(Outcome::Refused(ToolOutput::failed(format!(
+            "cannot append to `{raw}`: it is not a regular file"
+        ))));
+    }
     if meta.is_dir() {
         return Err(io::Error::from(io::ErrorKind::IsADirectory));
     }
