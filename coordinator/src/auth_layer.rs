@@ -1,10 +1,12 @@
 //! Bearer-token checks for every public RPC, as a tower layer on the whole server (a tonic
 //! interceptor cannot see the method path, which decides the scope).
 //!
-//! Paths for which [`heist_proto::scopes::required_for`] is `None` pass through untouched:
-//! AuthService, grpc.health.v1, reflection, WorkerControl and BlobService (which check the
-//! workers' join token themselves). For the rest the token must verify and carry the scope; the caller becomes a
-//! [`Principal`] in the request extensions, read by handlers with [`principal`].
+//! It fails closed: only the paths on the allow-list [`heist_proto::scopes::PUBLIC`] pass
+//! without a token (IssueToken, health, reflection, the HTTP probes, and WorkerControl and
+//! BlobService, which check the workers' join token themselves). Every other path, gRPC or
+//! HTTP, known or not, needs a token that verifies and carries the path's scope
+//! ([`heist_proto::scopes::access`]); the caller becomes a [`Principal`] in the request
+//! extensions, read by handlers with [`principal`].
 
 use std::{
     sync::Arc,
@@ -50,8 +52,9 @@ pub fn authorize(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<Principal>, Error> {
-    let Some(needed) = scopes::required_for(path) else {
-        return Ok(None);
+    let needed = match scopes::access(path) {
+        scopes::Access::Public => return Ok(None),
+        scopes::Access::Scope(needed) => needed,
     };
     let token = bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
@@ -176,8 +179,20 @@ mod tests {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/heist.v1.WorkerControl/Join",
             "/heist.v1.BlobService/PutBlobs",
+            "/healthz",
+            "/readyz",
         ] {
             assert_eq!(authorize(&v, path, &empty).expect(path), None);
+        }
+    }
+
+    #[test]
+    fn unknown_paths_need_a_token() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
+        for path in ["/heist.v1.NewService/Call", "/metrics", "/mcp"] {
+            let err = authorize(&v, path, &http::HeaderMap::new()).expect_err(path);
+            assert_eq!(reason(err), reason::TOKEN_MISSING, "{path}");
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Every call must carry the workers' join token in `x-heist-join-token` (compared in constant
 //! time); the bearer-token layer lets this service through untouched because
-//! [`heist_proto::scopes::required_for`] has no scope for it.
+//! it is on the allow-list [`heist_proto::scopes::PUBLIC`].
 //!
 //! File I/O runs on one blocking thread per call, fed through a small bounded channel, so a
 //! stream of many small blobs costs no thread hop per chunk and a slow disk pushes back on the

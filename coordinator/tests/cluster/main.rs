@@ -9,4 +9,5 @@ mod harness;
 mod registration;
 mod sandbox;
 mod sessions;
+mod surface;
 mod tools;
