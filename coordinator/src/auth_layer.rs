@@ -79,6 +79,34 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The answer to a refused request: a gRPC status for a gRPC call, and for plain HTTP a 401
+/// (with `WWW-Authenticate: Bearer`) or 403 with an empty body.
+fn refusal<ReqBody, ResBody: Default>(
+    request: &http::Request<ReqBody>,
+    err: Error,
+) -> http::Response<ResBody> {
+    let status = Status::from(err);
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return status.into_http();
+    }
+    let mut response = http::Response::new(ResBody::default());
+    if status.code() == tonic::Code::PermissionDenied {
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+    } else {
+        *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
 /// Layer that wraps the server's routes in [`AuthMiddleware`].
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -132,7 +160,7 @@ where
             Ok(None) => Either::Left(self.inner.call(request)),
             Err(err) => {
                 info!(path = request.uri().path(), error = %err, "call refused");
-                Either::Right(ready(Ok(Status::from(err).into_http())))
+                Either::Right(ready(Ok(refusal(&request, err))))
             }
         }
     }

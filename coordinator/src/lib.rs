@@ -35,6 +35,7 @@ pub mod runner;
 pub mod server;
 pub mod sessions;
 pub mod store;
+pub mod web;
 pub mod worker_client;
 
 pub use auth_layer::Principal;

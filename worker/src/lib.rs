@@ -1,7 +1,7 @@
 //! heist worker: session workspaces and the tools that run in them.
 //!
-//! A worker serves `heist.v1.WorkerService` (plus grpc.health.v1 and reflection) for the
-//! coordinator, and keeps one control stream open to it. The map:
+//! A worker serves `heist.v1.WorkerService` (plus grpc.health.v1, reflection, and `/healthz` and
+//! `/readyz` over HTTP on the same port: `web`) for the coordinator, and keeps one control stream open to it. The map:
 //!
 //! - [`config`]: [`Config`] with its defaults and `validate()`.
 //! - `control`: the control stream (register, heartbeat, Drain/Evict, GoingAway, reconnect with
@@ -34,13 +34,17 @@ pub mod sessions;
 mod state;
 mod streaming;
 pub mod tools;
+mod web;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use heist_proto::{ids::WorkerId, v1::worker_service_server::WorkerServiceServer};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 use tracing::{Instrument as _, info, info_span, warn};
 
 pub use config::{Config, parse_labels};
@@ -154,10 +158,18 @@ pub async fn serve(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
-        .add_service(health_service)
+    // One router for the gRPC services and the HTTP routes ([`web`]).
+    let grpc = Routes::new(health_service)
         .add_service(reflection)
-        .add_service(api)
+        .add_service(api);
+    let routes = Routes::from(
+        grpc.into_axum_router()
+            .merge(web::routes(Arc::clone(&state))),
+    );
+    let server = Server::builder()
+        // gRPC needs HTTP/2; the HTTP routes are also served to HTTP/1.1 clients (probes, curl).
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, drain);
     // After the drain, tonic waits for every connection to close; a client holding a stream
     // open (a health Watch) must not keep the worker alive forever.

@@ -107,10 +107,21 @@ impl State {
         self.publish_health().await;
     }
 
+    /// Why the worker cannot take calls now, if it cannot: it must be registered with its
+    /// coordinator and not draining.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.sessions.is_draining() {
+            return Err("draining: the worker is shutting down");
+        }
+        if !self.registered.load(Ordering::SeqCst) {
+            return Err("not registered with the coordinator yet");
+        }
+        Ok(())
+    }
+
     /// SERVING while registered and not draining, NOT_SERVING otherwise.
     async fn publish_health(&self) {
-        let serving = self.registered.load(Ordering::SeqCst) && !self.sessions.is_draining();
-        let status = if serving {
+        let status = if self.readiness().is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing

@@ -89,3 +89,33 @@ async fn every_method_off_the_allow_list_refuses_a_missing_token() {
     }
     coord.stop().await;
 }
+
+#[tokio::test]
+async fn probes_answer_over_http_on_the_grpc_port_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+
+    let (status, _) = http_get(coord.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = http_get(coord.addr, "/readyz").await;
+    assert_eq!(status, 503, "no worker yet: {body}");
+    assert!(body.contains("no worker is READY"), "{body}");
+    // Any other path is behind the token layer, HTTP or not.
+    let (status, _) = http_get(coord.addr, "/metrics-not-yet").await;
+    assert_eq!(status, 401);
+
+    let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut admin = Client::admin(&coord.url()).await;
+    admin.wait_ready(&["w1"]).await;
+    let (status, body) = http_get(coord.addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    // The worker answers the same probes on its own port.
+    let (status, _) = http_get(worker.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = http_get(worker.addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    worker.stop().await;
+    coord.stop().await;
+}
