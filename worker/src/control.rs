@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status, metadata::AsciiMetadataValue, transport::Endpoint};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use crate::{Config, Error, backoff::Backoff, state::State};
+use crate::{Config, Error, backoff::Backoff, lifecycle::Leave, state::State};
 
 /// How long the coordinator has to answer Register with Accepted.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -353,9 +353,8 @@ async fn evict_sessions(state: Arc<State>, ids: Vec<String>) {
             warn!(session_id = %raw, "the coordinator asked to evict a malformed session id");
             continue;
         };
-        match state.sessions.close(&id).await {
-            Ok(was_open) => info!(session_id = %id, was_open, "session evicted"),
-            Err(err) => warn!(session_id = %id, error = %err, "cannot evict session"),
+        if let Err(err) = state.leave_session(&id, Leave::Evict).await {
+            warn!(session_id = %id, error = %err, "cannot evict session");
         }
     }
 }

@@ -27,6 +27,7 @@ pub mod config;
 mod control;
 mod error;
 mod inflight;
+mod lifecycle;
 pub mod quota;
 pub mod sandbox;
 mod service;
@@ -96,6 +97,7 @@ pub async fn serve(
             .with_sandbox(sandbox)
             .with_checkpoints(checkpoints),
     );
+    state.adopt_sessions().await;
     state.set_registered(false).await;
 
     let reflection = tonic_reflection::server::Builder::configure()

@@ -24,6 +24,7 @@ use crate::{
     auth::Auth,
     checkpoint::Checkpointer,
     inflight::InFlight,
+    lifecycle::Leave,
     quota::Quotas,
     sandbox::{OutputSink, Sandbox},
     service::WorkerApi,
@@ -138,7 +139,7 @@ impl State {
         request: v1::OpenSessionRequest,
     ) -> Result<v1::OpenSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        let workspace = self.sessions.open(id).await?;
+        let workspace = self.enter_session(id).await?;
         info!(workspace = %workspace.path().display(), "session open");
         Ok(v1::OpenSessionResponse {
             workspace: workspace.path().display().to_string(),
@@ -152,11 +153,7 @@ impl State {
         request: v1::WorkerCloseSessionRequest,
     ) -> Result<v1::WorkerCloseSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        let was_open = self.sessions.close(&id).await?;
-        if let Some(checkpoints) = &self.checkpoints {
-            checkpoints.forget(&id);
-        }
-        info!(was_open, "session closed");
+        let was_open = self.leave_session(&id, Leave::Close).await?;
         Ok(v1::WorkerCloseSessionResponse { was_open })
     }
 

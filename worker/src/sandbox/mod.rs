@@ -26,9 +26,14 @@ mod probe;
 mod process;
 pub mod protocol;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
+use heist_proto::ids::SessionId;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -150,6 +155,52 @@ pub trait Backend: Send + Sync + 'static {
     fn cleanup<'a>(&'a self, _job: &'a Job) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
+    /// Per-session hook: runs once when a session's workspace comes into use on this worker (created, adopted at start-up), after its directory exists and before the workspace is opened as a capability.
+    fn open_session<'a>(
+        &'a self,
+        session: &'a SessionId,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (session, path);
+        Box::pin(async { Ok(()) })
+    }
+    /// Per-session hook: runs once when a session leaves this worker (closed or evicted), after its commands stopped and before its directory is removed.
+    fn close_session<'a>(
+        &'a self,
+        session: &'a SessionId,
+        path: &'a Path,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (session, path);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A backend chosen from the configuration, before the host's system paths are known.
+enum Selected {
+    /// `process` and `unconfined`: the `heist-sandbox` helper.
+    Process(process::ProcessBackend),
+}
+
+impl Selected {
+    /// The backend, told which host paths commands may read.
+    fn into_backend(self, system_paths: Vec<PathBuf>) -> Box<dyn Backend> {
+        match self {
+            Self::Process(mut backend) => {
+                backend.set_read_only(system_paths);
+                Box::new(backend)
+            }
+        }
+    }
+}
+
+/// The one place a backend is chosen from [`Settings::mode`] and probed: a new backend (docker)
+/// is a new arm here, and callers only ever see `dyn Backend`.
+async fn select_backend(settings: &Settings) -> Result<(Selected, Vec<String>), String> {
+    match settings.mode {
+        Mode::Process | Mode::Unconfined => probe::probe(settings)
+            .await
+            .map(|(backend, isolation)| (Selected::Process(backend), isolation)),
+    }
 }
 
 /// The worker's sandbox: the backend (when it works), what it isolates, and the quotas.
@@ -170,7 +221,7 @@ impl Sandbox {
         // Both spawn processes; neither needs the other.
         let (python, probed) = tokio::join!(
             probe::find_python(settings.python.as_deref()),
-            probe::probe(&settings),
+            select_backend(&settings),
         );
         let system_paths = probe::system_paths(python.as_ref().ok());
         let mut sandbox = Self {
@@ -182,9 +233,8 @@ impl Sandbox {
             system_paths,
         };
         match probed {
-            Ok((mut backend, isolation)) => {
-                backend.set_read_only(sandbox.system_paths.clone());
-                let backend: Box<dyn Backend> = Box::new(backend);
+            Ok((selected, isolation)) => {
+                let backend = selected.into_backend(sandbox.system_paths.clone());
                 if sandbox.mode == Mode::Unconfined {
                     warn!(
                         isolation = ?isolation,
@@ -233,6 +283,24 @@ impl Sandbox {
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
+        }
+    }
+
+    /// Tells the backend (when one works) that a session's workspace comes into use here; see
+    /// [`Backend::open_session`].
+    pub async fn open_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.open_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Tells the backend (when one works) that a session leaves this worker; see
+    /// [`Backend::close_session`].
+    pub async fn close_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.close_session(session, path).await,
+            Err(_) => Ok(()),
         }
     }
 
