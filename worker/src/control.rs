@@ -334,7 +334,7 @@ impl Control {
             Some(coordinator_message::Msg::Evict(evict)) => {
                 // Removing workspaces can take a while; heartbeats must keep flowing meanwhile.
                 let state = Arc::clone(&self.state);
-                tokio::spawn(
+                self.state.tasks.spawn(
                     evict_sessions(state, evict.session_ids).instrument(info_span!("evict")),
                 );
             }

@@ -85,7 +85,7 @@ pub async fn serve(
     checkpoint::clean_leftovers(&config.base_workspace);
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
-    let tools = Registry::builtin()?;
+    let tools = Registry::new(tools::builtin_tools())?;
     let sandbox = Arc::new(sandbox::Sandbox::start(sandbox_settings(&config)).await);
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
@@ -123,7 +123,7 @@ pub async fn serve(
         going_away_rx,
         stop.clone(),
     );
-    let control_task = tokio::spawn(
+    let control_task = state.tasks.spawn(
         control
             .run()
             .instrument(info_span!("control", worker_id = %worker_id)),
@@ -195,6 +195,16 @@ pub async fn serve(
     stop.cancel();
     if let Err(err) = control_task.await {
         warn!(error = %err, "control task ended abnormally");
+    }
+    state.tasks.close();
+    if tokio::time::timeout(CLOSE_GRACE, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = state.tasks.len(),
+            "background tasks still running at shutdown"
+        );
     }
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)

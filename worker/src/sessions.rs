@@ -39,6 +39,32 @@ pub struct Workspace {
     running: RunningCommands,
     /// Cancelled when the session is closed.
     closed: CancellationToken,
+    /// Services this session's tools reach (kept across a restore).
+    services: Arc<SessionServices>,
+}
+
+/// Per-session services tools can reach (a database handle, agent memory), keyed by type. Set
+/// up when the session comes into use; they live as long as the session.
+#[derive(Default)]
+pub struct SessionServices(RwLock<http::Extensions>);
+
+impl SessionServices {
+    /// Adds (or replaces) the service of type `T`.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&self, service: T) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(service);
+    }
+
+    /// The service of type `T`, if the session has one.
+    pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get::<T>()
+            .cloned()
+    }
 }
 
 impl Workspace {
@@ -52,7 +78,13 @@ impl Workspace {
             usage: UsageCache::default(),
             running: RunningCommands::new(0),
             closed: CancellationToken::new(),
+            services: Arc::default(),
         })
+    }
+
+    /// The session's services.
+    pub fn services(&self) -> &SessionServices {
+        &self.services
     }
 
     /// The session id.
@@ -246,6 +278,10 @@ impl Sessions {
         })
         .await
         .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        let mut ws = ws;
+        if let Some(old) = self.read().get(id) {
+            ws.services = Arc::clone(&old.services);
+        }
         let ws = Arc::new(ws);
         let old = self.write().insert(id.clone(), Arc::clone(&ws));
         // Commands still running in the replaced tree would write into the trash: stop them, as

@@ -14,7 +14,7 @@ use heist_proto::{
     v1::{self, worker_service_server::WorkerServiceServer},
 };
 use serde_json::{Map, Value as Json};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{debug, info, instrument};
@@ -48,8 +48,13 @@ pub(crate) struct State {
     pub limits: Limits,
     /// Cancelled when shutdown stops waiting for in-flight calls.
     pub hard_stop: CancellationToken,
+    /// Every task spawned on the worker's behalf (the control loop, evictions, streamed
+    /// calls), each with a named span; closed and waited for at shutdown.
+    pub tasks: TaskTracker,
     /// Runs commands for exec and run.python (disabled until [`State::with_sandbox`]).
     pub sandbox: Arc<Sandbox>,
+    /// Services shared by every tool call (see [`ToolContext::services`]).
+    pub services: Arc<http::Extensions>,
     /// Checkpoint capture and restore (none until [`State::with_checkpoints`]).
     pub checkpoints: Option<Checkpointer>,
     /// Whether the control stream is registered right now.
@@ -74,10 +79,12 @@ impl State {
             inflight: InFlight::default(),
             limits,
             hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             sandbox: Arc::new(Sandbox::disabled(
                 "no sandbox was configured for this worker",
                 Quotas::default(),
             )),
+            services: Arc::default(),
             checkpoints: None,
             registered: AtomicBool::new(false),
             health,
@@ -189,6 +196,7 @@ impl State {
             cancel: cancel.clone(),
             sandbox: Arc::clone(&self.sandbox),
             output,
+            services: Arc::clone(&self.services),
         };
         let started = Instant::now();
         let run = self.tools.call(&request.tool, &ctx, args);

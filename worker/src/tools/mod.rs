@@ -49,6 +49,23 @@ pub struct ToolContext {
     pub sandbox: Arc<Sandbox>,
     /// Live output of a streaming call (`None` for unary calls).
     pub output: Option<OutputSink>,
+    /// Services shared by the worker's tools (a model gateway, a database pool), keyed by type;
+    /// per-session ones live in the workspace ([`Workspace::services`]).
+    pub services: Arc<http::Extensions>,
+}
+
+/// Every tool a worker offers: echo, calc, the fs.* family, exec and run.python. This is the
+/// one list; a new tool (SQL, memory, an agent's tools) is added here and the worker's
+/// registry, catalogue and Register message follow.
+pub fn builtin_tools() -> Vec<Box<dyn Tool>> {
+    let mut tools: Vec<Box<dyn Tool>> = vec![
+        Box::new(echo::Echo),
+        Box::new(calc::Calc),
+        Box::new(exec::Exec),
+        Box::new(python::RunPython),
+    ];
+    tools.extend(fs::tools());
+    tools
 }
 
 /// One piece of output.
@@ -180,16 +197,9 @@ impl Registry {
         Ok(Self { tools: map, names })
     }
 
-    /// The built-in tools: echo, calc, the fs.* family, exec and run.python.
+    /// A registry of the built-in tools ([`builtin_tools`]).
     pub fn builtin() -> Result<Self, Error> {
-        let mut tools: Vec<Box<dyn Tool>> = vec![
-            Box::new(echo::Echo),
-            Box::new(calc::Calc),
-            Box::new(exec::Exec),
-            Box::new(python::RunPython),
-        ];
-        tools.extend(fs::tools());
-        Self::new(tools)
+        Self::new(builtin_tools())
     }
 
     /// The catalogue, ordered by name.
@@ -247,6 +257,7 @@ pub(crate) mod test_support {
                 crate::quota::Quotas::default(),
             )),
             output: None,
+            services: Arc::default(),
         };
         (root, ctx)
     }
