@@ -34,6 +34,7 @@ pub mod registry;
 pub mod runner;
 pub mod server;
 pub mod sessions;
+pub mod settings;
 pub mod store;
 pub mod web;
 pub mod worker_client;
