@@ -7,18 +7,16 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use heist_coordinator::settings::{self, Server, Settings};
+use heist_coordinator::settings::{self, Settings};
 
 /// heist coordinator: auth, worker registry, placement and routing, durable state.
 #[derive(Parser)]
 #[command(version = heist_proto::VERSION, about)]
 struct Flags {
-    /// TOML config file (tables `[server]` and `[coordinator]`; see docs/OPERATIONS.md).
+    /// TOML config file (table `[coordinator]`; see docs/OPERATIONS.md).
     /// Environment variables and flags override it.
     #[arg(long, env = "HEIST_CONFIG")]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    server: Server,
     #[command(flatten)]
     settings: Settings,
 }
@@ -26,10 +24,10 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    let (server, config) = settings::load(flags.config.as_deref(), flags.server, flags.settings)?;
-    heist_proto::logging::init(server.log_level(), server.log_format())
+    let (listen, config) = settings::load(flags.config.as_deref(), flags.settings)?;
+    heist_proto::logging::init(&listen.log_level, &listen.log_format)
         .map_err(anyhow::Error::msg)?;
-    let addr = server.addr();
+    let addr = listen.addr;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}: is another process using the port?"))?;

@@ -2,8 +2,8 @@
 //! once) → an optional TOML file (`--config` / `HEIST_CONFIG`; unknown keys refused) →
 //! environment variables → flags → [`Config::validate`].
 //!
-//! The file has one top-level table per concern: `[server]` (where to listen, logging) and
-//! `[coordinator]` (the [`Config`] fields, named like the flags, with their units). The next
+//! The file has one top-level table per concern: `[coordinator]` (where to listen, logging, and the
+//! [`Config`] fields, named like the flags, with their units). The next
 //! concerns (`[agents.*]`, `[models.*]`) get their own tables. Every key is optional; a key
 //! left out keeps the layer below. See docs/OPERATIONS.md for an example.
 
@@ -30,10 +30,10 @@ macro_rules! layer_over {
     };
 }
 
-/// Where the coordinator listens and how it logs (`[server]` in the file).
-#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+/// The coordinator's settings (`[coordinator]` in the file); defaults in [`Config`].
+#[derive(Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct Server {
+pub struct Settings {
     /// Port serving gRPC and HTTP [default: 50051].
     #[arg(long, env = "GRPC_PORT")]
     pub grpc_port: Option<u16>,
@@ -46,38 +46,6 @@ pub struct Server {
     /// Log format: text or json [default: text].
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
-}
-layer_over!(Server {
-    grpc_port,
-    bind_addr,
-    log_level,
-    log_format
-});
-
-impl Server {
-    /// The address to bind.
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::new(
-            self.bind_addr.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            self.grpc_port.unwrap_or(50051),
-        )
-    }
-
-    /// The log filter.
-    pub fn log_level(&self) -> &str {
-        self.log_level.as_deref().unwrap_or("info")
-    }
-
-    /// The log format.
-    pub fn log_format(&self) -> &str {
-        self.log_format.as_deref().unwrap_or("text")
-    }
-}
-
-/// The coordinator's settings (`[coordinator]` in the file); defaults in [`Config`].
-#[derive(Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
     /// Directory for the state database and the token signing key [default: ./data/coordinator].
     #[arg(long, env = "HEIST_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -136,6 +104,10 @@ pub struct Settings {
     pub auto_checkpoint: Option<bool>,
 }
 layer_over!(Settings {
+    grpc_port,
+    bind_addr,
+    log_level,
+    log_format,
     data_dir,
     join_token,
     admin_client_id,
@@ -195,22 +167,50 @@ impl Settings {
     }
 }
 
+/// Where the process listens and how it logs, resolved from the layers.
+#[derive(Clone, Debug)]
+pub struct Listen {
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// The log filter.
+    pub log_level: String,
+    /// The log format (text or json).
+    pub log_format: String,
+}
+
+impl Settings {
+    /// Where to listen and how to log; the rest of the settings stay for [`Settings::apply`].
+    fn listen(&mut self) -> Listen {
+        Listen {
+            addr: SocketAddr::new(
+                self.bind_addr
+                    .take()
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                self.grpc_port.take().unwrap_or(50051),
+            ),
+            log_level: self.log_level.take().unwrap_or_else(|| "info".to_owned()),
+            log_format: self.log_format.take().unwrap_or_else(|| "text".to_owned()),
+        }
+    }
+}
+
 fn set<T, V>(field: &mut T, value: Option<V>, convert: impl FnOnce(V) -> T) {
     if let Some(v) = value {
         *field = convert(v);
     }
 }
 
-/// The config file: one table per concern.
+/// The config file: one table per concern. One file can serve a whole cluster: each binary
+/// reads its own table and leaves the other's to it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    /// `[server]`.
-    #[serde(default)]
-    pub server: Server,
     /// `[coordinator]`.
     #[serde(default)]
     pub coordinator: Settings,
+    /// `[worker]`, read by the worker.
+    #[serde(default)]
+    pub worker: Option<toml::Table>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -236,19 +236,16 @@ impl File {
 
 /// Puts the layers together: `cli` (flags over environment) over the file at `config_file`
 /// (if any) over the defaults, then validates.
-pub fn load(
-    config_file: Option<&Path>,
-    server: Server,
-    settings: Settings,
-) -> Result<(Server, Config), Error> {
+pub fn load(config_file: Option<&Path>, settings: Settings) -> Result<(Listen, Config), Error> {
     let file = match config_file {
         Some(path) => File::read(path)?,
         None => File::default(),
     };
-    let server = server.over(file.server);
-    let config = settings.over(file.coordinator).apply(Config::default());
+    let mut settings = settings.over(file.coordinator);
+    let listen = settings.listen();
+    let config = settings.apply(Config::default());
     config.validate()?;
-    Ok((server, config))
+    Ok((listen, config))
 }
 
 #[cfg(test)]
@@ -258,11 +255,15 @@ mod tests {
     #[test]
     fn layers_apply_in_order_and_unknown_keys_are_refused() {
         let file = File::parse(
-            "[server]\ngrpc_port = 6000\n\n[coordinator]\njoin_token = \"from-file\"\n\
+            "[coordinator]\ngrpc_port = 6000\njoin_token = \"from-file\"\n\
              lease_ttl_ms = 5000\nauto_checkpoint = true\n",
         )
         .expect("parse");
-        assert_eq!(file.server.grpc_port, Some(6000));
+        assert_eq!(file.coordinator.grpc_port, Some(6000));
+        assert!(
+            File::parse("[worker]\nanything = 1\n").is_ok(),
+            "the worker's table is its own"
+        );
         let cli = Settings {
             join_token: Some("from-cli".to_owned()),
             ..Settings::default()

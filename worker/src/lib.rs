@@ -32,6 +32,7 @@ pub mod quota;
 pub mod sandbox;
 mod service;
 pub mod sessions;
+pub mod settings;
 mod state;
 mod streaming;
 pub mod tools;
