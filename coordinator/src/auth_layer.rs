@@ -56,7 +56,7 @@ pub fn authorize(
         scopes::Access::Public => return Ok(None),
         scopes::Access::Scope(needed) => needed,
     };
-    let token = bearer(headers).ok_or(Error::TokenMissing)?;
+    let token = metadata::bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
     if !scopes::grants(&claims.scope, needed) {
         return Err(Error::ScopeMissing(needed));
@@ -69,14 +69,6 @@ pub fn authorize(
             .map(str::to_owned)
             .collect(),
     }))
-}
-
-/// The token of an `authorization: Bearer <token>` header.
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(metadata::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The answer to a refused request: a gRPC status for a gRPC call, and for plain HTTP a 401
@@ -289,10 +281,10 @@ mod tests {
     fn bearer_parsing_is_strict() {
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "Basic abc".parse().expect("ascii"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(metadata::bearer(&h), None);
         h.insert("authorization", "bearer   ".parse().expect("ascii"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(metadata::bearer(&h), None);
         h.insert("authorization", "Bearer a.b.c".parse().expect("ascii"));
-        assert_eq!(bearer(&h), Some("a.b.c"));
+        assert_eq!(metadata::bearer(&h), Some("a.b.c"));
     }
 }
