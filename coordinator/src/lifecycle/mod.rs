@@ -2,7 +2,7 @@
 //!
 //! Every adapter (gRPC's SessionService and CheckpointService, the tool call pipeline's
 //! auto-checkpoint hook, and next MCP and agent turns) goes through these functions; they take
-//! domain values (a [`Principal`], parsed ids, a deadline) and never tonic types. Mutating entry
+//! domain values (a [`Principal`](crate::Principal), parsed ids, a deadline) and never tonic types. Mutating entry
 //! points run through [`crate::runner::run_once`] so a request id makes them apply once.
 
 mod checkpoint;
