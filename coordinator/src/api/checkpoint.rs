@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use heist_proto::{
-    ids::{CheckpointId, RequestId, SessionId},
+    ids::CheckpointId,
     v1::{
         Checkpoint, CreateCheckpointRequest, DeleteCheckpointRequest, DeleteCheckpointResponse,
         ForkSessionRequest, GetCheckpointRequest, ListCheckpointsRequest, ListCheckpointsResponse,
@@ -18,7 +18,7 @@ use crate::{
     app::App,
     auth_layer::principal,
     checkpoints,
-    convert::{page_after, page_limit, validate_labels},
+    convert::{optional_session, page_after, page_limit},
     error::Error,
     lifecycle,
     worker_client::call_deadline,
@@ -45,16 +45,11 @@ impl CheckpointService for CheckpointApi {
     ) -> Result<Response<Checkpoint>, Status> {
         let caller = principal(&request)?.clone();
         let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
-        let req = request.into_inner();
-        validate_labels(&req.labels)?;
-        let session = SessionId::parse(req.session_id)?;
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::create_checkpoint(
-            &self.app, &caller, deadline, session, req.labels, request_id,
-        )
-        .await
-        .map(Response::new)
-        .map_err(Status::from)
+        let req = request.into_inner().try_into()?;
+        lifecycle::create_checkpoint(&self.app, &caller, deadline, req)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     #[instrument(skip_all)]
@@ -86,14 +81,8 @@ impl CheckpointService for CheckpointApi {
     ) -> Result<Response<Session>, Status> {
         let caller = principal(&request)?.clone();
         let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
-        let req = request.into_inner();
-        let id = CheckpointId::parse(req.checkpoint_id)?;
-        let target = match req.session_id.as_str() {
-            "" => None,
-            raw => Some(SessionId::parse(raw)?),
-        };
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::restore(&self.app, &caller, deadline, id, target, request_id)
+        let req = request.into_inner().try_into()?;
+        lifecycle::restore(&self.app, &caller, deadline, req)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -106,11 +95,8 @@ impl CheckpointService for CheckpointApi {
     ) -> Result<Response<Session>, Status> {
         let caller = principal(&request)?.clone();
         let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
-        let req = request.into_inner();
-        validate_labels(&req.labels)?;
-        let id = CheckpointId::parse(req.checkpoint_id)?;
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::fork(&self.app, &caller, deadline, id, req.labels, request_id)
+        let req = request.into_inner().try_into()?;
+        lifecycle::fork(&self.app, &caller, deadline, req)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -122,10 +108,8 @@ impl CheckpointService for CheckpointApi {
         request: Request<DeleteCheckpointRequest>,
     ) -> Result<Response<DeleteCheckpointResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let req = request.into_inner();
-        let id = CheckpointId::parse(req.checkpoint_id)?;
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::delete_checkpoint(&self.app, &caller, id, request_id)
+        let req = request.into_inner().try_into()?;
+        lifecycle::delete_checkpoint(&self.app, &caller, req)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -137,11 +121,7 @@ fn list(
     owner: &str,
     req: &ListCheckpointsRequest,
 ) -> Result<ListCheckpointsResponse, Error> {
-    let session = if req.session_id.is_empty() {
-        None
-    } else {
-        Some(SessionId::parse(req.session_id.as_str())?)
-    };
+    let session = optional_session(&req.session_id)?;
     let limit = page_limit(req.page_size);
     let after = page_after(&req.page_token, checkpoints::decode_page_token)?;
     let (page, next) = app

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use heist_proto::{
-    ids::{RequestId, SessionId},
+    ids::SessionId,
     v1::{
         CloseSessionRequest, CreateSessionRequest, GetSessionRequest, ListSessionsRequest,
         ListSessionsResponse, Session, session_service_server::SessionService,
@@ -15,7 +15,7 @@ use tracing::instrument;
 use crate::{
     app::App,
     auth_layer::principal,
-    convert::{page_after, page_limit, validate_labels},
+    convert::{page_after, page_limit},
     error::Error,
     lifecycle, sessions,
     worker_client::call_deadline,
@@ -43,10 +43,8 @@ impl SessionService for SessionApi {
         let caller = principal(&request)?.clone();
         tracing::Span::current().record("principal", caller.id.as_str());
         let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
-        let req = request.into_inner();
-        validate_labels(&req.labels)?;
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::create_session(&self.app, &caller, deadline, req.labels, request_id)
+        let req = request.into_inner().try_into()?;
+        lifecycle::create_session(&self.app, &caller, deadline, req)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -82,10 +80,8 @@ impl SessionService for SessionApi {
     ) -> Result<Response<Session>, Status> {
         let caller = principal(&request)?.clone();
         let deadline = call_deadline(request.metadata(), self.app.config.worker_call_timeout);
-        let req = request.into_inner();
-        let id = SessionId::parse(req.session_id)?;
-        let request_id = RequestId::parse_optional(&req.request_id)?;
-        lifecycle::close_session(&self.app, &caller, deadline, id, request_id)
+        let req = request.into_inner().try_into()?;
+        lifecycle::close_session(&self.app, &caller, deadline, req)
             .await
             .map(Response::new)
             .map_err(Status::from)

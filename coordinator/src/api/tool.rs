@@ -19,6 +19,7 @@ use crate::{
     app::App,
     auth_layer::principal,
     calls::{self, ToolCall},
+    convert::optional_session,
     worker_client::call_deadline,
 };
 
@@ -64,10 +65,7 @@ impl ToolService for ToolApi {
         request: Request<ListToolsRequest>,
     ) -> Result<Response<ListToolsResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let session = match request.into_inner().session_id.as_str() {
-            "" => None,
-            raw => Some(SessionId::parse(raw)?),
-        };
+        let session = optional_session(&request.into_inner().session_id)?;
         calls::list_tools(&self.app, &caller, session.as_ref())
             .map(|tools| Response::new(ListToolsResponse { tools }))
             .map_err(Status::from)

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use heist_proto::{
-    ids::{CheckpointId, RequestId, SessionId, WorkerId},
+    ids::{CheckpointId, SessionId, WorkerId},
     v1::{
         CaptureWorkspaceRequest, Checkpoint, DeleteCheckpointResponse, EntryKind, Manifest,
         RestoreWorkspaceRequest, Session, SessionState,
@@ -20,6 +20,7 @@ use crate::{
     app::App,
     auth_layer::Principal,
     cas::hex,
+    convert::{DeleteCheckpoint, Fork, NewCheckpoint, Restore},
     error::Error,
     idempotency::Fingerprint,
     runner::{self, Dedup},
@@ -32,16 +33,18 @@ const DELETE: &str = "DeleteCheckpoint";
 /// Label put on checkpoints taken by auto-checkpoint.
 pub const AUTO_LABEL: (&str, &str) = ("heist.auto", "true");
 
-/// Captures the caller's READY session into a new checkpoint, once per request id. The labels
-/// must have been checked ([`crate::convert::validate_labels`]).
+/// Captures the caller's READY session into a new checkpoint, once per request id.
 pub async fn create_checkpoint(
     app: &Arc<App>,
     principal: &Principal,
     deadline: Instant,
-    session: SessionId,
-    labels: HashMap<String, String>,
-    request_id: Option<RequestId>,
+    req: NewCheckpoint,
 ) -> Result<Checkpoint, Error> {
+    let NewCheckpoint {
+        session,
+        labels,
+        request_id,
+    } = req;
     let fingerprint = Fingerprint::new(CREATE)
         .field(session.as_str().as_bytes())
         .map(&labels)
@@ -54,16 +57,19 @@ pub async fn create_checkpoint(
     .await
 }
 
-/// Restores checkpoint `id` into `target` (by default the session it was taken from), once per
+/// Restores a checkpoint into a session (by default the one it was taken from), once per
 /// request id.
 pub async fn restore(
     app: &Arc<App>,
     principal: &Principal,
     deadline: Instant,
-    id: CheckpointId,
-    target: Option<SessionId>,
-    request_id: Option<RequestId>,
+    req: Restore,
 ) -> Result<Session, Error> {
+    let Restore {
+        checkpoint: id,
+        target,
+        request_id,
+    } = req;
     let fingerprint = Fingerprint::new(RESTORE)
         .field(id.as_str().as_bytes())
         .field(target.as_ref().map_or("", SessionId::as_str).as_bytes())
@@ -76,15 +82,18 @@ pub async fn restore(
     .await
 }
 
-/// Forks checkpoint `id` into a new session with `labels` (checked), once per request id.
+/// Forks a checkpoint into a new session, once per request id.
 pub async fn fork(
     app: &Arc<App>,
     principal: &Principal,
     deadline: Instant,
-    id: CheckpointId,
-    labels: HashMap<String, String>,
-    request_id: Option<RequestId>,
+    req: Fork,
 ) -> Result<Session, Error> {
+    let Fork {
+        checkpoint: id,
+        labels,
+        request_id,
+    } = req;
     let fingerprint = Fingerprint::new(FORK)
         .field(id.as_str().as_bytes())
         .map(&labels)
@@ -313,9 +322,12 @@ async fn fork_inner(
 pub async fn delete_checkpoint(
     app: &Arc<App>,
     principal: &Principal,
-    id: CheckpointId,
-    request_id: Option<RequestId>,
+    req: DeleteCheckpoint,
 ) -> Result<DeleteCheckpointResponse, Error> {
+    let DeleteCheckpoint {
+        checkpoint: id,
+        request_id,
+    } = req;
     let fingerprint = Fingerprint::new(DELETE)
         .field(id.as_str().as_bytes())
         .finish();

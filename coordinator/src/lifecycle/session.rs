@@ -7,7 +7,7 @@ use std::{
 };
 
 use heist_proto::{
-    ids::{RequestId, SessionId, WorkerId},
+    ids::{SessionId, WorkerId},
     v1::{OpenSessionRequest, Session, SessionState, WorkerCloseSessionRequest},
 };
 use tokio::time::Instant;
@@ -17,6 +17,7 @@ use super::replay_session;
 use crate::{
     app::App,
     auth_layer::Principal,
+    convert::{CloseSession, NewSession},
     error::Error,
     idempotency::Fingerprint,
     placement::{self, Candidate},
@@ -34,15 +35,14 @@ pub fn owned_session(app: &App, owner: &str, id: &SessionId) -> Result<Session, 
         .ok_or_else(|| Error::SessionNotFound(id.clone()))
 }
 
-/// Places a new session with `labels` and opens it on its worker, once per request id. The
-/// labels must have been checked ([`crate::convert::validate_labels`]).
+/// Places a new session and opens it on its worker, once per request id.
 pub async fn create_session(
     app: &Arc<App>,
     principal: &Principal,
     deadline: Instant,
-    labels: HashMap<String, String>,
-    request_id: Option<RequestId>,
+    req: NewSession,
 ) -> Result<Session, Error> {
+    let NewSession { labels, request_id } = req;
     let fingerprint = Fingerprint::new(CREATE).map(&labels).finish();
     let dedup = Dedup::new(&principal.id, CREATE, request_id, fingerprint);
     let (task_app, owner) = (app.clone(), principal.id.clone());
@@ -62,9 +62,12 @@ pub async fn close_session(
     app: &Arc<App>,
     principal: &Principal,
     deadline: Instant,
-    id: SessionId,
-    request_id: Option<RequestId>,
+    req: CloseSession,
 ) -> Result<Session, Error> {
+    let CloseSession {
+        session: id,
+        request_id,
+    } = req;
     let fingerprint = Fingerprint::new(CLOSE)
         .field(id.as_str().as_bytes())
         .finish();
