@@ -20,6 +20,21 @@ use tracing::{info, instrument, warn};
 
 use crate::{error::Error, store::Store};
 
+/// Checks the workers' join token in `x-heist-join-token` (WorkerControl, BlobService) without
+/// leaking, through timing, how much of it matched (BLAKE3 hashes compare in constant time).
+pub fn check_join_token(expected: &str, md: &tonic::metadata::MetadataMap) -> Result<(), Error> {
+    let presented = md
+        .get(heist_proto::metadata::JOIN_TOKEN)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Error::JoinTokenInvalid)?;
+    if blake3::hash(presented.as_bytes()) == blake3::hash(expected.as_bytes()) {
+        Ok(())
+    } else {
+        warn!("call refused: wrong join token");
+        Err(Error::JoinTokenInvalid)
+    }
+}
+
 /// Audience of every client token.
 pub const CLIENT_AUDIENCE: &str = "heist";
 /// Longest client secret looked at; longer ones are refused without hashing.

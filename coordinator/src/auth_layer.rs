@@ -1,10 +1,12 @@
 //! Bearer-token checks for every public RPC, as a tower layer on the whole server (a tonic
 //! interceptor cannot see the method path, which decides the scope).
 //!
-//! Paths for which [`heist_proto::scopes::required_for`] is `None` pass through untouched:
-//! AuthService, grpc.health.v1, reflection, WorkerControl and BlobService (which check the
-//! workers' join token themselves). For the rest the token must verify and carry the scope; the caller becomes a
-//! [`Principal`] in the request extensions, read by handlers with [`principal`].
+//! It fails closed: only the paths on the allow-list [`heist_proto::scopes::PUBLIC`] pass
+//! without a token (IssueToken, health, reflection, the HTTP probes, and WorkerControl and
+//! BlobService, which check the workers' join token themselves). Every other path, gRPC or
+//! HTTP, known or not, needs a token that verifies and carries the path's scope
+//! ([`heist_proto::scopes::access`]); the caller becomes a [`Principal`] in the request
+//! extensions, read by handlers with [`principal`].
 
 use std::{
     sync::Arc,
@@ -50,10 +52,11 @@ pub fn authorize(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<Principal>, Error> {
-    let Some(needed) = scopes::required_for(path) else {
-        return Ok(None);
+    let needed = match scopes::access(path) {
+        scopes::Access::Public => return Ok(None),
+        scopes::Access::Scope(needed) => needed,
     };
-    let token = bearer(headers).ok_or(Error::TokenMissing)?;
+    let token = metadata::bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
     if !scopes::grants(&claims.scope, needed) {
         return Err(Error::ScopeMissing(needed));
@@ -68,12 +71,32 @@ pub fn authorize(
     }))
 }
 
-/// The token of an `authorization: Bearer <token>` header.
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(metadata::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+/// The answer to a refused request: a gRPC status for a gRPC call, and for plain HTTP a 401
+/// (with `WWW-Authenticate: Bearer`) or 403 with an empty body.
+fn refusal<ReqBody, ResBody: Default>(
+    request: &http::Request<ReqBody>,
+    err: Error,
+) -> http::Response<ResBody> {
+    let status = Status::from(err);
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return status.into_http();
+    }
+    let mut response = http::Response::new(ResBody::default());
+    if status.code() == tonic::Code::PermissionDenied {
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+    } else {
+        *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 /// Layer that wraps the server's routes in [`AuthMiddleware`].
@@ -129,7 +152,7 @@ where
             Ok(None) => Either::Left(self.inner.call(request)),
             Err(err) => {
                 info!(path = request.uri().path(), error = %err, "call refused");
-                Either::Right(ready(Ok(Status::from(err).into_http())))
+                Either::Right(ready(Ok(refusal(&request, err))))
             }
         }
     }
@@ -176,8 +199,20 @@ mod tests {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/heist.v1.WorkerControl/Join",
             "/heist.v1.BlobService/PutBlobs",
+            "/healthz",
+            "/readyz",
         ] {
             assert_eq!(authorize(&v, path, &empty).expect(path), None);
+        }
+    }
+
+    #[test]
+    fn unknown_paths_need_a_token() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
+        for path in ["/heist.v1.NewService/Call", "/metrics", "/mcp"] {
+            let err = authorize(&v, path, &http::HeaderMap::new()).expect_err(path);
+            assert_eq!(reason(err), reason::TOKEN_MISSING, "{path}");
         }
     }
 
@@ -246,10 +281,10 @@ mod tests {
     fn bearer_parsing_is_strict() {
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "Basic abc".parse().expect("ascii"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(metadata::bearer(&h), None);
         h.insert("authorization", "bearer   ".parse().expect("ascii"));
-        assert_eq!(bearer(&h), None);
+        assert_eq!(metadata::bearer(&h), None);
         h.insert("authorization", "Bearer a.b.c".parse().expect("ascii"));
-        assert_eq!(bearer(&h), Some("a.b.c"));
+        assert_eq!(metadata::bearer(&h), Some("a.b.c"));
     }
 }

@@ -31,13 +31,7 @@ use crate::error::Error;
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest batch made durable file by file; larger batches use one `syncfs`.
 pub const FSYNC_BATCH_MAX: usize = 64;
-/// A blob's name: its BLAKE3 hash.
-pub type Hash = [u8; 32];
-
-/// Lower-case hex of a hash.
-pub fn hex(hash: &Hash) -> String {
-    blake3::Hash::from_bytes(*hash).to_hex().to_string()
-}
+pub use heist_proto::hash::{Hash, hex, parse_hex};
 
 /// A hash from wire bytes (exactly 32).
 pub fn hash_from_bytes(bytes: &[u8]) -> Option<Hash> {
@@ -223,18 +217,6 @@ impl Cas {
         }
         Ok(out)
     }
-}
-
-/// Parses 64 lower-case hex characters.
-pub fn parse_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Why a blob upload was refused.

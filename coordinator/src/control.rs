@@ -11,7 +11,6 @@ use std::{sync::Arc, time::SystemTime};
 use heist_proto::{
     errors,
     ids::WorkerId,
-    metadata,
     v1::{
         Accepted, CoordinatorMessage, Evict, Register, Worker, WorkerMessage, WorkerState,
         coordinator_message, worker_control_server::WorkerControl, worker_message,
@@ -19,11 +18,12 @@ use heist_proto::{
 };
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug, info, info_span, instrument, warn};
 
 use crate::{
     app::App,
+    auth,
     error::Error,
     registry::{Catalogue, Registration},
     store::Store,
@@ -54,7 +54,7 @@ impl WorkerControl for ControlApi {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        check_join_token(&self.app.config.join_token, request.metadata())?;
+        auth::check_join_token(&self.app.config.join_token, request.metadata())?;
         let mut inbound = request.into_inner();
         let register = first_register(&self.app, &mut inbound).await?;
         tracing::Span::current().record("worker_id", register.worker_id.as_str());
@@ -62,21 +62,6 @@ impl WorkerControl for ControlApi {
             .await
             .map(Response::new)
             .map_err(Status::from)
-    }
-}
-
-/// Compares the presented join token with the configured one without leaking, through timing,
-/// how much of it matched (BLAKE3 hashes compare in constant time).
-fn check_join_token(expected: &str, md: &MetadataMap) -> Result<(), Error> {
-    let presented = md
-        .get(metadata::JOIN_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(Error::JoinTokenInvalid)?;
-    if blake3::hash(presented.as_bytes()) == blake3::hash(expected.as_bytes()) {
-        Ok(())
-    } else {
-        warn!("worker refused: wrong join token");
-        Err(Error::JoinTokenInvalid)
     }
 }
 
@@ -263,6 +248,10 @@ fn command(msg: coordinator_message::Msg) -> CoordinatorMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use heist_proto::metadata;
+    use tonic::metadata::MetadataMap;
+
+    use crate::auth::check_join_token;
 
     #[test]
     fn join_token_must_match_exactly() {

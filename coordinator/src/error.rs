@@ -53,6 +53,9 @@ pub enum Error {
     /// A status to return as is: a worker's answer passed through, or a malformed request field.
     #[error("{}", .0.message())]
     Status(#[from] Status),
+    /// A malformed id in a request.
+    #[error(transparent)]
+    InvalidId(#[from] heist_proto::ids::IdError),
     /// A background task panicked or was cancelled.
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -210,6 +213,7 @@ impl From<Error> for Status {
             |code, reason, md: &[(&str, &str)]| errors::status(code, msg.clone(), reason, md);
         match &err {
             Error::Status(status) => status.clone(),
+            Error::InvalidId(err) => Status::from(err.clone()),
             Error::NoWorkers => rich(Code::ResourceExhausted, reason::NO_WORKERS, &[]),
             Error::NoMatchingWorker { labels } => rich(
                 Code::ResourceExhausted,

@@ -8,31 +8,45 @@
 //!
 //! Map:
 //! - [`serve`] (in [`server`]): the one entry point; `main` only parses flags and binds.
-//! - [`config`]: [`Config`] and its validation.
+//! - [`config`]: [`Config`] and its validation; [`settings`]: the layered configuration of the
+//!   binary (defaults → `--config` file → env → flags).
+//! - [`web`]: the HTTP routes (`/healthz`, `/readyz`) served on the gRPC port.
 //! - [`error`]: [`Error`] and its single mapping to `tonic::Status`.
 //! - [`app`]: the shared state and the background sweepers.
-//! - [`api`]: thin handlers for AuthService, ClusterService, SessionService, ToolService.
+//! - [`api`]: thin handlers adapting protobuf to the layer beneath; no `api` module imports
+//!   another.
+//! - [`calls`]: the tool call pipeline (admit → [`calls::gate`] → [`runner`] → forward →
+//!   [`calls::hooks`]), shared by gRPC, MCP and agent turns.
+//! - [`lifecycle`]: place, open, close, checkpoint, restore, fork.
+//! - [`runner`]: the one idempotent runner (begin → run → complete → replay).
+//! - [`convert`]: checks at the edge (labels, paging).
 //! - [`control`]: WorkerControl.Join, the worker control stream.
 //! - [`cas`], [`checkpoints`]: the blob store and the checkpoint table (records, lineage,
-//!   retention, blob GC); [`api::checkpoint`] and [`api::blob`] serve them.
+//!   retention, blob GC); [`lifecycle`], [`api::checkpoint`] and [`api::blob`] serve them.
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod auth_layer;
+pub mod calls;
 pub mod cas;
 pub mod checkpoints;
 pub mod config;
 pub mod control;
+pub mod convert;
 pub mod error;
 pub mod eventlog;
 pub mod heist;
 pub mod idempotency;
+pub mod lifecycle;
 pub mod placement;
 pub mod registry;
+pub mod runner;
 pub mod server;
 pub mod sessions;
+pub mod settings;
 pub mod store;
+pub mod web;
 pub mod worker_client;
 
 pub use auth_layer::Principal;

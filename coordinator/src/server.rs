@@ -1,4 +1,5 @@
-//! [`serve`]: opens the state, serves every service on one listener, and shuts down cleanly.
+//! [`serve`]: opens the state, serves every gRPC service and the HTTP routes ([`crate::web`])
+//! on one listener, and shuts down cleanly.
 
 use std::{future::Future, sync::Arc};
 
@@ -13,7 +14,10 @@ use heist_proto::{
     },
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::info;
 
@@ -28,6 +32,7 @@ use crate::{
     config::Config,
     control::ControlApi,
     error::Error,
+    web,
 };
 
 /// Services whose health is reported by name (plus "" for the whole server).
@@ -93,12 +98,8 @@ async fn run(
         CLIENT_AUDIENCE,
     ));
     let max = app.config.max_message_bytes;
-    let router = Server::builder()
-        // Larger HTTP/2 windows: blob uploads stream megabytes per call.
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
-        .layer(AuthLayer::new(verifier))
-        .add_service(health_service)
+    // One router for the gRPC services and the HTTP routes: the one place routes are listed.
+    let grpc = Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
@@ -136,6 +137,15 @@ async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         );
+    let routes = Routes::from(grpc.into_axum_router().merge(web::routes(app.clone())));
+    let router = Server::builder()
+        // gRPC needs HTTP/2; the HTTP routes are also served to HTTP/1.1 clients (probes, curl).
+        .accept_http1(true)
+        // Larger HTTP/2 windows: blob uploads stream megabytes per call.
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .layer(AuthLayer::new(verifier))
+        .add_routes(routes);
 
     app.spawn_background();
     let signal = {

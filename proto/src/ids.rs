@@ -4,6 +4,30 @@ use std::fmt;
 
 use crate::errors;
 
+/// A malformed id: which field, and what was given. Independent of the transport; it becomes
+/// INVALID_ARGUMENT with reason INVALID_FIELD at the gRPC edge.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {raw:?} is not valid: use 1 to 128 characters from A-Z a-z 0-9 . _ : -")]
+pub struct IdError {
+    /// The field the id came in (`session_id`, `worker_id`, ...).
+    pub field: &'static str,
+    /// What was given.
+    pub raw: String,
+}
+
+impl IdError {
+    /// The message, as a status would carry it.
+    pub fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl From<IdError> for tonic::Status {
+    fn from(err: IdError) -> Self {
+        errors::invalid_argument(err.field, err.to_string())
+    }
+}
+
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -12,18 +36,12 @@ macro_rules! string_id {
 
         impl $name {
             /// Wraps an id after checking it is well formed (1..=128 chars of `[A-Za-z0-9._:-]`).
-            pub fn parse(raw: impl Into<String>) -> Result<Self, tonic::Status> {
+            pub fn parse(raw: impl Into<String>) -> Result<Self, IdError> {
                 let raw = raw.into();
                 if is_valid(&raw) {
                     Ok(Self(raw))
                 } else {
-                    Err(errors::invalid_argument(
-                        concat!($what),
-                        format!(
-                            "{} {:?} is not valid: use 1 to 128 characters from A-Z a-z 0-9 . _ : -",
-                            $what, raw
-                        ),
-                    ))
+                    Err(IdError { field: $what, raw })
                 }
             }
 
@@ -89,7 +107,7 @@ impl CheckpointId {
 
 impl RequestId {
     /// Parses an optional request id: empty means "no retry protection".
-    pub fn parse_optional(raw: &str) -> Result<Option<Self>, tonic::Status> {
+    pub fn parse_optional(raw: &str) -> Result<Option<Self>, IdError> {
         if raw.is_empty() {
             Ok(None)
         } else {
@@ -114,7 +132,11 @@ mod tests {
         assert!(SessionId::parse("s-0193").is_ok());
         for bad in ["", "../etc", "a/b", "a b", "x\0y", &"a".repeat(129)] {
             let err = SessionId::parse(bad).expect_err(bad);
-            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert_eq!(err.field, "session_id");
+            assert_eq!(
+                tonic::Status::from(err).code(),
+                tonic::Code::InvalidArgument
+            );
         }
     }
 

@@ -6,10 +6,12 @@
 //! - [`metadata`]: metadata keys and deadline propagation.
 //! - [`scopes`]: scope names and the scope each public RPC requires.
 //! - [`errors`]: the ErrorInfo domain and reasons, and a builder for rich statuses.
+//! - [`hash`]: content hashes and their hex form.
 //! - [`json`]: `google.protobuf.Struct`/`Value` <-> `serde_json` conversion.
 //! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
 
 pub mod errors;
+pub mod hash;
 pub mod ids;
 pub mod json;
 pub mod logging;

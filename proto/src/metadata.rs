@@ -15,9 +15,16 @@ pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// The bearer token in `authorization`, if the header is present and well formed.
 pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer(metadata.as_ref())
+}
+
+/// The token of an `authorization: Bearer <token>` header (scheme case-insensitive, token not
+/// empty), for gRPC metadata and plain HTTP alike.
+pub fn bearer(headers: &tonic::codegen::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The caller's remaining deadline, parsed from `grpc-timeout` (e.g. `100m`, `5S`).

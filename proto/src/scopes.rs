@@ -1,4 +1,8 @@
-//! Scope names carried in the token's `scope` claim, and the scope each public RPC requires.
+//! Scope names carried in the token's `scope` claim, the scope each public RPC requires, and
+//! the allow-list of the paths served without a token.
+//!
+//! Access fails closed: a path is public only when [`PUBLIC`] lists it; every other path needs
+//! a valid token, and a path no table knows needs [`ADMIN`].
 
 /// Read workers (ClusterService).
 pub const CLUSTER_READ: &str = "cluster:read";
@@ -29,19 +33,56 @@ pub const ALL: &[&str] = &[
     ADMIN,
 ];
 
-/// Scope required by a public RPC, by its gRPC path (`/heist.v1.SessionService/CreateSession`).
-/// `None` means the path needs no token (IssueToken, health, reflection) or is not public
-/// (WorkerControl and BlobService check the workers' join token themselves).
-pub fn required_for(path: &str) -> Option<&'static str> {
+/// The paths served without a bearer token, exactly (gRPC methods and HTTP routes). Every other
+/// path needs a valid token. WorkerControl and BlobService are here because they check the
+/// workers' join token themselves; health, reflection and the HTTP probes reveal nothing.
+pub const PUBLIC: &[&str] = &[
+    "/heist.v1.AuthService/IssueToken",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/heist.v1.WorkerControl/Join",
+    "/heist.v1.BlobService/FindMissingBlobs",
+    "/heist.v1.BlobService/PutBlobs",
+    "/heist.v1.BlobService/GetBlobs",
+    "/healthz",
+    "/readyz",
+];
+
+/// What a path needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// No token: the path is on the [`PUBLIC`] allow-list.
+    Public,
+    /// A valid token carrying this scope.
+    Scope(&'static str),
+}
+
+/// What `path` needs: [`Access::Public`] only for the allow-list, the RPC's scope for a known
+/// RPC, and [`ADMIN`] for anything else (fail closed).
+pub fn access(path: &str) -> Access {
+    if PUBLIC.contains(&path) {
+        return Access::Public;
+    }
+    Access::Scope(scope_for(path).unwrap_or(ADMIN))
+}
+
+/// The scope a known public RPC requires, by its gRPC path
+/// (`/heist.v1.SessionService/CreateSession`); `None` for a path this table does not know.
+pub fn scope_for(path: &str) -> Option<&'static str> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     Some(match (service, method) {
-        ("heist.v1.ClusterService", _) => CLUSTER_READ,
+        ("heist.v1.ClusterService", "ListWorkers" | "GetWorker") => CLUSTER_READ,
         ("heist.v1.SessionService", "GetSession" | "ListSessions") => SESSIONS_READ,
-        ("heist.v1.SessionService", _) => SESSIONS_WRITE,
+        ("heist.v1.SessionService", "CreateSession" | "CloseSession") => SESSIONS_WRITE,
         ("heist.v1.ToolService", "ListTools") => TOOLS_READ,
-        ("heist.v1.ToolService", _) => TOOLS_CALL,
+        ("heist.v1.ToolService", "CallTool" | "CallToolStream") => TOOLS_CALL,
         ("heist.v1.CheckpointService", "GetCheckpoint" | "ListCheckpoints") => CHECKPOINTS_READ,
-        ("heist.v1.CheckpointService", _) => CHECKPOINTS_WRITE,
+        (
+            "heist.v1.CheckpointService",
+            "CreateCheckpoint" | "RestoreCheckpoint" | "ForkSession" | "DeleteCheckpoint",
+        ) => CHECKPOINTS_WRITE,
         _ => return None,
     })
 }
@@ -59,29 +100,37 @@ mod tests {
 
     #[test]
     fn maps_rpcs_to_scopes() {
-        assert_eq!(
-            required_for("/heist.v1.SessionService/CreateSession"),
-            Some(SESSIONS_WRITE)
-        );
-        assert_eq!(
-            required_for("/heist.v1.SessionService/ListSessions"),
-            Some(SESSIONS_READ)
-        );
-        assert_eq!(
-            required_for("/heist.v1.ToolService/CallTool"),
-            Some(TOOLS_CALL)
-        );
-        assert_eq!(
-            required_for("/heist.v1.CheckpointService/ListCheckpoints"),
-            Some(CHECKPOINTS_READ)
-        );
-        assert_eq!(
-            required_for("/heist.v1.CheckpointService/ForkSession"),
-            Some(CHECKPOINTS_WRITE)
-        );
-        assert_eq!(required_for("/heist.v1.BlobService/PutBlobs"), None);
-        assert_eq!(required_for("/heist.v1.AuthService/IssueToken"), None);
-        assert_eq!(required_for("/grpc.health.v1.Health/Check"), None);
+        let cases = [
+            ("/heist.v1.SessionService/CreateSession", SESSIONS_WRITE),
+            ("/heist.v1.SessionService/ListSessions", SESSIONS_READ),
+            ("/heist.v1.ToolService/CallTool", TOOLS_CALL),
+            (
+                "/heist.v1.CheckpointService/ListCheckpoints",
+                CHECKPOINTS_READ,
+            ),
+            ("/heist.v1.CheckpointService/ForkSession", CHECKPOINTS_WRITE),
+        ];
+        for (path, scope) in cases {
+            assert_eq!(access(path), Access::Scope(scope), "{path}");
+        }
+        assert_eq!(access("/heist.v1.BlobService/PutBlobs"), Access::Public);
+        assert_eq!(access("/heist.v1.AuthService/IssueToken"), Access::Public);
+        assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(access("/healthz"), Access::Public);
+    }
+
+    #[test]
+    fn unknown_paths_fail_closed() {
+        for path in [
+            "/heist.v1.NewService/Anything",
+            "/heist.v1.SessionService/NewMethod",
+            "/heist.v1.AuthService/Other",
+            "/metrics",
+            "/",
+            "",
+        ] {
+            assert_eq!(access(path), Access::Scope(ADMIN), "{path:?}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status, metadata::AsciiMetadataValue, transport::Endpoint};
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
-use crate::{Config, Error, backoff::Backoff, state::State};
+use crate::{Config, Error, backoff::Backoff, lifecycle::Leave, state::State};
 
 /// How long the coordinator has to answer Register with Accepted.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -335,7 +335,7 @@ impl Control {
             Some(coordinator_message::Msg::Evict(evict)) => {
                 // Removing workspaces can take a while; heartbeats must keep flowing meanwhile.
                 let state = Arc::clone(&self.state);
-                tokio::spawn(
+                self.state.tasks.spawn(
                     evict_sessions(state, evict.session_ids).instrument(info_span!("evict")),
                 );
             }
@@ -354,14 +354,8 @@ async fn evict_sessions(state: Arc<State>, ids: Vec<String>) {
             warn!(session_id = %raw, "the coordinator asked to evict a malformed session id");
             continue;
         };
-        let closed = state.sessions.close(&id).await;
-        let path = state.sessions.base().join(id.as_str());
-        if let Err(err) = state.sandbox.close_session(&id, &path).await {
-            warn!(session_id = %id, error = %err, "cannot release the session's resources");
-        }
-        match closed {
-            Ok(was_open) => info!(session_id = %id, was_open, "session evicted"),
-            Err(err) => warn!(session_id = %id, error = %err, "cannot evict session"),
+        if let Err(err) = state.leave_session(&id, Leave::Evict).await {
+            warn!(session_id = %id, error = %err, "cannot evict session");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! heist worker: session workspaces and the tools that run in them.
 //!
-//! A worker serves `heist.v1.WorkerService` (plus grpc.health.v1 and reflection) for the
-//! coordinator, and keeps one control stream open to it. The map:
+//! A worker serves `heist.v1.WorkerService` (plus grpc.health.v1, reflection, and `/healthz` and
+//! `/readyz` over HTTP on the same port: `web`) for the coordinator, and keeps one control stream open to it. The map:
 //!
 //! - [`config`]: [`Config`] with its defaults and `validate()`.
 //! - `control`: the control stream (register, heartbeat, Drain/Evict, GoingAway, reconnect with
@@ -28,21 +28,27 @@ pub mod config;
 mod control;
 mod error;
 mod inflight;
+mod lifecycle;
 pub mod model;
 pub mod quota;
 pub mod sandbox;
 mod service;
 pub mod sessions;
+pub mod settings;
 mod state;
 mod streaming;
 pub mod tools;
+mod web;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use heist_proto::{ids::WorkerId, v1::worker_service_server::WorkerServiceServer};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::TcpIncoming},
+};
 use tracing::{Instrument as _, info, info_span, warn};
 
 pub use config::{Config, parse_labels};
@@ -82,17 +88,13 @@ pub async fn serve(
     checkpoint::clean_leftovers(&config.base_workspace);
     let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
-    let tools = Registry::builtin()?;
+    let agent_states = Arc::new(agent::AgentStates::new());
+    let tools = Registry::new(tools::builtin_tools(
+        &agent_states,
+        tools::AgentToolLimits::default(),
+    ))?;
     let sandbox =
         Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
-    // Adopted workspaces get their per-session resources back (the seams change moves this
-    // into the session lifecycle).
-    for id in sessions.ids() {
-        if let Ok(id) = heist_proto::ids::SessionId::parse(&id) {
-            let path = sessions.base().join(id.as_str());
-            sandbox.open_session(&id, &path).await?;
-        }
-    }
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
@@ -103,6 +105,7 @@ pub async fn serve(
             .with_sandbox(sandbox)
             .with_checkpoints(checkpoints),
     );
+    state.adopt_sessions().await;
     state.set_registered(false).await;
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -128,7 +131,7 @@ pub async fn serve(
         going_away_rx,
         stop.clone(),
     );
-    let control_task = tokio::spawn(
+    let control_task = state.tasks.spawn(
         control
             .run()
             .instrument(info_span!("control", worker_id = %worker_id)),
@@ -165,10 +168,18 @@ pub async fn serve(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
-        .add_service(health_service)
+    // One router for the gRPC services and the HTTP routes ([`web`]).
+    let grpc = Routes::new(health_service)
         .add_service(reflection)
-        .add_service(api)
+        .add_service(api);
+    let routes = Routes::from(
+        grpc.into_axum_router()
+            .merge(web::routes(Arc::clone(&state))),
+    );
+    let server = Server::builder()
+        // gRPC needs HTTP/2; the HTTP routes are also served to HTTP/1.1 clients (probes, curl).
+        .accept_http1(true)
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, drain);
     // After the drain, tonic waits for every connection to close; a client holding a stream
     // open (a health Watch) must not keep the worker alive forever.
@@ -192,6 +203,16 @@ pub async fn serve(
     stop.cancel();
     if let Err(err) = control_task.await {
         warn!(error = %err, "control task ended abnormally");
+    }
+    state.tasks.close();
+    if tokio::time::timeout(CLOSE_GRACE, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            tasks = state.tasks.len(),
+            "background tasks still running at shutdown"
+        );
     }
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)

@@ -7,7 +7,8 @@
 //!
 //! Lookups (every tool call) take a short read lock on the map; opening and closing are
 //! serialized by an async lifecycle lock so the capacity check and the directory work cannot
-//! interleave.
+//! interleave. Opening and closing tell the other owners of per-session state through
+//! [`SessionHooks`] (see `lifecycle`, which is the one place that lists them).
 
 use std::{
     collections::HashMap,
@@ -20,6 +21,7 @@ use std::{
 };
 
 use cap_std::{ambient_authority, fs::Dir};
+use futures::future::BoxFuture;
 use heist_proto::ids::SessionId;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -37,6 +39,32 @@ pub struct Workspace {
     running: RunningCommands,
     /// Cancelled when the session is closed.
     closed: CancellationToken,
+    /// Services this session's tools reach (kept across a restore).
+    services: Arc<SessionServices>,
+}
+
+/// Per-session services tools can reach (a database handle, agent memory), keyed by type. Set
+/// up when the session comes into use; they live as long as the session.
+#[derive(Default)]
+pub struct SessionServices(RwLock<http::Extensions>);
+
+impl SessionServices {
+    /// Adds (or replaces) the service of type `T`.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&self, service: T) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(service);
+    }
+
+    /// The service of type `T`, if the session has one.
+    pub fn get<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get::<T>()
+            .cloned()
+    }
 }
 
 impl Workspace {
@@ -50,7 +78,13 @@ impl Workspace {
             usage: UsageCache::default(),
             running: RunningCommands::new(0),
             closed: CancellationToken::new(),
+            services: Arc::default(),
         })
+    }
+
+    /// The session's services.
+    pub fn services(&self) -> &SessionServices {
+        &self.services
     }
 
     /// The session id.
@@ -82,6 +116,30 @@ impl Workspace {
     /// Cancelled when the session is closed (its commands stop then).
     pub fn closed(&self) -> &CancellationToken {
         &self.closed
+    }
+}
+
+/// What the owners of per-session state outside [`Sessions`] are told.
+pub trait SessionHooks: Send + Sync {
+    /// A session's directory exists and its workspace is about to be opened (created or
+    /// adopted). An error fails the open.
+    fn opening<'a>(&'a self, id: &'a SessionId, path: &'a Path)
+    -> BoxFuture<'a, Result<(), Error>>;
+    /// A session left the table and its commands were told to stop; its directory is removed
+    /// next. An error is reported, and the directory is still removed.
+    fn closing<'a>(&'a self, id: &'a SessionId, path: &'a Path)
+    -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// Hooks that do nothing (tests of the table alone).
+pub struct NoHooks;
+
+impl SessionHooks for NoHooks {
+    fn opening<'a>(&'a self, _: &'a SessionId, _: &'a Path) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn closing<'a>(&'a self, _: &'a SessionId, _: &'a Path) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -130,8 +188,18 @@ impl Sessions {
             .ok_or_else(|| Error::SessionNotFound(id.to_string()))
     }
 
-    /// Opens `id` (creating its workspace), or returns it if it is already open.
-    pub async fn open(&self, id: SessionId) -> Result<Arc<Workspace>, Error> {
+    /// Every open workspace (for telling the hooks about adopted sessions at start-up).
+    pub fn all(&self) -> Vec<Arc<Workspace>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Opens `id` (creating its workspace, then telling `hooks`), or returns it if it is
+    /// already open.
+    pub async fn open(
+        &self,
+        id: SessionId,
+        hooks: &dyn SessionHooks,
+    ) -> Result<Arc<Workspace>, Error> {
         let _serial = self.lifecycle.lock().await;
         if let Some(ws) = self.read().get(&id) {
             return Ok(Arc::clone(ws));
@@ -143,17 +211,25 @@ impl Sessions {
             return Err(Error::Full { max: self.max });
         }
         let path = self.base.join(id.as_str());
-        let ws = tokio::task::spawn_blocking(move || create(id, path))
+        let dir = path.clone();
+        tokio::task::spawn_blocking(move || create_dir(&dir))
             .await
             .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        hooks.opening(&id, &path).await?;
+        let ws = tokio::task::spawn_blocking(move || {
+            Workspace::open(id, path.clone()).map_err(|source| Error::Workspace { path, source })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
         let ws = Arc::new(ws);
         self.write().insert(ws.id.clone(), Arc::clone(&ws));
         Ok(ws)
     }
 
-    /// Closes `id` and removes its workspace; returns whether it was open. Removing the
-    /// directory is attempted even when the session was not open, so a retry finishes the job.
-    pub async fn close(&self, id: &SessionId) -> Result<bool, Error> {
+    /// Closes `id`, tells `hooks`, and removes its workspace; returns whether it was open.
+    /// Removing the directory is attempted even when the session was not open, so a retry
+    /// finishes the job.
+    pub async fn close(&self, id: &SessionId, hooks: &dyn SessionHooks) -> Result<bool, Error> {
         let _serial = self.lifecycle.lock().await;
         let removed = self.write().remove(id);
         if let Some(ws) = &removed {
@@ -162,6 +238,9 @@ impl Sessions {
         }
         let was_open = removed.is_some();
         let path = self.base.join(id.as_str());
+        if let Err(err) = hooks.closing(id, &path).await {
+            warn!(session_id = %id, error = %err, "a session owner failed to let go of the session");
+        }
         tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -199,6 +278,10 @@ impl Sessions {
         })
         .await
         .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        let mut ws = ws;
+        if let Some(old) = self.read().get(id) {
+            ws.services = Arc::clone(&old.services);
+        }
         let ws = Arc::new(ws);
         let old = self.write().insert(id.clone(), Arc::clone(&ws));
         // Commands still running in the replaced tree would write into the trash: stop them, as
@@ -282,17 +365,17 @@ fn adopt(base: &Path) -> Result<(PathBuf, Vec<Workspace>), Error> {
     Ok((base, adopted))
 }
 
-/// Creates (or reuses) the workspace directory of `id`.
-fn create(id: SessionId, path: PathBuf) -> Result<Workspace, Error> {
+/// Creates (or reuses) a workspace directory.
+fn create_dir(path: &Path) -> Result<(), Error> {
     let failed = |source| Error::Workspace {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    match std::fs::create_dir(&path) {
+    match std::fs::create_dir(path) {
         Ok(()) => {}
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
             // Reuse a leftover directory, but never a symlink planted in its place.
-            let meta = std::fs::symlink_metadata(&path).map_err(failed)?;
+            let meta = std::fs::symlink_metadata(path).map_err(failed)?;
             if !meta.is_dir() {
                 return Err(failed(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -302,7 +385,7 @@ fn create(id: SessionId, path: PathBuf) -> Result<Workspace, Error> {
         }
         Err(err) => return Err(failed(err)),
     }
-    Workspace::open(id, path.clone()).map_err(failed)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,11 +402,11 @@ mod tests {
         let sessions = Sessions::load(&tmp.path().join("ws"), 4)
             .await
             .expect("load");
-        let a = sessions.open(id("s-a")).await.expect("open");
+        let a = sessions.open(id("s-a"), &NoHooks).await.expect("open");
         assert!(a.path().is_dir());
         assert!(a.path().is_absolute());
         std::fs::write(a.path().join("f"), b"x").expect("write");
-        let again = sessions.open(id("s-a")).await.expect("reopen");
+        let again = sessions.open(id("s-a"), &NoHooks).await.expect("reopen");
         assert_eq!(again.path(), a.path());
         assert!(
             again.path().join("f").exists(),
@@ -331,9 +414,14 @@ mod tests {
         );
         assert_eq!(sessions.ids(), ["s-a"]);
 
-        assert!(sessions.close(&id("s-a")).await.expect("close"));
+        assert!(sessions.close(&id("s-a"), &NoHooks).await.expect("close"));
         assert!(!a.path().exists());
-        assert!(!sessions.close(&id("s-a")).await.expect("close again"));
+        assert!(
+            !sessions
+                .close(&id("s-a"), &NoHooks)
+                .await
+                .expect("close again")
+        );
         assert!(sessions.is_empty());
         assert!(matches!(
             sessions.get(&id("s-a")),
@@ -345,19 +433,19 @@ mod tests {
     async fn capacity_and_draining_refuse_new_sessions_only() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let sessions = Sessions::load(tmp.path(), 1).await.expect("load");
-        sessions.open(id("s-a")).await.expect("first");
+        sessions.open(id("s-a"), &NoHooks).await.expect("first");
         assert!(matches!(
-            sessions.open(id("s-b")).await,
+            sessions.open(id("s-b"), &NoHooks).await,
             Err(Error::Full { max: 1 })
         ));
         sessions.set_draining();
         assert!(
-            sessions.open(id("s-a")).await.is_ok(),
+            sessions.open(id("s-a"), &NoHooks).await.is_ok(),
             "an open session stays openable"
         );
-        sessions.close(&id("s-a")).await.expect("close");
+        sessions.close(&id("s-a"), &NoHooks).await.expect("close");
         assert!(matches!(
-            sessions.open(id("s-b")).await,
+            sessions.open(id("s-b"), &NoHooks).await,
             Err(Error::Draining)
         ));
     }
@@ -367,8 +455,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         {
             let sessions = Sessions::load(tmp.path(), 4).await.expect("load");
-            sessions.open(id("s-1")).await.expect("open");
-            sessions.open(id("s-2")).await.expect("open");
+            sessions.open(id("s-1"), &NoHooks).await.expect("open");
+            sessions.open(id("s-2"), &NoHooks).await.expect("open");
         }
         std::fs::write(tmp.path().join("stray-file"), b"x").expect("file");
         std::fs::create_dir(tmp.path().join("not a session")).expect("dir");
@@ -386,7 +474,7 @@ mod tests {
         let sessions = Sessions::load(tmp.path(), 4).await.expect("load");
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("s-x")).expect("symlink");
         assert!(matches!(
-            sessions.open(id("s-x")).await,
+            sessions.open(id("s-x"), &NoHooks).await,
             Err(Error::Workspace { .. })
         ));
     }

@@ -14,7 +14,7 @@ use heist_proto::{
     v1::{self, worker_service_server::WorkerServiceServer},
 };
 use serde_json::{Map, Value as Json};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{debug, info, instrument};
@@ -24,6 +24,7 @@ use crate::{
     auth::Auth,
     checkpoint::Checkpointer,
     inflight::InFlight,
+    lifecycle::Leave,
     quota::Quotas,
     sandbox::{OutputSink, Sandbox},
     service::WorkerApi,
@@ -47,8 +48,13 @@ pub(crate) struct State {
     pub limits: Limits,
     /// Cancelled when shutdown stops waiting for in-flight calls.
     pub hard_stop: CancellationToken,
+    /// Every task spawned on the worker's behalf (the control loop, evictions, streamed
+    /// calls), each with a named span; closed and waited for at shutdown.
+    pub tasks: TaskTracker,
     /// Runs commands for exec and run.python (disabled until [`State::with_sandbox`]).
     pub sandbox: Arc<Sandbox>,
+    /// Services shared by every tool call (see [`ToolContext::services`]).
+    pub services: Arc<http::Extensions>,
     /// Checkpoint capture and restore (none until [`State::with_checkpoints`]).
     pub checkpoints: Option<Checkpointer>,
     /// Whether the control stream is registered right now.
@@ -73,10 +79,12 @@ impl State {
             inflight: InFlight::default(),
             limits,
             hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             sandbox: Arc::new(Sandbox::disabled(
                 "no sandbox was configured for this worker",
                 Quotas::default(),
             )),
+            services: Arc::default(),
             checkpoints: None,
             registered: AtomicBool::new(false),
             health,
@@ -107,10 +115,21 @@ impl State {
         self.publish_health().await;
     }
 
+    /// Why the worker cannot take calls now, if it cannot: it must be registered with its
+    /// coordinator and not draining.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.sessions.is_draining() {
+            return Err("draining: the worker is shutting down");
+        }
+        if !self.registered.load(Ordering::SeqCst) {
+            return Err("not registered with the coordinator yet");
+        }
+        Ok(())
+    }
+
     /// SERVING while registered and not draining, NOT_SERVING otherwise.
     async fn publish_health(&self) {
-        let serving = self.registered.load(Ordering::SeqCst) && !self.sessions.is_draining();
-        let status = if serving {
+        let status = if self.readiness().is_ok() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -127,10 +146,7 @@ impl State {
         request: v1::OpenSessionRequest,
     ) -> Result<v1::OpenSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        let workspace = self.sessions.open(id).await?;
-        self.sandbox
-            .open_session(workspace.id(), workspace.path())
-            .await?;
+        let workspace = self.enter_session(id).await?;
         info!(workspace = %workspace.path().display(), "session open");
         Ok(v1::OpenSessionResponse {
             workspace: workspace.path().display().to_string(),
@@ -144,15 +160,7 @@ impl State {
         request: v1::WorkerCloseSessionRequest,
     ) -> Result<v1::WorkerCloseSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        let was_open = self.sessions.close(&id).await?;
-        // After the commands stopped (the close cancels them); the seams change moves this
-        // before the directory's removal.
-        let path = self.sessions.base().join(id.as_str());
-        self.sandbox.close_session(&id, &path).await?;
-        if let Some(checkpoints) = &self.checkpoints {
-            checkpoints.forget(&id);
-        }
-        info!(was_open, "session closed");
+        let was_open = self.leave_session(&id, Leave::Close).await?;
         Ok(v1::WorkerCloseSessionResponse { was_open })
     }
 
@@ -188,6 +196,7 @@ impl State {
             cancel: cancel.clone(),
             sandbox: Arc::clone(&self.sandbox),
             output,
+            services: Arc::clone(&self.services),
         };
         let started = Instant::now();
         let run = self.tools.call(&request.tool, &ctx, args);

@@ -35,7 +35,7 @@ impl State {
             tool = %request.tool
         );
         let state = Arc::clone(self);
-        tokio::spawn(
+        self.tasks.spawn(
             async move {
                 let _call = state.inflight.enter();
                 let (chunks, mut output) = mpsc::channel(CHUNK_BUFFER);

@@ -2,7 +2,7 @@
 //!
 //! Every call must carry the workers' join token in `x-heist-join-token` (compared in constant
 //! time); the bearer-token layer lets this service through untouched because
-//! [`heist_proto::scopes::required_for`] has no scope for it.
+//! it is on the allow-list [`heist_proto::scopes::PUBLIC`].
 //!
 //! File I/O runs on one blocking thread per call, fed through a small bounded channel, so a
 //! stream of many small blobs costs no thread hop per chunk and a slow disk pushes back on the
@@ -13,7 +13,7 @@ use std::{pin::Pin, sync::Arc};
 
 use futures::Stream;
 use heist_proto::{
-    errors, metadata,
+    errors,
     v1::{
         BlobChunk, FindMissingBlobsRequest, FindMissingBlobsResponse, GetBlobsRequest,
         PutBlobsResponse, blob_service_server::BlobService,
@@ -22,10 +22,11 @@ use heist_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, instrument};
 
 use crate::{
     app::App,
+    auth,
     cas::{BlobWriter, CHUNK_BYTES, Cas, Hash, Rejected, hash_from_bytes, hex},
     error::Error,
 };
@@ -45,7 +46,7 @@ impl BlobApi {
     }
 
     fn check(&self, md: &MetadataMap) -> Result<(), Status> {
-        check_join_token(&self.app.config.join_token, md).map_err(Status::from)
+        auth::check_join_token(&self.app.config.join_token, md).map_err(Status::from)
     }
 }
 
@@ -98,21 +99,6 @@ impl BlobService for BlobApi {
         let cas = self.app.checkpoints.cas().clone();
         tokio::task::spawn_blocking(move || send_blobs(&cas, &hashes, &tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-/// Compares the presented join token with the configured one without leaking, through timing,
-/// how much of it matched (BLAKE3 hashes compare in constant time).
-fn check_join_token(expected: &str, md: &MetadataMap) -> Result<(), Error> {
-    let presented = md
-        .get(metadata::JOIN_TOKEN)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(Error::JoinTokenInvalid)?;
-    if blake3::hash(presented.as_bytes()) == blake3::hash(expected.as_bytes()) {
-        Ok(())
-    } else {
-        warn!("blob call refused: wrong join token");
-        Err(Error::JoinTokenInvalid)
     }
 }
 

@@ -11,4 +11,5 @@ mod harness;
 mod registration;
 mod sandbox;
 mod sessions;
+mod surface;
 mod tools;

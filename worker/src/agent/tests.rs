@@ -32,7 +32,7 @@ fn rig(guard: &str, start: &str, edit: impl FnOnce(&mut ModelsConfig)) -> Rig {
     .expect("rows");
     let states = Arc::new(AgentStates::new());
     let registry = Arc::new(
-        Registry::builtin_with(Arc::clone(&states), Default::default()).expect("registry"),
+        Registry::new(crate::tools::builtin_tools(&states, Default::default())).expect("registry"),
     );
     let runner = RegistryRunner::new(registry, ctx.clone());
     let mut config = ModelsConfig::default();

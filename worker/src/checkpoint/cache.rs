@@ -17,6 +17,8 @@ use std::{
 
 use tracing::{debug, warn};
 
+use heist_proto::hash::{hex, parse_hex};
+
 use super::manifest::Hash;
 use crate::Error;
 
@@ -34,15 +36,6 @@ pub struct BlobCache {
     dir: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
-}
-
-fn hex(hash: &Hash) -> String {
-    blake3::Hash::from_bytes(*hash).to_hex().to_string()
-}
-
-fn parse_hex(s: &str) -> Option<Hash> {
-    let bytes = blake3::Hash::from_hex(s).ok()?;
-    Some(*bytes.as_bytes())
 }
 
 impl BlobCache {

@@ -156,6 +156,18 @@ impl Checkpointer {
         self.lock().remove(id);
     }
 
+    /// Whether anything is kept for `id` (tests of the session lifecycle).
+    #[cfg(test)]
+    pub(crate) fn holds(&self, id: &SessionId) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    /// Keeps state for `id` as a capture would (tests of the session lifecycle).
+    #[cfg(test)]
+    pub(crate) fn touch(&self, id: &SessionId) {
+        let _ = self.state(id);
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<SessionId, SessionState>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }

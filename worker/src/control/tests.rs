@@ -103,7 +103,10 @@ async fn start(script: Vec<Reply>, open: &[&str]) -> Harness {
     let sessions = Sessions::load(tmp.path(), 8).await.expect("sessions");
     for id in open {
         sessions
-            .open(SessionId::parse(*id).expect("id"))
+            .open(
+                SessionId::parse(*id).expect("id"),
+                &crate::sessions::NoHooks,
+            )
             .await
             .expect("open");
     }

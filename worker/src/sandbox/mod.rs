@@ -42,6 +42,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use heist_proto::ids::SessionId;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -52,7 +53,6 @@ pub use self::{
     flags::SandboxFlags,
     probe::Python,
 };
-use heist_proto::ids::SessionId;
 
 use crate::{
     Error,
@@ -204,18 +204,58 @@ pub trait Backend: Send + Sync + 'static {
     /// Per-session hook: runs once when a session's workspace comes into use on this worker (created, adopted at start-up), after its directory exists and before the workspace is opened as a capability.
     fn open_session<'a>(
         &'a self,
-        _session: &'a SessionId,
-        _path: &'a Path,
+        session: &'a SessionId,
+        path: &'a Path,
     ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (session, path);
         Box::pin(async { Ok(()) })
     }
     /// Per-session hook: runs once when a session leaves this worker (closed or evicted), after its commands stopped and before its directory is removed.
     fn close_session<'a>(
         &'a self,
-        _session: &'a SessionId,
-        _path: &'a Path,
+        session: &'a SessionId,
+        path: &'a Path,
     ) -> BoxFuture<'a, Result<(), Error>> {
+        let _ = (session, path);
         Box::pin(async { Ok(()) })
+    }
+}
+
+/// A backend chosen from the configuration, before the host's system paths are known.
+enum Selected {
+    /// `process` and `unconfined`: the `heist-sandbox` helper.
+    Process(process::ProcessBackend),
+}
+
+impl Selected {
+    /// The backend, told which host paths commands may read, with its resource controls set
+    /// up; what they enforce is added to `isolation`.
+    async fn into_backend(
+        self,
+        system_paths: Vec<PathBuf>,
+        settings: &Settings,
+        isolation: &mut Vec<String>,
+    ) -> Box<dyn Backend> {
+        match self {
+            Self::Process(mut backend) => {
+                backend.set_read_only(system_paths);
+                isolation.push(backend.use_cgroups(settings).await);
+                // The disk quota is measured (walks, plus unlinked-but-open files of commands
+                // with a cgroup), not enforced by the file system: say so.
+                isolation.push("disk-quota:polling".to_owned());
+                Box::new(backend)
+            }
+        }
+    }
+}
+
+/// The one place a backend is chosen from [`Settings::mode`] and probed: a new backend (docker)
+/// is a new arm here, and callers only ever see `dyn Backend`.
+async fn select_backend(settings: &Settings) -> Result<(Selected, Vec<String>), String> {
+    match settings.mode {
+        Mode::Process | Mode::Unconfined => probe::probe(settings)
+            .await
+            .map(|(backend, isolation)| (Selected::Process(backend), isolation)),
     }
 }
 
@@ -238,7 +278,7 @@ impl Sandbox {
         // Both spawn processes; neither needs the other.
         let (python, probed) = tokio::join!(
             probe::find_python(settings.python.as_deref()),
-            probe::probe(&settings),
+            select_backend(&settings),
         );
         let system_paths = probe::system_paths(python.as_ref().ok());
         let mut sandbox = Self {
@@ -251,13 +291,14 @@ impl Sandbox {
             system_paths,
         };
         match probed {
-            Ok((mut backend, mut isolation)) => {
-                backend.set_read_only(sandbox.system_paths.clone());
-                isolation.push(backend.use_cgroups(&sandbox.settings).await);
-                // The disk quota is measured (walks, plus unlinked-but-open files of commands
-                // with a cgroup), not enforced by the file system: say so.
-                isolation.push("disk-quota:polling".to_owned());
-                let backend: Box<dyn Backend> = Box::new(backend);
+            Ok((selected, mut isolation)) => {
+                let backend = selected
+                    .into_backend(
+                        sandbox.system_paths.clone(),
+                        &sandbox.settings,
+                        &mut isolation,
+                    )
+                    .await;
                 if sandbox.mode == Mode::Unconfined {
                     warn!(
                         isolation = ?isolation,
@@ -313,6 +354,24 @@ impl Sandbox {
         }
     }
 
+    /// Tells the backend (when one works) that a session's workspace comes into use here; see
+    /// [`Backend::open_session`].
+    pub async fn open_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.open_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Tells the backend (when one works) that a session leaves this worker; see
+    /// [`Backend::close_session`].
+    pub async fn close_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
+        match &self.backend {
+            Ok(backend) => backend.close_session(session, path).await,
+            Err(_) => Ok(()),
+        }
+    }
+
     /// The backend name for Register (`none` when no backend works).
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
@@ -329,23 +388,6 @@ impl Sandbox {
     /// The isolation really in force, for Register.
     pub fn isolation(&self) -> Vec<String> {
         self.isolation.clone()
-    }
-
-    /// Readies per-session resources (the session's cgroup) for `session`; see
-    /// [`Backend::open_session`]. Without a working backend there is nothing to ready.
-    pub async fn open_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
-        match &self.backend {
-            Ok(backend) => backend.open_session(session, path).await,
-            Err(_) => Ok(()),
-        }
-    }
-
-    /// Releases per-session resources of `session`; see [`Backend::close_session`].
-    pub async fn close_session(&self, session: &SessionId, path: &Path) -> Result<(), Error> {
-        match &self.backend {
-            Ok(backend) => backend.close_session(session, path).await,
-            Err(_) => Ok(()),
-        }
     }
 
     /// The pool the fs tools run on (its saturation goes into the heartbeat).

@@ -63,6 +63,28 @@ pub struct ToolContext {
     pub sandbox: Arc<Sandbox>,
     /// Live output of a streaming call (`None` for unary calls).
     pub output: Option<OutputSink>,
+    /// Services shared by the worker's tools (a model gateway, a database pool), keyed by type;
+    /// per-session ones live in the workspace ([`Workspace::services`]).
+    pub services: Arc<http::Extensions>,
+}
+
+/// Every tool a worker offers: echo, calc, db.query, the fs.* family, memory.store/recall
+/// (over `agent_states`, the same the turns use), exec and run.python. This is the one list; a
+/// new tool is added here and the worker's registry, catalogue and Register message follow.
+pub fn builtin_tools(
+    agent_states: &Arc<AgentStates>,
+    limits: AgentToolLimits,
+) -> Vec<Box<dyn Tool>> {
+    let mut tools: Vec<Box<dyn Tool>> = vec![
+        Box::new(echo::Echo),
+        Box::new(calc::Calc),
+        Box::new(db::DbQuery::new(limits.db)),
+        Box::new(exec::Exec),
+        Box::new(python::RunPython),
+    ];
+    tools.extend(fs::tools());
+    tools.extend(memory::tools(agent_states, limits.memory));
+    tools
 }
 
 /// One piece of output.
@@ -195,27 +217,12 @@ impl Registry {
     }
 
     /// The built-in tools with default limits, memory notes kept in a set of agent states of
-    /// their own (see [`Registry::builtin_with`]).
+    /// their own (a worker passes its shared set to [`builtin_tools`]).
     pub fn builtin() -> Result<Self, Error> {
-        Self::builtin_with(Arc::new(AgentStates::new()), AgentToolLimits::default())
-    }
-
-    /// The built-in tools: echo, calc, db.query, the fs.* family, memory.store/recall (over
-    /// `agent_states`, the same the turns use), exec and run.python.
-    pub fn builtin_with(
-        agent_states: Arc<AgentStates>,
-        limits: AgentToolLimits,
-    ) -> Result<Self, Error> {
-        let mut tools: Vec<Box<dyn Tool>> = vec![
-            Box::new(echo::Echo),
-            Box::new(calc::Calc),
-            Box::new(db::DbQuery::new(limits.db)),
-            Box::new(exec::Exec),
-            Box::new(python::RunPython),
-        ];
-        tools.extend(fs::tools());
-        tools.extend(memory::tools(&agent_states, limits.memory));
-        Self::new(tools)
+        Self::new(builtin_tools(
+            &Arc::new(AgentStates::new()),
+            AgentToolLimits::default(),
+        ))
     }
 
     /// The catalogue, ordered by name.
@@ -273,6 +280,7 @@ pub(crate) mod test_support {
                 crate::quota::Quotas::default(),
             )),
             output: None,
+            services: Arc::default(),
         };
         (root, ctx)
     }

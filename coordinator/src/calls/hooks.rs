@@ -1,0 +1,77 @@
+//! After-hooks: what runs after every tool call that reached a result, unary or streamed.
+//!
+//! A hook is an [`AfterCall`]; [`AFTER_CALL`] lists them in the order they run. Adding one
+//! (audit, metrics) is one line there. Hooks cannot fail the call: the tool already ran, so a
+//! hook logs its own failures.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures::future::BoxFuture;
+use heist_proto::v1::CallToolResponse;
+use tracing::{Instrument as _, info_span, warn};
+
+use super::ToolCall;
+use crate::{app::App, lifecycle};
+
+/// Something that runs after a tool call.
+pub trait AfterCall: Send + Sync {
+    /// Runs after `call` answered `response`; `read_only` is the tool's catalogue flag.
+    fn after<'a>(
+        &'a self,
+        app: &'a Arc<App>,
+        call: &'a ToolCall,
+        read_only: bool,
+        response: &'a CallToolResponse,
+    ) -> BoxFuture<'a, ()>;
+}
+
+/// The hooks, in order.
+pub const AFTER_CALL: &[&dyn AfterCall] = &[&AutoCheckpoint];
+
+/// Runs every hook in [`AFTER_CALL`].
+pub async fn after(app: &Arc<App>, call: &ToolCall, read_only: bool, response: &CallToolResponse) {
+    for hook in AFTER_CALL {
+        hook.after(app, call, read_only, response).await;
+    }
+}
+
+/// With HEIST_AUTO_CHECKPOINT, takes a checkpoint labelled [`lifecycle::AUTO_LABEL`] after a
+/// successful (not replayed, not `is_error`) call of a tool that is not read-only. A failure
+/// is logged: the tool call itself succeeded.
+pub struct AutoCheckpoint;
+
+impl AfterCall for AutoCheckpoint {
+    fn after<'a>(
+        &'a self,
+        app: &'a Arc<App>,
+        call: &'a ToolCall,
+        read_only: bool,
+        response: &'a CallToolResponse,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !app.config.auto_checkpoint || read_only || response.is_error || response.replayed {
+                return;
+            }
+            let (label, value) = lifecycle::AUTO_LABEL;
+            let labels = HashMap::from([(label.to_owned(), value.to_owned())]);
+            let (task_app, owner) = (app.clone(), call.principal.id.clone());
+            let (session, deadline) = (call.session.clone(), call.deadline);
+            let span = info_span!("auto-checkpoint", session_id = %session);
+            let done = app
+                .tasks
+                .spawn(
+                    async move {
+                        lifecycle::take_checkpoint(&task_app, &owner, deadline, &session, labels)
+                            .await
+                    }
+                    .instrument(span),
+                )
+                .await;
+            match done {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => warn!(%err, session_id = %call.session, "auto-checkpoint failed"),
+                Err(err) => warn!(%err, session_id = %call.session, "auto-checkpoint task failed"),
+            }
+        })
+    }
+}

@@ -1,0 +1,247 @@
+//! Session create (place + open on the worker) and close.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::SystemTime,
+};
+
+use heist_proto::{
+    ids::{SessionId, WorkerId},
+    v1::{OpenSessionRequest, Session, SessionState, WorkerCloseSessionRequest},
+};
+use tokio::time::Instant;
+use tracing::{Instrument as _, info, info_span, warn};
+
+use super::replay_session;
+use crate::{
+    app::App,
+    auth_layer::Principal,
+    convert::{CloseSession, NewSession},
+    error::Error,
+    idempotency::Fingerprint,
+    placement::{self, Candidate},
+    runner::{self, Dedup},
+};
+
+const CREATE: &str = "CreateSession";
+const CLOSE: &str = "CloseSession";
+
+/// The caller's session, or NOT_FOUND (also for another principal's session).
+pub fn owned_session(app: &App, owner: &str, id: &SessionId) -> Result<Session, Error> {
+    app.sessions
+        .get(id)
+        .filter(|s| s.owner == owner)
+        .ok_or_else(|| Error::SessionNotFound(id.clone()))
+}
+
+/// Places a new session and opens it on its worker, once per request id.
+pub async fn create_session(
+    app: &Arc<App>,
+    principal: &Principal,
+    deadline: Instant,
+    req: NewSession,
+) -> Result<Session, Error> {
+    let NewSession { labels, request_id } = req;
+    let fingerprint = Fingerprint::new(CREATE).map(&labels).finish();
+    let dedup = Dedup::new(&principal.id, CREATE, request_id, fingerprint);
+    let (task_app, owner) = (app.clone(), principal.id.clone());
+    let span = info_span!("create-session", principal = %owner);
+    runner::run_once(
+        app,
+        dedup,
+        replay_session,
+        async move { place_and_open(&task_app, &owner, deadline, labels, &HashSet::new()).await }
+            .instrument(span),
+    )
+    .await
+}
+
+/// Closes the caller's session, once per request id.
+pub async fn close_session(
+    app: &Arc<App>,
+    principal: &Principal,
+    deadline: Instant,
+    req: CloseSession,
+) -> Result<Session, Error> {
+    let CloseSession {
+        session: id,
+        request_id,
+    } = req;
+    let fingerprint = Fingerprint::new(CLOSE)
+        .field(id.as_str().as_bytes())
+        .finish();
+    let dedup = Dedup::new(&principal.id, CLOSE, request_id, fingerprint);
+    let (task_app, owner) = (app.clone(), principal.id.clone());
+    let span = info_span!("close-session", session_id = %id);
+    runner::run_once(
+        app,
+        dedup,
+        replay_session,
+        async move { close(&task_app, &owner, deadline, &id).await }.instrument(span),
+    )
+    .await
+}
+
+/// Places a session, stores it CREATING, opens it on the worker, stores READY (or FAILED).
+/// Workers in `prefer` (e.g. holding a checkpoint's blobs, for a fork) win when one of them is
+/// eligible; otherwise the normal rules pick among all.
+pub async fn place_and_open(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    labels: HashMap<String, String>,
+    prefer: &HashSet<String>,
+) -> Result<Session, Error> {
+    if app.shutdown.is_cancelled() {
+        return Err(Error::ShuttingDown);
+    }
+    let session = app.sessions.create(|slots| {
+        let views = app.registry.placement_views();
+        let candidates: Vec<Candidate<'_>> = views
+            .iter()
+            .map(|v| Candidate {
+                id: &v.id,
+                labels: &v.labels,
+                capacity: v.capacity,
+                active_sessions: slots.get(v.id.as_str()).copied().unwrap_or(0),
+                in_flight: v.in_flight,
+                saturated: v.saturated,
+            })
+            .collect();
+        let preferred: Vec<Candidate<'_>> = candidates
+            .iter()
+            .filter(|c| prefer.contains(c.id.as_str()))
+            .cloned()
+            .collect();
+        let worker = match placement::place(&preferred, &labels) {
+            Ok(worker) => worker,
+            Err(_) => placement::place(&candidates, &labels)?,
+        };
+        let now = SystemTime::now();
+        Ok(Session {
+            id: SessionId::generate().into_string(),
+            owner: owner.to_owned(),
+            worker_id: worker.to_string(),
+            state: SessionState::Creating as i32,
+            labels: labels.clone(),
+            created_at: Some(now.into()),
+            updated_at: Some(now.into()),
+            ..Session::default()
+        })
+    })?;
+    app.store.flush().await?;
+    let id = SessionId::parse(session.id.as_str())?;
+    let worker = WorkerId::parse(session.worker_id.as_str())?;
+    info!(session_id = %id, worker_id = %worker, "session placed");
+
+    let opened = match app.registry.route(&worker) {
+        Ok(route) => {
+            let msg = OpenSessionRequest {
+                session_id: id.to_string(),
+                owner: owner.to_owned(),
+            };
+            route
+                .client
+                .open_session(owner, deadline, msg)
+                .await
+                .map(|_| ())
+        }
+        Err(err) => Err(err),
+    };
+    let still_creating = |s: &Session| s.state == SessionState::Creating as i32;
+    let result = match opened {
+        Ok(()) => app
+            .sessions
+            .update(&id, |s| {
+                still_creating(s) && {
+                    s.state = SessionState::Ready as i32;
+                    true
+                }
+            })
+            .map(|s| s.unwrap_or(session)),
+        Err(err) => {
+            warn!(session_id = %id, worker_id = %worker, %err, "session creation failed");
+            let reason = err.to_string();
+            app.sessions
+                .update(&id, |s| {
+                    still_creating(s) && {
+                        s.state = SessionState::Failed as i32;
+                        s.failure_reason = reason;
+                        true
+                    }
+                })
+                .and(Err(err))
+        }
+    };
+    app.sessions.finish_create(&id);
+    app.store.flush().await?;
+    let session = result?;
+    if session.state != SessionState::Ready as i32 {
+        // Closed while the worker was creating it: do not leave the workspace behind.
+        let _ = close_on_worker(app, owner, deadline, &worker, &id).await;
+        return Ok(app.view(session));
+    }
+    info!(session_id = %id, worker_id = %worker, "session ready");
+    Ok(app.view(session))
+}
+
+/// Asks `worker` to remove the session's workspace. A disconnected worker is not an error:
+/// it is told to evict the session when it re-registers.
+pub(super) async fn close_on_worker(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    worker: &WorkerId,
+    id: &SessionId,
+) -> Result<(), Error> {
+    let Ok(route) = app.registry.route(worker) else {
+        return Ok(());
+    };
+    let msg = WorkerCloseSessionRequest {
+        session_id: id.to_string(),
+    };
+    route
+        .client
+        .close_session(owner, deadline, msg)
+        .await
+        .map(|_| ())
+}
+
+/// CLOSING, then the worker removes the workspace, then CLOSED. A disconnected worker does not
+/// block the close: it is told to evict the session when it re-registers.
+async fn close(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    id: &SessionId,
+) -> Result<Session, Error> {
+    let session = owned_session(app, owner, id)?;
+    if session.state == SessionState::Closed as i32 {
+        return Ok(app.view(session));
+    }
+    app.sessions.update(id, |s| {
+        s.state != SessionState::Closing as i32 && {
+            s.state = SessionState::Closing as i32;
+            true
+        }
+    })?;
+    app.store.flush().await?;
+    let worker = WorkerId::parse(session.worker_id.as_str())?;
+    match close_on_worker(app, owner, deadline, &worker, id).await {
+        Ok(()) => {}
+        Err(Error::WorkerUnavailable(_)) => {
+            warn!(session_id = %id, worker_id = %worker, "worker unreachable; closing anyway");
+        }
+        Err(err) => return Err(err),
+    }
+    let closed = app.sessions.update(id, |s| {
+        s.state != SessionState::Closed as i32 && {
+            s.state = SessionState::Closed as i32;
+            true
+        }
+    })?;
+    app.store.flush().await?;
+    info!(session_id = %id, worker_id = %worker, "session closed");
+    Ok(app.view(closed.unwrap_or(session)))
+}

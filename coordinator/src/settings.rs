@@ -1,0 +1,286 @@
+//! Layered configuration for the `coordinator` binary: defaults ([`Config::default`], written
+//! once) → an optional TOML file (`--config` / `HEIST_CONFIG`; unknown keys refused) →
+//! environment variables → flags → [`Config::validate`].
+//!
+//! The file has one top-level table per concern: `[coordinator]` (where to listen, logging, and the
+//! [`Config`] fields, named like the flags, with their units). The next
+//! concerns (`[agents.*]`, `[models.*]`) get their own tables. Every key is optional; a key
+//! left out keeps the layer below. See docs/OPERATIONS.md for an example.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::builder::BoolishValueParser;
+use serde::Deserialize;
+
+use crate::{config::Config, error::Error};
+
+/// Keeps `self`'s value where it has one, the lower layer's otherwise, field by field.
+macro_rules! layer_over {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl $ty {
+            /// `self` over `lower`: each field from `self` when set, else from `lower`.
+            pub fn over(self, lower: Self) -> Self {
+                Self { $($field: self.$field.or(lower.$field)),* }
+            }
+        }
+    };
+}
+
+/// The coordinator's settings (`[coordinator]` in the file); defaults in [`Config`].
+#[derive(Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Port serving gRPC and HTTP [default: 50051].
+    #[arg(long, env = "GRPC_PORT")]
+    pub grpc_port: Option<u16>,
+    /// Address to bind [default: 0.0.0.0].
+    #[arg(long, env = "HEIST_BIND_ADDR")]
+    pub bind_addr: Option<IpAddr>,
+    /// Log filter, e.g. `info` or `heist_coordinator=debug,info` [default: info].
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Directory for the state database and the token signing key [default: ./data/coordinator].
+    #[arg(long, env = "HEIST_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Shared secret workers must present to join (required).
+    #[arg(long, env = "HEIST_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// Client id of the bootstrap admin [default: admin].
+    #[arg(long, env = "HEIST_ADMIN_CLIENT_ID")]
+    pub admin_client_id: Option<String>,
+    /// Secret of the bootstrap admin, at least 16 characters (required; stored hashed).
+    #[arg(long, env = "HEIST_ADMIN_CLIENT_SECRET", hide_env_values = true)]
+    pub admin_client_secret: Option<String>,
+    /// Issuer (`iss`) of the tokens the coordinator signs [default: heist].
+    #[arg(long, env = "HEIST_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// Lifetime of client access tokens, in seconds [default: 3600].
+    #[arg(long, env = "HEIST_TOKEN_TTL_S")]
+    pub token_ttl_s: Option<u64>,
+    /// A worker silent for this long is marked lost, in milliseconds [default: 10000].
+    #[arg(long, env = "HEIST_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// How often workers heartbeat, in milliseconds [default: 2000].
+    #[arg(long, env = "HEIST_HEARTBEAT_INTERVAL_MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Cap on the deadline forwarded to workers, in seconds [default: 300].
+    #[arg(long, env = "HEIST_WORKER_CALL_TIMEOUT_S")]
+    pub worker_call_timeout_s: Option<u64>,
+    /// How long request ids are remembered, in seconds [default: 86400].
+    #[arg(long, env = "HEIST_IDEMPOTENCY_TTL_S")]
+    pub idempotency_ttl_s: Option<u64>,
+    /// Largest gRPC message, in bytes [default: 16777216].
+    #[arg(long, env = "HEIST_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest blob (one checkpointed file) the blob store accepts, in bytes [default: 1 GiB].
+    #[arg(long, env = "HEIST_MAX_BLOB_BYTES")]
+    pub max_blob_bytes: Option<u64>,
+    /// Most hashes in one FindMissingBlobs or GetBlobs request [default: 100000].
+    #[arg(long, env = "HEIST_MAX_BLOB_BATCH")]
+    pub max_blob_batch: Option<usize>,
+    /// Checkpoints kept per session, 0 for all [default: 100].
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_PER_SESSION")]
+    pub checkpoint_max_per_session: Option<u32>,
+    /// Checkpoints older than this are removed, in seconds, 0 for never [default: 2592000].
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_AGE_S")]
+    pub checkpoint_max_age_s: Option<u64>,
+    /// How often checkpoint age retention and the blob sweep run, in seconds [default: 300].
+    #[arg(long, env = "HEIST_CHECKPOINT_GC_INTERVAL_S")]
+    pub checkpoint_gc_interval_s: Option<u64>,
+    /// Unreferenced blobs younger than this survive the periodic sweep, in seconds
+    /// [default: 600].
+    #[arg(long, env = "HEIST_BLOB_ORPHAN_GRACE_S")]
+    pub blob_orphan_grace_s: Option<u64>,
+    /// Checkpoint after every successful call of a tool that is not read-only [default: false].
+    #[arg(long, env = "HEIST_AUTO_CHECKPOINT", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub auto_checkpoint: Option<bool>,
+}
+layer_over!(Settings {
+    grpc_port,
+    bind_addr,
+    log_level,
+    log_format,
+    data_dir,
+    join_token,
+    admin_client_id,
+    admin_client_secret,
+    token_issuer,
+    token_ttl_s,
+    lease_ttl_ms,
+    heartbeat_interval_ms,
+    worker_call_timeout_s,
+    idempotency_ttl_s,
+    max_message_bytes,
+    max_blob_bytes,
+    max_blob_batch,
+    checkpoint_max_per_session,
+    checkpoint_max_age_s,
+    checkpoint_gc_interval_s,
+    blob_orphan_grace_s,
+    auto_checkpoint,
+});
+
+impl Settings {
+    /// `base` with every field that is set here applied.
+    pub fn apply(self, mut c: Config) -> Config {
+        let secs = Duration::from_secs;
+        let millis = Duration::from_millis;
+        set(&mut c.data_dir, self.data_dir, |v| v);
+        set(&mut c.join_token, self.join_token, |v| v);
+        set(&mut c.admin_client_id, self.admin_client_id, |v| v);
+        set(&mut c.admin_client_secret, self.admin_client_secret, |v| v);
+        set(&mut c.token_issuer, self.token_issuer, |v| v);
+        set(&mut c.token_ttl, self.token_ttl_s, secs);
+        set(&mut c.lease_ttl, self.lease_ttl_ms, millis);
+        set(
+            &mut c.heartbeat_interval,
+            self.heartbeat_interval_ms,
+            millis,
+        );
+        set(&mut c.worker_call_timeout, self.worker_call_timeout_s, secs);
+        set(&mut c.idempotency_ttl, self.idempotency_ttl_s, secs);
+        set(&mut c.max_message_bytes, self.max_message_bytes, |v| v);
+        set(&mut c.max_blob_bytes, self.max_blob_bytes, |v| v);
+        set(&mut c.max_blob_batch, self.max_blob_batch, |v| v);
+        set(
+            &mut c.checkpoint_max_per_session,
+            self.checkpoint_max_per_session,
+            |v| v,
+        );
+        set(&mut c.checkpoint_max_age, self.checkpoint_max_age_s, secs);
+        set(
+            &mut c.checkpoint_gc_interval,
+            self.checkpoint_gc_interval_s,
+            secs,
+        );
+        set(&mut c.blob_orphan_grace, self.blob_orphan_grace_s, secs);
+        set(&mut c.auto_checkpoint, self.auto_checkpoint, |v| v);
+        c
+    }
+}
+
+/// Where the process listens and how it logs, resolved from the layers.
+#[derive(Clone, Debug)]
+pub struct Listen {
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// The log filter.
+    pub log_level: String,
+    /// The log format (text or json).
+    pub log_format: String,
+}
+
+impl Settings {
+    /// Where to listen and how to log; the rest of the settings stay for [`Settings::apply`].
+    fn listen(&mut self) -> Listen {
+        Listen {
+            addr: SocketAddr::new(
+                self.bind_addr
+                    .take()
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                self.grpc_port.take().unwrap_or(50051),
+            ),
+            log_level: self.log_level.take().unwrap_or_else(|| "info".to_owned()),
+            log_format: self.log_format.take().unwrap_or_else(|| "text".to_owned()),
+        }
+    }
+}
+
+fn set<T, V>(field: &mut T, value: Option<V>, convert: impl FnOnce(V) -> T) {
+    if let Some(v) = value {
+        *field = convert(v);
+    }
+}
+
+/// The config file: one table per concern. One file can serve a whole cluster: each binary
+/// reads its own table and leaves the other's to it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[coordinator]`.
+    #[serde(default)]
+    pub coordinator: Settings,
+    /// `[worker]`, read by the worker.
+    #[serde(default)]
+    pub worker: Option<toml::Table>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settings { .. }")
+    }
+}
+
+impl File {
+    /// Reads and parses a config file; the error names the file and the bad key.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io("cannot read the config file", path, e))?;
+        Self::parse(&text)
+            .map_err(|why| Error::InvalidConfig(format!("config file {}: {why}", path.display())))
+    }
+
+    /// Parses a config file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// Puts the layers together: `cli` (flags over environment) over the file at `config_file`
+/// (if any) over the defaults, then validates.
+pub fn load(config_file: Option<&Path>, settings: Settings) -> Result<(Listen, Config), Error> {
+    let file = match config_file {
+        Some(path) => File::read(path)?,
+        None => File::default(),
+    };
+    let mut settings = settings.over(file.coordinator);
+    let listen = settings.listen();
+    let config = settings.apply(Config::default());
+    config.validate()?;
+    Ok((listen, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_refused() {
+        let file = File::parse(
+            "[coordinator]\ngrpc_port = 6000\njoin_token = \"from-file\"\n\
+             lease_ttl_ms = 5000\nauto_checkpoint = true\n",
+        )
+        .expect("parse");
+        assert_eq!(file.coordinator.grpc_port, Some(6000));
+        assert!(
+            File::parse("[worker]\nanything = 1\n").is_ok(),
+            "the worker's table is its own"
+        );
+        let cli = Settings {
+            join_token: Some("from-cli".to_owned()),
+            ..Settings::default()
+        };
+        let config = cli.over(file.coordinator).apply(Config::default());
+        assert_eq!(config.join_token, "from-cli", "flags and env beat the file");
+        assert_eq!(
+            config.lease_ttl,
+            Duration::from_millis(5000),
+            "the file beats defaults"
+        );
+        assert!(config.auto_checkpoint);
+        assert_eq!(config.token_issuer, "heist", "defaults fill the rest");
+
+        let err = File::parse("[coordinator]\nlease_ttl = 5\n").expect_err("unknown key");
+        assert!(err.contains("lease_ttl"), "{err}");
+        let err = File::parse("[agentz]\n").expect_err("unknown table");
+        assert!(err.contains("agentz"), "{err}");
+    }
+}

@@ -1,0 +1,277 @@
+//! Layered configuration for the `worker` binary: defaults ([`Config::default`], written once)
+//! → an optional TOML file (`--config` / `HEIST_CONFIG`; unknown keys refused) → environment
+//! variables → flags → [`Config::validate`].
+//!
+//! The file has one top-level table per concern: `[worker]` (where to listen, logging, and the
+//! [`Config`] fields, named like the flags, with their units). The sandbox and
+//! quota settings are flags and environment variables for now; agents and model providers get
+//! their own tables next. Every key is optional. See docs/OPERATIONS.md for an example.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{Error, config::Config, parse_labels};
+
+/// Keeps `self`'s value where it has one, the lower layer's otherwise, field by field.
+macro_rules! layer_over {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl $ty {
+            /// `self` over `lower`: each field from `self` when set, else from `lower`.
+            pub fn over(self, lower: Self) -> Self {
+                Self { $($field: self.$field.or(lower.$field)),* }
+            }
+        }
+    };
+}
+
+/// The worker's settings (`[worker]` in the file); defaults in [`Config`].
+#[derive(Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Port serving gRPC and HTTP [default: 50052].
+    #[arg(long, env = "GRPC_PORT")]
+    pub grpc_port: Option<u16>,
+    /// Address to bind [default: 0.0.0.0].
+    #[arg(long, env = "HEIST_BIND_ADDR")]
+    pub bind_addr: Option<IpAddr>,
+    /// Log filter, e.g. `info` or `heist_worker=debug,info` [default: info].
+    #[arg(long, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Stable worker id [default: the host name, or worker-1].
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Coordinator address for the control stream [default: http://127.0.0.1:50051].
+    #[arg(long, env = "COORDINATOR_ADDR")]
+    pub coordinator_addr: Option<String>,
+    /// Address the coordinator dials for session calls [default: http://ADDR:PORT of the
+    /// listener, with loopback for ADDR when bound to 0.0.0.0].
+    #[arg(long, env = "HEIST_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Maximum concurrent sessions [default: 64].
+    #[arg(long, env = "MAX_SESSIONS")]
+    pub max_sessions: Option<u32>,
+    /// Directory holding one workspace per session [default: ./data/workspaces].
+    #[arg(long, env = "BASE_WORKSPACE")]
+    pub base_workspace: Option<PathBuf>,
+    /// Placement labels, `k=v,k2=v2` [default: none].
+    #[arg(long, env = "HEIST_LABELS")]
+    pub labels: Option<String>,
+    /// Join token the coordinator expects (required).
+    #[arg(long, env = "HEIST_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// First reconnect delay, in milliseconds [default: 100].
+    #[arg(long, env = "HEIST_RECONNECT_MIN_MS")]
+    pub reconnect_min_ms: Option<u64>,
+    /// Largest reconnect delay, in milliseconds [default: 5000].
+    #[arg(long, env = "HEIST_RECONNECT_MAX_MS")]
+    pub reconnect_max_ms: Option<u64>,
+    /// How long shutdown waits for in-flight calls, in seconds [default: 30].
+    #[arg(long, env = "HEIST_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
+    /// Largest file fs.read returns and fs.write produces, in bytes [default: 8388608].
+    #[arg(long, env = "HEIST_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<u64>,
+    /// Most entries fs.list returns [default: 10000].
+    #[arg(long, env = "HEIST_MAX_LIST_ENTRIES")]
+    pub max_list_entries: Option<usize>,
+    /// Largest gRPC message, in bytes [default: 16777216].
+    #[arg(long, env = "HEIST_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Local checkpoint blob cache [default: BASE_WORKSPACE/../blobs].
+    #[arg(long, env = "HEIST_BLOB_CACHE_DIR")]
+    pub blob_cache_dir: Option<PathBuf>,
+    /// Size bound of the blob cache, in bytes, 0 to disable it [default: 2 GiB].
+    #[arg(long, env = "HEIST_BLOB_CACHE_BYTES")]
+    pub blob_cache_bytes: Option<u64>,
+    /// Most entries a captured workspace may have [default: 100000].
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_ENTRIES")]
+    pub checkpoint_max_entries: Option<usize>,
+    /// Hashes per FindMissingBlobs / GetBlobs call, at most the coordinator's
+    /// HEIST_MAX_BLOB_BATCH [default: 10000].
+    #[arg(long, env = "HEIST_BLOB_BATCH")]
+    pub blob_batch: Option<usize>,
+}
+layer_over!(Settings {
+    grpc_port,
+    bind_addr,
+    log_level,
+    log_format,
+    worker_id,
+    coordinator_addr,
+    advertise_addr,
+    max_sessions,
+    base_workspace,
+    labels,
+    join_token,
+    reconnect_min_ms,
+    reconnect_max_ms,
+    drain_timeout_s,
+    max_file_bytes,
+    max_list_entries,
+    max_message_bytes,
+    blob_cache_dir,
+    blob_cache_bytes,
+    checkpoint_max_entries,
+    blob_batch,
+});
+
+impl Settings {
+    /// `c` with every field that is set here applied.
+    pub fn apply(self, mut c: Config) -> Result<Config, Error> {
+        let millis = Duration::from_millis;
+        set(&mut c.worker_id, self.worker_id, |v| v);
+        set(&mut c.coordinator_addr, self.coordinator_addr, |v| v);
+        set(&mut c.advertise_addr, self.advertise_addr, |v| {
+            Some(v).filter(|a| !a.is_empty())
+        });
+        set(&mut c.max_sessions, self.max_sessions, |v| v);
+        set(&mut c.base_workspace, self.base_workspace, |v| v);
+        if let Some(raw) = self.labels {
+            c.labels = parse_labels(&raw)?;
+        }
+        set(&mut c.join_token, self.join_token, |v| v);
+        set(&mut c.reconnect_min, self.reconnect_min_ms, millis);
+        set(&mut c.reconnect_max, self.reconnect_max_ms, millis);
+        set(
+            &mut c.drain_timeout,
+            self.drain_timeout_s,
+            Duration::from_secs,
+        );
+        set(&mut c.max_file_bytes, self.max_file_bytes, |v| v);
+        set(&mut c.max_list_entries, self.max_list_entries, |v| v);
+        set(&mut c.max_message_bytes, self.max_message_bytes, |v| v);
+        set(&mut c.blob_cache_dir, self.blob_cache_dir, |p| {
+            Some(p).filter(|p| !p.as_os_str().is_empty())
+        });
+        set(&mut c.blob_cache_bytes, self.blob_cache_bytes, |v| v);
+        set(
+            &mut c.checkpoint_max_entries,
+            self.checkpoint_max_entries,
+            |v| v,
+        );
+        set(&mut c.blob_batch, self.blob_batch, |v| v);
+        Ok(c)
+    }
+}
+
+/// Where the process listens and how it logs, resolved from the layers.
+#[derive(Clone, Debug)]
+pub struct Listen {
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// The log filter.
+    pub log_level: String,
+    /// The log format (text or json).
+    pub log_format: String,
+}
+
+impl Settings {
+    /// Where to listen and how to log; the rest of the settings stay for [`Settings::apply`].
+    fn listen(&mut self) -> Listen {
+        Listen {
+            addr: SocketAddr::new(
+                self.bind_addr
+                    .take()
+                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                self.grpc_port.take().unwrap_or(50052),
+            ),
+            log_level: self.log_level.take().unwrap_or_else(|| "info".to_owned()),
+            log_format: self.log_format.take().unwrap_or_else(|| "text".to_owned()),
+        }
+    }
+}
+
+fn set<T, V>(field: &mut T, value: Option<V>, convert: impl FnOnce(V) -> T) {
+    if let Some(v) = value {
+        *field = convert(v);
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settings { .. }")
+    }
+}
+
+/// The config file: one table per concern. One file can serve a whole cluster: each binary
+/// reads its own table and leaves the other's to it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[worker]`.
+    #[serde(default)]
+    pub worker: Settings,
+    /// `[coordinator]`, read by the coordinator.
+    #[serde(default)]
+    pub coordinator: Option<toml::Table>,
+}
+
+impl File {
+    /// Reads and parses a config file; the error names the file and the bad key.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the config file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::parse(&text)
+            .map_err(|why| Error::Config(format!("config file {}: {why}", path.display())))
+    }
+
+    /// Parses a config file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// Puts the layers together: `cli` (flags over environment) over the file at `config_file`
+/// (if any) over the defaults. The caller applies the sandbox flags and validates.
+pub fn load(config_file: Option<&Path>, settings: Settings) -> Result<(Listen, Config), Error> {
+    let file = match config_file {
+        Some(path) => File::read(path)?,
+        None => File::default(),
+    };
+    let mut settings = settings.over(file.worker);
+    let listen = settings.listen();
+    let config = settings.apply(Config::default())?;
+    Ok((listen, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_refused() {
+        let file = File::parse(
+            "[worker]\ngrpc_port = 6001\nworker_id = \"from-file\"\n\
+             max_sessions = 3\nlabels = \"zone=a\"\n",
+        )
+        .expect("parse");
+        assert_eq!(file.worker.grpc_port, Some(6001));
+        let cli = Settings {
+            worker_id: Some("from-cli".to_owned()),
+            ..Settings::default()
+        };
+        let config = cli
+            .over(file.worker)
+            .apply(Config::default())
+            .expect("apply");
+        assert_eq!(config.worker_id, "from-cli", "flags and env beat the file");
+        assert_eq!(config.max_sessions, 3, "the file beats defaults");
+        assert_eq!(config.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(config.blob_batch, 10_000, "defaults fill the rest");
+
+        let err = File::parse("[worker]\nmax_session = 5\n").expect_err("unknown key");
+        assert!(err.contains("max_session"), "{err}");
+    }
+}
