@@ -19,11 +19,25 @@ struct Flags {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
+    /// `healthcheck`: exit 0 if this configuration's running process answers /readyz with 200
+    /// (for container HEALTHCHECKs), 1 otherwise.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Asks the running process's /readyz (same configuration: port from GRPC_PORT, --config)
+    /// and exits 0 when it is ready.
+    Healthcheck,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
+    if let Some(Command::Healthcheck) = flags.command {
+        return healthcheck(flags);
+    }
     let (listen, config) = settings::load(flags.config.as_deref(), flags.settings)?;
     heist_proto::logging::init(&listen.log_level, &listen.log_format)
         .map_err(anyhow::Error::msg)?;
@@ -35,4 +49,15 @@ async fn main() -> anyhow::Result<()> {
         heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     heist_coordinator::serve(listener, config, shutdown).await?;
     Ok(())
+}
+
+fn healthcheck(flags: Flags) -> anyhow::Result<()> {
+    let (listen, _) = settings::load(flags.config.as_deref(), flags.settings)?;
+    match heist_proto::health::check_ready(listen.addr, std::time::Duration::from_secs(2)) {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            eprintln!("not ready: {why}");
+            std::process::exit(1)
+        }
+    }
 }

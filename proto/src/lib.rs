@@ -12,6 +12,7 @@
 
 pub mod errors;
 pub mod hash;
+pub mod health;
 pub mod ids;
 pub mod json;
 pub mod logging;

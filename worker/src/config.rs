@@ -217,12 +217,44 @@ fn check_url(name: &str, raw: &str) -> Result<(), Error> {
 
 /// The host name if it is a valid worker id, else "worker-1".
 fn default_worker_id() -> String {
+    host_name()
+        .filter(|h| WorkerId::parse(h.as_str()).is_ok())
+        .unwrap_or_else(|| "worker-1".to_owned())
+}
+
+fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| h.trim().to_owned())
-        .filter(|h| WorkerId::parse(h.as_str()).is_ok())
-        .unwrap_or_else(|| "worker-1".to_owned())
+        .filter(|h| !h.is_empty())
+}
+
+impl Config {
+    /// Replaces `{hostname}` and `{worker_id}` in the advertised address and the workspace base,
+    /// so replicas sharing one configuration (e.g. `docker compose --scale worker=3`) each
+    /// advertise their own name and keep their workspaces apart.
+    pub fn expand_placeholders(&mut self) {
+        let host = host_name().unwrap_or_else(|| "localhost".to_owned());
+        let expand = |text: &str| {
+            text.replace("{hostname}", &host)
+                .replace("{worker_id}", &self.worker_id)
+        };
+        if let Some(addr) = &self.advertise_addr {
+            self.advertise_addr = Some(expand(addr));
+        }
+        if let Some(base) = self.base_workspace.to_str().filter(|b| b.contains('{')) {
+            self.base_workspace = PathBuf::from(expand(base));
+        }
+        if let Some(dir) = self
+            .blob_cache_dir
+            .as_ref()
+            .and_then(|d| d.to_str())
+            .filter(|d| d.contains('{'))
+        {
+            self.blob_cache_dir = Some(PathBuf::from(expand(dir)));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +317,21 @@ mod tests {
             let err = config.validate().expect_err(needle).to_string();
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn placeholders_name_this_replica() {
+        let mut config = Config {
+            worker_id: "w7".to_owned(),
+            advertise_addr: Some("http://{hostname}:50052".to_owned()),
+            base_workspace: PathBuf::from("/data/ws/{worker_id}"),
+            ..valid()
+        };
+        config.expand_placeholders();
+        let host = host_name().unwrap_or_else(|| "localhost".to_owned());
+        assert_eq!(config.advertise_addr, Some(format!("http://{host}:50052")));
+        assert_eq!(config.base_workspace, PathBuf::from("/data/ws/w7"));
+        config.validate().expect("valid after expansion");
     }
 
     #[test]

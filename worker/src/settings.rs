@@ -52,13 +52,15 @@ pub struct Settings {
     #[arg(long, env = "COORDINATOR_ADDR")]
     pub coordinator_addr: Option<String>,
     /// Address the coordinator dials for session calls [default: http://ADDR:PORT of the
-    /// listener, with loopback for ADDR when bound to 0.0.0.0].
+    /// listener, with loopback for ADDR when bound to 0.0.0.0]. `{hostname}` is replaced by
+    /// this host's name (one setting for scaled replicas).
     #[arg(long, env = "HEIST_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
     /// Maximum concurrent sessions [default: 64].
     #[arg(long, env = "MAX_SESSIONS")]
     pub max_sessions: Option<u32>,
-    /// Directory holding one workspace per session [default: ./data/workspaces].
+    /// Directory holding one workspace per session [default: ./data/workspaces]. `{worker_id}`
+    /// and `{hostname}` are replaced (replicas sharing a volume keep their workspaces apart).
     #[arg(long, env = "BASE_WORKSPACE")]
     pub base_workspace: Option<PathBuf>,
     /// Placement labels, `k=v,k2=v2` [default: none].
@@ -242,7 +244,8 @@ pub fn load(config_file: Option<&Path>, settings: Settings) -> Result<(Listen, C
     };
     let mut settings = settings.over(file.worker);
     let listen = settings.listen();
-    let config = settings.apply(Config::default())?;
+    let mut config = settings.apply(Config::default())?;
+    config.expand_placeholders();
     Ok((listen, config))
 }
 
