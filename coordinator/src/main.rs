@@ -29,14 +29,19 @@ struct Flags {
 enum Command {
     /// Asks the running process's /readyz (same configuration: port from GRPC_PORT, --config)
     /// and exits 0 when it is ready.
-    Healthcheck,
+    Healthcheck {
+        /// Ask /healthz instead: the process is up and serving, ready or not (what a service
+        /// that must start before the others, like the coordinator in compose, waits for).
+        #[arg(long)]
+        live: bool,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    if let Some(Command::Healthcheck) = flags.command {
-        return healthcheck(flags);
+    if let Some(Command::Healthcheck { live }) = flags.command {
+        return healthcheck(flags, if live { "/healthz" } else { "/readyz" });
     }
     let (listen, config) = settings::load(flags.config.as_deref(), flags.settings)?;
     heist_proto::logging::init(&listen.log_level, &listen.log_format)
@@ -51,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn healthcheck(flags: Flags) -> anyhow::Result<()> {
+fn healthcheck(flags: Flags, path: &str) -> anyhow::Result<()> {
     let (listen, _) = settings::load(flags.config.as_deref(), flags.settings)?;
-    match heist_proto::health::check_ready(listen.addr, std::time::Duration::from_secs(2)) {
+    match heist_proto::health::check(listen.addr, path, std::time::Duration::from_secs(2)) {
         Ok(()) => Ok(()),
         Err(why) => {
             eprintln!("not ready: {why}");

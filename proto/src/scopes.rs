@@ -18,6 +18,10 @@ pub const TOOLS_CALL: &str = "tools:call";
 pub const CHECKPOINTS_READ: &str = "checkpoints:read";
 /// Create, restore, fork and delete checkpoints.
 pub const CHECKPOINTS_WRITE: &str = "checkpoints:write";
+/// Run and cancel agent turns (reading them needs sessions:read).
+pub const AGENTS_RUN: &str = "agents:run";
+/// Play heist games: start, watch, analyze, guess, statistics (one's own games).
+pub const HEIST_PLAY: &str = "heist:play";
 /// Everything, including administration.
 pub const ADMIN: &str = "admin";
 
@@ -30,6 +34,8 @@ pub const ALL: &[&str] = &[
     TOOLS_CALL,
     CHECKPOINTS_READ,
     CHECKPOINTS_WRITE,
+    AGENTS_RUN,
+    HEIST_PLAY,
     ADMIN,
 ];
 
@@ -83,6 +89,11 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
             "heist.v1.CheckpointService",
             "CreateCheckpoint" | "RestoreCheckpoint" | "ForkSession" | "DeleteCheckpoint",
         ) => CHECKPOINTS_WRITE,
+        ("heist.v1.AgentService", "RunTurn" | "CancelTurn") => AGENTS_RUN,
+        ("heist.v1.AgentService", "ListAgents" | "WatchTurn" | "GetTurn" | "GetTranscript") => {
+            SESSIONS_READ
+        }
+        ("heist.v1.HeistService", _) => HEIST_PLAY,
         _ => return None,
     })
 }
@@ -109,6 +120,9 @@ mod tests {
                 CHECKPOINTS_READ,
             ),
             ("/heist.v1.CheckpointService/ForkSession", CHECKPOINTS_WRITE),
+            ("/heist.v1.AgentService/RunTurn", AGENTS_RUN),
+            ("/heist.v1.AgentService/GetTranscript", SESSIONS_READ),
+            ("/heist.v1.HeistService/Guess", HEIST_PLAY),
         ];
         for (path, scope) in cases {
             assert_eq!(access(path), Access::Scope(scope), "{path}");
