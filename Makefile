@@ -45,3 +45,68 @@ bench: build
 clean:
 	$(CARGO) clean
 	rm -f $(addprefix bin/,$(BINS))
+
+# ---- containers (docs/OPERATIONS.md, "Containers") -------------------------------------------
+# `docker compose` (v2) where the engine has it, else the standalone docker-compose.
+COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_DEV := $(COMPOSE) -f compose.yaml -f compose.dev.yaml
+.PHONY: docker-build docker-build-prebuilt docker-base docker-up docker-up-dev docker-up-multi \
+        docker-down docker-down-dev docker-logs docker-logs-coordinator docker-logs-worker \
+        docker-dev-dirs docker-ps docker-shell-coordinator docker-shell-worker docker-clean docker-test
+
+## docker-build: coordinator and worker images compiled from source (docker/Dockerfile)
+docker-build:
+	$(COMPOSE) build
+
+## docker-base: the Debian base image made locally, for engines that cannot pull (docker/base-images.sh)
+docker-base:
+	docker/base-images.sh
+
+## docker-build-prebuilt: the same images from the host's release binaries, no builder image
+docker-build-prebuilt: build docker-base
+	docker build -q -f docker/prebuilt.Dockerfile --target coordinator -t heist-coordinator:latest .
+	docker build -q -f docker/prebuilt.Dockerfile --target worker -t heist-worker:latest .
+
+## docker-up: coordinator + one worker in the background (images built if missing)
+docker-up:
+	$(COMPOSE) up -d
+
+## docker-up-dev: the same services running ./bin binaries mounted read-only (make build first)
+docker-up-dev: build docker-dev-dirs
+	$(COMPOSE_DEV) up -d --build
+
+# The dev overlay's workspace folder must be writable by the containers' user (uid 10001).
+docker-dev-dirs:
+	@mkdir -p $${HEIST_DEV_DATA:-data/docker-dev}/workspaces
+	@chown 10001:10001 $${HEIST_DEV_DATA:-data/docker-dev}/workspaces 2>/dev/null \
+		|| chmod 0777 $${HEIST_DEV_DATA:-data/docker-dev}/workspaces
+
+## docker-up-multi: coordinator + three workers
+docker-up-multi:
+	$(COMPOSE) up -d --scale worker=3
+
+docker-down:
+	$(COMPOSE) down
+docker-down-dev:
+	$(COMPOSE_DEV) down
+docker-logs:
+	$(COMPOSE) logs -f
+docker-logs-coordinator:
+	$(COMPOSE) logs -f coordinator
+docker-logs-worker:
+	$(COMPOSE) logs -f worker
+docker-ps:
+	$(COMPOSE) ps
+docker-shell-coordinator:
+	$(COMPOSE) exec coordinator bash
+docker-shell-worker:
+	$(COMPOSE) exec worker bash
+
+## docker-clean: containers, networks, volumes and images of both compose files
+docker-clean:
+	$(COMPOSE_DEV) down -v --remove-orphans --rmi local
+	$(COMPOSE) down -v --remove-orphans --rmi local
+
+## docker-test: compose.yaml and compose.dev.yaml driven end to end (docker/test.sh)
+docker-test:
+	docker/test.sh
