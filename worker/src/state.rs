@@ -39,7 +39,7 @@ pub(crate) struct State {
     /// Open sessions and their workspaces.
     pub sessions: Sessions,
     /// The tool catalogue.
-    pub tools: Registry,
+    pub tools: Arc<Registry>,
     /// Verifier of coordinator credentials.
     pub auth: Auth,
     /// Calls being served.
@@ -57,6 +57,8 @@ pub(crate) struct State {
     pub services: Arc<http::Extensions>,
     /// Checkpoint capture and restore (none until [`State::with_checkpoints`]).
     pub checkpoints: Option<Checkpointer>,
+    /// Agents, the model gateway, agent state and turns (none until [`State::with_agents`]).
+    pub agents: Option<Arc<crate::turns::AgentHost>>,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -74,7 +76,7 @@ impl State {
         Self {
             worker_id,
             sessions,
-            tools,
+            tools: Arc::new(tools),
             auth: Auth::default(),
             inflight: InFlight::default(),
             limits,
@@ -86,6 +88,7 @@ impl State {
             )),
             services: Arc::default(),
             checkpoints: None,
+            agents: None,
             registered: AtomicBool::new(false),
             health,
         }
@@ -94,6 +97,12 @@ impl State {
     /// The same state with `checkpoints` capturing and restoring workspaces.
     pub fn with_checkpoints(mut self, checkpoints: Checkpointer) -> Self {
         self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// The same state with `agents` running turns.
+    pub fn with_agents(mut self, agents: crate::turns::AgentHost) -> Self {
+        self.agents = Some(Arc::new(agents));
         self
     }
 
