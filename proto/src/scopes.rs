@@ -18,6 +18,8 @@ pub const TOOLS_CALL: &str = "tools:call";
 pub const CHECKPOINTS_READ: &str = "checkpoints:read";
 /// Create, restore, fork and delete checkpoints.
 pub const CHECKPOINTS_WRITE: &str = "checkpoints:write";
+/// Run and cancel agent turns (reading them needs [`SESSIONS_READ`]).
+pub const AGENTS_RUN: &str = "agents:run";
 /// Everything, including administration.
 pub const ADMIN: &str = "admin";
 
@@ -30,6 +32,7 @@ pub const ALL: &[&str] = &[
     TOOLS_CALL,
     CHECKPOINTS_READ,
     CHECKPOINTS_WRITE,
+    AGENTS_RUN,
     ADMIN,
 ];
 
@@ -83,6 +86,10 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
             "heist.v1.CheckpointService",
             "CreateCheckpoint" | "RestoreCheckpoint" | "ForkSession" | "DeleteCheckpoint",
         ) => CHECKPOINTS_WRITE,
+        ("heist.v1.AgentService", "RunTurn" | "CancelTurn") => AGENTS_RUN,
+        ("heist.v1.AgentService", "ListAgents" | "WatchTurn" | "GetTurn" | "GetTranscript") => {
+            SESSIONS_READ
+        }
         _ => return None,
     })
 }
@@ -109,6 +116,10 @@ mod tests {
                 CHECKPOINTS_READ,
             ),
             ("/heist.v1.CheckpointService/ForkSession", CHECKPOINTS_WRITE),
+            ("/heist.v1.AgentService/RunTurn", AGENTS_RUN),
+            ("/heist.v1.AgentService/CancelTurn", AGENTS_RUN),
+            ("/heist.v1.AgentService/WatchTurn", SESSIONS_READ),
+            ("/heist.v1.AgentService/GetTranscript", SESSIONS_READ),
         ];
         for (path, scope) in cases {
             assert_eq!(access(path), Access::Scope(scope), "{path}");

@@ -333,6 +333,11 @@ impl State {
         if let Some(entry) = host.turns.get(&turn_id) {
             return Ok(Turns::follow(&turn_id, entry, request.from_seq));
         }
+        if request.from_seq > 1 {
+            // Re-attaching to a turn this worker forgot (restarted, or retention passed):
+            // never start it again.
+            return Err(Error::TurnNotFound(turn_id.to_string()));
+        }
         let workspace = self.sessions.get(&session)?;
         let mut spec =
             host.specs
