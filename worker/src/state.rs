@@ -239,7 +239,17 @@ impl State {
         request: v1::CaptureWorkspaceRequest,
     ) -> Result<v1::CaptureWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        self.checkpointer()?.capture(&self.sessions, &id).await
+        let checkpointer = self.checkpointer()?;
+        let mut response = checkpointer.capture(&self.sessions, &id).await?;
+        if let Some(agents) = &self.agents
+            && let Some(bytes) = agents.snapshot(&id)?
+            && let Some(manifest) = response.manifest.as_mut()
+        {
+            let (hash, size) = checkpointer.put_bytes(bytes).await?;
+            manifest.agent_state_hash = hash.to_vec();
+            manifest.agent_state_size = size;
+        }
+        Ok(response)
     }
 
     /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
@@ -250,9 +260,20 @@ impl State {
     ) -> Result<v1::RestoreWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let manifest = request.manifest.unwrap_or_default();
-        self.checkpointer()?
-            .restore(&self.sessions, &id, manifest)
-            .await
+        let agent_state = (manifest.agent_state_hash.clone(), manifest.agent_state_size);
+        let checkpointer = self.checkpointer()?;
+        let response = checkpointer.restore(&self.sessions, &id, manifest).await?;
+        if let Some(agents) = &self.agents {
+            let state = match <[u8; 32]>::try_from(agent_state.0.as_slice()) {
+                Ok(hash) => {
+                    let bytes = checkpointer.get_bytes(hash, agent_state.1).await?;
+                    crate::agent::AgentState::from_bytes(&bytes)?
+                }
+                Err(_) => crate::agent::AgentState::default(),
+            };
+            agents.install(&id, state)?;
+        }
+        Ok(response)
     }
 }
 

@@ -86,6 +86,15 @@ impl AgentHost {
         Ok(())
     }
 
+    /// The session's agent state as blob bytes, `None` when it has none.
+    pub fn snapshot(&self, session: &SessionId) -> Result<Option<Vec<u8>>, Error> {
+        let state = lock(&self.states.get(session)).clone();
+        if state == AgentState::default() {
+            return Ok(None);
+        }
+        Ok(Some(state.to_bytes()?))
+    }
+
     /// Forgets a leaving session's agent state (memory and file) and stops its turns.
     pub fn forget_session(&self, session: &SessionId) {
         self.turns.cancel_session(session);

@@ -7,7 +7,10 @@ use std::time::Duration;
 use heist_proto::{
     errors::reason,
     token::TokenSigner,
-    v1::{self, agent_service_client::AgentServiceClient, turn_event::Event},
+    v1::{
+        self, agent_service_client::AgentServiceClient,
+        checkpoint_service_client::CheckpointServiceClient, turn_event::Event,
+    },
 };
 use serde_json::json;
 use tonic::{Code, Streaming, transport::Channel};
@@ -63,7 +66,7 @@ async fn lab(ids: &[&str]) -> Lab {
             Worker::start(
                 &coord.url(),
                 dir.path(),
-                WorkerOpts::new(id).configure(test_agents),
+                WorkerOpts::new(id).label("node", id).configure(test_agents),
             )
             .await,
         );
@@ -525,5 +528,127 @@ async fn another_principal_cannot_watch_cancel_or_read_a_turn() {
         .await
         .expect_err("run in another's session");
     assert_status(&err, Code::NotFound, reason::SESSION_NOT_FOUND);
+    lab.stop().await;
+}
+
+/// The text of every memory.recall result of a turn.
+fn recalled(events: &[v1::TurnEvent]) -> String {
+    tools_finished(events)
+        .into_iter()
+        .filter(|t| t.0 == "memory.recall")
+        .map(|t| t.2)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn a_forked_conversation_continues_on_the_other_worker_and_diverges() {
+    let mut lab = lab(&["w1", "w2"]).await;
+    let a = lab
+        .client
+        .create_session(&[("node", "w1")])
+        .await
+        .expect("session")
+        .id;
+    let first = collect(
+        lab.run(&a, "assistant", "remember the vault code is 4711", "")
+            .await
+            .expect("run"),
+    )
+    .await;
+    assert_eq!(finished(&first), Some(v1::TurnState::Completed));
+    assert!(
+        tools_finished(&first)
+            .iter()
+            .any(|t| t.0 == "memory.store" && !t.1)
+    );
+
+    let mut checkpoints = CheckpointServiceClient::new(channel(&lab.coord.url()).await);
+    let cp = checkpoints
+        .create_checkpoint(authed(
+            &lab.client.token,
+            v1::CreateCheckpointRequest {
+                session_id: a.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("checkpoint")
+        .into_inner();
+    let manifest = checkpoints
+        .get_checkpoint(authed(
+            &lab.client.token,
+            v1::GetCheckpointRequest {
+                checkpoint_id: cp.id.clone(),
+                include_manifest: true,
+            },
+        ))
+        .await
+        .expect("get checkpoint")
+        .into_inner()
+        .manifest
+        .expect("manifest");
+    assert_eq!(
+        manifest.agent_state_hash.len(),
+        32,
+        "the checkpoint holds the agent state"
+    );
+    let b = checkpoints
+        .fork_session(authed(
+            &lab.client.token,
+            v1::ForkSessionRequest {
+                checkpoint_id: cp.id.clone(),
+                labels: [("node".to_owned(), "w2".to_owned())].into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .expect("fork")
+        .into_inner();
+    assert_eq!(b.worker_id, "w2", "forked onto the other worker");
+    let b = b.id;
+
+    // The forked conversation is on w2, with the shared history.
+    let saved = std::fs::read_to_string(
+        lab.dir
+            .path()
+            .join("w2.agent-state")
+            .join(format!("{b}.json")),
+    )
+    .expect("agent state file on w2");
+    assert!(saved.contains("remember the vault code is 4711"), "{saved}");
+
+    for (session, guard) in [(&a, "Bob"), (&b, "Alice")] {
+        let events = collect(
+            lab.run(
+                session,
+                "assistant",
+                &format!("remember the guard is {guard}"),
+                "",
+            )
+            .await
+            .expect("run"),
+        )
+        .await;
+        assert_eq!(finished(&events), Some(v1::TurnState::Completed));
+    }
+    for (session, mine, other) in [(&a, "Bob", "Alice"), (&b, "Alice", "Bob")] {
+        let events = collect(
+            lab.run(session, "assistant", "what do you know?", "")
+                .await
+                .expect("run"),
+        )
+        .await;
+        let memory = recalled(&events);
+        assert!(
+            memory.contains("4711"),
+            "shared history in {session}: {memory}"
+        );
+        assert!(memory.contains(mine), "its own turn in {session}: {memory}");
+        assert!(
+            !memory.contains(other),
+            "not the other branch's in {session}: {memory}"
+        );
+    }
     lab.stop().await;
 }
