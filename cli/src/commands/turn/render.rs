@@ -90,16 +90,13 @@ impl Printer {
         }
         let line = match &e.event {
             Some(Event::TextDelta(t)) => {
-                let text = if self.mid_line {
-                    format!(" {t}")
-                } else {
-                    t.clone()
-                };
                 self.mid_line = true;
-                let _ = out.write_all(text.as_bytes());
+                let _ = out.write_all(t.as_bytes());
                 let _ = out.flush();
                 return Ok(());
             }
+            // The answer was just streamed as text: end its line rather than repeat it.
+            Some(Event::FinalMessage(_)) if self.mid_line => String::new(),
             Some(Event::Started(m)) => format!("[{}] {} ← {m}", e.turn_id, e.agent),
             Some(Event::ToolCallRequested(c)) => format!(
                 "  → {} {}",
@@ -131,6 +128,9 @@ impl Printer {
         };
         let lead = if self.mid_line { "\n" } else { "" };
         self.mid_line = false;
+        if line.is_empty() {
+            return write_text(&mut out, lead);
+        }
         write_text(&mut out, &format!("{lead}{line}\n"))
     }
 }
