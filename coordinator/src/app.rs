@@ -77,6 +77,7 @@ impl App {
         let cas = Arc::new(Cas::open(&config.data_dir.join("blobs"))?);
         let checkpoints = Checkpoints::load(&store, cas)?;
         let turns = TurnStore::open(&store)?;
+        turns.recover()?;
         store.flush().await?;
         info!(workers = known, data_dir = %config.data_dir.display(), "state loaded");
         Ok(Arc::new(Self {

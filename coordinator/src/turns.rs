@@ -73,6 +73,43 @@ impl TurnStore {
         })
     }
 
+    /// Ends the turns a previous run of the coordinator left RUNNING (their relay died with
+    /// it; the outcome on the worker is unknown): `error` + `finished(FAILED)` after their last
+    /// stored event. Returns how many.
+    pub fn recover(&self) -> Result<usize, Error> {
+        let running: Vec<pb::Turn> = Store::load_all::<pb::Turn>(&self.turns, "turn")?
+            .into_iter()
+            .filter(|t| t.state == pb::TurnState::Running as i32)
+            .collect();
+        for mut turn in running.iter().cloned() {
+            let mut last = self.events.last_seq(&turn.id)?;
+            for event in [
+                Event::Error(
+                    "the coordinator restarted while the turn ran: its outcome is unknown; run \
+                     the turn again"
+                        .to_owned(),
+                ),
+                Event::Finished(pb::TurnState::Failed as i32),
+            ] {
+                last += 1;
+                let event = pb::TurnEvent {
+                    turn_id: turn.id.clone(),
+                    seq: last,
+                    agent: turn.agent.clone(),
+                    at: Some(std::time::SystemTime::now().into()),
+                    event: Some(event),
+                };
+                self.events.append(&turn.id, last, &event)?;
+            }
+            turn.state = pb::TurnState::Failed as i32;
+            turn.last_seq = last;
+            turn.finished_at = Some(std::time::SystemTime::now().into());
+            self.put(&turn)?;
+            warn!(turn_id = %turn.id, "turn interrupted by a coordinator restart");
+        }
+        Ok(running.len())
+    }
+
     fn put(&self, turn: &pb::Turn) -> Result<(), Error> {
         Store::put(&self.turns, turn.id.as_bytes(), turn)
     }

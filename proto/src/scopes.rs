@@ -18,8 +18,10 @@ pub const TOOLS_CALL: &str = "tools:call";
 pub const CHECKPOINTS_READ: &str = "checkpoints:read";
 /// Create, restore, fork and delete checkpoints.
 pub const CHECKPOINTS_WRITE: &str = "checkpoints:write";
-/// Run and cancel agent turns (reading them needs [`SESSIONS_READ`]).
+/// Run and cancel agent turns (reading them needs sessions:read).
 pub const AGENTS_RUN: &str = "agents:run";
+/// Play heist games: start, watch, analyze, guess, statistics (one's own games).
+pub const HEIST_PLAY: &str = "heist:play";
 /// Everything, including administration.
 pub const ADMIN: &str = "admin";
 
@@ -33,6 +35,7 @@ pub const ALL: &[&str] = &[
     CHECKPOINTS_READ,
     CHECKPOINTS_WRITE,
     AGENTS_RUN,
+    HEIST_PLAY,
     ADMIN,
 ];
 
@@ -90,6 +93,7 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
         ("heist.v1.AgentService", "ListAgents" | "WatchTurn" | "GetTurn" | "GetTranscript") => {
             SESSIONS_READ
         }
+        ("heist.v1.HeistService", _) => HEIST_PLAY,
         _ => return None,
     })
 }
@@ -117,9 +121,8 @@ mod tests {
             ),
             ("/heist.v1.CheckpointService/ForkSession", CHECKPOINTS_WRITE),
             ("/heist.v1.AgentService/RunTurn", AGENTS_RUN),
-            ("/heist.v1.AgentService/CancelTurn", AGENTS_RUN),
-            ("/heist.v1.AgentService/WatchTurn", SESSIONS_READ),
             ("/heist.v1.AgentService/GetTranscript", SESSIONS_READ),
+            ("/heist.v1.HeistService/Guess", HEIST_PLAY),
         ];
         for (path, scope) in cases {
             assert_eq!(access(path), Access::Scope(scope), "{path}");

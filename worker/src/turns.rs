@@ -560,3 +560,101 @@ pub fn state_dir(base: &Path) -> PathBuf {
         .unwrap_or(base)
         .join(format!("{name}.agent-state"))
 }
+
+#[cfg(test)]
+mod tests {
+    use heist_proto::token::TokenSigner;
+
+    use super::*;
+
+    fn claims(scope: &str) -> Claims {
+        TokenSigner::claims(
+            "heist",
+            "heist-worker:w1",
+            "alice",
+            scope,
+            Duration::from_secs(60),
+        )
+    }
+
+    #[test]
+    fn a_grant_names_its_turn_session_and_tools() {
+        let (turn, session) = (
+            TurnId::from_text("t-1"),
+            SessionId::parse("s-1").expect("id"),
+        );
+        let grant = Grant::from_claims(
+            &claims("turn:t-1 session:s-1 tool:fs.read tool:calc"),
+            &turn,
+            &session,
+        )
+        .expect("valid");
+        assert_eq!(
+            grant.tools.into_iter().collect::<Vec<_>>(),
+            ["calc", "fs.read"]
+        );
+        for scope in [
+            "turn:t-2 session:s-1",
+            "turn:t-1 session:s-2",
+            "session:s-1",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    Grant::from_claims(&claims(scope), &turn, &session),
+                    Err(Error::BadGrant(_))
+                ),
+                "{scope:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn one_turn_per_session_and_followers_get_every_event_once() {
+        let turns = Turns::new(Duration::from_secs(60), 1);
+        let session = SessionId::parse("s-1").expect("id");
+        let first = TurnId::from_text("t-1");
+        let entry = turns
+            .insert(&first, &session, CancellationToken::new())
+            .expect("first");
+        let busy = turns.insert(
+            &TurnId::from_text("t-2"),
+            &session,
+            CancellationToken::new(),
+        );
+        assert!(matches!(busy, Err(Error::TurnInProgress { .. })));
+
+        entry.push("a", Event::Started("hi".to_owned()));
+        let late = Turns::follow(&first, Arc::clone(&entry), 2);
+        entry.push("a", Event::TextDelta("x".to_owned()));
+        entry.push("a", Event::Finished(v1::TurnState::Completed as i32));
+        let seqs: Vec<u64> = late.map(|e| e.seq).collect().await;
+        assert_eq!(seqs, [2, 3]);
+        let all: Vec<v1::TurnEvent> = Turns::follow(&first, entry, 1).collect().await;
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|e| e.turn_id == "t-1"));
+
+        // Finished: the session takes another turn; beyond the count the oldest is forgotten.
+        let second = TurnId::from_text("t-2");
+        let e2 = turns
+            .insert(&second, &session, CancellationToken::new())
+            .expect("second");
+        e2.push("a", Event::Finished(v1::TurnState::Cancelled as i32));
+        turns
+            .insert(
+                &TurnId::from_text("t-3"),
+                &session,
+                CancellationToken::new(),
+            )
+            .expect("third");
+        assert!(
+            turns.get(&first).is_none(),
+            "oldest finished turn forgotten"
+        );
+        assert!(turns.get(&second).is_some());
+        assert!(matches!(
+            turns.cancel(&TurnId::from_text("t-9")),
+            Err(Error::TurnNotFound(_))
+        ));
+    }
+}

@@ -652,3 +652,62 @@ async fn a_forked_conversation_continues_on_the_other_worker_and_diverges() {
     }
     lab.stop().await;
 }
+
+#[tokio::test]
+async fn a_turn_cut_off_by_a_coordinator_restart_ends_failed_with_its_events_kept() {
+    let mut lab = lab(&["w1"]).await;
+    let s = lab.client.create_session(&[]).await.expect("session").id;
+    let mut stream = lab.run(&s, "sleeper", "take a nap", "").await.expect("run");
+    let seen = until(&mut stream, |e| {
+        matches!(e.event, Some(Event::ToolCallStarted(_)))
+    })
+    .await;
+    drop(stream);
+    let turn = seen[0].turn_id.clone();
+
+    let Lab {
+        dir,
+        coord,
+        workers,
+        ..
+    } = lab;
+    let addr = coord.addr;
+    coord.stop().await;
+    let coord =
+        Coordinator::start_on(&addr.to_string(), coordinator_config(&dir.path().join("c"))).await;
+    let client = Client::admin(&coord.url()).await;
+    let mut agents = AgentServiceClient::new(channel(&coord.url()).await);
+    let replay = collect(
+        agents
+            .watch_turn(authed(
+                &client.token,
+                v1::WatchTurnRequest {
+                    turn_id: turn.clone(),
+                    from_seq: 1,
+                },
+            ))
+            .await
+            .expect("watch")
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(replay[..seen.len()], seen[..], "what was seen is kept");
+    let n = replay.len() as u64;
+    assert_eq!(seqs(&replay), (1..=n).collect::<Vec<_>>());
+    assert!(
+        matches!(&replay[replay.len() - 2].event, Some(Event::Error(why)) if why.contains("run the turn again")),
+        "{replay:?}"
+    );
+    assert_eq!(finished(&replay), Some(v1::TurnState::Failed));
+    let summary = agents
+        .get_turn(authed(&client.token, v1::GetTurnRequest { turn_id: turn }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(summary.state, v1::TurnState::Failed as i32);
+    assert_eq!(summary.last_seq, n);
+    for w in workers {
+        w.stop().await;
+    }
+    coord.stop().await;
+}
