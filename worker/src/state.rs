@@ -262,6 +262,10 @@ impl State {
         let manifest = request.manifest.unwrap_or_default();
         let agent_state = (manifest.agent_state_hash.clone(), manifest.agent_state_size);
         let checkpointer = self.checkpointer()?;
+        if let Some(agents) = &self.agents {
+            // A turn running on the state being replaced would write into the old one.
+            agents.turns.cancel_session(&id);
+        }
         let response = checkpointer.restore(&self.sessions, &id, manifest).await?;
         if let Some(agents) = &self.agents {
             let state = match <[u8; 32]>::try_from(agent_state.0.as_slice()) {

@@ -271,8 +271,8 @@ impl Turns {
         Ok(running)
     }
 
-    /// Cancels every turn of a session (it is leaving the worker).
-    fn cancel_session(&self, session: &SessionId) {
+    /// Cancels every turn of a session (it is leaving the worker, or its state is replaced).
+    pub fn cancel_session(&self, session: &SessionId) {
         for entry in self
             .by_id
             .lock()
