@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     client::Client,
     commands::{
-        checkpoint, completions, dev, exec, login, logout, run_python, session, tool, workers,
+        agents, chat, checkpoint, completions, dev, exec, login, logout, run_python, session, tool,
+        transcript, turn, workers,
     },
     credentials::Store,
     error::Error,
@@ -87,6 +88,16 @@ pub enum Command {
     /// Checkpoints: snapshot, list, show, restore and delete workspaces.
     #[command(subcommand, alias = "checkpoints")]
     Checkpoint(checkpoint::Command),
+    /// Agents the workers host.
+    #[command(subcommand, alias = "agent")]
+    Agents(agents::Command),
+    /// Run an agent turn in a session, streaming its events (`turn SESSION AGENT "message"`);
+    /// or `turn watch TURN_ID` / `turn cancel TURN_ID`.
+    Turn(turn::TurnArgs),
+    /// A session's transcript: every event of every turn.
+    Transcript(transcript::Args),
+    /// Chat with an agent: each line you type is a turn, streamed.
+    Chat(chat::Args),
     /// Run a command in a session's sandbox, streaming its output (`exec SESSION -- CMD...`);
     /// exits with the command's exit code.
     Exec(exec::Args),

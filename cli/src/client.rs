@@ -19,6 +19,7 @@ use tonic_health::pb::{
 
 use crate::error::Error;
 
+mod agents;
 mod checkpoints;
 
 /// How many times a mutating call is retried after a transport failure.

@@ -22,6 +22,7 @@ use crate::{
     registry::Registry,
     sessions::SessionTable,
     store::Store,
+    turns::TurnStore,
 };
 
 /// Shared coordinator state.
@@ -42,6 +43,8 @@ pub struct App {
     pub idempotency: Idempotency,
     /// Checkpoints and the blob store.
     pub checkpoints: Arc<Checkpoints>,
+    /// Agent turns and their events.
+    pub turns: TurnStore,
     /// Every task spawned on behalf of the server; waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when the server starts shutting down.
@@ -73,6 +76,8 @@ impl App {
         let sessions = SessionTable::load(&store)?;
         let cas = Arc::new(Cas::open(&config.data_dir.join("blobs"))?);
         let checkpoints = Checkpoints::load(&store, cas)?;
+        let turns = TurnStore::open(&store)?;
+        turns.recover()?;
         store.flush().await?;
         info!(workers = known, data_dir = %config.data_dir.display(), "state loaded");
         Ok(Arc::new(Self {
@@ -84,6 +89,7 @@ impl App {
             registry,
             sessions,
             checkpoints,
+            turns,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }))

@@ -113,14 +113,18 @@ impl Drop for Pin {
     }
 }
 
-/// The distinct file blobs of a manifest, with their sizes.
+/// The distinct blobs of a manifest, with their sizes: its files' and its agent state's.
 pub fn manifest_blobs(manifest: &Manifest) -> HashMap<Hash, u64> {
-    manifest
+    let mut blobs: HashMap<Hash, u64> = manifest
         .entries
         .iter()
         .filter(|e| e.kind == EntryKind::File as i32)
         .filter_map(|e| hash_from_bytes(&e.hash).map(|h| (h, e.size)))
-        .collect()
+        .collect();
+    if let Some(hash) = hash_from_bytes(&manifest.agent_state_hash) {
+        blobs.insert(hash, manifest.agent_state_size);
+    }
+    blobs
 }
 
 impl Checkpoints {

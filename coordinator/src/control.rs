@@ -149,7 +149,7 @@ async fn join(
         Registration {
             record,
             draining: reg.draining,
-            catalogue: Arc::new(Catalogue::new(reg.tools)),
+            catalogue: Arc::new(Catalogue::new(reg.tools).with_agents(reg.agents)),
             client,
             commands: tx.clone(),
         },

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use heist_proto::{
     errors::{self, reason},
-    ids::{CheckpointId, RequestId, SessionId, WorkerId},
+    ids::{CheckpointId, RequestId, SessionId, TurnId, WorkerId},
     token::TokenError,
 };
 use tonic::{Code, Status};
@@ -103,6 +103,19 @@ pub enum Error {
     ToolNotFound {
         /// The tool asked for.
         tool: String,
+        /// The worker holding the session.
+        worker: WorkerId,
+    },
+    /// The turn does not exist or belongs to another principal.
+    #[error("turn {0} not found: list a session's turns with `heistctl transcript SESSION`")]
+    TurnNotFound(TurnId),
+    /// The session's worker has no agent by that name.
+    #[error(
+        "agent {agent:?} is not hosted by worker {worker}: list agents with `heistctl agents ls`"
+    )]
+    AgentNotFound {
+        /// The agent asked for.
+        agent: String,
         /// The worker holding the session.
         worker: WorkerId,
     },
@@ -250,6 +263,16 @@ impl From<Error> for Status {
                 Code::NotFound,
                 reason::TOOL_NOT_FOUND,
                 &[("tool", tool), ("worker_id", worker.as_str())],
+            ),
+            Error::TurnNotFound(id) => rich(
+                Code::NotFound,
+                reason::TURN_NOT_FOUND,
+                &[("turn_id", id.as_str())],
+            ),
+            Error::AgentNotFound { agent, worker } => rich(
+                Code::NotFound,
+                reason::AGENT_NOT_FOUND,
+                &[("agent", agent), ("worker_id", worker.as_str())],
             ),
             Error::RequestIdReused(id) => rich(
                 Code::InvalidArgument,

@@ -46,6 +46,7 @@ pub mod server;
 pub mod sessions;
 pub mod settings;
 pub mod store;
+pub mod turns;
 pub mod web;
 pub mod worker_client;
 

@@ -22,7 +22,7 @@ use std::{
 
 use heist_proto::{
     ids::WorkerId,
-    v1::{CoordinatorMessage, Heartbeat, ToolSpec, Worker, WorkerState},
+    v1::{AgentSpec, CoordinatorMessage, Heartbeat, ToolSpec, Worker, WorkerState},
 };
 use tokio::{sync::mpsc, time::Instant};
 use tonic::Status;
@@ -37,6 +37,7 @@ pub type Commands = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 pub struct Catalogue {
     tools: Vec<ToolSpec>,
     by_name: HashMap<String, usize>,
+    agents: Vec<AgentSpec>,
 }
 
 impl Catalogue {
@@ -49,7 +50,29 @@ impl Catalogue {
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Self { tools, by_name }
+        Self {
+            tools,
+            by_name,
+            agents: Vec::new(),
+        }
+    }
+
+    /// The same catalogue with the worker's agents, sorted by name.
+    pub fn with_agents(mut self, mut agents: Vec<AgentSpec>) -> Self {
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        agents.dedup_by(|a, b| a.name == b.name);
+        self.agents = agents;
+        self
+    }
+
+    /// Every agent, by name.
+    pub fn agents(&self) -> &[AgentSpec] {
+        &self.agents
+    }
+
+    /// One agent by name.
+    pub fn agent(&self, name: &str) -> Option<&AgentSpec> {
+        self.agents.iter().find(|a| a.name == name)
     }
 
     /// One tool by name.

@@ -7,8 +7,8 @@ use heist_proto::{
     FILE_DESCRIPTOR_SET,
     token::TokenVerifier,
     v1::{
-        auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
-        checkpoint_service_server::CheckpointServiceServer,
+        agent_service_server::AgentServiceServer, auth_service_server::AuthServiceServer,
+        blob_service_server::BlobServiceServer, checkpoint_service_server::CheckpointServiceServer,
         cluster_service_server::ClusterServiceServer, session_service_server::SessionServiceServer,
         tool_service_server::ToolServiceServer, worker_control_server::WorkerControlServer,
     },
@@ -23,8 +23,8 @@ use tracing::info;
 
 use crate::{
     api::{
-        auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi, cluster::ClusterApi,
-        session::SessionApi, tool::ToolApi,
+        agent::AgentApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
+        cluster::ClusterApi, session::SessionApi, tool::ToolApi,
     },
     app::App,
     auth::CLIENT_AUDIENCE,
@@ -45,6 +45,7 @@ const SERVICES: &[&str] = &[
     "heist.v1.WorkerControl",
     "heist.v1.CheckpointService",
     "heist.v1.BlobService",
+    "heist.v1.AgentService",
 ];
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -124,6 +125,11 @@ async fn run(
         )
         .add_service(
             CheckpointServiceServer::new(CheckpointApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AgentServiceServer::new(AgentApi::new(app.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )

@@ -22,7 +22,8 @@ use heist_proto::{
     v1::{
         CallToolRequest, CallToolResponse, CaptureWorkspaceRequest, CaptureWorkspaceResponse,
         OpenSessionRequest, OpenSessionResponse, RestoreWorkspaceRequest, RestoreWorkspaceResponse,
-        ToolEvent, WorkerCloseSessionRequest, WorkerCloseSessionResponse,
+        ToolEvent, TurnEvent, WorkerCancelTurnRequest, WorkerCancelTurnResponse,
+        WorkerCloseSessionRequest, WorkerCloseSessionResponse, WorkerRunTurnRequest,
         worker_service_client::WorkerServiceClient,
     },
 };
@@ -193,6 +194,53 @@ impl WorkerClient {
         Ok(events
             .map(move |event| event.map_err(|status| this.map_status(status)))
             .boxed())
+    }
+
+    /// WorkerService.RunTurn: the turn's events from `msg.from_seq`. Only the start is bounded
+    /// by `deadline`; the stream lasts as long as the turn. Dropping it does not stop the turn.
+    pub async fn run_turn(
+        self: &Arc<Self>,
+        principal: &str,
+        deadline: Instant,
+        msg: WorkerRunTurnRequest,
+    ) -> Result<BoxStream<'static, Result<TurnEvent, Error>>, Error> {
+        let (mut request, budget) = self.request(principal, deadline, msg)?;
+        // The worker streams until the turn ends: no grpc-timeout on the stream itself.
+        request.metadata_mut().remove("grpc-timeout");
+        let mut client = self.client.clone();
+        let events = self.finish(budget, client.run_turn(request)).await?;
+        let this = Arc::clone(self);
+        Ok(events
+            .map(move |event| event.map_err(|status| this.map_status(status)))
+            .boxed())
+    }
+
+    /// WorkerService.CancelTurn.
+    pub async fn cancel_turn(
+        &self,
+        principal: &str,
+        deadline: Instant,
+        msg: WorkerCancelTurnRequest,
+    ) -> Result<WorkerCancelTurnResponse, Error> {
+        let (request, budget) = self.request(principal, deadline, msg)?;
+        let mut client = self.client.clone();
+        self.finish(budget, client.cancel_turn(request)).await
+    }
+
+    /// Signs a turn grant for this worker: `turn:<id> session:<id> tool:<name>...` in the
+    /// scope claim, the principal as subject, `ttl` long.
+    pub fn grant(&self, principal: &str, scope: &str, ttl: Duration) -> Result<String, Error> {
+        let claims = TokenSigner::claims(
+            &self.credentials.issuer,
+            &self.credentials.audience,
+            principal,
+            scope,
+            ttl,
+        );
+        self.credentials
+            .signer
+            .sign(&claims)
+            .map_err(Error::Signing)
     }
 
     /// A request with credential, principal and the time left until `deadline` as its

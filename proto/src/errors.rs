@@ -71,6 +71,12 @@ pub mod reason {
     pub const BLOB_CORRUPT: &str = "BLOB_CORRUPT";
     /// The blob store (the coordinator's BlobService) could not be reached from a worker.
     pub const BLOB_STORE_UNAVAILABLE: &str = "BLOB_STORE_UNAVAILABLE";
+    /// The session is running another agent turn (metadata: `turn_id`): watch or cancel it.
+    pub const TURN_IN_PROGRESS: &str = "TURN_IN_PROGRESS";
+    /// The turn does not exist (or belongs to someone else) (metadata: `turn_id`).
+    pub const TURN_NOT_FOUND: &str = "TURN_NOT_FOUND";
+    /// No agent by that name on the session's worker (metadata: `agent`).
+    pub const AGENT_NOT_FOUND: &str = "AGENT_NOT_FOUND";
 }
 
 /// A status with an ErrorInfo detail.

@@ -91,6 +91,19 @@ string_id!(
     "checkpoint_id"
 );
 
+string_id!(
+    /// Id of an agent turn: `t-` followed by a UUIDv7, so ids sort by start time.
+    TurnId,
+    "turn_id"
+);
+
+impl TurnId {
+    /// A fresh, time-ordered turn id.
+    pub fn generate() -> Self {
+        Self(format!("t-{}", uuid::Uuid::now_v7()))
+    }
+}
+
 impl SessionId {
     /// A fresh, time-ordered session id.
     pub fn generate() -> Self {

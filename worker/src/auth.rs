@@ -54,14 +54,29 @@ impl Auth {
         !same
     }
 
-    /// The claims of the call's bearer credential.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<Claims, Error> {
-        let installed = self
-            .current
+    /// The claims of a turn grant: signed like the credential (same key, issuer and
+    /// audience), carried in the request rather than its metadata.
+    pub fn check_grant(&self, grant: &str) -> Result<Claims, Error> {
+        if grant.is_empty() {
+            return Err(Error::BadGrant("the request carries none".to_owned()));
+        }
+        self.installed()?
+            .verifier
+            .verify(grant)
+            .map_err(|e| Error::BadGrant(e.to_string()))
+    }
+
+    fn installed(&self) -> Result<Arc<Installed>, Error> {
+        self.current
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or(Error::NotRegistered)?;
+            .ok_or(Error::NotRegistered)
+    }
+
+    /// The claims of the call's bearer credential.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<Claims, Error> {
+        let installed = self.installed()?;
         let token = metadata::bearer_token(metadata).ok_or_else(|| Error::Unauthenticated {
             reason: reason::TOKEN_MISSING,
             message: "missing `authorization: Bearer <credential>`: workers only take calls \

@@ -81,6 +81,19 @@ pub struct Config {
     /// Hashes per FindMissingBlobs / GetBlobs call to the coordinator (HEIST_BLOB_BATCH); keep
     /// it at most the coordinator's HEIST_MAX_BLOB_BATCH. Default 10000.
     pub blob_batch: usize,
+    /// Model providers, chains, prices and budget (`[models]` in the config file). Default:
+    /// the built-in `scripted` provider and the `default` chain over it, so agents run offline.
+    pub models: crate::model::ModelsConfig,
+    /// Agents configured on top of the built-in set (`[[agents]]` in the config file; one with
+    /// a built-in name replaces it). Default none.
+    pub agents: Vec<crate::agent::AgentSpec>,
+    /// How long a finished turn's events stay on the worker for re-attaching
+    /// (HEIST_TURN_RETENTION_S). The coordinator keeps every event for good; this only covers
+    /// its relay reconnecting. Default 600 s.
+    pub turn_retention: Duration,
+    /// Most finished turns kept on the worker (HEIST_MAX_FINISHED_TURNS); the oldest are
+    /// forgotten first. Default 256.
+    pub max_finished_turns: usize,
 }
 
 impl Default for Config {
@@ -114,6 +127,10 @@ impl Default for Config {
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,
             blob_batch: 10_000,
+            models: crate::model::ModelsConfig::default(),
+            agents: Vec::new(),
+            turn_retention: Duration::from_secs(600),
+            max_finished_turns: 256,
         }
     }
 }
@@ -136,6 +153,19 @@ impl Config {
             return Err(Error::Config(
                 "HEIST_JOIN_TOKEN must be printable ASCII (it travels as gRPC metadata)".to_owned(),
             ));
+        }
+        crate::model::Gateway::from_config(&self.models)
+            .map_err(|e| Error::Config(format!("[models]: {e}")))?;
+        let agents = crate::agent::agents_with(self.agents.clone())
+            .map_err(|e| Error::Config(format!("[[agents]]: {e}")))?;
+        for agent in &agents {
+            if !self.models.chains.contains_key(&agent.model) && agent.model != "default" {
+                return Err(Error::Config(format!(
+                    "[[agents]]: agent {:?} uses model chain {:?}, which [models.chains] does not \
+                     define",
+                    agent.name, agent.model
+                )));
+            }
         }
         if self.max_sessions == 0 {
             return Err(Error::Config("MAX_SESSIONS must be at least 1".to_owned()));

@@ -210,6 +210,11 @@ impl Control {
             sandbox_backend: state.sandbox.backend_name().to_owned(),
             isolation: state.sandbox.isolation(),
             agent_kinds: Vec::new(),
+            agents: state
+                .agents
+                .as_ref()
+                .map(|a| a.declared())
+                .unwrap_or_default(),
             open_session_ids: state.sessions.ids(),
             draining,
         };

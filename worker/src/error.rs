@@ -101,6 +101,33 @@ pub enum Error {
         /// What exceeded it.
         message: String,
     },
+    /// The session runs another turn.
+    #[error(
+        "session {session} is running turn {turn}: watch it with WatchTurn, or cancel it first"
+    )]
+    TurnInProgress {
+        /// Session.
+        session: String,
+        /// The running turn.
+        turn: String,
+    },
+    /// No such turn on this worker (never started here, or forgotten after retention).
+    #[error("turn {0} is not known to this worker")]
+    TurnNotFound(String),
+    /// No agent by that name.
+    #[error("agent {name:?} does not exist: available agents are {available}")]
+    AgentNotFound {
+        /// Requested name.
+        name: String,
+        /// Comma-separated names.
+        available: String,
+    },
+    /// The turn's grant is missing, forged or for another turn.
+    #[error("the turn grant is not valid ({0}): start turns through the coordinator")]
+    BadGrant(String),
+    /// The agent state could not be read or written.
+    #[error(transparent)]
+    AgentState(#[from] crate::agent::StateError),
     /// The worker stopped waiting for the call (it is shutting down).
     #[error(
         "the worker is shutting down and stopped the call: retry it, it will be placed elsewhere"
@@ -208,6 +235,19 @@ impl From<Error> for Status {
                 &[("limit", limit)],
             ),
             Error::DeadlineExceeded => Status::deadline_exceeded(message),
+            Error::TurnInProgress { turn, .. } => with(
+                Code::FailedPrecondition,
+                reason::TURN_IN_PROGRESS,
+                &[("turn_id", turn)],
+            ),
+            Error::TurnNotFound(turn) => {
+                with(Code::NotFound, reason::TURN_NOT_FOUND, &[("turn_id", turn)])
+            }
+            Error::AgentNotFound { name, .. } => {
+                with(Code::NotFound, reason::AGENT_NOT_FOUND, &[("agent", name)])
+            }
+            Error::BadGrant(_) => with(Code::PermissionDenied, reason::TOKEN_INVALID, &[]),
+            Error::AgentState(_) => Status::internal(message),
             Error::SandboxUnavailable { missing, .. } => with(
                 Code::FailedPrecondition,
                 reason::SANDBOX_UNAVAILABLE,

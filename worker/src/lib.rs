@@ -15,6 +15,8 @@
 //! - [`checkpoint`]: workspace capture (stat cache, BLAKE3, upload of missing blobs) and
 //!   restore (staging tree, atomic swap), with a local blob cache.
 //! - `inflight`: counting calls so shutdown can drain them.
+//! - [`agent`] / [`model`]: the turn loop and the model gateway; `turns`: RunTurn and
+//!   CancelTurn (the registry of turns, grants, agent state files).
 //!
 //! Shutdown: when the shutdown future fires the worker stops taking sessions, tells the
 //! coordinator GoingAway, keeps serving until no call is in flight (or `drain_timeout`), then
@@ -38,6 +40,7 @@ pub mod settings;
 mod state;
 mod streaming;
 pub mod tools;
+mod turns;
 mod web;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -99,11 +102,13 @@ pub async fn serve(
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
     };
+    let agents = agent_host(&config, &agent_states, sessions.base())?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let state = Arc::new(
         State::new(worker_id.clone(), sessions, tools, limits, health)
             .with_sandbox(sandbox)
-            .with_checkpoints(checkpoints),
+            .with_checkpoints(checkpoints)
+            .with_agents(agents),
     );
     state.adopt_sessions().await;
     state.set_registered(false).await;
@@ -216,6 +221,35 @@ pub async fn serve(
     }
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)
+}
+
+/// Agent specs, gateway and agent state directory from the configuration.
+fn agent_host(
+    config: &Config,
+    states: &Arc<agent::AgentStates>,
+    base: &std::path::Path,
+) -> Result<turns::AgentHost, Error> {
+    let gateway = model::Gateway::from_config(&config.models)
+        .map_err(|e| Error::Config(format!("[models]: {e}")))?;
+    let specs = agent::agents_with(config.agents.clone())
+        .map_err(|e| Error::Config(format!("[[agents]]: {e}")))?
+        .into_iter()
+        .map(|a| (a.name.clone(), a))
+        .collect();
+    let dir = turns::state_dir(base);
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        Error::io(
+            format!("cannot create the agent state directory {}", dir.display()),
+            e,
+        )
+    })?;
+    Ok(turns::AgentHost {
+        specs,
+        gateway,
+        states: Arc::clone(states),
+        dir,
+        turns: turns::Turns::new(config.turn_retention, config.max_finished_turns),
+    })
 }
 
 /// The sandbox part of the configuration.

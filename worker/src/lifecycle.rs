@@ -8,6 +8,7 @@
 //! | usage cache, running commands | live in the workspace (fresh on open, restore) | dropped with it |
 //! | sandbox backend | [`crate::sandbox::Sandbox::open_session`] | [`crate::sandbox::Sandbox::close_session`] |
 //! | checkpoint stat cache | filled on the first capture | forgotten |
+//! | agent state ([`crate::turns`]) | loaded from its file (if saved) | turns cancelled, state and file removed |
 //!
 //! A restore replaces the workspace in place (`Sessions::swap_workspace`): a fresh capability,
 //! usage cache and command set; the backend keeps the session.
@@ -24,6 +25,7 @@ use crate::{
     sandbox::Sandbox,
     sessions::{SessionHooks, Workspace},
     state::State,
+    turns::AgentHost,
 };
 
 /// Why a session leaves this worker.
@@ -48,6 +50,7 @@ impl Leave {
 struct Owners<'a> {
     sandbox: &'a Sandbox,
     checkpoints: Option<&'a Checkpointer>,
+    agents: Option<&'a AgentHost>,
 }
 
 impl SessionHooks for Owners<'_> {
@@ -56,7 +59,12 @@ impl SessionHooks for Owners<'_> {
         id: &'a SessionId,
         path: &'a Path,
     ) -> BoxFuture<'a, Result<(), Error>> {
-        Box::pin(self.sandbox.open_session(id, path))
+        Box::pin(async move {
+            if let Some(agents) = self.agents {
+                agents.load_session(id)?;
+            }
+            self.sandbox.open_session(id, path).await
+        })
     }
 
     fn closing<'a>(
@@ -68,6 +76,9 @@ impl SessionHooks for Owners<'_> {
             if let Some(checkpoints) = self.checkpoints {
                 checkpoints.forget(id);
             }
+            if let Some(agents) = self.agents {
+                agents.forget_session(id);
+            }
             self.sandbox.close_session(id, path).await
         })
     }
@@ -78,6 +89,7 @@ impl State {
         Owners {
             sandbox: &self.sandbox,
             checkpoints: self.checkpoints.as_ref(),
+            agents: self.agents.as_deref(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use heist_proto::{
     metadata,
     v1::{self, worker_service_server::WorkerService},
@@ -87,5 +88,28 @@ impl WorkerService for WorkerApi {
         let _call = self.state.inflight.enter();
         let response = self.state.restore_workspace(request.into_inner()).await?;
         Ok(Response::new(response))
+    }
+
+    type RunTurnStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::TurnEvent, Status>> + Send>>;
+
+    async fn run_turn(
+        &self,
+        request: Request<v1::WorkerRunTurnRequest>,
+    ) -> Result<Response<Self::RunTurnStream>, Status> {
+        self.state.auth.check(request.metadata())?;
+        let request = request.into_inner();
+        let claims = self.state.auth.check_grant(&request.grant)?;
+        let events = self.state.run_turn(claims, request).await?;
+        Ok(Response::new(Box::pin(events.map(Ok))))
+    }
+
+    async fn cancel_turn(
+        &self,
+        request: Request<v1::WorkerCancelTurnRequest>,
+    ) -> Result<Response<v1::WorkerCancelTurnResponse>, Status> {
+        self.state.auth.check(request.metadata())?;
+        let was_running = self.state.cancel_turn(request.get_ref())?;
+        Ok(Response::new(v1::WorkerCancelTurnResponse { was_running }))
     }
 }

@@ -100,6 +100,12 @@ pub struct Settings {
     /// HEIST_MAX_BLOB_BATCH [default: 10000].
     #[arg(long, env = "HEIST_BLOB_BATCH")]
     pub blob_batch: Option<usize>,
+    /// Seconds a finished turn's events stay on the worker for re-attaching [default: 600].
+    #[arg(long, env = "HEIST_TURN_RETENTION_S")]
+    pub turn_retention_s: Option<u64>,
+    /// Most finished turns kept on the worker [default: 256].
+    #[arg(long, env = "HEIST_MAX_FINISHED_TURNS")]
+    pub max_finished_turns: Option<usize>,
 }
 layer_over!(Settings {
     grpc_port,
@@ -123,6 +129,8 @@ layer_over!(Settings {
     blob_cache_bytes,
     checkpoint_max_entries,
     blob_batch,
+    turn_retention_s,
+    max_finished_turns,
 });
 
 impl Settings {
@@ -160,6 +168,12 @@ impl Settings {
             |v| v,
         );
         set(&mut c.blob_batch, self.blob_batch, |v| v);
+        set(
+            &mut c.turn_retention,
+            self.turn_retention_s,
+            Duration::from_secs,
+        );
+        set(&mut c.max_finished_turns, self.max_finished_turns, |v| v);
         Ok(c)
     }
 }
@@ -214,6 +228,12 @@ pub struct File {
     /// `[coordinator]`, read by the coordinator.
     #[serde(default)]
     pub coordinator: Option<toml::Table>,
+    /// `[models]`: providers, chains, prices, budget (see [`crate::model::ModelsConfig`]).
+    #[serde(default)]
+    pub models: Option<crate::model::ModelsConfig>,
+    /// `[[agents]]`: agent specs added to (or replacing) the built-in set.
+    #[serde(default)]
+    pub agents: Vec<crate::agent::AgentSpec>,
 }
 
 impl File {
@@ -245,6 +265,10 @@ pub fn load(config_file: Option<&Path>, settings: Settings) -> Result<(Listen, C
     let mut settings = settings.over(file.worker);
     let listen = settings.listen();
     let mut config = settings.apply(Config::default())?;
+    if let Some(models) = file.models {
+        config.models = models;
+    }
+    config.agents = file.agents;
     config.expand_placeholders();
     Ok((listen, config))
 }

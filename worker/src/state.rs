@@ -39,7 +39,7 @@ pub(crate) struct State {
     /// Open sessions and their workspaces.
     pub sessions: Sessions,
     /// The tool catalogue.
-    pub tools: Registry,
+    pub tools: Arc<Registry>,
     /// Verifier of coordinator credentials.
     pub auth: Auth,
     /// Calls being served.
@@ -57,6 +57,8 @@ pub(crate) struct State {
     pub services: Arc<http::Extensions>,
     /// Checkpoint capture and restore (none until [`State::with_checkpoints`]).
     pub checkpoints: Option<Checkpointer>,
+    /// Agents, the model gateway, agent state and turns (none until [`State::with_agents`]).
+    pub agents: Option<Arc<crate::turns::AgentHost>>,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -74,7 +76,7 @@ impl State {
         Self {
             worker_id,
             sessions,
-            tools,
+            tools: Arc::new(tools),
             auth: Auth::default(),
             inflight: InFlight::default(),
             limits,
@@ -86,6 +88,7 @@ impl State {
             )),
             services: Arc::default(),
             checkpoints: None,
+            agents: None,
             registered: AtomicBool::new(false),
             health,
         }
@@ -94,6 +97,12 @@ impl State {
     /// The same state with `checkpoints` capturing and restoring workspaces.
     pub fn with_checkpoints(mut self, checkpoints: Checkpointer) -> Self {
         self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// The same state with `agents` running turns.
+    pub fn with_agents(mut self, agents: crate::turns::AgentHost) -> Self {
+        self.agents = Some(Arc::new(agents));
         self
     }
 
@@ -230,7 +239,17 @@ impl State {
         request: v1::CaptureWorkspaceRequest,
     ) -> Result<v1::CaptureWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
-        self.checkpointer()?.capture(&self.sessions, &id).await
+        let checkpointer = self.checkpointer()?;
+        let mut response = checkpointer.capture(&self.sessions, &id).await?;
+        if let Some(agents) = &self.agents
+            && let Some(bytes) = agents.snapshot(&id)?
+            && let Some(manifest) = response.manifest.as_mut()
+        {
+            let (hash, size) = checkpointer.put_bytes(bytes).await?;
+            manifest.agent_state_hash = hash.to_vec();
+            manifest.agent_state_size = size;
+        }
+        Ok(response)
     }
 
     /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
@@ -241,9 +260,24 @@ impl State {
     ) -> Result<v1::RestoreWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let manifest = request.manifest.unwrap_or_default();
-        self.checkpointer()?
-            .restore(&self.sessions, &id, manifest)
-            .await
+        let agent_state = (manifest.agent_state_hash.clone(), manifest.agent_state_size);
+        let checkpointer = self.checkpointer()?;
+        if let Some(agents) = &self.agents {
+            // A turn running on the state being replaced would write into the old one.
+            agents.turns.cancel_session(&id);
+        }
+        let response = checkpointer.restore(&self.sessions, &id, manifest).await?;
+        if let Some(agents) = &self.agents {
+            let state = match <[u8; 32]>::try_from(agent_state.0.as_slice()) {
+                Ok(hash) => {
+                    let bytes = checkpointer.get_bytes(hash, agent_state.1).await?;
+                    crate::agent::AgentState::from_bytes(&bytes)?
+                }
+                Err(_) => crate::agent::AgentState::default(),
+            };
+            agents.install(&id, state)?;
+        }
+        Ok(response)
     }
 }
 

@@ -2,6 +2,8 @@
 //! [`Context`] and its own flags, prints data on stdout, and returns the exit code to use on
 //! success (0, or 6 for a tool result with `is_error`).
 
+pub mod agents;
+pub mod chat;
 pub mod checkpoint;
 pub mod completions;
 pub mod dev;
@@ -11,6 +13,8 @@ pub mod logout;
 pub mod run_python;
 pub mod session;
 pub mod tool;
+pub mod transcript;
+pub mod turn;
 pub mod workers;
 
 use crate::{
@@ -28,6 +32,10 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Tool(cmd) => tool::run(&ctx, cmd).await,
         Command::Checkpoint(cmd) => checkpoint::run(&ctx, cmd).await,
+        Command::Agents(cmd) => agents::run(&ctx, cmd).await,
+        Command::Turn(args) => turn::run(&ctx, args).await,
+        Command::Transcript(args) => transcript::run(&ctx, args).await,
+        Command::Chat(args) => chat::run(&ctx, args).await,
         Command::Exec(args) => exec::run(&ctx, args).await,
         Command::RunPython(args) => run_python::run(&ctx, args).await,
         Command::Completions(args) => completions::run(args),

@@ -45,6 +45,7 @@ fn manifest(cas: &Cas, files: &[&str]) -> Manifest {
                 symlink_target: String::new(),
             })
             .collect(),
+        ..Manifest::default()
     }
 }
 
@@ -132,6 +133,34 @@ fn delete_refuses_parents_and_frees_only_unshared_blobs() {
     assert_eq!(f.table.head(&sid("s-a")), Some(c1.clone()));
     let c3 = commit(&f, "s-a", &["three"]);
     assert_eq!(parent(&f, &c3), c1.as_str());
+}
+
+#[test]
+fn the_agent_state_blob_is_referenced_like_a_file() {
+    let f = fixture();
+    let state = br#"{"conversations":{}}"#;
+    let mut with_state = manifest(&f.cas, &["file"]);
+    with_state.agent_state_hash = put_blob(&f.cas, state).to_vec();
+    with_state.agent_state_size = state.len() as u64;
+    let id = CheckpointId::generate();
+    let record = Checkpoint {
+        id: id.to_string(),
+        session_id: "s-a".to_owned(),
+        owner: "alice".to_owned(),
+        manifest: Some(with_state),
+        ..Checkpoint::default()
+    };
+    f.table.commit(&sid("s-a"), record).expect("commit");
+    let state_hash = *blake3::hash(state).as_bytes();
+    assert_eq!(
+        f.table.sweep_unreferenced(Duration::ZERO).expect("sweep"),
+        0,
+        "a checkpoint's agent state is not garbage"
+    );
+    assert!(f.cas.contains(&state_hash));
+    let freed = f.table.delete("alice", &id).expect("delete");
+    assert_eq!(freed.blobs, 2, "the file and the agent state");
+    assert!(!f.cas.contains(&state_hash));
 }
 
 #[test]

@@ -209,6 +209,9 @@ fn check_manifest(manifest: Manifest) -> Result<Manifest, Error> {
             "the worker returned a malformed manifest ({why}); nothing was committed"
         )))
     };
+    if !manifest.agent_state_hash.is_empty() && manifest.agent_state_hash.len() != 32 {
+        return Err(bad("an agent state hash that is not 32 bytes".to_owned()));
+    }
     for entry in &manifest.entries {
         if entry.path.is_empty() {
             return Err(bad("an empty path".to_owned()));

@@ -13,3 +13,4 @@ mod sandbox;
 mod sessions;
 mod surface;
 mod tools;
+mod turns;

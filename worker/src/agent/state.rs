@@ -134,6 +134,30 @@ impl AgentState {
         Ok(())
     }
 
+    /// The state as it is saved and checkpointed (JSON).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(self).map_err(|e| StateError::Corrupt {
+            path: PathBuf::from("<agent state>"),
+            message: e.to_string(),
+        })
+    }
+
+    /// A state from [`AgentState::to_bytes`] (a checkpoint's blob), version checked.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        let corrupt = |message: String| StateError::Corrupt {
+            path: PathBuf::from("<checkpoint blob>"),
+            message,
+        };
+        let state: Self = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if state.version != STATE_VERSION {
+            return Err(corrupt(format!(
+                "version {} (this worker reads version {STATE_VERSION})",
+                state.version
+            )));
+        }
+        Ok(state)
+    }
+
     /// Reads a state written by [`AgentState::save`].
     pub fn load(path: &Path) -> Result<Self, StateError> {
         let bytes = fs::read(path).map_err(|source| StateError::Io {

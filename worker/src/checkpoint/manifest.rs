@@ -460,7 +460,10 @@ mod tests {
             kind: EntryKind::Dir as i32,
             ..ManifestEntry::default()
         };
-        let m = |entries: Vec<ManifestEntry>| Manifest { entries };
+        let m = |entries: Vec<ManifestEntry>| Manifest {
+            entries,
+            ..Manifest::default()
+        };
         assert!(validate(&m(vec![dir("a"), file("a/b")])).is_ok());
         for bad in [
             m(vec![file("../x")]),

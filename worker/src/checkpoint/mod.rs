@@ -402,6 +402,51 @@ impl Checkpointer {
         Ok((new_stat.0, new_stat.1, fetched_blobs, fetched_bytes))
     }
 
+    /// Makes `bytes` a blob in the coordinator's store (uploaded only if it lacks it) and in
+    /// the local cache; returns its BLAKE3 hash and size. For small blobs that are not files
+    /// of the workspace (the agent state).
+    pub async fn put_bytes(&self, bytes: Vec<u8>) -> Result<(Hash, u64), Error> {
+        let hash: Hash = *blake3::hash(&bytes).as_bytes();
+        let size = bytes.len() as u64;
+        if !self.blobs.find_missing(&[hash]).await?.is_empty() {
+            let io = |e| Error::io("cannot stage a blob for upload", e);
+            let dir = tempfile::tempdir().map_err(io)?;
+            std::fs::write(dir.path().join("blob"), &bytes).map_err(io)?;
+            let root = cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority())
+                .map_err(io)?;
+            self.blobs
+                .put(root, vec![(hash, size, "blob".to_owned())])
+                .await?;
+        }
+        if let Err(err) = self.cache.insert_from(&mut bytes.as_slice(), &hash, size) {
+            warn!(%err, "cannot cache a blob");
+        }
+        Ok((hash, size))
+    }
+
+    /// The content of blob `hash` (from the local cache, else the coordinator), verified.
+    pub async fn get_bytes(&self, hash: Hash, size: u64) -> Result<Vec<u8>, Error> {
+        if let Some(path) = self.cache.get(&hash)
+            && let Ok(bytes) = std::fs::read(&path)
+            && *blake3::hash(&bytes).as_bytes() == hash
+        {
+            return Ok(bytes);
+        }
+        let mut stream = self.blobs.get(&[hash]).await?;
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(64 << 20));
+        while let Some(chunk) = stream.message().await.map_err(blob_error)? {
+            if chunk.hash.as_slice() == hash.as_slice() {
+                bytes.extend_from_slice(&chunk.data);
+            }
+        }
+        if *blake3::hash(&bytes).as_bytes() != hash {
+            return Err(Error::Internal(
+                "the agent state blob from the coordinator does not match its hash".to_owned(),
+            ));
+        }
+        Ok(bytes)
+    }
+
     /// Streams `files`' blobs from the coordinator into their staging paths.
     async fn fetch(&self, staging: &Path, files: Vec<FilePlan>) -> Result<u64, Error> {
         let hashes: Vec<Hash> = files.iter().map(|f| f.hash).collect();

@@ -285,6 +285,7 @@ mod tests {
                     hash: vec![0xab; 32],
                     symlink_target: String::new(),
                 }],
+                ..v1::Manifest::default()
             }),
             ..v1::Checkpoint::default()
         };

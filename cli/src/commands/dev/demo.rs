@@ -1,13 +1,17 @@
 //! `heistctl dev demo` (what `make demo` runs): starts a throwaway local cluster and narrates,
 //! step by step with the equivalent heistctl command, workers registering, sessions spreading
 //! over the workers, tool calls routed to them, hostile input refused, a sandboxed command, a
-//! checkpoint forked onto another worker, and sessions closed.
+//! checkpoint forked onto another worker, an agent turn with tool calls on the scripted model,
+//! and sessions closed.
 //! Every step checks its outcome, so the demo doubles as a smoke test: any surprise stops it
 //! with a non-zero exit and the data directory (with the logs) is kept.
 
 use std::{collections::BTreeSet, path::PathBuf};
 
-use heist_proto::{errors::reason, v1};
+use heist_proto::{
+    errors::reason,
+    v1::{self, turn_event::Event},
+};
 use serde_json::{Value as Json, json};
 use tonic::Code;
 
@@ -16,7 +20,7 @@ use crate::{
     cli::Context,
     client::Client,
     cluster::{LocalCluster, Options},
-    commands::{session, tool, workers},
+    commands::{session, tool, turn::render::Printer, workers},
     error::{EXIT_OK, Error},
     output::{self, CallResultView, Format},
 };
@@ -218,7 +222,10 @@ async fn steps(say: &mut Narrator, client: &Client, n: usize) -> Result<(), Erro
     let forked = sandbox_and_fork(say, client, &sessions[0], n).await?;
     sessions.push(forked);
 
-    // 6. Close.
+    // 6. An agent turn.
+    agent_turn(say, client, &sessions[0]).await?;
+
+    // 7. Close.
     say.step(
         "Close the sessions (their workspaces are removed)",
         "heistctl session close ID",
@@ -317,6 +324,66 @@ async fn sandbox_and_fork(
         "the forked session does not have the checkpointed file".to_owned()
     })?;
     Ok(forked)
+}
+
+/// The `assistant` agent on the scripted model reads a file the demo wrote and computes with
+/// it: two tool calls, streamed as numbered events, checked, then found in the transcript.
+async fn agent_turn(say: &mut Narrator, client: &Client, s: &v1::Session) -> Result<(), Error> {
+    let id = &s.id;
+    call(
+        client,
+        id,
+        "fs.write",
+        json!({"path": "plans/loot.txt", "content": "gold bars: 12, each worth 250\n"}),
+    )
+    .await?;
+    let message = "Read plans/loot.txt and compute 12 * 250";
+    say.step(
+        "An agent turn: the assistant reads a file and computes, streamed live",
+        &format!("heistctl turn {id} assistant \"{message}\""),
+    );
+    let mut events = client
+        .run_turn(id, "assistant", message, &session::create::new_request_id())
+        .await?;
+    let mut printer = Printer::new(Format::Table);
+    let mut seen = Vec::new();
+    while let Some(event) = events.message().await? {
+        printer.print(&event)?;
+        seen.push(event);
+    }
+    let numbered = seen.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1);
+    expect(numbered && !seen.is_empty(), || {
+        "the turn's events are not numbered 1, 2, 3, ...".to_owned()
+    })?;
+    let tools: Vec<(String, bool)> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::ToolCallFinished(c)) => Some((
+                c.tool.clone(),
+                c.result.as_ref().is_some_and(|r| r.is_error),
+            )),
+            _ => None,
+        })
+        .collect();
+    expect(
+        tools == [("fs.read".to_owned(), false), ("calc".to_owned(), false)],
+        || format!("expected fs.read then calc to succeed, got {tools:?}"),
+    )?;
+    let answered = seen
+        .iter()
+        .any(|e| matches!(&e.event, Some(Event::FinalMessage(text)) if text.contains("3000")));
+    let completed = seen
+        .last()
+        .is_some_and(|e| e.event == Some(Event::Finished(v1::TurnState::Completed as i32)));
+    expect(answered && completed, || {
+        "the turn did not complete with an answer citing 3000".to_owned()
+    })?;
+    say.command(&format!("heistctl transcript {id}"));
+    let transcript = client.transcript(id).await?;
+    say!("{} events in the session's transcript", transcript.len());
+    expect(transcript == seen, || {
+        "the transcript does not hold the turn's events".to_owned()
+    })
 }
 
 /// echo, calc, fs.write, fs.read and fs.list in one session, each checked.
