@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     client::Client,
     commands::{
-        agents, chat, checkpoint, completions, dev, exec, login, logout, run_python, session, tool,
-        transcript, turn, workers,
+        agents, chat, checkpoint, completions, dev, exec, heist, login, logout, run_python,
+        session, tool, transcript, turn, workers,
     },
     credentials::Store,
     error::Error,
@@ -98,6 +98,9 @@ pub enum Command {
     Transcript(transcript::Args),
     /// Chat with an agent: each line you type is a turn, streamed.
     Chat(chat::Args),
+    /// The heist: six agents plan a job, one is a mole, you catch it (`heist run --guess`).
+    #[command(subcommand, alias = "game")]
+    Heist(heist::Command),
     /// Run a command in a session's sandbox, streaming its output (`exec SESSION -- CMD...`);
     /// exits with the command's exit code.
     Exec(exec::Args),

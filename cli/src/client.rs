@@ -21,6 +21,9 @@ use crate::error::Error;
 
 mod agents;
 mod checkpoints;
+mod heist;
+
+pub use heist::HeistEvents;
 
 /// How many times a mutating call is retried after a transport failure.
 const TRANSPORT_RETRIES: u32 = 2;

@@ -45,6 +45,8 @@ pub struct App {
     pub checkpoints: Arc<Checkpoints>,
     /// Agent turns and their events.
     pub turns: TurnStore,
+    /// Heist games, their sealed moles and their events.
+    pub heists: crate::heist::service::Heists,
     /// Every task spawned on behalf of the server; waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when the server starts shutting down.
@@ -78,6 +80,7 @@ impl App {
         let checkpoints = Checkpoints::load(&store, cas)?;
         let turns = TurnStore::open(&store)?;
         turns.recover()?;
+        let heists = crate::heist::service::Heists::open(&store)?;
         store.flush().await?;
         info!(workers = known, data_dir = %config.data_dir.display(), "state loaded");
         Ok(Arc::new(Self {
@@ -90,6 +93,7 @@ impl App {
             sessions,
             checkpoints,
             turns,
+            heists,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }))

@@ -9,8 +9,9 @@ use heist_proto::{
     v1::{
         agent_service_server::AgentServiceServer, auth_service_server::AuthServiceServer,
         blob_service_server::BlobServiceServer, checkpoint_service_server::CheckpointServiceServer,
-        cluster_service_server::ClusterServiceServer, session_service_server::SessionServiceServer,
-        tool_service_server::ToolServiceServer, worker_control_server::WorkerControlServer,
+        cluster_service_server::ClusterServiceServer, heist_service_server::HeistServiceServer,
+        session_service_server::SessionServiceServer, tool_service_server::ToolServiceServer,
+        worker_control_server::WorkerControlServer,
     },
 };
 use tokio::net::TcpListener;
@@ -24,7 +25,7 @@ use tracing::info;
 use crate::{
     api::{
         agent::AgentApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
-        cluster::ClusterApi, session::SessionApi, tool::ToolApi,
+        cluster::ClusterApi, heist::HeistApi, session::SessionApi, tool::ToolApi,
     },
     app::App,
     auth::CLIENT_AUDIENCE,
@@ -46,6 +47,7 @@ const SERVICES: &[&str] = &[
     "heist.v1.CheckpointService",
     "heist.v1.BlobService",
     "heist.v1.AgentService",
+    "heist.v1.HeistService",
 ];
 
 /// Runs the coordinator on `listener` until `shutdown` resolves.
@@ -130,6 +132,11 @@ async fn run(
         )
         .add_service(
             AgentServiceServer::new(AgentApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            HeistServiceServer::new(HeistApi::new(app.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )

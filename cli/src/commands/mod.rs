@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod completions;
 pub mod dev;
 pub mod exec;
+pub mod heist;
 pub mod login;
 pub mod logout;
 pub mod run_python;
@@ -36,6 +37,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Turn(args) => turn::run(&ctx, args).await,
         Command::Transcript(args) => transcript::run(&ctx, args).await,
         Command::Chat(args) => chat::run(&ctx, args).await,
+        Command::Heist(cmd) => heist::run(&ctx, cmd).await,
         Command::Exec(args) => exec::run(&ctx, args).await,
         Command::RunPython(args) => run_python::run(&ctx, args).await,
         Command::Completions(args) => completions::run(args),

@@ -7,5 +7,6 @@ pub mod auth;
 pub mod blob;
 pub mod checkpoint;
 pub mod cluster;
+pub mod heist;
 pub mod session;
 pub mod tool;

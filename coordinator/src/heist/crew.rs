@@ -232,7 +232,7 @@ fn script(role: &str, round: u32, rounds: u32) -> (String, Vec<(&'static str, St
             "Camera {{1:/rows/0/0}} on the {{1:/rows/0/3}} is down for maintenance from {{1:/rows/0/1}} to {{1:/rows/0/2}}; {{2:/rows/0/0}} patrols {{2:/rows/0/1}} every {{2:/rows/0/2}} minutes.".to_owned(),
         ),
         "hacker" => (
-            "read the camera and alarm layout in the blueprints".to_owned(),
+            "maintenance windows".to_owned(),
             vec![
                 ("fs.read", serde_json::json!({"path": "blueprints/cameras.md"}).to_string()),
                 ("fs.read", serde_json::json!({"path": "blueprints/building.md"}).to_string()),
@@ -247,7 +247,7 @@ fn script(role: &str, round: u32, rounds: u32) -> (String, Vec<(&'static str, St
                 ("calc", r#"{"expression": "{{1:/rows/0/2}} + 5"}"#.to_owned()),
                 append("- vault: {{1:/rows/0/0}}, drill {{1:/rows/0/2}} minutes (safecracker)"),
             ],
-            "The vault on the {{1:/rows/0/4}} floor is a {{1:/rows/0/0}} ({{1:/rows/0/1}}): drilling takes {{1:/rows/0/2}} minutes, {{2:/value}} with the door, and the relocker fires {{1:/rows/0/3}} minutes after a breach.".to_owned(),
+            "The vault (floor {{1:/rows/0/4}}) is a {{1:/rows/0/0}} ({{1:/rows/0/1}}): drilling takes {{1:/rows/0/2}} minutes and the relocker fires {{1:/rows/0/3}} minutes after a breach; with the door, {{2}}".to_owned(),
         ),
         "driver" => (
             "pick the fastest getaway route".to_owned(),
@@ -256,10 +256,10 @@ fn script(role: &str, round: u32, rounds: u32) -> (String, Vec<(&'static str, St
                     "SELECT name, (distance_km * 60 + speed_kmh - 1) / speed_kmh AS minutes, distance_km \
                      FROM getaway_routes ORDER BY minutes LIMIT 1",
                 ),
-                ("calc", r#"{"expression": "{{1:/rows/0/2}} * 60 / {{1:/rows/0/1}}"}"#.to_owned()),
+                ("calc", r#"{"expression": "{{1:/rows/0/1}} + 5"}"#.to_owned()),
                 append("- getaway: {{1:/rows/0/0}}, {{1:/rows/0/1}} minutes (driver)"),
             ],
-            "Take the {{1:/rows/0/0}}: {{1:/rows/0/2}} km, {{1:/rows/0/1}} minutes to the safehouse.".to_owned(),
+            "Take the {{1:/rows/0/0}}: {{1:/rows/0/2}} km, {{1:/rows/0/1}} minutes to the safehouse; with loading, {{2}}".to_owned(),
         ),
         _ if last => (
             "close the plan".to_owned(),

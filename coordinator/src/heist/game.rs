@@ -221,6 +221,7 @@ fn round_message(
 pub fn messages(events: &[pb::HeistEvent]) -> Vec<Message> {
     let mut round = 0;
     let mut open: HashMap<String, Message> = HashMap::new();
+    let mut requested: HashMap<String, Json> = HashMap::new();
     let mut out = Vec::new();
     for e in events {
         match &e.event {
@@ -233,6 +234,14 @@ pub fn messages(events: &[pb::HeistEvent]) -> Vec<Message> {
                     ..Message::default()
                 });
                 match &t.event {
+                    Some(pb::turn_event::Event::ToolCallRequested(call)) => {
+                        if let Some(args) = &call.arguments {
+                            requested.insert(
+                                call.call_id.clone(),
+                                heist_proto::json::struct_to_json(args),
+                            );
+                        }
+                    }
                     Some(pb::turn_event::Event::ToolCallFinished(call)) => {
                         let result = call.result.clone().unwrap_or_default();
                         m.tools.push(ToolUse {
@@ -241,6 +250,7 @@ pub fn messages(events: &[pb::HeistEvent]) -> Vec<Message> {
                                 .arguments
                                 .as_ref()
                                 .map(heist_proto::json::struct_to_json)
+                                .or_else(|| requested.get(&call.call_id).cloned())
                                 .unwrap_or(Json::Null),
                             result: result_text(&result),
                             denied: result.is_error && result_text(&result).contains("not allowed"),

@@ -12,7 +12,9 @@ pub mod analyzer;
 pub mod crew;
 pub mod database;
 pub mod game;
+pub mod ports;
 pub mod scenario;
+pub mod service;
 
 #[cfg(test)]
 mod tests;

@@ -159,7 +159,7 @@ pub fn builtin_agents() -> Vec<AgentSpec> {
         crew(
             "planner",
             "turns the crew's findings into one plan and keeps the plan file.",
-            &["calc"],
+            &["calc", "fs.read"],
         ),
         crew(
             "hacker",
@@ -179,7 +179,7 @@ pub fn builtin_agents() -> Vec<AgentSpec> {
         crew(
             "driver",
             "plans the getaway: routes and timings.",
-            &["calc"],
+            &["calc", "db.query"],
         ),
         crew(
             "lookout",

@@ -20,7 +20,7 @@ use crate::{
     cli::Context,
     client::Client,
     cluster::{LocalCluster, Options},
-    commands::{session, tool, turn::render::Printer, workers},
+    commands::{heist, session, tool, turn::render::Printer, workers},
     error::{EXIT_OK, Error},
     output::{self, CallResultView, Format},
 };
@@ -249,7 +249,41 @@ async fn steps(say: &mut Narrator, client: &Client, n: usize) -> Result<(), Erro
     }
     say.command("heistctl session ls --all");
     session::print_many(Format::Table, &client.list_sessions(true, 0).await?)?;
-    Ok(())
+
+    // 7. The heist.
+    say.step(
+        "The heist: six agents plan a job on the scripted model, one of them is a mole; the \
+         analyzer's top suspect is accused",
+        "heistctl heist run --seed 7 --guess",
+    );
+    heist_game(client).await
+}
+
+/// A whole game: live rounds, the analysis, a guess of the analyzer's top suspect, the reveal.
+async fn heist_game(client: &Client) -> Result<(), Error> {
+    let painter = heist::Painter::new(Format::Table, false);
+    let events = client
+        .start_heist(v1::StartHeistRequest {
+            seed: 7,
+            rounds: 3,
+            model: String::new(),
+            request_id: session::create::new_request_id(),
+        })
+        .await?;
+    let game = heist::follow(&painter, events).await?;
+    let game = game
+        .ok_or_else(|| Error::Demo("the heist stream ended without its last event".to_owned()))?;
+    expect(game.state == v1::HeistState::AwaitingGuess as i32, || {
+        format!("the heist ended {}: {}", game.state, game.failure_reason)
+    })?;
+    let result = heist::guess_top_suspect(client, &painter, &game.id).await?;
+    expect(
+        result
+            .game
+            .as_ref()
+            .is_some_and(|g| g.outcome != v1::HeistOutcome::Unspecified as i32),
+        || "the guess has no outcome".to_owned(),
+    )
 }
 
 /// A sandboxed command writes a file, a checkpoint captures the session, and a fork of it lands
