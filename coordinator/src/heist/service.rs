@@ -476,6 +476,17 @@ struct LogSink {
 }
 
 impl LogSink {
+    /// Appends an event that is already in the game's record (the rounds a fork inherits).
+    fn replay(&self, event: pb::heist_event::Event) -> Result<(), Error> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let event = pb::HeistEvent {
+            game_id: self.game.clone(),
+            seq,
+            event: Some(event),
+        };
+        self.heists.heists.events.append(&self.game, seq, &event)
+    }
+
     fn push(&self, event: pb::heist_event::Event) -> Result<(), Error> {
         if let pb::heist_event::Event::RoundFinished(round) = &event {
             // The record follows the rounds, so GetHeist and a fork see them as they finish.
@@ -488,13 +499,7 @@ impl LogSink {
                 heists.put(&record)?;
             }
         }
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let event = pb::HeistEvent {
-            game_id: self.game.clone(),
-            seq,
-            event: Some(event),
-        };
-        self.heists.heists.events.append(&self.game, seq, &event)
+        self.replay(event)
     }
 }
 
@@ -533,7 +538,7 @@ fn spawn_play(
                 sink.push(pb::heist_event::Event::Started(started.clone()))?;
                 for e in before {
                     if let Some(event) = e.event {
-                        sink.push(event)?;
+                        sink.replay(event)?;
                     }
                 }
                 Ok(())

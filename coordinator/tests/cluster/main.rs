@@ -8,6 +8,7 @@ mod ecosystem;
 mod escape;
 mod exhaustion;
 mod harness;
+mod heist;
 mod registration;
 mod sandbox;
 mod sessions;
