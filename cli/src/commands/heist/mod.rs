@@ -37,6 +37,11 @@ pub enum Command {
     /// Who behaved suspiciously, and the evidence.
     Analyze(GameArg),
     /// Accuse a crew member; then the outcome and the reveal.
+    ///
+    /// Outcomes: SUCCESS when you caught the mole and the final plan holds up against the
+    /// target's database; FAILURE when you caught the mole but its sabotage made it into the
+    /// final plan (the job falls apart, nobody is arrested); BUSTED when you accused the wrong
+    /// crew member (the mole tips off the police).
     Guess(GuessArgs),
     /// Your games, newest first.
     #[command(alias = "list")]
