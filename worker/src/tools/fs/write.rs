@@ -183,6 +183,21 @@ fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<
         Ok(Outcome::Written(size)) => size,
         Ok(Outcome::TooBig(size)) => return Err(limit_error(size)),
         Ok(Outcome::Refused(output)) => return Ok(output),
+        Err(err) if is_full(&err) => {
+            // Something the cache did not see filled it (a command's unlinked file): measure
+            // again next time.
+            drop(usage);
+            ws.usage().invalidate();
+            return Err(Error::LimitExceeded {
+                limit: "disk_bytes",
+                message: format!(
+                    "cannot write `{}`: the session's workspace is full; its disk quota of {} \
+                     bytes (HEIST_QUOTA_DISK_BYTES) is enforced by the file system and the \
+                     write got ENOSPC (No space left on device); delete files to make room",
+                    args.path, quotas.disk_bytes
+                ),
+            });
+        }
         Err(err) => return io_failure(&err, &args.path, "write"),
     };
     usage.adjust(change.bytes, change.files);
@@ -192,6 +207,12 @@ fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<
     info.insert("size".to_owned(), json!(size));
     info.insert("appended".to_owned(), json!(args.append));
     Ok(ToolOutput::object(info))
+}
+
+/// Whether `err` says the file system (the session's own, under the `fs` disk quota) is full.
+fn is_full(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::StorageFull
+        || err.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 /// How a write changes the workspace's usage.
