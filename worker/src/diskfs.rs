@@ -45,6 +45,8 @@ pub enum DiskQuotaMode {
 
 /// Bytes of inode table per file (mkfs.ext4's default inode size).
 const INODE_BYTES: u64 = 256;
+/// Free bytes below which a session's file system counts as full.
+pub const FULL_BELOW: u64 = 1 << 20;
 /// Fixed room for the superblock, group descriptors and the root directory.
 const FIXED_BYTES: u64 = 8 << 20;
 
@@ -202,6 +204,14 @@ impl DiskFs {
         }
     }
 
+    /// Unmounts `path` (lazily when busy), keeping the image for the next [`DiskFs::attach`].
+    pub fn release(&self, path: &Path) -> Result<(), Error> {
+        if is_mountpoint(path).unwrap_or(false) {
+            unmount(path)?;
+        }
+        Ok(())
+    }
+
     /// Creates the sparse image and its file system.
     fn make(&self, image: &Path) -> Result<(), Error> {
         let file = std::fs::OpenOptions::new()
@@ -291,8 +301,9 @@ pub fn full(path: &Path) -> Option<&'static str> {
     {
         (bytes, inodes, _) = free()?;
     }
-    // Less than 64 KiB free: a writer hit the end (ext4 hands out blocks of 1-4 KiB).
-    if bytes < 64 << 10 {
+    // Less than 1 MiB free: a writer hit the end (delayed allocation and parallel writers
+    // can leave a little unused when the first ENOSPC comes).
+    if bytes < FULL_BELOW {
         Some("disk_bytes")
     } else if inodes == 0 {
         Some("files")

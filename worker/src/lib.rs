@@ -224,6 +224,9 @@ pub async fn serve(
             "background tasks still running at shutdown"
         );
     }
+    // The sessions' file systems are unmounted (their images stay: the next start mounts them
+    // again), so a stopped worker leaves no mounts behind.
+    state.sessions.unmount_all().await;
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)
 }

@@ -328,6 +328,26 @@ impl Sessions {
         Ok(ws)
     }
 
+    /// Unmounts every session's file system, keeping the images (a stopping worker; the next
+    /// start mounts them again when it adopts the sessions).
+    pub async fn unmount_all(&self) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let paths: Vec<PathBuf> = self.read().values().map(|ws| ws.path.clone()).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            for path in paths {
+                if let Err(err) = disk.release(&path) {
+                    warn!(path = %path.display(), error = %err, "cannot unmount a session's file system");
+                }
+            }
+        })
+        .await;
+        if let Err(err) = done {
+            warn!(error = %err, "unmount task failed");
+        }
+    }
+
     /// Ids of the open sessions, sorted.
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.read().keys().map(ToString::to_string).collect();
