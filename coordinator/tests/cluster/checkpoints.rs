@@ -607,7 +607,10 @@ async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
     populate(&ws);
     let original = tree(&ws);
     let cp = c.create(&session.id).await.expect("checkpoint");
-    assert_eq!(cp.file_count, 8, "nothing of the file system itself is captured");
+    assert_eq!(
+        cp.file_count, 8,
+        "nothing of the file system itself is captured"
+    );
 
     write(&ws, "README.md", b"# plan\nvault at NOON\n", 0o644);
     std::fs::remove_dir_all(ws.join("empty")).expect("rm dir");

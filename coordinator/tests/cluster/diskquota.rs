@@ -63,7 +63,11 @@ impl Lab {
     async fn sh(&mut self, session: &str, script: &str) -> Result<String, tonic::Status> {
         let resp = self
             .client
-            .call(session, "exec", json!({"command": script, "timeout_s": 120}))
+            .call(
+                session,
+                "exec",
+                json!({"command": script, "timeout_s": 120}),
+            )
             .await?;
         assert!(!resp.is_error, "{script}: {}", structured(&resp));
         Ok(structured(&resp)["stdout"]
@@ -73,7 +77,11 @@ impl Lab {
     }
 
     fn images(&self) -> PathBuf {
-        self.worker.base_workspace.parent().expect("parent").join("disk-images")
+        self.worker
+            .base_workspace
+            .parent()
+            .expect("parent")
+            .join("disk-images")
     }
 }
 
@@ -102,14 +110,29 @@ async fn parallel_writers_and_unlinked_files_cannot_pass_the_file_system_quota()
 
     // Four processes write 10 MiB each at once (each file is under RLIMIT_FSIZE; together 40
     // MiB against 16 MiB): the kernel stops them, and the exec says which quota.
-    let writers = "pids=''
-for i in 1 2 3 4; do head -c 10485760 /dev/zero > w$i & pids=\"$pids $!\"; done
-for p in $pids; do wait $p; done";
-    let err = lab.sh(&s, writers).await.expect_err("over the quota");
+    let writers = "import os
+for i in range(4):
+    if os.fork() == 0:
+        try:
+            with open('w%d' % i, 'wb') as f:
+                for _ in range(10):
+                    f.write(b'x' * (1 << 20))
+                    f.flush()
+        except OSError:
+            os._exit(1)
+        os._exit(0)
+failed = sum(os.wait()[1] != 0 for _ in range(4))
+print(failed)
+";
+    let err = lab
+        .client
+        .call(&s, "run.python", json!({"code": writers, "timeout_s": 120}))
+        .await
+        .expect_err("over the quota");
     assert_disk_bytes(&err);
     assert!(err.message().contains("ENOSPC"), "{}", err.message());
     let total: u64 = lab
-        .sh(&s, "cat w1 w2 w3 w4 | wc -c")
+        .sh(&s, "cat w0 w1 w2 w3 | wc -c")
         .await
         .expect("size")
         .trim()
@@ -119,44 +142,44 @@ for p in $pids; do wait $p; done";
     assert!(total >= QUOTA, "{total} bytes: the quota itself must fit");
 
     // The session is usable again once files are deleted.
-    lab.sh(&s, "rm w1 w2 w3 w4 && head -c 1048576 /dev/zero > again")
+    lab.sh(&s, "rm w0 w1 w2 w3").await.expect("delete");
+    lab.sh(&s, "head -c 1048576 /dev/zero > again")
         .await
         .expect("write after delete");
     lab.client
-        .call(&s, "fs.write", json!({"path": "note.txt", "content": "still here"}))
+        .call(
+            &s,
+            "fs.write",
+            json!({"path": "note.txt", "content": "still here"}),
+        )
         .await
         .expect("fs.write after delete");
 
     // Four processes each fill a file they unlinked first and hold it open: no walk sees
     // them, and still together they cannot store more than the file system holds.
     let ghosts = "import os
-total = 0
-readers = []
+go_r, go_w = os.pipe()
+report_r, report_w = os.pipe()
 for i in range(4):
-    r, w = os.pipe()
     if os.fork() == 0:
+        os.close(go_w)
         fd = os.open('ghost%d' % i, os.O_CREAT | os.O_WRONLY)
         os.unlink('ghost%d' % i)
-        n = 0
         try:
             for _ in range(10):
-                n += os.write(fd, b'x' * (1 << 20))
+                os.write(fd, b'x' * (1 << 20))
         except OSError:
             pass
-        os.fsync(fd)
-        n = os.fstat(fd).st_size
-        os.write(w, b'%d\\n' % n)
-        os.read(r, 1)  # held open until the parent has counted
+        os.write(report_w, b'%d\\n' % os.fstat(fd).st_size)
+        os.read(go_r, 1)  # the file stays open until the parent has counted
         os._exit(0)
-    readers.append((r, w))
-sizes = []
-for r, w in readers:
-    sizes.append(int(os.read(r, 64).split()[0]))
-for r, w in readers:
-    os.close(w)
-for _ in readers:
+got = b''
+while got.count(b'\\n') < 4:
+    got += os.read(report_r, 4096)
+os.close(go_w)
+for _ in range(4):
     os.wait()
-print(sum(sizes))
+print(sum(int(n) for n in got.split()))
 ";
     let resp = lab
         .client
@@ -169,14 +192,20 @@ print(sum(sizes))
         .trim()
         .parse()
         .expect("number");
-    assert!(held <= bound, "{held} bytes held in unlinked files, bound {bound}");
+    assert!(
+        held <= bound,
+        "{held} bytes held in unlinked files, bound {bound}"
+    );
     assert!(held >= QUOTA - (2 << 20), "{held}: the free space was used");
     assert_eq!(lab.sh(&s, "cat note.txt").await.expect("cat"), "still here");
 
     lab.client.close_session(&s).await.expect("close");
     assert!(!mounted(&ws), "a closed session's file system is unmounted");
     assert!(!ws.exists(), "its workspace is removed");
-    assert!(!lab.images().join(format!("{s}.img")).exists(), "its image is deleted");
+    assert!(
+        !lab.images().join(format!("{s}.img")).exists(),
+        "its image is deleted"
+    );
     lab.worker.stop().await;
     lab.coord.stop().await;
 }
@@ -194,7 +223,10 @@ async fn closing_removes_the_file_system_and_a_restarted_worker_mounts_it_again(
 
     lab.client.close_session(&gone).await.expect("close");
     assert!(!mounted(&gone_ws), "no mount left");
-    assert!(!image(images.parent().expect("parent"), &gone).exists(), "no image left");
+    assert!(
+        !image(images.parent().expect("parent"), &gone).exists(),
+        "no image left"
+    );
 
     // A stopped worker unmounts (the image stays); the next start mounts it again.
     let Lab {

@@ -188,13 +188,14 @@ pub async fn collect(
     // The final measurement: it also refreshes the cache the next command and fs.write use.
     let after = measure(&job.root, watch.quotas, None).await?;
     watch.usage.set(after);
+    if over.is_none()
+        && !full_before
+        && let Some(quota) = filled.or_else(|| diskfs::full(&job.root))
+    {
+        return Err(filled_error(quota, watch.quotas));
+    }
     if over.is_none() {
         over = grown_over(after, watch.before, watch.quotas);
-    }
-    if over.is_none() && !full_before {
-        if let Some(quota) = filled.or_else(|| diskfs::full(&job.root)) {
-            return Err(filled_error(quota, watch.quotas));
-        }
     }
     if over.is_none() && exit.signal == Some(SIGXFSZ) {
         over = Some((
