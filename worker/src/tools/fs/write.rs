@@ -381,6 +381,58 @@ mod quota_tests {
     };
 
     #[tokio::test]
+    async fn a_write_into_a_full_session_file_system_names_the_disk_quota() {
+        use std::io::Write as _;
+
+        use crate::{diskfs, sessions::Workspace};
+        let quotas = Quotas {
+            disk_bytes: 8 << 20,
+            files: 100,
+            ..Quotas::default()
+        };
+        let (tmp, mut ctx) = context();
+        let Some(disk) = diskfs::DiskFs::start(
+            diskfs::DiskQuotaMode::Auto,
+            &tmp.path().join("img"),
+            &quotas,
+        )
+        .expect("start") else {
+            eprintln!("skipped: this host cannot loop-mount (not root?)");
+            return;
+        };
+        let id = heist_proto::ids::SessionId::parse("s-full").expect("id");
+        let ws = tmp.path().join("s-full");
+        std::fs::create_dir(&ws).expect("mkdir");
+        disk.attach(&id, &ws).expect("attach");
+        ctx.workspace = Arc::new(Workspace::open(id.clone(), ws.clone()).expect("open"));
+        // A file nobody can see (unlinked, held open) fills the file system: the walk-based
+        // check lets the write through, the kernel does not.
+        let mut ghost = std::fs::File::create(ws.join("ghost")).expect("ghost");
+        std::fs::remove_file(ws.join("ghost")).expect("unlink");
+        loop {
+            while ghost.write_all(&[0u8; 4096]).is_ok() {}
+            ghost.sync_all().ok();
+            if ghost.write_all(&[0u8; 1]).is_err() {
+                break;
+            }
+        }
+        let err = run(
+            &ctx,
+            "fs.write",
+            json!({"path": "a", "content": "x".repeat(1000)}),
+        )
+        .await
+        .expect_err("the file system is full");
+        assert!(
+            matches!(&err, Error::LimitExceeded { limit: "disk_bytes", message } if message.contains("ENOSPC")),
+            "{err:?}"
+        );
+        drop(ghost);
+        drop(ctx);
+        disk.detach(&id, &ws).expect("detach");
+    }
+
+    #[tokio::test]
     async fn writes_stay_within_the_disk_and_file_quotas() {
         let (_tmp, mut ctx) = context();
         ctx.sandbox = Arc::new(Sandbox::disabled(
