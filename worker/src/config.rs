@@ -66,6 +66,12 @@ pub struct Config {
     pub quotas: Quotas,
     /// Where the cgroup file system is mounted (HEIST_CGROUP_ROOT); `None`: no cgroups.
     pub cgroup_root: Option<PathBuf>,
+    /// How the disk quota is enforced (HEIST_DISK_QUOTA): a file system per session (`fs`),
+    /// polling, or `auto` (the file system where the host allows it). Default `auto`.
+    pub disk_quota: crate::diskfs::DiskQuotaMode,
+    /// Where the sessions' disk images live under the `fs` disk quota (HEIST_DISK_IMAGE_DIR).
+    /// `None` means `BASE_WORKSPACE/../disk-images`.
+    pub disk_image_dir: Option<PathBuf>,
     /// The fs tools' bounded pool (HEIST_FS_POOL_THREADS, HEIST_FS_POOL_PER_SESSION,
     /// HEIST_FS_OP_TIMEOUT_S).
     pub fs_pool: crate::tools::PoolLimits,
@@ -122,6 +128,8 @@ impl Default for Config {
             quota_poll_interval: Duration::from_millis(500),
             quotas: Quotas::default(),
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+            disk_quota: crate::diskfs::DiskQuotaMode::Auto,
+            disk_image_dir: None,
             fs_pool: crate::tools::PoolLimits::default(),
             blob_cache_dir: None,
             blob_cache_bytes: 2 << 30,

@@ -28,6 +28,7 @@ mod backoff;
 pub mod checkpoint;
 pub mod config;
 mod control;
+pub mod diskfs;
 mod error;
 mod inflight;
 mod lifecycle;
@@ -89,15 +90,24 @@ pub async fn serve(
         .map_err(|s| Error::Config(format!("WORKER_ID: {}", s.message())))?;
 
     checkpoint::clean_leftovers(&config.base_workspace);
-    let sessions = Sessions::load(&config.base_workspace, config.max_sessions).await?;
+    let disk = diskfs::DiskFs::start(
+        config.disk_quota,
+        &diskfs::image_dir(&config),
+        &config.quotas,
+    )?
+    .map(Arc::new);
+    let disk_fs = disk.is_some();
+    let sessions =
+        Sessions::load_with_disk(&config.base_workspace, config.max_sessions, disk).await?;
     let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
     let agent_states = Arc::new(agent::AgentStates::new());
     let tools = Registry::new(tools::builtin_tools(
         &agent_states,
         tools::AgentToolLimits::default(),
     ))?;
-    let sandbox =
-        Arc::new(sandbox::Sandbox::start(sandbox_settings(&config, sessions.base())).await);
+    let sandbox = Arc::new(
+        sandbox::Sandbox::start(sandbox_settings(&config, sessions.base(), disk_fs)).await,
+    );
     let limits = Limits {
         max_file_bytes: config.max_file_bytes,
         max_list_entries: config.max_list_entries,
@@ -219,6 +229,9 @@ pub async fn serve(
             "background tasks still running at shutdown"
         );
     }
+    // The sessions' file systems are unmounted (their images stay: the next start mounts them
+    // again), so a stopped worker leaves no mounts behind.
+    state.sessions.unmount_all().await;
     info!(worker_id = %worker_id, "worker stopped");
     served.map_err(Error::from)
 }
@@ -253,7 +266,7 @@ fn agent_host(
 }
 
 /// The sandbox part of the configuration.
-fn sandbox_settings(config: &Config, base: &std::path::Path) -> sandbox::Settings {
+fn sandbox_settings(config: &Config, base: &std::path::Path, disk_fs: bool) -> sandbox::Settings {
     sandbox::Settings {
         mode: config.sandbox,
         helper: config.sandbox_helper.clone(),
@@ -267,6 +280,7 @@ fn sandbox_settings(config: &Config, base: &std::path::Path) -> sandbox::Setting
         cgroup_root: config.cgroup_root.clone(),
         cgroup_name: sandbox::cgroup_name(&config.worker_id, base),
         fs_pool: config.fs_pool,
+        disk_fs,
     }
 }
 

@@ -4,14 +4,15 @@
 //!
 //! | owner | comes into use (open, adopt) | leaves (close, evict) |
 //! |---|---|---|
-//! | workspace ([`crate::sessions`]) | directory created, capability opened | commands told to stop, directory removed |
+//! | workspace ([`crate::sessions`]) | directory created, its file system mounted ([`crate::diskfs`], `fs` disk quota), capability opened | commands told to stop, file system unmounted and image deleted, directory removed |
 //! | usage cache, running commands | live in the workspace (fresh on open, restore) | dropped with it |
 //! | sandbox backend | [`crate::sandbox::Sandbox::open_session`] | [`crate::sandbox::Sandbox::close_session`] |
 //! | checkpoint stat cache | filled on the first capture | forgotten |
 //! | agent state ([`crate::turns`]) | loaded from its file (if saved) | turns cancelled, state and file removed |
 //!
 //! A restore replaces the workspace in place (`Sessions::swap_workspace`): a fresh capability,
-//! usage cache and command set; the backend keeps the session.
+//! usage cache and command set; the backend keeps the session. A workspace that is its own file
+//! system is restored inside it (its contents are swapped; a mountpoint cannot be renamed).
 
 use std::{path::Path, sync::Arc};
 

@@ -26,7 +26,7 @@ use heist_proto::ids::SessionId;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{Error, quota::UsageCache, sandbox::RunningCommands};
+use crate::{Error, diskfs::DiskFs, quota::UsageCache, sandbox::RunningCommands};
 
 /// One session's workspace, opened once as a directory capability.
 pub struct Workspace {
@@ -150,15 +150,29 @@ pub struct Sessions {
     open: RwLock<HashMap<SessionId, Arc<Workspace>>>,
     lifecycle: tokio::sync::Mutex<()>,
     draining: AtomicBool,
+    /// Per-session file systems (the disk quota), when the worker uses them.
+    disk: Option<Arc<DiskFs>>,
 }
 
 impl Sessions {
     /// Creates `base` if needed and adopts the workspaces already in it.
     pub async fn load(base: &Path, max: u32) -> Result<Self, Error> {
+        Self::load_with_disk(base, max, None).await
+    }
+
+    /// [`Sessions::load`], giving every workspace its own file system from `disk` (adopted
+    /// workspaces get theirs mounted again before they are opened).
+    pub async fn load_with_disk(
+        base: &Path,
+        max: u32,
+        disk: Option<Arc<DiskFs>>,
+    ) -> Result<Self, Error> {
         let base = base.to_path_buf();
-        let (base, adopted) = tokio::task::spawn_blocking(move || adopt(&base))
-            .await
-            .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let for_adopt = disk.clone();
+        let (base, adopted) =
+            tokio::task::spawn_blocking(move || adopt(&base, for_adopt.as_deref()))
+                .await
+                .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
         if !adopted.is_empty() {
             info!(count = adopted.len(), base = %base.display(), "adopted existing workspaces");
         }
@@ -172,6 +186,7 @@ impl Sessions {
             open: RwLock::new(open),
             lifecycle: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
+            disk,
         })
     }
 
@@ -211,10 +226,17 @@ impl Sessions {
             return Err(Error::Full { max: self.max });
         }
         let path = self.base.join(id.as_str());
-        let dir = path.clone();
-        tokio::task::spawn_blocking(move || create_dir(&dir))
-            .await
-            .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
+        let (dir, disk, owned) = (path.clone(), self.disk.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            create_dir(&dir)?;
+            // The file system goes on before the directory is opened as a capability.
+            match disk {
+                Some(disk) => disk.attach(&owned, &dir),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
         hooks.opening(&id, &path).await?;
         let ws = tokio::task::spawn_blocking(move || {
             Workspace::open(id, path.clone()).map_err(|source| Error::Workspace { path, source })
@@ -237,14 +259,22 @@ impl Sessions {
             ws.closed.cancel();
         }
         let was_open = removed.is_some();
+        // Our own handle on the directory goes before its file system is unmounted.
+        drop(removed);
         let path = self.base.join(id.as_str());
         if let Err(err) = hooks.closing(id, &path).await {
             warn!(session_id = %id, error = %err, "a session owner failed to let go of the session");
         }
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&path) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(Error::Workspace { path, source }),
+        let (disk, owned) = (self.disk.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Some(disk) = disk {
+                disk.detach(&owned, &path)?;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(Error::Workspace { path, source }),
+            }
         })
         .await
         .map_err(|e| Error::Internal(format!("workspace task failed: {e}")))??;
@@ -269,10 +299,16 @@ impl Sessions {
                 path: path.clone(),
                 source,
             };
-            std::fs::rename(&path, &trash).map_err(failed)?;
-            if let Err(err) = std::fs::rename(&staging, &path) {
-                let _ = std::fs::rename(&trash, &path);
-                return Err(failed(err));
+            if staging.parent() == Some(path.as_path()) {
+                // The workspace is its own file system (a mountpoint cannot be renamed): the
+                // tree was built inside it and the contents are swapped instead.
+                swap_contents(&path, &staging, &trash).map_err(failed)?;
+            } else {
+                std::fs::rename(&path, &trash).map_err(failed)?;
+                if let Err(err) = std::fs::rename(&staging, &path) {
+                    let _ = std::fs::rename(&trash, &path);
+                    return Err(failed(err));
+                }
             }
             Workspace::open(owned, path.clone()).map_err(failed)
         })
@@ -290,6 +326,26 @@ impl Sessions {
             old.closed().cancel();
         }
         Ok(ws)
+    }
+
+    /// Unmounts every session's file system, keeping the images (a stopping worker; the next
+    /// start mounts them again when it adopts the sessions).
+    pub async fn unmount_all(&self) {
+        let Some(disk) = self.disk.clone() else {
+            return;
+        };
+        let paths: Vec<PathBuf> = self.read().values().map(|ws| ws.path.clone()).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            for path in paths {
+                if let Err(err) = disk.release(&path) {
+                    warn!(path = %path.display(), error = %err, "cannot unmount a session's file system");
+                }
+            }
+        })
+        .await;
+        if let Err(err) = done {
+            warn!(error = %err, "unmount task failed");
+        }
     }
 
     /// Ids of the open sessions, sorted.
@@ -328,8 +384,47 @@ impl Sessions {
     }
 }
 
+/// Replaces the contents of `root` with those of `staging` (a directory in `root`): every other
+/// entry of `root` is moved into `trash` (created in `root`), then every entry of `staging` into
+/// `root`, which takes `staging`'s permissions; `staging` is removed. If a move fails, what was
+/// moved is moved back. The caller removes `trash`.
+fn swap_contents(root: &Path, staging: &Path, trash: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let skip = |name: &std::ffi::OsStr| {
+        Some(name) == staging.file_name() || Some(name) == trash.file_name()
+    };
+    let names = |dir: &Path| -> io::Result<Vec<std::ffi::OsString>> {
+        std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .filter(|n| n.as_ref().map_or(true, |n| !skip(n)))
+            .collect()
+    };
+    let move_all = |names: &[std::ffi::OsString], from: &Path, to: &Path| -> io::Result<usize> {
+        for (done, name) in names.iter().enumerate() {
+            if let Err(err) = std::fs::rename(from.join(name), to.join(name)) {
+                for back in &names[..done] {
+                    let _ = std::fs::rename(to.join(back), from.join(back));
+                }
+                return Err(err);
+            }
+        }
+        Ok(names.len())
+    };
+    std::fs::create_dir(trash)?;
+    let old = names(root)?;
+    move_all(&old, root, trash)?;
+    let new = names(staging)?;
+    if let Err(err) = move_all(&new, staging, root) {
+        let _ = move_all(&old, trash, root);
+        return Err(err);
+    }
+    let mode = std::fs::metadata(staging)?.permissions().mode();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode))?;
+    std::fs::remove_dir(staging)
+}
+
 /// Creates `base` if needed and opens every session directory in it.
-fn adopt(base: &Path) -> Result<(PathBuf, Vec<Workspace>), Error> {
+fn adopt(base: &Path, disk: Option<&DiskFs>) -> Result<(PathBuf, Vec<Workspace>), Error> {
     std::fs::create_dir_all(base).map_err(|e| {
         Error::io(
             format!("cannot create BASE_WORKSPACE {}", base.display()),
@@ -353,7 +448,14 @@ fn adopt(base: &Path) -> Result<(PathBuf, Vec<Workspace>), Error> {
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         let id = name.to_str().and_then(|n| SessionId::parse(n).ok());
         match (is_dir, id) {
-            (true, Some(id)) => match Workspace::open(id, path.clone()) {
+            (true, Some(id)) => match disk
+                .map_or(Ok(()), |disk| disk.attach(&id, &path))
+                .and_then(|()| {
+                    Workspace::open(id, path.clone()).map_err(|source| Error::Workspace {
+                        path: path.clone(),
+                        source,
+                    })
+                }) {
                 Ok(ws) => adopted.push(ws),
                 Err(err) => {
                     warn!(path = %path.display(), error = %err, "cannot adopt workspace; skipping it")

@@ -37,6 +37,7 @@ async fn lab(mode: Mode, quotas: Quotas) -> Lab {
         // Unique per lab: a worker sweeps its own id's cgroups at start.
         cgroup_name: heist_worker::sandbox::cgroup_name("lab", tmp.path()),
         fs_pool: heist_worker::tools::PoolLimits::default(),
+        disk_fs: false,
     })
     .await;
     Lab {

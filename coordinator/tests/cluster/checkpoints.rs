@@ -126,6 +126,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(workers: usize, tune: impl FnOnce(&mut heist_coordinator::Config)) -> Self {
+        Self::start_with(workers, tune, None).await
+    }
+
+    async fn start_with(
+        workers: usize,
+        tune: impl FnOnce(&mut heist_coordinator::Config),
+        worker_config: Option<fn(&mut heist_worker::Config)>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("coordinator");
         let mut config = coordinator_config(&data_dir);
@@ -134,7 +142,10 @@ impl Cluster {
         let mut started = Vec::new();
         for i in 1..=workers {
             let id = format!("w{i}");
-            let opts = WorkerOpts::new(&id).label("w", &i.to_string());
+            let mut opts = WorkerOpts::new(&id).label("w", &i.to_string());
+            if let Some(configure) = worker_config {
+                opts = opts.configure(configure);
+            }
             started
                 .push(Worker::start(&coordinator.url(), &dir.path().join("workers"), opts).await);
         }
@@ -571,5 +582,77 @@ async fn checkpoints_survive_a_coordinator_restart() {
     );
     let next = c.create(&session.id).await.expect("checkpoint");
     assert_eq!(next.parent_id, labelled.id, "lineage survived the restart");
+    c.stop().await;
+}
+
+fn disk_fs(config: &mut heist_worker::Config) {
+    config.disk_quota = heist_worker::diskfs::DiskQuotaMode::Fs;
+    config.quotas.disk_bytes = 32 << 20;
+}
+
+/// Whether `path` is a mountpoint (per /proc/self/mountinfo).
+fn mounted(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(path.to_str().expect("utf-8")))
+}
+
+#[tokio::test]
+async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
+    let mut c = Cluster::start_with(2, |_| {}, Some(disk_fs)).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    assert!(mounted(&ws), "{} is not its own file system", ws.display());
+    populate(&ws);
+    let original = tree(&ws);
+    let cp = c.create(&session.id).await.expect("checkpoint");
+    assert_eq!(
+        cp.file_count, 8,
+        "nothing of the file system itself is captured"
+    );
+
+    write(&ws, "README.md", b"# plan\nvault at NOON\n", 0o644);
+    std::fs::remove_dir_all(ws.join("empty")).expect("rm dir");
+    write(&ws, "created-later.txt", b"should vanish", 0o644);
+    assert_ne!(tree(&ws), original);
+
+    // In place: the mountpoint stays, its contents are swapped, nothing is left aside.
+    c.restore(&cp.id, "").await.expect("restore");
+    assert_eq!(tree(&ws), original);
+    assert!(mounted(&ws));
+    let read = c
+        .client
+        .call(&session.id, "fs.read", json!({"path": "README.md"}))
+        .await
+        .expect("read");
+    assert_eq!(text_of(&read), "# plan\nvault at 3am\n");
+    let left: Vec<_> = std::fs::read_dir(&ws)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".heist-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The quota still holds after the restore.
+    let err = c
+        .client
+        .call(
+            &session.id,
+            "exec",
+            json!({"command": "head -c 100000000 /dev/zero > big"}),
+        )
+        .await
+        .expect_err("over the quota");
+    assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
+
+    // Fork onto worker 2: a new session, its own file system, the same tree.
+    let fork = c.fork(&cp.id, &[("w", "2")]).await.expect("fork");
+    assert_eq!(fork.worker_id, "w2");
+    let forked = c.workspace(&fork);
+    assert!(mounted(&forked));
+    assert_eq!(tree(&forked), original);
+    c.client.close_session(&fork.id).await.expect("close");
+    c.client.close_session(&session.id).await.expect("close");
+    assert!(!mounted(&forked) && !mounted(&ws));
     c.stop().await;
 }

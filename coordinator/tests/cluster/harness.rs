@@ -176,6 +176,13 @@ impl Worker {
             reconnect_max: Duration::from_millis(200),
             drain_timeout: Duration::from_secs(10),
             sandbox_helper: Some(sibling_binary("heist-sandbox")),
+            // Tests that need the per-session file systems ask for them; the rest poll, so a
+            // crashed or stopped test worker leaves no mounts. HEIST_TEST_DISK_QUOTA=fs runs
+            // them all with it.
+            disk_quota: match std::env::var("HEIST_TEST_DISK_QUOTA").as_deref() {
+                Ok("fs") => heist_worker::diskfs::DiskQuotaMode::Fs,
+                _ => heist_worker::diskfs::DiskQuotaMode::Polling,
+            },
             ..heist_worker::Config::default()
         };
         if let Some(configure) = opts.configure {

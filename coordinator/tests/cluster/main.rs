@@ -3,6 +3,7 @@
 
 mod auth;
 mod checkpoints;
+mod diskquota;
 mod durability;
 mod ecosystem;
 mod escape;

@@ -297,10 +297,16 @@ impl Checkpointer {
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
             .unwrap_or(0o755);
         let tag = format!("{id}-{}", uuid::Uuid::new_v4().simple());
-        let staging = sessions
-            .base()
-            .join(format!("{PRIVATE_PREFIX}staging-{tag}"));
-        let trash = sessions.base().join(format!("{PRIVATE_PREFIX}trash-{tag}"));
+        // A workspace that is its own file system (the disk quota) is restored inside it: the
+        // tree is built there and swapped in by moving entries, not by renaming the mountpoint.
+        let own_fs = crate::diskfs::is_mountpoint(workspace.path()).unwrap_or(false);
+        let aside = if own_fs {
+            workspace.path()
+        } else {
+            sessions.base()
+        };
+        let staging = aside.join(format!("{PRIVATE_PREFIX}staging-{tag}"));
+        let trash = aside.join(format!("{PRIVATE_PREFIX}trash-{tag}"));
 
         let built = self
             .build(&staging, manifest, old_root, stat.clone(), root_mode, begun)
@@ -320,7 +326,11 @@ impl Checkpointer {
             let _ = tokio::task::spawn_blocking(move || restore::remove_tree(&staging)).await;
             return Err(err);
         }
-        tokio::task::spawn_blocking(move || restore::remove_tree(&trash));
+        let removal = tokio::task::spawn_blocking(move || restore::remove_tree(&trash));
+        if own_fs {
+            // The trash is in the workspace (and takes its quota): gone before anyone looks.
+            let _ = removal.await;
+        }
         *stat.lock().unwrap_or_else(PoisonError::into_inner) = new_stat;
 
         if let Ok(ws) = sessions.get(id)

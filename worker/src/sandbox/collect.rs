@@ -3,7 +3,9 @@
 //! full pipe) and forwarded live; the wall-clock timeout sends SIGTERM, then SIGKILL after the
 //! grace; the workspace is measured every poll interval (with the files the command's processes
 //! hold open after unlinking them) and once more at the end, and a command that takes it over a
-//! disk quota is killed and reported as RESOURCE_EXHAUSTED.
+//! disk quota is killed and reported as RESOURCE_EXHAUSTED. Under the file-system quota
+//! (`diskfs`) a command that fills its workspace's file system (its writes got ENOSPC) is
+//! reported the same way.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,7 +20,7 @@ use super::{
     Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, OutputSink, Stream, admit::quota_error,
 };
 use crate::{
-    Error,
+    Error, diskfs,
     quota::{self, Quotas, Usage, UsageCache},
 };
 
@@ -120,6 +122,10 @@ pub async fn collect(
     let mut stderr = Captured::default();
     let mut timed_out = false;
     let mut over: Option<(&'static str, u64, u64)> = None;
+    // Under the file-system quota the kernel refuses writes past it (ENOSPC): a command that
+    // filled the file system (which was not full before it) is answered as over its quota.
+    let full_before = diskfs::full(&job.root).is_some();
+    let mut filled: Option<&'static str> = None;
     let mut stopping = Stopping::No;
     let mut poll = tokio::time::interval_at(
         TokioInstant::now() + watch.poll_interval,
@@ -164,6 +170,9 @@ pub async fn collect(
                 stopping = Stopping::Killed;
             }
             _ = poll.tick(), if over.is_none() => {
+                if !full_before && filled.is_none() {
+                    filled = diskfs::full(&job.root);
+                }
                 let now = measure(&job.root, watch.quotas, execution.processes()).await?;
                 if let Some(hit) = grown_over(now, watch.before, watch.quotas) {
                     debug!(session_id = %job.session, quota = hit.0, "quota exceeded: killing the command");
@@ -179,6 +188,12 @@ pub async fn collect(
     // The final measurement: it also refreshes the cache the next command and fs.write use.
     let after = measure(&job.root, watch.quotas, None).await?;
     watch.usage.set(after);
+    if over.is_none()
+        && !full_before
+        && let Some(quota) = filled.or_else(|| diskfs::full(&job.root))
+    {
+        return Err(filled_error(quota, watch.quotas));
+    }
     if over.is_none() {
         over = grown_over(after, watch.before, watch.quotas);
     }
@@ -217,6 +232,25 @@ pub async fn collect(
         stdout,
         stderr,
     })
+}
+
+/// RESOURCE_EXHAUSTED for a command that filled its workspace's own file system.
+fn filled_error(quota: &'static str, quotas: &Quotas) -> Error {
+    let what = match quota {
+        "disk_bytes" => format!(
+            "its disk quota of {} bytes (HEIST_QUOTA_DISK_BYTES)",
+            quotas.disk_bytes
+        ),
+        _ => format!("its quota of {} files (HEIST_QUOTA_FILES)", quotas.files),
+    };
+    Error::LimitExceeded {
+        limit: quota,
+        message: format!(
+            "the command filled the session's workspace: {what} is enforced by the file system, \
+             and writes past it failed with ENOSPC (No space left on device); what it wrote is \
+             still there: delete files to make room"
+        ),
+    }
 }
 
 /// RESOURCE_EXHAUSTED for a command whose processes the kernel killed at a memory limit.

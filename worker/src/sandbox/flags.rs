@@ -37,6 +37,15 @@ pub struct SandboxFlags {
     /// Bytes of file content a session's workspace may hold.
     #[arg(long, env = "HEIST_QUOTA_DISK_BYTES", default_value_t = 1 << 30)]
     pub quota_disk_bytes: u64,
+    /// How the disk quota is enforced: `fs` (each session's workspace is its own size-limited
+    /// ext4 file system: a hard limit; needs root, loop devices, mkfs.ext4), `polling` (the
+    /// workspace is measured while commands run) or `auto` (`fs` where the host allows it).
+    #[arg(long, env = "HEIST_DISK_QUOTA", value_enum, default_value_t = crate::diskfs::DiskQuotaMode::Auto)]
+    pub disk_quota: crate::diskfs::DiskQuotaMode,
+    /// Where the per-session disk images are kept under the `fs` disk quota (default:
+    /// BASE_WORKSPACE/../disk-images).
+    #[arg(long, env = "HEIST_DISK_IMAGE_DIR")]
+    pub disk_image_dir: Option<PathBuf>,
     /// Files, directories and symlinks a session's workspace may hold.
     #[arg(long, env = "HEIST_QUOTA_FILES", default_value_t = 100_000)]
     pub quota_files: u64,
@@ -136,6 +145,8 @@ impl SandboxFlags {
             session_cpu_percent: self.quota_session_cpu_percent,
             cpu_weight: self.quota_cpu_weight,
         };
+        config.disk_quota = self.disk_quota;
+        config.disk_image_dir = self.disk_image_dir.filter(|p| !p.as_os_str().is_empty());
         config.cgroup_root = Some(self.cgroup_root)
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
@@ -171,6 +182,8 @@ mod tests {
         assert_eq!(config.quota_poll_interval, defaults.quota_poll_interval);
         assert_eq!(config.fs_pool, defaults.fs_pool);
         assert_eq!(config.cgroup_root, defaults.cgroup_root);
+        assert_eq!(config.disk_quota, defaults.disk_quota);
+        assert_eq!(config.disk_image_dir, defaults.disk_image_dir);
         assert_eq!(
             (config.sandbox_uid, config.sandbox_gid),
             (defaults.sandbox_uid, defaults.sandbox_gid)

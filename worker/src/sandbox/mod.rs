@@ -99,6 +99,9 @@ pub struct Settings {
     pub cgroup_name: String,
     /// The pool the fs tools run their filesystem work on.
     pub fs_pool: PoolLimits,
+    /// Whether every session's workspace is its own size-limited file system (the disk quota
+    /// is then enforced by the kernel: `disk-quota:fs`), else it is polled.
+    pub disk_fs: bool,
 }
 
 /// The name of a worker's cgroup subtree: its id and a digest of its workspace directory, so
@@ -240,9 +243,13 @@ impl Selected {
             Self::Process(mut backend) => {
                 backend.set_read_only(system_paths);
                 isolation.push(backend.use_cgroups(settings).await);
-                // The disk quota is measured (walks, plus unlinked-but-open files of commands
-                // with a cgroup), not enforced by the file system: say so.
-                isolation.push("disk-quota:polling".to_owned());
+                // Either each workspace is its own size-limited file system, or the disk quota
+                // is measured (walks, plus unlinked-but-open files of commands with a cgroup).
+                isolation.push(if settings.disk_fs {
+                    "disk-quota:fs".to_owned()
+                } else {
+                    "disk-quota:polling".to_owned()
+                });
                 Box::new(backend)
             }
         }
@@ -347,6 +354,7 @@ impl Sandbox {
                 cgroup_root: None,
                 cgroup_name: String::new(),
                 fs_pool: PoolLimits::default(),
+                disk_fs: false,
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),

@@ -183,6 +183,21 @@ fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<
         Ok(Outcome::Written(size)) => size,
         Ok(Outcome::TooBig(size)) => return Err(limit_error(size)),
         Ok(Outcome::Refused(output)) => return Ok(output),
+        Err(err) if is_full(&err) => {
+            // Something the cache did not see filled it (a command's unlinked file): measure
+            // again next time.
+            drop(usage);
+            ws.usage().invalidate();
+            return Err(Error::LimitExceeded {
+                limit: "disk_bytes",
+                message: format!(
+                    "cannot write `{}`: the session's workspace is full; its disk quota of {} \
+                     bytes (HEIST_QUOTA_DISK_BYTES) is enforced by the file system and the \
+                     write got ENOSPC (No space left on device); delete files to make room",
+                    args.path, quotas.disk_bytes
+                ),
+            });
+        }
         Err(err) => return io_failure(&err, &args.path, "write"),
     };
     usage.adjust(change.bytes, change.files);
@@ -192,6 +207,12 @@ fn write(ws: &Workspace, args: Args, limits: Limits, quotas: &Quotas) -> Result<
     info.insert("size".to_owned(), json!(size));
     info.insert("appended".to_owned(), json!(args.append));
     Ok(ToolOutput::object(info))
+}
+
+/// Whether `err` says the file system (the session's own, under the `fs` disk quota) is full.
+fn is_full(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::StorageFull
+        || err.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 /// How a write changes the workspace's usage.
@@ -358,6 +379,58 @@ mod quota_tests {
         sandbox::Sandbox,
         tools::test_support::{context, run},
     };
+
+    #[tokio::test]
+    async fn a_write_into_a_full_session_file_system_names_the_disk_quota() {
+        use std::io::Write as _;
+
+        use crate::{diskfs, sessions::Workspace};
+        let quotas = Quotas {
+            disk_bytes: 8 << 20,
+            files: 100,
+            ..Quotas::default()
+        };
+        let (tmp, mut ctx) = context();
+        let Some(disk) = diskfs::DiskFs::start(
+            diskfs::DiskQuotaMode::Auto,
+            &tmp.path().join("img"),
+            &quotas,
+        )
+        .expect("start") else {
+            eprintln!("skipped: this host cannot loop-mount (not root?)");
+            return;
+        };
+        let id = heist_proto::ids::SessionId::parse("s-full").expect("id");
+        let ws = tmp.path().join("s-full");
+        std::fs::create_dir(&ws).expect("mkdir");
+        disk.attach(&id, &ws).expect("attach");
+        ctx.workspace = Arc::new(Workspace::open(id.clone(), ws.clone()).expect("open"));
+        // A file nobody can see (unlinked, held open) fills the file system: the walk-based
+        // check lets the write through, the kernel does not.
+        let mut ghost = std::fs::File::create(ws.join("ghost")).expect("ghost");
+        std::fs::remove_file(ws.join("ghost")).expect("unlink");
+        loop {
+            while ghost.write_all(&[0u8; 4096]).is_ok() {}
+            ghost.sync_all().ok();
+            if ghost.write_all(&[0u8; 1]).is_err() {
+                break;
+            }
+        }
+        let err = run(
+            &ctx,
+            "fs.write",
+            json!({"path": "a", "content": "x".repeat(1000)}),
+        )
+        .await
+        .expect_err("the file system is full");
+        assert!(
+            matches!(&err, Error::LimitExceeded { limit: "disk_bytes", message } if message.contains("ENOSPC")),
+            "{err:?}"
+        );
+        drop(ghost);
+        drop(ctx);
+        disk.detach(&id, &ws).expect("detach");
+    }
 
     #[tokio::test]
     async fn writes_stay_within_the_disk_and_file_quotas() {
