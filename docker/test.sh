@@ -66,7 +66,7 @@ wait_healthy() {
 wait_workers() {
     local deadline=$((SECONDS + $2)) n
     while :; do
-        n=$(ctl -o json workers ls 2>/dev/null | python3 -c 'import json,sys; print(sum(1 for w in json.load(sys.stdin) if w.get("state")=="READY"))' 2>/dev/null || echo 0)
+        n=$(ctl -o json workers ls 2>/dev/null | python3 -c 'import json,sys; print(sum(1 for w in json.load(sys.stdin) if str(w.get("state","")).lower()=="ready"))' 2>/dev/null || echo 0)
         [ "$n" = "$1" ] && return 0
         [ $SECONDS -ge $deadline ] && fail "expected $1 READY workers, have $n after $2 s"
         sleep 1

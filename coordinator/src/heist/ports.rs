@@ -31,6 +31,16 @@ impl ClusterPorts {
     fn deadline() -> Instant {
         Instant::now() + CALL_TIMEOUT
     }
+
+    /// Closes a game's session (its round checkpoints stay, so the game can still be forked).
+    pub async fn close_session(&self, session: &str) -> Result<(), Error> {
+        let req = convert::CloseSession {
+            session: SessionId::parse(session)?,
+            request_id: None,
+        };
+        lifecycle::close_session(&self.app, &self.principal, Self::deadline(), req).await?;
+        Ok(())
+    }
 }
 
 impl Ports for ClusterPorts {

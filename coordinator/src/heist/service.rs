@@ -398,6 +398,21 @@ impl Heists {
         heists.put(&record)?;
         heists.store.flush().await?;
         info!(game_id = %id, correct, "heist guessed");
+        // The game is over: its session goes (the analysis is kept, the round checkpoints stay
+        // for forks), so finished games do not hold worker slots.
+        let ports = ClusterPorts {
+            app: app.clone(),
+            principal: principal.clone(),
+        };
+        if let Some(session) = record
+            .game
+            .as_ref()
+            .map(|g| g.session_id.clone())
+            .filter(|s| !s.is_empty())
+            && let Err(err) = ports.close_session(&session).await
+        {
+            warn!(game_id = %id, error = %err, "cannot close the finished game's session");
+        }
         Ok(result)
     }
 
