@@ -50,6 +50,49 @@ impl HeistApi {
 
 type Events = BoxStream<'static, Result<HeistEvent, Status>>;
 
+/// What makes a start or a fork apply once: the method, the client's request id, the request.
+struct Once {
+    method: &'static str,
+    request_id: Option<RequestId>,
+    fingerprint: [u8; 32],
+}
+
+impl Once {
+    fn new(method: &'static str, request_id: &str, fingerprint: [u8; 32]) -> Result<Self, Status> {
+        Ok(Self {
+            method,
+            request_id: RequestId::parse_optional(request_id)?,
+            fingerprint,
+        })
+    }
+}
+
+impl HeistApi {
+    /// Runs `begin` (which starts a game and returns its id) once per request id, then streams
+    /// the game: a retry attaches to the game the first call started.
+    async fn once(
+        &self,
+        caller: &crate::Principal,
+        once: Once,
+        begin: impl Future<Output = Result<String, crate::error::Error>> + Send + 'static,
+    ) -> Result<Response<Events>, Status> {
+        let dedup = Dedup::new(&caller.id, once.method, once.request_id, once.fingerprint);
+        let game = runner::run_once(
+            &self.app,
+            dedup,
+            |_, bytes| runner::decode::<Heist>(bytes),
+            async move {
+                Ok(Heist {
+                    id: begin.await?,
+                    ..Default::default()
+                })
+            },
+        )
+        .await?;
+        self.stream(caller, &game.id, 1)
+    }
+}
+
 #[tonic::async_trait]
 impl HeistService for HeistApi {
     type StartHeistStream = Events;
@@ -68,32 +111,17 @@ impl HeistService for HeistApi {
             .field(&req.rounds.to_be_bytes())
             .field(req.model.as_bytes())
             .finish();
-        let dedup = Dedup::new(
-            &caller.id,
-            "StartHeist",
-            RequestId::parse_optional(&req.request_id)?,
-            fingerprint,
-        );
         let (app, who) = (self.app.clone(), caller.clone());
-        let game = runner::run_once(
-            &self.app,
-            dedup,
-            |_, bytes| runner::decode::<Heist>(bytes),
-            async move {
-                let new = NewGame {
-                    seed: req.seed,
-                    rounds: req.rounds,
-                    model: req.model,
-                };
-                let id = Heists::start(&app, &who, new).await?;
-                Ok(Heist {
-                    id,
-                    ..Default::default()
-                })
-            },
-        )
-        .await?;
-        self.stream(&caller, &game.id, 1)
+        let new = NewGame {
+            seed: req.seed,
+            rounds: req.rounds,
+            model: req.model,
+        };
+        let once = Once::new("StartHeist", &req.request_id, fingerprint)?;
+        self.once(&caller, once, async move {
+            Heists::start(&app, &who, new).await
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(game_id = %request.get_ref().game_id))]
@@ -119,33 +147,18 @@ impl HeistService for HeistApi {
             .field(req.model.as_bytes())
             .field(req.note.as_bytes())
             .finish();
-        let dedup = Dedup::new(
-            &caller.id,
-            "ForkHeist",
-            RequestId::parse_optional(&req.request_id)?,
-            fingerprint,
-        );
         let (app, who) = (self.app.clone(), caller.clone());
-        let game = runner::run_once(
-            &self.app,
-            dedup,
-            |_, bytes| runner::decode::<Heist>(bytes),
-            async move {
-                let fork = ForkGame {
-                    game: req.game_id,
-                    round: req.round,
-                    model: req.model,
-                    note: req.note,
-                };
-                let id = Heists::fork(&app, &who, fork).await?;
-                Ok(Heist {
-                    id,
-                    ..Default::default()
-                })
-            },
-        )
-        .await?;
-        self.stream(&caller, &game.id, 1)
+        let fork = ForkGame {
+            game: req.game_id,
+            round: req.round,
+            model: req.model,
+            note: req.note,
+        };
+        let once = Once::new("ForkHeist", &req.request_id, fingerprint)?;
+        self.once(&caller, once, async move {
+            Heists::fork(&app, &who, fork).await
+        })
+        .await
     }
 
     #[instrument(skip_all, fields(game_id = %request.get_ref().game_id))]

@@ -12,6 +12,25 @@ async fn heists(url: &str) -> HeistServiceClient<Channel> {
     HeistServiceClient::new(channel(url).await)
 }
 
+/// A coordinator with two workers, the admin client and a HeistService client.
+async fn cluster(
+    dir: &std::path::Path,
+    config: heist_coordinator::Config,
+) -> (
+    Coordinator,
+    [Worker; 2],
+    Client,
+    HeistServiceClient<Channel>,
+) {
+    let coord = Coordinator::start(config).await;
+    let w1 = Worker::start(&coord.url(), dir, WorkerOpts::new("w1")).await;
+    let w2 = Worker::start(&coord.url(), dir, WorkerOpts::new("w2")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1", "w2"]).await;
+    let heist = heists(&coord.url()).await;
+    (coord, [w1, w2], client, heist)
+}
+
 /// Every event of a game stream, in order.
 async fn drain(mut events: tonic::Streaming<v1::HeistEvent>) -> Vec<v1::HeistEvent> {
     let mut out = Vec::new();
@@ -49,12 +68,7 @@ fn final_messages(events: &[v1::HeistEvent], round: u32) -> Vec<String> {
 async fn a_whole_game_is_played_analyzed_guessed_and_kept_across_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = coordinator_config(&dir.path().join("c"));
-    let coord = Coordinator::start(config.clone()).await;
-    let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
-    let w2 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w2")).await;
-    let mut client = Client::admin(&coord.url()).await;
-    client.wait_ready(&["w1", "w2"]).await;
-    let mut heist = heists(&coord.url()).await;
+    let (coord, [w1, w2], client, mut heist) = cluster(dir.path(), config.clone()).await;
 
     let start = v1::StartHeistRequest {
         seed: 7,
@@ -208,12 +222,8 @@ async fn a_whole_game_is_played_analyzed_guessed_and_kept_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_game_forked_after_round_two_plays_on_differently() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
-    let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
-    let w2 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w2")).await;
-    let mut client = Client::admin(&coord.url()).await;
-    client.wait_ready(&["w1", "w2"]).await;
-    let mut heist = heists(&coord.url()).await;
+    let config = coordinator_config(&dir.path().join("c"));
+    let (coord, [w1, w2], client, mut heist) = cluster(dir.path(), config).await;
 
     let start = v1::StartHeistRequest {
         seed: 11,
