@@ -298,7 +298,7 @@ async fn sandbox_and_fork(
     let script = "echo 'crew of six, one is a mole' > plans/crew.txt && ls plans && \
                   (cat /etc/passwd 2>&1 || echo 'no /etc/passwd in here') | head -1";
     say.step(
-        "Run a command in the session's sandbox (namespaces, Landlock, rlimits)",
+        "Run a command in the session's sandbox (a minimal root, namespaces, seccomp, Landlock, cgroups)",
         &format!("heistctl exec {id} -- sh -c \"{script}\""),
     );
     let ran = show(
