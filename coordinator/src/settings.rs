@@ -8,27 +8,17 @@
 //! left out keeps the layer below. See docs/OPERATIONS.md for an example.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::builder::BoolishValueParser;
+pub use heist_proto::settings::Listen;
+use heist_proto::settings::set;
 use serde::Deserialize;
 
 use crate::{config::Config, error::Error};
-
-/// Keeps `self`'s value where it has one, the lower layer's otherwise, field by field.
-macro_rules! layer_over {
-    ($ty:ident { $($field:ident),* $(,)? }) => {
-        impl $ty {
-            /// `self` over `lower`: each field from `self` when set, else from `lower`.
-            pub fn over(self, lower: Self) -> Self {
-                Self { $($field: self.$field.or(lower.$field)),* }
-            }
-        }
-    };
-}
 
 /// The coordinator's settings (`[coordinator]` in the file); defaults in [`Config`].
 #[derive(Clone, Default, Deserialize, clap::Args)]
@@ -103,7 +93,7 @@ pub struct Settings {
           value_parser = BoolishValueParser::new())]
     pub auto_checkpoint: Option<bool>,
 }
-layer_over!(Settings {
+heist_proto::layer_over!(Settings {
     grpc_port,
     bind_addr,
     log_level,
@@ -167,36 +157,16 @@ impl Settings {
     }
 }
 
-/// Where the process listens and how it logs, resolved from the layers.
-#[derive(Clone, Debug)]
-pub struct Listen {
-    /// The address to bind.
-    pub addr: SocketAddr,
-    /// The log filter.
-    pub log_level: String,
-    /// The log format (text or json).
-    pub log_format: String,
-}
-
 impl Settings {
     /// Where to listen and how to log; the rest of the settings stay for [`Settings::apply`].
     fn listen(&mut self) -> Listen {
-        Listen {
-            addr: SocketAddr::new(
-                self.bind_addr
-                    .take()
-                    .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-                self.grpc_port.take().unwrap_or(50051),
-            ),
-            log_level: self.log_level.take().unwrap_or_else(|| "info".to_owned()),
-            log_format: self.log_format.take().unwrap_or_else(|| "text".to_owned()),
-        }
-    }
-}
-
-fn set<T, V>(field: &mut T, value: Option<V>, convert: impl FnOnce(V) -> T) {
-    if let Some(v) = value {
-        *field = convert(v);
+        Listen::resolve(
+            self.bind_addr.take(),
+            self.grpc_port.take(),
+            50051,
+            self.log_level.take(),
+            self.log_format.take(),
+        )
     }
 }
 

@@ -18,6 +18,7 @@ pub mod json;
 pub mod logging;
 pub mod metadata;
 pub mod scopes;
+pub mod settings;
 pub mod shutdown;
 pub mod token;
 
