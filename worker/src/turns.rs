@@ -24,7 +24,6 @@ use std::{
 use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
     ids::SessionId,
-    json,
     token::Claims,
     v1::{self, turn_event::Event},
 };
@@ -34,10 +33,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     Error,
-    agent::{
-        AgentSpec, AgentState, AgentStates, RegistryRunner, Turn, TurnError, TurnEventKind, TurnId,
-        lock,
-    },
+    agent::{AgentSpec, AgentState, AgentStates, RegistryRunner, Turn, TurnError, TurnId, lock},
     model::{Gateway, GatewayError},
     state::State,
     tools::ToolContext,
@@ -431,7 +427,7 @@ impl Drive {
         let agent = self.spec.name.as_str();
         let pump = async {
             while let Some(event) = rx.recv().await {
-                self.entry.push(agent, convert(event.kind));
+                self.entry.push(agent, event.kind.into_wire());
             }
         };
         let (result, ()) = tokio::join!(turn.run(message), pump);
@@ -452,100 +448,6 @@ impl Drive {
         };
         info!(state = ?end, "turn finished");
         self.entry.push(agent, Event::Finished(end as i32));
-    }
-}
-
-/// An agent event as the wire says it. Gateway notices without a wire variant of their own
-/// (a retry, an open circuit breaker, discarded partial output) are `fallback` lines, so the
-/// numbering stays gap-free.
-fn convert(kind: TurnEventKind) -> Event {
-    let call = |call_id: String, tool: String| v1::ToolCallEvent {
-        call_id,
-        tool,
-        ..Default::default()
-    };
-    match kind {
-        TurnEventKind::Started { message, .. } => Event::Started(message),
-        TurnEventKind::TextDelta { text } => Event::TextDelta(text),
-        TurnEventKind::TextDiscarded { provider, reason } => Event::Fallback(format!(
-            "{provider} failed midway ({reason}): its partial output is discarded"
-        )),
-        TurnEventKind::ModelRetry {
-            provider,
-            attempt,
-            delay_ms,
-            reason,
-        } => Event::Fallback(format!(
-            "{provider}: retry {attempt} in {delay_ms} ms ({reason})"
-        )),
-        TurnEventKind::ModelFallback { from, to, reason } => {
-            Event::Fallback(format!("{from} failed ({reason}): falling back to {to}"))
-        }
-        TurnEventKind::ModelBreakerOpen { provider } => {
-            Event::Fallback(format!("{provider} skipped: its circuit breaker is open"))
-        }
-        TurnEventKind::ModelUsage {
-            provider,
-            model,
-            input_tokens,
-            output_tokens,
-            cost_usd,
-        } => Event::Usage(v1::ModelUsage {
-            provider,
-            model,
-            input_tokens,
-            output_tokens,
-            // Saturating float-to-int conversion of a non-negative amount.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            cost_micros: (cost_usd * 1e6).round() as u64,
-        }),
-        TurnEventKind::ToolCallRequested {
-            call_id,
-            tool,
-            arguments,
-        } => Event::ToolCallRequested(v1::ToolCallEvent {
-            arguments: json::json_to_struct(&arguments),
-            ..call(call_id, tool)
-        }),
-        TurnEventKind::ToolCallDenied {
-            call_id,
-            tool,
-            reason,
-        } => Event::ToolCallFinished(v1::ToolCallEvent {
-            result: Some(text_result(format!("denied: {reason}"), None, true)),
-            ..call(call_id, tool)
-        }),
-        TurnEventKind::ToolCallStarted { call_id, tool } => {
-            Event::ToolCallStarted(call(call_id, tool))
-        }
-        TurnEventKind::ToolCallFinished {
-            call_id,
-            tool,
-            result,
-            structured,
-            is_error,
-        } => Event::ToolCallFinished(v1::ToolCallEvent {
-            result: Some(text_result(result, structured.as_ref(), is_error)),
-            ..call(call_id, tool)
-        }),
-        TurnEventKind::ContextSummarised { summary, .. } => Event::Summary(summary),
-        TurnEventKind::FinalMessage { text } => Event::FinalMessage(text),
-        TurnEventKind::Error { message, .. } => Event::Error(message),
-    }
-}
-
-fn text_result(
-    text: String,
-    structured: Option<&serde_json::Value>,
-    is_error: bool,
-) -> v1::CallToolResponse {
-    v1::CallToolResponse {
-        content: vec![v1::ContentBlock {
-            block: Some(v1::content_block::Block::Text(text)),
-        }],
-        is_error,
-        structured_content: structured.and_then(json::json_to_struct),
-        ..Default::default()
     }
 }
 
