@@ -431,7 +431,7 @@ async fn local_game(seed: u64) -> anyhow::Result<(Duration, Vec<Duration>)> {
     };
     let mut sink = Stamped(Vec::new());
     let start = Instant::now();
-    game::play(&local, plan, &mut sink)
+    game::play(&local, plan, &mut sink, &mut game::Played::default())
         .await
         .context("the in-process heist failed")?;
     Ok((start.elapsed(), turn_times(&sink.0)))

@@ -94,20 +94,25 @@ pub struct Played {
     pub checkpoints: Vec<String>,
 }
 
-/// Plays the rounds. Each turn's events go to `sink` as they come.
-pub async fn play(ports: &dyn Ports, plan: Plan<'_>, sink: &mut dyn Sink) -> Result<Played, Error> {
+/// Plays the rounds. Each turn's events go to `sink` as they come. `played` says how far the
+/// game got, also when it fails midway: the session it opened (which the caller then closes)
+/// and the rounds checkpointed.
+pub async fn play(
+    ports: &dyn Ports,
+    plan: Plan<'_>,
+    sink: &mut dyn Sink,
+    played: &mut Played,
+) -> Result<(), Error> {
     let session = match plan.session.clone() {
         Some(s) => s,
         None => {
             let s = ports.create_session().await?;
+            played.session = s.clone();
             write_target(ports, &s, plan.scenario).await?;
             s
         }
     };
-    let mut played = Played {
-        session: session.clone(),
-        checkpoints: Vec::new(),
-    };
+    played.session = session.clone();
     let mut said: Vec<(String, String)> = Vec::new();
     for round in plan.first_round..=plan.rounds {
         sink.emit(pb::heist_event::Event::RoundStarted(round))?;
@@ -138,7 +143,7 @@ pub async fn play(ports: &dyn Ports, plan: Plan<'_>, sink: &mut dyn Sink) -> Res
             plan: plan_text,
         }))?;
     }
-    Ok(played)
+    Ok(())
 }
 
 /// Writes the blueprints and the security database into the session.

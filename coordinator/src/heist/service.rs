@@ -573,12 +573,21 @@ fn spawn_play(
                     note: &note,
                     session,
                 };
-                match game::play(&ports, plan, &mut sink).await {
-                    Ok(played) => {
-                        game.session_id = played.session;
-                        game.state = pb::HeistState::AwaitingGuess as i32;
+                let mut played = game::Played::default();
+                let result = game::play(&ports, plan, &mut sink, &mut played).await;
+                game.session_id = played.session.clone();
+                match result {
+                    Ok(()) => game.state = pb::HeistState::AwaitingGuess as i32,
+                    Err(err) => {
+                        // Nobody can guess a failed game: its session would hold a worker slot
+                        // for nothing. The rounds it checkpointed stay, so it can be forked.
+                        if !played.session.is_empty()
+                            && let Err(close) = ports.close_session(&played.session).await
+                        {
+                            warn!(error = %close, "cannot close the failed game's session");
+                        }
+                        outcome = Err(err);
                     }
-                    Err(err) => outcome = Err(err),
                 }
             }
             if let Err(err) = outcome {

@@ -295,3 +295,48 @@ async fn a_game_forked_after_round_two_plays_on_differently() {
     w1.stop().await;
     w2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_game_that_fails_midway_says_why_and_gives_its_session_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = coordinator_config(&dir.path().join("c"));
+    let (coord, [w1, w2], mut client, mut heist) = cluster(dir.path(), config).await;
+
+    // The session is opened and the target written before the first turn finds the model
+    // chain missing.
+    let start = v1::StartHeistRequest {
+        seed: 5,
+        rounds: 2,
+        model: "no-such-chain".into(),
+        ..Default::default()
+    };
+    let events = drain(
+        heist
+            .start_heist(authed(&client.token, start))
+            .await
+            .expect("start")
+            .into_inner(),
+    )
+    .await;
+    let game = finished(&events);
+    assert_eq!(game.state, v1::HeistState::Failed as i32, "{game:?}");
+    assert!(
+        game.failure_reason.contains("no-such-chain"),
+        "the reason should name the chain: {}",
+        game.failure_reason
+    );
+    assert!(!game.session_id.is_empty(), "{game:?}");
+    let session = client
+        .get_session(&game.session_id)
+        .await
+        .expect("the failed game's session");
+    assert_eq!(
+        session.state,
+        v1::SessionState::Closed as i32,
+        "a failed game must not keep its session (and a worker slot): {session:?}"
+    );
+
+    coord.stop().await;
+    w1.stop().await;
+    w2.stop().await;
+}
