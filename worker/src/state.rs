@@ -192,18 +192,22 @@ impl State {
         request: v1::CallToolRequest,
         deadline: Option<Duration>,
     ) -> Result<v1::CallToolResponse, Error> {
-        let Some(claim) = self.claim(&request).await? else {
+        if self.applied.is_none() || request.request_id.is_empty() {
             return self.run_tool(request, deadline, None).await;
-        };
-        let claim = match claim {
-            applied::Begin::Replay(response) => return Ok(response),
-            applied::Begin::Run(claim) => claim,
-        };
+        }
+        // Claim, run and record in a task of its own: the caller going away (or dying) at any
+        // point neither stops the call half-way nor loses its record.
         let state = Arc::clone(self);
         self.tasks
             .spawn(
                 async move {
                     let _call = state.inflight.enter();
+                    let mut claim = match state.claim(&request).await? {
+                        Some(applied::Begin::Run(claim)) => claim,
+                        Some(applied::Begin::Replay(response)) => return Ok(response),
+                        None => return state.run_tool(request, deadline, None).await,
+                    };
+                    claim.start();
                     let result = state.run_tool(request, deadline, None).await;
                     settle(claim, result).await
                 }

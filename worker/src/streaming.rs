@@ -43,7 +43,10 @@ impl State {
                 let _call = state.inflight.enter();
                 let claim = match state.claim(&request).await {
                     Ok(None) => None,
-                    Ok(Some(applied::Begin::Run(claim))) => Some(claim),
+                    Ok(Some(applied::Begin::Run(mut claim))) => {
+                        claim.start();
+                        Some(claim)
+                    }
                     Ok(Some(applied::Begin::Replay(response))) => {
                         let _ = events.send(Ok(result_event(response))).await;
                         return;
