@@ -375,3 +375,102 @@ pub(crate) fn state_dir(config: &crate::Config) -> std::path::PathBuf {
         base.with_file_name(name)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> SessionId {
+        SessionId::parse("s-1").expect("id")
+    }
+
+    fn response(text: &str) -> v1::CallToolResponse {
+        v1::CallToolResponse {
+            worker_id: text.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    async fn run(store: &Applied, id: &str, fp: u8) -> Begin {
+        store.begin(&session(), id, [fp; 32]).await.expect("begin")
+    }
+
+    #[tokio::test]
+    async fn a_done_call_replays_and_another_call_with_its_id_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Applied::open(dir.path()).expect("open");
+        let Begin::Run(mut claim) = run(&store, "r1", 1).await else {
+            panic!("first call runs");
+        };
+        claim.start();
+        claim.done(&response("first")).await.expect("done");
+        match run(&store, "r1", 1).await {
+            Begin::Replay(r) => {
+                assert_eq!(r.worker_id, "first");
+                assert!(r.replayed);
+            }
+            Begin::Run(_) => panic!("must replay"),
+        }
+        let err = store.begin(&session(), "r1", [2; 32]).await.err();
+        assert!(matches!(err, Some(Error::RequestIdReused(_))));
+        // Survives a restart.
+        drop(store);
+        let store = Applied::open(dir.path()).expect("reopen");
+        assert!(matches!(run(&store, "r1", 1).await, Begin::Replay(_)));
+        // Closing the session forgets its records.
+        store.forget_session(&session());
+        assert!(matches!(run(&store, "r1", 2).await, Begin::Run(_)));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_call_is_of_unknown_outcome_and_one_that_never_ran_is_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Applied::open(dir.path()).expect("open");
+        let Begin::Run(never) = run(&store, "never", 1).await else {
+            panic!("runs");
+        };
+        drop(never);
+        assert!(matches!(run(&store, "never", 1).await, Begin::Run(_)));
+
+        let Begin::Run(mut stopped) = run(&store, "stopped", 1).await else {
+            panic!("runs");
+        };
+        stopped.start();
+        drop(stopped);
+        let err = store.begin(&session(), "stopped", [1; 32]).await.err();
+        assert!(matches!(err, Some(Error::OutcomeUnknown(_))), "{err:?}");
+
+        // A process that dies while applying: the record says applying; reopened, unknown.
+        let Begin::Run(mut dying) = run(&store, "dying", 1).await else {
+            panic!("runs");
+        };
+        dying.start();
+        // As if the process died here: nothing more is written.
+        dying.settled = true;
+        drop(dying);
+        drop(store);
+        let store = Applied::open(dir.path()).expect("reopen");
+        let err = store.begin(&session(), "dying", [1; 32]).await.err();
+        assert!(matches!(err, Some(Error::OutcomeUnknown(_))), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_waits_for_the_running_call_then_replays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Applied::open(dir.path()).expect("open");
+        let Begin::Run(mut claim) = run(&store, "r1", 1).await else {
+            panic!("runs");
+        };
+        claim.start();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.begin(&session(), "r1", [1; 32]).await }
+        });
+        tokio::task::yield_now().await;
+        claim.done(&response("once")).await.expect("done");
+        match waiter.await.expect("join").expect("begin") {
+            Begin::Replay(r) => assert_eq!(r.worker_id, "once"),
+            Begin::Run(_) => panic!("must replay"),
+        }
+    }
+}
