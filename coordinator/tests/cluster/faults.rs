@@ -171,12 +171,12 @@ async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_o
     // Every create retried with its id: the same session for an id answered before the kill,
     // one session per id, and no workspace that no session owns.
     let mut created = HashSet::new();
-    for i in 0..CREATES {
+    for (i, before) in created_before.iter().enumerate() {
         let s = create_with_id(&mut client, &format!("c-{i}"))
             .await
             .unwrap_or_else(|e| panic!("retry of c-{i}: {e:?}"));
         assert_eq!(s.state, v1::SessionState::Ready as i32, "c-{i}: {s:?}");
-        if let Some(before) = &created_before[i] {
+        if let Some(before) = before {
             assert_eq!(
                 before.id, s.id,
                 "c-{i} answered twice with different sessions"
@@ -533,5 +533,54 @@ async fn a_lost_workers_sessions_fail_over_from_their_checkpoints() {
          the loss was seen (lease 1.5 s)"
     );
     other.stop().await;
+    coord.stop().await;
+}
+
+#[tokio::test]
+async fn closed_sessions_are_collected_after_the_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = coordinator_config(&dir.path().join("c"));
+    config.session_retention = std::time::Duration::ZERO;
+    config.session_gc_interval = std::time::Duration::from_millis(100);
+    let coord = Coordinator::start(config).await;
+    let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1").capacity(64)).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let open = client.create_session(&[]).await.expect("open");
+    let mut closed = Vec::new();
+    for _ in 0..50 {
+        let s = client.create_session(&[]).await.expect("create");
+        client.close_session(&s.id).await.expect("close");
+        closed.push(s.id);
+    }
+    for id in &closed {
+        wait_for("the closed session to be collected", || {
+            let mut c = client.clone();
+            let id = id.clone();
+            async move {
+                match c.get_session(&id).await {
+                    Err(e) if e.code() == tonic::Code::NotFound => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+    }
+    let all = client
+        .sessions
+        .list_sessions(authed(
+            &client.token,
+            v1::ListSessionsRequest {
+                include_closed: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("list")
+        .into_inner()
+        .sessions;
+    let ids: Vec<&str> = all.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [open.id.as_str()], "only the open session is left");
+    w.stop().await;
     coord.stop().await;
 }
