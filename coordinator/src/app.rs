@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use heist_proto::{
     ids::WorkerId,
     token::TokenSigner,
-    v1::{Session, Worker},
+    v1::{Session, Worker, WorkerState},
 };
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -69,7 +69,7 @@ impl App {
             &config.admin_client_secret,
         )
         .await?;
-        let registry = Registry::new(config.lease_ttl);
+        let registry = Registry::new(config.lease_ttl, config.suspect_after);
         let workers: Vec<Worker> = Store::load_all(&store.workers, "worker")?;
         let known = workers.len();
         for record in registry.load(workers, Instant::now()) {
@@ -136,6 +136,43 @@ impl App {
         self.tasks.spawn(
             async move { app.collect_checkpoints().await }.instrument(info_span!("checkpoint-gc")),
         );
+        let app = self.clone();
+        self.tasks.spawn(
+            async move { app.collect_sessions_periodically().await }
+                .instrument(info_span!("session-gc")),
+        );
+    }
+
+    /// Collects, every HEIST_SESSION_GC_INTERVAL_S, the closed and failed sessions older than
+    /// the retention.
+    async fn collect_sessions_periodically(&self) {
+        let mut tick = tokio::time::interval(self.config.session_gc_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            match self.collect_sessions(std::time::SystemTime::now()) {
+                Ok(0) => {}
+                Ok(n) => info!(sessions = n, "closed sessions collected"),
+                Err(err) => warn!(%err, "session collection failed"),
+            }
+        }
+    }
+
+    /// Drops the closed and failed sessions last changed more than the retention before `now`,
+    /// with their transcripts (their request-id records expire with HEIST_IDEMPOTENCY_TTL_S;
+    /// their checkpoints follow checkpoint retention). Returns how many.
+    pub fn collect_sessions(&self, now: std::time::SystemTime) -> Result<usize, Error> {
+        let cutoff = now
+            .checked_sub(self.config.session_retention)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let collected = self.sessions.collect(cutoff)?;
+        for id in &collected {
+            self.turns.forget_session(id)?;
+        }
+        Ok(collected.len())
     }
 
     /// Checkpoint retention limits from the configuration.
@@ -183,10 +220,11 @@ impl App {
         }
     }
 
-    /// Marks workers LOST when their lease runs out.
-    async fn sweep_leases(&self) {
-        let period =
-            (self.config.lease_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    /// Marks workers SUSPECT when they fall silent and LOST when their lease runs out; a LOST
+    /// worker's sessions fail over ([`crate::lifecycle::failover`]) in a task of their own.
+    async fn sweep_leases(self: &Arc<Self>) {
+        let period = (self.config.lease_ttl.min(self.config.suspect_after) / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -196,7 +234,21 @@ impl App {
             }
             let lost = self.registry.sweep(Instant::now());
             for record in &lost {
-                warn!(worker_id = %record.id, "worker lost: lease expired");
+                if record.state == WorkerState::Suspect as i32 {
+                    warn!(worker_id = %record.id, "worker suspect: no heartbeat");
+                } else {
+                    warn!(worker_id = %record.id, "worker lost: lease expired");
+                    if let Ok(id) = WorkerId::parse(record.id.as_str()) {
+                        let app = Arc::clone(self);
+                        let span = info_span!("worker-failover", worker_id = %id);
+                        self.tasks.spawn(
+                            async move {
+                                crate::lifecycle::failover::worker_lost(&app, &id).await;
+                            }
+                            .instrument(span),
+                        );
+                    }
+                }
             }
             self.persist_workers(&lost);
         }

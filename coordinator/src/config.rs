@@ -29,13 +29,26 @@ pub struct Config {
     /// A worker that neither heartbeats nor reconnects within this is marked lost.
     /// HEIST_LEASE_TTL_MS, default 10000 ms.
     pub lease_ttl: Duration,
-    /// How often workers are told to heartbeat. HEIST_HEARTBEAT_INTERVAL_MS, default 2000 ms.
+    /// How often workers are told to heartbeat. HEIST_HEARTBEAT_INTERVAL_MS, default 1000 ms.
     pub heartbeat_interval: Duration,
+    /// A connected worker with no heartbeat for this long is SUSPECT: no new sessions, calls
+    /// fail fast with UNAVAILABLE, until its next heartbeat. About two heartbeat intervals
+    /// plus slack. HEIST_SUSPECT_AFTER_MS, default 2500 ms.
+    pub suspect_after: Duration,
+    /// HTTP/2 keep-alive ping interval on the coordinator's channels to workers (also while
+    /// idle). HEIST_WORKER_KEEPALIVE_INTERVAL_MS, default 1000 ms.
+    pub worker_keepalive_interval: Duration,
+    /// A worker channel whose ping is not answered within this is closed, failing its calls
+    /// in flight with UNAVAILABLE. HEIST_WORKER_KEEPALIVE_TIMEOUT_MS, default 2000 ms.
+    pub worker_keepalive_timeout: Duration,
     /// Cap on the deadline forwarded to workers (and the deadline used when the caller sent none).
     /// HEIST_WORKER_CALL_TIMEOUT_S, default 300 s.
     pub worker_call_timeout: Duration,
     /// How long request-id records are kept for retries. HEIST_IDEMPOTENCY_TTL_S, default 86400 s.
     pub idempotency_ttl: Duration,
+    /// At shutdown, the longest wait for client calls in flight before the workers' streams
+    /// are closed. HEIST_DRAIN_TIMEOUT_S, default 30 s.
+    pub drain_timeout: Duration,
     /// Largest gRPC message accepted or sent. HEIST_MAX_MESSAGE_BYTES, default 16 MiB.
     pub max_message_bytes: usize,
     /// Largest blob (one file of a checkpoint) the blob store accepts, in bytes.
@@ -60,6 +73,44 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// Continuous checkpoints: take one after every N-th acknowledged mutating call of a
+    /// session (bounding what a failover can lose to N-1 calls); 0 turns it off,
+    /// `auto_checkpoint` is the strict form (N = 1). HEIST_CHECKPOINT_EVERY, default 0.
+    pub checkpoint_every: u64,
+    /// What happens to the sessions of a worker that is LOST (lease expired): `auto` re-places
+    /// each on a healthy worker from its latest checkpoint (FAILED when it has none),
+    /// `manual` leaves them for an operator. A session's `heist.failover` label overrides it.
+    /// HEIST_FAILOVER, default auto.
+    pub failover: Failover,
+    /// Sessions failed over at once per lost worker. HEIST_FAILOVER_PARALLELISM, default 16.
+    pub failover_parallelism: usize,
+    /// Closed and failed sessions (with their transcripts) are collected this long after
+    /// their last change. HEIST_SESSION_RETENTION_S, default 259200 s (3 days).
+    pub session_retention: Duration,
+    /// How often closed sessions are collected. HEIST_SESSION_GC_INTERVAL_S, default 300 s.
+    pub session_gc_interval: Duration,
+}
+
+/// Failover policy for the sessions of a lost worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Failover {
+    /// Re-place each session from its latest checkpoint.
+    #[default]
+    Auto,
+    /// Leave the sessions for an operator (fork or restore a checkpoint by hand).
+    Manual,
+}
+
+impl Failover {
+    /// The policy a label value names.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "auto" => Some(Self::Auto),
+            "manual" => Some(Self::Manual),
+            _ => None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -72,9 +123,13 @@ impl Default for Config {
             token_issuer: "heist".to_owned(),
             token_ttl: Duration::from_secs(3600),
             lease_ttl: Duration::from_millis(10_000),
-            heartbeat_interval: Duration::from_millis(2_000),
+            heartbeat_interval: Duration::from_millis(1_000),
+            suspect_after: Duration::from_millis(2_500),
+            worker_keepalive_interval: Duration::from_millis(1_000),
+            worker_keepalive_timeout: Duration::from_millis(2_000),
             worker_call_timeout: Duration::from_secs(300),
             idempotency_ttl: Duration::from_secs(86_400),
+            drain_timeout: Duration::from_secs(30),
             max_message_bytes: 16 * 1024 * 1024,
             max_blob_bytes: 1 << 30,
             max_blob_batch: 100_000,
@@ -83,6 +138,11 @@ impl Default for Config {
             checkpoint_gc_interval: Duration::from_secs(300),
             blob_orphan_grace: Duration::from_secs(600),
             auto_checkpoint: false,
+            checkpoint_every: 0,
+            failover: Failover::Auto,
+            failover_parallelism: 16,
+            session_retention: Duration::from_secs(3 * 86_400),
+            session_gc_interval: Duration::from_secs(300),
         }
     }
 }
@@ -99,8 +159,12 @@ impl fmt::Debug for Config {
             .field("token_ttl", &self.token_ttl)
             .field("lease_ttl", &self.lease_ttl)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("suspect_after", &self.suspect_after)
+            .field("worker_keepalive_interval", &self.worker_keepalive_interval)
+            .field("worker_keepalive_timeout", &self.worker_keepalive_timeout)
             .field("worker_call_timeout", &self.worker_call_timeout)
             .field("idempotency_ttl", &self.idempotency_ttl)
+            .field("drain_timeout", &self.drain_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_blob_bytes", &self.max_blob_bytes)
             .field("max_blob_batch", &self.max_blob_batch)
@@ -112,6 +176,11 @@ impl fmt::Debug for Config {
             .field("checkpoint_gc_interval", &self.checkpoint_gc_interval)
             .field("blob_orphan_grace", &self.blob_orphan_grace)
             .field("auto_checkpoint", &self.auto_checkpoint)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("failover", &self.failover)
+            .field("failover_parallelism", &self.failover_parallelism)
+            .field("session_retention", &self.session_retention)
+            .field("session_gc_interval", &self.session_gc_interval)
             .finish()
     }
 }
@@ -149,6 +218,24 @@ impl Config {
                 "HEIST_LEASE_TTL_MS must be longer than HEIST_HEARTBEAT_INTERVAL_MS \
                  (a few heartbeats per lease)",
             );
+        }
+        if self.suspect_after <= self.heartbeat_interval {
+            return bad(
+                "HEIST_SUSPECT_AFTER_MS must be longer than HEIST_HEARTBEAT_INTERVAL_MS \
+                 (about two heartbeats)",
+            );
+        }
+        if self.worker_keepalive_interval.is_zero() || self.worker_keepalive_timeout.is_zero() {
+            return bad(
+                "HEIST_WORKER_KEEPALIVE_INTERVAL_MS and HEIST_WORKER_KEEPALIVE_TIMEOUT_MS must be \
+                 positive",
+            );
+        }
+        if self.session_gc_interval.is_zero() {
+            return bad("HEIST_SESSION_GC_INTERVAL_S must be at least 1 second");
+        }
+        if self.failover_parallelism == 0 {
+            return bad("HEIST_FAILOVER_PARALLELISM must be at least 1");
         }
         if self.worker_call_timeout.is_zero() {
             return bad("HEIST_WORKER_CALL_TIMEOUT_S must be at least 1 second");

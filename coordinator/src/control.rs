@@ -109,7 +109,7 @@ async fn join(
             &reg.advertise_addr,
             app.signer.clone(),
             &app.config.token_issuer,
-            app.config.max_message_bytes,
+            &(&app.config).into(),
         )?),
     };
     let now = SystemTime::now();

@@ -11,6 +11,9 @@ use heist_proto::{
 };
 use tonic::{Code, Status};
 
+/// The retry advice (RetryInfo) on WORKER_UNAVAILABLE: about one heartbeat.
+const WORKER_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Everything that can go wrong in the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -89,8 +92,15 @@ pub enum Error {
         /// Its state, lower case.
         state: &'static str,
     },
-    /// The session's worker is not connected.
-    #[error("worker {0} is not connected; retry when it re-registers")]
+    /// The session's worker was lost and the session is being re-placed from its checkpoint.
+    #[error("session {0} is failing over to another worker: retry shortly")]
+    SessionRecovering(SessionId),
+    /// The session's worker is not connected, or is suspect (silent past its heartbeat
+    /// window), or the connection to it broke.
+    #[error(
+        "worker {0} is unavailable (disconnected or not answering heartbeats): retry shortly; \
+         its sessions come back when it does, or fail over if it is lost"
+    )]
     WorkerUnavailable(WorkerId),
     /// The caller's deadline passed before the worker answered.
     #[error("the deadline passed before worker {0} answered: retry with a longer deadline")]
@@ -219,6 +229,28 @@ impl From<TokenError> for Error {
     }
 }
 
+impl Error {
+    /// Whether a call that failed with this error may still have been applied on a worker (no
+    /// answer came back, or the answer says the outcome is unknown). Such a call keeps its
+    /// intent so a retry with the same request id resumes it; any other error is a definite
+    /// "not applied".
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Error::WorkerUnavailable(_) | Error::DeadlineExceeded(_) | Error::Task(_) => true,
+            Error::Status(status) => matches!(
+                status.code(),
+                Code::Unknown
+                    | Code::Unavailable
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded
+                    | Code::Aborted
+                    | Code::Internal
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let msg = err.to_string();
@@ -248,10 +280,19 @@ impl From<Error> for Status {
                 reason::SESSION_NOT_READY,
                 &[("session_id", id.as_str()), ("state", state)],
             ),
-            Error::WorkerUnavailable(id) => rich(
+            Error::SessionRecovering(id) => errors::retryable(
                 Code::Unavailable,
+                msg.clone(),
+                reason::SESSION_NOT_READY,
+                &[("session_id", id.as_str()), ("state", "recovering")],
+                WORKER_RETRY_AFTER,
+            ),
+            Error::WorkerUnavailable(id) => errors::retryable(
+                Code::Unavailable,
+                msg.clone(),
                 reason::WORKER_UNAVAILABLE,
                 &[("worker_id", id.as_str())],
+                WORKER_RETRY_AFTER,
             ),
             Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             Error::WorkerNotFound(id) => rich(

@@ -5,8 +5,16 @@
 //! response and the creation time, in the `idempotency` tree. The same id with the same request
 //! replays the stored response; with a different request it is REQUEST_ID_REUSED. A duplicate
 //! that arrives while the first call is still running waits for it (bounded by the duplicate's
-//! own deadline, which tonic enforces) and then replays. Failed calls are not recorded, so they
-//! can be retried. Records older than the TTL are ignored and swept.
+//! own deadline, which tonic enforces) and then replays. Records older than the TTL are ignored
+//! and swept.
+//!
+//! Before a call runs, its *intent* is recorded and flushed: a pending record with the
+//! fingerprint and what the call reserved (a new session's id), so nothing leaves the
+//! coordinator for a request id the store does not know. A call that fails with a definite
+//! answer (nothing was applied) removes its intent so it can be retried with other arguments;
+//! one whose outcome is unknown (the worker did not answer, the process died) leaves it, and a
+//! retry *resumes* it with the same reservation: the worker, which records what it applied per
+//! request id, then replays its result or applies the call once. The outcome is never guessed.
 
 use std::{
     collections::HashMap,
@@ -29,9 +37,17 @@ pub struct Record {
     /// The encoded response.
     #[prost(bytes = "vec", tag = "2")]
     pub response: Vec<u8>,
-    /// When the call completed, milliseconds since the Unix epoch.
+    /// When the call completed (or, while pending, when it was begun), milliseconds since the
+    /// Unix epoch.
     #[prost(uint64, tag = "3")]
     pub created_at_ms: u64,
+    /// True while the call has begun but has no recorded result (an intent).
+    #[prost(bool, tag = "4")]
+    pub pending: bool,
+    /// What the call reserved when it began (e.g. the id of the session it creates), handed
+    /// back unchanged when a retry resumes it.
+    #[prost(bytes = "vec", tag = "5")]
+    pub intent: Vec<u8>,
 }
 
 /// Builds the fingerprint of a request from its fields, each length-prefixed so different field
@@ -85,8 +101,17 @@ pub fn key(principal: &str, method: &str, request_id: &RequestId) -> Vec<u8> {
 pub enum Begin {
     /// A previous call with this id succeeded: return its (encoded) response.
     Replay(Vec<u8>),
-    /// Run the call, then [`Guard::complete`] it.
+    /// Run the call, then [`Guard::complete`] it. Its intent is durable; [`Guard::intent`] is
+    /// what it reserved (a resumed call's original reservation).
     Run(Guard),
+}
+
+/// What a claim attempt found.
+enum Next {
+    /// A call with this key is running: wait for it.
+    Wait(watch::Receiver<()>),
+    /// This call runs.
+    Claimed(Guard),
 }
 
 struct InFlight {
@@ -118,21 +143,24 @@ impl Idempotency {
         }
     }
 
-    /// Decides whether a call runs or replays.
+    /// Decides whether a call runs or replays. A call that runs has its intent (with `intent`,
+    /// or the reservation of the call it resumes) recorded and flushed first.
     pub async fn begin(
         &self,
         key: Vec<u8>,
         fingerprint: [u8; 32],
         request_id: &RequestId,
+        intent: Vec<u8>,
     ) -> Result<Begin, Error> {
+        let mut intent = intent;
         loop {
-            let waiting = {
+            let next = {
                 let mut in_flight = self.inner.lock();
                 match in_flight.get(&key) {
                     Some(running) if running.fingerprint != fingerprint => {
                         return Err(Error::RequestIdReused(request_id.clone()));
                     }
-                    Some(running) => Some(running.done.clone()),
+                    Some(running) => Next::Wait(running.done.clone()),
                     None => {
                         let (tx, rx) = watch::channel(());
                         in_flight.insert(
@@ -142,28 +170,42 @@ impl Idempotency {
                                 done: rx,
                             },
                         );
-                        drop(in_flight);
-                        // Claimed: a finished call may have recorded its result just before.
-                        let guard = Guard {
+                        Next::Claimed(Guard {
                             owner: self.inner.clone(),
-                            key,
+                            key: key.clone(),
+                            intent: std::mem::take(&mut intent),
+                            resumed: false,
                             _done: tx,
-                        };
-                        return match self.stored(&guard.key)? {
-                            Some(rec) if rec.fingerprint == fingerprint => {
-                                Ok(Begin::Replay(rec.response))
-                            }
-                            Some(_) => Err(Error::RequestIdReused(request_id.clone())),
-                            None => Ok(Begin::Run(guard)),
-                        };
+                        })
                     }
                 }
             };
-            if let Some(mut done) = waiting {
-                debug!(request_id = %request_id, "waiting for the first call with this request id");
-                // Resolves when the first call's guard is dropped (sender gone).
-                while done.changed().await.is_ok() {}
-            }
+            let mut guard = match next {
+                Next::Wait(mut done) => {
+                    debug!(request_id = %request_id, "waiting for the first call with this request id");
+                    // Resolves when the first call's guard is dropped (sender gone).
+                    while done.changed().await.is_ok() {}
+                    continue;
+                }
+                Next::Claimed(guard) => guard,
+            };
+            // Claimed: a finished call may have recorded its result just before.
+            return match self.stored(&guard.key)? {
+                Some(rec) if rec.fingerprint != fingerprint => {
+                    Err(Error::RequestIdReused(request_id.clone()))
+                }
+                Some(rec) if !rec.pending => Ok(Begin::Replay(rec.response)),
+                Some(rec) => {
+                    debug!(request_id = %request_id, "resuming a call whose outcome is not recorded");
+                    guard.intent = rec.intent;
+                    guard.resumed = true;
+                    Ok(Begin::Run(guard))
+                }
+                None => {
+                    guard.record_intent(fingerprint).await?;
+                    Ok(Begin::Run(guard))
+                }
+            };
         }
     }
 
@@ -176,6 +218,19 @@ impl Idempotency {
     fn expired(&self, rec: &Record, now_ms: u64) -> bool {
         let ttl_ms = u64::try_from(self.inner.ttl.as_millis()).unwrap_or(u64::MAX);
         now_ms.saturating_sub(rec.created_at_ms) >= ttl_ms
+    }
+
+    /// How many calls began but have no recorded result (their outcome is unknown here until a
+    /// retry resumes them).
+    pub fn pending(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for item in self.inner.store.idempotency.iter() {
+            let (_, value) = item?;
+            if <Record as prost::Message>::decode(value.as_ref()).is_ok_and(|r| r.pending) {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Removes records older than the TTL; returns how many.
@@ -205,21 +260,57 @@ impl Inner {
     }
 }
 
-/// The right to run a call. Dropping it without [`Guard::complete`] records nothing, and a
-/// waiting duplicate then runs the call itself.
+/// The right to run a call. Dropping it without [`Guard::complete`] or [`Guard::abandon`]
+/// leaves the intent (the outcome is unknown), and a waiting duplicate then resumes the call.
 pub struct Guard {
     owner: Arc<Inner>,
     key: Vec<u8>,
+    intent: Vec<u8>,
+    resumed: bool,
     _done: watch::Sender<()>,
 }
 
 impl Guard {
+    /// What the call reserved when it first began.
+    pub fn intent(&self) -> &[u8] {
+        &self.intent
+    }
+
+    /// Whether this call resumes an earlier one whose outcome was not recorded.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Records the intent (flushed) before the call leaves the coordinator.
+    async fn record_intent(&self, fingerprint: [u8; 32]) -> Result<(), Error> {
+        let rec = Record {
+            fingerprint: fingerprint.to_vec(),
+            response: Vec::new(),
+            created_at_ms: now_ms(),
+            pending: true,
+            intent: self.intent.clone(),
+        };
+        Store::put(&self.owner.store.idempotency, &self.key, &rec)?;
+        self.owner.store.flush().await?;
+        Ok(())
+    }
+
+    /// The call failed with a definite answer (nothing was applied): forgets its intent, so the
+    /// request id can be used again.
+    pub async fn abandon(self) -> Result<(), Error> {
+        self.owner.store.idempotency.remove(&self.key)?;
+        self.owner.store.flush().await?;
+        Ok(())
+    }
+
     /// Records a successful response (flushed) before releasing waiting duplicates.
     pub async fn complete(self, fingerprint: [u8; 32], response: Vec<u8>) -> Result<(), Error> {
         let rec = Record {
             fingerprint: fingerprint.to_vec(),
             response,
             created_at_ms: now_ms(),
+            pending: false,
+            intent: self.intent.clone(),
         };
         Store::put(&self.owner.store.idempotency, &self.key, &rec)?;
         self.owner.store.flush().await?;
@@ -285,35 +376,76 @@ mod tests {
         let (_dir, t) = table(Duration::from_secs(60));
         let id = rid("r1");
         let k = key("alice", "CallTool", &id);
-        let Begin::Run(guard) = t.begin(k.clone(), [1; 32], &id).await.expect("begin") else {
+        let Begin::Run(guard) = t
+            .begin(k.clone(), [1; 32], &id, Vec::new())
+            .await
+            .expect("begin")
+        else {
             panic!("first call must run");
         };
         guard
             .complete([1; 32], b"response".to_vec())
             .await
             .expect("complete");
-        match t.begin(k.clone(), [1; 32], &id).await.expect("begin") {
+        match t
+            .begin(k.clone(), [1; 32], &id, Vec::new())
+            .await
+            .expect("begin")
+        {
             Begin::Replay(bytes) => assert_eq!(bytes, b"response"),
             Begin::Run(_) => panic!("must replay"),
         }
-        let err = t.begin(k, [2; 32], &id).await.err().expect("reused");
+        let err = t
+            .begin(k, [2; 32], &id, Vec::new())
+            .await
+            .err()
+            .expect("reused");
         assert!(matches!(err, Error::RequestIdReused(_)));
         // Another principal's identical id is independent.
         let other = key("bob", "CallTool", &id);
         assert!(matches!(
-            t.begin(other, [2; 32], &id).await,
+            t.begin(other, [2; 32], &id, Vec::new()).await,
             Ok(Begin::Run(_))
         ));
     }
 
     #[tokio::test]
-    async fn failed_calls_are_not_recorded() {
+    async fn an_unfinished_call_resumes_with_its_reservation_until_abandoned() {
         let (_dir, t) = table(Duration::from_secs(60));
         let id = rid("r1");
-        let k = key("alice", "CallTool", &id);
-        let first = t.begin(k.clone(), [1; 32], &id).await.expect("begin");
+        let k = key("alice", "CreateSession", &id);
+        let Begin::Run(first) = t
+            .begin(k.clone(), [1; 32], &id, b"s-first".to_vec())
+            .await
+            .expect("begin")
+        else {
+            panic!("first call must run");
+        };
+        assert!(!first.resumed());
+        // The intent is durable before the call runs.
+        assert_eq!(t.pending().expect("pending"), 1);
         drop(first);
-        assert!(matches!(t.begin(k, [1; 32], &id).await, Ok(Begin::Run(_))));
+        // A retry (here, or after a restart) resumes it with the first reservation.
+        let Begin::Run(again) = t
+            .begin(k.clone(), [1; 32], &id, b"s-second".to_vec())
+            .await
+            .expect("begin")
+        else {
+            panic!("must resume");
+        };
+        assert!(again.resumed());
+        assert_eq!(again.intent(), b"s-first");
+        assert!(matches!(
+            t.begin(k.clone(), [2; 32], &id, Vec::new()).await,
+            Err(Error::RequestIdReused(_))
+        ));
+        // A definite failure forgets the intent: the id is free again.
+        again.abandon().await.expect("abandon");
+        assert_eq!(t.pending().expect("pending"), 0);
+        let Begin::Run(fresh) = t.begin(k, [2; 32], &id, Vec::new()).await.expect("begin") else {
+            panic!("must run");
+        };
+        assert!(!fresh.resumed());
     }
 
     #[tokio::test]
@@ -321,15 +453,19 @@ mod tests {
         let (_dir, t) = table(Duration::from_secs(60));
         let id = rid("r1");
         let k = key("alice", "CreateSession", &id);
-        let Begin::Run(guard) = t.begin(k.clone(), [7; 32], &id).await.expect("begin") else {
+        let Begin::Run(guard) = t
+            .begin(k.clone(), [7; 32], &id, Vec::new())
+            .await
+            .expect("begin")
+        else {
             panic!("first call must run");
         };
         let t2 = t.clone();
         let (k2, id2) = (k.clone(), id.clone());
-        let waiter = tokio::spawn(async move { t2.begin(k2, [7; 32], &id2).await });
+        let waiter = tokio::spawn(async move { t2.begin(k2, [7; 32], &id2, Vec::new()).await });
         // A different request with the same id is refused at once, even while running.
         assert!(matches!(
-            t.begin(k.clone(), [8; 32], &id).await,
+            t.begin(k.clone(), [8; 32], &id, Vec::new()).await,
             Err(Error::RequestIdReused(_))
         ));
         guard
@@ -347,7 +483,11 @@ mod tests {
         let (_dir, t) = table(Duration::from_millis(1));
         let id = rid("r1");
         let k = key("alice", "CallTool", &id);
-        let Begin::Run(guard) = t.begin(k.clone(), [1; 32], &id).await.expect("begin") else {
+        let Begin::Run(guard) = t
+            .begin(k.clone(), [1; 32], &id, Vec::new())
+            .await
+            .expect("begin")
+        else {
             panic!("first call must run");
         };
         guard
@@ -355,6 +495,9 @@ mod tests {
             .await
             .expect("complete");
         assert_eq!(t.sweep(now_ms() + 10).expect("sweep"), 1);
-        assert!(matches!(t.begin(k, [2; 32], &id).await, Ok(Begin::Run(_))));
+        assert!(matches!(
+            t.begin(k, [2; 32], &id, Vec::new()).await,
+            Ok(Begin::Run(_))
+        ));
     }
 }

@@ -10,6 +10,7 @@
 //! - [`serve`] (in [`server`]): the one entry point; `main` only parses flags and binds.
 //! - [`config`]: [`Config`] and its validation; [`settings`]: the layered configuration of the
 //!   binary (defaults → `--config` file → env → flags).
+//! - [`drain`]: counting client calls so shutdown drains them before closing worker streams.
 //! - [`web`]: the HTTP routes (`/healthz`, `/readyz`) served on the gRPC port.
 //! - [`error`]: [`Error`] and its single mapping to `tonic::Status`.
 //! - [`app`]: the shared state and the background sweepers.
@@ -34,6 +35,7 @@ pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod convert;
+pub mod drain;
 pub mod error;
 pub mod eventlog;
 pub mod heist;

@@ -1,7 +1,7 @@
 //! Placement: which worker gets a new session.
 //!
-//! Candidates are the workers taking sessions (READY and connected). Those whose labels contain
-//! every requested label, that have a free slot and whose filesystem pool is not saturated (as
+//! Candidates are the workers taking sessions (READY and connected: never SUSPECT, DRAINING or
+//! LOST). Those whose labels contain every requested label (but `heist.*` policy labels), that have a free slot and whose filesystem pool is not saturated (as
 //! their last heartbeat said) are eligible; the least loaded wins, by
 //! sessions per slot, then calls in flight, then id (so the choice is deterministic). The
 //! session count includes sessions placed but not yet reported by the worker's heartbeat, so
@@ -12,6 +12,9 @@ use std::{cmp::Ordering, collections::HashMap};
 use heist_proto::ids::WorkerId;
 
 use crate::error::Error;
+
+/// Session labels with this prefix set session policy and are not matched against workers.
+pub const POLICY_PREFIX: &str = "heist.";
 
 /// A worker as placement sees it.
 #[derive(Clone, Debug)]
@@ -31,8 +34,13 @@ pub struct Candidate<'a> {
 }
 
 impl Candidate<'_> {
+    /// Whether the worker has every selector label; `heist.*` labels are session policy
+    /// (e.g. `heist.failover`), not a selector.
     fn matches(&self, selector: &HashMap<String, String>) -> bool {
-        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+        selector
+            .iter()
+            .filter(|(k, _)| !k.starts_with(POLICY_PREFIX))
+            .all(|(k, v)| self.labels.get(k) == Some(v))
     }
 
     fn has_room(&self) -> bool {

@@ -5,8 +5,11 @@
 //! command channel of the worker's control stream, its lease deadline, its tool catalogue and
 //! its data-plane client.
 //!
-//! States follow cluster.proto: READY on registration; SUSPECT the moment the stream breaks;
-//! LOST when the lease runs out (see [`Registry::sweep`]); DRAINING after GoingAway (or a
+//! States follow cluster.proto: READY on registration; SUSPECT the moment the stream breaks, or
+//! when no heartbeat came for `suspect_after` (a frozen or partitioned worker whose stream is
+//! still open; its next heartbeat makes it READY again); LOST when the lease runs out (see
+//! [`Registry::sweep`]). A SUSPECT worker gets no sessions and no calls: they fail fast with
+//! UNAVAILABLE. DRAINING after GoingAway (or a
 //! draining registration); GONE when a worker that said GoingAway disconnects. Each
 //! registration gets a new epoch: events from an older stream of the same worker are ignored,
 //! so a replaced stream can never mark the new registration suspect.
@@ -129,6 +132,8 @@ struct Entry {
     epoch: u64,
     commands: Option<Commands>,
     lease_deadline: Instant,
+    /// When its last heartbeat (or its registration) arrived.
+    last_heartbeat: Instant,
     catalogue: Arc<Catalogue>,
     client: Option<Arc<WorkerClient>>,
     /// The worker said GoingAway on its current stream.
@@ -160,15 +165,18 @@ pub struct Registry {
     workers: RwLock<HashMap<WorkerId, Entry>>,
     next_epoch: AtomicU64,
     lease_ttl: Duration,
+    suspect_after: Duration,
 }
 
 impl Registry {
-    /// An empty registry whose leases last `lease_ttl`.
-    pub fn new(lease_ttl: Duration) -> Self {
+    /// An empty registry whose leases last `lease_ttl`; a connected worker silent for
+    /// `suspect_after` is SUSPECT.
+    pub fn new(lease_ttl: Duration, suspect_after: Duration) -> Self {
         Self {
             workers: RwLock::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
             lease_ttl,
+            suspect_after,
         }
     }
 
@@ -186,6 +194,7 @@ impl Registry {
                 epoch: 0,
                 commands: None,
                 lease_deadline: now + self.lease_ttl,
+                last_heartbeat: now,
                 catalogue: Arc::new(Catalogue::default()),
                 client: None,
                 going_away: false,
@@ -213,6 +222,7 @@ impl Registry {
             epoch,
             commands: Some(reg.commands),
             lease_deadline: now + self.lease_ttl,
+            last_heartbeat: now,
             catalogue: reg.catalogue,
             client: Some(reg.client),
             going_away: false,
@@ -229,8 +239,8 @@ impl Registry {
     }
 
     /// Records a heartbeat: renews the lease and updates the load. The first one after a
-    /// registration makes a JOINING worker READY (or DRAINING); a worker declared lost while
-    /// its stream stayed up comes back. Returns the record when its state changed.
+    /// registration makes a JOINING worker READY (or DRAINING); a worker declared suspect or
+    /// lost while its stream stayed up comes back. Returns the record when its state changed.
     pub fn heartbeat(
         &self,
         id: &WorkerId,
@@ -241,6 +251,7 @@ impl Registry {
         let mut workers = self.write();
         let entry = workers.get_mut(id).filter(|e| e.epoch == epoch)?;
         entry.lease_deadline = now + self.lease_ttl;
+        entry.last_heartbeat = now;
         entry.record.in_flight_calls = hb.in_flight_calls;
         entry.fs_pool_saturated = hb.fs_pool_saturated;
         entry.record.last_seen_at = Some(SystemTime::now().into());
@@ -248,6 +259,9 @@ impl Registry {
             // The first heartbeat: the worker can now verify coordinator credentials.
             WorkerState::Joining if entry.joined_draining => entry.set_state(WorkerState::Draining),
             WorkerState::Joining | WorkerState::Lost => entry.set_state(WorkerState::Ready),
+            // Silent for a while (frozen, partitioned), answering again.
+            WorkerState::Suspect if entry.going_away => entry.set_state(WorkerState::Draining),
+            WorkerState::Suspect => entry.set_state(WorkerState::Ready),
             _ => return None,
         }
         Some(entry.record.clone())
@@ -278,7 +292,8 @@ impl Registry {
         Some(entry.record.clone())
     }
 
-    /// Marks LOST every worker whose lease ran out. Returns the changed records.
+    /// Marks SUSPECT every connected worker silent for `suspect_after`, and LOST every worker
+    /// whose lease ran out. Returns the changed records.
     pub fn sweep(&self, now: Instant) -> Vec<Worker> {
         let mut changed = Vec::new();
         for entry in self.write().values_mut() {
@@ -291,6 +306,11 @@ impl Registry {
             );
             if live && now >= entry.lease_deadline {
                 entry.set_state(WorkerState::Lost);
+                changed.push(entry.record.clone());
+            } else if matches!(entry.state(), WorkerState::Ready | WorkerState::Draining)
+                && now.saturating_duration_since(entry.last_heartbeat) >= self.suspect_after
+            {
+                entry.set_state(WorkerState::Suspect);
                 changed.push(entry.record.clone());
             }
         }
@@ -382,6 +402,7 @@ mod tests {
     use super::*;
 
     const TTL: Duration = Duration::from_secs(10);
+    const SILENT: Duration = Duration::from_secs(6);
 
     fn registration(
         id: &WorkerId,
@@ -392,8 +413,14 @@ mod tests {
         let signer = Arc::new(
             TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
         );
-        let client = WorkerClient::new(id.clone(), "http://127.0.0.1:1", signer, "heist", 1 << 20)
-            .expect("client");
+        let client = WorkerClient::new(
+            id.clone(),
+            "http://127.0.0.1:1",
+            signer,
+            "heist",
+            &crate::worker_client::ChannelTuning::from(&crate::Config::default()),
+        )
+        .expect("client");
         let (tx, rx) = mpsc::channel(4);
         let record = Worker {
             id: id.to_string(),
@@ -428,7 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_joining_worker_takes_nothing_until_its_first_heartbeat() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (reg, _rx) = registration(&id);
@@ -452,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn stream_break_is_suspect_then_lease_expiry_is_lost() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (reg, _rx) = registration(&id);
@@ -474,7 +501,7 @@ mod tests {
 
     #[tokio::test]
     async fn heartbeats_renew_the_lease() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (reg, _rx) = registration(&id);
@@ -498,8 +525,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_silent_worker_is_suspect_and_comes_back_with_its_next_heartbeat() {
+        let r = Registry::new(TTL, SILENT);
+        let id = WorkerId::parse("w1").expect("id");
+        let now = Instant::now();
+        let (reg, _rx) = registration(&id);
+        let epoch = join(&r, &id, reg, now);
+        assert!(r.sweep(now + SILENT / 2).is_empty());
+        assert_eq!(r.sweep(now + SILENT).len(), 1);
+        assert_eq!(state(&r, &id), WorkerState::Suspect);
+        assert!(r.placement_views().is_empty(), "suspect takes no sessions");
+        assert!(
+            matches!(r.route(&id), Err(Error::WorkerUnavailable(_))),
+            "calls to a suspect worker fail fast"
+        );
+        let hb = Heartbeat::default();
+        assert!(r.heartbeat(&id, epoch, &hb, now + SILENT).is_some());
+        assert_eq!(state(&r, &id), WorkerState::Ready);
+        assert!(r.route(&id).is_ok());
+    }
+
+    #[tokio::test]
     async fn old_streams_cannot_touch_a_new_registration() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let id = WorkerId::parse("w1").expect("id");
         let now = Instant::now();
         let (first, _rx1) = registration(&id);
@@ -515,7 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn going_away_drains_then_disconnect_is_gone() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let id = WorkerId::parse("w1").expect("id");
         let (reg, _rx) = registration(&id);
         let epoch = join(&r, &id, reg, Instant::now());
@@ -533,7 +581,7 @@ mod tests {
 
     #[test]
     fn loaded_live_workers_become_suspect() {
-        let r = Registry::new(TTL);
+        let r = Registry::new(TTL, SILENT);
         let now = Instant::now();
         let rec = |id: &str, s: WorkerState| Worker {
             id: id.to_owned(),

@@ -32,6 +32,9 @@ pub struct Dedup {
     pub request_id: RequestId,
     /// BLAKE3 of the request's canonical form (see [`idempotency::Fingerprint`]).
     pub fingerprint: [u8; 32],
+    /// What the call reserves in its intent record (e.g. a new session's id); a retry that
+    /// resumes the call gets the first call's reservation instead.
+    pub intent: Vec<u8>,
 }
 
 impl Dedup {
@@ -47,7 +50,14 @@ impl Dedup {
             method,
             request_id,
             fingerprint,
+            intent: Vec::new(),
         })
+    }
+
+    /// The same key, reserving `intent` when the call begins.
+    pub fn with_intent(mut self, intent: Vec<u8>) -> Self {
+        self.intent = intent;
+        self
     }
 }
 
@@ -73,6 +83,20 @@ impl Recorder {
             .complete(self.fingerprint, out.encode_to_vec())
             .await
     }
+
+    /// What the call reserved (see [`Dedup::intent`]).
+    pub fn intent(&self) -> &[u8] {
+        self.guard.intent()
+    }
+
+    /// Settles a failed call: a definite failure forgets the intent (the id can be retried
+    /// with anything); one whose outcome is unknown keeps it, so a retry resumes the call.
+    pub async fn fail(self, err: &Error) -> Result<(), Error> {
+        if err.outcome_unknown() {
+            return Ok(());
+        }
+        self.guard.abandon().await
+    }
 }
 
 /// Claims the request id of `dedup` (waiting for a running duplicate), or says to replay.
@@ -82,7 +106,10 @@ pub async fn begin(table: &Idempotency, dedup: Option<Dedup>) -> Result<Started,
     };
     let key = idempotency::key(&d.principal, d.method, &d.request_id);
     Ok(
-        match table.begin(key, d.fingerprint, &d.request_id).await? {
+        match table
+            .begin(key, d.fingerprint, &d.request_id, d.intent)
+            .await?
+        {
             Begin::Replay(bytes) => Started::Replay(bytes),
             Begin::Run(guard) => Started::Run(Some(Recorder {
                 guard,
@@ -105,18 +132,43 @@ where
     T: Message + Send + 'static,
     Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
+    run_once_with(app, dedup, replay, |_| body).await
+}
+
+/// [`run_once`] for a body that needs what its intent reserved: `make_body` gets the
+/// reservation (the first call's, when this call resumes one), or `None` without a request id.
+pub async fn run_once_with<T, Fut>(
+    app: &App,
+    dedup: Option<Dedup>,
+    replay: impl FnOnce(&App, &[u8]) -> Result<T, Error>,
+    make_body: impl FnOnce(Option<Vec<u8>>) -> Fut,
+) -> Result<T, Error>
+where
+    T: Message + Send + 'static,
+    Fut: Future<Output = Result<T, Error>> + Send + 'static,
+{
     let recorder = match begin(&app.idempotency, dedup).await? {
         Started::Replay(bytes) => return replay(app, &bytes),
         Started::Run(recorder) => recorder,
     };
+    let body = make_body(recorder.as_ref().map(|r| r.intent().to_vec()));
     app.tasks
         .spawn(
             async move {
-                let out = body.await?;
-                if let Some(recorder) = recorder {
-                    recorder.complete(&out).await?;
+                match body.await {
+                    Ok(out) => {
+                        if let Some(recorder) = recorder {
+                            recorder.complete(&out).await?;
+                        }
+                        Ok(out)
+                    }
+                    Err(err) => {
+                        if let Some(recorder) = recorder {
+                            recorder.fail(&err).await?;
+                        }
+                        Err(err)
+                    }
                 }
-                Ok(out)
             }
             .instrument(Span::current()),
         )

@@ -20,7 +20,7 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::info;
+use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     api::{
@@ -32,6 +32,7 @@ use crate::{
     auth_layer::AuthLayer,
     config::Config,
     control::ControlApi,
+    drain::{Calls, DrainLayer},
     error::Error,
     web,
 };
@@ -53,8 +54,9 @@ const SERVICES: &[&str] = &[
 /// Runs the coordinator on `listener` until `shutdown` resolves.
 ///
 /// Opens the store under `config.data_dir`, serves every heist.v1 service plus grpc.health.v1
-/// and server reflection, and on shutdown reports NOT_SERVING, closes worker streams, drains
-/// in-flight calls, waits for its tasks and flushes the store before returning. The data
+/// and server reflection, and on shutdown reports NOT_SERVING, stops accepting, drains
+/// in-flight calls, then closes worker streams, waits for its tasks and flushes the store
+/// before returning. The data
 /// directory can be served again once this returns.
 pub async fn serve(
     listener: TcpListener,
@@ -101,6 +103,7 @@ async fn run(
         CLIENT_AUDIENCE,
     ));
     let max = app.config.max_message_bytes;
+    let calls = Calls::default();
     // One router for the gRPC services and the HTTP routes: the one place routes are listed.
     let grpc = Routes::new(health_service)
         .add_service(reflection)
@@ -157,6 +160,7 @@ async fn run(
         // Larger HTTP/2 windows: blob uploads stream megabytes per call.
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .layer(DrainLayer::new(calls.clone()))
         .layer(AuthLayer::new(verifier))
         .add_routes(routes);
 
@@ -165,10 +169,29 @@ async fn run(
         let (app, health) = (app.clone(), health.clone());
         async move {
             shutdown.await;
-            info!("shutting down: draining in-flight calls");
+            info!(
+                in_flight = calls.count(),
+                "shutting down: draining in-flight calls"
+            );
             set_health(&health, ServingStatus::NotServing).await;
-            // Ends worker streams (so the drain does not wait on them) and background tasks.
-            app.shutdown.cancel();
+            // The server stops accepting once this future returns; the worker streams (and
+            // background tasks) end only after the calls in flight, which need them, are done.
+            let drain_timeout = app.config.drain_timeout;
+            tokio::spawn(
+                async move {
+                    if tokio::time::timeout(drain_timeout, calls.wait_idle())
+                        .await
+                        .is_err()
+                    {
+                        warn!(
+                            in_flight = calls.count(),
+                            "drain timeout reached: closing worker streams under running calls"
+                        );
+                    }
+                    app.shutdown.cancel();
+                }
+                .instrument(info_span!("drain")),
+            );
         }
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

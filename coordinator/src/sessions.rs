@@ -3,11 +3,14 @@
 //!
 //! Writes insert into sled while holding the table lock, so memory and disk see changes in the
 //! same order; callers flush before acknowledging. The table also counts, per worker, the
-//! sessions that occupy a slot there (creating, ready or closing), which is what placement
-//! uses as the worker's load.
+//! sessions that occupy a slot there (creating, ready, closing or recovering), which is what
+//! placement uses as the worker's load, and indexes each owner's sessions that are not closed,
+//! so listing open sessions never walks the closed ones. Closed and failed sessions are
+//! collected after the retention ([`SessionTable::collect`]).
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    ops::Bound,
     sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::SystemTime,
 };
@@ -25,6 +28,7 @@ fn holds_slot(state: i32) -> bool {
         SessionState::Creating as i32,
         SessionState::Ready as i32,
         SessionState::Closing as i32,
+        SessionState::Recovering as i32,
     ]
     .contains(&state)
 }
@@ -50,8 +54,10 @@ struct Inner {
     by_id: BTreeMap<SessionId, Session>,
     /// Sessions occupying a slot, per worker id.
     slots: HashMap<String, u32>,
-    /// Sessions whose CreateSession is still running in this process.
+    /// Sessions whose CreateSession (or failover) is still running in this process.
     creating: HashSet<SessionId>,
+    /// Per owner, the ids of their sessions that are not closed.
+    live: HashMap<String, BTreeSet<SessionId>>,
 }
 
 impl Inner {
@@ -67,8 +73,26 @@ impl Inner {
         if holds_slot(session.state) {
             *self.slots.entry(session.worker_id.clone()).or_default() += 1;
         }
+        self.index(&id, &session);
         self.by_id.insert(id, session);
         Ok(())
+    }
+
+    /// Keeps the owner's index of sessions that are not closed.
+    fn index(&mut self, id: &SessionId, session: &Session) {
+        if session.state == SessionState::Closed as i32 {
+            if let Some(ids) = self.live.get_mut(&session.owner) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.live.remove(&session.owner);
+                }
+            }
+        } else {
+            self.live
+                .entry(session.owner.clone())
+                .or_default()
+                .insert(id.clone());
+        }
     }
 }
 
@@ -82,11 +106,22 @@ impl SessionTable {
     /// Loads every stored session.
     pub fn load(store: &Store) -> Result<Self, Error> {
         let mut inner = Inner::default();
-        for session in Store::load_all::<Session>(&store.sessions, "session")? {
+        for mut session in Store::load_all::<Session>(&store.sessions, "session")? {
+            if session.state == SessionState::Recovering as i32 {
+                // Its failover was cut short by a restart: the restore's outcome is unknown.
+                session.state = SessionState::Failed as i32;
+                session.failure_reason = format!(
+                    "the coordinator restarted while session {} was failing over to worker {}: \
+                     fork its latest checkpoint into a new session",
+                    session.id, session.worker_id
+                );
+                Store::put(&store.sessions, session.id.as_bytes(), &session)?;
+            }
             if let Ok(id) = SessionId::parse(session.id.clone()) {
                 if holds_slot(session.state) {
                     *inner.slots.entry(session.worker_id.clone()).or_default() += 1;
                 }
+                inner.index(&id, &session);
                 inner.by_id.insert(id, session);
             }
         }
@@ -120,6 +155,28 @@ impl SessionTable {
         Ok(session)
     }
 
+    /// A CreateSession retried after its outcome was lost resumes the session it reserved:
+    /// a CREATING or FAILED session is CREATING again (and left alone by reconciliation) until
+    /// [`SessionTable::finish_create`]. Returns the session, or `None` if it is in another
+    /// state (ready, closing, closed: nothing to resume) or does not exist.
+    pub fn resume_create(&self, id: &SessionId) -> Result<Option<Session>, Error> {
+        let mut inner = self.write();
+        let Some(mut session) = inner.by_id.get(id).cloned() else {
+            return Ok(None);
+        };
+        if session.state != SessionState::Creating as i32
+            && session.state != SessionState::Failed as i32
+        {
+            return Ok(None);
+        }
+        session.state = SessionState::Creating as i32;
+        session.failure_reason.clear();
+        session.updated_at = Some(SystemTime::now().into());
+        inner.creating.insert(id.clone());
+        inner.put(&self.tree, id.clone(), session.clone())?;
+        Ok(Some(session))
+    }
+
     /// The CreateSession that made `id` has finished (either way).
     pub fn finish_create(&self, id: &SessionId) {
         self.write().creating.remove(id);
@@ -143,13 +200,71 @@ impl SessionTable {
         Ok(Some(session))
     }
 
+    /// Counts one acknowledged mutating call in `id` (see `Session.acked_mutations`); returns
+    /// the new count. Written through, not flushed: after a crash the count may be short by
+    /// the calls of the last moments.
+    pub fn count_mutation(&self, id: &SessionId) -> Result<Option<u64>, Error> {
+        let mut inner = self.write();
+        let Some(mut session) = inner.by_id.get(id).cloned() else {
+            return Ok(None);
+        };
+        session.acked_mutations += 1;
+        let n = session.acked_mutations;
+        inner.put(&self.tree, id.clone(), session)?;
+        Ok(Some(n))
+    }
+
+    /// The open sessions (creating or ready) on `worker`, except those a running create or
+    /// failover holds.
+    pub fn open_on(&self, worker: &WorkerId) -> Vec<Session> {
+        let inner = self.read();
+        inner
+            .by_id
+            .iter()
+            .filter(|(id, s)| {
+                s.worker_id == worker.as_str() && is_open(s.state) && !inner.creating.contains(*id)
+            })
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Moves an open session off `from` for a failover: under the table lock `place` picks the
+    /// new worker from the slot counts; the session is then RECOVERING there (and left alone
+    /// by reconciliation until [`SessionTable::finish_create`]). `None` when the session is no
+    /// longer open on `from`.
+    pub fn relocate(
+        &self,
+        id: &SessionId,
+        from: &WorkerId,
+        place: impl FnOnce(&HashMap<String, u32>) -> Result<WorkerId, Error>,
+    ) -> Result<Option<Session>, Error> {
+        let mut inner = self.write();
+        let Some(mut session) = inner.by_id.get(id).cloned() else {
+            return Ok(None);
+        };
+        if session.worker_id != from.as_str()
+            || !is_open(session.state)
+            || inner.creating.contains(id)
+        {
+            return Ok(None);
+        }
+        let to = place(&inner.slots)?;
+        session.worker_id = to.to_string();
+        session.state = SessionState::Recovering as i32;
+        session.updated_at = Some(SystemTime::now().into());
+        inner.creating.insert(id.clone());
+        inner.put(&self.tree, id.clone(), session.clone())?;
+        Ok(Some(session))
+    }
+
     /// Sessions occupying a slot on `worker`.
     pub fn slots(&self, worker: &str) -> u32 {
         self.read().slots.get(worker).copied().unwrap_or(0)
     }
 
     /// One page of `owner`'s sessions, newest first, starting after `after`. Returns the page
-    /// and the id to continue after when more remain.
+    /// and the id to continue after when more remain. Without `include_closed` only the
+    /// owner's index of sessions that are not closed is walked.
     pub fn list(
         &self,
         owner: &str,
@@ -158,18 +273,31 @@ impl SessionTable {
         limit: usize,
     ) -> (Vec<Session>, Option<SessionId>) {
         let inner = self.read();
-        let range = match after {
-            Some(after) => inner.by_id.range(..after.clone()),
-            None => inner.by_id.range::<SessionId, _>(..),
+        let upto = |after: Option<&SessionId>| match after {
+            Some(after) => (Bound::Unbounded, Bound::Excluded(after.clone())),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        };
+        let sessions: Box<dyn Iterator<Item = (&SessionId, &Session)>> = if include_closed {
+            Box::new(
+                inner
+                    .by_id
+                    .range(upto(after))
+                    .rev()
+                    .filter(|(_, s)| s.owner == owner),
+            )
+        } else {
+            match inner.live.get(owner) {
+                Some(ids) => Box::new(
+                    ids.range(upto(after))
+                        .rev()
+                        .filter_map(|id| inner.by_id.get_key_value(id)),
+                ),
+                None => Box::new(std::iter::empty()),
+            }
         };
         let mut page = Vec::new();
         let mut last = None;
-        for (id, session) in range.rev() {
-            if session.owner != owner
-                || (!include_closed && session.state == SessionState::Closed as i32)
-            {
-                continue;
-            }
+        for (id, session) in sessions {
             if page.len() == limit {
                 return (page, last);
             }
@@ -177,6 +305,46 @@ impl SessionTable {
             last = Some(id.clone());
         }
         (page, None)
+    }
+
+    /// Removes the closed and failed sessions last changed before `cutoff` (their records;
+    /// the caller drops what else they own). Returns their ids.
+    pub fn collect(&self, cutoff: SystemTime) -> Result<Vec<SessionId>, Error> {
+        let mut inner = self.write();
+        let done: Vec<SessionId> = inner
+            .by_id
+            .iter()
+            .filter(|(id, s)| {
+                (s.state == SessionState::Closed as i32 || s.state == SessionState::Failed as i32)
+                    && !inner.creating.contains(*id)
+                    && s.updated_at
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        .is_none_or(|t| t <= cutoff)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &done {
+            self.tree.remove(id.as_str().as_bytes())?;
+            if let Some(session) = inner.by_id.remove(id)
+                && let Some(ids) = inner.live.get_mut(&session.owner)
+            {
+                ids.remove(id);
+                if ids.is_empty() {
+                    inner.live.remove(&session.owner);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// How many sessions the table holds (every state).
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.read().by_id.is_empty()
     }
 
     /// Reconciles the sessions on `worker` with the ones it says it holds after (re-)registering:
@@ -379,6 +547,35 @@ mod tests {
                 .contains("re-registered")
         );
         assert_eq!(t.slots("w1"), 1);
+    }
+
+    #[test]
+    fn ten_thousand_closed_sessions_are_collected_and_never_listed() {
+        let (_dir, store, t) = table();
+        let open = new_session(&t, "alice", "w1");
+        set(&t, &open, SessionState::Ready);
+        for _ in 0..10_000 {
+            let id = new_session(&t, "alice", "w1");
+            set(&t, &id, SessionState::Closed);
+        }
+        let (page, next) = t.list("alice", false, None, 100);
+        assert_eq!(
+            page.len(),
+            1,
+            "the open-session index holds only the open one"
+        );
+        assert!(next.is_none());
+        assert_eq!(t.len(), 10_001);
+        // Not yet past the retention: nothing goes.
+        let long_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        assert!(t.collect(long_ago).expect("collect").is_empty());
+        let collected = t.collect(SystemTime::now()).expect("collect");
+        assert_eq!(collected.len(), 10_000);
+        assert_eq!(t.len(), 1);
+        assert_eq!(store.sessions.len(), 1, "gone from disk too");
+        assert_eq!(state(&t, &open), SessionState::Ready);
+        let reloaded = SessionTable::load(&store).expect("reload");
+        assert_eq!(reloaded.len(), 1);
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub use heist_proto::settings::Listen;
 use heist_proto::settings::set;
 use serde::Deserialize;
 
-use crate::{config::Config, error::Error};
+use crate::{
+    config::{Config, Failover},
+    error::Error,
+};
 
 /// The coordinator's settings (`[coordinator]` in the file); defaults in [`Config`].
 #[derive(Clone, Default, Deserialize, clap::Args)]
@@ -57,15 +60,28 @@ pub struct Settings {
     /// A worker silent for this long is marked lost, in milliseconds [default: 10000].
     #[arg(long, env = "HEIST_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
-    /// How often workers heartbeat, in milliseconds [default: 2000].
+    /// How often workers heartbeat, in milliseconds [default: 1000].
     #[arg(long, env = "HEIST_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
+    /// A connected worker silent this long is SUSPECT, in milliseconds [default: 2500].
+    #[arg(long, env = "HEIST_SUSPECT_AFTER_MS")]
+    pub suspect_after_ms: Option<u64>,
+    /// HTTP/2 keep-alive ping interval to workers, in milliseconds [default: 1000].
+    #[arg(long, env = "HEIST_WORKER_KEEPALIVE_INTERVAL_MS")]
+    pub worker_keepalive_interval_ms: Option<u64>,
+    /// Unanswered-ping timeout that closes a worker channel, in milliseconds [default: 2000].
+    #[arg(long, env = "HEIST_WORKER_KEEPALIVE_TIMEOUT_MS")]
+    pub worker_keepalive_timeout_ms: Option<u64>,
     /// Cap on the deadline forwarded to workers, in seconds [default: 300].
     #[arg(long, env = "HEIST_WORKER_CALL_TIMEOUT_S")]
     pub worker_call_timeout_s: Option<u64>,
     /// How long request ids are remembered, in seconds [default: 86400].
     #[arg(long, env = "HEIST_IDEMPOTENCY_TTL_S")]
     pub idempotency_ttl_s: Option<u64>,
+    /// Longest wait at shutdown for client calls in flight before the worker streams are
+    /// closed, in seconds [default: 30].
+    #[arg(long, env = "HEIST_DRAIN_TIMEOUT_S")]
+    pub drain_timeout_s: Option<u64>,
     /// Largest gRPC message, in bytes [default: 16777216].
     #[arg(long, env = "HEIST_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -92,6 +108,23 @@ pub struct Settings {
     #[arg(long, env = "HEIST_AUTO_CHECKPOINT", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub auto_checkpoint: Option<bool>,
+    /// Checkpoint every N acknowledged mutating calls of a session, 0 for off [default: 0].
+    #[arg(long, env = "HEIST_CHECKPOINT_EVERY")]
+    pub checkpoint_every: Option<u64>,
+    /// Sessions of a lost worker: auto (re-place from the latest checkpoint) or manual
+    /// [default: auto].
+    #[arg(long, env = "HEIST_FAILOVER", value_enum)]
+    pub failover: Option<Failover>,
+    /// Sessions failed over at once per lost worker [default: 16].
+    #[arg(long, env = "HEIST_FAILOVER_PARALLELISM")]
+    pub failover_parallelism: Option<usize>,
+    /// Closed sessions and their transcripts are collected after this, in seconds
+    /// [default: 259200].
+    #[arg(long, env = "HEIST_SESSION_RETENTION_S")]
+    pub session_retention_s: Option<u64>,
+    /// How often closed sessions are collected, in seconds [default: 300].
+    #[arg(long, env = "HEIST_SESSION_GC_INTERVAL_S")]
+    pub session_gc_interval_s: Option<u64>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -106,8 +139,12 @@ heist_proto::layer_over!(Settings {
     token_ttl_s,
     lease_ttl_ms,
     heartbeat_interval_ms,
+    suspect_after_ms,
+    worker_keepalive_interval_ms,
+    worker_keepalive_timeout_ms,
     worker_call_timeout_s,
     idempotency_ttl_s,
+    drain_timeout_s,
     max_message_bytes,
     max_blob_bytes,
     max_blob_batch,
@@ -116,6 +153,11 @@ heist_proto::layer_over!(Settings {
     checkpoint_gc_interval_s,
     blob_orphan_grace_s,
     auto_checkpoint,
+    checkpoint_every,
+    failover,
+    failover_parallelism,
+    session_retention_s,
+    session_gc_interval_s,
 });
 
 impl Settings {
@@ -135,8 +177,20 @@ impl Settings {
             self.heartbeat_interval_ms,
             millis,
         );
+        set(&mut c.suspect_after, self.suspect_after_ms, millis);
+        set(
+            &mut c.worker_keepalive_interval,
+            self.worker_keepalive_interval_ms,
+            millis,
+        );
+        set(
+            &mut c.worker_keepalive_timeout,
+            self.worker_keepalive_timeout_ms,
+            millis,
+        );
         set(&mut c.worker_call_timeout, self.worker_call_timeout_s, secs);
         set(&mut c.idempotency_ttl, self.idempotency_ttl_s, secs);
+        set(&mut c.drain_timeout, self.drain_timeout_s, secs);
         set(&mut c.max_message_bytes, self.max_message_bytes, |v| v);
         set(&mut c.max_blob_bytes, self.max_blob_bytes, |v| v);
         set(&mut c.max_blob_batch, self.max_blob_batch, |v| v);
@@ -153,6 +207,15 @@ impl Settings {
         );
         set(&mut c.blob_orphan_grace, self.blob_orphan_grace_s, secs);
         set(&mut c.auto_checkpoint, self.auto_checkpoint, |v| v);
+        set(&mut c.checkpoint_every, self.checkpoint_every, |v| v);
+        set(&mut c.failover, self.failover, |v| v);
+        set(
+            &mut c.failover_parallelism,
+            self.failover_parallelism,
+            |v| v,
+        );
+        set(&mut c.session_retention, self.session_retention_s, secs);
+        set(&mut c.session_gc_interval, self.session_gc_interval_s, secs);
         c
     }
 }

@@ -110,6 +110,25 @@ impl TurnStore {
         Ok(running.len())
     }
 
+    /// Drops every turn of `session` with its events and transcript index (the session was
+    /// collected). Returns how many turns.
+    pub fn forget_session(&self, session: &SessionId) -> Result<usize, Error> {
+        let mut prefix = session.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut n = 0;
+        for key in self.index.scan_prefix(&prefix).keys() {
+            let key = key?;
+            if let Some(turn) = key.get(prefix.len()..) {
+                self.turns.remove(turn)?;
+                self.owners.remove(turn)?;
+                self.events.remove(&String::from_utf8_lossy(turn))?;
+            }
+            self.index.remove(key)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn put(&self, turn: &pb::Turn) -> Result<(), Error> {
         Store::put(&self.turns, turn.id.as_bytes(), turn)
     }

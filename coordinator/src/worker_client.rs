@@ -5,7 +5,10 @@
 //! for audience `heist-worker:<id>` (re-minted when less than two minutes are left), and
 //! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
 //! here as well. Worker statuses come back unchanged, except transport failures, which become
-//! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED.
+//! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED ([`WorkerClient`]'s
+//! `map_status` is the one place). HTTP/2 keep-alive pings (also while idle) close the channel
+//! to a frozen or partitioned worker within interval + timeout, so calls in flight there end
+//! UNAVAILABLE instead of waiting for their deadline.
 
 use std::{
     future::Future,
@@ -64,6 +67,27 @@ pub fn normalise_address(address: &str) -> String {
     }
 }
 
+/// How the coordinator's channels to workers are set up.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelTuning {
+    /// Largest message sent or received.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keep-alive ping interval.
+    pub keepalive_interval: Duration,
+    /// An unanswered ping closes the channel after this.
+    pub keepalive_timeout: Duration,
+}
+
+impl From<&crate::Config> for ChannelTuning {
+    fn from(config: &crate::Config) -> Self {
+        Self {
+            max_message_bytes: config.max_message_bytes,
+            keepalive_interval: config.worker_keepalive_interval,
+            keepalive_timeout: config.worker_keepalive_timeout,
+        }
+    }
+}
+
 /// A reusable client for one worker.
 pub struct WorkerClient {
     worker: WorkerId,
@@ -80,7 +104,7 @@ impl WorkerClient {
         address: &str,
         signer: Arc<TokenSigner>,
         issuer: &str,
-        max_message_bytes: usize,
+        tuning: &ChannelTuning,
     ) -> Result<Self, Error> {
         let address = normalise_address(address);
         let endpoint = Endpoint::from_shared(address.clone())
@@ -92,11 +116,12 @@ impl WorkerClient {
             })?
             .tcp_nodelay(true)
             .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .http2_keep_alive_interval(tuning.keepalive_interval)
+            .keep_alive_timeout(tuning.keepalive_timeout)
+            .keep_alive_while_idle(true);
         let client = WorkerServiceClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes);
+            .max_decoding_message_size(tuning.max_message_bytes)
+            .max_encoding_message_size(tuning.max_message_bytes);
         Ok(Self {
             credentials: Credentials {
                 signer,
@@ -279,17 +304,23 @@ impl WorkerClient {
         }
     }
 
-    /// Transport failures (nothing listening, connection reset) carry no heist reason; they mean
-    /// the worker is unreachable. A worker whose own server timer fired reports CANCELLED
+    /// Transport failures (nothing listening, connection reset, a keep-alive ping unanswered,
+    /// a stream broken mid-call) carry no heist reason; they mean the worker is unreachable:
+    /// UNAVAILABLE, never UNKNOWN. A worker whose own server timer fired reports CANCELLED
     /// "Timeout expired": that is the deadline. Everything else is the worker's own answer.
     fn map_status(&self, status: Status) -> Error {
         let no_reason = errors::reason_of(&status).is_none();
-        if status.code() == Code::Unavailable && no_reason {
-            warn!(worker_id = %self.worker, address = %self.address, error = %status.message(), "worker unreachable");
-            return Error::WorkerUnavailable(self.worker.clone());
-        }
         if status.code() == Code::Cancelled && no_reason && status.message() == "Timeout expired" {
             return Error::DeadlineExceeded(self.worker.clone());
+        }
+        if no_reason
+            && matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            )
+        {
+            warn!(worker_id = %self.worker, address = %self.address, code = ?status.code(), error = %status.message(), "worker unreachable");
+            return Error::WorkerUnavailable(self.worker.clone());
         }
         Error::Status(status)
     }
@@ -345,6 +376,14 @@ mod tests {
 
     use super::*;
 
+    fn tuning() -> ChannelTuning {
+        ChannelTuning {
+            max_message_bytes: 1 << 20,
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    }
+
     fn signer() -> Arc<TokenSigner> {
         Arc::new(
             TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
@@ -355,7 +394,7 @@ mod tests {
     async fn credentials_verify_for_the_worker_audience_and_are_cached() {
         let s = signer();
         let id = WorkerId::parse("w1").expect("id");
-        let client = WorkerClient::new(id.clone(), "127.0.0.1:1", s.clone(), "heist", 1 << 20)
+        let client = WorkerClient::new(id.clone(), "127.0.0.1:1", s.clone(), "heist", &tuning())
             .expect("client");
         assert_eq!(client.address(), "http://127.0.0.1:1");
         let first = client.credentials.header().expect("header");
@@ -381,7 +420,7 @@ mod tests {
             &format!("http://{addr}"),
             signer(),
             "heist",
-            1 << 20,
+            &tuning(),
         )
         .expect("client");
         let err = client
@@ -420,7 +459,7 @@ mod tests {
             "http://bad host:1",
             signer(),
             "heist",
-            1 << 20,
+            &tuning(),
         )
         .err()
         .expect("refused");

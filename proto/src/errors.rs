@@ -35,6 +35,10 @@ pub mod reason {
     pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
     /// A call with this request id is still running.
     pub const REQUEST_IN_PROGRESS: &str = "REQUEST_IN_PROGRESS";
+    /// A call with this request id was interrupted while it was being applied (its process
+    /// died or it was stopped), so whether it took effect is not known: inspect the state and
+    /// retry with a new request id (metadata: `request_id`).
+    pub const OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
     /// A request field is malformed (metadata: `field`).
     pub const INVALID_FIELD: &str = "INVALID_FIELD";
     /// No bearer token was sent.
@@ -97,6 +101,24 @@ pub fn status(
     )
 }
 
+/// A status with an ErrorInfo and a RetryInfo detail: the call may succeed if retried after
+/// `retry_after`.
+pub fn retryable(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: &[(&str, &str)],
+    retry_after: std::time::Duration,
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(code, message, details)
+}
+
 /// INVALID_ARGUMENT about one request field.
 pub fn invalid_argument(field: &str, message: impl Into<String>) -> Status {
     status(
@@ -110,6 +132,13 @@ pub fn invalid_argument(field: &str, message: impl Into<String>) -> Status {
 /// The ErrorInfo reason of a status, if it carries one.
 pub fn reason_of(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The RetryInfo delay of a status, if it carries one.
+pub fn retry_after_of(status: &Status) -> Option<std::time::Duration> {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
 }
 
 /// The ErrorInfo metadata value `key` of a status, if present.

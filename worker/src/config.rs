@@ -78,6 +78,10 @@ pub struct Config {
     /// Local blob cache for checkpoints (HEIST_BLOB_CACHE_DIR). `None` means
     /// `BASE_WORKSPACE/../blobs`.
     pub blob_cache_dir: Option<PathBuf>,
+    /// The worker's own small store: the request ids it applied and their results, so a
+    /// retried call replays instead of applying twice (HEIST_STATE_DIR). `None` means
+    /// `BASE_WORKSPACE.state` (a sibling of the workspaces, one per worker).
+    pub state_dir: Option<PathBuf>,
     /// Size bound of the local blob cache, in bytes; least recently used blobs are evicted
     /// (HEIST_BLOB_CACHE_BYTES). 0 disables the cache. Default 2 GiB.
     pub blob_cache_bytes: u64,
@@ -132,6 +136,7 @@ impl Default for Config {
             disk_image_dir: None,
             fs_pool: crate::tools::PoolLimits::default(),
             blob_cache_dir: None,
+            state_dir: None,
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,
             blob_batch: 10_000,
@@ -291,6 +296,14 @@ impl Config {
             .filter(|d| d.contains('{'))
         {
             self.blob_cache_dir = Some(PathBuf::from(expand(dir)));
+        }
+        if let Some(dir) = self
+            .state_dir
+            .as_ref()
+            .and_then(|d| d.to_str())
+            .filter(|d| d.contains('{'))
+        {
+            self.state_dir = Some(PathBuf::from(expand(dir)));
         }
     }
 }

@@ -155,6 +155,15 @@ pub enum Error {
     /// A bug or an environment problem the caller cannot fix.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A request id this worker applied with other arguments.
+    #[error("request id {0:?} was used for a different call: use a new request id")]
+    RequestIdReused(String),
+    /// The call with this request id was interrupted while it was being applied.
+    #[error(
+        "the call with request id {0:?} was interrupted while it was applied, so whether it took \
+         effect is unknown: inspect the workspace and retry with a new request id"
+    )]
+    OutcomeUnknown(String),
     /// The coordinator's blob store refused or failed a call.
     #[error("the coordinator's blob store failed: {}", .0.message())]
     BlobStore(Status),
@@ -178,6 +187,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a call that failed with this error may have changed something before it
+    /// stopped. Only errors raised before a tool acts (bad request, unknown session or tool,
+    /// a refused limit, no sandbox) are known to have changed nothing.
+    pub fn interrupted(&self) -> bool {
+        !matches!(
+            self,
+            Error::NotRegistered
+                | Error::Unauthenticated { .. }
+                | Error::Draining
+                | Error::Full { .. }
+                | Error::SessionNotFound(_)
+                | Error::ToolNotFound { .. }
+                | Error::SchemaViolation { .. }
+                | Error::InvalidArgument { .. }
+                | Error::PathOutside { .. }
+                | Error::NotRegularFile { .. }
+                | Error::LimitExceeded { .. }
+                | Error::SandboxUnavailable { .. }
+                | Error::RequestIdReused(_)
+                | Error::OutcomeUnknown(_)
+        )
+    }
+
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
@@ -270,6 +302,16 @@ impl From<Error> for Status {
                 Code::FailedPrecondition,
                 reason::INVALID_FIELD,
                 &[("field", "workspace"), ("path", path)],
+            ),
+            Error::RequestIdReused(id) => with(
+                Code::InvalidArgument,
+                reason::REQUEST_ID_REUSED,
+                &[("request_id", id)],
+            ),
+            Error::OutcomeUnknown(id) => with(
+                Code::Aborted,
+                reason::OUTCOME_UNKNOWN,
+                &[("request_id", id)],
             ),
             Error::Config(_)
             | Error::Io { .. }

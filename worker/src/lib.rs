@@ -15,6 +15,8 @@
 //! - [`checkpoint`]: workspace capture (stat cache, BLAKE3, upload of missing blobs) and
 //!   restore (staging tree, atomic swap), with a local blob cache.
 //! - `inflight`: counting calls so shutdown can drain them.
+//! - `applied`: the request ids this worker applied, with their results, in its own small sled
+//!   store (`HEIST_STATE_DIR`), so a retried call replays instead of applying twice.
 //! - [`agent`] / [`model`]: the turn loop and the model gateway; `turns`: RunTurn and
 //!   CancelTurn (the registry of turns, grants, agent state files).
 //!
@@ -23,6 +25,7 @@
 //! closes the control stream and stops the server.
 
 pub mod agent;
+mod applied;
 mod auth;
 mod backoff;
 pub mod checkpoint;
@@ -113,12 +116,14 @@ pub async fn serve(
         max_list_entries: config.max_list_entries,
     };
     let agents = agent_host(&config, &agent_states, sessions.base())?;
+    let applied = applied::Applied::open(&applied::state_dir(&config))?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let state = Arc::new(
         State::new(worker_id.clone(), sessions, tools, limits, health)
             .with_sandbox(sandbox)
             .with_checkpoints(checkpoints)
-            .with_agents(agents),
+            .with_agents(agents)
+            .with_applied(applied),
     );
     state.adopt_sessions().await;
     state.set_registered(false).await;

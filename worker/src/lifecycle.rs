@@ -114,6 +114,9 @@ impl State {
     /// open.
     pub(crate) async fn leave_session(&self, id: &SessionId, why: Leave) -> Result<bool, Error> {
         let was_open = self.sessions.close(id, &self.owners()).await?;
+        if let Some(applied) = &self.applied {
+            applied.forget_session(id);
+        }
         info!(session_id = %id, was_open, "session {}", why.as_str());
         Ok(was_open)
     }

@@ -80,6 +80,10 @@ pub struct Settings {
     /// Local checkpoint blob cache [default: BASE_WORKSPACE/../blobs].
     #[arg(long, env = "HEIST_BLOB_CACHE_DIR")]
     pub blob_cache_dir: Option<PathBuf>,
+    /// The worker's own small store (request ids it applied, with their results)
+    /// [default: BASE_WORKSPACE.state, next to the workspaces].
+    #[arg(long, env = "HEIST_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Size bound of the blob cache, in bytes, 0 to disable it [default: 2 GiB].
     #[arg(long, env = "HEIST_BLOB_CACHE_BYTES")]
     pub blob_cache_bytes: Option<u64>,
@@ -116,6 +120,7 @@ heist_proto::layer_over!(Settings {
     max_list_entries,
     max_message_bytes,
     blob_cache_dir,
+    state_dir,
     blob_cache_bytes,
     checkpoint_max_entries,
     blob_batch,
@@ -149,6 +154,9 @@ impl Settings {
         set(&mut c.max_list_entries, self.max_list_entries, |v| v);
         set(&mut c.max_message_bytes, self.max_message_bytes, |v| v);
         set(&mut c.blob_cache_dir, self.blob_cache_dir, |p| {
+            Some(p).filter(|p| !p.as_os_str().is_empty())
+        });
+        set(&mut c.state_dir, self.state_dir, |p| {
             Some(p).filter(|p| !p.as_os_str().is_empty())
         });
         set(&mut c.blob_cache_bytes, self.blob_cache_bytes, |v| v);

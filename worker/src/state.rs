@@ -17,10 +17,11 @@ use serde_json::{Map, Value as Json};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{debug, info, instrument};
+use tracing::{Instrument as _, Span, debug, info, instrument};
 
 use crate::{
     Error,
+    applied::{self, Applied},
     auth::Auth,
     checkpoint::Checkpointer,
     inflight::InFlight,
@@ -59,6 +60,9 @@ pub(crate) struct State {
     pub checkpoints: Option<Checkpointer>,
     /// Agents, the model gateway, agent state and turns (none until [`State::with_agents`]).
     pub agents: Option<Arc<crate::turns::AgentHost>>,
+    /// The request ids this worker applied, with their results (none until
+    /// [`State::with_applied`]: calls then run without that record).
+    pub applied: Option<Applied>,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -89,6 +93,7 @@ impl State {
             services: Arc::default(),
             checkpoints: None,
             agents: None,
+            applied: None,
             registered: AtomicBool::new(false),
             health,
         }
@@ -97,6 +102,12 @@ impl State {
     /// The same state with `checkpoints` capturing and restoring workspaces.
     pub fn with_checkpoints(mut self, checkpoints: Checkpointer) -> Self {
         self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    /// The same state with `applied` recording what calls with a request id did.
+    pub fn with_applied(mut self, applied: Applied) -> Self {
+        self.applied = Some(applied);
         self
     }
 
@@ -173,13 +184,59 @@ impl State {
         Ok(v1::WorkerCloseSessionResponse { was_open })
     }
 
-    /// CallTool: validates and runs a tool in an open session.
+    /// CallTool: validates and runs a tool in an open session. A call with a request id runs
+    /// at most once here (see [`crate::applied`]): in a tracked task, so it finishes and is
+    /// recorded even if the coordinator stops waiting (or dies), and a retry replays it.
     pub async fn call_tool(
-        &self,
+        self: &Arc<Self>,
         request: v1::CallToolRequest,
         deadline: Option<Duration>,
     ) -> Result<v1::CallToolResponse, Error> {
-        self.run_tool(request, deadline, None).await
+        if self.applied.is_none() || request.request_id.is_empty() {
+            return self.run_tool(request, deadline, None).await;
+        }
+        // Claim, run and record in a task of its own: the caller going away (or dying) at any
+        // point neither stops the call half-way nor loses its record.
+        let state = Arc::clone(self);
+        self.tasks
+            .spawn(
+                async move {
+                    let _call = state.inflight.enter();
+                    let mut claim = match state.claim(&request).await? {
+                        Some(applied::Begin::Run(claim)) => claim,
+                        Some(applied::Begin::Replay(response)) => return Ok(response),
+                        None => return state.run_tool(request, deadline, None).await,
+                    };
+                    claim.start();
+                    let result = state.run_tool(request, deadline, None).await;
+                    settle(claim, result).await
+                }
+                .instrument(Span::current()),
+            )
+            .await
+            .map_err(|e| Error::Internal(format!("the tool call's task failed: {e}")))?
+    }
+
+    /// For a call with a request id (when this worker records them): replay or a claim to
+    /// run it. `None`: run the call as it is.
+    pub(crate) async fn claim(
+        &self,
+        request: &v1::CallToolRequest,
+    ) -> Result<Option<applied::Begin>, Error> {
+        let Some(store) = self
+            .applied
+            .as_ref()
+            .filter(|_| !request.request_id.is_empty())
+        else {
+            return Ok(None);
+        };
+        let id = parse_session_id(request.session_id.clone())?;
+        self.sessions.get(&id)?;
+        let fingerprint = applied::fingerprint(request);
+        store
+            .begin(&id, &request.request_id, fingerprint)
+            .await
+            .map(Some)
     }
 
     /// Runs a tool; with `output`, tools that produce output as they go (exec, run.python)
@@ -278,6 +335,23 @@ impl State {
             agents.install(&id, state)?;
         }
         Ok(response)
+    }
+}
+
+/// Records a claimed call's result (or failure) before it is returned.
+pub(crate) async fn settle(
+    claim: applied::Claim,
+    result: Result<v1::CallToolResponse, Error>,
+) -> Result<v1::CallToolResponse, Error> {
+    match result {
+        Ok(response) => {
+            claim.done(&response).await?;
+            Ok(response)
+        }
+        Err(err) => {
+            claim.failed(&err).await?;
+            Err(err)
+        }
     }
 }
 

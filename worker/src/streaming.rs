@@ -1,7 +1,9 @@
 //! WorkerService.CallToolStream: the tool runs in a named task that forwards its live output
 //! as `output` events and ends with one `result` event (or an error status). When the caller
 //! goes away (the stream is dropped) the task stops, dropping the tool call, which kills the
-//! command's processes.
+//! command's processes. A call with a request id is claimed first (see [`crate::applied`]): a
+//! replay is a stream of one result; a call stopped because its caller went away is recorded
+//! as of unknown outcome.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,8 +14,9 @@ use tonic::Status;
 use tracing::{Instrument as _, debug, info_span};
 
 use crate::{
+    applied,
     sandbox::{Chunk, Stream},
-    state::State,
+    state::{State, settle},
 };
 
 /// Events buffered between the tool task and the gRPC stream.
@@ -38,6 +41,21 @@ impl State {
         self.tasks.spawn(
             async move {
                 let _call = state.inflight.enter();
+                let claim = match state.claim(&request).await {
+                    Ok(None) => None,
+                    Ok(Some(applied::Begin::Run(mut claim))) => {
+                        claim.start();
+                        Some(claim)
+                    }
+                    Ok(Some(applied::Begin::Replay(response))) => {
+                        let _ = events.send(Ok(result_event(response))).await;
+                        return;
+                    }
+                    Err(err) => {
+                        let _ = events.send(Err(Status::from(err))).await;
+                        return;
+                    }
+                };
                 let (chunks, mut output) = mpsc::channel(CHUNK_BUFFER);
                 let run = state.run_tool(request, deadline, Some(chunks));
                 tokio::pin!(run);
@@ -61,14 +79,23 @@ impl State {
                         return;
                     }
                 }
-                let last = result.map_err(Status::from).map(|response| v1::ToolEvent {
-                    event: Some(tool_event::Event::Result(response)),
-                });
+                let result = match claim {
+                    Some(claim) => settle(claim, result).await,
+                    None => result,
+                };
+                let last = result.map_err(Status::from).map(result_event);
                 let _ = events.send(last).await;
             }
             .instrument(span),
         );
         ReceiverStream::new(rx)
+    }
+}
+
+/// The final result as a wire event.
+fn result_event(response: v1::CallToolResponse) -> v1::ToolEvent {
+    v1::ToolEvent {
+        event: Some(tool_event::Event::Result(response)),
     }
 }
 

@@ -40,7 +40,7 @@ pub struct SessionView {
     pub owner: String,
     /// Worker it is placed on.
     pub worker_id: String,
-    /// creating | ready | closing | closed | failed.
+    /// creating | ready | closing | closed | failed | recovering.
     pub state: String,
     /// Session labels.
     pub labels: BTreeMap<String, String>,
@@ -290,6 +290,7 @@ mod tests {
             updated_at: None,
             failure_reason: String::new(),
             worker_connected: true,
+            ..v1::Session::default()
         };
         let j = serde_json::to_value(SessionView::from(&s)).expect("json");
         assert_eq!(

@@ -26,7 +26,35 @@ pub trait AfterCall: Send + Sync {
 }
 
 /// The hooks, in order.
-pub const AFTER_CALL: &[&dyn AfterCall] = &[&AutoCheckpoint];
+pub const AFTER_CALL: &[&dyn AfterCall] = &[&CountMutation, &AutoCheckpoint];
+
+/// Whether `response` is a newly applied (not replayed, not failed) call of a mutating tool.
+fn applied(read_only: bool, response: &CallToolResponse) -> bool {
+    !read_only && !response.is_error && !response.replayed
+}
+
+/// Counts the session's acknowledged mutating calls (`Session.acked_mutations`): what a
+/// failover reports as lost when they came after the checkpoint it recovers from.
+pub struct CountMutation;
+
+impl AfterCall for CountMutation {
+    fn after<'a>(
+        &'a self,
+        app: &'a Arc<App>,
+        call: &'a ToolCall,
+        read_only: bool,
+        response: &'a CallToolResponse,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if !applied(read_only, response) {
+                return;
+            }
+            if let Err(err) = app.sessions.count_mutation(&call.session) {
+                warn!(%err, session_id = %call.session, "cannot count the call");
+            }
+        })
+    }
+}
 
 /// Runs every hook in [`AFTER_CALL`].
 pub async fn after(app: &Arc<App>, call: &ToolCall, read_only: bool, response: &CallToolResponse) {
@@ -36,8 +64,10 @@ pub async fn after(app: &Arc<App>, call: &ToolCall, read_only: bool, response: &
 }
 
 /// With HEIST_AUTO_CHECKPOINT, takes a checkpoint labelled [`lifecycle::AUTO_LABEL`] after a
-/// successful (not replayed, not `is_error`) call of a tool that is not read-only. A failure
-/// is logged: the tool call itself succeeded.
+/// successful (not replayed, not `is_error`) call of a tool that is not read-only; with
+/// HEIST_CHECKPOINT_EVERY = N, after every N-th such call of the session (continuous
+/// checkpoints, bounding what a failover loses). A failure is logged: the tool call itself
+/// succeeded.
 pub struct AutoCheckpoint;
 
 impl AfterCall for AutoCheckpoint {
@@ -49,7 +79,17 @@ impl AfterCall for AutoCheckpoint {
         response: &'a CallToolResponse,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            if !app.config.auto_checkpoint || read_only || response.is_error || response.replayed {
+            if !applied(read_only, response) {
+                return;
+            }
+            let every = app.config.checkpoint_every;
+            let due = app.config.auto_checkpoint
+                || (every > 0
+                    && app
+                        .sessions
+                        .with(&call.session, |s| s.acked_mutations % every == 0)
+                        .unwrap_or(false));
+            if !due {
                 return;
             }
             let (label, value) = lifecycle::AUTO_LABEL;

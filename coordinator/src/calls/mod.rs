@@ -171,7 +171,6 @@ async fn forward(
 ) -> Result<CallToolResponse, Error> {
     let mut resp = route.client.call_tool(owner, deadline, req).await?;
     resp.worker_id = worker.into_string();
-    resp.replayed = false;
     Ok(resp)
 }
 

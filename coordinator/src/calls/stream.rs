@@ -93,13 +93,17 @@ impl Forward {
             Ok(Some(Ok(event))) => return Some(Ok(event)),
         };
         self.done = true;
+        if let (Err(err), Some(record)) = (&event, self.record.take())
+            && let Err(settle) = record.fail(err).await
+        {
+            return Some(Err(settle));
+        }
         Some(event)
     }
 
     /// Stamps the result, records it for its request id, and runs the after-hooks.
     async fn finish(&mut self, mut resp: CallToolResponse) -> Result<CallToolResponse, Error> {
         resp.worker_id = self.worker.to_string();
-        resp.replayed = false;
         if let Some(record) = self.record.take() {
             record.complete(&resp).await?;
         }

@@ -115,7 +115,7 @@ pub fn owned_checkpoint(app: &App, owner: &str, id: &CheckpointId) -> Result<Che
 }
 
 /// The manifest of a checkpoint, with every blob it names checked present in the store.
-async fn manifest_with_blobs(app: &App, id: &CheckpointId) -> Result<Manifest, Error> {
+pub(super) async fn manifest_with_blobs(app: &App, id: &CheckpointId) -> Result<Manifest, Error> {
     let manifest = app
         .checkpoints
         .get_full(id)?
@@ -157,6 +157,12 @@ pub async fn take_checkpoint(
     let worker = session_worker(app, owner, session, true)?;
     let route = app.registry.route(&worker)?;
     let id = CheckpointId::generate();
+    // Calls acknowledged from here on may or may not be in the capture: failover counts them
+    // as lost (an upper bound).
+    let session_mutations = app
+        .sessions
+        .with(session, |s| s.acked_mutations)
+        .unwrap_or_default();
     let pin = app.checkpoints.pin();
     let captured = route
         .client
@@ -185,6 +191,7 @@ pub async fn take_checkpoint(
         worker_id: worker.to_string(),
         stats: Some(stats),
         manifest: Some(manifest),
+        session_mutations,
     };
     let committed = app.checkpoints.commit(session, record)?;
     app.store.flush().await?;

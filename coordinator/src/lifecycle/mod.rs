@@ -1,4 +1,5 @@
-//! The session lifecycle at the coordinator: place, open, close, checkpoint, restore, fork.
+//! The session lifecycle at the coordinator: place, open, close, checkpoint, restore, fork,
+//! and failover from a lost worker ([`failover`]).
 //!
 //! Every adapter (gRPC's SessionService and CheckpointService, the tool call pipeline's
 //! auto-checkpoint hook, and next MCP and agent turns) goes through these functions; they take
@@ -6,6 +7,7 @@
 //! points run through [`crate::runner::run_once`] so a request id makes them apply once.
 
 mod checkpoint;
+pub mod failover;
 mod session;
 
 use heist_proto::{
@@ -34,6 +36,9 @@ pub fn session_worker(
             if s.owner != owner {
                 return Err(Error::SessionNotFound(id.clone()));
             }
+            if ready && s.state == SessionState::Recovering as i32 {
+                return Err(Error::SessionRecovering(id.clone()));
+            }
             if ready && s.state != SessionState::Ready as i32 {
                 return Err(Error::SessionNotReady {
                     id: id.clone(),
@@ -52,6 +57,7 @@ fn state_name(state: i32) -> &'static str {
         SessionState::Closing => "closing",
         SessionState::Closed => "closed",
         SessionState::Failed => "failed",
+        SessionState::Recovering => "recovering",
         SessionState::Ready | SessionState::Unspecified => "unknown",
     })
 }

@@ -35,7 +35,9 @@ pub fn owned_session(app: &App, owner: &str, id: &SessionId) -> Result<Session, 
         .ok_or_else(|| Error::SessionNotFound(id.clone()))
 }
 
-/// Places a new session and opens it on its worker, once per request id.
+/// Places a new session and opens it on its worker, once per request id. The session id is
+/// reserved in the call's intent, so a retry after a crash (of this process or of the worker
+/// call) finds and finishes the same session instead of leaving an orphan behind.
 pub async fn create_session(
     app: &Arc<App>,
     principal: &Principal,
@@ -44,17 +46,50 @@ pub async fn create_session(
 ) -> Result<Session, Error> {
     let NewSession { labels, request_id } = req;
     let fingerprint = Fingerprint::new(CREATE).map(&labels).finish();
-    let dedup = Dedup::new(&principal.id, CREATE, request_id, fingerprint);
+    let reserved = SessionId::generate();
+    let dedup = Dedup::new(&principal.id, CREATE, request_id, fingerprint)
+        .map(|d| d.with_intent(reserved.as_str().as_bytes().to_vec()));
     let (task_app, owner) = (app.clone(), principal.id.clone());
-    let span = info_span!("create-session", principal = %owner);
-    runner::run_once(
-        app,
-        dedup,
-        replay_session,
-        async move { place_and_open(&task_app, &owner, deadline, labels, &HashSet::new()).await }
-            .instrument(span),
-    )
+    runner::run_once_with(app, dedup, replay_session, move |intent| {
+        let id = intent
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|raw| SessionId::parse(raw).ok())
+            .unwrap_or(reserved);
+        let span = info_span!("create-session", principal = %owner, session_id = %id);
+        async move {
+            match resume(&task_app, &owner, deadline, &id).await? {
+                Some(session) => Ok(session),
+                None => {
+                    place_and_open_as(&task_app, &owner, deadline, id, labels, &HashSet::new())
+                        .await
+                }
+            }
+        }
+        .instrument(span)
+    })
     .await
+}
+
+/// Finishes a session an earlier CreateSession with the same request id reserved, if it
+/// exists: one that is ready (or closed since) is the answer; one still creating or failed is
+/// opened on its worker again (OpenSession is idempotent there).
+async fn resume(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    id: &SessionId,
+) -> Result<Option<Session>, Error> {
+    let Some(existing) = app.sessions.get(id) else {
+        return Ok(None);
+    };
+    if existing.owner != owner {
+        return Err(Error::SessionNotFound(id.clone()));
+    }
+    info!(session_id = %id, "resuming a create whose outcome was not recorded");
+    match app.sessions.resume_create(id)? {
+        Some(session) => open_placed(app, owner, deadline, session).await.map(Some),
+        None => Ok(Some(app.view(existing))),
+    }
 }
 
 /// Closes the caller's session, once per request id.
@@ -93,34 +128,26 @@ pub async fn place_and_open(
     labels: HashMap<String, String>,
     prefer: &HashSet<String>,
 ) -> Result<Session, Error> {
+    place_and_open_as(app, owner, deadline, SessionId::generate(), labels, prefer).await
+}
+
+/// [`place_and_open`] under a given (reserved) session id.
+async fn place_and_open_as(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    id: SessionId,
+    labels: HashMap<String, String>,
+    prefer: &HashSet<String>,
+) -> Result<Session, Error> {
     if app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     let session = app.sessions.create(|slots| {
-        let views = app.registry.placement_views();
-        let candidates: Vec<Candidate<'_>> = views
-            .iter()
-            .map(|v| Candidate {
-                id: &v.id,
-                labels: &v.labels,
-                capacity: v.capacity,
-                active_sessions: slots.get(v.id.as_str()).copied().unwrap_or(0),
-                in_flight: v.in_flight,
-                saturated: v.saturated,
-            })
-            .collect();
-        let preferred: Vec<Candidate<'_>> = candidates
-            .iter()
-            .filter(|c| prefer.contains(c.id.as_str()))
-            .cloned()
-            .collect();
-        let worker = match placement::place(&preferred, &labels) {
-            Ok(worker) => worker,
-            Err(_) => placement::place(&candidates, &labels)?,
-        };
+        let worker = choose_worker(app, slots, &labels, prefer)?;
         let now = SystemTime::now();
         Ok(Session {
-            id: SessionId::generate().into_string(),
+            id: id.to_string(),
             owner: owner.to_owned(),
             worker_id: worker.to_string(),
             state: SessionState::Creating as i32,
@@ -131,6 +158,48 @@ pub async fn place_and_open(
         })
     })?;
     app.store.flush().await?;
+    open_placed(app, owner, deadline, session).await
+}
+
+/// Picks a worker for a session with `labels` given the slot counts (call under the session
+/// table's lock): workers in `prefer` win when one of them is eligible.
+pub(super) fn choose_worker(
+    app: &App,
+    slots: &HashMap<String, u32>,
+    labels: &HashMap<String, String>,
+    prefer: &HashSet<String>,
+) -> Result<WorkerId, Error> {
+    let views = app.registry.placement_views();
+    let candidates: Vec<Candidate<'_>> = views
+        .iter()
+        .map(|v| Candidate {
+            id: &v.id,
+            labels: &v.labels,
+            capacity: v.capacity,
+            active_sessions: slots.get(v.id.as_str()).copied().unwrap_or(0),
+            in_flight: v.in_flight,
+            saturated: v.saturated,
+        })
+        .collect();
+    let preferred: Vec<Candidate<'_>> = candidates
+        .iter()
+        .filter(|c| prefer.contains(c.id.as_str()))
+        .cloned()
+        .collect();
+    let worker = match placement::place(&preferred, labels) {
+        Ok(worker) => worker,
+        Err(_) => placement::place(&candidates, labels)?,
+    };
+    Ok(worker.clone())
+}
+
+/// Opens a CREATING session on its worker and stores READY (or FAILED).
+async fn open_placed(
+    app: &App,
+    owner: &str,
+    deadline: Instant,
+    session: Session,
+) -> Result<Session, Error> {
     let id = SessionId::parse(session.id.as_str())?;
     let worker = WorkerId::parse(session.worker_id.as_str())?;
     info!(session_id = %id, worker_id = %worker, "session placed");

@@ -8,6 +8,7 @@ mod durability;
 mod ecosystem;
 mod escape;
 mod exhaustion;
+mod faults;
 mod harness;
 mod heist;
 mod registration;
