@@ -60,6 +60,13 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// Serve `/metrics` to anyone who can reach the port; otherwise it needs a token with
+    /// `cluster:read`. HEIST_METRICS_PUBLIC, default false.
+    pub metrics_public: bool,
+    /// A span per call (parented by the caller's `traceparent`) and the RPC metrics
+    /// ([`heist_proto::trace::RpcLayer`]). HEIST_TELEMETRY, default true; off only to measure
+    /// what it costs.
+    pub telemetry: bool,
 }
 
 impl Default for Config {
@@ -83,6 +90,8 @@ impl Default for Config {
             checkpoint_gc_interval: Duration::from_secs(300),
             blob_orphan_grace: Duration::from_secs(600),
             auto_checkpoint: false,
+            metrics_public: false,
+            telemetry: true,
         }
     }
 }
@@ -112,6 +121,8 @@ impl fmt::Debug for Config {
             .field("checkpoint_gc_interval", &self.checkpoint_gc_interval)
             .field("blob_orphan_grace", &self.blob_orphan_grace)
             .field("auto_checkpoint", &self.auto_checkpoint)
+            .field("metrics_public", &self.metrics_public)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }

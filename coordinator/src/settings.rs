@@ -92,6 +92,15 @@ pub struct Settings {
     #[arg(long, env = "HEIST_AUTO_CHECKPOINT", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub auto_checkpoint: Option<bool>,
+    /// Serve /metrics without a token (otherwise it needs one with cluster:read) [default: false].
+    #[arg(long, env = "HEIST_METRICS_PUBLIC", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub metrics_public: Option<bool>,
+    /// Per-call spans (with W3C trace context) and RPC metrics; off only to measure their
+    /// cost [default: true].
+    #[arg(long, env = "HEIST_TELEMETRY", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub telemetry: Option<bool>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -116,6 +125,8 @@ heist_proto::layer_over!(Settings {
     checkpoint_gc_interval_s,
     blob_orphan_grace_s,
     auto_checkpoint,
+    metrics_public,
+    telemetry,
 });
 
 impl Settings {
@@ -153,6 +164,8 @@ impl Settings {
         );
         set(&mut c.blob_orphan_grace, self.blob_orphan_grace_s, secs);
         set(&mut c.auto_checkpoint, self.auto_checkpoint, |v| v);
+        set(&mut c.metrics_public, self.metrics_public, |v| v);
+        set(&mut c.telemetry, self.telemetry, |v| v);
         c
     }
 }

@@ -26,7 +26,7 @@ pub trait AfterCall: Send + Sync {
 }
 
 /// The hooks, in order.
-pub const AFTER_CALL: &[&dyn AfterCall] = &[&AutoCheckpoint];
+pub const AFTER_CALL: &[&dyn AfterCall] = &[&CallMetrics, &AutoCheckpoint];
 
 /// Runs every hook in [`AFTER_CALL`].
 pub async fn after(app: &Arc<App>, call: &ToolCall, read_only: bool, response: &CallToolResponse) {
@@ -73,5 +73,23 @@ impl AfterCall for AutoCheckpoint {
                 Err(err) => warn!(%err, session_id = %call.session, "auto-checkpoint task failed"),
             }
         })
+    }
+}
+
+/// Counts the call in `heist_tool_calls_total` (by tool and outcome) and, when it was answered
+/// from a recorded result, in `heist_idempotent_replays_total`.
+pub struct CallMetrics;
+
+impl AfterCall for CallMetrics {
+    fn after<'a>(
+        &'a self,
+        app: &'a Arc<App>,
+        call: &'a ToolCall,
+        _read_only: bool,
+        response: &'a CallToolResponse,
+    ) -> BoxFuture<'a, ()> {
+        app.metrics
+            .tool_call(&call.tool, response.is_error, response.replayed);
+        Box::pin(std::future::ready(()))
     }
 }
