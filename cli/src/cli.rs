@@ -67,6 +67,10 @@ pub struct GlobalArgs {
     /// heistctl's log format: `text` or `json`.
     #[arg(long, global = true, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Print the trace id of this command's calls on stderr (every call carries a W3C
+    /// `traceparent`: TRACEPARENT's when set, so the command continues the caller's trace).
+    #[arg(long, short = 'v', global = true, env = "HEIST_VERBOSE")]
+    pub verbose: bool,
 }
 
 /// The noun/verb tree.

@@ -30,6 +30,13 @@ const TRANSPORT_RETRIES: u32 = 2;
 /// First pause before such a retry (doubles each time).
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 
+/// The `traceparent` every call of this process carries (see
+/// [`heist_proto::trace::process_traceparent`]).
+pub fn traceparent() -> &'static str {
+    static TRACEPARENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TRACEPARENT.get_or_init(heist_proto::trace::process_traceparent)
+}
+
 /// A connection to the coordinator.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -75,6 +82,11 @@ impl Client {
     fn request<T>(&self, message: T) -> Result<Request<T>, Error> {
         let mut request = Request::new(message);
         request.set_timeout(self.timeout);
+        if let Ok(value) = MetadataValue::try_from(traceparent()) {
+            request
+                .metadata_mut()
+                .insert(heist_proto::trace::TRACEPARENT, value);
+        }
         if let Some(token) = &self.token {
             let value = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
                 Error::Usage("the token contains characters not allowed in a header".to_owned())

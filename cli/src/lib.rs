@@ -29,6 +29,11 @@ pub async fn main_entry() -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(error::EXIT_USAGE);
     }
+    if cli.global.verbose
+        && let Some(id) = heist_proto::trace::traceparent_trace_id(client::traceparent())
+    {
+        eprintln!("trace_id: {id}");
+    }
     match commands::run(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(err) => {

@@ -51,6 +51,15 @@ const PHASES: &[(&str, &[&str])] = &[
             "workers_4_vs_1",
         ],
     ),
+    (
+        "telemetry",
+        &[
+            "on_calls_per_s",
+            "off_calls_per_s",
+            "on_vs_off",
+            "spans_received",
+        ],
+    ),
 ];
 
 const CALL_METRICS: &[&str] = &[
@@ -69,6 +78,7 @@ const RATIOS: &[&str] = &[
     "capture_one_over_tar",
     "capture_full_over_cp",
     "restore_other_over_cp",
+    "telemetry_on_over_off",
 ];
 
 const TARGETS: &[&str] = &[
@@ -78,6 +88,7 @@ const TARGETS: &[&str] = &[
     "capture_one_over_tar",
     "capture_full_over_cp",
     "restore_other_over_cp",
+    "telemetry_on_over_off",
 ];
 
 #[test]

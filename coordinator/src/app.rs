@@ -47,6 +47,8 @@ pub struct App {
     pub turns: TurnStore,
     /// Heist games, their sealed moles and their events.
     pub heists: crate::heist::service::Heists,
+    /// Prometheus metrics, served on `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Every task spawned on behalf of the server; waited for at shutdown.
     pub tasks: TaskTracker,
     /// Cancelled when the server starts shutting down.
@@ -94,6 +96,7 @@ impl App {
             checkpoints,
             turns,
             heists,
+            metrics: Arc::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         }))

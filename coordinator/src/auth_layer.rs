@@ -210,7 +210,7 @@ mod tests {
     fn unknown_paths_need_a_token() {
         let s = signer();
         let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
-        for path in ["/heist.v1.NewService/Call", "/metrics", "/mcp"] {
+        for path in ["/heist.v1.NewService/Call", "/metrics/other", "/mcp"] {
             let err = authorize(&v, path, &http::HeaderMap::new()).expect_err(path);
             assert_eq!(reason(err), reason::TOKEN_MISSING, "{path}");
         }

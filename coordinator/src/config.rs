@@ -73,6 +73,13 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// Serve `/metrics` to anyone who can reach the port; otherwise it needs a token with
+    /// `cluster:read`. HEIST_METRICS_PUBLIC, default false.
+    pub metrics_public: bool,
+    /// A span per call (parented by the caller's `traceparent`) and the RPC metrics
+    /// ([`heist_proto::trace::RpcLayer`]). HEIST_TELEMETRY, default true; off only to measure
+    /// what it costs.
+    pub telemetry: bool,
     /// Continuous checkpoints: take one after every N-th acknowledged mutating call of a
     /// session (bounding what a failover can lose to N-1 calls); 0 turns it off,
     /// `auto_checkpoint` is the strict form (N = 1). HEIST_CHECKPOINT_EVERY, default 0.
@@ -143,6 +150,8 @@ impl Default for Config {
             failover_parallelism: 16,
             session_retention: Duration::from_secs(3 * 86_400),
             session_gc_interval: Duration::from_secs(300),
+            metrics_public: false,
+            telemetry: true,
         }
     }
 }
@@ -181,6 +190,8 @@ impl fmt::Debug for Config {
             .field("failover_parallelism", &self.failover_parallelism)
             .field("session_retention", &self.session_retention)
             .field("session_gc_interval", &self.session_gc_interval)
+            .field("metrics_public", &self.metrics_public)
+            .field("telemetry", &self.telemetry)
             .finish()
     }
 }

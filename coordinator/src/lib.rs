@@ -14,6 +14,8 @@
 //! - [`web`]: the HTTP routes (`/healthz`, `/readyz`) served on the gRPC port.
 //! - [`error`]: [`Error`] and its single mapping to `tonic::Status`.
 //! - [`app`]: the shared state and the background sweepers.
+//! - [`metrics`]: the Prometheus metrics on `/metrics`; every call gets a span and RPC metrics
+//!   from [`heist_proto::trace::RpcLayer`].
 //! - [`api`]: thin handlers adapting protobuf to the layer beneath; no `api` module imports
 //!   another.
 //! - [`calls`]: the tool call pipeline (admit → [`calls::gate`] → [`runner`] → forward →
@@ -41,6 +43,7 @@ pub mod eventlog;
 pub mod heist;
 pub mod idempotency;
 pub mod lifecycle;
+pub mod metrics;
 pub mod placement;
 pub mod registry;
 pub mod runner;

@@ -44,7 +44,9 @@ async fn main() -> anyhow::Result<()> {
         return healthcheck(flags, if live { "/healthz" } else { "/readyz" });
     }
     let (listen, config) = settings::load(flags.config.as_deref(), flags.settings)?;
-    heist_proto::logging::init(&listen.log_level, &listen.log_format)
+    let otlp =
+        heist_proto::logging::Otlp::from_env("heist-coordinator").map_err(anyhow::Error::msg)?;
+    let telemetry = heist_proto::logging::init_with(&listen.log_level, &listen.log_format, otlp)
         .map_err(anyhow::Error::msg)?;
     let addr = listen.addr;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -52,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}: is another process using the port?"))?;
     let shutdown =
         heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
-    heist_coordinator::serve(listener, config, shutdown).await?;
+    let served = heist_coordinator::serve(listener, config, shutdown).await;
+    // Spans still queued are sent before the process exits.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    served?;
     Ok(())
 }
 

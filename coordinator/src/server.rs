@@ -160,6 +160,9 @@ async fn run(
         // Larger HTTP/2 windows: blob uploads stream megabytes per call.
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .layer(tower::util::option_layer(app.config.telemetry.then(|| {
+            heist_proto::trace::RpcLayer::new(app.metrics.rpc.clone())
+        })))
         .layer(DrainLayer::new(calls.clone()))
         .layer(AuthLayer::new(verifier))
         .add_routes(routes);

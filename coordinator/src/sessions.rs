@@ -257,6 +257,15 @@ impl SessionTable {
         Ok(Some(session))
     }
 
+    /// How many sessions are in each state (state number → count), for the metrics.
+    pub fn count_by_state(&self) -> std::collections::BTreeMap<i32, i64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for session in self.read().by_id.values() {
+            *counts.entry(session.state).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// Sessions occupying a slot on `worker`.
     pub fn slots(&self, worker: &str) -> u32 {
         self.read().slots.get(worker).copied().unwrap_or(0)

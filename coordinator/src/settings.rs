@@ -125,6 +125,15 @@ pub struct Settings {
     /// How often closed sessions are collected, in seconds [default: 300].
     #[arg(long, env = "HEIST_SESSION_GC_INTERVAL_S")]
     pub session_gc_interval_s: Option<u64>,
+    /// Serve /metrics without a token (otherwise it needs one with cluster:read) [default: false].
+    #[arg(long, env = "HEIST_METRICS_PUBLIC", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub metrics_public: Option<bool>,
+    /// Per-call spans (with W3C trace context) and RPC metrics; off only to measure their
+    /// cost [default: true].
+    #[arg(long, env = "HEIST_TELEMETRY", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub telemetry: Option<bool>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -158,6 +167,8 @@ heist_proto::layer_over!(Settings {
     failover_parallelism,
     session_retention_s,
     session_gc_interval_s,
+    metrics_public,
+    telemetry,
 });
 
 impl Settings {
@@ -216,6 +227,8 @@ impl Settings {
         );
         set(&mut c.session_retention, self.session_retention_s, secs);
         set(&mut c.session_gc_interval, self.session_gc_interval_s, secs);
+        set(&mut c.metrics_public, self.metrics_public, |v| v);
+        set(&mut c.telemetry, self.telemetry, |v| v);
         c
     }
 }

@@ -4,24 +4,70 @@
 //! - `GET /readyz`: 200 when the store answers and at least one worker is READY, 503 with the
 //!   reason otherwise (readiness: a coordinator without workers cannot place a session).
 //!
-//! Both are on the auth allow-list ([`heist_proto::scopes::PUBLIC`]), so probes need no token.
+//! - `GET /metrics`: the Prometheus metrics ([`crate::metrics`]). It checks its own token
+//!   (scope `cluster:read`) unless HEIST_METRICS_PUBLIC opens it, so it is on the allow-list.
+//!
+//! The probes are on the auth allow-list ([`heist_proto::scopes::PUBLIC`]), so probes need no token.
 //! Every other path still goes through the bearer-token layer; `/metrics`, `/mcp`,
 //! `/oauth/token` and `/.well-known/…` are added to [`routes`] (and, when public, to the
 //! allow-list).
 
 use std::sync::Arc;
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
-use heist_proto::v1::WorkerState;
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use heist_proto::{metadata, scopes, token::TokenVerifier, v1::WorkerState};
 
-use crate::app::App;
+use crate::{app::App, auth::CLIENT_AUDIENCE};
 
 /// The HTTP routes, merged with the gRPC services into one router.
 pub fn routes(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(app)
+}
+
+/// `/metrics`: 401 without a valid token, 403 without `cluster:read`, unless the operator
+/// made it public.
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !app.config.metrics_public {
+        let verifier = TokenVerifier::new(
+            &app.signer.public_key(),
+            &app.config.token_issuer,
+            CLIENT_AUDIENCE,
+        );
+        let claims = metadata::bearer(&headers).and_then(|t| verifier.verify(t).ok());
+        // Refusals are counted by the RPC layer (reason `401` / `403`).
+        let Some(claims) = claims else {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "a bearer token with cluster:read is needed (or set HEIST_METRICS_PUBLIC)\n",
+            )
+                .into_response();
+        };
+        if !scopes::grants(&claims.scope, scopes::CLUSTER_READ) {
+            return (StatusCode::FORBIDDEN, "the token lacks cluster:read\n").into_response();
+        }
+    }
+    let sessions = app.sessions.count_by_state();
+    let mut workers = std::collections::BTreeMap::new();
+    for worker in app.registry.list() {
+        *workers.entry(worker.state).or_insert(0) += 1;
+    }
+    let body = app.metrics.render(&sessions, &workers);
+    (
+        [(header::CONTENT_TYPE, heist_proto::metrics::CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> (StatusCode, &'static str) {

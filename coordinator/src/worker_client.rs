@@ -4,11 +4,12 @@
 //! them). Every call carries `authorization: Bearer <credential>`, a JWT the coordinator signs
 //! for audience `heist-worker:<id>` (re-minted when less than two minutes are left), and
 //! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
-//! here as well. Worker statuses come back unchanged, except transport failures, which become
-//! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED ([`WorkerClient`]'s
-//! `map_status` is the one place). HTTP/2 keep-alive pings (also while idle) close the channel
-//! to a frozen or partitioned worker within interval + timeout, so calls in flight there end
-//! UNAVAILABLE instead of waiting for their deadline.
+//! here as well, with the current span's W3C trace context (`traceparent`). Worker statuses
+//! come back unchanged, except transport failures, which become WORKER_UNAVAILABLE, and an
+//! expired deadline, which is DEADLINE_EXCEEDED ([`WorkerClient`]'s `map_status` is the one
+//! place). HTTP/2 keep-alive pings (also while idle) close the channel to a frozen or
+//! partitioned worker within interval + timeout, so calls in flight there end UNAVAILABLE
+//! instead of waiting for their deadline.
 
 use std::{
     future::Future,
@@ -286,6 +287,7 @@ impl WorkerClient {
         if let Ok(value) = AsciiMetadataValue::try_from(principal) {
             md.insert(metadata::PRINCIPAL, value);
         }
+        heist_proto::trace::inject_current(md);
         request.set_timeout(budget);
         Ok((request, budget))
     }

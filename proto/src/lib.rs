@@ -9,6 +9,8 @@
 //! - [`hash`]: content hashes and their hex form.
 //! - [`json`]: `google.protobuf.Struct`/`Value` <-> `serde_json` conversion.
 //! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
+//! - [`logging`]: the log subscriber and OTLP trace export; [`trace`]: W3C trace context and
+//!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
 
 pub mod errors;
 pub mod hash;
@@ -17,10 +19,12 @@ pub mod ids;
 pub mod json;
 pub mod logging;
 pub mod metadata;
+pub mod metrics;
 pub mod scopes;
 pub mod settings;
 pub mod shutdown;
 pub mod token;
+pub mod trace;
 
 /// Generated code for package `heist.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,22 +1,184 @@
-//! Logging setup shared by every binary: LOG_LEVEL (an EnvFilter directive such as `info` or
-//! `heist_coordinator=debug,info`) and LOG_FORMAT (`text`, the default, or `json`). Logs go to
-//! stderr so stdout stays free for data.
+//! Logging and trace export shared by every binary: LOG_LEVEL (an EnvFilter directive such as
+//! `info` or `heist_coordinator=debug,info`) and LOG_FORMAT (`text`, the default, or `json`).
+//! Logs go to stderr so stdout stays free for data.
+//!
+//! Traces: when an OTLP endpoint is configured ([`Otlp::from_env`]: OTEL_EXPORTER_OTLP_ENDPOINT
+//! or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), the spans of heist's own crates are exported over
+//! OTLP/gRPC by a batch processor, through the `tracing` OpenTelemetry layer. The exporter
+//! honours the standard variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
+//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION).
+//! Without an endpoint no OpenTelemetry layer is installed at all. [`Telemetry::shutdown`]
+//! flushes what is still queued; binaries call it after a graceful shutdown.
 
-use tracing_subscriber::{EnvFilter, fmt};
+use std::time::Duration;
 
-/// Installs the global subscriber. A malformed LOG_LEVEL is an error naming the bad directive.
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing::Subscriber;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt as _, registry::LookupSpan,
+    util::SubscriberInitExt as _,
+};
+
+/// How long [`Telemetry::shutdown`] waits for queued spans to be sent.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where and as whom traces are exported.
+#[derive(Clone, Debug)]
+pub struct Otlp {
+    /// The OTLP/gRPC collector, e.g. `http://jaeger:4317`.
+    pub endpoint: String,
+    /// `service.name` when OTEL_SERVICE_NAME does not set one (`heist-coordinator`, ...).
+    pub service_name: String,
+}
+
+impl Otlp {
+    /// The export settings from the standard environment: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    /// else OTEL_EXPORTER_OTLP_ENDPOINT; `None` (no export) when neither is set or both are
+    /// empty. OTEL_EXPORTER_OTLP_PROTOCOL, if set, must be `grpc`: the only transport built in.
+    pub fn from_env(service_name: &str) -> Result<Option<Self>, String> {
+        let endpoint = [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find(|v| !v.trim().is_empty());
+        let Some(endpoint) = endpoint else {
+            return Ok(None);
+        };
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ] {
+            if let Ok(protocol) = std::env::var(name)
+                && !protocol.is_empty()
+                && protocol != "grpc"
+            {
+                return Err(format!(
+                    "{name}={protocol:?} is not supported: heist exports traces over OTLP/gRPC \
+                     (set it to grpc, and the endpoint to the collector's gRPC port, usually 4317)"
+                ));
+            }
+        }
+        Ok(Some(Self {
+            endpoint: endpoint.trim().to_owned(),
+            service_name: service_name.to_owned(),
+        }))
+    }
+}
+
+/// The installed trace pipeline; [`Telemetry::shutdown`] flushes it.
+#[must_use = "call shutdown() after serving so queued spans are sent"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Sends the spans still queued (waiting at most a few seconds) and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(err) = provider.shutdown_with_timeout(FLUSH_TIMEOUT)
+        {
+            eprintln!("warning: cannot flush traces to the OTLP endpoint: {err}");
+        }
+    }
+}
+
+/// Installs the global subscriber without trace export (the CLI, tools). A malformed
+/// LOG_LEVEL is an error naming the bad directive.
 pub fn init(level: &str, format: &str) -> Result<(), String> {
+    init_with(level, format, None).map(|_| ())
+}
+
+/// Installs the global subscriber, exporting traces to `otlp` when given. Must run inside a
+/// Tokio runtime when `otlp` is given (the gRPC exporter's channel lives there).
+pub fn init_with(level: &str, format: &str, otlp: Option<Otlp>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("LOG_LEVEL {level:?} is not a valid filter: {e}"))?;
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match format {
-        "json" => builder.json().flatten_event(true).try_init(),
-        "text" | "" => builder.try_init(),
+    let fmt_layer = match format {
+        "json" => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        "text" | "" => fmt::layer().with_writer(std::io::stderr).boxed(),
         other => {
             return Err(format!(
                 "LOG_FORMAT {other:?} is not known: use text or json"
             ));
         }
     };
-    result.map_err(|e| format!("cannot install the log subscriber: {e}"))
+    let (otel, provider) = match otlp {
+        Some(otlp) => {
+            let (layer, provider) = otel_layer(&otlp)?;
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt_layer.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    Ok(Telemetry { provider })
+}
+
+/// The OpenTelemetry layer for `otlp` and its provider. Only heist's own spans (targets
+/// `heist*`) are exported: the exporter's own transport (tonic, hyper, h2) would otherwise
+/// trace itself.
+pub fn otel_layer<S>(
+    otlp: &Otlp,
+) -> Result<(Box<dyn Layer<S> + Send + Sync>, SdkTracerProvider), String>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(otlp.endpoint.clone())
+        .build()
+        .map_err(|e| {
+            format!(
+                "cannot set up the OTLP exporter for {:?}: {e}",
+                otlp.endpoint
+            )
+        })?;
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(otlp.service_name.clone());
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource.build())
+        .with_batch_exporter(exporter)
+        .build();
+    let tracer = provider.tracer("heist");
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(filter_fn(|meta| {
+            meta.target().starts_with("heist") && *meta.level() <= tracing::Level::INFO
+        }))
+        .boxed();
+    Ok((layer, provider))
+}
+
+/// Installs the OpenTelemetry layer and a test-friendly log layer for tests that receive
+/// spans; returns the provider to flush. Fails if a subscriber is already installed.
+pub fn init_for_tests(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
+    let (layer, provider) = otel_layer(otlp)?;
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            fmt::layer()
+                .with_test_writer()
+                .with_filter(EnvFilter::new("warn")),
+        )
+        .try_init()
+        .map_err(|e| format!("cannot install the subscriber: {e}"))?;
+    Ok(provider)
 }

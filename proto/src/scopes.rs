@@ -54,6 +54,8 @@ pub const PUBLIC: &[&str] = &[
     "/heist.v1.BlobService/GetBlobs",
     "/healthz",
     "/readyz",
+    // Checks its own token (cluster:read) unless the operator made it public.
+    "/metrics",
 ];
 
 /// What a path needs.
@@ -131,6 +133,8 @@ mod tests {
         assert_eq!(access("/heist.v1.AuthService/IssueToken"), Access::Public);
         assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Public);
         assert_eq!(access("/healthz"), Access::Public);
+        // Checks its own token (see the coordinator's `web`).
+        assert_eq!(access("/metrics"), Access::Public);
     }
 
     #[test]
@@ -139,7 +143,7 @@ mod tests {
             "/heist.v1.NewService/Anything",
             "/heist.v1.SessionService/NewMethod",
             "/heist.v1.AuthService/Other",
-            "/metrics",
+            "/metrics/other",
             "/",
             "",
         ] {

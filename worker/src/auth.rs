@@ -17,6 +17,9 @@ use tonic::metadata::MetadataMap;
 
 use crate::Error;
 
+/// The audience of the coordinator's client tokens (`heist_coordinator::auth::CLIENT_AUDIENCE`).
+const CLIENT_AUDIENCE: &str = "heist";
+
 struct Installed {
     public_key: Vec<u8>,
     issuer: String,
@@ -72,6 +75,27 @@ impl Auth {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or(Error::NotRegistered)
+    }
+
+    /// Whether `headers` carry a client token (audience [`CLIENT_AUDIENCE`]) signed by this
+    /// worker's coordinator and granting `scope`: what `/metrics` asks for.
+    pub fn check_client_scope(&self, headers: &http::HeaderMap, scope: &str) -> Result<(), Error> {
+        let installed = self.installed()?;
+        let refused = |message: &str| Error::Unauthenticated {
+            reason: reason::TOKEN_INVALID,
+            message: message.to_owned(),
+        };
+        let token = metadata::bearer(headers)
+            .ok_or_else(|| refused("a bearer token with cluster:read is needed"))?;
+        let verifier =
+            TokenVerifier::new(&installed.public_key, &installed.issuer, CLIENT_AUDIENCE);
+        let claims = verifier
+            .verify(token)
+            .map_err(|e| refused(&format!("the token is not valid here: {e}")))?;
+        if !heist_proto::scopes::grants(&claims.scope, scope) {
+            return Err(refused("the token lacks the scope"));
+        }
+        Ok(())
     }
 
     /// The claims of the call's bearer credential.

@@ -33,6 +33,12 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// How long shutdown waits for in-flight calls (HEIST_DRAIN_TIMEOUT_S). Default 30 s.
     pub drain_timeout: Duration,
+    /// Serve `/metrics` without a token (HEIST_METRICS_PUBLIC). Default false: it then needs a
+    /// client token with `cluster:read` signed by this worker's coordinator.
+    pub metrics_public: bool,
+    /// A span per call (parented by the coordinator's `traceparent`) and the RPC metrics
+    /// (HEIST_TELEMETRY). Default true; off only to measure what it costs.
+    pub telemetry: bool,
     /// Largest file fs.read returns and fs.write produces, in bytes (HEIST_MAX_FILE_BYTES).
     /// Default 8 MiB.
     pub max_file_bytes: u64,
@@ -119,6 +125,8 @@ impl Default for Config {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(5000),
             drain_timeout: Duration::from_secs(30),
+            metrics_public: false,
+            telemetry: true,
             max_file_bytes: 8 * 1024 * 1024,
             max_list_entries: 10_000,
             max_message_bytes: 16 * 1024 * 1024,

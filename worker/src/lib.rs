@@ -17,6 +17,8 @@
 //! - `inflight`: counting calls so shutdown can drain them.
 //! - `applied`: the request ids this worker applied, with their results, in its own small sled
 //!   store (`HEIST_STATE_DIR`), so a retried call replays instead of applying twice.
+//! - [`metrics`]: the Prometheus metrics on `/metrics`; every call gets a span (parented by the
+//!   coordinator's `traceparent`) and RPC metrics from [`heist_proto::trace::RpcLayer`].
 //! - [`agent`] / [`model`]: the turn loop and the model gateway; `turns`: RunTurn and
 //!   CancelTurn (the registry of turns, grants, agent state files).
 //!
@@ -35,6 +37,7 @@ pub mod diskfs;
 mod error;
 mod inflight;
 mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod quota;
 pub mod sandbox;
@@ -117,13 +120,15 @@ pub async fn serve(
     };
     let agents = agent_host(&config, &agent_states, sessions.base())?;
     let applied = applied::Applied::open(&applied::state_dir(&config))?;
+    let metrics = metrics::WorkerMetrics::new(sandbox.metrics(), Some(agents.gateway.metrics()));
     let (health, health_service) = tonic_health::server::health_reporter();
     let state = Arc::new(
         State::new(worker_id.clone(), sessions, tools, limits, health)
             .with_sandbox(sandbox)
             .with_checkpoints(checkpoints)
             .with_agents(agents)
-            .with_applied(applied),
+            .with_applied(applied)
+            .with_metrics(metrics, config.metrics_public),
     );
     state.adopt_sessions().await;
     state.set_registered(false).await;
@@ -199,6 +204,9 @@ pub async fn serve(
     let server = Server::builder()
         // gRPC needs HTTP/2; the HTTP routes are also served to HTTP/1.1 clients (probes, curl).
         .accept_http1(true)
+        .layer(tower::util::option_layer(config.telemetry.then(|| {
+            heist_proto::trace::RpcLayer::new(state.metrics.rpc.clone())
+        })))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, drain);
     // After the drain, tonic waits for every connection to close; a client holding a stream

@@ -52,7 +52,8 @@ async fn main() -> anyhow::Result<()> {
     let (listen, mut config) = settings::load(flags.config.as_deref(), flags.settings)?;
     flags.sandbox.apply(&mut config);
     config.validate()?;
-    heist_proto::logging::init(&listen.log_level, &listen.log_format)
+    let otlp = heist_proto::logging::Otlp::from_env("heist-worker").map_err(anyhow::Error::msg)?;
+    let telemetry = heist_proto::logging::init_with(&listen.log_level, &listen.log_format, otlp)
         .map_err(anyhow::Error::msg)?;
     let addr = listen.addr;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -60,7 +61,10 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}: is another process using the port?"))?;
     let shutdown =
         heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
-    heist_worker::serve(listener, config, shutdown).await?;
+    let served = heist_worker::serve(listener, config, shutdown).await;
+    // Spans still queued are sent before the process exits.
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    served?;
     Ok(())
 }
 

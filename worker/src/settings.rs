@@ -100,6 +100,16 @@ pub struct Settings {
     /// Most finished turns kept on the worker [default: 256].
     #[arg(long, env = "HEIST_MAX_FINISHED_TURNS")]
     pub max_finished_turns: Option<usize>,
+    /// Serve /metrics without a token (otherwise it needs a coordinator-signed client token with
+    /// cluster:read, the same one that scrapes the coordinator) [default: false].
+    #[arg(long, env = "HEIST_METRICS_PUBLIC", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_public: Option<bool>,
+    /// Per-call spans (with W3C trace context) and RPC metrics; off only to measure their
+    /// cost [default: true].
+    #[arg(long, env = "HEIST_TELEMETRY", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub telemetry: Option<bool>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -126,6 +136,8 @@ heist_proto::layer_over!(Settings {
     blob_batch,
     turn_retention_s,
     max_finished_turns,
+    metrics_public,
+    telemetry,
 });
 
 impl Settings {
@@ -166,6 +178,8 @@ impl Settings {
             |v| v,
         );
         set(&mut c.blob_batch, self.blob_batch, |v| v);
+        set(&mut c.metrics_public, self.metrics_public, |v| v);
+        set(&mut c.telemetry, self.telemetry, |v| v);
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

@@ -26,6 +26,7 @@ use crate::{
     checkpoint::Checkpointer,
     inflight::InFlight,
     lifecycle::Leave,
+    metrics::WorkerMetrics,
     quota::Quotas,
     sandbox::{OutputSink, Sandbox},
     service::WorkerApi,
@@ -63,6 +64,10 @@ pub(crate) struct State {
     /// The request ids this worker applied, with their results (none until
     /// [`State::with_applied`]: calls then run without that record).
     pub applied: Option<Applied>,
+    /// Prometheus metrics, served on `/metrics`.
+    pub metrics: Arc<WorkerMetrics>,
+    /// Whether `/metrics` is served without a token.
+    pub metrics_public: bool,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -94,6 +99,8 @@ impl State {
             checkpoints: None,
             agents: None,
             applied: None,
+            metrics: Arc::default(),
+            metrics_public: false,
             registered: AtomicBool::new(false),
             health,
         }
@@ -114,6 +121,13 @@ impl State {
     /// The same state with `agents` running turns.
     pub fn with_agents(mut self, agents: crate::turns::AgentHost) -> Self {
         self.agents = Some(Arc::new(agents));
+        self
+    }
+
+    /// The same state with `metrics` (registered with the sandbox's and the gateway's).
+    pub fn with_metrics(mut self, metrics: WorkerMetrics, public: bool) -> Self {
+        self.metrics = Arc::new(metrics);
+        self.metrics_public = public;
         self
     }
 
@@ -241,8 +255,24 @@ impl State {
 
     /// Runs a tool; with `output`, tools that produce output as they go (exec, run.python)
     /// send it there while they run.
-    #[instrument(skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
+    #[instrument(name = "tool_call", skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
     pub async fn run_tool(
+        &self,
+        request: v1::CallToolRequest,
+        deadline: Option<Duration>,
+        output: Option<OutputSink>,
+    ) -> Result<v1::CallToolResponse, Error> {
+        let started = Instant::now();
+        let tool = request.tool.clone();
+        let result = self.dispatch(request, deadline, output).await;
+        let known = self.tools.contains(&tool);
+        let outcome = result.as_ref().ok().map(|r| r.is_error);
+        self.metrics
+            .tool_call(&tool, known, outcome, started.elapsed());
+        result
+    }
+
+    async fn dispatch(
         &self,
         request: v1::CallToolRequest,
         deadline: Option<Duration>,

@@ -412,6 +412,7 @@ struct Drive {
 
 impl Drive {
     async fn run(self, message: String) {
+        let started = std::time::Instant::now();
         let state = self.host.states.get(&self.session);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let turn = Turn {
@@ -447,6 +448,12 @@ impl Drive {
             Err(TurnError::Model(_)) => v1::TurnState::Failed,
         };
         info!(state = ?end, "turn finished");
+        let state_name = end.as_str_name().trim_start_matches("TURN_STATE_");
+        self.host.gateway.metrics().turn(
+            agent,
+            &state_name.to_ascii_lowercase(),
+            started.elapsed(),
+        );
         self.entry.push(agent, Event::Finished(end as i32));
     }
 }

@@ -26,6 +26,7 @@ pub mod report;
 pub mod scaling;
 pub mod sessions;
 pub mod settings;
+pub mod telemetry;
 
 use std::path::{Path, PathBuf};
 

@@ -43,6 +43,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(super::exec::Exec),
         Box::new(super::checkpoint::Checkpoints),
         Box::new(super::scaling::Scaling),
+        Box::new(super::telemetry::Telemetry),
     ]
 }
 

@@ -166,6 +166,13 @@ const RATIOS: &[RatioSpec] = &[
         target: Some((Op::AtMost, 1.5)),
     },
     RatioSpec {
+        name: "telemetry_on_over_off",
+        label: "traces + metrics on / both off (throughput medians)",
+        numerator: ("telemetry", "on_calls_per_s"),
+        denominator: ("telemetry", "off_calls_per_s"),
+        target: Some((Op::AtLeast, 0.9)),
+    },
+    RatioSpec {
         name: "restore_in_place_over_cp",
         label: "restore in place / cp -a",
         numerator: ("checkpoint", "restore_in_place_ms"),

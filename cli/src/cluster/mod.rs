@@ -71,6 +71,8 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Per-call deadline of the readiness and login calls.
     pub call_timeout: Duration,
+    /// Extra environment of every child (coordinator and workers), e.g. OTEL_* variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -85,6 +87,7 @@ impl Default for Options {
             log_level: "info".to_owned(),
             ready_timeout: Duration::from_secs(60),
             call_timeout: Duration::from_secs(5),
+            env: Vec::new(),
         }
     }
 }
@@ -136,16 +139,20 @@ impl LocalCluster {
             },
             &coordinator_bin,
             &[
-                env("GRPC_PORT", ports[0]),
-                env("HEIST_BIND_ADDR", "127.0.0.1"),
-                env("HEIST_DATA_DIR", coordinator_dir.display()),
-                env("HEIST_JOIN_TOKEN", &secrets.join_token),
-                env("HEIST_ADMIN_CLIENT_ID", ADMIN_CLIENT_ID),
-                env("HEIST_ADMIN_CLIENT_SECRET", &secrets.admin_secret),
-                env("LOG_LEVEL", &opts.log_level),
-                env("LOG_FORMAT", "text"),
-                env("NO_COLOR", "1"),
-            ],
+                &[
+                    env("GRPC_PORT", ports[0]),
+                    env("HEIST_BIND_ADDR", "127.0.0.1"),
+                    env("HEIST_DATA_DIR", coordinator_dir.display()),
+                    env("HEIST_JOIN_TOKEN", &secrets.join_token),
+                    env("HEIST_ADMIN_CLIENT_ID", ADMIN_CLIENT_ID),
+                    env("HEIST_ADMIN_CLIENT_SECRET", &secrets.admin_secret),
+                    env("LOG_LEVEL", &opts.log_level),
+                    env("LOG_FORMAT", "text"),
+                    env("NO_COLOR", "1"),
+                ],
+                opts.env.as_slice(),
+            ]
+            .concat(),
         )?;
         let mut cluster = Self {
             data_dir,
@@ -210,6 +217,7 @@ impl LocalCluster {
             if let Some(max) = opts.max_sessions {
                 vars.push(env("MAX_SESSIONS", max));
             }
+            vars.extend(opts.env.iter().cloned());
             let info = ProcessInfo {
                 log: self.data_dir.join(format!("{id}.log")),
                 name: id,

@@ -26,7 +26,7 @@ pub trait AfterCall: Send + Sync {
 }
 
 /// The hooks, in order.
-pub const AFTER_CALL: &[&dyn AfterCall] = &[&CountMutation, &AutoCheckpoint];
+pub const AFTER_CALL: &[&dyn AfterCall] = &[&CallMetrics, &CountMutation, &AutoCheckpoint];
 
 /// Whether `response` is a newly applied (not replayed, not failed) call of a mutating tool.
 fn applied(read_only: bool, response: &CallToolResponse) -> bool {
@@ -113,5 +113,23 @@ impl AfterCall for AutoCheckpoint {
                 Err(err) => warn!(%err, session_id = %call.session, "auto-checkpoint task failed"),
             }
         })
+    }
+}
+
+/// Counts the call in `heist_tool_calls_total` (by tool and outcome) and, when it was answered
+/// from a recorded result, in `heist_idempotent_replays_total`.
+pub struct CallMetrics;
+
+impl AfterCall for CallMetrics {
+    fn after<'a>(
+        &'a self,
+        app: &'a Arc<App>,
+        call: &'a ToolCall,
+        _read_only: bool,
+        response: &'a CallToolResponse,
+    ) -> BoxFuture<'a, ()> {
+        app.metrics
+            .tool_call(&call.tool, response.is_error, response.replayed);
+        Box::pin(std::future::ready(()))
     }
 }

@@ -129,6 +129,11 @@ fn admit(app: &App, call: &ToolCall) -> Result<Admitted, Error> {
 /// Runs a tool call to its result: admit, gate, run once per request id, forward to the
 /// session's worker, then the after-hooks.
 pub async fn call(app: &Arc<App>, call: ToolCall) -> Result<CallToolResponse, Error> {
+    let span = info_span!("tool_call", tool = %call.tool, session_id = %call.session);
+    pipeline(app, call).instrument(span).await
+}
+
+async fn pipeline(app: &Arc<App>, call: ToolCall) -> Result<CallToolResponse, Error> {
     let admitted = admit(app, &call)?;
     let read_only = admitted.read_only;
     let resp = run(app, &call, admitted).await?;

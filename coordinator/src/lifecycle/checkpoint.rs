@@ -143,8 +143,28 @@ async fn check_blobs(app: &App, manifest: Manifest, trust_refs: bool) -> Result<
     }
 }
 
-/// Captures, verifies, commits (flushed), then applies the session's retention.
+/// Captures, verifies, commits (flushed), then applies the session's retention; in a
+/// `checkpoint` span, recorded in the checkpoint metrics.
 pub async fn take_checkpoint(
+    app: &Arc<App>,
+    owner: &str,
+    deadline: Instant,
+    session: &SessionId,
+    labels: HashMap<String, String>,
+) -> Result<Checkpoint, Error> {
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("checkpoint", session_id = %session);
+    let taken = tracing::Instrument::instrument(
+        capture_and_commit(app, owner, deadline, session, labels),
+        span,
+    )
+    .await;
+    let stats = taken.as_ref().ok().and_then(|c| c.stats.as_ref());
+    app.metrics.checkpoint(stats, started.elapsed());
+    taken
+}
+
+async fn capture_and_commit(
     app: &Arc<App>,
     owner: &str,
     deadline: Instant,

@@ -11,6 +11,7 @@ mod exhaustion;
 mod faults;
 mod harness;
 mod heist;
+mod observability;
 mod registration;
 mod sandbox;
 mod sessions;

@@ -16,6 +16,7 @@ use super::{
     ModelRequest, ModelsConfig, Price, ProviderConfig, ToolCall, Usage, anthropic, openai,
     scripted,
 };
+use crate::metrics::ModelMetrics;
 
 /// What a session has spent so far (kept in its agent state, so checkpoints carry it).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -152,6 +153,7 @@ pub struct Gateway {
     prices: BTreeMap<String, Price>,
     budget: BudgetConfig,
     breaker: BreakerConfig,
+    metrics: Arc<ModelMetrics>,
 }
 
 impl Gateway {
@@ -222,7 +224,13 @@ impl Gateway {
             prices: config.prices.clone(),
             budget: config.budget,
             breaker: config.breaker,
+            metrics: Arc::default(),
         })
+    }
+
+    /// The gateway's metrics (calls, tokens, cost, retries, fallbacks, turns).
+    pub fn metrics(&self) -> &Arc<ModelMetrics> {
+        &self.metrics
     }
 
     /// The chain's policy.
@@ -255,8 +263,14 @@ impl Gateway {
         request: &ModelRequest,
         spend: &mut Spend,
         cancel: &CancellationToken,
-        on_event: &mut (dyn FnMut(GatewayEvent) + Send),
+        caller_on_event: &mut (dyn FnMut(GatewayEvent) + Send),
     ) -> Result<Completion, GatewayError> {
+        // Every event also goes to the metrics (and retries/fallbacks onto the span).
+        let metrics = Arc::clone(&self.metrics);
+        let on_event: &mut (dyn FnMut(GatewayEvent) + Send) = &mut |event: GatewayEvent| {
+            metrics.event(&event);
+            caller_on_event(event);
+        };
         let chain = self.chain(chain_name)?;
         self.check_budget(spend)?;
         let mut last = String::new();
@@ -312,6 +326,7 @@ impl Gateway {
         let mut attempt = 0u32;
         loop {
             let span = info_span!("model_call", provider = %name, attempt);
+            let started = Instant::now();
             let mut streamed = false;
             let call = attempt_once(slot, request, &mut streamed, on_event);
             let result = tokio::select! {
@@ -320,6 +335,9 @@ impl Gateway {
                     r.unwrap_or(Err(ModelError::Timeout(timeout)))
                 }
             };
+            let failure = result.as_ref().err().map(ModelError::kind);
+            self.metrics
+                .call(name, slot.provider.model(), failure, started.elapsed());
             let err = match result {
                 Ok(completion) => {
                     self.record(slot, true);

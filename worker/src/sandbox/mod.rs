@@ -56,6 +56,7 @@ pub use self::{
 
 use crate::{
     Error,
+    metrics::SandboxMetrics,
     quota::Quotas,
     sessions::Workspace,
     tools::{FsPool, PoolLimits},
@@ -275,6 +276,7 @@ pub struct Sandbox {
     python: Result<Python, String>,
     system_paths: Vec<PathBuf>,
     fs_pool: Arc<FsPool>,
+    metrics: Arc<SandboxMetrics>,
 }
 
 impl Sandbox {
@@ -293,6 +295,7 @@ impl Sandbox {
             backend: Err("not probed yet".to_owned()),
             isolation: Vec::new(),
             fs_pool: FsPool::new(settings.fs_pool),
+            metrics: Arc::default(),
             settings,
             python,
             system_paths,
@@ -359,6 +362,7 @@ impl Sandbox {
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
             fs_pool: FsPool::new(PoolLimits::default()),
+            metrics: Arc::default(),
         }
     }
 
@@ -418,9 +422,28 @@ impl Sandbox {
             })
     }
 
+    /// The sandbox's metrics (commands, durations, quota rejections).
+    pub fn metrics(&self) -> &Arc<SandboxMetrics> {
+        &self.metrics
+    }
+
     /// Runs `request` in `workspace`, streaming output into `sink` when given. Dropping the
-    /// returned future kills the command.
+    /// returned future kills the command. In a `sandbox_command` span, recorded in the metrics.
     pub async fn run(
+        &self,
+        workspace: &Arc<Workspace>,
+        request: Request,
+        sink: Option<OutputSink>,
+    ) -> Result<Finished, Error> {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("sandbox_command", backend = self.backend_name());
+        let result =
+            tracing::Instrument::instrument(self.run_command(workspace, request, sink), span).await;
+        self.metrics.record(&result, started.elapsed());
+        result
+    }
+
+    async fn run_command(
         &self,
         workspace: &Arc<Workspace>,
         request: Request,

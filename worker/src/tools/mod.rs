@@ -225,6 +225,11 @@ impl Registry {
         ))
     }
 
+    /// Whether the catalogue has a tool called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
     /// The catalogue, ordered by name.
     pub fn specs(&self) -> Vec<v1::ToolSpec> {
         self.tools.values().map(|e| e.spec.clone()).collect()

@@ -67,6 +67,7 @@ impl Args {
             log_level: self.cluster_log_level.clone(),
             ready_timeout: Duration::from_secs(self.ready_timeout),
             call_timeout,
+            env: Vec::new(),
         }
     }
 }

@@ -1,0 +1,336 @@
+//! Traces and metrics: a real OTLP receiver (the official TraceService, from the OTLP protobuf
+//! definitions) gets the spans of a routed call, and `/metrics` of both binaries passes
+//! Prometheus's own parser (`promtool check metrics`).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use heist_proto::{logging::Otlp, v1};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::Span,
+};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+
+use crate::harness::*;
+
+/// An OTLP/gRPC trace receiver keeping every span it is sent.
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.spans.lock().expect("spans");
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Receiver {
+    /// Serves on a free loopback port; returns the endpoint URL.
+    async fn start(&self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        format!("http://{addr}")
+    }
+
+    fn spans_of(&self, trace_id: &[u8]) -> Vec<Span> {
+        self.spans
+            .lock()
+            .expect("spans")
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The chain of span names from `span` up to the root of the spans given.
+fn ancestry(spans: &[Span], span: &Span) -> Vec<String> {
+    let mut names = vec![span.name.clone()];
+    let mut parent = span.parent_span_id.clone();
+    while let Some(p) = spans
+        .iter()
+        .find(|s| !parent.is_empty() && s.span_id == parent)
+    {
+        names.push(p.name.clone());
+        parent = p.parent_span_id.clone();
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    // The subscriber is process-wide: nextest runs this test in a process of its own. Both
+    // servers of this process export through it; the endpoint is passed, not set in the env.
+    let provider = heist_proto::logging::init_for_tests(&Otlp {
+        endpoint,
+        service_name: "heist-test".to_owned(),
+    })
+    .expect("install the trace pipeline (run this test alone: cargo nextest)");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let session = client.create_session(&[]).await.expect("session");
+
+    // The client's own trace context: trace id T, its span S.
+    let trace_id = [
+        0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47,
+        0x36,
+    ];
+    let client_span = [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7];
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
+    let arguments = heist_proto::json::json_to_struct(&json!({"msg": "traced"})).expect("args");
+    let mut request = authed(
+        &client.token,
+        v1::CallToolRequest {
+            session_id: session.id.clone(),
+            tool: "echo".into(),
+            arguments: Some(arguments),
+            request_id: String::new(),
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ascii"));
+    let response = client.tools.call_tool(request).await.expect("echo");
+    assert_eq!(
+        response
+            .metadata()
+            .get(heist_proto::trace::TRACE_ID_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        Some(hex(&trace_id).as_str()),
+        "the response names the trace"
+    );
+
+    // Sends what is queued now; spans that end later go with the next periodic export.
+    let _provider = tokio::task::spawn_blocking(move || {
+        let _ = provider.force_flush();
+        provider
+    })
+    .await
+    .expect("flush");
+    let spans = wait_for("coordinator and worker spans of the call", || {
+        let spans = receiver.spans_of(&trace_id);
+        let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+        let complete = names.contains(&"/heist.v1.ToolService/CallTool")
+            && names.contains(&"/heist.v1.WorkerService/CallTool")
+            && names.iter().filter(|n| **n == "tool_call").count() == 2;
+        async move { complete.then_some(spans) }
+    })
+    .await;
+
+    // The coordinator's RPC span is the child of the client's span.
+    let coord_rpc = spans
+        .iter()
+        .find(|s| s.name == "/heist.v1.ToolService/CallTool")
+        .expect("coordinator rpc span");
+    assert_eq!(
+        coord_rpc.parent_span_id, client_span,
+        "parented by the client"
+    );
+    // The worker's spans hang under the coordinator's, through the injected traceparent.
+    let worker_tool = spans
+        .iter()
+        .filter(|s| s.name == "tool_call")
+        .find(|s| ancestry(&spans, s).contains(&"/heist.v1.WorkerService/CallTool".to_owned()))
+        .expect("worker tool span");
+    assert_eq!(
+        ancestry(&spans, worker_tool),
+        [
+            "tool_call",
+            "/heist.v1.WorkerService/CallTool",
+            "tool_call",
+            "call_tool",
+            "/heist.v1.ToolService/CallTool",
+        ],
+        "worker tool span → worker rpc → coordinator pipeline → handler → coordinator rpc"
+    );
+    let root = spans
+        .iter()
+        .find(|s| s.name == "/heist.v1.ToolService/CallTool")
+        .expect("root");
+    assert!(
+        spans.iter().all(|s| s.trace_id == root.trace_id),
+        "one trace"
+    );
+    // Ids are attributes; arguments are not.
+    let attrs: BTreeMap<String, String> = worker_tool
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.clone(), format!("{:?}", kv.value)))
+        .collect();
+    assert!(attrs.contains_key("session_id"), "{attrs:?}");
+    assert!(
+        !attrs.values().any(|v| v.contains("traced")),
+        "arguments stay out of spans: {attrs:?}"
+    );
+
+    worker.stop().await;
+    coord.stop().await;
+}
+
+/// `GET path` with an optional bearer token: status and body.
+async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` (labels exactly as rendered), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `promtool check metrics` on `text`; fails the test with promtool's own words.
+fn promtool_check(what: &str, text: &str) {
+    use std::io::Write as _;
+    let promtool = std::env::var("HEIST_PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
+    let child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| {
+        panic!(
+            "cannot run {promtool:?} ({e}): install Prometheus's promtool (Debian package \
+             `prometheus`; .ci/run does) or point HEIST_PROMTOOL at it"
+        )
+    });
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool rejects the {what} metrics:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn metrics_need_a_token_pass_promtool_and_count_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let token = client.token.clone();
+
+    for addr in [coord.addr, worker.addr] {
+        let (status, _) = get(addr, "/metrics", None).await;
+        assert_eq!(status, 401, "/metrics of {addr} without a token");
+        let (status, _) = get(addr, "/metrics", Some("not-a-token")).await;
+        assert_eq!(status, 401, "/metrics of {addr} with a forged token");
+    }
+
+    let session = client.create_session(&[]).await.expect("session");
+    let echo_ok = r#"heist_tool_calls_total{tool="echo",outcome="ok"}"#;
+    let worker_echo_ok = r#"heist_worker_tool_calls_total{tool="echo",outcome="ok"}"#;
+    let rpc_ok = r#"heist_rpc_requests_total{method="/heist.v1.ToolService/CallTool",code="OK"}"#;
+    let (status, before) = get(coord.addr, "/metrics", Some(&token)).await;
+    assert_eq!(status, 200, "{before}");
+    let (_, worker_before) = get(worker.addr, "/metrics", Some(&token)).await;
+    for _ in 0..3 {
+        client
+            .call(&session.id, "echo", json!({"n": 1}))
+            .await
+            .expect("echo");
+    }
+    let (_, after) = get(coord.addr, "/metrics", Some(&token)).await;
+    let (status, worker_after) = get(worker.addr, "/metrics", Some(&token)).await;
+    assert_eq!(status, 200, "{worker_after}");
+    assert_eq!(
+        sample(&after, echo_ok) - sample(&before, echo_ok),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, rpc_ok) - sample(&before, rpc_ok),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&worker_after, worker_echo_ok) - sample(&worker_before, worker_echo_ok),
+        3.0,
+        "{worker_after}"
+    );
+    assert_eq!(
+        sample(&after, r#"heist_sessions{state="ready"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, r#"heist_workers{state="ready"}"#),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, r#"heist_auth_refusals_total{reason="401"}"#) >= 2.0,
+        "{after}"
+    );
+    assert!(!after.contains(&session.id), "no session ids in labels");
+
+    promtool_check("coordinator", &after);
+    promtool_check("worker", &worker_after);
+
+    worker.stop().await;
+    coord.stop().await;
+}

@@ -1,0 +1,361 @@
+//! W3C trace context on the wire, and [`RpcLayer`]: the span and metrics of every call a server
+//! answers.
+//!
+//! - Incoming: `traceparent`/`tracestate` in gRPC metadata (HTTP headers) become the parent of
+//!   the call's span ([`extract`]).
+//! - Outgoing: [`inject`] writes the current span's context into a request's metadata (the
+//!   coordinator does it for every call to a worker; heistctl for every call it makes).
+//! - Back to the client: every response carries `x-trace-id` ([`TRACE_ID_HEADER`]) when the
+//!   call belongs to a trace, so a client can look it up.
+//!
+//! Contexts only exist while the OpenTelemetry layer is installed (an OTLP endpoint is set,
+//! see [`crate::logging`]); otherwise a client's `traceparent` still names the trace id on
+//! the call's log lines and in `x-trace-id`, and nothing else is done.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+    time::Instant,
+};
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::{
+    Context,
+    propagation::{Extractor, Injector, TextMapPropagator as _},
+    trace::{TraceContextExt as _, TraceId},
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::metadata::{AsciiMetadataValue, MetadataKey, MetadataMap};
+use tower::{Layer, Service};
+use tracing::{Instrument as _, Span, field::Empty, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::metrics::RpcMetrics;
+
+/// A boxed, sendable future (the response future of [`RpcService`]).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Response header naming the trace a call belongs to (32 lowercase hex digits).
+pub const TRACE_ID_HEADER: &str = "x-trace-id";
+/// The W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            AsciiMetadataValue::try_from(value),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// The trace context in `headers` (`traceparent`, `tracestate`); an empty context when absent
+/// or malformed.
+pub fn extract(headers: &HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// The trace context of a `traceparent` value (as in the TRACEPARENT environment variable).
+pub fn from_traceparent(value: &str) -> Context {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(value.trim()) {
+        headers.insert(TRACEPARENT, value);
+    }
+    extract(&headers)
+}
+
+/// The `traceparent` a client process sends: the TRACEPARENT environment variable when it holds
+/// a valid one (the process continues its caller's trace), else a new sampled trace.
+pub fn process_traceparent() -> String {
+    if let Ok(value) = std::env::var("TRACEPARENT")
+        && context_trace_id(&from_traceparent(&value)).is_some()
+    {
+        return value.trim().to_owned();
+    }
+    let mut ids = [0u8; 24];
+    if getrandom::fill(&mut ids).is_err() || ids[..16] == [0; 16] || ids[16..] == [0; 8] {
+        // Unlikely; a fixed but valid pair beats no trace context.
+        ids = [1; 24];
+    }
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&ids[..16]), hex(&ids[16..]))
+}
+
+/// The trace id (32 hex digits) of a `traceparent` value.
+pub fn traceparent_trace_id(value: &str) -> Option<String> {
+    context_trace_id(&from_traceparent(value)).map(|t| t.to_string())
+}
+
+/// Writes the context of `span` into `metadata` (nothing when the span has none).
+pub fn inject(span: &Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(metadata));
+    }
+}
+
+/// Writes the context of the current span into `metadata`.
+pub fn inject_current(metadata: &mut MetadataMap) {
+    inject(&Span::current(), metadata);
+}
+
+/// The trace id of `span`, if it belongs to a trace.
+pub fn trace_id(span: &Span) -> Option<TraceId> {
+    let id = span.context().span().span_context().trace_id();
+    (id != TraceId::INVALID).then_some(id)
+}
+
+/// The trace id of a parsed context, if valid.
+fn context_trace_id(cx: &Context) -> Option<TraceId> {
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id())
+}
+
+/// Makes `parent` the parent of `span` when it is a valid remote context.
+pub fn set_parent(span: &Span, parent: Context) {
+    if context_trace_id(&parent).is_some() {
+        // Fails only when the span is disabled; then there is nothing to link.
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// A label for a request path that keeps the label set bounded: gRPC paths of the form
+/// `/package.Service/Method` (at most 100 characters) and the few HTTP routes served; any other
+/// path is `other`.
+pub fn method_label(path: &str, grpc: bool) -> String {
+    const HTTP: &[&str] = &[
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/mcp",
+        "/oauth/token",
+        "/.well-known",
+    ];
+    if grpc {
+        let well_formed = path.len() <= 100
+            && path.starts_with('/')
+            && path[1..].split('/').count() == 2
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._".contains(&b));
+        if well_formed && (path.starts_with("/heist.v1.") || path.starts_with("/grpc.")) {
+            return path.to_owned();
+        }
+        return "other".to_owned();
+    }
+    HTTP.iter()
+        .find(|p| path == **p || path.starts_with(&format!("{p}/")))
+        .map_or_else(|| "other".to_owned(), |p| (*p).to_owned())
+}
+
+/// Tower layer giving every request a span (`rpc`, parented by the caller's trace context,
+/// with the trace id as a field so log lines carry it), recording it in [`RpcMetrics`], and
+/// answering [`TRACE_ID_HEADER`]. Put it outermost, so refused calls are seen too.
+#[derive(Clone)]
+pub struct RpcLayer {
+    metrics: Arc<RpcMetrics>,
+}
+
+impl RpcLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: Arc<RpcMetrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`RpcLayer`] wraps around a server.
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    metrics: Arc<RpcMetrics>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let grpc = is_grpc(request.headers());
+        let method = method_label(request.uri().path(), grpc);
+        let span = info_span!(
+            "rpc",
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.method = %method,
+            trace_id = Empty,
+            rpc.code = Empty,
+        );
+        let parent = extract(request.headers());
+        let remote = context_trace_id(&parent);
+        set_parent(&span, parent);
+        // With the OpenTelemetry layer the span now has its (possibly new) trace; without it
+        // the caller's trace id is still worth logging.
+        let trace = trace_id(&span).or(remote);
+        if let Some(id) = trace {
+            span.record("trace_id", tracing::field::display(id));
+        }
+        // The standard swap: call the clone that was polled ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let future = inner.call(request);
+        Box::pin(
+            async move {
+                let mut result = future.await;
+                if let Ok(response) = &mut result {
+                    let code = response_code(response.status(), response.headers(), grpc);
+                    Span::current().record("rpc.code", code.as_str());
+                    metrics.observe(&method, &code, started.elapsed());
+                    if let Some(reason) = refusal_reason(response.headers(), &code) {
+                        metrics.refused(&reason);
+                    }
+                    if let Some(id) = trace
+                        && let Ok(value) = HeaderValue::from_str(&id.to_string())
+                    {
+                        response.headers_mut().insert(TRACE_ID_HEADER, value);
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The call's outcome as a label: the gRPC code name when the head of the response carries
+/// `grpc-status` (an error answered at once), `OK` for a gRPC response that started normally
+/// (a later error in the trailers of a stream is not seen here), the HTTP status otherwise.
+fn response_code(status: http::StatusCode, headers: &HeaderMap, grpc: bool) -> String {
+    if grpc {
+        let code = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+            .map_or(tonic::Code::Ok, tonic::Code::from);
+        return code_name(code).to_owned();
+    }
+    status.as_u16().to_string()
+}
+
+/// The canonical name of a gRPC code (`OK`, `NOT_FOUND`, ...).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Why a call was refused, for refusals of authentication (`UNAUTHENTICATED`, HTTP 401) or
+/// authorisation (`PERMISSION_DENIED`, HTTP 403): the ErrorInfo reason when the status has one,
+/// else the code.
+fn refusal_reason(headers: &HeaderMap, code: &str) -> Option<String> {
+    if !matches!(
+        code,
+        "UNAUTHENTICATED" | "PERMISSION_DENIED" | "401" | "403"
+    ) {
+        return None;
+    }
+    let reason = tonic::Status::from_header_map(headers)
+        .and_then(|status| crate::errors::reason_of(&status))
+        .filter(|r| r.len() <= 64 && r.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+    Some(reason.unwrap_or_else(|| code.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        assert_eq!(
+            method_label("/heist.v1.ToolService/CallTool", true),
+            "/heist.v1.ToolService/CallTool"
+        );
+        assert_eq!(method_label("/evil.Service/X", true), "other");
+        assert_eq!(method_label("/heist.v1.A/B/C", true), "other");
+        assert_eq!(method_label("/metrics", false), "/metrics");
+        assert_eq!(method_label("/.well-known/x/y", false), "/.well-known");
+        assert_eq!(method_label("/random", false), "other");
+    }
+
+    #[test]
+    fn a_traceparent_is_parsed() {
+        let cx = from_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(
+            context_trace_id(&cx).map(|t| t.to_string()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert!(context_trace_id(&from_traceparent("garbage")).is_none());
+        let fresh = process_traceparent();
+        assert_eq!(
+            traceparent_trace_id(&fresh).map(|t| t.len()),
+            Some(32),
+            "{fresh}"
+        );
+    }
+}
