@@ -3,7 +3,7 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use crate::error::Error;
+use crate::{error::Error, mcp::McpConfig};
 
 /// Shortest admin client secret accepted, in characters.
 pub const MIN_ADMIN_SECRET_CHARS: usize = 16;
@@ -60,6 +60,8 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// The MCP endpoint's hosts, origins and limits (HEIST_MCP_*, HEIST_PUBLIC_URL).
+    pub mcp: McpConfig,
 }
 
 impl Default for Config {
@@ -83,6 +85,7 @@ impl Default for Config {
             checkpoint_gc_interval: Duration::from_secs(300),
             blob_orphan_grace: Duration::from_secs(600),
             auto_checkpoint: false,
+            mcp: McpConfig::default(),
         }
     }
 }
@@ -112,6 +115,7 @@ impl fmt::Debug for Config {
             .field("checkpoint_gc_interval", &self.checkpoint_gc_interval)
             .field("blob_orphan_grace", &self.blob_orphan_grace)
             .field("auto_checkpoint", &self.auto_checkpoint)
+            .field("mcp", &self.mcp)
             .finish()
     }
 }
@@ -168,6 +172,7 @@ impl Config {
         if self.checkpoint_gc_interval.is_zero() {
             return bad("HEIST_CHECKPOINT_GC_INTERVAL_S must be at least 1 second");
         }
+        self.mcp.validate().map_err(Error::InvalidConfig)?;
         Ok(())
     }
 }

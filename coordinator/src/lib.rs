@@ -39,6 +39,7 @@ pub mod eventlog;
 pub mod heist;
 pub mod idempotency;
 pub mod lifecycle;
+pub mod mcp;
 pub mod placement;
 pub mod registry;
 pub mod runner;

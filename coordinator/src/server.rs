@@ -157,7 +157,7 @@ async fn run(
         // Larger HTTP/2 windows: blob uploads stream megabytes per call.
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
-        .layer(AuthLayer::new(verifier))
+        .layer(AuthLayer::new(verifier).with_mcp(app.config.mcp.clone()))
         .add_routes(routes);
 
     app.spawn_background();

@@ -18,10 +18,12 @@ use crate::app::App;
 
 /// The HTTP routes, merged with the gRPC services into one router.
 pub fn routes(app: Arc<App>) -> Router {
+    let mcp = crate::mcp::routes(app.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(app)
+        .merge(mcp)
 }
 
 async fn healthz() -> (StatusCode, &'static str) {

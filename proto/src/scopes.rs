@@ -54,7 +54,17 @@ pub const PUBLIC: &[&str] = &[
     "/heist.v1.BlobService/GetBlobs",
     "/healthz",
     "/readyz",
+    // OAuth discovery (RFC 9728, RFC 8414) and the client-credentials token endpoint: what an
+    // MCP client reads before it has a token.
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-protected-resource/mcp",
+    "/.well-known/oauth-authorization-server",
+    "/oauth/token",
 ];
+
+/// The paths that need a valid token but no particular scope: the MCP endpoint, which checks
+/// each tool's scope itself (the tool's gRPC method's scope, per call and in `tools/list`).
+pub const TOKEN_ONLY: &[&str] = &["/mcp"];
 
 /// What a path needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +73,8 @@ pub enum Access {
     Public,
     /// A valid token carrying this scope.
     Scope(&'static str),
+    /// A valid token, whatever its scopes ([`TOKEN_ONLY`]).
+    Token,
 }
 
 /// What `path` needs: [`Access::Public`] only for the allow-list, the RPC's scope for a known
@@ -70,6 +82,9 @@ pub enum Access {
 pub fn access(path: &str) -> Access {
     if PUBLIC.contains(&path) {
         return Access::Public;
+    }
+    if TOKEN_ONLY.contains(&path) {
+        return Access::Token;
     }
     Access::Scope(scope_for(path).unwrap_or(ADMIN))
 }
@@ -131,6 +146,8 @@ mod tests {
         assert_eq!(access("/heist.v1.AuthService/IssueToken"), Access::Public);
         assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Public);
         assert_eq!(access("/healthz"), Access::Public);
+        assert_eq!(access("/oauth/token"), Access::Public);
+        assert_eq!(access("/mcp"), Access::Token);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod escape;
 mod exhaustion;
 mod harness;
 mod heist;
+mod mcp;
 mod registration;
 mod sandbox;
 mod sessions;
