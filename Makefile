@@ -5,7 +5,7 @@ CARGO       ?= cargo
 BINS        := coordinator worker heist-sandbox heistctl
 RELEASE_DIR := target/release
 
-.PHONY: all build demo dev test test-unit lint fmt bench clean
+.PHONY: all build demo dev test test-deps test-unit lint fmt bench clean
 
 all: build
 
@@ -24,8 +24,19 @@ demo: build
 dev: build
 	bin/heistctl dev up --workers 2
 
+## test-deps: the Python venv with the pinned MCP SDK the MCP tests drive (rebuilt when the pins change)
+PYTHON        ?= python3
+VENV_TEST     := .venv-test
+MCP_TEST_REQS := coordinator/tests/mcp/requirements.txt
+test-deps: $(VENV_TEST)/.installed
+
+$(VENV_TEST)/.installed: $(MCP_TEST_REQS)
+	$(PYTHON) -m venv $(VENV_TEST)
+	$(VENV_TEST)/bin/pip install --quiet --disable-pip-version-check -r $(MCP_TEST_REQS)
+	@touch $@
+
 ## test: the whole test suite (what CI runs)
-test:
+test: test-deps
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) nextest run --locked --workspace --no-fail-fast
 

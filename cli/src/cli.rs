@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     client::Client,
     commands::{
-        agents, chat, checkpoint, completions, dev, exec, heist, login, logout, run_python,
+        agents, chat, checkpoint, completions, dev, exec, heist, login, logout, mcp, run_python,
         session, tool, transcript, turn, workers,
     },
     credentials::Store,
@@ -118,6 +118,9 @@ pub enum Command {
     Dev(dev::Command),
     /// Measure the cluster against baselines measured in the same run (`make bench`).
     Bench(crate::bench::Args),
+    /// Serve MCP on stdin/stdout, forwarding to the coordinator's /mcp with your login (for
+    /// desktop clients that launch a local process).
+    Mcp(mcp::Args),
 }
 
 /// What a verb needs: the global flags, the token cache, and a way to connect.
@@ -156,6 +159,13 @@ impl Context {
     /// A connection carrying the token: `--token`/HEIST_TOKEN, else the cached one. No token
     /// (or an expired cached one) fails before dialing, saying to run `heistctl login`.
     pub async fn client(&self) -> Result<Client, Error> {
+        let token = self.token()?;
+        Ok(self.anonymous_client().await?.with_token(token))
+    }
+
+    /// The token: `--token`/HEIST_TOKEN, else the cached one (an error saying to run
+    /// `heistctl login` when there is none or it expired).
+    pub fn token(&self) -> Result<String, Error> {
         let url = &self.global.coordinator;
         let token = match &self.global.token {
             Some(token) if !token.is_empty() => token.clone(),
@@ -170,7 +180,7 @@ impl Context {
                 cached.access_token
             }
         };
-        Ok(self.anonymous_client().await?.with_token(token))
+        Ok(token)
     }
 }
 

@@ -130,6 +130,9 @@ pub enum Error {
     /// Ctrl-C or SIGTERM arrived before the command finished.
     #[error("interrupted")]
     Interrupted,
+    /// The coordinator's MCP endpoint could not be used.
+    #[error("MCP: {0}")]
+    Mcp(String),
 }
 
 impl Error {
@@ -145,7 +148,8 @@ impl Error {
             | Self::BinaryNotFound { .. }
             | Self::ChildExited { .. }
             | Self::NotReady { .. }
-            | Self::Demo(_) => EXIT_ERROR,
+            | Self::Demo(_)
+            | Self::Mcp(_) => EXIT_ERROR,
             Self::Interrupted => EXIT_INTERRUPTED,
         }
     }

@@ -8,6 +8,7 @@
 //! - [`output`]: the stable JSON views and the tables.
 //! - [`cluster`]: [`cluster::LocalCluster`], a coordinator and N workers as child processes.
 //! - [`error`]: the error type and the exit codes scripts can rely on.
+//! - [`mcp`]: a client for the coordinator's `/mcp` endpoint (`heistctl mcp`, the bench).
 
 pub mod bench;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod cluster;
 pub mod commands;
 pub mod credentials;
 pub mod error;
+pub mod mcp;
 pub mod output;
 
 use std::process::ExitCode;

@@ -19,7 +19,10 @@ use tonic::Status;
 use tower::{Layer, Service};
 use tracing::info;
 
-use crate::error::Error;
+use crate::{
+    error::Error,
+    mcp::{McpConfig, oauth},
+};
 
 /// The authenticated caller of an RPC.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,11 +57,14 @@ pub fn authorize(
 ) -> Result<Option<Principal>, Error> {
     let needed = match scopes::access(path) {
         scopes::Access::Public => return Ok(None),
-        scopes::Access::Scope(needed) => needed,
+        scopes::Access::Scope(needed) => Some(needed),
+        scopes::Access::Token => None,
     };
     let token = metadata::bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
-    if !scopes::grants(&claims.scope, needed) {
+    if let Some(needed) = needed
+        && !scopes::grants(&claims.scope, needed)
+    {
         return Err(Error::ScopeMissing(needed));
     }
     Ok(Some(Principal {
@@ -72,10 +78,12 @@ pub fn authorize(
 }
 
 /// The answer to a refused request: a gRPC status for a gRPC call, and for plain HTTP a 401
-/// (with `WWW-Authenticate: Bearer`) or 403 with an empty body.
+/// (with `WWW-Authenticate: Bearer resource_metadata="…"`, RFC 9728, naming where to get a
+/// token) or 403 with an empty body.
 fn refusal<ReqBody, ResBody: Default>(
     request: &http::Request<ReqBody>,
     err: Error,
+    mcp: &McpConfig,
 ) -> http::Response<ResBody> {
     let status = Status::from(err);
     let grpc = request
@@ -91,10 +99,12 @@ fn refusal<ReqBody, ResBody: Default>(
         *response.status_mut() = http::StatusCode::FORBIDDEN;
     } else {
         *response.status_mut() = http::StatusCode::UNAUTHORIZED;
-        response.headers_mut().insert(
-            http::header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer"),
-        );
+        let base = mcp.base_url(request.uri(), request.headers());
+        let challenge = http::HeaderValue::from_str(&oauth::challenge(&base))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("Bearer"));
+        response
+            .headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, challenge);
     }
     response
 }
@@ -103,12 +113,22 @@ fn refusal<ReqBody, ResBody: Default>(
 #[derive(Clone)]
 pub struct AuthLayer {
     verifier: Arc<TokenVerifier>,
+    mcp: Arc<McpConfig>,
 }
 
 impl AuthLayer {
     /// A layer verifying tokens with `verifier`.
     pub fn new(verifier: Arc<TokenVerifier>) -> Self {
-        Self { verifier }
+        Self {
+            verifier,
+            mcp: Arc::new(McpConfig::default()),
+        }
+    }
+
+    /// Names `mcp`'s public URL in 401 challenges.
+    pub fn with_mcp(mut self, mcp: McpConfig) -> Self {
+        self.mcp = Arc::new(mcp);
+        self
     }
 }
 
@@ -119,6 +139,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthMiddleware {
             inner,
             verifier: self.verifier.clone(),
+            mcp: self.mcp.clone(),
         }
     }
 }
@@ -128,6 +149,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthMiddleware<S> {
     inner: S,
     verifier: Arc<TokenVerifier>,
+    mcp: Arc<McpConfig>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthMiddleware<S>
@@ -152,7 +174,7 @@ where
             Ok(None) => Either::Left(self.inner.call(request)),
             Err(err) => {
                 info!(path = request.uri().path(), error = %err, "call refused");
-                Either::Right(ready(Ok(refusal(&request, err))))
+                Either::Right(ready(Ok(refusal(&request, err, &self.mcp))))
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use crate::error::Error;
+use crate::{error::Error, mcp::McpConfig};
 
 /// Shortest admin client secret accepted, in characters.
 pub const MIN_ADMIN_SECRET_CHARS: usize = 16;
@@ -73,6 +73,8 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// The MCP endpoint's hosts, origins and limits (HEIST_MCP_*, HEIST_PUBLIC_URL).
+    pub mcp: McpConfig,
     /// Serve `/metrics` to anyone who can reach the port; otherwise it needs a token with
     /// `cluster:read`. HEIST_METRICS_PUBLIC, default false.
     pub metrics_public: bool,
@@ -152,6 +154,7 @@ impl Default for Config {
             session_gc_interval: Duration::from_secs(300),
             metrics_public: false,
             telemetry: true,
+            mcp: McpConfig::default(),
         }
     }
 }
@@ -192,6 +195,7 @@ impl fmt::Debug for Config {
             .field("session_gc_interval", &self.session_gc_interval)
             .field("metrics_public", &self.metrics_public)
             .field("telemetry", &self.telemetry)
+            .field("mcp", &self.mcp)
             .finish()
     }
 }
@@ -266,6 +270,7 @@ impl Config {
         if self.checkpoint_gc_interval.is_zero() {
             return bad("HEIST_CHECKPOINT_GC_INTERVAL_S must be at least 1 second");
         }
+        self.mcp.validate().map_err(Error::InvalidConfig)?;
         Ok(())
     }
 }

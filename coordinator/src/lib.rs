@@ -44,6 +44,7 @@ pub mod heist;
 pub mod idempotency;
 pub mod lifecycle;
 pub mod metrics;
+pub mod mcp;
 pub mod placement;
 pub mod registry;
 pub mod runner;

@@ -164,7 +164,7 @@ async fn run(
             heist_proto::trace::RpcLayer::new(app.metrics.rpc.clone())
         })))
         .layer(DrainLayer::new(calls.clone()))
-        .layer(AuthLayer::new(verifier))
+        .layer(AuthLayer::new(verifier).with_mcp(app.config.mcp.clone()))
         .add_routes(routes);
 
     app.spawn_background();

@@ -134,6 +134,23 @@ pub struct Settings {
     #[arg(long, env = "HEIST_TELEMETRY", num_args = 0..=1, default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub telemetry: Option<bool>,
+    /// Host names /mcp answers, comma-separated, `*` for any
+    /// [default: localhost,127.0.0.1,::1,coordinator].
+    #[arg(long, env = "HEIST_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub mcp_allowed_hosts: Option<Vec<String>>,
+    /// Browser origins allowed to call /mcp, comma-separated (`http://localhost:*`)
+    /// [default: none: requests with an Origin header are refused].
+    #[arg(long, env = "HEIST_MCP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub mcp_allowed_origins: Option<Vec<String>>,
+    /// Largest MCP request body, in bytes [default: 4194304].
+    #[arg(long, env = "HEIST_MCP_MAX_REQUEST_BYTES")]
+    pub mcp_max_request_bytes: Option<usize>,
+    /// Largest MCP tool result, in bytes of JSON [default: 4194304].
+    #[arg(long, env = "HEIST_MCP_MAX_RESULT_BYTES")]
+    pub mcp_max_result_bytes: Option<usize>,
+    /// Public base URL named in the OAuth documents [default: http:// + the request's Host].
+    #[arg(long, env = "HEIST_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -169,6 +186,11 @@ heist_proto::layer_over!(Settings {
     session_gc_interval_s,
     metrics_public,
     telemetry,
+    mcp_allowed_hosts,
+    mcp_allowed_origins,
+    mcp_max_request_bytes,
+    mcp_max_result_bytes,
+    public_url,
 });
 
 impl Settings {
@@ -229,6 +251,11 @@ impl Settings {
         set(&mut c.session_gc_interval, self.session_gc_interval_s, secs);
         set(&mut c.metrics_public, self.metrics_public, |v| v);
         set(&mut c.telemetry, self.telemetry, |v| v);
+        set(&mut c.mcp.allowed_hosts, self.mcp_allowed_hosts, |v| v);
+        set(&mut c.mcp.allowed_origins, self.mcp_allowed_origins, |v| v);
+        set(&mut c.mcp.max_request_bytes, self.mcp_max_request_bytes, |v| v);
+        set(&mut c.mcp.max_result_bytes, self.mcp_max_result_bytes, |v| v);
+        c.mcp.public_url = self.public_url.or(c.mcp.public_url);
         c
     }
 }

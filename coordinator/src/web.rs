@@ -27,11 +27,13 @@ use crate::{app::App, auth::CLIENT_AUDIENCE};
 
 /// The HTTP routes, merged with the gRPC services into one router.
 pub fn routes(app: Arc<App>) -> Router {
+    let mcp = crate::mcp::routes(app.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(app)
+        .merge(mcp)
 }
 
 /// `/metrics`: 401 without a valid token, 403 without `cluster:read`, unless the operator

@@ -56,7 +56,17 @@ pub const PUBLIC: &[&str] = &[
     "/readyz",
     // Checks its own token (cluster:read) unless the operator made it public.
     "/metrics",
+    // OAuth discovery (RFC 9728, RFC 8414) and the client-credentials token endpoint: what an
+    // MCP client reads before it has a token.
+    "/.well-known/oauth-protected-resource",
+    "/.well-known/oauth-protected-resource/mcp",
+    "/.well-known/oauth-authorization-server",
+    "/oauth/token",
 ];
+
+/// The paths that need a valid token but no particular scope: the MCP endpoint, which checks
+/// each tool's scope itself (the tool's gRPC method's scope, per call and in `tools/list`).
+pub const TOKEN_ONLY: &[&str] = &["/mcp"];
 
 /// What a path needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +75,8 @@ pub enum Access {
     Public,
     /// A valid token carrying this scope.
     Scope(&'static str),
+    /// A valid token, whatever its scopes ([`TOKEN_ONLY`]).
+    Token,
 }
 
 /// What `path` needs: [`Access::Public`] only for the allow-list, the RPC's scope for a known
@@ -72,6 +84,9 @@ pub enum Access {
 pub fn access(path: &str) -> Access {
     if PUBLIC.contains(&path) {
         return Access::Public;
+    }
+    if TOKEN_ONLY.contains(&path) {
+        return Access::Token;
     }
     Access::Scope(scope_for(path).unwrap_or(ADMIN))
 }
@@ -135,6 +150,8 @@ mod tests {
         assert_eq!(access("/healthz"), Access::Public);
         // Checks its own token (see the coordinator's `web`).
         assert_eq!(access("/metrics"), Access::Public);
+        assert_eq!(access("/oauth/token"), Access::Public);
+        assert_eq!(access("/mcp"), Access::Token);
     }
 
     #[test]

@@ -166,6 +166,18 @@ impl EchoTarget {
     }
 }
 
+/// Something the load loops call (gRPC `echo` here; MCP `echo` in [`super::mcp`]).
+pub trait Target: Clone + Send + Sync + 'static {
+    /// One call whose answer is dropped.
+    fn call_once(&self) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl Target for EchoTarget {
+    fn call_once(&self) -> impl Future<Output = Result<(), Error>> + Send {
+        EchoTarget::call_once(self)
+    }
+}
+
 /// Checks a response carries `args` as a JSON block and as structured content.
 pub fn check_echo(response: &v1::CallToolResponse, args: &Struct) -> Result<(), Error> {
     let block_ok = matches!(
@@ -246,8 +258,8 @@ impl Throughput {
 
 /// Keeps `concurrency` calls in flight: first for `warmup` (not counted), then for `window`,
 /// counting the calls that complete inside the window.
-pub async fn throughput(
-    target: &EchoTarget,
+pub async fn throughput<T: Target>(
+    target: &T,
     concurrency: usize,
     warmup: Duration,
     window: Duration,
@@ -278,8 +290,8 @@ pub async fn throughput(
 }
 
 /// One caller of [`throughput`]: calls back to back until `end`.
-async fn load_task(
-    target: EchoTarget,
+async fn load_task<T: Target>(
+    target: T,
     start: Instant,
     end: Instant,
 ) -> Result<(u64, Latencies), Error> {

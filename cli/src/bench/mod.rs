@@ -12,6 +12,7 @@
 //! - [`exec`]: sandboxed `exec true` through the cluster against a plain spawn of `true`.
 //! - [`checkpoint`]: checkpoint capture and restore against `tar -cf` and `cp -a`.
 //! - [`scaling`]: routed throughput with 1, 2 and 4 workers.
+//! - [`mcp`]: MCP `tools/call` of `echo` (HTTP/1.1 and HTTP/2) against gRPC CallTool.
 //!
 //! Everything talks to 127.0.0.1 only; every loop stops at a count and at a time cap; children
 //! are stopped at the end, on error and on Ctrl-C (a second Ctrl-C kills them at once).
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod exec;
 pub mod load;
 pub mod machine;
+pub mod mcp;
 pub mod phases;
 pub mod report;
 pub mod scaling;

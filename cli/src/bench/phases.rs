@@ -44,6 +44,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(super::checkpoint::Checkpoints),
         Box::new(super::scaling::Scaling),
         Box::new(super::telemetry::Telemetry),
+        Box::new(super::mcp::Mcp),
     ]
 }
 
@@ -250,7 +251,7 @@ impl Phase for Routed {
 }
 
 /// Sequential latency and throughput of `target`, as metrics (same for every call phase).
-async fn measure_calls(
+pub(super) async fn measure_calls(
     phase: &str,
     target: &EchoTarget,
     s: &Settings,

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod heist;
 pub mod login;
 pub mod logout;
+pub mod mcp;
 pub mod run_python;
 pub mod session;
 pub mod tool;
@@ -43,5 +44,6 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Completions(args) => completions::run(args),
         Command::Dev(cmd) => dev::run(&ctx, cmd).await,
         Command::Bench(args) => crate::bench::run(&ctx, args).await,
+        Command::Mcp(args) => mcp::run(&ctx, args).await,
     }
 }

@@ -12,6 +12,7 @@ mod faults;
 mod harness;
 mod heist;
 mod observability;
+mod mcp;
 mod registration;
 mod sandbox;
 mod sessions;
