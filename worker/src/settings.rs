@@ -96,6 +96,16 @@ pub struct Settings {
     /// Most finished turns kept on the worker [default: 256].
     #[arg(long, env = "HEIST_MAX_FINISHED_TURNS")]
     pub max_finished_turns: Option<usize>,
+    /// Docker engine address for `--sandbox docker`, e.g. `unix:///var/run/docker.sock` or
+    /// `tcp://socket-proxy:2375` [default: DOCKER_HOST, else the local socket].
+    #[arg(long, env = "HEIST_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Image the docker backend runs sessions in [default: heist-sandbox:latest].
+    #[arg(long, env = "HEIST_SANDBOX_IMAGE")]
+    pub sandbox_image: Option<String>,
+    /// Network mode of the docker backend's session containers [default: none].
+    #[arg(long, env = "HEIST_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -121,6 +131,9 @@ heist_proto::layer_over!(Settings {
     blob_batch,
     turn_retention_s,
     max_finished_turns,
+    docker_host,
+    sandbox_image,
+    docker_network,
 });
 
 impl Settings {
@@ -164,6 +177,11 @@ impl Settings {
             Duration::from_secs,
         );
         set(&mut c.max_finished_turns, self.max_finished_turns, |v| v);
+        set(&mut c.docker_host, self.docker_host, |v| {
+            Some(v).filter(|h| !h.is_empty())
+        });
+        set(&mut c.sandbox_image, self.sandbox_image, |v| v);
+        set(&mut c.docker_network, self.docker_network, |v| v);
         Ok(c)
     }
 }

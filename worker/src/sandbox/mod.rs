@@ -7,8 +7,9 @@
 //!   capability bounding set and confines its filesystem with Landlock (see [`helper`]).
 //! - [`Mode::Unconfined`]: the same helper with rlimits only, for hosts without user
 //!   namespaces or Landlock, chosen explicitly by an operator and logged loudly.
-//! - A docker backend (one container per session) fits the same trait: `prepare` ensures the
-//!   session's container, `exec` starts `docker exec`, `collect` is shared, `cleanup` is a no-op.
+//! - [`Mode::Docker`] (`docker`): one container per session from the sandbox image, through
+//!   the engine's API: `prepare` ensures the session's container, `exec` starts `docker exec`,
+//!   `collect` is shared, `close_session` removes the container (see `docker`).
 //!
 //! Resources: `cgroup` puts each session and each command in its own control group (memory,
 //! pids, CPU) where the host lets the worker; the process backend sets them up through the
@@ -24,6 +25,7 @@ mod admit;
 mod cgroup;
 mod collect;
 mod confine;
+mod docker;
 mod env;
 mod flags;
 pub mod helper;
@@ -51,6 +53,7 @@ pub use self::{
     collect::{Captured, Finished},
     env::validate_env,
     flags::SandboxFlags,
+    docker::{DockerSettings, SESSION_LABEL, WORKER_LABEL},
     probe::Python,
 };
 
@@ -70,6 +73,8 @@ pub enum Mode {
     /// rlimits, timeout, output caps and a scrubbed environment only. Weaker: commands can read
     /// and write whatever the worker's user can and reach the network.
     Unconfined,
+    /// One container per session from the sandbox image, through the Docker engine's API.
+    Docker,
 }
 
 /// The sandbox settings from the worker's configuration.
@@ -102,6 +107,8 @@ pub struct Settings {
     /// Whether every session's workspace is its own size-limited file system (the disk quota
     /// is then enforced by the kernel: `disk-quota:fs`), else it is polled.
     pub disk_fs: bool,
+    /// The docker backend's engine, image and network.
+    pub docker: DockerSettings,
 }
 
 /// The name of a worker's cgroup subtree: its id and a digest of its workspace directory, so
@@ -228,6 +235,8 @@ pub trait Backend: Send + Sync + 'static {
 enum Selected {
     /// `process` and `unconfined`: the `heist-sandbox` helper.
     Process(process::ProcessBackend),
+    /// `docker`: a container per session.
+    Docker(docker::DockerBackend),
 }
 
 impl Selected {
@@ -236,20 +245,27 @@ impl Selected {
     async fn into_backend(
         self,
         system_paths: Vec<PathBuf>,
+        python: Option<&Python>,
         settings: &Settings,
         isolation: &mut Vec<String>,
     ) -> Box<dyn Backend> {
+        let disk_quota = if settings.disk_fs {
+            "disk-quota:fs"
+        } else {
+            "disk-quota:polling"
+        };
         match self {
+            Self::Docker(mut backend) => {
+                backend.set_python(python.map(|p| p.executable.clone()));
+                isolation.push(disk_quota.to_owned());
+                Box::new(backend)
+            }
             Self::Process(mut backend) => {
                 backend.set_read_only(system_paths);
                 isolation.push(backend.use_cgroups(settings).await);
                 // Either each workspace is its own size-limited file system, or the disk quota
                 // is measured (walks, plus unlinked-but-open files of commands with a cgroup).
-                isolation.push(if settings.disk_fs {
-                    "disk-quota:fs".to_owned()
-                } else {
-                    "disk-quota:polling".to_owned()
-                });
+                isolation.push(disk_quota.to_owned());
                 Box::new(backend)
             }
         }
@@ -263,6 +279,9 @@ async fn select_backend(settings: &Settings) -> Result<(Selected, Vec<String>), 
         Mode::Process | Mode::Unconfined => probe::probe(settings)
             .await
             .map(|(backend, isolation)| (Selected::Process(backend), isolation)),
+        Mode::Docker => docker::connect(settings)
+            .await
+            .map(|(backend, isolation)| (Selected::Docker(backend), isolation)),
     }
 }
 
@@ -302,6 +321,7 @@ impl Sandbox {
                 let backend = selected
                     .into_backend(
                         sandbox.system_paths.clone(),
+                        sandbox.python.as_ref().ok(),
                         &sandbox.settings,
                         &mut isolation,
                     )
@@ -355,6 +375,7 @@ impl Sandbox {
                 cgroup_name: String::new(),
                 fs_pool: PoolLimits::default(),
                 disk_fs: false,
+                docker: DockerSettings::default(),
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),
