@@ -51,7 +51,9 @@ use heist_proto::ids::SessionId;
 use tokio::io::AsyncWriteExt as _;
 use tracing::{debug, info, warn};
 
-use super::{Backend, Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, Settings, Stream as Out};
+use super::{
+    Backend, Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, Settings, Stream as Out,
+};
 use crate::{Error, quota::Quotas};
 
 /// Label naming the worker (and its workspace directory) that owns a container.
@@ -151,7 +153,11 @@ pub async fn connect(settings: &Settings) -> Result<(DockerBackend, Vec<String>)
         .map_err(|_| "the docker engine did not answer in time".to_owned())??;
     let euid = nix::unistd::geteuid().as_raw();
     let (uid, gid, chown) = if euid == 0 {
-        (settings.uid, settings.gid, Some((settings.uid, settings.gid)))
+        (
+            settings.uid,
+            settings.gid,
+            Some((settings.uid, settings.gid)),
+        )
     } else {
         (euid, nix::unistd::getegid().as_raw(), None)
     };
@@ -195,7 +201,9 @@ impl DockerBackend {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Container>>> {
-        self.containers.lock().unwrap_or_else(PoisonError::into_inner)
+        self.containers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Removes every container labelled as this worker's (at start it owns none).
@@ -400,6 +408,47 @@ impl DockerBackend {
     }
 }
 
+impl Drop for DockerBackend {
+    /// A stopping worker removes its sessions' containers (they are re-created on the next
+    /// command after a restart; after a crash, the next start sweeps them). Runs on a thread
+    /// of its own with a fresh client: the worker's runtime may be shutting down.
+    fn drop(&mut self) {
+        let ids: Vec<String> = self.lock().drain().map(|(_, c)| c.id.clone()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let host = self.settings.host.clone();
+        let removal = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async move {
+                let docker = match &host {
+                    Some(host) => Docker::connect_with_host(host),
+                    None => Docker::connect_with_defaults(),
+                }
+                .map_err(|e| e.to_string())?
+                .negotiate_version()
+                .await
+                .map_err(|e| e.to_string())?;
+                let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+                for id in ids {
+                    if let Err(e) = docker.remove_container(&id, Some(opts.clone())).await {
+                        warn!(container = %id, error = %e, "cannot remove a sandbox container");
+                    }
+                }
+                Ok::<(), String>(())
+            })
+        });
+        match removal.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot remove this worker's sandbox containers"),
+            Err(_) => warn!("the container removal thread panicked"),
+        }
+    }
+}
+
 /// A container name from the worker label and the session id (`[A-Za-z0-9_.-]` only).
 fn container_name(label: &str, session: &str) -> String {
     let clean = |s: &str| -> String {
@@ -474,8 +523,7 @@ async fn run_quick(
         )
         .await?;
     let mut out = Vec::new();
-    if let StartExecResults::Attached { mut output, .. } =
-        docker.start_exec(&exec.id, None).await?
+    if let StartExecResults::Attached { mut output, .. } = docker.start_exec(&exec.id, None).await?
     {
         while let Some(item) = output.next().await {
             if let LogOutput::StdOut { message } = item? {
@@ -520,7 +568,9 @@ async fn signal_all(docker: &Docker, container: &str, user: &str, signal: &str) 
     let sent = run_quick(docker, container, user, &["/bin/sh", "-c", &script]).await;
     if sent.is_err() && signal == "KILL" {
         warn!(container = %container, "cannot start kill in the container: killing the container");
-        let opts = KillContainerOptionsBuilder::default().signal("KILL").build();
+        let opts = KillContainerOptionsBuilder::default()
+            .signal("KILL")
+            .build();
         if let Err(e) = docker.kill_container(container, Some(opts)).await {
             warn!(container = %container, error = %e, "cannot kill the container");
         }

@@ -51,9 +51,9 @@ use tracing::{debug, info, warn};
 pub use self::{
     admit::{CommandLimits, Job, Request, RunningCommands},
     collect::{Captured, Finished},
+    docker::{DockerSettings, SESSION_LABEL, WORKER_LABEL},
     env::validate_env,
     flags::SandboxFlags,
-    docker::{DockerSettings, SESSION_LABEL, WORKER_LABEL},
     probe::Python,
 };
 
