@@ -457,3 +457,45 @@ async fn a_docker_worker_sweeps_its_stale_containers_at_start() {
     worker.stop().await;
     coord.stop().await;
 }
+
+fn unreachable_engine(config: &mut heist_worker::Config) {
+    config.sandbox = heist_worker::sandbox::Mode::Docker;
+    config.docker_host = Some("unix:///nonexistent/docker.sock".to_owned());
+}
+
+/// Needs no Docker: a worker whose engine does not answer says so and never runs commands
+/// unconfined; sessions asking for `sandbox=docker` are not placed on it.
+#[tokio::test]
+async fn a_docker_worker_without_an_engine_refuses_commands_and_the_label() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(
+        &coord.url(),
+        dir.path(),
+        WorkerOpts::new("wn").configure(unreachable_engine),
+    )
+    .await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["wn"]).await;
+    let workers = client.workers().await;
+    assert_eq!(workers[0].sandbox_backend, "none");
+    assert!(
+        !workers[0].labels.contains_key("sandbox"),
+        "{:?}",
+        workers[0].labels
+    );
+    let err = client
+        .create_session(&[("sandbox", "docker")])
+        .await
+        .expect_err("no docker worker");
+    assert_status(&err, tonic::Code::ResourceExhausted, "NO_MATCHING_WORKER");
+    let session = client.create_session(&[]).await.expect("session").id;
+    let err = client
+        .call(&session, "exec", json!({"command": "true"}))
+        .await
+        .expect_err("refused");
+    assert_status(&err, tonic::Code::FailedPrecondition, "SANDBOX_UNAVAILABLE");
+    assert!(err.message().contains("docker"), "{}", err.message());
+    worker.stop().await;
+    coord.stop().await;
+}
