@@ -362,50 +362,56 @@ impl DockerBackend {
         })
     }
 
-    /// argv, env and cwd with host paths replaced by the container's.
+    /// argv (wrapped in `prlimit`), env and cwd with host paths replaced by the container's.
     fn translate(&self, job: &Job) -> (Vec<String>, Vec<String>, String) {
-        let mut map: Vec<(String, String)> = job
-            .read_only
-            .iter()
-            .map(|p| (p.display().to_string(), format!("{INBOX}/{}", inbox_key(p))))
-            .collect();
-        map.push((job.root.display().to_string(), WORKSPACE.to_owned()));
-        let tr = |s: &str| -> String {
-            for (from, to) in &map {
-                if let Some(rest) = s.strip_prefix(from.as_str())
-                    && (rest.is_empty() || rest.starts_with('/'))
-                {
-                    return format!("{to}{rest}");
-                }
-            }
-            s.to_owned()
-        };
-        let mut argv: Vec<String> = job.argv.iter().map(|a| tr(a)).collect();
-        if let (Some(first), Some(python)) = (argv.first_mut(), &self.python)
-            && Path::new(first.as_str()) == python
-        {
-            *first = "python3".to_owned();
-        }
-        let l = &job.limits;
-        let mut wrapped = vec![
-            "/usr/bin/prlimit".to_owned(),
-            format!("--cpu={}", l.cpu_seconds),
-            format!("--as={}", l.memory_bytes),
-            format!("--nofile={}", l.open_files),
-            format!("--fsize={}", l.file_size),
-            "--".to_owned(),
-        ];
-        wrapped.append(&mut argv);
-        let env = job
-            .env
-            .iter()
-            .map(|(k, v)| {
-                let v = v.split(':').map(tr).collect::<Vec<_>>().join(":");
-                format!("{k}={v}")
-            })
-            .collect();
-        (wrapped, env, tr(&job.cwd.display().to_string()))
+        translate(job, self.python.as_deref())
     }
+}
+
+/// argv (wrapped in `prlimit`), env and cwd of `job` with host paths replaced by the
+/// container's; `python` (the worker's interpreter) becomes the image's `python3`.
+fn translate(job: &Job, python: Option<&Path>) -> (Vec<String>, Vec<String>, String) {
+    let mut map: Vec<(String, String)> = job
+        .read_only
+        .iter()
+        .map(|p| (p.display().to_string(), format!("{INBOX}/{}", inbox_key(p))))
+        .collect();
+    map.push((job.root.display().to_string(), WORKSPACE.to_owned()));
+    let tr = |s: &str| -> String {
+        for (from, to) in &map {
+            if let Some(rest) = s.strip_prefix(from.as_str())
+                && (rest.is_empty() || rest.starts_with('/'))
+            {
+                return format!("{to}{rest}");
+            }
+        }
+        s.to_owned()
+    };
+    let mut argv: Vec<String> = job.argv.iter().map(|a| tr(a)).collect();
+    if let (Some(first), Some(python)) = (argv.first_mut(), python)
+        && Path::new(first.as_str()) == python
+    {
+        *first = "python3".to_owned();
+    }
+    let l = &job.limits;
+    let mut wrapped = vec![
+        "/usr/bin/prlimit".to_owned(),
+        format!("--cpu={}", l.cpu_seconds),
+        format!("--as={}", l.memory_bytes),
+        format!("--nofile={}", l.open_files),
+        format!("--fsize={}", l.file_size),
+        "--".to_owned(),
+    ];
+    wrapped.append(&mut argv);
+    let env = job
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let v = v.split(':').map(tr).collect::<Vec<_>>().join(":");
+            format!("{k}={v}")
+        })
+        .collect();
+    (wrapped, env, tr(&job.cwd.display().to_string()))
 }
 
 impl Drop for DockerBackend {
@@ -786,6 +792,59 @@ impl Backend for DockerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_paths_become_container_paths() {
+        let code = PathBuf::from("/tmp/heist-run-x");
+        let job = Job {
+            session: "s1".to_owned(),
+            root: PathBuf::from("/ws/s1"),
+            argv: vec![
+                "/opt/py/bin/python3.11".to_owned(),
+                "/tmp/heist-run-x/main.py".to_owned(),
+                "/ws/s1/data".to_owned(),
+                "/ws/s10".to_owned(),
+            ],
+            cwd: PathBuf::from("/ws/s1/sub"),
+            env: vec![
+                ("HOME".to_owned(), "/ws/s1".to_owned()),
+                ("PYTHONPATH".to_owned(), "/ws/s1:/ws/s1/lib".to_owned()),
+            ],
+            stdin: Vec::new(),
+            timeout: Duration::from_secs(1),
+            read_only: vec![code.clone()],
+            limits: super::super::CommandLimits {
+                file_size: 10,
+                processes: 1,
+                cpu_seconds: 2,
+                memory_bytes: 3,
+                open_files: 4,
+                nice: 19,
+            },
+        };
+        let (argv, env, cwd) = translate(&job, Some(Path::new("/opt/py/bin/python3.11")));
+        let inbox = format!("{INBOX}/{}", inbox_key(&code));
+        assert_eq!(
+            argv,
+            [
+                "/usr/bin/prlimit",
+                "--cpu=2",
+                "--as=3",
+                "--nofile=4",
+                "--fsize=10",
+                "--",
+                "python3",
+                &format!("{inbox}/main.py"),
+                "/workspace/data",
+                "/ws/s10",
+            ]
+        );
+        assert_eq!(
+            env,
+            ["HOME=/workspace", "PYTHONPATH=/workspace:/workspace/lib"]
+        );
+        assert_eq!(cwd, "/workspace/sub");
+    }
 
     #[test]
     fn container_names_keep_to_the_engines_alphabet() {

@@ -235,8 +235,8 @@ pub trait Backend: Send + Sync + 'static {
 enum Selected {
     /// `process` and `unconfined`: the `heist-sandbox` helper.
     Process(process::ProcessBackend),
-    /// `docker`: a container per session.
-    Docker(docker::DockerBackend),
+    /// `docker`: a container per session (boxed: its engine client is large).
+    Docker(Box<docker::DockerBackend>),
 }
 
 impl Selected {
@@ -258,7 +258,7 @@ impl Selected {
             Self::Docker(mut backend) => {
                 backend.set_python(python.map(|p| p.executable.clone()));
                 isolation.push(disk_quota.to_owned());
-                Box::new(backend)
+                backend
             }
             Self::Process(mut backend) => {
                 backend.set_read_only(system_paths);
@@ -281,7 +281,7 @@ async fn select_backend(settings: &Settings) -> Result<(Selected, Vec<String>), 
             .map(|(backend, isolation)| (Selected::Process(backend), isolation)),
         Mode::Docker => docker::connect(settings)
             .await
-            .map(|(backend, isolation)| (Selected::Docker(backend), isolation)),
+            .map(|(backend, isolation)| (Selected::Docker(Box::new(backend)), isolation)),
     }
 }
 
