@@ -63,7 +63,8 @@ COMPOSE     ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker co
 COMPOSE_DEV := $(COMPOSE) -f compose.yaml -f compose.dev.yaml
 .PHONY: docker-build docker-build-prebuilt docker-base docker-up docker-up-dev docker-up-multi \
         docker-down docker-down-dev docker-logs docker-logs-coordinator docker-logs-worker \
-        docker-dev-dirs docker-ps docker-shell-coordinator docker-shell-worker docker-clean docker-test
+        docker-dev-dirs docker-ps docker-shell-coordinator docker-shell-worker docker-clean docker-test \
+        docker-sandbox
 
 ## docker-build: coordinator and worker images compiled from source (docker/Dockerfile)
 docker-build:
@@ -72,6 +73,11 @@ docker-build:
 ## docker-base: the Debian base image made locally, for engines that cannot pull (docker/base-images.sh)
 docker-base:
 	docker/base-images.sh
+
+## docker-sandbox: the image the docker sandbox backend runs sessions in (docker/sandbox.Dockerfile)
+SANDBOX_IMAGE ?= heist-sandbox:latest
+docker-sandbox:
+	docker build -q -f docker/sandbox.Dockerfile -t $(SANDBOX_IMAGE) docker/
 
 ## docker-build-prebuilt: the same images from the host's release binaries, no builder image
 docker-build-prebuilt: build docker-base

@@ -47,8 +47,17 @@ pub struct Config {
     pub max_list_entries: usize,
     /// Largest gRPC message accepted or sent, in bytes (HEIST_MAX_MESSAGE_BYTES). Default 16 MiB.
     pub max_message_bytes: usize,
-    /// How commands are isolated (HEIST_SANDBOX: process or unconfined). Default process.
+    /// How commands are isolated (HEIST_SANDBOX: process, unconfined or docker). Default process.
     pub sandbox: Mode,
+    /// Engine address for the docker backend (HEIST_DOCKER_HOST). `None`: DOCKER_HOST, else
+    /// the local socket.
+    pub docker_host: Option<String>,
+    /// Image of the docker backend's session containers (HEIST_SANDBOX_IMAGE). Default
+    /// `heist-sandbox:latest`.
+    pub sandbox_image: String,
+    /// Network mode of the docker backend's session containers (HEIST_DOCKER_NETWORK).
+    /// Default `none`.
+    pub docker_network: String,
     /// The `heist-sandbox` helper binary (HEIST_SANDBOX_HELPER). `None` means `heist-sandbox`
     /// next to the running executable.
     pub sandbox_helper: Option<PathBuf>,
@@ -131,6 +140,9 @@ impl Default for Config {
             max_list_entries: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
             sandbox: Mode::Process,
+            docker_host: None,
+            sandbox_image: "heist-sandbox:latest".to_owned(),
+            docker_network: "none".to_owned(),
             sandbox_helper: None,
             sandbox_uid: 65_534,
             sandbox_gid: 65_534,

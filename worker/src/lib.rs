@@ -151,7 +151,7 @@ pub async fn serve(
         ControlSettings {
             advertise_addr: advertise_addr.clone(),
             capacity: config.max_sessions,
-            labels: config.labels.clone(),
+            labels: advertised_labels(&config, &state),
         },
         going_away_rx,
         stop.clone(),
@@ -294,7 +294,29 @@ fn sandbox_settings(config: &Config, base: &std::path::Path, disk_fs: bool) -> s
         cgroup_name: sandbox::cgroup_name(&config.worker_id, base),
         fs_pool: config.fs_pool,
         disk_fs,
+        docker: sandbox::DockerSettings {
+            host: config.docker_host.clone(),
+            image: config.sandbox_image.clone(),
+            network: config.docker_network.clone(),
+            inbox_dir: base
+                .parent()
+                .unwrap_or(base)
+                .join("docker-inbox")
+                .join(sandbox::cgroup_name(&config.worker_id, base)),
+        },
     }
+}
+
+/// The configured labels, plus `sandbox=docker` on a worker whose docker backend works, so
+/// that sessions asking for that label are only placed where it holds.
+fn advertised_labels(config: &Config, state: &State) -> std::collections::BTreeMap<String, String> {
+    let mut labels = config.labels.clone();
+    if config.sandbox == sandbox::Mode::Docker && state.sandbox.backend_name() == "docker" {
+        labels
+            .entry("sandbox".to_owned())
+            .or_insert_with(|| "docker".to_owned());
+    }
+    labels
 }
 
 /// `http://<addr>`, with an unspecified bind address (0.0.0.0, ::) replaced by loopback: a

@@ -110,6 +110,16 @@ pub struct Settings {
     #[arg(long, env = "HEIST_TELEMETRY", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub telemetry: Option<bool>,
+    /// Docker engine address for `--sandbox docker`, e.g. `unix:///var/run/docker.sock` or
+    /// `tcp://socket-proxy:2375` [default: DOCKER_HOST, else the local socket].
+    #[arg(long, env = "HEIST_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Image the docker backend runs sessions in [default: heist-sandbox:latest].
+    #[arg(long, env = "HEIST_SANDBOX_IMAGE")]
+    pub sandbox_image: Option<String>,
+    /// Network mode of the docker backend's session containers [default: none].
+    #[arg(long, env = "HEIST_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -138,6 +148,9 @@ heist_proto::layer_over!(Settings {
     max_finished_turns,
     metrics_public,
     telemetry,
+    docker_host,
+    sandbox_image,
+    docker_network,
 });
 
 impl Settings {
@@ -186,6 +199,11 @@ impl Settings {
             Duration::from_secs,
         );
         set(&mut c.max_finished_turns, self.max_finished_turns, |v| v);
+        set(&mut c.docker_host, self.docker_host, |v| {
+            Some(v).filter(|h| !h.is_empty())
+        });
+        set(&mut c.sandbox_image, self.sandbox_image, |v| v);
+        set(&mut c.docker_network, self.docker_network, |v| v);
         Ok(c)
     }
 }

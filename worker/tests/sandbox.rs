@@ -38,6 +38,7 @@ async fn lab(mode: Mode, quotas: Quotas) -> Lab {
         cgroup_name: heist_worker::sandbox::cgroup_name("lab", tmp.path()),
         fs_pool: heist_worker::tools::PoolLimits::default(),
         disk_fs: false,
+        docker: heist_worker::sandbox::DockerSettings::default(),
     })
     .await;
     Lab {

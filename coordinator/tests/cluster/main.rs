@@ -4,6 +4,7 @@
 mod auth;
 mod checkpoints;
 mod diskquota;
+mod docker;
 mod durability;
 mod ecosystem;
 mod escape;

@@ -10,7 +10,8 @@ use crate::{Config, quota::Quotas};
 #[derive(Clone, Debug, clap::Args)]
 pub struct SandboxFlags {
     /// How commands (exec, run.python) are isolated: `process` (namespaces + rlimits +
-    /// Landlock) or `unconfined` (rlimits, timeouts and output caps only; logged loudly).
+    /// Landlock), `docker` (a container per session, HEIST_SANDBOX_IMAGE) or `unconfined`
+    /// (rlimits, timeouts and output caps only; logged loudly).
     #[arg(long, env = "HEIST_SANDBOX", value_enum, default_value_t = Mode::Process)]
     pub sandbox: Mode,
     /// The heist-sandbox helper binary (default: next to the worker binary).

@@ -7,8 +7,9 @@
 //!   capability bounding set and confines its filesystem with Landlock (see [`helper`]).
 //! - [`Mode::Unconfined`]: the same helper with rlimits only, for hosts without user
 //!   namespaces or Landlock, chosen explicitly by an operator and logged loudly.
-//! - A docker backend (one container per session) fits the same trait: `prepare` ensures the
-//!   session's container, `exec` starts `docker exec`, `collect` is shared, `cleanup` is a no-op.
+//! - [`Mode::Docker`] (`docker`): one container per session from the sandbox image, through
+//!   the engine's API: `prepare` ensures the session's container, `exec` starts `docker exec`,
+//!   `collect` is shared, `close_session` removes the container (see `docker`).
 //!
 //! Resources: `cgroup` puts each session and each command in its own control group (memory,
 //! pids, CPU) where the host lets the worker; the process backend sets them up through the
@@ -24,6 +25,7 @@ mod admit;
 mod cgroup;
 mod collect;
 mod confine;
+mod docker;
 mod env;
 mod flags;
 pub mod helper;
@@ -49,6 +51,7 @@ use tracing::{debug, info, warn};
 pub use self::{
     admit::{CommandLimits, Job, Request, RunningCommands},
     collect::{Captured, Finished},
+    docker::{DockerSettings, SESSION_LABEL, WORKER_LABEL},
     env::validate_env,
     flags::SandboxFlags,
     probe::Python,
@@ -71,6 +74,8 @@ pub enum Mode {
     /// rlimits, timeout, output caps and a scrubbed environment only. Weaker: commands can read
     /// and write whatever the worker's user can and reach the network.
     Unconfined,
+    /// One container per session from the sandbox image, through the Docker engine's API.
+    Docker,
 }
 
 /// The sandbox settings from the worker's configuration.
@@ -103,6 +108,8 @@ pub struct Settings {
     /// Whether every session's workspace is its own size-limited file system (the disk quota
     /// is then enforced by the kernel: `disk-quota:fs`), else it is polled.
     pub disk_fs: bool,
+    /// The docker backend's engine, image and network.
+    pub docker: DockerSettings,
 }
 
 /// The name of a worker's cgroup subtree: its id and a digest of its workspace directory, so
@@ -229,6 +236,8 @@ pub trait Backend: Send + Sync + 'static {
 enum Selected {
     /// `process` and `unconfined`: the `heist-sandbox` helper.
     Process(process::ProcessBackend),
+    /// `docker`: a container per session (boxed: its engine client is large).
+    Docker(Box<docker::DockerBackend>),
 }
 
 impl Selected {
@@ -237,20 +246,27 @@ impl Selected {
     async fn into_backend(
         self,
         system_paths: Vec<PathBuf>,
+        python: Option<&Python>,
         settings: &Settings,
         isolation: &mut Vec<String>,
     ) -> Box<dyn Backend> {
+        let disk_quota = if settings.disk_fs {
+            "disk-quota:fs"
+        } else {
+            "disk-quota:polling"
+        };
         match self {
+            Self::Docker(mut backend) => {
+                backend.set_python(python.map(|p| p.executable.clone()));
+                isolation.push(disk_quota.to_owned());
+                backend
+            }
             Self::Process(mut backend) => {
                 backend.set_read_only(system_paths);
                 isolation.push(backend.use_cgroups(settings).await);
                 // Either each workspace is its own size-limited file system, or the disk quota
                 // is measured (walks, plus unlinked-but-open files of commands with a cgroup).
-                isolation.push(if settings.disk_fs {
-                    "disk-quota:fs".to_owned()
-                } else {
-                    "disk-quota:polling".to_owned()
-                });
+                isolation.push(disk_quota.to_owned());
                 Box::new(backend)
             }
         }
@@ -264,6 +280,9 @@ async fn select_backend(settings: &Settings) -> Result<(Selected, Vec<String>), 
         Mode::Process | Mode::Unconfined => probe::probe(settings)
             .await
             .map(|(backend, isolation)| (Selected::Process(backend), isolation)),
+        Mode::Docker => docker::connect(settings)
+            .await
+            .map(|(backend, isolation)| (Selected::Docker(Box::new(backend)), isolation)),
     }
 }
 
@@ -305,6 +324,7 @@ impl Sandbox {
                 let backend = selected
                     .into_backend(
                         sandbox.system_paths.clone(),
+                        sandbox.python.as_ref().ok(),
                         &sandbox.settings,
                         &mut isolation,
                     )
@@ -358,6 +378,7 @@ impl Sandbox {
                 cgroup_name: String::new(),
                 fs_pool: PoolLimits::default(),
                 disk_fs: false,
+                docker: DockerSettings::default(),
             },
             python: Err(reason.to_owned()),
             system_paths: Vec::new(),

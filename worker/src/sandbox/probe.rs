@@ -158,7 +158,7 @@ pub async fn probe(settings: &Settings) -> Result<(ProcessBackend, Vec<String>),
     let helper = helper_path(settings.helper.as_deref())?;
     let ids = match settings.mode {
         Mode::Process => Some(IdMaps::for_this_process((settings.uid, settings.gid))),
-        Mode::Unconfined => None,
+        Mode::Unconfined | Mode::Docker => None,
     };
     // /tmp may hold as much as the workspace may.
     let backend = ProcessBackend::new(helper, ids, system_paths(None), settings.quotas.disk_bytes);
