@@ -23,6 +23,7 @@ use crate::{
     sessions::SessionTable,
     store::Store,
     turns::TurnStore,
+    worker_keys::WorkerKeys,
 };
 
 /// Shared coordinator state.
@@ -37,6 +38,8 @@ pub struct App {
     pub auth: Auth,
     /// Workers.
     pub registry: Registry,
+    /// Worker id -> key bindings and the proof checks.
+    pub worker_keys: WorkerKeys,
     /// Sessions.
     pub sessions: SessionTable,
     /// Request-id records.
@@ -68,8 +71,15 @@ impl App {
             &config.admin_client_id,
             &config.admin_client_secret,
         )
-        .await?;
+        .await?
+        .with_throttle(crate::throttle::LoginThrottle::new(&config));
         let registry = Registry::new(config.lease_ttl);
+        let worker_keys = WorkerKeys::open(
+            &store,
+            config.worker_proof_window,
+            config.worker_proof_nonces,
+            &config.forget_worker_keys,
+        )?;
         let workers: Vec<Worker> = Store::load_all(&store.workers, "worker")?;
         let known = workers.len();
         for record in registry.load(workers, Instant::now()) {
@@ -90,6 +100,7 @@ impl App {
             signer,
             auth,
             registry,
+            worker_keys,
             sessions,
             checkpoints,
             turns,

@@ -305,6 +305,13 @@ impl Registry {
         }
     }
 
+    /// Ends a worker's current control stream with `status` (the worker sees why).
+    pub fn end_stream(&self, id: &WorkerId, status: Status) {
+        if let Some(tx) = self.read().get(id).and_then(|e| e.commands.clone()) {
+            let _ = tx.try_send(Err(status));
+        }
+    }
+
     /// Client and catalogue of a connected worker.
     pub fn route(&self, id: &WorkerId) -> Result<Route, Error> {
         let workers = self.read();
@@ -392,7 +399,14 @@ mod tests {
         let signer = Arc::new(
             TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
         );
-        let client = WorkerClient::new(id.clone(), "http://127.0.0.1:1", signer, "heist", 1 << 20)
+        let client = WorkerClient::new(
+            id.clone(),
+            "http://127.0.0.1:1",
+            signer,
+            "heist",
+            Duration::from_secs(30),
+            1 << 20,
+        )
             .expect("client");
         let (tx, rx) = mpsc::channel(4);
         let record = Worker {

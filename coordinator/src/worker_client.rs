@@ -2,14 +2,15 @@
 //!
 //! One lazily connected tonic channel per worker, reused by every call (HTTP/2 multiplexes
 //! them). Every call carries `authorization: Bearer <credential>`, a JWT the coordinator signs
-//! for audience `heist-worker:<id>` (re-minted when less than two minutes are left), and
+//! for audience `heist-worker:<id>` and for that one call (a fresh `jti` and the call's digest in
+//! `req`, short-lived: HEIST_WORKER_CREDENTIAL_TTL_S), and
 //! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
 //! here as well. Worker statuses come back unchanged, except transport failures, which become
 //! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED.
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,7 +19,7 @@ use heist_proto::{
     errors,
     ids::WorkerId,
     metadata,
-    token::{TokenSigner, unix_now},
+    token::{TokenSigner, call_digest},
     v1::{
         CallToolRequest, CallToolResponse, CaptureWorkspaceRequest, CaptureWorkspaceResponse,
         OpenSessionRequest, OpenSessionResponse, RestoreWorkspaceRequest, RestoreWorkspaceResponse,
@@ -37,10 +38,6 @@ use tracing::warn;
 
 use crate::error::Error;
 
-/// Lifetime of a coordinator credential.
-const CREDENTIAL_TTL: Duration = Duration::from_secs(600);
-/// A credential with less than this left is replaced before use.
-const CREDENTIAL_REFRESH_MARGIN: u64 = 120;
 /// Most of the caller's deadline kept back to send our answer in time.
 const MAX_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// How long dialling a worker may take before the call fails as unavailable.
@@ -80,6 +77,7 @@ impl WorkerClient {
         address: &str,
         signer: Arc<TokenSigner>,
         issuer: &str,
+        credential_ttl: Duration,
         max_message_bytes: usize,
     ) -> Result<Self, Error> {
         let address = normalise_address(address);
@@ -102,7 +100,7 @@ impl WorkerClient {
                 signer,
                 issuer: issuer.to_owned(),
                 audience: credential_audience(&worker),
-                current: Mutex::new(None),
+                ttl: credential_ttl,
             },
             worker,
             address,
@@ -122,7 +120,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: OpenSessionRequest,
     ) -> Result<OpenSessionResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("OpenSession", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.open_session(request)).await
     }
@@ -134,7 +132,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerCloseSessionRequest,
     ) -> Result<WorkerCloseSessionResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CloseSession", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.close_session(request)).await
     }
@@ -146,7 +144,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CallToolRequest,
     ) -> Result<CallToolResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CallTool", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.call_tool(request)).await
     }
@@ -158,7 +156,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CaptureWorkspaceRequest,
     ) -> Result<CaptureWorkspaceResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CaptureWorkspace", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.capture_workspace(request)).await
     }
@@ -170,7 +168,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: RestoreWorkspaceRequest,
     ) -> Result<RestoreWorkspaceResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("RestoreWorkspace", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.restore_workspace(request)).await
     }
@@ -185,7 +183,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CallToolRequest,
     ) -> Result<BoxStream<'static, Result<ToolEvent, Error>>, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CallToolStream", principal, deadline, msg)?;
         let mut client = self.client.clone();
         let events = self
             .finish(budget, client.call_tool_stream(request))
@@ -204,7 +202,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerRunTurnRequest,
     ) -> Result<BoxStream<'static, Result<TurnEvent, Error>>, Error> {
-        let (mut request, budget) = self.request(principal, deadline, msg)?;
+        let (mut request, budget) = self.request("RunTurn", principal, deadline, msg)?;
         // The worker streams until the turn ends: no grpc-timeout on the stream itself.
         request.metadata_mut().remove("grpc-timeout");
         let mut client = self.client.clone();
@@ -222,7 +220,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerCancelTurnRequest,
     ) -> Result<WorkerCancelTurnResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CancelTurn", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.cancel_turn(request)).await
     }
@@ -245,8 +243,9 @@ impl WorkerClient {
 
     /// A request with credential, principal and the time left until `deadline` as its
     /// `grpc-timeout`; also returns that time.
-    fn request<T>(
+    fn request<T: prost::Message>(
         &self,
+        method: &str,
         principal: &str,
         deadline: Instant,
         msg: T,
@@ -255,10 +254,16 @@ impl WorkerClient {
         if budget.is_zero() {
             return Err(Error::DeadlineExceeded(self.worker.clone()));
         }
+        let principal = AsciiMetadataValue::try_from(principal).ok();
+        let credential = self.credentials.header(&call_digest(
+            method,
+            principal.as_ref().and_then(|p| p.to_str().ok()).unwrap_or_default(),
+            &msg.encode_to_vec(),
+        ))?;
         let mut request = Request::new(msg);
         let md = request.metadata_mut();
-        md.insert(metadata::AUTHORIZATION, self.credentials.header()?);
-        if let Ok(value) = AsciiMetadataValue::try_from(principal) {
+        md.insert(metadata::AUTHORIZATION, credential);
+        if let Some(value) = principal {
             md.insert(metadata::PRINCIPAL, value);
         }
         request.set_timeout(budget);
@@ -304,38 +309,30 @@ pub fn call_deadline(incoming: &MetadataMap, cap: Duration) -> Instant {
     Instant::now() + (budget - margin)
 }
 
-/// The cached coordinator credential for one worker.
+/// Mints the coordinator credentials for one worker.
 struct Credentials {
     signer: Arc<TokenSigner>,
     issuer: String,
     audience: String,
-    /// `Bearer <jwt>` and its expiry (Unix seconds).
-    current: Mutex<Option<(AsciiMetadataValue, u64)>>,
+    ttl: Duration,
 }
 
 impl Credentials {
-    /// The `authorization` value, re-minted when close to expiry.
-    fn header(&self) -> Result<AsciiMetadataValue, Error> {
-        let now = unix_now();
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((value, exp)) = current.as_ref()
-            && exp.saturating_sub(now) > CREDENTIAL_REFRESH_MARGIN
-        {
-            return Ok(value.clone());
-        }
-        let claims = TokenSigner::claims(
+    /// The `authorization` value for one call: a fresh JWT (new `jti`, which the worker accepts
+    /// once) whose `req` claim is the call's [`call_digest`].
+    fn header(&self, digest: &str) -> Result<AsciiMetadataValue, Error> {
+        let mut claims = TokenSigner::claims(
             &self.issuer,
             &self.audience,
             CREDENTIAL_SUBJECT,
             CREDENTIAL_SCOPE,
-            CREDENTIAL_TTL,
+            self.ttl,
         );
+        digest.clone_into(&mut claims.req);
         let jwt = self.signer.sign(&claims).map_err(Error::Signing)?;
-        let value = AsciiMetadataValue::try_from(format!("Bearer {jwt}")).map_err(|e| {
+        AsciiMetadataValue::try_from(format!("Bearer {jwt}")).map_err(|e| {
             Error::Status(Status::internal(format!("credential is not ASCII: {e}")))
-        })?;
-        *current = Some((value.clone(), claims.exp));
-        Ok(value)
+        })
     }
 }
 
@@ -352,15 +349,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credentials_verify_for_the_worker_audience_and_are_cached() {
+    async fn credentials_verify_for_the_worker_audience_and_are_per_call() {
         let s = signer();
         let id = WorkerId::parse("w1").expect("id");
-        let client = WorkerClient::new(id.clone(), "127.0.0.1:1", s.clone(), "heist", 1 << 20)
-            .expect("client");
+        let client = WorkerClient::new(
+            id.clone(),
+            "127.0.0.1:1",
+            s.clone(),
+            "heist",
+            Duration::from_secs(30),
+            1 << 20,
+        )
+        .expect("client");
         assert_eq!(client.address(), "http://127.0.0.1:1");
-        let first = client.credentials.header().expect("header");
-        let second = client.credentials.header().expect("header");
-        assert_eq!(first, second);
+        let first = client.credentials.header("d1").expect("header");
+        let second = client.credentials.header("d1").expect("header");
+        assert_ne!(first, second, "every call gets its own credential");
         let jwt = first
             .to_str()
             .expect("ascii")
@@ -369,6 +373,7 @@ mod tests {
         let verifier = TokenVerifier::new(&s.public_key(), "heist", &credential_audience(&id));
         let claims = verifier.verify(jwt).expect("valid");
         assert_eq!(claims.sub, "coordinator");
+        assert_eq!(claims.req, "d1");
     }
 
     #[tokio::test]
@@ -381,6 +386,7 @@ mod tests {
             &format!("http://{addr}"),
             signer(),
             "heist",
+            Duration::from_secs(30),
             1 << 20,
         )
         .expect("client");
@@ -420,6 +426,7 @@ mod tests {
             "http://bad host:1",
             signer(),
             "heist",
+            Duration::from_secs(30),
             1 << 20,
         )
         .err()

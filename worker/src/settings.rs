@@ -96,6 +96,12 @@ pub struct Settings {
     /// Most finished turns kept on the worker [default: 256].
     #[arg(long, env = "HEIST_MAX_FINISHED_TURNS")]
     pub max_finished_turns: Option<usize>,
+    /// This worker's identity key file [default: BASE_WORKSPACE/../worker-<id>.key].
+    #[arg(long, env = "HEIST_WORKER_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Most coordinator credential ids remembered against replay [default: 100000].
+    #[arg(long, env = "HEIST_MAX_SEEN_CREDENTIALS")]
+    pub max_seen_credentials: Option<usize>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -121,6 +127,8 @@ heist_proto::layer_over!(Settings {
     blob_batch,
     turn_retention_s,
     max_finished_turns,
+    key_file,
+    max_seen_credentials,
 });
 
 impl Settings {
@@ -158,6 +166,10 @@ impl Settings {
             |v| v,
         );
         set(&mut c.blob_batch, self.blob_batch, |v| v);
+        set(&mut c.key_file, self.key_file, |p| {
+            Some(p).filter(|p| !p.as_os_str().is_empty())
+        });
+        set(&mut c.max_seen_credentials, self.max_seen_credentials, |v| v);
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

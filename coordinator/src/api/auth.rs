@@ -27,10 +27,11 @@ impl AuthService for AuthApi {
         &self,
         request: Request<IssueTokenRequest>,
     ) -> Result<Response<IssueTokenResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         self.app
             .auth
-            .issue_token(&req.client_id, &req.client_secret, &req.scopes)
+            .login(peer, &req.client_id, &req.client_secret, &req.scopes)
             .await
             .map(Response::new)
             .map_err(Status::from)

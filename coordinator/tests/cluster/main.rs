@@ -10,6 +10,7 @@ mod escape;
 mod exhaustion;
 mod harness;
 mod heist;
+mod hostile;
 mod registration;
 mod sandbox;
 mod sessions;
