@@ -63,10 +63,10 @@ async fn join(
 async fn echo_works(client: &mut Client) {
     let session = client.create_session(&[]).await.expect("session");
     let resp = client
-        .call(&session.id, "echo", json!({"text": "still me"}))
+        .call(&session.id, "echo", json!({"msg": "still me"}))
         .await
         .expect("echo");
-    assert_eq!(text_of(&resp), "still me");
+    assert_eq!(structured(&resp), json!({"msg": "still me"}));
 }
 
 #[tokio::test]
@@ -347,7 +347,7 @@ fn tool(name: &str, description: &str) -> v1::ToolSpec {
 async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = coordinator_config(&dir.path().join("c"));
-    config.max_worker_tools = 8;
+    config.max_worker_tools = 32;
     let coord = Coordinator::start(config).await;
     let real = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -401,7 +401,7 @@ async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
     // A catalogue over HEIST_MAX_WORKER_TOOLS is refused outright.
     let mut flood = register("w-flood", "http://127.0.0.1:1", &key);
     if let Some(v1::worker_message::Msg::Register(r)) = flood.msg.as_mut() {
-        r.tools = (0..9).map(|i| tool(&format!("w-flood.t{i}"), "")).collect();
+        r.tools = (0..33).map(|i| tool(&format!("w-flood.t{i}"), "")).collect();
     }
     let err = join(&coord.url(), flood).await.expect_err("too many tools");
     assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
