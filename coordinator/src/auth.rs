@@ -154,7 +154,12 @@ impl Auth {
         requested: &[String],
     ) -> Result<IssueTokenResponse, Error> {
         if let Err(wait) = self.throttle.admit(client_id, peer) {
-            warn!(client_id, ?peer, retry_after_ms = wait.as_millis(), "token refused: too many failed logins");
+            warn!(
+                client_id,
+                ?peer,
+                retry_after_ms = wait.as_millis(),
+                "token refused: too many failed logins"
+            );
             return Err(Error::LoginThrottled {
                 retry_after_s: wait.as_secs().max(1),
             });

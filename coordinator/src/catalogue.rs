@@ -153,7 +153,10 @@ mod tests {
 
     #[test]
     fn built_ins_are_authoritative_and_extras_need_a_prefix() {
-        assert!(is_builtin("echo") && is_builtin("fs.read"), "catalogue loaded");
+        assert!(
+            is_builtin("echo") && is_builtin("fs.read"),
+            "catalogue loaded"
+        );
         let config = Config {
             allowed_tool_prefixes: vec!["lab.".into()],
             ..Config::default()
@@ -194,7 +197,10 @@ mod tests {
         ));
         let big = spec("w1.big", &"x".repeat(500));
         assert!(vet_tools(&config, &w, vec![big]).expect("ok").is_empty());
-        assert_eq!(vet_capacity(&config, &w, u32::MAX), config.max_worker_capacity);
+        assert_eq!(
+            vet_capacity(&config, &w, u32::MAX),
+            config.max_worker_capacity
+        );
         assert_eq!(vet_capacity(&config, &w, 3), 3);
     }
 }

@@ -29,8 +29,8 @@ use crate::{
     error::Error,
     registry::{Catalogue, Registration},
     store::Store,
-    worker_keys::Enrolment,
     worker_client::{WorkerClient, credential_audience, normalise_address},
+    worker_keys::Enrolment,
 };
 
 /// Buffered coordinator -> worker messages per stream.

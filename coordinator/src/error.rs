@@ -129,9 +129,7 @@ pub enum Error {
     #[error("client does not hold scope {0:?}: ask for fewer scopes or leave scopes empty")]
     ScopeNotHeld(String),
     /// Too many failed logins for this client from this address (or from this address).
-    #[error(
-        "too many failed logins: retry in {retry_after_s} s (check the client id and secret)"
-    )]
+    #[error("too many failed logins: retry in {retry_after_s} s (check the client id and secret)")]
     LoginThrottled {
         /// Seconds until a retry is heard.
         retry_after_s: u64,

@@ -36,6 +36,7 @@ pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod convert;
+pub mod decode_status;
 pub mod error;
 pub mod eventlog;
 pub mod heist;

@@ -407,7 +407,7 @@ mod tests {
             Duration::from_secs(30),
             1 << 20,
         )
-            .expect("client");
+        .expect("client");
         let (tx, rx) = mpsc::channel(4);
         let record = Worker {
             id: id.to_string(),

@@ -158,6 +158,7 @@ async fn run(
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .layer(AuthLayer::new(verifier))
+        .layer(crate::decode_status::DecodeStatusLayer)
         .add_routes(routes);
 
     app.spawn_background();

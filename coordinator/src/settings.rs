@@ -214,7 +214,11 @@ impl Settings {
             self.worker_credential_ttl_s,
             secs,
         );
-        set(&mut c.forget_worker_keys, self.forget_worker_keys, non_empty);
+        set(
+            &mut c.forget_worker_keys,
+            self.forget_worker_keys,
+            non_empty,
+        );
         set(&mut c.max_worker_tools, self.max_worker_tools, |v| v);
         set(&mut c.max_tool_spec_bytes, self.max_tool_spec_bytes, |v| v);
         set(&mut c.max_catalogue_bytes, self.max_catalogue_bytes, |v| v);
@@ -225,9 +229,17 @@ impl Settings {
             non_empty,
         );
         set(&mut c.login_free_failures, self.login_free_failures, |v| v);
-        set(&mut c.login_backoff_base, self.login_backoff_base_ms, millis);
+        set(
+            &mut c.login_backoff_base,
+            self.login_backoff_base_ms,
+            millis,
+        );
         set(&mut c.login_backoff_max, self.login_backoff_max_s, secs);
-        set(&mut c.login_failures_per_s, self.login_failures_per_s, |v| v);
+        set(
+            &mut c.login_failures_per_s,
+            self.login_failures_per_s,
+            |v| v,
+        );
         c
     }
 }

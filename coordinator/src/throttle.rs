@@ -105,7 +105,14 @@ impl LoginThrottle {
         let pair_free = self.free_failures;
         let peer_free = self.free_failures.saturating_mul(4);
         let (base, max) = (self.base, self.max);
-        bump(&mut state.pairs, (client.to_owned(), peer), pair_free, base, max, now);
+        bump(
+            &mut state.pairs,
+            (client.to_owned(), peer),
+            pair_free,
+            base,
+            max,
+            now,
+        );
         bump(&mut state.peers, peer, peer_free, base, max, now);
     }
 
@@ -178,7 +185,10 @@ mod tests {
             assert!(t.admit("alice", Some(attacker)).is_ok());
             t.failed("alice", Some(attacker));
         }
-        assert!(t.admit("alice", Some(attacker)).is_ok(), "two free failures");
+        assert!(
+            t.admit("alice", Some(attacker)).is_ok(),
+            "two free failures"
+        );
         t.failed("alice", Some(attacker));
         let wait = t.admit("alice", Some(attacker)).expect_err("backing off");
         assert!(wait <= Duration::from_secs(10) && !wait.is_zero());
@@ -201,6 +211,9 @@ mod tests {
             t.failed(&format!("c{i}"), Some(noisy));
         }
         assert!(t.admit("c-new", Some(noisy)).is_err(), "bucket empty");
-        assert!(t.admit("c-new", Some("10.0.0.2".parse().expect("ip"))).is_ok());
+        assert!(
+            t.admit("c-new", Some("10.0.0.2".parse().expect("ip")))
+                .is_ok()
+        );
     }
 }

@@ -8,11 +8,7 @@
 //! here as well. Worker statuses come back unchanged, except transport failures, which become
 //! WORKER_UNAVAILABLE, and an expired deadline, which is DEADLINE_EXCEEDED.
 
-use std::{
-    future::Future,
-    sync::Arc,
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
@@ -257,7 +253,10 @@ impl WorkerClient {
         let principal = AsciiMetadataValue::try_from(principal).ok();
         let credential = self.credentials.header(&call_digest(
             method,
-            principal.as_ref().and_then(|p| p.to_str().ok()).unwrap_or_default(),
+            principal
+                .as_ref()
+                .and_then(|p| p.to_str().ok())
+                .unwrap_or_default(),
             &msg.encode_to_vec(),
         ))?;
         let mut request = Request::new(msg);
@@ -330,9 +329,8 @@ impl Credentials {
         );
         digest.clone_into(&mut claims.req);
         let jwt = self.signer.sign(&claims).map_err(Error::Signing)?;
-        AsciiMetadataValue::try_from(format!("Bearer {jwt}")).map_err(|e| {
-            Error::Status(Status::internal(format!("credential is not ASCII: {e}")))
-        })
+        AsciiMetadataValue::try_from(format!("Bearer {jwt}"))
+            .map_err(|e| Error::Status(Status::internal(format!("credential is not ASCII: {e}"))))
     }
 }
 

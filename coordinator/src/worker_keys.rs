@@ -101,10 +101,11 @@ impl WorkerKeys {
             return Ok(Enrolment::Known);
         }
         // compare_and_swap: two first joins racing for one id cannot both bind.
-        match self
-            .tree
-            .compare_and_swap(id.as_str().as_bytes(), None::<&[u8]>, Some(&proof.public_key[..]))?
-        {
+        match self.tree.compare_and_swap(
+            id.as_str().as_bytes(),
+            None::<&[u8]>,
+            Some(&proof.public_key[..]),
+        )? {
             Ok(()) => {
                 info!(worker_id = %id, key = %heist_proto::identity::to_hex(&proof.public_key), "worker enrolled: id bound to its key");
                 Ok(Enrolment::New)
@@ -179,7 +180,8 @@ mod tests {
         let other = WorkerKey::from_seed(&[2; 32]);
         let first = identity(&real, "w1", "a:1");
         assert_eq!(
-            keys.check_register(&id, Some(&first), "a:1").expect("enrol"),
+            keys.check_register(&id, Some(&first), "a:1")
+                .expect("enrol"),
             Enrolment::New
         );
         assert!(matches!(

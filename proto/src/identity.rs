@@ -38,7 +38,9 @@ pub enum IdentityError {
     #[error("the worker identity signature does not verify")]
     BadSignature,
     /// The timestamp is outside the coordinator's window.
-    #[error("the worker identity proof is {skew_s}s away from the coordinator's clock (window {window_s}s): check the worker's clock")]
+    #[error(
+        "the worker identity proof is {skew_s}s away from the coordinator's clock (window {window_s}s): check the worker's clock"
+    )]
     Stale {
         /// Distance from the coordinator's clock, in seconds.
         skew_s: u64,
@@ -228,7 +230,9 @@ impl Proof {
         let (Some(ts), Some(nonce), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(IdentityError::Malformed("expected <ms>.<nonce>.<signature>"));
+            return Err(IdentityError::Malformed(
+                "expected <ms>.<nonce>.<signature>",
+            ));
         };
         let signed_at_ms = ts
             .parse()
@@ -385,7 +389,11 @@ mod tests {
         let p = key.prove(PURPOSE_BLOB, "w1", b"");
         assert!(cache.check_fresh(&p).is_ok());
         assert_eq!(cache.check_fresh(&p), Err(IdentityError::Replayed));
-        assert!(cache.check_fresh(&key.prove(PURPOSE_BLOB, "w1", b"")).is_ok());
+        assert!(
+            cache
+                .check_fresh(&key.prove(PURPOSE_BLOB, "w1", b""))
+                .is_ok()
+        );
         assert_eq!(
             cache.check_fresh(&key.prove(PURPOSE_BLOB, "w1", b"")),
             Err(IdentityError::Busy)

@@ -188,9 +188,7 @@ impl TokenVerifier {
 fn describe(kind: &ErrorKind) -> &'static str {
     match kind {
         ErrorKind::InvalidSignature => "bad signature",
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            "algorithm is not EdDSA"
-        }
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm is not EdDSA",
         ErrorKind::InvalidAudience => "wrong audience",
         ErrorKind::InvalidIssuer => "wrong issuer",
         ErrorKind::ImmatureSignature => "not valid yet (nbf)",
@@ -254,7 +252,13 @@ mod tests {
             Err(TokenError::Expired)
         );
         let forged = signer()
-            .sign(&TokenSigner::claims("iss", "aud", "a", "", Duration::from_secs(60)))
+            .sign(&TokenSigner::claims(
+                "iss",
+                "aud",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
             .expect("sign");
         assert_eq!(
             v.verify(&forged),

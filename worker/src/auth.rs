@@ -75,7 +75,9 @@ impl Auth {
     ) -> Result<Claims, Error> {
         let md = request.metadata();
         let peer = request.remote_addr();
-        let claims = self.check(md).inspect_err(|err| refused(peer, method, err))?;
+        let claims = self
+            .check(md)
+            .inspect_err(|err| refused(peer, method, err))?;
         let principal = md
             .get(metadata::PRINCIPAL)
             .and_then(|v| v.to_str().ok())
@@ -314,7 +316,10 @@ mod tests {
             r
         };
         let token = mint("CancelTurn", &msg);
-        assert!(auth.check_call(&request(&token, &msg), "CancelTurn").is_ok());
+        assert!(
+            auth.check_call(&request(&token, &msg), "CancelTurn")
+                .is_ok()
+        );
         // Replayed.
         assert_eq!(
             code(auth.check_call(&request(&token, &msg), "CancelTurn")),

@@ -323,7 +323,8 @@ impl Config {
             let base = std::path::absolute(&self.base_workspace)
                 .unwrap_or_else(|_| self.base_workspace.clone());
             let name = format!("worker-{}.key", self.worker_id);
-            base.parent().map_or_else(|| base.join(&name), |p| p.join(&name))
+            base.parent()
+                .map_or_else(|| base.join(&name), |p| p.join(&name))
         })
     }
 }

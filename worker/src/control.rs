@@ -14,8 +14,7 @@ use heist_proto::{
     metadata,
     v1::{
         CoordinatorMessage, GoingAway, Heartbeat, Register, WorkerIdentity, WorkerMessage,
-        coordinator_message,
-        worker_control_client::WorkerControlClient, worker_message,
+        coordinator_message, worker_control_client::WorkerControlClient, worker_message,
     },
 };
 use tokio::{

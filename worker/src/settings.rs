@@ -169,7 +169,11 @@ impl Settings {
         set(&mut c.key_file, self.key_file, |p| {
             Some(p).filter(|p| !p.as_os_str().is_empty())
         });
-        set(&mut c.max_seen_credentials, self.max_seen_credentials, |v| v);
+        set(
+            &mut c.max_seen_credentials,
+            self.max_seen_credentials,
+            |v| v,
+        );
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

@@ -43,8 +43,13 @@ fn register(id: &str, addr: &str, key: &WorkerKey) -> v1::WorkerMessage {
 async fn join(
     url: &str,
     first: v1::WorkerMessage,
-) -> Result<(v1::CoordinatorMessage, tokio::sync::mpsc::Sender<v1::WorkerMessage>), tonic::Status>
-{
+) -> Result<
+    (
+        v1::CoordinatorMessage,
+        tokio::sync::mpsc::Sender<v1::WorkerMessage>,
+    ),
+    tonic::Status,
+> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(first).await.expect("queue");
     let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -79,11 +84,21 @@ async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keep
 
     // The right join token, the live worker's id, its own key: refused.
     let impostor = WorkerKey::from_seed(&[0xee; 32]);
-    let err = join(&coord.url(), register("w1", "http://127.0.0.1:1", &impostor))
-        .await
-        .expect_err("an impostor must be refused");
-    assert_status(&err, Code::PermissionDenied, reason::WORKER_IDENTITY_MISMATCH);
-    assert!(err.message().contains("HEIST_FORGET_WORKER_KEYS"), "{err:?}");
+    let err = join(
+        &coord.url(),
+        register("w1", "http://127.0.0.1:1", &impostor),
+    )
+    .await
+    .expect_err("an impostor must be refused");
+    assert_status(
+        &err,
+        Code::PermissionDenied,
+        reason::WORKER_IDENTITY_MISMATCH,
+    );
+    assert!(
+        err.message().contains("HEIST_FORGET_WORKER_KEYS"),
+        "{err:?}"
+    );
 
     // Nothing changed: w1 is the real worker, at its address, and serves calls.
     let workers = client.workers().await;
@@ -100,10 +115,17 @@ async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keep
     client
         .wait_worker_state("w1", v1::WorkerState::Suspect)
         .await;
-    let err = join(&coord.url(), register("w1", "http://127.0.0.1:1", &impostor))
-        .await
-        .expect_err("an impostor must be refused while the worker is away");
-    assert_status(&err, Code::PermissionDenied, reason::WORKER_IDENTITY_MISMATCH);
+    let err = join(
+        &coord.url(),
+        register("w1", "http://127.0.0.1:1", &impostor),
+    )
+    .await
+    .expect_err("an impostor must be refused while the worker is away");
+    assert_status(
+        &err,
+        Code::PermissionDenied,
+        reason::WORKER_IDENTITY_MISMATCH,
+    );
 
     // The real one comes back with its key (same data dir) and serves again.
     let back = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
@@ -168,7 +190,11 @@ async fn a_forgotten_key_lets_the_operator_re_enrol_a_worker_id() {
     let err = join(&coord.url(), register("w1", "http://127.0.0.1:1", &key))
         .await
         .expect_err("a new key for an enrolled id");
-    assert_status(&err, Code::PermissionDenied, reason::WORKER_IDENTITY_MISMATCH);
+    assert_status(
+        &err,
+        Code::PermissionDenied,
+        reason::WORKER_IDENTITY_MISMATCH,
+    );
     coord.stop().await;
 
     // HEIST_FORGET_WORKER_KEYS=w1: the next worker with that id enrols.
@@ -221,6 +247,15 @@ async fn blob_calls_need_the_workers_own_proof() {
         .expect_err("another key");
     assert_status(&err, Code::Unauthenticated, reason::WORKER_IDENTITY_INVALID);
 
+    // What both binaries keep secret is private to their user.
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&dir.path().join("c")), 0o700, "coordinator data dir");
+    assert_eq!(mode(&dir.path().join("c/signing.key")), 0o600);
+    assert_eq!(mode(&dir.path().join("worker-w1.key")), 0o600);
+
     // The worker's own key (read from its data dir, as only that machine can) works once.
     let key = WorkerKey::load_or_create(&dir.path().join("worker-w1.key")).expect("key");
     let good = key.prove(PURPOSE_BLOB, "w1", path.as_bytes()).to_header();
@@ -244,9 +279,8 @@ async fn blob_calls_need_the_workers_own_proof() {
         )
         .await
         .expect("write");
-    let mut checkpoints = v1::checkpoint_service_client::CheckpointServiceClient::new(
-        channel(&coord.url()).await,
-    );
+    let mut checkpoints =
+        v1::checkpoint_service_client::CheckpointServiceClient::new(channel(&coord.url()).await);
     checkpoints
         .create_checkpoint(authed(
             &client.token,
@@ -396,17 +430,82 @@ async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
         .expect("worker")
         .into_inner();
     assert_eq!(record.tools, vec!["w-evil.extra".to_owned()]);
-    assert_eq!(record.capacity, 4096, "capacity capped by HEIST_MAX_WORKER_CAPACITY");
+    assert_eq!(
+        record.capacity, 4096,
+        "capacity capped by HEIST_MAX_WORKER_CAPACITY"
+    );
 
     // A catalogue over HEIST_MAX_WORKER_TOOLS is refused outright.
     let mut flood = register("w-flood", "http://127.0.0.1:1", &key);
     if let Some(v1::worker_message::Msg::Register(r)) = flood.msg.as_mut() {
-        r.tools = (0..33).map(|i| tool(&format!("w-flood.t{i}"), "")).collect();
+        r.tools = (0..33)
+            .map(|i| tool(&format!("w-flood.t{i}"), ""))
+            .collect();
     }
     let err = join(&coord.url(), flood).await.expect_err("too many tools");
     assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
 
     echo_works(&mut client).await;
     real.stop().await;
+    coord.stop().await;
+}
+
+#[tokio::test]
+async fn a_guessing_loop_is_throttled_before_any_hashing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = coordinator_config(&dir.path().join("c"));
+    config.login_free_failures = 2;
+    config.login_backoff_base = std::time::Duration::from_secs(60);
+    let coord = Coordinator::start(config).await;
+
+    for _ in 0..3 {
+        let err = issue_token(&coord.url(), ADMIN_ID, "guess-0123456789")
+            .await
+            .expect_err("wrong secret");
+        assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
+    }
+    // Past the free failures this (client, address) pair waits, whatever it sends.
+    let err = issue_token(&coord.url(), ADMIN_ID, "guess-0123456789")
+        .await
+        .expect_err("throttled");
+    assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
+    assert!(err.message().contains("retry in"), "{err:?}");
+    let err = issue_token(&coord.url(), ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect_err("the pair is backing off");
+    assert_status(&err, Code::ResourceExhausted, reason::LIMIT_EXCEEDED);
+    // Another client id from this address is still heard (the address's own limit is higher).
+    let err = issue_token(&coord.url(), "someone-else", "guess-0123456789")
+        .await
+        .expect_err("unknown client");
+    assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
+    coord.stop().await;
+}
+
+/// A message whose field 1 is a varint where CreateSessionRequest has a string.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Garbled {
+    #[prost(uint64, tag = "1")]
+    x: u64,
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let client = Client::admin(&coord.url()).await;
+    let mut grpc = tonic::client::Grpc::new(channel(&coord.url()).await);
+    grpc.ready().await.expect("ready");
+    let err = grpc
+        .unary(
+            authed(&client.token, Garbled { x: 7 }),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/heist.v1.SessionService/CreateSession",
+            ),
+            tonic_prost::ProstCodec::<Garbled, v1::Session>::default(),
+        )
+        .await
+        .expect_err("does not decode");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     coord.stop().await;
 }
