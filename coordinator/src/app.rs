@@ -40,6 +40,8 @@ pub struct App {
     pub registry: Registry,
     /// Worker id -> key bindings and the proof checks.
     pub worker_keys: WorkerKeys,
+    /// The hash-chained audit log.
+    pub audit: crate::audit::AuditLog,
     /// Sessions.
     pub sessions: SessionTable,
     /// Request-id records.
@@ -74,6 +76,7 @@ impl App {
         .await?
         .with_throttle(crate::throttle::LoginThrottle::new(&config));
         let registry = Registry::new(config.lease_ttl);
+        let audit = crate::audit::AuditLog::open(&store)?;
         let worker_keys = WorkerKeys::open(
             &store,
             config.worker_proof_window,
@@ -101,6 +104,7 @@ impl App {
             auth,
             registry,
             worker_keys,
+            audit,
             sessions,
             checkpoints,
             turns,

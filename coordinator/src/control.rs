@@ -60,6 +60,8 @@ impl WorkerControl for ControlApi {
         let peer = request.remote_addr();
         if let Err(err) = auth::check_join_token(&self.app.config.join_token, request.metadata()) {
             warn!(?peer, "worker refused: join token missing or wrong");
+            let detail = format!("peer={peer:?} join token missing or wrong");
+            self.app.audit.record("worker.refused", "", &detail);
             return Err(err.into());
         }
         let mut inbound = request.into_inner();
@@ -188,6 +190,8 @@ async fn join(
         evicted = outcome.evict.len(),
         "worker registered"
     );
+    let detail = format!("peer={peer:?} enrolment={enrolment:?} epoch={epoch}");
+    app.audit.record("worker.joined", id.as_str(), &detail);
 
     let task_app = app.clone();
     app.tasks.spawn(
@@ -227,6 +231,8 @@ fn check_identity(
                 error = %err,
                 "worker registration refused: identity not proven"
             );
+            let detail = format!("peer={peer:?} {err}");
+            app.audit.record("worker.refused", id.as_str(), &detail);
         })?;
     if live {
         warn!(

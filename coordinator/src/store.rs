@@ -4,7 +4,8 @@
 //! Trees: `workers` (worker id -> `heist.v1.Worker`), `sessions` (session id ->
 //! `heist.v1.Session`), `idempotency` (key -> [`crate::idempotency::Record`]), `clients` (client id
 //! -> [`crate::auth::ClientRecord`]), `meta` (schema version), `worker_keys` (worker id -> its
-//! public key, see [`crate::worker_keys`]). The data directory is `0700`. Writers insert synchronously and
+//! public key, see [`crate::worker_keys`]), `audit` (see [`crate::audit`]). The data directory
+//! is `0700`. Writers insert synchronously and
 //! call [`Store::flush`] before acknowledging a mutation to a client.
 
 use std::{

@@ -29,11 +29,19 @@ impl AuthService for AuthApi {
     ) -> Result<Response<IssueTokenResponse>, Status> {
         let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
-        self.app
+        let result = self
+            .app
             .auth
             .login(peer, &req.client_id, &req.client_secret, &req.scopes)
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+            .await;
+        let (kind, detail) = match &result {
+            Ok(r) => (
+                "token.issued",
+                format!("peer={peer:?} scopes={}", r.scopes.join(" ")),
+            ),
+            Err(err) => ("token.refused", format!("peer={peer:?} {err}")),
+        };
+        self.app.audit.record(kind, &req.client_id, &detail);
+        result.map(Response::new).map_err(Status::from)
     }
 }

@@ -509,3 +509,59 @@ async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     coord.stop().await;
 }
+
+#[tokio::test]
+async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
+    use prost::Message as _;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("c");
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let _ = issue_token(&coord.url(), ADMIN_ID, "wrong-secret-0123456789").await;
+    let impostor = WorkerKey::from_seed(&[0xee; 32]);
+    let _ = join(
+        &coord.url(),
+        register("w1", "http://127.0.0.1:1", &impostor),
+    )
+    .await;
+    w.stop().await;
+    coord.stop().await;
+
+    // Read the stopped coordinator's store directly.
+    let store = heist_coordinator::store::Store::open(&data).expect("store");
+    let tree = store.open_tree("audit").expect("tree");
+    let records: Vec<heist_coordinator::audit::AuditRecord> = tree
+        .iter()
+        .values()
+        .map(|v| {
+            heist_coordinator::audit::AuditRecord::decode(v.expect("value").as_ref())
+                .expect("decode")
+        })
+        .collect();
+    let kinds: Vec<&str> = records.iter().map(|r| r.kind.as_str()).collect();
+    for kind in [
+        "token.issued",
+        "worker.joined",
+        "token.refused",
+        "worker.refused",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    let n = heist_coordinator::audit::verify(&tree).expect("untouched log verifies");
+    assert_eq!(n, records.len() as u64);
+
+    // Someone edits the record of the refused impostor to hide it.
+    let refused = records
+        .iter()
+        .find(|r| r.kind == "worker.refused")
+        .expect("refused");
+    let mut edited = refused.clone();
+    edited.kind = "worker.joined".into();
+    tree.insert(edited.seq.to_be_bytes(), edited.encode_to_vec())
+        .expect("tamper");
+    let broken = heist_coordinator::audit::verify(&tree).expect_err("tampered");
+    assert_eq!(broken.seq, refused.seq, "{broken}");
+}
