@@ -23,6 +23,7 @@ use crate::{
     sessions::SessionTable,
     store::Store,
     turns::TurnStore,
+    worker_keys::WorkerKeys,
 };
 
 /// Shared coordinator state.
@@ -37,6 +38,10 @@ pub struct App {
     pub auth: Auth,
     /// Workers.
     pub registry: Registry,
+    /// Worker id -> key bindings and the proof checks.
+    pub worker_keys: WorkerKeys,
+    /// The hash-chained audit log.
+    pub audit: crate::audit::AuditLog,
     /// Sessions.
     pub sessions: SessionTable,
     /// Request-id records.
@@ -70,8 +75,16 @@ impl App {
             &config.admin_client_id,
             &config.admin_client_secret,
         )
-        .await?;
+        .await?
+        .with_throttle(crate::throttle::LoginThrottle::new(&config));
         let registry = Registry::new(config.lease_ttl, config.suspect_after);
+        let audit = crate::audit::AuditLog::open(&store)?;
+        let worker_keys = WorkerKeys::open(
+            &store,
+            config.worker_proof_window,
+            config.worker_proof_nonces,
+            &config.forget_worker_keys,
+        )?;
         let workers: Vec<Worker> = Store::load_all(&store.workers, "worker")?;
         let known = workers.len();
         for record in registry.load(workers, Instant::now()) {
@@ -92,6 +105,8 @@ impl App {
             signer,
             auth,
             registry,
+            worker_keys,
+            audit,
             sessions,
             checkpoints,
             turns,

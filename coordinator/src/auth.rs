@@ -5,7 +5,7 @@
 //! checks a client id and secret and signs a JWT with the coordinator's key. Secrets are never
 //! logged; a wrong id and a wrong secret get the same answer after the same amount of work.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use argon2::{
     Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, password_hash::SaltString,
@@ -18,7 +18,7 @@ use heist_proto::{
 use tokio::sync::Semaphore;
 use tracing::{info, instrument, warn};
 
-use crate::{error::Error, store::Store};
+use crate::{error::Error, store::Store, throttle::LoginThrottle};
 
 /// Checks the workers' join token in `x-heist-join-token` (WorkerControl, BlobService) without
 /// leaking, through timing, how much of it matched (BLAKE3 hashes compare in constant time).
@@ -68,6 +68,8 @@ pub struct Auth {
     /// Hash checked when the client id is unknown, so the answer takes as long as for a known id.
     decoy_hash: String,
     hashing: Semaphore,
+    /// Failed-login back-off, checked before any hashing.
+    throttle: LoginThrottle,
 }
 
 impl Auth {
@@ -88,6 +90,7 @@ impl Auth {
             ttl,
             decoy_hash,
             hashing: Semaphore::new(MAX_CONCURRENT_HASHES),
+            throttle: LoginThrottle::new(&crate::config::Config::default()),
         };
         auth.upsert_client(admin_id, admin_secret, &[scopes::ADMIN])
             .await?;
@@ -133,6 +136,41 @@ impl Auth {
             "client stored"
         );
         Ok(())
+    }
+
+    /// The same store and issuer with `throttle` deciding which logins are heard.
+    pub fn with_throttle(mut self, throttle: LoginThrottle) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// IssueToken as a peer calls it: [`Auth::issue_token`] behind the failed-login throttle
+    /// ([`crate::throttle`]). A throttled login is refused before its secret is looked at.
+    pub async fn login(
+        &self,
+        peer: Option<IpAddr>,
+        client_id: &str,
+        client_secret: &str,
+        requested: &[String],
+    ) -> Result<IssueTokenResponse, Error> {
+        if let Err(wait) = self.throttle.admit(client_id, peer) {
+            warn!(
+                client_id,
+                ?peer,
+                retry_after_ms = wait.as_millis(),
+                "token refused: too many failed logins"
+            );
+            return Err(Error::LoginThrottled {
+                retry_after_s: wait.as_secs().max(1),
+            });
+        }
+        let result = self.issue_token(client_id, client_secret, requested).await;
+        match &result {
+            Ok(_) => self.throttle.succeeded(client_id, peer),
+            Err(Error::BadClientCredentials) => self.throttle.failed(client_id, peer),
+            Err(_) => {}
+        }
+        result
     }
 
     /// The client-credentials grant: a signed token for a client whose secret matches.

@@ -73,6 +73,45 @@ pub struct Config {
     /// Take a checkpoint after every successful call of a tool that is not read-only.
     /// HEIST_AUTO_CHECKPOINT, default false.
     pub auto_checkpoint: bool,
+    /// How far a worker's identity proof (registration, blob call) may be from the
+    /// coordinator's clock. HEIST_WORKER_PROOF_WINDOW_S, default 60 s.
+    pub worker_proof_window: Duration,
+    /// Most worker proof nonces remembered (replay guard) within twice the window; past it,
+    /// proofs are refused until old ones age out. HEIST_WORKER_PROOF_NONCES, default 100000.
+    pub worker_proof_nonces: usize,
+    /// Lifetime of the per-call credential the coordinator signs for a worker.
+    /// HEIST_WORKER_CREDENTIAL_TTL_S, default 30 s.
+    pub worker_credential_ttl: Duration,
+    /// Worker ids whose key binding is dropped at start, so a worker whose key was lost can
+    /// enrol again (operator escape hatch; remove it once the worker has joined).
+    /// HEIST_FORGET_WORKER_KEYS (comma-separated), default empty.
+    pub forget_worker_keys: Vec<String>,
+    /// Most tools one worker may advertise; more refuses its registration.
+    /// HEIST_MAX_WORKER_TOOLS, default 128.
+    pub max_worker_tools: usize,
+    /// Largest single tool spec (name, description, schema; encoded bytes); a larger one is
+    /// dropped. HEIST_MAX_TOOL_SPEC_BYTES, default 16384.
+    pub max_tool_spec_bytes: usize,
+    /// Largest whole catalogue of one worker (encoded bytes); more refuses its registration.
+    /// HEIST_MAX_CATALOGUE_BYTES, default 262144.
+    pub max_catalogue_bytes: usize,
+    /// Highest capacity (sessions) a worker may claim; more is capped.
+    /// HEIST_MAX_WORKER_CAPACITY, default 4096.
+    pub max_worker_capacity: u32,
+    /// Name prefixes under which any worker may advertise extra tools, besides its own
+    /// `<worker id>.`. HEIST_ALLOWED_TOOL_PREFIXES (comma-separated), default none.
+    pub allowed_tool_prefixes: Vec<String>,
+    /// Failed logins in a row a (client id, address) pair gets before it backs off (an address
+    /// over all client ids: four times as many). HEIST_LOGIN_FREE_FAILURES, default 5.
+    pub login_free_failures: u32,
+    /// First back-off after the free failures; it doubles with each further failure.
+    /// HEIST_LOGIN_BACKOFF_BASE_MS, default 1000 ms.
+    pub login_backoff_base: Duration,
+    /// Longest back-off. HEIST_LOGIN_BACKOFF_MAX_S, default 300 s.
+    pub login_backoff_max: Duration,
+    /// Failed logins per second over all clients before addresses with failures on record are
+    /// refused (burst: ten times this). HEIST_LOGIN_FAILURES_PER_S, default 20.
+    pub login_failures_per_s: u32,
     /// The MCP endpoint's hosts, origins and limits (HEIST_MCP_*, HEIST_PUBLIC_URL).
     pub mcp: McpConfig,
     /// Serve `/metrics` to anyone who can reach the port; otherwise it needs a token with
@@ -155,6 +194,19 @@ impl Default for Config {
             metrics_public: false,
             telemetry: true,
             mcp: McpConfig::default(),
+            worker_proof_window: Duration::from_secs(60),
+            worker_proof_nonces: 100_000,
+            worker_credential_ttl: Duration::from_secs(30),
+            forget_worker_keys: Vec::new(),
+            max_worker_tools: 128,
+            max_tool_spec_bytes: 16 * 1024,
+            max_catalogue_bytes: 256 * 1024,
+            max_worker_capacity: 4096,
+            allowed_tool_prefixes: Vec::new(),
+            login_free_failures: 5,
+            login_backoff_base: Duration::from_millis(1000),
+            login_backoff_max: Duration::from_secs(300),
+            login_failures_per_s: 20,
         }
     }
 }
@@ -196,6 +248,19 @@ impl fmt::Debug for Config {
             .field("metrics_public", &self.metrics_public)
             .field("telemetry", &self.telemetry)
             .field("mcp", &self.mcp)
+            .field("worker_proof_window", &self.worker_proof_window)
+            .field("worker_proof_nonces", &self.worker_proof_nonces)
+            .field("worker_credential_ttl", &self.worker_credential_ttl)
+            .field("forget_worker_keys", &self.forget_worker_keys)
+            .field("max_worker_tools", &self.max_worker_tools)
+            .field("max_tool_spec_bytes", &self.max_tool_spec_bytes)
+            .field("max_catalogue_bytes", &self.max_catalogue_bytes)
+            .field("max_worker_capacity", &self.max_worker_capacity)
+            .field("allowed_tool_prefixes", &self.allowed_tool_prefixes)
+            .field("login_free_failures", &self.login_free_failures)
+            .field("login_backoff_base", &self.login_backoff_base)
+            .field("login_backoff_max", &self.login_backoff_max)
+            .field("login_failures_per_s", &self.login_failures_per_s)
             .finish()
     }
 }
@@ -266,6 +331,34 @@ impl Config {
         }
         if self.max_blob_batch == 0 {
             return bad("HEIST_MAX_BLOB_BATCH must be at least 1");
+        }
+        if self.max_worker_tools == 0
+            || self.max_tool_spec_bytes == 0
+            || self.max_catalogue_bytes == 0
+            || self.max_worker_capacity == 0
+        {
+            return bad(
+                "HEIST_MAX_WORKER_TOOLS, HEIST_MAX_TOOL_SPEC_BYTES, HEIST_MAX_CATALOGUE_BYTES and \
+                 HEIST_MAX_WORKER_CAPACITY must be at least 1",
+            );
+        }
+        if self.login_backoff_base.is_zero()
+            || self.login_backoff_max < self.login_backoff_base
+            || self.login_failures_per_s == 0
+        {
+            return bad(
+                "HEIST_LOGIN_BACKOFF_BASE_MS and HEIST_LOGIN_FAILURES_PER_S must be positive and \
+                 HEIST_LOGIN_BACKOFF_MAX_S at least the base",
+            );
+        }
+        if self.worker_proof_window.is_zero() {
+            return bad("HEIST_WORKER_PROOF_WINDOW_S must be at least 1 second");
+        }
+        if self.worker_proof_nonces == 0 {
+            return bad("HEIST_WORKER_PROOF_NONCES must be at least 1");
+        }
+        if self.worker_credential_ttl.is_zero() {
+            return bad("HEIST_WORKER_CREDENTIAL_TTL_S must be at least 1 second");
         }
         if self.checkpoint_gc_interval.is_zero() {
             return bad("HEIST_CHECKPOINT_GC_INTERVAL_S must be at least 1 second");

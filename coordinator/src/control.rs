@@ -1,12 +1,14 @@
 //! heist.v1.WorkerControl: the control stream each worker keeps open.
 //!
 //! The join token is checked (in constant time) before anything else. The first message must be
-//! `register`; the first reply is `accepted`, followed by an `evict` when the worker holds
-//! sessions the coordinator no longer has open. A named task then reads heartbeats and
+//! `register`, carrying a proof of the worker's key ([`crate::worker_keys`]): a registration for
+//! an id bound to another key is PERMISSION_DENIED and logged with both peers; the first reply is `accepted`, followed by an `evict` when the worker holds
+//! sessions the coordinator no longer has open. The catalogue and capacity pass
+//! [`crate::catalogue`] first. A named task then reads heartbeats and
 //! `going_away` until the stream ends or the coordinator shuts down, and finally reports the
 //! disconnect to the registry under the registration's epoch.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use heist_proto::{
     errors,
@@ -23,11 +25,12 @@ use tracing::{Instrument as _, debug, info, info_span, instrument, warn};
 
 use crate::{
     app::App,
-    auth,
+    auth, catalogue,
     error::Error,
     registry::{Catalogue, Registration},
     store::Store,
     worker_client::{WorkerClient, credential_audience, normalise_address},
+    worker_keys::Enrolment,
 };
 
 /// Buffered coordinator -> worker messages per stream.
@@ -54,11 +57,17 @@ impl WorkerControl for ControlApi {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
-        auth::check_join_token(&self.app.config.join_token, request.metadata())?;
+        let peer = request.remote_addr();
+        if let Err(err) = auth::check_join_token(&self.app.config.join_token, request.metadata()) {
+            warn!(?peer, "worker refused: join token missing or wrong");
+            let detail = format!("peer={peer:?} join token missing or wrong");
+            self.app.audit.record("worker.refused", "", &detail);
+            return Err(err.into());
+        }
         let mut inbound = request.into_inner();
         let register = first_register(&self.app, &mut inbound).await?;
         tracing::Span::current().record("worker_id", register.worker_id.as_str());
-        join(&self.app, register, inbound)
+        join(&self.app, register, inbound, peer)
             .await
             .map(Response::new)
             .map_err(Status::from)
@@ -89,13 +98,17 @@ async fn first_register(
 /// Registers the worker, reconciles its sessions and starts the stream task.
 async fn join(
     app: &Arc<App>,
-    reg: Register,
+    mut reg: Register,
     inbound: Streaming<WorkerMessage>,
+    peer: Option<SocketAddr>,
 ) -> Result<ReceiverStream<Result<CoordinatorMessage, Status>>, Error> {
     if app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     let id = WorkerId::parse(reg.worker_id.as_str())?;
+    let enrolment = check_identity(app, &id, &reg, peer)?;
+    let tools = catalogue::vet_tools(&app.config, &id, std::mem::take(&mut reg.tools))?;
+    reg.capacity = catalogue::vet_capacity(&app.config, &id, reg.capacity);
     if reg.capacity == 0 {
         return Err(Error::Status(errors::invalid_argument(
             "capacity",
@@ -109,6 +122,7 @@ async fn join(
             &reg.advertise_addr,
             app.signer.clone(),
             &app.config.token_issuer,
+            app.config.worker_credential_ttl,
             &(&app.config).into(),
         )?),
     };
@@ -123,7 +137,7 @@ async fn join(
         labels: reg.labels,
         state: state as i32,
         version: reg.version,
-        tools: reg.tools.iter().map(|t| t.name.clone()).collect(),
+        tools: tools.iter().map(|t| t.name.clone()).collect(),
         sandbox_backend: reg.sandbox_backend,
         isolation: reg.isolation,
         registered_at: Some(now.into()),
@@ -149,13 +163,14 @@ async fn join(
         Registration {
             record,
             draining: reg.draining,
-            catalogue: Arc::new(Catalogue::new(reg.tools).with_agents(reg.agents)),
+            catalogue: Arc::new(Catalogue::new(tools).with_agents(reg.agents)),
             client,
             commands: tx.clone(),
         },
         Instant::now(),
     );
     let outcome = app.sessions.reconcile(&id, &reg.open_session_ids)?;
+    // Also makes a first enrolment's key binding durable before the worker is accepted.
     app.store.flush().await?;
     if !outcome.evict.is_empty() {
         let evict = Evict {
@@ -165,7 +180,9 @@ async fn join(
     }
     info!(
         worker_id = %id,
+        ?peer,
         epoch,
+        ?enrolment,
         capacity = reg.capacity,
         draining = reg.draining,
         attached = outcome.attached,
@@ -173,6 +190,8 @@ async fn join(
         evicted = outcome.evict.len(),
         "worker registered"
     );
+    let detail = format!("peer={peer:?} enrolment={enrolment:?} epoch={epoch}");
+    app.audit.record("worker.joined", id.as_str(), &detail);
 
     let task_app = app.clone();
     app.tasks.spawn(
@@ -180,6 +199,59 @@ async fn join(
             .instrument(info_span!("worker-stream", worker_id = %reg.worker_id, epoch)),
     );
     Ok(ReceiverStream::new(rx))
+}
+
+/// Checks the registration's identity proof against the key bound to the id (binding it on a
+/// first enrolment). A registration proving another key is refused and logged with both
+/// peers; one proving the same key while the id is connected is the worker reconnecting over a
+/// stream the coordinator has not seen break yet: the old stream is ended with a status saying
+/// why (never dropped silently) and the new one takes over.
+fn check_identity(
+    app: &App,
+    id: &WorkerId,
+    reg: &Register,
+    peer: Option<SocketAddr>,
+) -> Result<Enrolment, Error> {
+    let live = app.registry.is_connected(id);
+    let live_address = app
+        .registry
+        .client(id)
+        .map(|c| c.address().to_owned())
+        .unwrap_or_default();
+    let enrolment = app
+        .worker_keys
+        .check_register(id, reg.identity.as_ref(), &reg.advertise_addr)
+        .inspect_err(|err| {
+            warn!(
+                worker_id = %id,
+                ?peer,
+                claimed_address = %reg.advertise_addr,
+                live,
+                %live_address,
+                error = %err,
+                "worker registration refused: identity not proven"
+            );
+            let detail = format!("peer={peer:?} {err}");
+            app.audit.record("worker.refused", id.as_str(), &detail);
+        })?;
+    if live {
+        warn!(
+            worker_id = %id,
+            ?peer,
+            claimed_address = %reg.advertise_addr,
+            %live_address,
+            "worker re-registered with its key while its previous stream was open: the previous \
+             stream is ended"
+        );
+        app.registry.end_stream(
+            id,
+            Status::already_exists(format!(
+                "worker {id} registered again from {peer:?} with this worker's key: this stream \
+                 is superseded"
+            )),
+        );
+    }
+    Ok(enrolment)
 }
 
 /// Reads the worker's messages until its stream ends or the coordinator shuts down.

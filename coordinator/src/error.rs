@@ -138,9 +138,36 @@ pub enum Error {
     /// A token was asked for with a scope the client does not hold.
     #[error("client does not hold scope {0:?}: ask for fewer scopes or leave scopes empty")]
     ScopeNotHeld(String),
+    /// Too many failed logins for this client from this address (or from this address).
+    #[error("too many failed logins: retry in {retry_after_s} s (check the client id and secret)")]
+    LoginThrottled {
+        /// Seconds until a retry is heard.
+        retry_after_s: u64,
+    },
     /// A worker presented no join token or a wrong one.
     #[error("join token missing or wrong: set HEIST_JOIN_TOKEN on the worker to the coordinator's")]
     JoinTokenInvalid,
+    /// A registration or blob call for a worker id that proves another key than the one the id
+    /// is bound to.
+    #[error(
+        "worker {0} is enrolled with another key: a worker id belongs to the machine that first \
+         joined with it; if that key was lost, re-enrol with HEIST_FORGET_WORKER_KEYS={0} \
+         (see docs/OPERATIONS.md)"
+    )]
+    WorkerIdentityMismatch(WorkerId),
+    /// A registration for a worker id that is connected right now, from another stream.
+    #[error(
+        "worker {0} is already connected: a second registration of a live worker id is refused"
+    )]
+    WorkerAlreadyConnected(WorkerId),
+    /// A worker identity proof that is missing, malformed, stale or replayed.
+    #[error("worker {worker}: {why}")]
+    WorkerIdentityInvalid {
+        /// The worker id claimed.
+        worker: String,
+        /// What is wrong with the proof.
+        why: String,
+    },
     /// No bearer token on a call that needs one.
     #[error(
         "no bearer token: run `heistctl login --client-id ... --client-secret ...` \
@@ -329,6 +356,29 @@ impl From<Error> for Status {
                 &[("scope", scope)],
             ),
             Error::JoinTokenInvalid => rich(Code::Unauthenticated, reason::JOIN_TOKEN_INVALID, &[]),
+            Error::LoginThrottled { retry_after_s } => rich(
+                Code::ResourceExhausted,
+                reason::LIMIT_EXCEEDED,
+                &[
+                    ("limit", "login_failures"),
+                    ("retry_after_s", &retry_after_s.to_string()),
+                ],
+            ),
+            Error::WorkerIdentityMismatch(id) => rich(
+                Code::PermissionDenied,
+                reason::WORKER_IDENTITY_MISMATCH,
+                &[("worker_id", id.as_str())],
+            ),
+            Error::WorkerAlreadyConnected(id) => rich(
+                Code::AlreadyExists,
+                reason::WORKER_IDENTITY_MISMATCH,
+                &[("worker_id", id.as_str())],
+            ),
+            Error::WorkerIdentityInvalid { worker, .. } => rich(
+                Code::Unauthenticated,
+                reason::WORKER_IDENTITY_INVALID,
+                &[("worker_id", worker)],
+            ),
             Error::TokenMissing => rich(Code::Unauthenticated, reason::TOKEN_MISSING, &[]),
             Error::TokenInvalid(_) => rich(Code::Unauthenticated, reason::TOKEN_INVALID, &[]),
             Error::TokenExpired => rich(Code::Unauthenticated, reason::TOKEN_EXPIRED, &[]),

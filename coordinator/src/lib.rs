@@ -23,21 +23,25 @@
 //! - [`lifecycle`]: place, open, close, checkpoint, restore, fork.
 //! - [`runner`]: the one idempotent runner (begin → run → complete → replay).
 //! - [`convert`]: checks at the edge (labels, paging).
-//! - [`control`]: WorkerControl.Join, the worker control stream.
+//! - [`control`]: WorkerControl.Join, the worker control stream; [`worker_keys`]: the key each
+//!   worker id is bound to and the proofs registrations and blob calls must carry.
 //! - [`cas`], [`checkpoints`]: the blob store and the checkpoint table (records, lineage,
 //!   retention, blob GC); [`lifecycle`], [`api::checkpoint`] and [`api::blob`] serve them.
 
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod auth_layer;
 pub mod calls;
 pub mod cas;
+pub mod catalogue;
 pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod convert;
 pub mod drain;
+pub mod decode_status;
 pub mod error;
 pub mod eventlog;
 pub mod heist;
@@ -52,9 +56,11 @@ pub mod server;
 pub mod sessions;
 pub mod settings;
 pub mod store;
+pub mod throttle;
 pub mod turns;
 pub mod web;
 pub mod worker_client;
+pub mod worker_keys;
 
 pub use auth_layer::Principal;
 pub use config::Config;

@@ -325,6 +325,13 @@ impl Registry {
         }
     }
 
+    /// Ends a worker's current control stream with `status` (the worker sees why).
+    pub fn end_stream(&self, id: &WorkerId, status: Status) {
+        if let Some(tx) = self.read().get(id).and_then(|e| e.commands.clone()) {
+            let _ = tx.try_send(Err(status));
+        }
+    }
+
     /// Client and catalogue of a connected worker.
     pub fn route(&self, id: &WorkerId) -> Result<Route, Error> {
         let workers = self.read();
@@ -418,6 +425,7 @@ mod tests {
             "http://127.0.0.1:1",
             signer,
             "heist",
+            Duration::from_secs(30),
             &crate::worker_client::ChannelTuning::from(&crate::Config::default()),
         )
         .expect("client");

@@ -165,6 +165,7 @@ async fn run(
         })))
         .layer(DrainLayer::new(calls.clone()))
         .layer(AuthLayer::new(verifier).with_mcp(app.config.mcp.clone()))
+        .layer(crate::decode_status::DecodeStatusLayer)
         .add_routes(routes);
 
     app.spawn_background();
@@ -322,11 +323,22 @@ mod tests {
     ) -> Result<(mpsc::Sender<WorkerMessage>, Streaming<CoordinatorMessage>), tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let first = first.unwrap_or_else(|| {
+            let proof = heist_proto::identity::WorkerKey::from_seed(&[5; 32]).prove(
+                heist_proto::identity::PURPOSE_REGISTER,
+                id,
+                b"http://127.0.0.1:1",
+            );
             worker_message::Msg::Register(v1::Register {
                 worker_id: id.to_owned(),
                 advertise_addr: "http://127.0.0.1:1".to_owned(),
                 capacity: 2,
                 open_session_ids: vec!["s-stale".to_owned()],
+                identity: Some(v1::WorkerIdentity {
+                    public_key: proof.public_key.to_vec(),
+                    signed_at_ms: proof.signed_at_ms,
+                    nonce: proof.nonce.to_vec(),
+                    signature: proof.signature.to_vec(),
+                }),
                 ..v1::Register::default()
             })
         });

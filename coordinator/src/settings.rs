@@ -151,6 +151,47 @@ pub struct Settings {
     /// Public base URL named in the OAuth documents [default: http:// + the request's Host].
     #[arg(long, env = "HEIST_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// How far a worker identity proof may be from this clock, in seconds [default: 60].
+    #[arg(long, env = "HEIST_WORKER_PROOF_WINDOW_S")]
+    pub worker_proof_window_s: Option<u64>,
+    /// Most worker proof nonces remembered against replay [default: 100000].
+    #[arg(long, env = "HEIST_WORKER_PROOF_NONCES")]
+    pub worker_proof_nonces: Option<usize>,
+    /// Lifetime of a per-call worker credential, in seconds [default: 30].
+    #[arg(long, env = "HEIST_WORKER_CREDENTIAL_TTL_S")]
+    pub worker_credential_ttl_s: Option<u64>,
+    /// Worker ids whose key binding is dropped at start so they can enrol again
+    /// (comma-separated) [default: none].
+    #[arg(long, env = "HEIST_FORGET_WORKER_KEYS", value_delimiter = ',')]
+    pub forget_worker_keys: Option<Vec<String>>,
+    /// Most tools one worker may advertise [default: 128].
+    #[arg(long, env = "HEIST_MAX_WORKER_TOOLS")]
+    pub max_worker_tools: Option<usize>,
+    /// Largest single tool spec a worker may advertise, in bytes [default: 16384].
+    #[arg(long, env = "HEIST_MAX_TOOL_SPEC_BYTES")]
+    pub max_tool_spec_bytes: Option<usize>,
+    /// Largest catalogue one worker may advertise, in bytes [default: 262144].
+    #[arg(long, env = "HEIST_MAX_CATALOGUE_BYTES")]
+    pub max_catalogue_bytes: Option<usize>,
+    /// Highest capacity a worker may claim; more is capped [default: 4096].
+    #[arg(long, env = "HEIST_MAX_WORKER_CAPACITY")]
+    pub max_worker_capacity: Option<u32>,
+    /// Prefixes under which workers may advertise extra tools (comma-separated)
+    /// [default: none].
+    #[arg(long, env = "HEIST_ALLOWED_TOOL_PREFIXES", value_delimiter = ',')]
+    pub allowed_tool_prefixes: Option<Vec<String>>,
+    /// Failed logins a (client, address) pair gets before backing off [default: 5].
+    #[arg(long, env = "HEIST_LOGIN_FREE_FAILURES")]
+    pub login_free_failures: Option<u32>,
+    /// First failed-login back-off, in milliseconds; doubles per failure [default: 1000].
+    #[arg(long, env = "HEIST_LOGIN_BACKOFF_BASE_MS")]
+    pub login_backoff_base_ms: Option<u64>,
+    /// Longest failed-login back-off, in seconds [default: 300].
+    #[arg(long, env = "HEIST_LOGIN_BACKOFF_MAX_S")]
+    pub login_backoff_max_s: Option<u64>,
+    /// Failed logins per second, all clients, before failing addresses wait [default: 20].
+    #[arg(long, env = "HEIST_LOGIN_FAILURES_PER_S")]
+    pub login_failures_per_s: Option<u32>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -191,6 +232,19 @@ heist_proto::layer_over!(Settings {
     mcp_max_request_bytes,
     mcp_max_result_bytes,
     public_url,
+    worker_proof_window_s,
+    worker_proof_nonces,
+    worker_credential_ttl_s,
+    forget_worker_keys,
+    max_worker_tools,
+    max_tool_spec_bytes,
+    max_catalogue_bytes,
+    max_worker_capacity,
+    allowed_tool_prefixes,
+    login_free_failures,
+    login_backoff_base_ms,
+    login_backoff_max_s,
+    login_failures_per_s,
 });
 
 impl Settings {
@@ -256,8 +310,50 @@ impl Settings {
         set(&mut c.mcp.max_request_bytes, self.mcp_max_request_bytes, |v| v);
         set(&mut c.mcp.max_result_bytes, self.mcp_max_result_bytes, |v| v);
         c.mcp.public_url = self.public_url.or(c.mcp.public_url);
+        set(&mut c.worker_proof_window, self.worker_proof_window_s, secs);
+        set(&mut c.worker_proof_nonces, self.worker_proof_nonces, |v| v);
+        set(
+            &mut c.worker_credential_ttl,
+            self.worker_credential_ttl_s,
+            secs,
+        );
+        set(
+            &mut c.forget_worker_keys,
+            self.forget_worker_keys,
+            non_empty,
+        );
+        set(&mut c.max_worker_tools, self.max_worker_tools, |v| v);
+        set(&mut c.max_tool_spec_bytes, self.max_tool_spec_bytes, |v| v);
+        set(&mut c.max_catalogue_bytes, self.max_catalogue_bytes, |v| v);
+        set(&mut c.max_worker_capacity, self.max_worker_capacity, |v| v);
+        set(
+            &mut c.allowed_tool_prefixes,
+            self.allowed_tool_prefixes,
+            non_empty,
+        );
+        set(&mut c.login_free_failures, self.login_free_failures, |v| v);
+        set(
+            &mut c.login_backoff_base,
+            self.login_backoff_base_ms,
+            millis,
+        );
+        set(&mut c.login_backoff_max, self.login_backoff_max_s, secs);
+        set(
+            &mut c.login_failures_per_s,
+            self.login_failures_per_s,
+            |v| v,
+        );
         c
     }
+}
+
+/// A comma-separated list's items, trimmed, without empty ones.
+fn non_empty(items: Vec<String>) -> Vec<String> {
+    items
+        .into_iter()
+        .map(|item| item.trim().to_owned())
+        .filter(|item| !item.is_empty())
+        .collect()
 }
 
 impl Settings {

@@ -3,7 +3,9 @@
 //!
 //! Trees: `workers` (worker id -> `heist.v1.Worker`), `sessions` (session id ->
 //! `heist.v1.Session`), `idempotency` (key -> [`crate::idempotency::Record`]), `clients` (client id
-//! -> [`crate::auth::ClientRecord`]), `meta` (schema version). Writers insert synchronously and
+//! -> [`crate::auth::ClientRecord`]), `meta` (schema version), `worker_keys` (worker id -> its
+//! public key, see [`crate::worker_keys`]), `audit` (see [`crate::audit`]). The data directory
+//! is `0700`. Writers insert synchronously and
 //! call [`Store::flush`] before acknowledging a mutation to a client.
 
 use std::{
@@ -58,6 +60,9 @@ impl Store {
     /// reopens; sled replays its log.
     pub fn open(data_dir: &Path) -> Result<Self, Error> {
         fs::create_dir_all(data_dir).map_err(|e| Error::io("cannot create", data_dir, e))?;
+        // Only the coordinator's user may read the database, the blobs and the signing key.
+        fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("cannot restrict", data_dir, e))?;
         let db = sled::Config::new().path(data_dir.join("db")).open()?;
         let store = Self {
             workers: db.open_tree("workers")?,

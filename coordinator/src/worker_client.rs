@@ -2,7 +2,8 @@
 //!
 //! One lazily connected tonic channel per worker, reused by every call (HTTP/2 multiplexes
 //! them). Every call carries `authorization: Bearer <credential>`, a JWT the coordinator signs
-//! for audience `heist-worker:<id>` (re-minted when less than two minutes are left), and
+//! for audience `heist-worker:<id>` and for that one call (a fresh `jti` and the call's digest in
+//! `req`, short-lived: HEIST_WORKER_CREDENTIAL_TTL_S), and
 //! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
 //! here as well, with the current span's W3C trace context (`traceparent`). Worker statuses
 //! come back unchanged, except transport failures, which become WORKER_UNAVAILABLE, and an
@@ -11,18 +12,14 @@
 //! partitioned worker within interval + timeout, so calls in flight there end UNAVAILABLE
 //! instead of waiting for their deadline.
 
-use std::{
-    future::Future,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
     errors,
     ids::WorkerId,
     metadata,
-    token::{TokenSigner, unix_now},
+    token::{TokenSigner, call_digest},
     v1::{
         CallToolRequest, CallToolResponse, CaptureWorkspaceRequest, CaptureWorkspaceResponse,
         OpenSessionRequest, OpenSessionResponse, RestoreWorkspaceRequest, RestoreWorkspaceResponse,
@@ -41,10 +38,6 @@ use tracing::warn;
 
 use crate::error::Error;
 
-/// Lifetime of a coordinator credential.
-const CREDENTIAL_TTL: Duration = Duration::from_secs(600);
-/// A credential with less than this left is replaced before use.
-const CREDENTIAL_REFRESH_MARGIN: u64 = 120;
 /// Most of the caller's deadline kept back to send our answer in time.
 const MAX_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// How long dialling a worker may take before the call fails as unavailable.
@@ -105,6 +98,7 @@ impl WorkerClient {
         address: &str,
         signer: Arc<TokenSigner>,
         issuer: &str,
+        credential_ttl: Duration,
         tuning: &ChannelTuning,
     ) -> Result<Self, Error> {
         let address = normalise_address(address);
@@ -128,7 +122,7 @@ impl WorkerClient {
                 signer,
                 issuer: issuer.to_owned(),
                 audience: credential_audience(&worker),
-                current: Mutex::new(None),
+                ttl: credential_ttl,
             },
             worker,
             address,
@@ -148,7 +142,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: OpenSessionRequest,
     ) -> Result<OpenSessionResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("OpenSession", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.open_session(request)).await
     }
@@ -160,7 +154,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerCloseSessionRequest,
     ) -> Result<WorkerCloseSessionResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CloseSession", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.close_session(request)).await
     }
@@ -172,7 +166,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CallToolRequest,
     ) -> Result<CallToolResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CallTool", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.call_tool(request)).await
     }
@@ -184,7 +178,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CaptureWorkspaceRequest,
     ) -> Result<CaptureWorkspaceResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CaptureWorkspace", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.capture_workspace(request)).await
     }
@@ -196,7 +190,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: RestoreWorkspaceRequest,
     ) -> Result<RestoreWorkspaceResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("RestoreWorkspace", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.restore_workspace(request)).await
     }
@@ -211,7 +205,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: CallToolRequest,
     ) -> Result<BoxStream<'static, Result<ToolEvent, Error>>, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CallToolStream", principal, deadline, msg)?;
         let mut client = self.client.clone();
         let events = self
             .finish(budget, client.call_tool_stream(request))
@@ -230,7 +224,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerRunTurnRequest,
     ) -> Result<BoxStream<'static, Result<TurnEvent, Error>>, Error> {
-        let (mut request, budget) = self.request(principal, deadline, msg)?;
+        let (mut request, budget) = self.request("RunTurn", principal, deadline, msg)?;
         // The worker streams until the turn ends: no grpc-timeout on the stream itself.
         request.metadata_mut().remove("grpc-timeout");
         let mut client = self.client.clone();
@@ -248,7 +242,7 @@ impl WorkerClient {
         deadline: Instant,
         msg: WorkerCancelTurnRequest,
     ) -> Result<WorkerCancelTurnResponse, Error> {
-        let (request, budget) = self.request(principal, deadline, msg)?;
+        let (request, budget) = self.request("CancelTurn", principal, deadline, msg)?;
         let mut client = self.client.clone();
         self.finish(budget, client.cancel_turn(request)).await
     }
@@ -271,8 +265,9 @@ impl WorkerClient {
 
     /// A request with credential, principal and the time left until `deadline` as its
     /// `grpc-timeout`; also returns that time.
-    fn request<T>(
+    fn request<T: prost::Message>(
         &self,
+        method: &str,
         principal: &str,
         deadline: Instant,
         msg: T,
@@ -281,10 +276,19 @@ impl WorkerClient {
         if budget.is_zero() {
             return Err(Error::DeadlineExceeded(self.worker.clone()));
         }
+        let principal = AsciiMetadataValue::try_from(principal).ok();
+        let credential = self.credentials.header(&call_digest(
+            method,
+            principal
+                .as_ref()
+                .and_then(|p| p.to_str().ok())
+                .unwrap_or_default(),
+            &msg.encode_to_vec(),
+        ))?;
         let mut request = Request::new(msg);
         let md = request.metadata_mut();
-        md.insert(metadata::AUTHORIZATION, self.credentials.header()?);
-        if let Ok(value) = AsciiMetadataValue::try_from(principal) {
+        md.insert(metadata::AUTHORIZATION, credential);
+        if let Some(value) = principal {
             md.insert(metadata::PRINCIPAL, value);
         }
         heist_proto::trace::inject_current(md);
@@ -337,38 +341,29 @@ pub fn call_deadline(incoming: &MetadataMap, cap: Duration) -> Instant {
     Instant::now() + (budget - margin)
 }
 
-/// The cached coordinator credential for one worker.
+/// Mints the coordinator credentials for one worker.
 struct Credentials {
     signer: Arc<TokenSigner>,
     issuer: String,
     audience: String,
-    /// `Bearer <jwt>` and its expiry (Unix seconds).
-    current: Mutex<Option<(AsciiMetadataValue, u64)>>,
+    ttl: Duration,
 }
 
 impl Credentials {
-    /// The `authorization` value, re-minted when close to expiry.
-    fn header(&self) -> Result<AsciiMetadataValue, Error> {
-        let now = unix_now();
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((value, exp)) = current.as_ref()
-            && exp.saturating_sub(now) > CREDENTIAL_REFRESH_MARGIN
-        {
-            return Ok(value.clone());
-        }
-        let claims = TokenSigner::claims(
+    /// The `authorization` value for one call: a fresh JWT (new `jti`, which the worker accepts
+    /// once) whose `req` claim is the call's [`call_digest`].
+    fn header(&self, digest: &str) -> Result<AsciiMetadataValue, Error> {
+        let mut claims = TokenSigner::claims(
             &self.issuer,
             &self.audience,
             CREDENTIAL_SUBJECT,
             CREDENTIAL_SCOPE,
-            CREDENTIAL_TTL,
+            self.ttl,
         );
+        digest.clone_into(&mut claims.req);
         let jwt = self.signer.sign(&claims).map_err(Error::Signing)?;
-        let value = AsciiMetadataValue::try_from(format!("Bearer {jwt}")).map_err(|e| {
-            Error::Status(Status::internal(format!("credential is not ASCII: {e}")))
-        })?;
-        *current = Some((value.clone(), claims.exp));
-        Ok(value)
+        AsciiMetadataValue::try_from(format!("Bearer {jwt}"))
+            .map_err(|e| Error::Status(Status::internal(format!("credential is not ASCII: {e}"))))
     }
 }
 
@@ -393,15 +388,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credentials_verify_for_the_worker_audience_and_are_cached() {
+    async fn credentials_verify_for_the_worker_audience_and_are_per_call() {
         let s = signer();
         let id = WorkerId::parse("w1").expect("id");
-        let client = WorkerClient::new(id.clone(), "127.0.0.1:1", s.clone(), "heist", &tuning())
-            .expect("client");
+        let client = WorkerClient::new(
+            id.clone(),
+            "127.0.0.1:1",
+            s.clone(),
+            "heist",
+            Duration::from_secs(30),
+            &tuning(),
+        )
+        .expect("client");
         assert_eq!(client.address(), "http://127.0.0.1:1");
-        let first = client.credentials.header().expect("header");
-        let second = client.credentials.header().expect("header");
-        assert_eq!(first, second);
+        let first = client.credentials.header("d1").expect("header");
+        let second = client.credentials.header("d1").expect("header");
+        assert_ne!(first, second, "every call gets its own credential");
         let jwt = first
             .to_str()
             .expect("ascii")
@@ -410,6 +412,7 @@ mod tests {
         let verifier = TokenVerifier::new(&s.public_key(), "heist", &credential_audience(&id));
         let claims = verifier.verify(jwt).expect("valid");
         assert_eq!(claims.sub, "coordinator");
+        assert_eq!(claims.req, "d1");
     }
 
     #[tokio::test]
@@ -422,6 +425,7 @@ mod tests {
             &format!("http://{addr}"),
             signer(),
             "heist",
+            Duration::from_secs(30),
             &tuning(),
         )
         .expect("client");
@@ -461,6 +465,7 @@ mod tests {
             "http://bad host:1",
             signer(),
             "heist",
+            Duration::from_secs(30),
             &tuning(),
         )
         .err()

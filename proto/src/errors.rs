@@ -53,6 +53,11 @@ pub mod reason {
     pub const BAD_CLIENT_CREDENTIALS: &str = "BAD_CLIENT_CREDENTIALS";
     /// The worker's join token is missing or wrong.
     pub const JOIN_TOKEN_INVALID: &str = "JOIN_TOKEN_INVALID";
+    /// A registration or blob call for a worker id did not prove the key that id is bound to,
+    /// or the id is already connected (metadata: `worker_id`).
+    pub const WORKER_IDENTITY_MISMATCH: &str = "WORKER_IDENTITY_MISMATCH";
+    /// A worker identity proof is missing, stale, malformed or replayed (metadata: `worker_id`).
+    pub const WORKER_IDENTITY_INVALID: &str = "WORKER_IDENTITY_INVALID";
     /// An fs tool was pointed at something that is neither a regular file nor a directory (a
     /// FIFO, socket or device), which it never opens (metadata: `path`, `type`).
     pub const NOT_A_REGULAR_FILE: &str = "NOT_A_REGULAR_FILE";

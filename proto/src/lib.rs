@@ -2,6 +2,7 @@
 //!
 //! - [`v1`]: generated prost messages and tonic clients/servers for `proto/heist/v1/*.proto`.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`identity`]: the per-worker key that proves registrations and blob calls.
 //! - [`ids`]: newtype ids (`WorkerId`, `SessionId`, `RequestId`).
 //! - [`metadata`]: metadata keys and deadline propagation.
 //! - [`scopes`]: scope names and the scope each public RPC requires.
@@ -15,6 +16,7 @@
 pub mod errors;
 pub mod hash;
 pub mod health;
+pub mod identity;
 pub mod ids;
 pub mod json;
 pub mod logging;
@@ -34,6 +36,12 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of every heist.v1 file and its imports (for server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("heist_descriptor");
+
+/// The built-in tool catalogue (the tools the worker crate ships) as JSON: an array of
+/// `{name, description, input_schema, read_only}` ordered by name. The coordinator treats it as
+/// authoritative: no worker may advertise another description or schema under these names. A
+/// worker test keeps it equal to the worker's own catalogue (`HEIST_BLESS=1` rewrites it).
+pub const BUILTIN_TOOLS_JSON: &str = include_str!("../builtin_tools.json");
 
 /// Version of this build, reported by workers at registration and by `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

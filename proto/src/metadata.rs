@@ -8,6 +8,10 @@ use tonic::metadata::MetadataMap;
 pub const AUTHORIZATION: &str = "authorization";
 /// Join token a worker presents when it opens the control stream.
 pub const JOIN_TOKEN: &str = "x-heist-join-token";
+/// Worker id a worker names on its BlobService calls.
+pub const WORKER_ID: &str = "x-heist-worker-id";
+/// The worker's identity proof on a BlobService call (see [`crate::identity::Proof::to_header`]).
+pub const WORKER_PROOF: &str = "x-heist-worker-proof";
 /// Principal on whose behalf the coordinator calls a worker (informational, for logs).
 pub const PRINCIPAL: &str = "x-heist-principal";
 /// The gRPC deadline header.

@@ -34,6 +34,22 @@ pub struct Claims {
     pub jti: String,
     /// Space-separated scopes.
     pub scope: String,
+    /// On a coordinator -> worker credential: the one call it is for ([`call_digest`] of the
+    /// RPC, the principal and the request). Empty (and absent from the JSON) on other tokens.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub req: String,
+}
+
+/// What a per-call worker credential is bound to: BLAKE3 over the RPC name, the principal and
+/// the encoded request, each length-prefixed, as hex. Both sides encode the same prost message
+/// (no map fields in WorkerService requests, and `Struct` is ordered), so they agree.
+pub fn call_digest(method: &str, principal: &str, request: &[u8]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in [method.as_bytes(), principal.as_bytes(), request] {
+        hasher.update(&(part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    crate::hash::hex(hasher.finalize().as_bytes())
 }
 
 /// Why a token was refused.
@@ -97,9 +113,13 @@ impl TokenSigner {
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
             scope: scope.to_owned(),
+            req: String::new(),
         }
     }
 }
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+pub const LEEWAY_S: u64 = 5;
 
 /// Most tokens kept in the verified-token cache before it is cleared.
 const CACHE_CAPACITY: usize = 4096;
@@ -121,7 +141,7 @@ impl TokenVerifier {
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_S;
         Self {
             decoding: DecodingKey::from_ed_der(public_key),
             validation,
@@ -135,7 +155,7 @@ impl TokenVerifier {
         {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(claims) = cache.get(token)
-                && claims.exp > now
+                && claims.exp.saturating_add(LEEWAY_S) > now
             {
                 return Ok(claims.clone());
             }
@@ -143,11 +163,12 @@ impl TokenVerifier {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
-                _ => TokenError::Invalid(e.to_string()),
+                kind => TokenError::Invalid(describe(kind).to_owned()),
             })?;
         let claims = data.claims;
-        // Leeway applies to acceptance, but cached entries never outlive `exp`.
-        if claims.exp <= now {
+        // The same leeway as the library's check: accepted until `exp` + LEEWAY_S, and cached
+        // entries never outlive that.
+        if claims.exp.saturating_add(LEEWAY_S) <= now {
             return Err(TokenError::Expired);
         }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -159,6 +180,20 @@ impl TokenVerifier {
         }
         cache.insert(token.to_owned(), claims.clone());
         Ok(claims)
+    }
+}
+
+/// What was wrong with a token, in our words: never the library's error text, which names its
+/// internals.
+fn describe(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => "algorithm is not EdDSA",
+        ErrorKind::InvalidAudience => "wrong audience",
+        ErrorKind::InvalidIssuer => "wrong issuer",
+        ErrorKind::ImmatureSignature => "not valid yet (nbf)",
+        ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
+        _ => "malformed token",
     }
 }
 
@@ -201,6 +236,38 @@ mod tests {
             ))
             .expect("sign");
         assert!(matches!(v.verify(&wrong_aud), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn applies_the_documented_leeway_and_says_why_in_its_own_words() {
+        let s = signer();
+        let v = TokenVerifier::new(&s.public_key(), "iss", "aud");
+        let mut c = TokenSigner::claims("iss", "aud", "alice", "", Duration::from_secs(60));
+        // Expired two seconds ago: within the leeway.
+        c.exp = unix_now() - 2;
+        assert!(v.verify(&s.sign(&c).expect("sign")).is_ok());
+        c.exp = unix_now() - LEEWAY_S - 2;
+        assert_eq!(
+            v.verify(&s.sign(&c).expect("sign")),
+            Err(TokenError::Expired)
+        );
+        let forged = signer()
+            .sign(&TokenSigner::claims(
+                "iss",
+                "aud",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
+            .expect("sign");
+        assert_eq!(
+            v.verify(&forged),
+            Err(TokenError::Invalid("bad signature".to_owned()))
+        );
+        assert_eq!(
+            v.verify("not.a.token"),
+            Err(TokenError::Invalid("malformed token".to_owned()))
+        );
     }
 
     #[test]

@@ -119,6 +119,14 @@ pub struct Config {
     /// Most finished turns kept on the worker (HEIST_MAX_FINISHED_TURNS); the oldest are
     /// forgotten first. Default 256.
     pub max_finished_turns: usize,
+    /// This worker's identity key (HEIST_WORKER_KEY_FILE; `{worker_id}` expands): created
+    /// `0600` on first start, it proves every registration and blob call, and the coordinator
+    /// binds the worker id to it at first join. Default `BASE_WORKSPACE/../worker-<id>.key`.
+    pub key_file: Option<PathBuf>,
+    /// Most coordinator credential ids remembered against replay (HEIST_MAX_SEEN_CREDENTIALS);
+    /// each is kept until it expires. Past it, calls are refused until some expire.
+    /// Default 100000.
+    pub max_seen_credentials: usize,
 }
 
 impl Default for Config {
@@ -163,6 +171,8 @@ impl Default for Config {
             models: crate::model::ModelsConfig::default(),
             agents: Vec::new(),
             turn_retention: Duration::from_secs(600),
+            key_file: None,
+            max_seen_credentials: 100_000,
             max_finished_turns: 256,
         }
     }
@@ -174,6 +184,11 @@ impl Config {
         WorkerId::parse(self.worker_id.as_str())
             .map_err(|status| Error::Config(format!("WORKER_ID: {}", status.message())))?;
         check_url("COORDINATOR_ADDR", &self.coordinator_addr)?;
+        if self.max_seen_credentials == 0 {
+            return Err(Error::Config(
+                "HEIST_MAX_SEEN_CREDENTIALS must be at least 1".to_owned(),
+            ));
+        }
         if let Some(addr) = &self.advertise_addr {
             check_url("HEIST_ADVERTISE_ADDR", addr)?;
         }
@@ -325,6 +340,25 @@ impl Config {
         {
             self.state_dir = Some(PathBuf::from(expand(dir)));
         }
+        if let Some(file) = self
+            .key_file
+            .as_ref()
+            .and_then(|d| d.to_str())
+            .filter(|d| d.contains('{'))
+        {
+            self.key_file = Some(PathBuf::from(expand(file)));
+        }
+    }
+
+    /// Where this worker's identity key lives (see [`Config::key_file`]).
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file.clone().unwrap_or_else(|| {
+            let base = std::path::absolute(&self.base_workspace)
+                .unwrap_or_else(|_| self.base_workspace.clone());
+            let name = format!("worker-{}.key", self.worker_id);
+            base.parent()
+                .map_or_else(|| base.join(&name), |p| p.join(&name))
+        })
     }
 }
 

@@ -9,11 +9,12 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use futures::{StreamExt as _, future::BoxFuture, stream::BoxStream};
 use heist_proto::{
     errors,
+    identity::{PURPOSE_REGISTER, WorkerKey},
     ids::SessionId,
     metadata,
     v1::{
-        CoordinatorMessage, GoingAway, Heartbeat, Register, WorkerMessage, coordinator_message,
-        worker_control_client::WorkerControlClient, worker_message,
+        CoordinatorMessage, GoingAway, Heartbeat, Register, WorkerIdentity, WorkerMessage,
+        coordinator_message, worker_control_client::WorkerControlClient, worker_message,
     },
 };
 use tokio::{
@@ -115,6 +116,8 @@ pub(crate) struct ControlSettings {
     pub capacity: u32,
     /// Placement labels.
     pub labels: BTreeMap<String, String>,
+    /// The worker's identity key, which signs every registration.
+    pub key: Arc<WorkerKey>,
 }
 
 /// The control loop.
@@ -178,7 +181,8 @@ impl Control {
                 error!(
                     code = ?status.code(),
                     message = status.message(),
-                    "the coordinator refused this worker's join token: check HEIST_JOIN_TOKEN"
+                    "the coordinator refused this worker: check HEIST_JOIN_TOKEN, or the \
+                     worker's key (HEIST_WORKER_KEY_FILE) if the message names its identity"
                 );
                 self.backoff.at_max()
             } else {
@@ -200,7 +204,18 @@ impl Control {
     fn register(&self) -> WorkerMessage {
         let state = &self.state;
         let draining = state.sessions.is_draining() || self.going_away.borrow().is_some();
+        let proof = self.settings.key.prove(
+            PURPOSE_REGISTER,
+            state.worker_id.as_str(),
+            self.settings.advertise_addr.as_bytes(),
+        );
         let register = Register {
+            identity: Some(WorkerIdentity {
+                public_key: proof.public_key.to_vec(),
+                signed_at_ms: proof.signed_at_ms,
+                nonce: proof.nonce.to_vec(),
+                signature: proof.signature.to_vec(),
+            }),
             worker_id: state.worker_id.to_string(),
             advertise_addr: self.settings.advertise_addr.clone(),
             capacity: self.settings.capacity,

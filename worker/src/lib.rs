@@ -52,7 +52,9 @@ mod web;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use heist_proto::{ids::WorkerId, v1::worker_service_server::WorkerServiceServer};
+use heist_proto::{
+    identity::WorkerKey, ids::WorkerId, v1::worker_service_server::WorkerServiceServer,
+};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -105,7 +107,12 @@ pub async fn serve(
     let disk_fs = disk.is_some();
     let sessions =
         Sessions::load_with_disk(&config.base_workspace, config.max_sessions, disk).await?;
-    let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?;
+    let key = Arc::new(
+        WorkerKey::load_or_create(&config.key_path())
+            .map_err(|e| Error::Config(format!("HEIST_WORKER_KEY_FILE: {e}")))?,
+    );
+    let checkpoints = checkpoint::Checkpointer::new(&config, CancellationToken::new())?
+        .with_identity(worker_id.clone(), Arc::clone(&key));
     let agent_states = Arc::new(agent::AgentStates::new());
     let tools = Registry::new(tools::builtin_tools(
         &agent_states,
@@ -130,6 +137,7 @@ pub async fn serve(
             .with_applied(applied)
             .with_metrics(metrics, config.metrics_public),
     );
+    state.auth.set_replay_capacity(config.max_seen_credentials);
     state.adopt_sessions().await;
     state.set_registered(false).await;
 
@@ -152,6 +160,7 @@ pub async fn serve(
             advertise_addr: advertise_addr.clone(),
             capacity: config.max_sessions,
             labels: advertised_labels(&config, &state),
+            key,
         },
         going_away_rx,
         stop.clone(),

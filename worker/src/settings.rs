@@ -120,6 +120,12 @@ pub struct Settings {
     /// Network mode of the docker backend's session containers [default: none].
     #[arg(long, env = "HEIST_DOCKER_NETWORK")]
     pub docker_network: Option<String>,
+    /// This worker's identity key file [default: BASE_WORKSPACE/../worker-<id>.key].
+    #[arg(long, env = "HEIST_WORKER_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Most coordinator credential ids remembered against replay [default: 100000].
+    #[arg(long, env = "HEIST_MAX_SEEN_CREDENTIALS")]
+    pub max_seen_credentials: Option<usize>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -151,6 +157,8 @@ heist_proto::layer_over!(Settings {
     docker_host,
     sandbox_image,
     docker_network,
+    key_file,
+    max_seen_credentials,
 });
 
 impl Settings {
@@ -193,6 +201,14 @@ impl Settings {
         set(&mut c.blob_batch, self.blob_batch, |v| v);
         set(&mut c.metrics_public, self.metrics_public, |v| v);
         set(&mut c.telemetry, self.telemetry, |v| v);
+        set(&mut c.key_file, self.key_file, |p| {
+            Some(p).filter(|p| !p.as_os_str().is_empty())
+        });
+        set(
+            &mut c.max_seen_credentials,
+            self.max_seen_credentials,
+            |v| v,
+        );
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

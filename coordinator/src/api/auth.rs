@@ -27,12 +27,21 @@ impl AuthService for AuthApi {
         &self,
         request: Request<IssueTokenRequest>,
     ) -> Result<Response<IssueTokenResponse>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
-        self.app
+        let result = self
+            .app
             .auth
-            .issue_token(&req.client_id, &req.client_secret, &req.scopes)
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+            .login(peer, &req.client_id, &req.client_secret, &req.scopes)
+            .await;
+        let (kind, detail) = match &result {
+            Ok(r) => (
+                "token.issued",
+                format!("peer={peer:?} scopes={}", r.scopes.join(" ")),
+            ),
+            Err(err) => ("token.refused", format!("peer={peer:?} {err}")),
+        };
+        self.app.audit.record(kind, &req.client_id, &detail);
+        result.map(Response::new).map_err(Status::from)
     }
 }

@@ -1,7 +1,8 @@
 //! heist.v1.BlobService: the blob store as workers see it (internal).
 //!
 //! Every call must carry the workers' join token in `x-heist-join-token` (compared in constant
-//! time); the bearer-token layer lets this service through untouched because
+//! time) and the calling worker's identity proof for that RPC (`x-heist-worker-id`,
+//! `x-heist-worker-proof`, see [`crate::worker_keys`]); the bearer-token layer lets this service through untouched because
 //! it is on the allow-list [`heist_proto::scopes::PUBLIC`].
 //!
 //! File I/O runs on one blocking thread per call, fed through a small bounded channel, so a
@@ -22,7 +23,7 @@ use heist_proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
-use tracing::{debug, instrument};
+use tracing::{debug, instrument, warn};
 
 use crate::{
     app::App,
@@ -45,8 +46,18 @@ impl BlobApi {
         Self { app }
     }
 
-    fn check(&self, md: &MetadataMap) -> Result<(), Status> {
-        auth::check_join_token(&self.app.config.join_token, md).map_err(Status::from)
+    /// The join token and the calling worker's identity proof for `method`.
+    fn check(&self, md: &MetadataMap, method: &str) -> Result<(), Status> {
+        auth::check_join_token(&self.app.config.join_token, md).map_err(Status::from)?;
+        let path = format!("/heist.v1.BlobService/{method}");
+        self.app
+            .worker_keys
+            .check_blob_call(md, &path)
+            .map(|_| ())
+            .map_err(|err| {
+                warn!(%path, error = %err, "blob call refused: worker identity not proven");
+                Status::from(err)
+            })
     }
 }
 
@@ -59,7 +70,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.check(request.metadata())?;
+        self.check(request.metadata(), "FindMissingBlobs")?;
         let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
         let table = self.app.checkpoints.clone();
         let missing = tokio::task::spawn_blocking(move || {
@@ -79,7 +90,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<PutBlobsResponse>, Status> {
-        self.check(request.metadata())?;
+        self.check(request.metadata(), "PutBlobs")?;
         put_blobs(&self.app, request.into_inner())
             .await
             .map(Response::new)
@@ -93,7 +104,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<GetBlobsRequest>,
     ) -> Result<Response<Self::GetBlobsStream>, Status> {
-        self.check(request.metadata())?;
+        self.check(request.metadata(), "GetBlobs")?;
         let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
         let cas = self.app.checkpoints.cas().clone();

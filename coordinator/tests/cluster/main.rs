@@ -14,6 +14,7 @@ mod harness;
 mod heist;
 mod observability;
 mod mcp;
+mod hostile;
 mod registration;
 mod sandbox;
 mod sessions;

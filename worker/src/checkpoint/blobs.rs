@@ -5,11 +5,13 @@
 //! bounded channel that is the PutBlobs request stream, so disk reads and the network overlap
 //! and memory stays bounded.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use cap_std::fs::Dir;
 use heist_proto::{
     errors::{self, reason},
+    identity::{PURPOSE_BLOB, WorkerKey},
+    ids::WorkerId,
     metadata,
     v1::{
         BlobChunk, FindMissingBlobsRequest, GetBlobsRequest, PutBlobsResponse,
@@ -38,6 +40,9 @@ pub struct BlobClient {
     client: BlobServiceClient<Channel>,
     token: AsciiMetadataValue,
     batch: usize,
+    /// The worker id and key that prove every call (none: calls are refused by the
+    /// coordinator, which requires the proof).
+    identity: Option<(WorkerId, Arc<WorkerKey>)>,
 }
 
 impl BlobClient {
@@ -62,14 +67,32 @@ impl BlobClient {
             client,
             token,
             batch: config.blob_batch,
+            identity: None,
         })
     }
 
-    fn request<T>(&self, msg: T) -> Request<T> {
+    /// The same client proving `worker`'s identity with `key`.
+    pub fn with_identity(mut self, worker: WorkerId, key: Arc<WorkerKey>) -> Self {
+        self.identity = Some((worker, key));
+        self
+    }
+
+    /// A request with the join token and, for `method`, the worker's identity proof.
+    fn request<T>(&self, msg: T, method: &str) -> Request<T> {
         let mut request = Request::new(msg);
-        request
-            .metadata_mut()
-            .insert(metadata::JOIN_TOKEN, self.token.clone());
+        let md = request.metadata_mut();
+        md.insert(metadata::JOIN_TOKEN, self.token.clone());
+        if let Some((worker, key)) = &self.identity {
+            let path = format!("/heist.v1.BlobService/{method}");
+            let proof = key.prove(PURPOSE_BLOB, worker.as_str(), path.as_bytes());
+            if let (Ok(id), Ok(proof)) = (
+                AsciiMetadataValue::try_from(worker.as_str()),
+                AsciiMetadataValue::try_from(proof.to_header()),
+            ) {
+                md.insert(metadata::WORKER_ID, id);
+                md.insert(metadata::WORKER_PROOF, proof);
+            }
+        }
         request
     }
 
@@ -77,9 +100,12 @@ impl BlobClient {
     pub async fn find_missing(&self, hashes: &[Hash]) -> Result<Vec<Hash>, Error> {
         let mut missing = Vec::new();
         for batch in hashes.chunks(self.batch) {
-            let request = self.request(FindMissingBlobsRequest {
-                hashes: batch.iter().map(|h| h.to_vec()).collect(),
-            });
+            let request = self.request(
+                FindMissingBlobsRequest {
+                    hashes: batch.iter().map(|h| h.to_vec()).collect(),
+                },
+                "FindMissingBlobs",
+            );
             let resp = self
                 .client
                 .clone()
@@ -110,7 +136,7 @@ impl BlobClient {
         let sent = self
             .client
             .clone()
-            .put_blobs(self.request(ReceiverStream::new(rx)))
+            .put_blobs(self.request(ReceiverStream::new(rx), "PutBlobs"))
             .await;
         let read = reader
             .await
@@ -123,9 +149,12 @@ impl BlobClient {
     /// Streams the chunks of `hashes`, in order. A missing blob ends the stream with
     /// [`Error::BlobMissing`] (see [`blob_error`]).
     pub async fn get(&self, hashes: &[Hash]) -> Result<Streaming<BlobChunk>, Error> {
-        let request = self.request(GetBlobsRequest {
-            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
-        });
+        let request = self.request(
+            GetBlobsRequest {
+                hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+            },
+            "GetBlobs",
+        );
         self.client
             .clone()
             .get_blobs(request)

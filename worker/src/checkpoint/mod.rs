@@ -28,7 +28,8 @@ use std::{
 };
 
 use heist_proto::{
-    ids::SessionId,
+    identity::WorkerKey,
+    ids::{SessionId, WorkerId},
     v1::{
         CaptureStats, CaptureWorkspaceResponse, Manifest, RestoreStats, RestoreWorkspaceResponse,
     },
@@ -138,6 +139,12 @@ impl Checkpointer {
             sessions: Mutex::new(HashMap::new()),
             stop,
         })
+    }
+
+    /// The same checkpointer proving `worker`'s identity with `key` on every blob call.
+    pub fn with_identity(mut self, worker: WorkerId, key: Arc<WorkerKey>) -> Self {
+        self.blobs = self.blobs.with_identity(worker, key);
+        self
     }
 
     fn state(&self, id: &SessionId) -> (Arc<tokio::sync::Mutex<()>>, Arc<Mutex<StatCache>>) {

@@ -135,6 +135,7 @@ async fn start(script: Vec<Reply>, open: &[&str]) -> Harness {
             advertise_addr: "http://127.0.0.1:1".to_owned(),
             capacity: 8,
             labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+            key: Arc::new(heist_proto::identity::WorkerKey::from_seed(&[3; 32])),
         },
         going_away_rx,
         stop.clone(),

@@ -313,6 +313,34 @@ mod tests {
     use heist_proto::errors;
     use serde_json::json;
 
+    /// The coordinator's authoritative copy of this catalogue must be this catalogue.
+    #[test]
+    fn the_coordinators_builtin_catalogue_is_this_one() {
+        let specs: Vec<Json> = Registry::builtin()
+            .expect("registry")
+            .specs()
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "description": s.description,
+                    "input_schema": s.input_schema.as_ref().map(json::struct_to_json),
+                    "read_only": s.read_only,
+                })
+            })
+            .collect();
+        let rendered = serde_json::to_string_pretty(&specs).expect("json") + "\n";
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/builtin_tools.json");
+        if std::env::var_os("HEIST_BLESS").is_some() {
+            std::fs::write(path, &rendered).expect("write");
+        }
+        assert!(
+            rendered == heist_proto::BUILTIN_TOOLS_JSON,
+            "proto/builtin_tools.json is stale: run `HEIST_BLESS=1 cargo test -p heist-worker \
+             the_coordinators_builtin_catalogue` and commit it"
+        );
+    }
+
     #[tokio::test]
     async fn unknown_tool_lists_the_catalogue() {
         let (_tmp, ctx) = context();
