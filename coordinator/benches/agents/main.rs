@@ -194,21 +194,24 @@ impl Cluster {
 // ---- turn -----------------------------------------------------------------------------------
 
 async fn turn_phase(cluster: &Cluster, count: u64, warmup: u64) -> anyhow::Result<()> {
-    let session = cluster.create_session().await?;
     let write = json!({"path": "plans/loot.txt", "content": LOOT});
-    ToolServiceClient::new(cluster.channel.clone())
-        .call_tool(cluster.authed(v1::CallToolRequest {
-            session_id: session.clone(),
-            tool: "fs.write".into(),
-            arguments: json_to_struct(&write),
-            ..Default::default()
-        }))
-        .await?;
-    let local = InProcess::new()?;
-    local.tool("fs.write", write).await?;
-
     let (mut through, mut inproc) = (histogram()?, histogram()?);
+    // Every round starts from a fresh session on both sides (set up outside the timing), so
+    // each turn reads the same short history instead of a conversation growing into its
+    // budget.
     for round in 0..warmup + count {
+        let session = cluster.create_session().await?;
+        ToolServiceClient::new(cluster.channel.clone())
+            .call_tool(cluster.authed(v1::CallToolRequest {
+                session_id: session.clone(),
+                tool: "fs.write".into(),
+                arguments: json_to_struct(&write),
+                ..Default::default()
+            }))
+            .await?;
+        let local = InProcess::new()?;
+        local.tool("fs.write", write.clone()).await?;
+
         let start = Instant::now();
         check_turn(&cluster_turn(cluster, &session).await?)?;
         let a = start.elapsed();
@@ -219,8 +222,8 @@ async fn turn_phase(cluster: &Cluster, count: u64, warmup: u64) -> anyhow::Resul
             through.record(nanos(a))?;
             inproc.record(nanos(b))?;
         }
+        cluster.close_session(&session).await?;
     }
-    cluster.close_session(&session).await?;
 
     let ms = |n: u64| n as f64 / 1e6;
     println!(
@@ -293,8 +296,9 @@ fn check_turn(events: &[v1::TurnEvent]) -> anyhow::Result<()> {
         .is_some_and(|e| e.event == Some(TurnEvent::Finished(v1::TurnState::Completed as i32)));
     ensure!(
         tools == ["memory.store", "fs.read", "calc"] && completed,
-        "the turn should run memory.store, fs.read and calc and complete; it ran {tools:?} \
-         (completed: {completed})"
+        "the turn should run memory.store, fs.read and calc and complete; it ran {tools:?}, \
+         last events: {:?}",
+        &events[events.len().saturating_sub(3)..]
     );
     Ok(())
 }
