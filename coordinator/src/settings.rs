@@ -307,8 +307,16 @@ impl Settings {
         set(&mut c.telemetry, self.telemetry, |v| v);
         set(&mut c.mcp.allowed_hosts, self.mcp_allowed_hosts, |v| v);
         set(&mut c.mcp.allowed_origins, self.mcp_allowed_origins, |v| v);
-        set(&mut c.mcp.max_request_bytes, self.mcp_max_request_bytes, |v| v);
-        set(&mut c.mcp.max_result_bytes, self.mcp_max_result_bytes, |v| v);
+        set(
+            &mut c.mcp.max_request_bytes,
+            self.mcp_max_request_bytes,
+            |v| v,
+        );
+        set(
+            &mut c.mcp.max_result_bytes,
+            self.mcp_max_result_bytes,
+            |v| v,
+        );
         c.mcp.public_url = self.public_url.or(c.mcp.public_url);
         set(&mut c.worker_proof_window, self.worker_proof_window_s, secs);
         set(&mut c.worker_proof_nonces, self.worker_proof_nonces, |v| v);

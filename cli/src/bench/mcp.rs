@@ -19,9 +19,24 @@ pub struct Mcp;
 
 /// Metric names per transport: (p50, p99, throughput).
 const NAMES: [(&str, &str, &str, &str); 3] = [
-    ("grpc", "grpc_seq_p50_us", "grpc_seq_p99_us", "grpc_tput_calls_per_s"),
-    ("h1", "h1_seq_p50_us", "h1_seq_p99_us", "h1_tput_calls_per_s"),
-    ("h2", "h2_seq_p50_us", "h2_seq_p99_us", "h2_tput_calls_per_s"),
+    (
+        "grpc",
+        "grpc_seq_p50_us",
+        "grpc_seq_p99_us",
+        "grpc_tput_calls_per_s",
+    ),
+    (
+        "h1",
+        "h1_seq_p50_us",
+        "h1_seq_p99_us",
+        "h1_tput_calls_per_s",
+    ),
+    (
+        "h2",
+        "h2_seq_p50_us",
+        "h2_seq_p99_us",
+        "h2_tput_calls_per_s",
+    ),
 ];
 
 /// `tools/call` of `echo` in one session.
@@ -42,7 +57,11 @@ impl McpTarget {
     }
 
     async fn call(&self) -> Result<Value, Error> {
-        match self.http.request(1, "tools/call", self.params.clone(), None).await? {
+        match self
+            .http
+            .request(1, "tools/call", self.params.clone(), None)
+            .await?
+        {
             Ok(result) if result.get("isError") != Some(&Value::Bool(true)) => Ok(result),
             Ok(result) => Err(failed(format!("MCP echo failed: {result}"))),
             Err(error) => Err(failed(format!("MCP echo refused: {error}"))),

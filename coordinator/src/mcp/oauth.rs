@@ -54,7 +54,11 @@ pub fn challenge(base_url: &str) -> String {
     format!("Bearer resource_metadata=\"{base_url}{RESOURCE_METADATA_MCP}\"")
 }
 
-async fn resource_metadata(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap) -> Json<Value> {
+async fn resource_metadata(
+    State(app): State<Arc<App>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Json<Value> {
     let base = app.config.mcp.base_url(&uri, &headers);
     Json(json!({
         "resource": format!("{base}{PATH}"),
@@ -106,7 +110,11 @@ async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap, body: 
         );
     }
     let form = parse_form(&body);
-    let param = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let param = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     if param("grant_type") != Some("client_credentials") {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -129,7 +137,10 @@ async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap, body: 
     if let Some(resource) = param("resource") {
         let base = app.config.mcp.base_url(&uri, &headers);
         let known = [base.clone(), format!("{base}{PATH}")];
-        if !known.iter().any(|k| k.trim_end_matches('/') == resource.trim_end_matches('/')) {
+        if !known
+            .iter()
+            .any(|k| k.trim_end_matches('/') == resource.trim_end_matches('/'))
+        {
             return oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_target",
@@ -173,7 +184,11 @@ async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap, body: 
             if status.code() == Code::InvalidArgument {
                 oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", status.message())
             } else {
-                oauth_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", status.message())
+                oauth_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    status.message(),
+                )
             }
         }
     }

@@ -17,7 +17,10 @@ use heist_proto::{
 };
 use rmcp::{
     ErrorData, Peer, RoleServer,
-    model::{CallToolResult, ContentBlock, ErrorCode, JsonObject, ProgressNotificationParam, ProgressToken},
+    model::{
+        CallToolResult, ContentBlock, ErrorCode, JsonObject, ProgressNotificationParam,
+        ProgressToken,
+    },
 };
 use serde_json::{Value, json};
 use tracing::info;
@@ -153,12 +156,16 @@ async fn streamed(
                 ))));
             }
             Some(Err(err)) => return Err(err.into()),
-            Some(Ok(pb::ToolEvent { event: Some(tool_event::Event::Output(chunk)) })) => {
+            Some(Ok(pb::ToolEvent {
+                event: Some(tool_event::Event::Output(chunk)),
+            })) => {
                 call.progress
                     .send(String::from_utf8_lossy(&chunk.data).into_owned())
                     .await;
             }
-            Some(Ok(pb::ToolEvent { event: Some(tool_event::Event::Result(resp)) })) => {
+            Some(Ok(pb::ToolEvent {
+                event: Some(tool_event::Event::Result(resp)),
+            })) => {
                 return Ok(resp);
             }
             Some(Ok(_)) => {}
@@ -219,14 +226,23 @@ async fn run_builtin(
             session_json(&cancellable(call, work).await??)
         }
         Builtin::SessionList => {
-            let closed = args.get("include_closed").and_then(Value::as_bool).unwrap_or(false);
+            let closed = args
+                .get("include_closed")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let (page, _) = app.sessions.list(&who.id, closed, None, LIST_LIMIT);
-            let sessions: Vec<Value> = page.into_iter().map(|s| session_json(&app.view(s))).collect();
+            let sessions: Vec<Value> = page
+                .into_iter()
+                .map(|s| session_json(&app.view(s)))
+                .collect();
             json!({ "sessions": sessions })
         }
         Builtin::SessionClose => {
             let session = session_arg(&mut args, true)?.ok_or_else(|| missing("session_id"))?;
-            let req = CloseSession { session, request_id };
+            let req = CloseSession {
+                session,
+                request_id,
+            };
             let work = lifecycle::close_session(app, who, deadline, req);
             session_json(&cancellable(call, work).await??)
         }
@@ -397,7 +413,10 @@ fn missing(field: &str) -> Failure {
 }
 
 fn bad(field: &str, what: &str) -> Failure {
-    Failure::Tool(Error::Status(errors::invalid_argument(field, what.to_owned())))
+    Failure::Tool(Error::Status(errors::invalid_argument(
+        field,
+        what.to_owned(),
+    )))
 }
 
 /// Takes `session_id` out of `args` (worker tools do not know it).

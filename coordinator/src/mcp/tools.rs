@@ -206,9 +206,13 @@ impl Builtin {
         let annotations = ToolAnnotations::default()
             .read_only(self.read_only())
             .destructive(matches!(self, Self::SessionClose | Self::CheckpointRestore));
-        Tool::new_with_raw(self.name(), Some(self.description().into()), as_object(self.input_schema()))
-            .with_raw_output_schema(as_object(self.output_schema()))
-            .with_annotations(annotations)
+        Tool::new_with_raw(
+            self.name(),
+            Some(self.description().into()),
+            as_object(self.input_schema()),
+        )
+        .with_raw_output_schema(as_object(self.output_schema()))
+        .with_annotations(annotations)
     }
 }
 

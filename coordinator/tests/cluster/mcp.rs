@@ -64,13 +64,15 @@ impl Cluster {
         let seed = std::fs::read(self.dir.path().join("c/signing.key")).expect("signing key");
         let seed: [u8; 32] = seed.as_slice().try_into().expect("32-byte seed");
         let signer = TokenSigner::from_seed(&seed).expect("signer");
-        let claims = TokenSigner::claims("heist", audience, subject, scope, Duration::from_secs(600));
+        let claims =
+            TokenSigner::claims("heist", audience, subject, scope, Duration::from_secs(600));
         signer.sign(&claims).expect("sign")
     }
 
     /// A token for the admin client narrowed to `scopes` (AuthService.IssueToken).
     async fn scoped(&self, scopes: &[&str]) -> String {
-        let mut auth = v1::auth_service_client::AuthServiceClient::new(channel(&self.coord.url()).await);
+        let mut auth =
+            v1::auth_service_client::AuthServiceClient::new(channel(&self.coord.url()).await);
         auth.issue_token(v1::IssueTokenRequest {
             client_id: ADMIN_ID.to_owned(),
             client_secret: ADMIN_SECRET.to_owned(),
@@ -137,9 +139,15 @@ fn processes_with(marker: &str) -> Vec<u32> {
 async fn mcp_sdk_lists_tools_and_runs_calls_over_streamable_http() {
     let c = Cluster::start().await;
     let modern = c.run("basics", &[]).await;
-    assert_eq!(modern["protocol"], "2026-07-28", "the SDK negotiates the current revision");
+    assert_eq!(
+        modern["protocol"], "2026-07-28",
+        "the SDK negotiates the current revision"
+    );
     let legacy = c.run("basics-legacy", &[]).await;
-    assert_ne!(legacy["protocol"], "2026-07-28", "the initialize handshake still works");
+    assert_ne!(
+        legacy["protocol"], "2026-07-28",
+        "the initialize handshake still works"
+    );
     c.stop().await;
 }
 

@@ -235,13 +235,16 @@ async def isolation() -> None:
 
 
 async def stdio() -> None:
-    """The SDK launches `heistctl mcp` as a stdio server: list tools and run calls through it."""
+    """The SDK launches `heistctl mcp` as a stdio server: list tools and run calls through it.
+
+    Handshake mode: a 2026-07-28 stdio client still rejects the bridge's results (no resultType).
+    """
     params = StdioServerParameters(
         command=os.environ["HEIST_HEISTCTL"],
         args=["mcp", "--coordinator", URL],
         env={"HEIST_TOKEN": os.environ["HEIST_TOKEN"], "PATH": os.environ.get("PATH", "")},
     )
-    async with Client(params) as client:
+    async with Client(params, mode="legacy") as client:
         names = await tool_names(client)
         assert "session_create" in names and "fs_read" in names, names
         session = await new_session(client)
