@@ -118,7 +118,15 @@ fn forwarded_meta(ctx: &RequestContext<RoleServer>) -> Value {
     Value::Object(meta)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ErrorData> {
+/// Decodes the coordinator's result. The bridge speaks the previous revision to the
+/// coordinator, whose results therefore carry no `resultType`; every one of them is complete,
+/// so it is set here (rmcp strips it again for a client on an older revision).
+fn decode<T: serde::de::DeserializeOwned>(mut value: Value) -> Result<T, ErrorData> {
+    if let Some(object) = value.as_object_mut() {
+        object
+            .entry("resultType")
+            .or_insert_with(|| Value::from("complete"));
+    }
     serde_json::from_value(value).map_err(|e| {
         ErrorData::internal_error(format!("the coordinator's answer is malformed: {e}"), None)
     })

@@ -235,16 +235,19 @@ async def isolation() -> None:
 
 
 async def stdio() -> None:
-    """The SDK launches `heistctl mcp` as a stdio server: list tools and run calls through it.
-
-    Handshake mode: a 2026-07-28 stdio client still rejects the bridge's results (no resultType).
-    """
+    """The SDK launches `heistctl mcp` as a stdio server: list tools and run calls through it,
+    on the current revision and with the older handshake."""
     params = StdioServerParameters(
         command=os.environ["HEIST_HEISTCTL"],
         args=["mcp", "--coordinator", URL],
         env={"HEIST_TOKEN": os.environ["HEIST_TOKEN"], "PATH": os.environ.get("PATH", "")},
     )
-    async with Client(params, mode="legacy") as client:
+    for mode in ("auto", "legacy"):
+        await stdio_in(params, mode)
+
+
+async def stdio_in(params: StdioServerParameters, mode: str) -> None:
+    async with Client(params, mode=mode) as client:
         names = await tool_names(client)
         assert "session_create" in names and "fs_read" in names, names
         session = await new_session(client)
