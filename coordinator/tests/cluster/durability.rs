@@ -13,12 +13,7 @@ async fn a_killed_coordinator_restarts_with_sessions_intact_and_workers_back() {
     let data = dir.path().join("coordinator");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut coord = spawn_coordinator_process(port, &data, &dir.path().join("c1.log"));
-    wait_for("coordinator process SERVING", || {
-        let url = url.clone();
-        async move { health_serving(&url).await.then_some(()) }
-    })
-    .await;
+    let mut coord = coordinator_process(port, &data, &dir.path().join("c1.log")).await;
 
     let w1 = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
     let w2 = Worker::start(&url, dir.path(), WorkerOpts::new("w2")).await;
@@ -44,12 +39,7 @@ async fn a_killed_coordinator_restarts_with_sessions_intact_and_workers_back() {
     coord.0.kill().expect("SIGKILL");
     coord.0.wait().expect("reap");
 
-    coord = spawn_coordinator_process(port, &data, &dir.path().join("c2.log"));
-    wait_for("restarted coordinator SERVING", || {
-        let url = url.clone();
-        async move { health_serving(&url).await.then_some(()) }
-    })
-    .await;
+    coord = coordinator_process(port, &data, &dir.path().join("c2.log")).await;
     // The old token still verifies: the signing key is durable.
     let mut client = Client::with_token(&url, client.token.clone()).await;
     client.wait_ready(&["w1", "w2"]).await;

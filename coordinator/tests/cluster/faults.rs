@@ -52,12 +52,7 @@ async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_o
     let data = dir.path().join("coordinator");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut coord = spawn_coordinator_process(port, &data, &dir.path().join("c1.log"));
-    wait_for("coordinator process SERVING", || {
-        let url = url.clone();
-        async move { health_serving(&url).await.then_some(()) }
-    })
-    .await;
+    let mut coord = coordinator_process(port, &data, &dir.path().join("c1.log")).await;
     let w1 = Worker::start(&url, dir.path(), WorkerOpts::new("w1").capacity(64)).await;
     let w2 = Worker::start(&url, dir.path(), WorkerOpts::new("w2").capacity(64)).await;
     let mut client = Client::admin(&url).await;
@@ -113,12 +108,7 @@ async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_o
         .map(|r| r.expect("join"))
         .collect();
 
-    coord = spawn_coordinator_process(port, &data, &dir.path().join("c2.log"));
-    wait_for("restarted coordinator SERVING", || {
-        let url = url.clone();
-        async move { health_serving(&url).await.then_some(()) }
-    })
-    .await;
+    coord = coordinator_process(port, &data, &dir.path().join("c2.log")).await;
     let mut client = Client::with_token(&url, client.token.clone()).await;
     client.wait_ready(&["w1", "w2"]).await;
     for id in &sessions {
@@ -231,15 +221,11 @@ async fn sigterm_drains_calls_in_flight_before_closing_worker_streams() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut coord = spawn_coordinator_process(
+    let mut coord = coordinator_process(
         port,
         &dir.path().join("coordinator"),
         &dir.path().join("c.log"),
-    );
-    wait_for("coordinator process SERVING", || {
-        let url = url.clone();
-        async move { health_serving(&url).await.then_some(()) }
-    })
+    )
     .await;
     let w = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&url).await;

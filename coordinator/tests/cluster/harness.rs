@@ -493,6 +493,18 @@ impl Drop for ChildGuard {
     }
 }
 
+/// [`spawn_coordinator_process`], then waits until it serves.
+pub async fn coordinator_process(port: u16, data: &Path, log: &Path) -> ChildGuard {
+    let child = spawn_coordinator_process(port, data, log);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("coordinator process SERVING", || {
+        let url = url.clone();
+        async move { health_serving(&url).await.then_some(()) }
+    })
+    .await;
+    child
+}
+
 /// Starts the real `coordinator` binary on `port` with `data_dir`.
 pub fn spawn_coordinator_process(port: u16, data_dir: &Path, log: &Path) -> ChildGuard {
     let log = std::fs::File::create(log).expect("log file");
