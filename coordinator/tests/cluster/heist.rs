@@ -31,6 +31,20 @@ async fn cluster(
     (coord, [w1, w2], client, heist)
 }
 
+/// Starts a game and drains its stream.
+async fn play_game(
+    heist: &mut HeistServiceClient<Channel>,
+    token: &str,
+    request: v1::StartHeistRequest,
+) -> Vec<v1::HeistEvent> {
+    let events = heist
+        .start_heist(authed(token, request))
+        .await
+        .expect("start")
+        .into_inner();
+    drain(events).await
+}
+
 /// Every event of a game stream, in order.
 async fn drain(mut events: tonic::Streaming<v1::HeistEvent>) -> Vec<v1::HeistEvent> {
     let mut out = Vec::new();
@@ -230,14 +244,7 @@ async fn a_game_forked_after_round_two_plays_on_differently() {
         rounds: 3,
         ..Default::default()
     };
-    let original = drain(
-        heist
-            .start_heist(authed(&client.token, start))
-            .await
-            .expect("start")
-            .into_inner(),
-    )
-    .await;
+    let original = play_game(&mut heist, &client.token, start).await;
     let game = finished(&original);
     assert_eq!(game.state, v1::HeistState::AwaitingGuess as i32, "{game:?}");
 
@@ -310,14 +317,7 @@ async fn a_game_that_fails_midway_says_why_and_gives_its_session_back() {
         model: "no-such-chain".into(),
         ..Default::default()
     };
-    let events = drain(
-        heist
-            .start_heist(authed(&client.token, start))
-            .await
-            .expect("start")
-            .into_inner(),
-    )
-    .await;
+    let events = play_game(&mut heist, &client.token, start).await;
     let game = finished(&events);
     assert_eq!(game.state, v1::HeistState::Failed as i32, "{game:?}");
     assert!(
