@@ -247,6 +247,16 @@ async fn docker_sessions_run_commands_and_python_in_their_own_container() {
     );
     assert_eq!(lab.sh_ok("echo still here").await, "still here\n");
 
+    // A command that signals everything it may signal stops only the session's commands: the
+    // container (its init and keeper run as another uid) keeps running, unrestarted.
+    let started = |id: &str| docker(&["inspect", "-f", "{{.State.StartedAt}}", id]);
+    let id = containers_of(&lab.session).pop().expect("container");
+    let before = started(&id).expect("inspect");
+    let killed = lab.sh("kill -KILL -1").await;
+    assert_eq!(structured(&killed)["signal"], 9, "{}", structured(&killed));
+    assert_eq!(lab.sh_ok("echo after kill").await, "after kill\n");
+    assert_eq!(started(&id).expect("inspect"), before, "the container restarted");
+
     // One container, gone when the session closes.
     assert_eq!(containers_of(&lab.session).len(), 1);
     lab.client.close_session(&lab.session).await.expect("close");

@@ -18,7 +18,8 @@
 //!   `/heist/in`; the worker's Python interpreter becomes the image's `python3`.
 //! - **Stopping:** the engine has no "kill an exec"; a timeout or cancellation signals every
 //!   process of the sandbox user in the container (`kill -1`), which stops the session's other
-//!   running commands too. When even that cannot start (a fork bomb at the pids limit) the
+//!   running commands too. The container's own processes run as another uid (`nobody`), out
+//!   of that signal's reach. When even that cannot start (a fork bomb at the pids limit) the
 //!   container is killed and restarted for the next command.
 //! - **Exit status:** the engine reports an exit code only; codes 129–192 are read as
 //!   128 + signal, like a shell does. An OOM kill is detected from the container's cgroup
@@ -109,6 +110,9 @@ pub struct DockerBackend {
     settings: DockerSettings,
     label: String,
     user: String,
+    /// Who the container's own processes (init, `sleep infinity`) run as: a uid other than
+    /// the sandbox user's, so a command's `kill -1` cannot stop the container under it.
+    keeper: String,
     /// Hand workspace entries to the sandbox user before each command (the worker is root).
     chown: Option<(u32, u32)>,
     quotas: Quotas,
@@ -167,6 +171,7 @@ pub async fn connect(settings: &Settings) -> Result<(DockerBackend, Vec<String>)
         docker,
         label: settings.cgroup_name.clone(),
         user: format!("{uid}:{gid}"),
+        keeper: keeper_user(uid),
         chown,
         quotas: settings.quotas.clone(),
         python: None,
@@ -320,7 +325,7 @@ impl DockerBackend {
         };
         let body = ContainerCreateBody {
             image: Some(self.settings.image.clone()),
-            user: Some(self.user.clone()),
+            user: Some(self.keeper.clone()),
             entrypoint: Some(vec!["sleep".to_owned()]),
             cmd: Some(vec!["infinity".to_owned()]),
             working_dir: Some(WORKSPACE.to_owned()),
@@ -455,6 +460,14 @@ impl Drop for DockerBackend {
     }
 }
 
+/// The container's keeper: `nobody`'s ids, or the next ones down when the sandbox user is
+/// `nobody`. Never root, never the sandbox user.
+fn keeper_user(sandbox_uid: u32) -> String {
+    const NOBODY: u32 = 65534;
+    let id = if sandbox_uid == NOBODY { NOBODY - 1 } else { NOBODY };
+    format!("{id}:{id}")
+}
+
 /// A container name from the worker label and the session id (`[A-Za-z0-9_.-]` only).
 fn container_name(label: &str, session: &str) -> String {
     let clean = |s: &str| -> String {
@@ -579,6 +592,18 @@ async fn signal_all(docker: &Docker, container: &str, user: &str, signal: &str) 
             .build();
         if let Err(e) = docker.kill_container(container, Some(opts)).await {
             warn!(container = %container, error = %e, "cannot kill the container");
+            return;
+        }
+        // The next command restarts it; one that looks before it has stopped would find a
+        // dying container and fail.
+        let deadline = tokio::time::Instant::now() + EXIT_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match docker.inspect_container(container, None).await {
+                Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => break,
+            }
         }
     }
 }
