@@ -34,6 +34,7 @@ pub mod checkpoint;
 pub mod config;
 mod control;
 pub mod diskfs;
+pub mod engine_gate;
 mod error;
 mod inflight;
 mod lifecycle;

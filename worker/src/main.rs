@@ -41,13 +41,20 @@ enum Command {
         #[arg(long)]
         live: bool,
     },
+    /// The restricted path to the Docker engine for workers in containers: holds the engine's
+    /// socket and passes on only the docker sandbox backend's calls (docs/SECURITY.md).
+    EngineGate(Box<heist_worker::engine_gate::GateArgs>),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
-    if let Some(Command::Healthcheck { live }) = flags.command {
-        return healthcheck(flags, if live { "/healthz" } else { "/readyz" });
+    match flags.command {
+        Some(Command::Healthcheck { live }) => {
+            return healthcheck(flags, if live { "/healthz" } else { "/readyz" });
+        }
+        Some(Command::EngineGate(args)) => return engine_gate(*args, &flags.settings).await,
+        None => {}
     }
     let (listen, mut config) = settings::load(flags.config.as_deref(), flags.settings)?;
     flags.sandbox.apply(&mut config);
@@ -65,6 +72,32 @@ async fn main() -> anyhow::Result<()> {
     // Spans still queued are sent before the process exits.
     tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
     served?;
+    Ok(())
+}
+
+/// `worker engine-gate`: logging as configured, then the gate until SIGTERM/SIGINT.
+async fn engine_gate(
+    args: heist_worker::engine_gate::GateArgs,
+    settings: &Settings,
+) -> anyhow::Result<()> {
+    if !args.probe {
+        let level = settings
+            .log_level
+            .clone()
+            .unwrap_or_else(|| "info".to_owned());
+        let format = settings
+            .log_format
+            .clone()
+            .unwrap_or_else(|| "text".to_owned());
+        heist_proto::logging::init(&level, &format).map_err(anyhow::Error::msg)?;
+    }
+    let shutdown =
+        heist_proto::shutdown::on_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+    let gated = heist_worker::engine_gate::run(args, shutdown).await;
+    if let Err(e) = &gated {
+        eprintln!("engine-gate: {e:#}");
+        std::process::exit(1);
+    }
     Ok(())
 }
 

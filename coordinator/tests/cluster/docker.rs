@@ -252,10 +252,16 @@ async fn docker_sessions_run_commands_and_python_in_their_own_container() {
     let started = |id: &str| docker(&["inspect", "-f", "{{.State.StartedAt}}", id]);
     let id = containers_of(&lab.session).pop().expect("container");
     let before = started(&id).expect("inspect");
-    let killed = lab.sh_ok("sleep 60 & kill -KILL -1; wait $!; echo $?").await;
+    let killed = lab
+        .sh_ok("sleep 60 & kill -KILL -1; wait $!; echo $?")
+        .await;
     assert_eq!(killed, "137\n", "the shell's child survived kill -1");
     assert_eq!(lab.sh_ok("echo after kill").await, "after kill\n");
-    assert_eq!(started(&id).expect("inspect"), before, "the container restarted");
+    assert_eq!(
+        started(&id).expect("inspect"),
+        before,
+        "the container restarted"
+    );
 
     // One container, gone when the session closes.
     assert_eq!(containers_of(&lab.session).len(), 1);
@@ -508,4 +514,159 @@ async fn a_docker_worker_without_an_engine_refuses_commands_and_the_label() {
     assert!(err.message().contains("docker"), "{}", err.message());
     worker.stop().await;
     coord.stop().await;
+}
+
+/// A docker worker whose engine is the gate's socket in its base directory's parent.
+fn use_gate(config: &mut heist_worker::Config) {
+    use_docker(config);
+    let socket = config
+        .base_workspace
+        .parent()
+        .expect("parent")
+        .join("gate.sock");
+    config.docker_host = Some(format!("unix://{}", socket.display()));
+}
+
+/// The docker CLI talking to the gate instead of the engine; its stdout or its stderr.
+fn through_gate(socket: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .output()
+        .expect("docker");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A worker that reaches the engine only through `worker engine-gate` (what compose runs)
+/// works as one with the raw socket, while the gate refuses what would loosen a container,
+/// touch the host's other containers or mount anything outside the workspaces. (Two runtime
+/// threads: the gate runs in the test process and serves the docker CLI the test waits on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
+    if !docker_ready("the_engine_gate_passes_the_backend_and_refuses_everything_else") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("gate.sock");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let args = heist_worker::engine_gate::GateArgs {
+        socket: socket.clone(),
+        engine: "/var/run/docker.sock".into(),
+        image: image(),
+        network: "none".into(),
+        workspaces: dir.path().to_owned(),
+        host_workspaces: "auto".into(),
+        socket_owner: None,
+        socket_mode: "600".into(),
+        max_body_bytes: 1 << 20,
+        probe: false,
+    };
+    let gate = tokio::spawn(heist_worker::engine_gate::run(args, async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(
+        &coord.url(),
+        dir.path(),
+        WorkerOpts::new("wg").configure(use_gate),
+    )
+    .await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["wg"]).await;
+    let session = client
+        .create_session(&[("sandbox", "docker")])
+        .await
+        .expect("session")
+        .id;
+    let run = client
+        .call(
+            &session,
+            "exec",
+            json!({"command": "echo through the gate; id -u; cat /proc/1/status | grep ^Uid"}),
+        )
+        .await
+        .expect("exec");
+    assert!(!run.is_error, "{}", structured(&run));
+    let stdout = out(&run, "stdout");
+    assert!(stdout.starts_with("through the gate\n"), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (uid, init) = (
+        lines[1],
+        lines[2].split_whitespace().nth(1).unwrap_or_default(),
+    );
+    assert_ne!(uid, "0", "the command ran as root");
+    assert!(
+        init != uid && init != "0",
+        "the container's init runs as {init}, the command as {uid}"
+    );
+    let py = client
+        .call(&session, "run.python", json!({"code": "print(6 * 7)"}))
+        .await
+        .expect("run.python");
+    assert_eq!(out(&py, "stdout"), "42\n", "{}", structured(&py));
+    let slow = client
+        .call(
+            &session,
+            "exec",
+            json!({"command": "sleep 30", "timeout_s": 1}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        structured(&slow)["timed_out"],
+        true,
+        "{}",
+        structured(&slow)
+    );
+    let ours = containers_of(&session);
+    assert_eq!(ours.len(), 1);
+
+    // What the gate refuses, asked with the docker CLI.
+    let refused = |args: &[&str], why: &str| {
+        let err = through_gate(&socket, args).expect_err(&args.join(" "));
+        assert!(err.contains("engine gate"), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    };
+    let img = image();
+    refused(&["run", "--rm", "--privileged", &img, "true"], "");
+    refused(
+        &[
+            "run", "--rm", "-v", "/:/host", "--user", "1000", &img, "true",
+        ],
+        "",
+    );
+    refused(&["ps", "-a"], "filter on the label");
+    refused(&["images"], "does not allow");
+    refused(&["pull", "debian"], "does not allow");
+    refused(&["volume", "ls"], "does not allow");
+    // A container of someone else's, even with the sandbox image, cannot be touched.
+    let other = docker(&["create", &img, "sleep", "1"])
+        .expect("docker create")
+        .trim()
+        .to_owned();
+    refused(&["start", &other], "not a heist sandbox container");
+    refused(&["rm", "-f", &other], "not a heist sandbox container");
+    docker(&["rm", "-f", &other]);
+    // The session's own container can be inspected through it (the backend does).
+    assert!(through_gate(&socket, &["inspect", &ours[0]]).is_ok());
+
+    client.close_session(&session).await.expect("close");
+    assert!(containers_of(&session).is_empty());
+    worker.stop().await;
+    coord.stop().await;
+    let _ = stop.send(());
+    gate.await.expect("gate task").expect("gate");
+    assert!(!socket.exists(), "the gate left its socket behind");
 }

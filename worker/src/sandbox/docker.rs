@@ -464,7 +464,11 @@ impl Drop for DockerBackend {
 /// `nobody`. Never root, never the sandbox user.
 fn keeper_user(sandbox_uid: u32) -> String {
     const NOBODY: u32 = 65534;
-    let id = if sandbox_uid == NOBODY { NOBODY - 1 } else { NOBODY };
+    let id = if sandbox_uid == NOBODY {
+        NOBODY - 1
+    } else {
+        NOBODY
+    };
     format!("{id}:{id}")
 }
 
