@@ -80,9 +80,12 @@ docker-sandbox:
 	docker build -q -f docker/sandbox.Dockerfile -t $(SANDBOX_IMAGE) docker/
 
 ## docker-build-prebuilt: the same images from the host's release binaries, no builder image
-docker-build-prebuilt: build docker-base
-	docker build -q -f docker/prebuilt.Dockerfile --target coordinator -t heist-coordinator:latest .
-	docker build -q -f docker/prebuilt.Dockerfile --target worker -t heist-worker:latest .
+# DOCKER_BIN_DIR: where the binaries come from, beneath the build context (default bin/, which
+# `make build` fills; docker/test.sh can stage others in target/docker-bins).
+DOCKER_BIN_DIR ?= bin
+docker-build-prebuilt: $(if $(filter bin,$(DOCKER_BIN_DIR)),build) docker-base docker-sandbox
+	docker build -q --build-arg BIN_DIR=$(DOCKER_BIN_DIR) -f docker/prebuilt.Dockerfile --target coordinator -t heist-coordinator:latest .
+	docker build -q --build-arg BIN_DIR=$(DOCKER_BIN_DIR) -f docker/prebuilt.Dockerfile --target worker -t heist-worker:latest .
 
 ## docker-up: coordinator + one worker in the background (images built if missing)
 docker-up:

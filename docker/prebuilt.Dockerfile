@@ -28,11 +28,14 @@ STOPSIGNAL SIGTERM
 
 # ---- the images ----------------------------------------------------------------------------
 FROM coordinator-runtime AS coordinator
-COPY bin/coordinator bin/heistctl /usr/local/bin/
+# Where the binaries are in the build context (bin/ from `make build`).
+ARG BIN_DIR=bin
+COPY ${BIN_DIR}/coordinator ${BIN_DIR}/heistctl /usr/local/bin/
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 CMD ["coordinator", "healthcheck"]
 ENTRYPOINT ["tini", "--", "coordinator"]
 
 FROM worker-runtime AS worker
-COPY bin/worker bin/heist-sandbox /usr/local/bin/
+ARG BIN_DIR=bin
+COPY ${BIN_DIR}/worker ${BIN_DIR}/heist-sandbox /usr/local/bin/
 HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 CMD ["worker", "healthcheck"]
 ENTRYPOINT ["tini", "--", "worker"]

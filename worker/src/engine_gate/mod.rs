@@ -80,7 +80,8 @@ pub struct GateArgs {
     /// mount there, or the same path when the gate is not in a container.
     #[arg(long, env = "HEIST_GATE_HOST_WORKSPACES", default_value = "auto")]
     pub host_workspaces: String,
-    /// Owner of the socket, `uid:gid` (needs CAP_CHOWN); unset: the gate's own.
+    /// Owner of the socket, `uid:gid` (another uid needs CAP_CHOWN; the gate's own uid and a
+    /// group it is in do not); unset: the gate's own.
     #[arg(long, env = "HEIST_GATE_SOCKET_OWNER")]
     pub socket_owner: Option<String>,
     /// Permission bits of the socket, octal.
@@ -192,16 +193,17 @@ fn bind(args: &GateArgs) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("binding {}", args.socket.display()))?;
     let mode = u32::from_str_radix(&args.socket_mode, 8)
         .with_context(|| format!("--socket-mode {:?} is not octal", args.socket_mode))?;
+    // The mode first: once the socket is handed over, only its owner may change it.
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(mode))
+        .context("setting the socket's mode")?;
     if let Some(owner) = &args.socket_owner {
         let (uid, gid) = owner
             .split_once(':')
             .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
             .with_context(|| format!("--socket-owner {owner:?} is not uid:gid"))?;
         std::os::unix::fs::chown(&args.socket, Some(uid), Some(gid))
-            .context("handing the socket to its owner (the gate needs CAP_CHOWN)")?;
+            .context("handing the socket to its owner")?;
     }
-    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(mode))
-        .context("setting the socket's mode")?;
     Ok(listener)
 }
 
