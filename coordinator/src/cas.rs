@@ -48,6 +48,7 @@ pub struct Cas {
 impl Cas {
     /// Opens (creating) the store at `root`, removing temporary files a previous process left.
     pub fn open(root: &Path) -> Result<Self, Error> {
+        heist_proto::files::private_dir(root).map_err(|e| Error::io("cannot create", root, e))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot clean", &tmp, e))?;

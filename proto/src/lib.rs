@@ -14,6 +14,7 @@
 //!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
 
 pub mod errors;
+pub mod files;
 pub mod hash;
 pub mod health;
 pub mod identity;

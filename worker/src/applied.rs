@@ -108,6 +108,12 @@ impl Applied {
     /// Opens (or creates) the store in `dir`. Calls a previous run left *applying* are now
     /// *unknown*: that process died while applying them.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        heist_proto::files::private_dir(dir).map_err(|e| {
+            Error::io(
+                format!("cannot create the applied-request store {}", dir.display()),
+                e,
+            )
+        })?;
         let db = sled::Config::new()
             .path(dir)
             .open()

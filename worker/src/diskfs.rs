@@ -126,7 +126,7 @@ impl DiskFs {
         if !Path::new("/dev/loop-control").exists() {
             return Err("no /dev/loop-control (loop devices)".to_owned());
         }
-        std::fs::create_dir_all(&self.images)
+        heist_proto::files::private_dir(&self.images)
             .map_err(|e| format!("cannot create {}: {e}", self.images.display()))?;
         let probe = Self {
             images: self.images.clone(),
@@ -173,7 +173,7 @@ impl DiskFs {
                     self.images.display()
                 )));
             }
-            std::fs::create_dir_all(&self.images)
+            heist_proto::files::private_dir(&self.images)
                 .map_err(|e| Error::io(format!("cannot create {}", self.images.display()), e))?;
             self.make(&image)?;
             let mounted = mount(&image, path).and_then(|()| {

@@ -273,7 +273,7 @@ fn agent_host(
         .map(|a| (a.name.clone(), a))
         .collect();
     let dir = turns::state_dir(base);
-    std::fs::create_dir_all(&dir).map_err(|e| {
+    heist_proto::files::private_dir(&dir).map_err(|e| {
         Error::io(
             format!("cannot create the agent state directory {}", dir.display()),
             e,

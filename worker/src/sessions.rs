@@ -425,7 +425,7 @@ fn swap_contents(root: &Path, staging: &Path, trash: &Path) -> io::Result<()> {
 
 /// Creates `base` if needed and opens every session directory in it.
 fn adopt(base: &Path, disk: Option<&DiskFs>) -> Result<(PathBuf, Vec<Workspace>), Error> {
-    std::fs::create_dir_all(base).map_err(|e| {
+    heist_proto::files::private_dir(base).map_err(|e| {
         Error::io(
             format!("cannot create BASE_WORKSPACE {}", base.display()),
             e,

@@ -565,3 +565,77 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     let broken = heist_coordinator::audit::verify(&tree).expect_err("tampered");
     assert_eq!(broken.seq, refused.seq, "{broken}");
 }
+
+/// Whether other local users could read `path`: it and every directory above it (below
+/// `top`) open to them.
+fn open_to_others(top: &Path, path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    let readable = mode(path) & 0o004 != 0;
+    readable
+        && path
+            .ancestors()
+            .skip(1)
+            .take_while(|a| *a != top)
+            .all(|a| mode(a) & 0o001 != 0)
+}
+
+/// Everything the coordinator and a worker keep (stores, blobs, keys, workspaces, agent state,
+/// the applied-request store) is out of other local users' reach, whatever the umask.
+#[tokio::test]
+async fn nothing_the_binaries_keep_is_readable_by_other_local_users() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let session = client.create_session(&[]).await.expect("session").id;
+    client
+        .call(
+            &session,
+            "fs.write",
+            json!({"path": "plans/secret.txt", "content": "the vault code"}),
+        )
+        .await
+        .expect("fs.write");
+    client
+        .call(
+            &session,
+            "memory.store",
+            json!({"text": "the code is 4711"}),
+        )
+        .await
+        .expect("memory.store");
+    let mut checkpoints =
+        v1::checkpoint_service_client::CheckpointServiceClient::new(channel(&coord.url()).await);
+    checkpoints
+        .create_checkpoint(authed(
+            &client.token,
+            v1::CreateCheckpointRequest {
+                session_id: session.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("checkpoint");
+    let mut open = Vec::new();
+    let mut stack = vec![dir.path().to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let path = entry.path();
+            if open_to_others(dir.path(), &path) {
+                open.push(path.clone());
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            }
+        }
+    }
+    assert!(open.is_empty(), "readable by other users: {open:#?}");
+    worker.stop().await;
+    coord.stop().await;
+}

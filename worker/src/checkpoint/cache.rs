@@ -55,6 +55,7 @@ impl BlobCache {
                 e,
             )
         };
+        heist_proto::files::private_dir(dir).map_err(io)?;
         let tmp = dir.join("tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io)?;

@@ -165,7 +165,7 @@ pub async fn connect(settings: &Settings) -> Result<(DockerBackend, Vec<String>)
     } else {
         (euid, nix::unistd::getegid().as_raw(), None)
     };
-    std::fs::create_dir_all(&ds.inbox_dir)
+    heist_proto::files::private_dir(&ds.inbox_dir)
         .map_err(|e| format!("cannot create {}: {e}", ds.inbox_dir.display()))?;
     let backend = DockerBackend {
         docker,
