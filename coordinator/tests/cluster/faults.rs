@@ -123,12 +123,28 @@ async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_o
         .await;
     }
 
-    // Every request retried with its id: each must succeed, none may apply twice.
+    // Every request retried with its id: each must succeed, none may apply twice. All at once,
+    // as a client would after an outage, so some meet the per-session filesystem limit
+    // (RESOURCE_EXHAUSTED, nothing done) and retry again after a pause, as a client would.
     let retries = join_all((0..APPENDS).map(|i| {
         let (mut c, session) = (client.clone(), sessions[i % SESSIONS].clone());
         async move {
-            c.call_with_id(&session, "fs.write", append_args(i), &format!("a-{i}"))
-                .await
+            let mut pause = std::time::Duration::from_millis(20);
+            for _ in 0..40 {
+                match c
+                    .call_with_id(&session, "fs.write", append_args(i), &format!("a-{i}"))
+                    .await
+                {
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_millis(500));
+                    }
+                    other => return other,
+                }
+            }
+            Err(tonic::Status::resource_exhausted(
+                "still refused after 40 tries",
+            ))
         }
     }))
     .await;
