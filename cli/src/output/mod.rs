@@ -52,6 +52,25 @@ pub struct SessionView {
     pub updated_at: Option<String>,
     /// Why it failed, when state is `failed`.
     pub failure_reason: Option<String>,
+    /// Mutating tool calls acknowledged so far.
+    pub acked_mutations: u64,
+    /// The latest failover: the checkpoint it was recovered from and what was lost.
+    pub recovered_from: Option<RecoveredView>,
+}
+
+/// A session's latest failover as printed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RecoveredView {
+    /// The checkpoint its workspace and agent state came back from.
+    pub checkpoint_id: String,
+    /// When that checkpoint was taken (RFC 3339).
+    pub checkpoint_created_at: Option<String>,
+    /// When it was ready again on its new worker (RFC 3339).
+    pub recovered_at: Option<String>,
+    /// The worker that was lost.
+    pub lost_worker_id: String,
+    /// Mutating calls acknowledged after that checkpoint: their effects are gone.
+    pub lost_calls: u64,
 }
 
 impl From<&v1::Session> for SessionView {
@@ -66,6 +85,14 @@ impl From<&v1::Session> for SessionView {
             created_at: s.created_at.map(|t| t.to_string()),
             updated_at: s.updated_at.map(|t| t.to_string()),
             failure_reason: non_empty(&s.failure_reason),
+            acked_mutations: s.acked_mutations,
+            recovered_from: s.recovered_from.as_ref().map(|r| RecoveredView {
+                checkpoint_id: r.checkpoint_id.clone(),
+                checkpoint_created_at: r.checkpoint_created_at.map(|t| t.to_string()),
+                recovered_at: r.recovered_at.map(|t| t.to_string()),
+                lost_worker_id: r.lost_worker_id.clone(),
+                lost_calls: r.lost_calls,
+            }),
         }
     }
 }
@@ -298,8 +325,34 @@ mod tests {
             json!({
                 "id": "s-1", "owner": "admin", "worker_id": "worker-1", "state": "ready",
                 "labels": {"team": "red"}, "worker_connected": true,
-                "created_at": "1970-01-01T00:00:00Z", "updated_at": null, "failure_reason": null
+                "created_at": "1970-01-01T00:00:00Z", "updated_at": null, "failure_reason": null,
+                "acked_mutations": 0, "recovered_from": null
             })
+        );
+        let recovered = v1::Session {
+            recovered_from: Some(v1::RecoveredFrom {
+                checkpoint_id: "c-1".into(),
+                checkpoint_created_at: None,
+                recovered_at: Some(prost_types::Timestamp {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                lost_worker_id: "worker-2".into(),
+                lost_calls: 3,
+            }),
+            ..s
+        };
+        let view = SessionView::from(&recovered);
+        assert_eq!(
+            serde_json::to_value(&view).expect("json")["recovered_from"],
+            json!({"checkpoint_id": "c-1", "checkpoint_created_at": null,
+                   "recovered_at": "1970-01-01T00:01:00Z", "lost_worker_id": "worker-2",
+                   "lost_calls": 3})
+        );
+        let text = tables::session_details(&view);
+        assert!(
+            text.contains("c-1 (worker-2 lost; 3 calls after the checkpoint lost)"),
+            "{text}"
         );
     }
 

@@ -98,6 +98,16 @@ pub fn session_details(s: &SessionView) -> String {
     if let Some(reason) = &s.failure_reason {
         t.row(vec!["failure_reason:".into(), reason.clone()]);
     }
+    if let Some(r) = &s.recovered_from {
+        t.row(vec![
+            "recovered_from:".into(),
+            format!(
+                "{} ({} lost; {} calls after the checkpoint lost)",
+                r.checkpoint_id, r.lost_worker_id, r.lost_calls
+            ),
+        ])
+        .row(vec!["recovered_at:".into(), or_dash(&r.recovered_at)]);
+    }
     t.render()
 }
 
