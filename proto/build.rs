@@ -8,6 +8,7 @@ use prost::Message as _;
 
 const PROTOS: &[&str] = &[
     "heist/v1/agent.proto",
+    "heist/v1/audit.proto",
     "heist/v1/auth.proto",
     "heist/v1/checkpoint.proto",
     "heist/v1/cluster.proto",

@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use crate::{
     client::Client,
     commands::{
-        agents, chat, checkpoint, completions, dev, exec, heist, login, logout, mcp, run_python,
-        session, tool, transcript, turn, workers,
+        agents, audit, chat, checkpoint, completions, dev, exec, heist, login, logout, mcp,
+        run_python, session, tool, transcript, turn, workers,
     },
     credentials::Store,
     error::Error,
@@ -83,6 +83,9 @@ pub enum Command {
     /// Registered workers.
     #[command(subcommand, alias = "worker")]
     Workers(workers::Command),
+    /// The coordinator's audit log: list, follow, verify (audit:read).
+    #[command(subcommand)]
+    Audit(audit::Command),
     /// Sessions: isolated workspaces placed on workers.
     #[command(subcommand, alias = "sessions")]
     Session(session::Command),

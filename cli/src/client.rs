@@ -20,6 +20,7 @@ use tonic_health::pb::{
 use crate::error::Error;
 
 mod agents;
+mod audit;
 mod checkpoints;
 mod heist;
 

@@ -51,11 +51,13 @@ impl AuditRecord {
     }
 }
 
-/// The append side of the log.
+/// The log: appends, reads and checks.
 pub struct AuditLog {
     tree: sled::Tree,
     /// Last sequence number and hash.
     head: Mutex<(u64, [u8; 32])>,
+    /// The last sequence number written, for tails waiting on new records.
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 impl AuditLog {
@@ -75,6 +77,7 @@ impl AuditLog {
         };
         Ok(Self {
             tree,
+            written: tokio::sync::watch::Sender::new(head.0),
             head: Mutex::new(head),
         })
     }
@@ -97,9 +100,52 @@ impl AuditLog {
             .tree
             .insert(record.seq.to_be_bytes(), record.encode_to_vec())
         {
-            Ok(_) => *head = (record.seq, hash),
+            Ok(_) => {
+                *head = (record.seq, hash);
+                self.written.send_replace(record.seq);
+            }
             Err(err) => warn!(%err, kind, "audit record not written"),
         }
+    }
+
+    /// Up to `limit` records after `after` that `keep` accepts, in order, and whether the
+    /// log holds more after the last one returned.
+    pub fn list(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<(Vec<AuditRecord>, bool), Error> {
+        let mut out = Vec::new();
+        for entry in self.tree.range((after + 1).to_be_bytes()..) {
+            let (_, value) = entry?;
+            let record = AuditRecord::decode(value.as_ref()).map_err(|source| Error::Corrupt {
+                what: "audit record",
+                source,
+            })?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            if keep(&record) {
+                out.push(record);
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// The last sequence number written.
+    pub fn head(&self) -> u64 {
+        *self.written.borrow()
+    }
+
+    /// Changes of the last sequence number written.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.written.subscribe()
+    }
+
+    /// Checks the whole chain ([`verify`]).
+    pub fn verify(&self) -> Result<u64, Broken> {
+        verify(&self.tree)
     }
 }
 

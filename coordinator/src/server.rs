@@ -7,8 +7,9 @@ use heist_proto::{
     FILE_DESCRIPTOR_SET,
     token::TokenVerifier,
     v1::{
-        agent_service_server::AgentServiceServer, auth_service_server::AuthServiceServer,
-        blob_service_server::BlobServiceServer, checkpoint_service_server::CheckpointServiceServer,
+        agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
+        auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
+        checkpoint_service_server::CheckpointServiceServer,
         cluster_service_server::ClusterServiceServer, heist_service_server::HeistServiceServer,
         session_service_server::SessionServiceServer, tool_service_server::ToolServiceServer,
         worker_control_server::WorkerControlServer,
@@ -24,7 +25,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::{
     api::{
-        agent::AgentApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
+        agent::AgentApi, audit::AuditApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
         cluster::ClusterApi, heist::HeistApi, session::SessionApi, tool::ToolApi,
     },
     app::App,
@@ -110,6 +111,11 @@ async fn run(
         .add_service(reflection_alpha)
         .add_service(
             AuthServiceServer::new(AuthApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditApi::new(app.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )

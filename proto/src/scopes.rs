@@ -22,6 +22,8 @@ pub const CHECKPOINTS_WRITE: &str = "checkpoints:write";
 pub const AGENTS_RUN: &str = "agents:run";
 /// Play heist games: start, watch, analyze, guess, statistics (one's own games).
 pub const HEIST_PLAY: &str = "heist:play";
+/// Read and verify the audit log.
+pub const AUDIT_READ: &str = "audit:read";
 /// Everything, including administration.
 pub const ADMIN: &str = "admin";
 
@@ -36,6 +38,7 @@ pub const ALL: &[&str] = &[
     CHECKPOINTS_WRITE,
     AGENTS_RUN,
     HEIST_PLAY,
+    AUDIT_READ,
     ADMIN,
 ];
 
@@ -111,6 +114,7 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
             SESSIONS_READ
         }
         ("heist.v1.HeistService", _) => HEIST_PLAY,
+        ("heist.v1.AuditService", "ListAudit" | "TailAudit" | "VerifyAudit") => AUDIT_READ,
         _ => return None,
     })
 }
@@ -138,6 +142,7 @@ mod tests {
             ),
             ("/heist.v1.CheckpointService/ForkSession", CHECKPOINTS_WRITE),
             ("/heist.v1.AgentService/RunTurn", AGENTS_RUN),
+            ("/heist.v1.AuditService/VerifyAudit", AUDIT_READ),
             ("/heist.v1.AgentService/GetTranscript", SESSIONS_READ),
             ("/heist.v1.HeistService/Guess", HEIST_PLAY),
         ];

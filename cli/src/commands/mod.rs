@@ -3,6 +3,7 @@
 //! success (0, or 6 for a tool result with `is_error`).
 
 pub mod agents;
+pub mod audit;
 pub mod chat;
 pub mod checkpoint;
 pub mod completions;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Login(args) => login::run(&ctx, args).await,
         Command::Logout(args) => logout::run(&ctx, args),
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
+        Command::Audit(cmd) => audit::run(&ctx, cmd).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Tool(cmd) => tool::run(&ctx, cmd).await,
         Command::Checkpoint(cmd) => checkpoint::run(&ctx, cmd).await,

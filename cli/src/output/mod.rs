@@ -287,6 +287,13 @@ pub fn write_json(out: &mut dyn Write, value: &impl Serialize) -> Result<(), Err
     write_text(out, &format!("{text}\n"))
 }
 
+/// Writes a value as one line of JSON (a stream of records, one per line).
+pub fn write_json_line(out: &mut dyn Write, value: &impl Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string(value)
+        .map_err(|e| Error::io("cannot encode JSON", std::io::Error::other(e)))?;
+    write_text(out, &format!("{text}\n"))
+}
+
 /// Writes text. A reader that went away (`heistctl session ls | head -1`) is not an error.
 pub fn write_text(out: &mut dyn Write, text: &str) -> Result<(), Error> {
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {

@@ -3,6 +3,7 @@
 //! [`crate::app::App`], and maps the error to a status. No module here imports another.
 
 pub mod agent;
+pub mod audit;
 pub mod auth;
 pub mod blob;
 pub mod checkpoint;

@@ -10,8 +10,8 @@ use heist_proto::{
     metadata,
     token::{TokenSigner, call_digest},
     v1::{
-        self, blob_service_client::BlobServiceClient, worker_control_client::WorkerControlClient,
-        worker_service_client::WorkerServiceClient,
+        self, auth_service_client::AuthServiceClient, blob_service_client::BlobServiceClient,
+        worker_control_client::WorkerControlClient, worker_service_client::WorkerServiceClient,
     },
 };
 use serde_json::json;
@@ -510,7 +510,9 @@ async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
     coord.stop().await;
 }
 
-#[tokio::test]
+/// (Two runtime threads: the coordinator runs in this process and serves the heistctl the test
+/// waits on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     use prost::Message as _;
 
@@ -527,6 +529,71 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
         register("w1", "http://127.0.0.1:1", &impostor),
     )
     .await;
+
+    // Read through the AuditService: heistctl lists and verifies; a tail sees new records.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(sibling_binary("heistctl"))
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("HEIST_COORDINATOR", coord.url())
+            .env("HEIST_TOKEN", &client.token)
+            .args(args)
+            .output()
+            .expect("heistctl")
+    };
+    let ls = ctl(&["-o", "json", "audit", "ls", "--kind", "worker."]);
+    assert!(ls.status.success(), "{ls:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    let listed_kinds: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(listed_kinds.contains(&"worker.refused"), "{listed_kinds:?}");
+    assert!(listed_kinds.iter().all(|k| k.starts_with("worker.")));
+    let ok = ctl(&["audit", "verify"]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
+    let mut audit = v1::audit_service_client::AuditServiceClient::new(channel(&coord.url()).await);
+    let mut tail = audit
+        .tail_audit(authed(
+            &client.token,
+            v1::TailAuditRequest {
+                filter: Some(v1::AuditFilter {
+                    kind: "token.refused".into(),
+                    subject: String::new(),
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("tail")
+        .into_inner();
+    let _ = issue_token(&coord.url(), ADMIN_ID, "another-wrong-secret-012").await;
+    let new = tokio::time::timeout(std::time::Duration::from_secs(10), tail.message())
+        .await
+        .expect("a new record within 10 s")
+        .expect("stream")
+        .expect("record");
+    assert_eq!(new.kind, "token.refused");
+    // Reading the audit log needs audit:read.
+    let reader = AuthServiceClient::new(channel(&coord.url()).await)
+        .issue_token(v1::IssueTokenRequest {
+            client_id: ADMIN_ID.into(),
+            client_secret: ADMIN_SECRET.into(),
+            scopes: vec!["sessions:read".into()],
+        })
+        .await
+        .expect("narrow token")
+        .into_inner()
+        .access_token;
+    let denied = audit
+        .verify_audit(authed(&reader, v1::VerifyAuditRequest {}))
+        .await
+        .expect_err("needs audit:read");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    drop(tail);
     w.stop().await;
     coord.stop().await;
 
@@ -564,6 +631,29 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
         .expect("tamper");
     let broken = heist_coordinator::audit::verify(&tree).expect_err("tampered");
     assert_eq!(broken.seq, refused.seq, "{broken}");
+
+    // The restarted coordinator's `heistctl audit verify` names the edited record.
+    drop(tree);
+    drop(store);
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let token = issue_token(&coord.url(), ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect("token");
+    let out = std::process::Command::new(sibling_binary("heistctl"))
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("HEIST_COORDINATOR", coord.url())
+        .env("HEIST_TOKEN", &token)
+        .args(["audit", "verify"])
+        .output()
+        .expect("heistctl");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("BROKEN at record {}", refused.seq)),
+        "{said}"
+    );
+    coord.stop().await;
 }
 
 /// Whether other local users could read `path`: it and every directory above it (below
