@@ -137,6 +137,24 @@ fn out(resp: &v1::CallToolResponse, stream: &str) -> String {
         .to_owned()
 }
 
+/// `sleep 30` with a 1 s timeout comes back timed out.
+async fn a_timeout_stops_the_command(client: &mut Client, session: &str) {
+    let slow = client
+        .call(
+            session,
+            "exec",
+            json!({"command": "sleep 30", "timeout_s": 1}),
+        )
+        .await
+        .expect("exec");
+    assert_eq!(
+        structured(&slow)["timed_out"],
+        true,
+        "{}",
+        structured(&slow)
+    );
+}
+
 /// The ids of the containers labelled for `session`.
 fn containers_of(session: &str) -> Vec<String> {
     docker(&[
@@ -230,21 +248,7 @@ async fn docker_sessions_run_commands_and_python_in_their_own_container() {
     assert_eq!(structured(&py)["exit_code"], 3);
 
     // A timeout stops the command.
-    let slow = lab
-        .client
-        .call(
-            &lab.session,
-            "exec",
-            json!({"command": "sleep 30", "timeout_s": 1}),
-        )
-        .await
-        .expect("exec");
-    assert_eq!(
-        structured(&slow)["timed_out"],
-        true,
-        "{}",
-        structured(&slow)
-    );
+    a_timeout_stops_the_command(&mut lab.client, &lab.session).await;
     assert_eq!(lab.sh_ok("echo still here").await, "still here\n");
 
     // A command that signals everything it may signal stops only the session's commands: the
@@ -616,20 +620,7 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
         .await
         .expect("run.python");
     assert_eq!(out(&py, "stdout"), "42\n", "{}", structured(&py));
-    let slow = client
-        .call(
-            &session,
-            "exec",
-            json!({"command": "sleep 30", "timeout_s": 1}),
-        )
-        .await
-        .expect("exec");
-    assert_eq!(
-        structured(&slow)["timed_out"],
-        true,
-        "{}",
-        structured(&slow)
-    );
+    a_timeout_stops_the_command(&mut client, &session).await;
     let ours = containers_of(&session);
     assert_eq!(ours.len(), 1);
 

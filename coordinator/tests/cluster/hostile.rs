@@ -279,20 +279,24 @@ async fn blob_calls_need_the_workers_own_proof() {
         )
         .await
         .expect("write");
-    let mut checkpoints =
-        v1::checkpoint_service_client::CheckpointServiceClient::new(channel(&coord.url()).await);
-    checkpoints
+    checkpoint(&coord.url(), &client.token, &session.id).await;
+    w.stop().await;
+    coord.stop().await;
+}
+
+/// Checkpoints `session` through the coordinator at `url`.
+async fn checkpoint(url: &str, token: &str, session: &str) -> v1::Checkpoint {
+    v1::checkpoint_service_client::CheckpointServiceClient::new(channel(url).await)
         .create_checkpoint(authed(
-            &client.token,
+            token,
             v1::CreateCheckpointRequest {
-                session_id: session.id.clone(),
+                session_id: session.to_owned(),
                 ..Default::default()
             },
         ))
         .await
-        .expect("checkpoint");
-    w.stop().await;
-    coord.stop().await;
+        .expect("checkpoint")
+        .into_inner()
 }
 
 /// A credential as the coordinator signs it for `worker`, for one call.
@@ -700,18 +704,7 @@ async fn nothing_the_binaries_keep_is_readable_by_other_local_users() {
         )
         .await
         .expect("memory.store");
-    let mut checkpoints =
-        v1::checkpoint_service_client::CheckpointServiceClient::new(channel(&coord.url()).await);
-    checkpoints
-        .create_checkpoint(authed(
-            &client.token,
-            v1::CreateCheckpointRequest {
-                session_id: session.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("checkpoint");
+    checkpoint(&coord.url(), &client.token, &session).await;
     let mut open = Vec::new();
     let mut stack = vec![dir.path().to_owned()];
     while let Some(d) = stack.pop() {
