@@ -531,6 +531,33 @@ fn use_gate(config: &mut heist_worker::Config) {
     config.docker_host = Some(format!("unix://{}", socket.display()));
 }
 
+/// Waits (up to 2 s) for a gate to bind its socket.
+async fn wait_for_socket(socket: &std::path::Path) {
+    for _ in 0..100 {
+        if socket.exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1 POST of a JSON body over a Unix socket; the whole answer as text.
+async fn raw_post(socket: &std::path::Path, path: &str, body: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
 /// The docker CLI talking to the gate instead of the engine; its stdout or its stderr.
 fn through_gate(socket: &std::path::Path, args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
@@ -558,7 +585,7 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("gate.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let args = heist_worker::engine_gate::GateArgs {
+    let gate_args = heist_worker::engine_gate::GateArgs {
         socket: socket.clone(),
         engine: "/var/run/docker.sock".into(),
         image: image(),
@@ -568,17 +595,13 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
         socket_owner: None,
         socket_mode: "600".into(),
         max_body_bytes: 1 << 20,
+        max_containers: 512,
         probe: false,
     };
-    let gate = tokio::spawn(heist_worker::engine_gate::run(args, async {
+    let gate = tokio::spawn(heist_worker::engine_gate::run(gate_args.clone(), async {
         let _ = stopped.await;
     }));
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_socket(&socket).await;
 
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(
@@ -652,6 +675,37 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
     docker(&["rm", "-f", &other]);
     // The session's own container can be inspected through it (the backend does).
     assert!(through_gate(&socket, &["inspect", &ours[0]]).is_ok());
+
+    // A gate that allows no more containers refuses even a confined one.
+    let full = dir.path().join("full.sock");
+    let (stop_full, full_stopped) = tokio::sync::oneshot::channel::<()>();
+    let full_gate = tokio::spawn(heist_worker::engine_gate::run(
+        heist_worker::engine_gate::GateArgs {
+            socket: full.clone(),
+            max_containers: 0,
+            ..gate_args
+        },
+        async {
+            let _ = full_stopped.await;
+        },
+    ));
+    wait_for_socket(&full).await;
+    let mount = dir.path().join("probe");
+    std::fs::create_dir_all(&mount).expect("mkdir");
+    let body = json!({
+        "Image": image(), "User": "65534:65534", "Labels": {"io.heist.worker": "probe"},
+        "HostConfig": {
+            "Mounts": [{"Type": "bind", "Source": mount, "Target": "/workspace"}],
+            "NetworkMode": "none", "ReadonlyRootfs": true, "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"], "Memory": 64 << 20, "PidsLimit": 16,
+        }
+    })
+    .to_string();
+    let answer = raw_post(&full, "/containers/create", &body).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("HEIST_GATE_MAX_CONTAINERS"), "{answer}");
+    let _ = stop_full.send(());
+    full_gate.await.expect("gate task").expect("gate");
 
     client.close_session(&session).await.expect("close");
     assert!(containers_of(&session).is_empty());

@@ -90,6 +90,10 @@ pub struct GateArgs {
     /// Largest request body passed on, in bytes (container and exec bodies are a few KiB).
     #[arg(long, env = "HEIST_GATE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Most sandbox containers (running or not, of every worker) the gate lets exist: a
+    /// create beyond it is refused.
+    #[arg(long, env = "HEIST_GATE_MAX_CONTAINERS", default_value_t = 512)]
+    pub max_containers: usize,
     /// Ask a running gate's socket for the engine's `/_ping` and exit 0 when it answers (the
     /// container's healthcheck).
     #[arg(long)]
@@ -102,6 +106,7 @@ struct Gate {
     engine: PathBuf,
     policy: Policy,
     max_body: usize,
+    max_containers: usize,
     /// Full ids of containers seen carrying the worker label (labels never change).
     containers: Mutex<HashSet<String>>,
     /// Exec ids created through the gate on such containers.
@@ -133,6 +138,7 @@ pub async fn run(
             host_workspaces,
         },
         max_body: args.max_body_bytes,
+        max_containers: args.max_containers,
         containers: Mutex::new(HashSet::new()),
         execs: Mutex::new(HashSet::new()),
     });
@@ -379,6 +385,7 @@ impl Gate {
             Route::ContainerCreate => {
                 let mut json = parse(&body)?;
                 self.policy.check_create(&mut json)?;
+                self.check_count().await?;
                 body = Bytes::from(json.to_string());
                 created_container = true;
             }
@@ -446,6 +453,25 @@ impl Gate {
             ));
         }
         Ok(resp.map(|b| b.boxed()))
+    }
+
+    /// Fewer sandbox containers exist than the gate allows.
+    async fn check_count(&self) -> Result<(), Refusal> {
+        let filters = serde_json::json!({ "label": [crate::sandbox::WORKER_LABEL] }).to_string();
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("all", "true")
+            .append_pair("filters", &filters)
+            .finish();
+        let list = engine_json(&self.engine, &format!("/containers/json?{query}")).await?;
+        let n = list.as_array().map_or(0, Vec::len);
+        if n >= self.max_containers {
+            return Err(Denied(format!(
+                "{n} sandbox containers exist, the most allowed (HEIST_GATE_MAX_CONTAINERS); \
+                 close sessions first"
+            ))
+            .into());
+        }
+        Ok(())
     }
 
     /// The container carries the worker label (looked up once per full id).
