@@ -124,8 +124,10 @@ run_scenario() {
     say "$name: stop one worker; new sessions land on the other"
     w1=$(ctl -o json session show "$s1" | json_field '["worker_id"]')
     local victim
+    # (`if`, not `&&`: a loop whose last test is false would fail the pipeline under pipefail.)
     victim=$(compose ps -q worker | while read -r id; do
-        [ "$(docker inspect --format '{{.Config.Hostname}}' "$id")" = "$w1" ] && echo "$id"; done)
+        if [ "$(docker inspect --format '{{.Config.Hostname}}' "$id")" = "$w1" ]; then echo "$id"; fi
+    done)
     [ -n "$victim" ] || fail "no container is worker $w1"
     docker stop "$victim" >/dev/null
     wait_workers 1 60
