@@ -164,9 +164,22 @@ impl Client {
         labels: BTreeMap<String, String>,
         request_id: &str,
     ) -> Result<v1::Session, Error> {
+        self.create_session_with(labels, Vec::new(), request_id)
+            .await
+    }
+
+    /// Creates a session whose tools are narrowed to `allowed_tools` (names or `prefix.*`
+    /// globs; empty for no narrowing).
+    pub async fn create_session_with(
+        &self,
+        labels: BTreeMap<String, String>,
+        allowed_tools: Vec<String>,
+        request_id: &str,
+    ) -> Result<v1::Session, Error> {
         let message = v1::CreateSessionRequest {
             request_id: request_id.to_owned(),
             labels: labels.into_iter().collect(),
+            allowed_tools,
         };
         self.retrying(|| async {
             let request = self.authed(message.clone())?;

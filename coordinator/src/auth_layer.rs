@@ -55,17 +55,22 @@ pub fn authorize(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<Principal>, Error> {
-    let needed = match scopes::access(path) {
-        scopes::Access::Public => return Ok(None),
-        scopes::Access::Scope(needed) => Some(needed),
-        scopes::Access::Token => None,
-    };
+    let access = scopes::access(path);
+    if access == scopes::Access::Public {
+        return Ok(None);
+    }
     let token = metadata::bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
-    if let Some(needed) = needed
-        && !scopes::grants(&claims.scope, needed)
-    {
-        return Err(Error::ScopeMissing(needed));
+    let holds = |needed: &str| scopes::grants(&claims.scope, needed);
+    match access {
+        scopes::Access::Scope(needed) if !holds(needed) => {
+            return Err(Error::ScopeMissing(needed));
+        }
+        // Tool calls: any tool scope passes here; the gate checks the tool's own.
+        scopes::Access::AnyScope(any) if !any.iter().any(|n| holds(n)) => {
+            return Err(Error::ScopeMissing(scopes::TOOLS_CALL));
+        }
+        _ => {}
     }
     Ok(Some(Principal {
         id: claims.sub,

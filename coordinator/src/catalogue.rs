@@ -37,6 +37,11 @@ static BUILTIN: LazyLock<HashMap<String, Builtin>> = LazyLock::new(|| {
         .collect()
 });
 
+/// The names of the built-in tools.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTIN.keys().map(String::as_str)
+}
+
 /// Whether `name` is a built-in tool.
 pub fn is_builtin(name: &str) -> bool {
     BUILTIN.contains_key(name)

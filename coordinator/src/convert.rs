@@ -24,6 +24,9 @@ pub struct NewSession {
     pub labels: HashMap<String, String>,
     /// Makes a retry apply once.
     pub request_id: Option<RequestId>,
+    /// The session's tool policy as asked for (checked against the tools that exist when the
+    /// session is created: [`crate::calls::policy::check`]); empty for none.
+    pub allowed_tools: Vec<String>,
 }
 
 impl TryFrom<CreateSessionRequest> for NewSession {
@@ -34,6 +37,7 @@ impl TryFrom<CreateSessionRequest> for NewSession {
         Ok(Self {
             request_id: RequestId::parse_optional(&req.request_id)?,
             labels: req.labels,
+            allowed_tools: req.allowed_tools,
         })
     }
 }

@@ -183,6 +183,31 @@ pub enum Error {
     /// The token lacks the scope the RPC needs.
     #[error("token lacks scope {0:?}: log in with a client that holds it")]
     ScopeMissing(&'static str),
+    /// The token allows neither the tool's category nor every tool.
+    #[error(
+        "token lacks scope {scope:?} for tool `{tool}` (`tools:call` would allow every tool): \
+         log in with a client that holds it, or ask for it in IssueToken's scopes"
+    )]
+    ToolScopeMissing {
+        /// The tool asked for.
+        tool: String,
+        /// The scope that would allow it.
+        scope: &'static str,
+    },
+    /// The session's tool policy does not allow the tool.
+    #[error(
+        "session {session} allows only {allowed}: tool `{tool}` is outside its tool policy; \
+         call one of those, or create a session that allows it \
+         (`heistctl session create --allow-tool {tool}`)"
+    )]
+    ToolNotAllowed {
+        /// The tool asked for.
+        tool: String,
+        /// The session.
+        session: SessionId,
+        /// The session's policy, comma-separated.
+        allowed: String,
+    },
     /// The coordinator is shutting down.
     #[error("the coordinator is shutting down: retry against it once it is back")]
     ShuttingDown,
@@ -386,6 +411,24 @@ impl From<Error> for Status {
                 Code::PermissionDenied,
                 reason::SCOPE_MISSING,
                 &[("scope", scope)],
+            ),
+            Error::ToolScopeMissing { tool, scope } => rich(
+                Code::PermissionDenied,
+                reason::SCOPE_MISSING,
+                &[("scope", scope), ("tool", tool)],
+            ),
+            Error::ToolNotAllowed {
+                tool,
+                session,
+                allowed,
+            } => rich(
+                Code::PermissionDenied,
+                reason::TOOL_NOT_ALLOWED,
+                &[
+                    ("tool", tool),
+                    ("session_id", session.as_str()),
+                    ("allowed_tools", allowed),
+                ],
             ),
             Error::ShuttingDown => rich(Code::Unavailable, reason::NOT_SERVING, &[]),
             Error::CheckpointNotFound(id) => rich(

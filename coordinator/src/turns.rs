@@ -11,7 +11,8 @@
 //! A turn outlives every stream: its events are stored before followers see them, and
 //! [`follow`] replays from any number then continues live. The grant names the turn, the
 //! session and the tools the caller may call (the [`calls::gate`] decides, per tool of the
-//! session worker's catalogue); the worker intersects it with the agent's own tools.
+//! session worker's catalogue: token scopes ∩ the session's tool policy); the worker intersects
+//! it with the agent's own tools.
 //!
 //! Records: tree `turns` (turn id → `pb::Turn`), `turn_owners` (turn id → principal),
 //! `session_turns` (`session 0x00 turn id` → nothing: the transcript's index, in start order
@@ -30,7 +31,7 @@ use tracing::{Instrument as _, info, info_span, warn};
 use crate::{
     app::App,
     auth_layer::Principal,
-    calls::gate,
+    calls::{self, gate},
     error::Error,
     eventlog::EventLog,
     idempotency::Fingerprint,
@@ -192,11 +193,12 @@ pub async fn start(app: &Arc<App>, request: TurnRequest) -> Result<TurnId, Error
             worker,
         });
     }
+    let policy = calls::session_policy(app, &request.session)?;
     let tools: Vec<String> = route
         .catalogue
         .tools()
         .iter()
-        .filter(|t| gate::allow(&request.principal, t).is_ok())
+        .filter(|t| gate::allow(&request.principal, &request.session, &policy, &t.name).is_ok())
         .map(|t| t.name.clone())
         .collect();
     let dedup = Dedup::new(

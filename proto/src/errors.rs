@@ -86,6 +86,9 @@ pub mod reason {
     pub const TURN_NOT_FOUND: &str = "TURN_NOT_FOUND";
     /// No agent by that name on the session's worker (metadata: `agent`).
     pub const AGENT_NOT_FOUND: &str = "AGENT_NOT_FOUND";
+    /// The session's tool policy does not allow the tool (metadata: `tool`, `session_id`,
+    /// `allowed_tools`): call one it allows, or use a session that allows it.
+    pub const TOOL_NOT_ALLOWED: &str = "TOOL_NOT_ALLOWED";
 }
 
 /// A status with an ErrorInfo detail.

@@ -3,6 +3,11 @@
 //!
 //! Access fails closed: a path is public only when [`PUBLIC`] lists it; every other path needs
 //! a valid token, and a path no table knows needs [`ADMIN`].
+//!
+//! Tool calls have category scopes too ([`tool_scope`]): a call of a tool needs [`TOOLS_CALL`]
+//! (every tool, what tokens held before the categories existed) or the tool's category scope
+//! ([`TOOLS_FS`], ...); a tool in no category needs [`TOOLS_CALL`]. Scopes only add: holding
+//! more never allows less.
 
 /// Read workers (ClusterService).
 pub const CLUSTER_READ: &str = "cluster:read";
@@ -12,8 +17,18 @@ pub const SESSIONS_READ: &str = "sessions:read";
 pub const SESSIONS_WRITE: &str = "sessions:write";
 /// List tools.
 pub const TOOLS_READ: &str = "tools:read";
-/// Call tools.
+/// Call every tool (every category below, and the tools in none).
 pub const TOOLS_CALL: &str = "tools:call";
+/// Call the workspace file tools (`fs.read`, `fs.write`, `fs.list`, `fs.stat`, `fs.delete`).
+pub const TOOLS_FS: &str = "tools:fs";
+/// Run commands and code in the sandbox (`exec`, `run.python`).
+pub const TOOLS_EXEC: &str = "tools:exec";
+/// Call the calculator (`calc`).
+pub const TOOLS_CALC: &str = "tools:calc";
+/// Query the session's SQL database (`db.query`).
+pub const TOOLS_QUERY: &str = "tools:query";
+/// Store and recall agent memory (`memory.store`, `memory.recall`).
+pub const TOOLS_MEMORY: &str = "tools:memory";
 /// Read the caller's checkpoints.
 pub const CHECKPOINTS_READ: &str = "checkpoints:read";
 /// Create, restore, fork and delete checkpoints.
@@ -34,6 +49,11 @@ pub const ALL: &[&str] = &[
     SESSIONS_WRITE,
     TOOLS_READ,
     TOOLS_CALL,
+    TOOLS_FS,
+    TOOLS_EXEC,
+    TOOLS_CALC,
+    TOOLS_QUERY,
+    TOOLS_MEMORY,
     CHECKPOINTS_READ,
     CHECKPOINTS_WRITE,
     AGENTS_RUN,
@@ -41,6 +61,47 @@ pub const ALL: &[&str] = &[
     AUDIT_READ,
     ADMIN,
 ];
+
+/// The tool category scopes: each grants the calls of the tools [`tool_scope`] maps to it.
+pub const TOOL_CATEGORIES: &[&str] = &[TOOLS_FS, TOOLS_EXEC, TOOLS_CALC, TOOLS_QUERY, TOOLS_MEMORY];
+
+/// Any of these lets a token through to CallTool and CallToolStream; which tool it may call
+/// is decided per tool afterwards (the coordinator's gate).
+pub const TOOL_CALL_SCOPES: &[&str] = &[
+    TOOLS_CALL,
+    TOOLS_FS,
+    TOOLS_EXEC,
+    TOOLS_CALC,
+    TOOLS_QUERY,
+    TOOLS_MEMORY,
+];
+
+/// The category scope of a built-in tool, by its exact name; `None` for a tool in no category
+/// (`echo`, and every tool a worker adds under its own prefix), which only [`TOOLS_CALL`]
+/// allows. Exact names, not prefixes: a worker whose id is `fs` cannot put its own `fs.x`
+/// tools into the `tools:fs` category.
+pub fn tool_scope(tool: &str) -> Option<&'static str> {
+    Some(match tool {
+        "fs.read" | "fs.write" | "fs.list" | "fs.stat" | "fs.delete" => TOOLS_FS,
+        "exec" | "run.python" => TOOLS_EXEC,
+        "calc" => TOOLS_CALC,
+        "db.query" => TOOLS_QUERY,
+        "memory.store" | "memory.recall" => TOOLS_MEMORY,
+        _ => return None,
+    })
+}
+
+/// Whether a token with the space-separated `scope_claim` may call `tool`: with `admin`,
+/// [`TOOLS_CALL`], or the tool's category scope. On refusal, the scope that would allow it
+/// (the category's, or [`TOOLS_CALL`] for a tool in no category).
+pub fn may_call_tool(scope_claim: &str, tool: &str) -> Result<(), &'static str> {
+    let needed = tool_scope(tool).unwrap_or(TOOLS_CALL);
+    if grants(scope_claim, needed) {
+        Ok(())
+    } else {
+        Err(needed)
+    }
+}
 
 /// The paths served without a bearer token, exactly (gRPC methods and HTTP routes). Every other
 /// path needs a valid token. WorkerControl and BlobService are here because they check the
@@ -80,6 +141,9 @@ pub enum Access {
     Scope(&'static str),
     /// A valid token, whatever its scopes ([`TOKEN_ONLY`]).
     Token,
+    /// A valid token carrying any of these scopes (tool calls: [`TOOL_CALL_SCOPES`]; the tool
+    /// itself is checked after).
+    AnyScope(&'static [&'static str]),
 }
 
 /// What `path` needs: [`Access::Public`] only for the allow-list, the RPC's scope for a known
@@ -90,6 +154,12 @@ pub fn access(path: &str) -> Access {
     }
     if TOKEN_ONLY.contains(&path) {
         return Access::Token;
+    }
+    if matches!(
+        path,
+        "/heist.v1.ToolService/CallTool" | "/heist.v1.ToolService/CallToolStream"
+    ) {
+        return Access::AnyScope(TOOL_CALL_SCOPES);
     }
     Access::Scope(scope_for(path).unwrap_or(ADMIN))
 }
@@ -119,11 +189,12 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
     })
 }
 
-/// Whether a space-separated `scope` claim grants `needed` (`admin` grants everything).
+/// Whether a space-separated `scope` claim grants `needed` (`admin` grants everything,
+/// [`TOOLS_CALL`] every tool category).
 pub fn grants(scope_claim: &str, needed: &str) -> bool {
-    scope_claim
-        .split_ascii_whitespace()
-        .any(|s| s == needed || s == ADMIN)
+    scope_claim.split_ascii_whitespace().any(|s| {
+        s == needed || s == ADMIN || (s == TOOLS_CALL && TOOL_CATEGORIES.contains(&needed))
+    })
 }
 
 #[cfg(test)]
@@ -135,7 +206,6 @@ mod tests {
         let cases = [
             ("/heist.v1.SessionService/CreateSession", SESSIONS_WRITE),
             ("/heist.v1.SessionService/ListSessions", SESSIONS_READ),
-            ("/heist.v1.ToolService/CallTool", TOOLS_CALL),
             (
                 "/heist.v1.CheckpointService/ListCheckpoints",
                 CHECKPOINTS_READ,
@@ -157,6 +227,14 @@ mod tests {
         assert_eq!(access("/metrics"), Access::Public);
         assert_eq!(access("/oauth/token"), Access::Public);
         assert_eq!(access("/mcp"), Access::Token);
+        assert_eq!(
+            access("/heist.v1.ToolService/CallTool"),
+            Access::AnyScope(TOOL_CALL_SCOPES)
+        );
+        assert_eq!(
+            access("/heist.v1.ToolService/CallToolStream"),
+            Access::AnyScope(TOOL_CALL_SCOPES)
+        );
     }
 
     #[test]
@@ -179,5 +257,50 @@ mod tests {
         assert!(grants("tools:read tools:call", TOOLS_CALL));
         assert!(!grants("tools:read", TOOLS_CALL));
         assert!(!grants("", TOOLS_CALL));
+        assert!(grants("admin", TOOLS_FS));
+    }
+
+    #[test]
+    fn every_builtin_tool_but_echo_has_a_category() {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            name: String,
+        }
+        let builtins: Vec<Named> =
+            serde_json::from_str(crate::BUILTIN_TOOLS_JSON).expect("built-in tools");
+        assert!(builtins.len() > 5);
+        for tool in builtins {
+            let scope = tool_scope(&tool.name);
+            if tool.name == "echo" {
+                assert_eq!(scope, None);
+            } else {
+                let scope = scope.unwrap_or_else(|| panic!("{} has no category", tool.name));
+                assert!(TOOL_CATEGORIES.contains(&scope), "{}", tool.name);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tool_needs_its_category_or_the_call_scope() {
+        assert_eq!(tool_scope("fs.read"), Some(TOOLS_FS));
+        assert_eq!(tool_scope("run.python"), Some(TOOLS_EXEC));
+        assert_eq!(tool_scope("db.query"), Some(TOOLS_QUERY));
+        assert_eq!(tool_scope("memory.recall"), Some(TOOLS_MEMORY));
+        // Prefixes do not make a category: a worker called `fs` adds no fs tool.
+        assert_eq!(tool_scope("fs.evil"), None);
+        assert_eq!(tool_scope("w1.hello"), None);
+
+        assert_eq!(may_call_tool("tools:fs", "fs.write"), Ok(()));
+        assert_eq!(may_call_tool("tools:fs", "exec"), Err(TOOLS_EXEC));
+        assert_eq!(may_call_tool("tools:fs", "echo"), Err(TOOLS_CALL));
+        assert_eq!(may_call_tool("tools:fs", "w1.hello"), Err(TOOLS_CALL));
+        assert_eq!(may_call_tool("tools:call", "exec"), Ok(()));
+        assert_eq!(may_call_tool("tools:call", "w1.hello"), Ok(()));
+        assert_eq!(may_call_tool("admin", "calc"), Ok(()));
+        assert_eq!(may_call_tool("tools:read", "calc"), Err(TOOLS_CALC));
+        // The call scope covers every category, for down-scoping at IssueToken too.
+        assert!(grants("tools:call", TOOLS_MEMORY));
+        assert!(!grants("tools:fs", TOOLS_CALL));
+        assert!(!grants("tools:fs", TOOLS_EXEC));
     }
 }

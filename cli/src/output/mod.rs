@@ -44,6 +44,8 @@ pub struct SessionView {
     pub state: String,
     /// Session labels.
     pub labels: BTreeMap<String, String>,
+    /// The only tools callable in it (names or globs); empty: whatever the token allows.
+    pub allowed_tools: Vec<String>,
     /// Whether its worker is connected now.
     pub worker_connected: bool,
     /// Creation time (RFC 3339).
@@ -81,6 +83,7 @@ impl From<&v1::Session> for SessionView {
             worker_id: s.worker_id.clone(),
             state: session_state(s.state),
             labels: sorted(&s.labels),
+            allowed_tools: s.allowed_tools.clone(),
             worker_connected: s.worker_connected,
             created_at: s.created_at.map(|t| t.to_string()),
             updated_at: s.updated_at.map(|t| t.to_string()),
@@ -331,7 +334,7 @@ mod tests {
             j,
             json!({
                 "id": "s-1", "owner": "admin", "worker_id": "worker-1", "state": "ready",
-                "labels": {"team": "red"}, "worker_connected": true,
+                "labels": {"team": "red"}, "allowed_tools": [], "worker_connected": true,
                 "created_at": "1970-01-01T00:00:00Z", "updated_at": null, "failure_reason": null,
                 "acked_mutations": 0, "recovered_from": null
             })

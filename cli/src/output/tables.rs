@@ -85,6 +85,15 @@ pub fn sessions_table(sessions: &[SessionView]) -> String {
     t.render()
 }
 
+/// A session's tool policy: its entries, or `(all the token allows)`.
+fn allowed_tools_text(allowed: &[String]) -> String {
+    if allowed.is_empty() {
+        "(all the token allows)".to_owned()
+    } else {
+        allowed.join(",")
+    }
+}
+
 /// One session as `key: value` lines.
 pub fn session_details(s: &SessionView) -> String {
     let mut t = Table::new(&["id:", &s.id]);
@@ -93,6 +102,7 @@ pub fn session_details(s: &SessionView) -> String {
         .row(vec!["worker_id:".into(), s.worker_id.clone()])
         .row(vec!["worker_connected:".into(), yes_no(s.worker_connected)])
         .row(vec!["labels:".into(), labels_text(&s.labels)])
+        .row(vec!["allowed_tools:".into(), allowed_tools_text(&s.allowed_tools)])
         .row(vec!["created_at:".into(), or_dash(&s.created_at)])
         .row(vec!["updated_at:".into(), or_dash(&s.updated_at)]);
     if let Some(reason) = &s.failure_reason {

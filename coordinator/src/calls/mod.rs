@@ -3,19 +3,21 @@
 //!
 //! ```text
 //! admit ─► gate ─► run once ─► forward ─► after-hooks
-//! session   scopes  request-id  unary or    auto-checkpoint
-//! owner,    (per    dedup       stream to   (audit, metrics
-//! READY,    tool    (runner)    the worker  plug in here)
-//! route,    later)
-//! catalogue
+//! session   token   request-id  unary or    auto-checkpoint
+//! owner,    scopes  dedup       stream to   (audit, metrics
+//! READY,    ∩       (runner)    the worker  plug in here)
+//! route,    session
+//! catalogue policy; refusals audited
 //! ```
 //!
 //! A call is a domain [`ToolCall`] (principal, session, tool, JSON arguments, request id,
 //! deadline) and its result a `CallToolResponse` (the wire's MCP-shaped result); nothing here
-//! depends on tonic. [`gate`] is the one place a call is allowed; [`hooks`] lists what runs after.
+//! depends on tonic. [`gate`] is the one place a call is allowed, under the session's
+//! [`policy`]; [`hooks`] lists what runs after.
 
 pub mod gate;
 pub mod hooks;
+pub mod policy;
 mod stream;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -110,7 +112,11 @@ fn admit(app: &App, call: &ToolCall) -> Result<Admitted, Error> {
             worker,
         });
     };
-    gate::allow(&call.principal, spec)?;
+    let policy = session_policy(app, &call.session)?;
+    if let Err(err) = gate::allow(&call.principal, &call.session, &policy, &spec.name) {
+        audit_denied(app, &call.principal, Some(&call.session), &call.tool, &err);
+        return Err(err);
+    }
     let read_only = spec.read_only;
     let dedup = if read_only {
         None
@@ -186,8 +192,34 @@ fn replayed(recorded: &[u8]) -> Result<CallToolResponse, Error> {
     Ok(resp)
 }
 
-/// The tools a caller can call: those of the session's worker when `session` is given (the
-/// caller must own it), otherwise the merged catalogue of every connected worker.
+/// The tool policy of a session (its record must exist: the caller checked it is theirs).
+pub fn session_policy(app: &App, session: &SessionId) -> Result<policy::ToolPolicy, Error> {
+    app.sessions
+        .with(session, |s| policy::ToolPolicy::stored(&s.allowed_tools))
+        .ok_or_else(|| Error::SessionNotFound(session.clone()))
+}
+
+/// Appends a refused tool call to the audit log: who, in which session, which tool, and why.
+pub fn audit_denied(
+    app: &App,
+    principal: &Principal,
+    session: Option<&SessionId>,
+    tool: &str,
+    why: &Error,
+) {
+    let session = session.map_or("", SessionId::as_str);
+    let reason = match why {
+        Error::ToolScopeMissing { scope, .. } => format!("token lacks {scope}"),
+        Error::ToolNotAllowed { allowed, .. } => format!("session allows only {allowed}"),
+        other => other.to_string(),
+    };
+    let detail = format!("session={session} tool={tool} reason={reason}");
+    app.audit.record("tool.denied", &principal.id, &detail);
+}
+
+/// The tools a caller may call: those of the session's worker that the gate allows in that
+/// session when `session` is given (the caller must own it), otherwise those of the merged
+/// catalogue of every connected worker that the token allows.
 pub fn list_tools(
     app: &App,
     principal: &Principal,
@@ -195,12 +227,28 @@ pub fn list_tools(
 ) -> Result<Vec<ToolSpec>, Error> {
     if let Some(id) = session {
         let worker = session_worker(app, &principal.id, id, false)?;
+        let policy = session_policy(app, id)?;
         return Ok(app
             .registry
             .catalogue(&worker)
-            .map(|c| c.tools().to_vec())
+            .map(|c| {
+                c.tools()
+                    .iter()
+                    .filter(|t| gate::allow(principal, id, &policy, &t.name).is_ok())
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default());
     }
+    Ok(all_tools(app)
+        .into_iter()
+        .filter(|t| gate::token_allows(principal, &t.name).is_ok())
+        .collect())
+}
+
+/// The merged catalogue of every connected worker (the first worker's spec of each name),
+/// unfiltered.
+pub fn all_tools(app: &App) -> Vec<ToolSpec> {
     let mut merged: BTreeMap<&str, &ToolSpec> = BTreeMap::new();
     let catalogues = app.registry.connected_catalogues();
     for catalogue in &catalogues {
@@ -208,7 +256,7 @@ pub fn list_tools(
             merged.entry(tool.name.as_str()).or_insert(tool);
         }
     }
-    Ok(merged.into_values().cloned().collect())
+    merged.into_values().cloned().collect()
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ impl Ports for ClusterPorts {
             let req = convert::NewSession {
                 labels: Default::default(),
                 request_id: None,
+                allowed_tools: Vec::new(),
             };
             let session =
                 lifecycle::create_session(&self.app, &self.principal, Self::deadline(), req)

@@ -179,9 +179,9 @@ async fn capture_and_commit(
     let id = CheckpointId::generate();
     // Calls acknowledged from here on may or may not be in the capture: failover counts them
     // as lost (an upper bound).
-    let session_mutations = app
+    let (session_mutations, allowed_tools) = app
         .sessions
-        .with(session, |s| s.acked_mutations)
+        .with(session, |s| (s.acked_mutations, s.allowed_tools.clone()))
         .unwrap_or_default();
     let pin = app.checkpoints.pin();
     let captured = route
@@ -212,6 +212,7 @@ async fn capture_and_commit(
         stats: Some(stats),
         manifest: Some(manifest),
         session_mutations,
+        allowed_tools,
     };
     let committed = app.checkpoints.commit(session, record)?;
     app.store.flush().await?;
@@ -298,11 +299,17 @@ async fn fork_inner(
     id: &CheckpointId,
     labels: HashMap<String, String>,
 ) -> Result<Session, Error> {
-    owned_checkpoint(app, owner, id)?;
+    let checkpoint = owned_checkpoint(app, owner, id)?;
     let _pin = app.checkpoints.pin();
     let manifest = manifest_with_blobs(app, id).await?;
     let prefer = app.checkpoints.holders(id);
-    let session = super::place_and_open(app, owner, deadline, labels, &prefer).await?;
+    let placement = super::Placement {
+        labels,
+        // The fork is as narrow as the session the checkpoint was taken from.
+        allowed_tools: checkpoint.allowed_tools,
+        prefer: prefer.clone(),
+    };
+    let session = super::place_and_open(app, owner, deadline, placement).await?;
     let new_id = SessionId::parse(session.id.as_str())?;
     if session.state != SessionState::Ready as i32 {
         return Ok(session); // closed while it was being created

@@ -19,7 +19,7 @@ pub use checkpoint::{
     AUTO_LABEL, create_checkpoint, delete_checkpoint, fork, owned_checkpoint, restore,
     take_checkpoint,
 };
-pub use session::{close_session, create_session, owned_session, place_and_open};
+pub use session::{Placement, close_session, create_session, owned_session, place_and_open};
 
 use crate::{app::App, error::Error, runner};
 

@@ -17,6 +17,8 @@ use super::replay_session;
 use crate::{
     app::App,
     auth_layer::Principal,
+    calls::{self, policy},
+    catalogue,
     convert::{CloseSession, NewSession},
     error::Error,
     idempotency::Fingerprint,
@@ -44,8 +46,19 @@ pub async fn create_session(
     deadline: Instant,
     req: NewSession,
 ) -> Result<Session, Error> {
-    let NewSession { labels, request_id } = req;
-    let fingerprint = Fingerprint::new(CREATE).map(&labels).finish();
+    let NewSession {
+        labels,
+        request_id,
+        allowed_tools,
+    } = req;
+    let allowed_tools = check_allowed_tools(app, &allowed_tools)?;
+    let mut fingerprint = Fingerprint::new(CREATE);
+    fingerprint.map(&labels);
+    if !allowed_tools.is_empty() {
+        // Only when given, so the fingerprints of creates without a policy stay what they were.
+        fingerprint.field(allowed_tools.join("\n").as_bytes());
+    }
+    let fingerprint = fingerprint.finish();
     let reserved = SessionId::generate();
     let dedup = Dedup::new(&principal.id, CREATE, request_id, fingerprint)
         .map(|d| d.with_intent(reserved.as_str().as_bytes().to_vec()));
@@ -60,14 +73,30 @@ pub async fn create_session(
             match resume(&task_app, &owner, deadline, &id).await? {
                 Some(session) => Ok(session),
                 None => {
-                    place_and_open_as(&task_app, &owner, deadline, id, labels, &HashSet::new())
-                        .await
+                    let placement = Placement {
+                        labels,
+                        allowed_tools,
+                        prefer: HashSet::new(),
+                    };
+                    place_and_open_as(&task_app, &owner, deadline, id, placement).await
                 }
             }
         }
         .instrument(span)
     })
     .await
+}
+
+/// The checked tool policy of a new session: its entries must name tools that exist (the
+/// built-in ones and those connected workers offer).
+fn check_allowed_tools(app: &App, entries: &[String]) -> Result<Vec<String>, Error> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let offered = calls::all_tools(app);
+    let mut known: Vec<&str> = catalogue::builtin_names().collect();
+    known.extend(offered.iter().map(|t| t.name.as_str()));
+    policy::check(entries, known)
 }
 
 /// Finishes a session an earlier CreateSession with the same request id reserved, if it
@@ -118,6 +147,16 @@ pub async fn close_session(
     .await
 }
 
+/// What a new session is placed by and starts with.
+pub struct Placement {
+    /// The label selector.
+    pub labels: HashMap<String, String>,
+    /// The session's tool policy (already checked).
+    pub allowed_tools: Vec<String>,
+    /// Workers that win when one of them is eligible (e.g. holding a checkpoint's blobs).
+    pub prefer: HashSet<String>,
+}
+
 /// Places a session, stores it CREATING, opens it on the worker, stores READY (or FAILED).
 /// Workers in `prefer` (e.g. holding a checkpoint's blobs, for a fork) win when one of them is
 /// eligible; otherwise the normal rules pick among all.
@@ -125,10 +164,9 @@ pub async fn place_and_open(
     app: &App,
     owner: &str,
     deadline: Instant,
-    labels: HashMap<String, String>,
-    prefer: &HashSet<String>,
+    placement: Placement,
 ) -> Result<Session, Error> {
-    place_and_open_as(app, owner, deadline, SessionId::generate(), labels, prefer).await
+    place_and_open_as(app, owner, deadline, SessionId::generate(), placement).await
 }
 
 /// [`place_and_open`] under a given (reserved) session id.
@@ -137,14 +175,18 @@ async fn place_and_open_as(
     owner: &str,
     deadline: Instant,
     id: SessionId,
-    labels: HashMap<String, String>,
-    prefer: &HashSet<String>,
+    placement: Placement,
 ) -> Result<Session, Error> {
     if app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
+    let Placement {
+        labels,
+        allowed_tools,
+        prefer,
+    } = placement;
     let session = app.sessions.create(|slots| {
-        let worker = choose_worker(app, slots, &labels, prefer)?;
+        let worker = choose_worker(app, slots, &labels, &prefer)?;
         let now = SystemTime::now();
         Ok(Session {
             id: id.to_string(),
@@ -152,6 +194,7 @@ async fn place_and_open_as(
             worker_id: worker.to_string(),
             state: SessionState::Creating as i32,
             labels: labels.clone(),
+            allowed_tools: allowed_tools.clone(),
             created_at: Some(now.into()),
             updated_at: Some(now.into()),
             ..Session::default()

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     app::App,
-    calls::{self, ToolCall},
+    calls::{self, ToolCall, gate},
     convert::{CloseSession, Fork, NewCheckpoint, NewSession, Restore},
     error::Error,
     lifecycle,
@@ -98,7 +98,7 @@ pub(super) async fn dispatch(
         }
         return run_builtin(app, call, builtin, args).await;
     }
-    let catalogue = calls::list_tools(app, &call.principal, None)?;
+    let catalogue = calls::all_tools(app);
     let Some(spec) = catalogue
         .iter()
         .find(|s| s.name == name || tools::mcp_name(&s.name) == name)
@@ -108,10 +108,14 @@ pub(super) async fn dispatch(
             None,
         )));
     };
-    if !tools::worker_tool_allowed(&call.principal, spec) {
-        return Err(forbidden(name, heist_proto::scopes::TOOLS_CALL));
-    }
     let session = session_arg(&mut args, true)?.ok_or_else(|| missing("session_id"))?;
+    if let Err(err) = gate::token_allows(&call.principal, &spec.name) {
+        calls::audit_denied(app, &call.principal, Some(&session), &spec.name, &err);
+        return Err(Failure::Protocol(ErrorData::invalid_params(
+            format!("tool `{name}` is not available to this token: {err}"),
+            None,
+        )));
+    }
     let tool_call = ToolCall {
         principal: call.principal.clone(),
         session,
@@ -221,6 +225,7 @@ async fn run_builtin(
             let req = NewSession {
                 labels: labels_arg(&args)?,
                 request_id,
+                allowed_tools: strings_arg(&args, "allowed_tools")?,
             };
             let work = lifecycle::create_session(app, who, deadline, req);
             session_json(&cancellable(call, work).await??)
@@ -384,6 +389,7 @@ fn session_json(s: &pb::Session) -> Value {
         "worker_id": s.worker_id,
         "labels": s.labels,
         "failure_reason": s.failure_reason,
+        "allowed_tools": s.allowed_tools,
     })
 }
 
@@ -439,6 +445,21 @@ fn string_arg(args: &JsonObject, field: &str) -> Result<String, Failure> {
         Some(Value::String(s)) => Ok(s.clone()),
         None | Some(Value::Null) => Err(missing(field)),
         Some(_) => Err(bad(field, "must be a string")),
+    }
+}
+
+/// An optional array of strings (empty when absent).
+fn strings_arg(args: &JsonObject, field: &str) -> Result<Vec<String>, Failure> {
+    match args.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(bad(field, "must be an array of strings")),
+            })
+            .collect(),
+        Some(_) => Err(bad(field, "must be an array of strings")),
     }
 }
 

@@ -1,7 +1,10 @@
 //! What `tools/list` shows: the coordinator's own tools (sessions, checkpoints, agents) with
 //! input and output schemas, and every worker tool with `session_id` added to its schema. Each
-//! tool names the gRPC method whose scope it needs ([`heist_proto::scopes::scope_for`]), so a
-//! token sees and calls over MCP exactly what it may call over gRPC.
+//! coordinator tool names the gRPC method whose scope it needs
+//! ([`heist_proto::scopes::scope_for`]) and each worker tool passes the gate's token check
+//! ([`gate::token_allows`]: `tools:call` or its category scope), so a token sees and calls over
+//! MCP exactly what it may call over gRPC. `tools/list` has no session (MCP is stateless here):
+//! a session's tool policy applies when a tool is called in it.
 
 use std::sync::Arc;
 
@@ -46,9 +49,6 @@ pub const BUILTINS: &[Builtin] = &[
     Builtin::AgentList,
     Builtin::AgentTurn,
 ];
-
-/// The gRPC method whose scope a worker tool call needs (then [`gate::allow`] per tool).
-const CALL_TOOL: &str = "/heist.v1.ToolService/CallTool";
 
 impl Builtin {
     /// The MCP name.
@@ -102,7 +102,8 @@ impl Builtin {
         match self {
             Self::SessionCreate => {
                 "Open a sandboxed session (a private workspace on a worker). Pass its session_id \
-                 to every other tool. Optional labels select the worker."
+                 to every other tool. Optional labels select the worker; optional \
+                 allowed_tools (names or globs like fs.*) narrow the tools callable in it."
             }
             Self::SessionList => "List your open sessions (with include_closed, closed ones too).",
             Self::SessionClose => "Close a session: its sandbox and workspace are removed.",
@@ -132,7 +133,18 @@ impl Builtin {
         let session = json!({"type": "string", "description": "a session id from session_create"});
         let checkpoint = json!({"type": "string", "description": "a checkpoint id"});
         match self {
-            Self::SessionCreate => object(json!({"labels": labels}), &[]),
+            Self::SessionCreate => object(
+                json!({
+                    "labels": labels,
+                    "allowed_tools": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "only these tools may be called in the session: tool \
+                                        names or globs such as fs.*; empty for no narrowing"
+                    }
+                }),
+                &[],
+            ),
             Self::SessionList => object(
                 json!({"include_closed": {"type": "boolean", "default": false}}),
                 &[],
@@ -223,7 +235,8 @@ fn session_schema() -> Value {
             "state": {"type": "string"},
             "worker_id": {"type": "string"},
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "failure_reason": {"type": "string"}
+            "failure_reason": {"type": "string"},
+            "allowed_tools": {"type": "array", "items": {"type": "string"}}
         }),
         &["session_id", "state"],
     )
@@ -260,11 +273,10 @@ pub fn mcp_name(worker_tool: &str) -> String {
     worker_tool.replace('.', "_")
 }
 
-/// Whether a caller with `principal` may call the worker tool `spec` (the same decision gRPC's
-/// CallTool takes: the method's scope, then the gate).
+/// Whether a caller with `principal` may call the worker tool `spec` by its token (the same
+/// decision gRPC's CallTool takes before the session's policy: [`gate::token_allows`]).
 pub fn worker_tool_allowed(principal: &Principal, spec: &ToolSpec) -> bool {
-    let scope = scopes::scope_for(CALL_TOOL).unwrap_or(scopes::ADMIN);
-    principal.has(scope) && gate::allow(principal, spec).is_ok()
+    gate::token_allows(principal, &spec.name).is_ok()
 }
 
 /// The worker tool's MCP description: its schema with a required `session_id`.
@@ -353,6 +365,11 @@ mod tests {
 
         let reader = names(&principal(&["sessions:read", "tools:read"]));
         assert_eq!(reader, vec!["session_list", "agent_list"]);
+
+        let files = names(&principal(&["tools:fs"]));
+        assert_eq!(files, vec!["fs_read"]);
+        let exec = names(&principal(&["tools:exec"]));
+        assert!(exec.is_empty(), "{exec:?}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ async fn create_with_id(c: &mut Client, request_id: &str) -> Result<v1::Session,
             v1::CreateSessionRequest {
                 request_id: request_id.to_owned(),
                 labels: Default::default(),
+                allowed_tools: Vec::new(),
             },
         ))
         .await

@@ -360,6 +360,15 @@ impl Client {
         &mut self,
         labels: &[(&str, &str)],
     ) -> Result<v1::Session, tonic::Status> {
+        self.create_session_allowing(labels, &[]).await
+    }
+
+    /// A session whose tool policy is `allowed_tools` (empty: none).
+    pub async fn create_session_allowing(
+        &mut self,
+        labels: &[(&str, &str)],
+        allowed_tools: &[&str],
+    ) -> Result<v1::Session, tonic::Status> {
         let labels = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -370,10 +379,27 @@ impl Client {
                 v1::CreateSessionRequest {
                     request_id: String::new(),
                     labels,
+                    allowed_tools: allowed_tools.iter().map(|t| (*t).to_owned()).collect(),
                 },
             ))
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// The tools ListTools shows, by name, sorted (of `session`'s worker when given).
+    pub async fn tool_names(&mut self, session: &str) -> Result<Vec<String>, tonic::Status> {
+        let resp = self
+            .tools
+            .list_tools(authed(
+                &self.token,
+                v1::ListToolsRequest {
+                    session_id: session.into(),
+                },
+            ))
+            .await?;
+        let mut names: Vec<String> = resp.into_inner().tools.into_iter().map(|t| t.name).collect();
+        names.sort();
+        Ok(names)
     }
 
     pub async fn get_session(&mut self, id: &str) -> Result<v1::Session, tonic::Status> {

@@ -20,4 +20,5 @@ mod sandbox;
 mod sessions;
 mod surface;
 mod tools;
+mod toolscopes;
 mod turns;

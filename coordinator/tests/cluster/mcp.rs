@@ -186,8 +186,20 @@ async fn mcp_tools_follow_the_token_scopes() {
     let limited = c
         .scoped(&["sessions:read", "sessions:write", "tools:read"])
         .await;
-    let report = c.run("scopes", &[("HEIST_LIMITED_TOKEN", limited)]).await;
+    let files = c
+        .scoped(&["sessions:read", "sessions:write", "tools:read", "tools:fs"])
+        .await;
+    let report = c
+        .run(
+            "scopes",
+            &[("HEIST_LIMITED_TOKEN", limited), ("HEIST_FS_TOKEN", files)],
+        )
+        .await;
+    // Without any tool scope, the tool's category is named, and tools:call as the wider one.
+    assert!(report["refused"].contains("tools:fs"), "{report:?}");
     assert!(report["refused"].contains("tools:call"), "{report:?}");
+    assert!(report["refused_exec"].contains("tools:exec"), "{report:?}");
+    assert!(report["refused_policy"].contains("allows only fs.read"), "{report:?}");
     c.stop().await;
 }
 

@@ -193,6 +193,7 @@ async fn create_and_close_with_the_same_request_id_apply_once() {
             v1::CreateSessionRequest {
                 request_id: rid.into(),
                 labels: Default::default(),
+                allowed_tools: Vec::new(),
             },
         )
     };

@@ -201,7 +201,8 @@ async def auth() -> None:
 
 
 async def scopes() -> None:
-    """A token without tools:call does not see worker tools and cannot call them."""
+    """A token without tool scopes does not see worker tools and cannot call them; one with
+    tools:fs sees and calls only the fs tools; a session's tool policy narrows further."""
     async with connect(os.environ["HEIST_LIMITED_TOKEN"], "legacy") as client:
         names = await tool_names(client)
         assert "session_create" in names and "session_list" in names, names
@@ -216,6 +217,34 @@ async def scopes() -> None:
             report("refused", err.message)
         else:
             raise AssertionError(f"fs_write was allowed: {result}")
+
+    # A token with only the files category sees and calls the fs tools, nothing else.
+    async with connect(os.environ["HEIST_FS_TOKEN"]) as client:
+        names = await tool_names(client)
+        assert "fs_write" in names and "fs_read" in names, names
+        assert "exec" not in names and "calc" not in names and "echo" not in names, names
+        session = await new_session(client)
+        wrote = await client.call_tool(
+            "fs_write", {"session_id": session, "path": "a.txt", "content": "yes"})
+        assert not wrote.is_error, wrote.content
+        try:
+            result = await client.call_tool("exec", {"session_id": session, "command": "true"})
+        except MCPError as err:
+            assert "tools:exec" in err.message, err.message
+            report("refused_exec", err.message)
+        else:
+            raise AssertionError(f"exec was allowed: {result}")
+
+        # A session created with a tool policy refuses the rest, even what the token allows.
+        created = structured(await client.call_tool(
+            "session_create", {"allowed_tools": ["fs.read"]}))
+        assert created["allowed_tools"] == ["fs.read"], created
+        narrow = created["session_id"]
+        refused = await client.call_tool(
+            "fs_write", {"session_id": narrow, "path": "b.txt", "content": "no"})
+        assert refused.is_error, refused
+        assert "allows only fs.read" in refused.content[0].text, refused.content
+        report("refused_policy", refused.content[0].text)
     report("ok", "scopes")
 
 

@@ -253,7 +253,11 @@ impl Turn<'_> {
         });
         if !self.allowed(&call.name) {
             let reason = if self.agent.allowed_tools.contains(&call.name) {
-                format!("tool {:?} is not granted to this turn's caller", call.name)
+                format!(
+                    "tool {:?} is not granted to this turn (the caller's token or the \
+                     session's tool policy does not allow it)",
+                    call.name
+                )
             } else {
                 format!(
                     "tool {:?} is not among agent {:?}'s tools ({})",

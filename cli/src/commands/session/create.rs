@@ -1,4 +1,4 @@
-//! `heistctl session create [--label k=v]... [--request-id ID]`.
+//! `heistctl session create [--label k=v]... [--allow-tool NAME|GLOB]... [--request-id ID]`.
 
 use crate::{
     cli::{Context, parse_key_values},
@@ -16,6 +16,11 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub labels: Vec<String>,
+    /// Only this tool may be called in the session (repeatable): a tool name (`calc`) or a
+    /// glob (`fs.*`). Without it every tool the caller's token allows may be called. A fork
+    /// keeps the policy.
+    #[arg(long = "allow-tool", value_name = "NAME|GLOB")]
+    pub allow_tools: Vec<String>,
     /// Client request id; retrying with the same id returns the same session. A fresh UUID is
     /// used when not given (so heistctl's own transport retries are safe).
     #[arg(long, env = "HEIST_REQUEST_ID")]
@@ -29,7 +34,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
     let session = ctx
         .client()
         .await?
-        .create_session(labels, &request_id)
+        .create_session_with(labels, args.allow_tools, &request_id)
         .await?;
     super::print_one(ctx.format(), &session)?;
     Ok(EXIT_OK)
