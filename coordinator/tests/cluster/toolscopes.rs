@@ -207,7 +207,7 @@ async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
     assert_status(&err, Code::PermissionDenied, "SCOPE_MISSING");
 
     // Entries that name no tool are refused, saying what is valid.
-    for bad in ["nope", "db.*", "*", "fs*", "shell.*"] {
+    for bad in ["nope", "sql.*", "*", "fs*", "shell.*", "calc.*"] {
         let err = admin
             .create_session_allowing(&[], &[bad])
             .await
