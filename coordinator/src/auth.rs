@@ -365,6 +365,17 @@ mod tests {
         assert!(matches!(err, Error::ScopeNotHeld(_)));
     }
 
+    #[test]
+    fn the_call_scope_down_scopes_to_a_tool_category_and_not_back() {
+        let call = vec![scopes::TOOLS_CALL.to_owned()];
+        let fs = vec![scopes::TOOLS_FS.to_owned()];
+        assert_eq!(resolve_scopes(&call, &fs).expect("narrower"), fs);
+        let err = resolve_scopes(&fs, &call).expect_err("wider");
+        assert!(matches!(err, Error::ScopeNotHeld(_)));
+        let err = resolve_scopes(&fs, &[scopes::TOOLS_EXEC.to_owned()]).expect_err("other");
+        assert!(matches!(err, Error::ScopeNotHeld(_)));
+    }
+
     #[tokio::test]
     async fn bootstrap_rehashes_only_when_the_secret_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
