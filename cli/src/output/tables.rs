@@ -102,7 +102,10 @@ pub fn session_details(s: &SessionView) -> String {
         .row(vec!["worker_id:".into(), s.worker_id.clone()])
         .row(vec!["worker_connected:".into(), yes_no(s.worker_connected)])
         .row(vec!["labels:".into(), labels_text(&s.labels)])
-        .row(vec!["allowed_tools:".into(), allowed_tools_text(&s.allowed_tools)])
+        .row(vec![
+            "allowed_tools:".into(),
+            allowed_tools_text(&s.allowed_tools),
+        ])
         .row(vec!["created_at:".into(), or_dash(&s.created_at)])
         .row(vec!["updated_at:".into(), or_dash(&s.updated_at)]);
     if let Some(reason) = &s.failure_reason {

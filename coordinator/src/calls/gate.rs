@@ -57,14 +57,27 @@ mod tests {
     #[test]
     fn a_call_needs_the_tools_category_or_the_call_scope() {
         let open = ToolPolicy::default();
-        let allow = |scopes: &[&str], tool: &str| allow(&principal(scopes), &session(), &open, tool);
+        let allow =
+            |scopes: &[&str], tool: &str| allow(&principal(scopes), &session(), &open, tool);
         assert!(allow(&["tools:call"], "exec").is_ok());
         assert!(allow(&["admin"], "exec").is_ok());
         assert!(allow(&["tools:fs"], "fs.read").is_ok());
         let err = allow(&["tools:fs"], "exec").expect_err("refused");
-        assert!(matches!(err, Error::ToolScopeMissing { scope: "tools:exec", .. }));
+        assert!(matches!(
+            err,
+            Error::ToolScopeMissing {
+                scope: "tools:exec",
+                ..
+            }
+        ));
         let err = allow(&["tools:read"], "echo").expect_err("refused");
-        assert!(matches!(err, Error::ToolScopeMissing { scope: "tools:call", .. }));
+        assert!(matches!(
+            err,
+            Error::ToolScopeMissing {
+                scope: "tools:call",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -75,9 +88,19 @@ mod tests {
         let err = allow(&admin, &session(), &policy, "calc").expect_err("refused");
         let status = tonic::Status::from(err);
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
-        assert!(status.message().contains("allows only fs.*"), "{}", status.message());
+        assert!(
+            status.message().contains("allows only fs.*"),
+            "{}",
+            status.message()
+        );
         // The scope is named first when both are missing.
         let err = allow(&principal(&["tools:fs"]), &session(), &policy, "calc").expect_err("no");
-        assert!(matches!(err, Error::ToolScopeMissing { scope: "tools:calc", .. }));
+        assert!(matches!(
+            err,
+            Error::ToolScopeMissing {
+                scope: "tools:calc",
+                ..
+            }
+        ));
     }
 }

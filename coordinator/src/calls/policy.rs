@@ -65,7 +65,12 @@ pub fn check<'a>(
     known: impl IntoIterator<Item = &'a str>,
 ) -> Result<Vec<String>, Error> {
     let known: BTreeSet<&str> = known.into_iter().collect();
-    let bad = |message: String| Err(Error::Status(errors::invalid_argument("allowed_tools", message)));
+    let bad = |message: String| {
+        Err(Error::Status(errors::invalid_argument(
+            "allowed_tools",
+            message,
+        )))
+    };
     if entries.len() > MAX_ENTRIES {
         return bad(format!(
             "{} entries given; at most {MAX_ENTRIES} are allowed",
@@ -110,7 +115,14 @@ fn globs(known: &BTreeSet<&str>) -> Vec<String> {
 mod tests {
     use super::*;
 
-    const KNOWN: &[&str] = &["calc", "exec", "fs.read", "fs.write", "memory.store", "w1.x.y"];
+    const KNOWN: &[&str] = &[
+        "calc",
+        "exec",
+        "fs.read",
+        "fs.write",
+        "memory.store",
+        "w1.x.y",
+    ];
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
@@ -142,12 +154,22 @@ mod tests {
         assert_eq!(ok, strings(&["fs.*", "calc", "w1.x.*"]));
         assert_eq!(check(&[], known()).expect("empty"), Vec::<String>::new());
 
-        for bad in ["nope", "db.*", "*", "fs*", "*.read", "f*.*", "", "fs.read ", "calc.*"] {
+        for bad in [
+            "nope", "db.*", "*", "fs*", "*.read", "f*.*", "", "fs.read ", "calc.*",
+        ] {
             let err = check(&strings(&[bad]), known()).expect_err(bad);
             let status = tonic::Status::from(err);
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
-            assert!(status.message().contains("fs.*, memory.*, w1.*"), "{}", status.message());
-            assert!(status.message().contains("calc, exec"), "{}", status.message());
+            assert!(
+                status.message().contains("fs.*, memory.*, w1.*"),
+                "{}",
+                status.message()
+            );
+            assert!(
+                status.message().contains("calc, exec"),
+                "{}",
+                status.message()
+            );
         }
         let many: Vec<String> = (0..=MAX_ENTRIES).map(|_| "calc".to_owned()).collect();
         assert!(check(&many, known()).is_err());

@@ -397,7 +397,12 @@ impl Client {
                 },
             ))
             .await?;
-        let mut names: Vec<String> = resp.into_inner().tools.into_iter().map(|t| t.name).collect();
+        let mut names: Vec<String> = resp
+            .into_inner()
+            .tools
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
         names.sort();
         Ok(names)
     }

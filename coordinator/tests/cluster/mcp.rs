@@ -199,7 +199,10 @@ async fn mcp_tools_follow_the_token_scopes() {
     assert!(report["refused"].contains("tools:fs"), "{report:?}");
     assert!(report["refused"].contains("tools:call"), "{report:?}");
     assert!(report["refused_exec"].contains("tools:exec"), "{report:?}");
-    assert!(report["refused_policy"].contains("allows only fs.read"), "{report:?}");
+    assert!(
+        report["refused_policy"].contains("allows only fs.read"),
+        "{report:?}"
+    );
     c.stop().await;
 }
 

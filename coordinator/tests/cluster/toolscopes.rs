@@ -73,7 +73,11 @@ async fn a_token_with_only_tools_fs_works_with_files_and_nothing_else() {
     let session = files.create_session(&[]).await.expect("create").id;
 
     files
-        .call(&session, "fs.write", json!({"path": "a.txt", "content": "hello"}))
+        .call(
+            &session,
+            "fs.write",
+            json!({"path": "a.txt", "content": "hello"}),
+        )
         .await
         .expect("fs.write with tools:fs");
     let read = files
@@ -87,20 +91,32 @@ async fn a_token_with_only_tools_fs_works_with_files_and_nothing_else() {
         .await
         .expect_err("exec needs tools:exec");
     assert_status(&err, Code::PermissionDenied, "SCOPE_MISSING");
-    assert!(err.message().contains("\"tools:exec\""), "{}", err.message());
+    assert!(
+        err.message().contains("\"tools:exec\""),
+        "{}",
+        err.message()
+    );
     assert!(err.message().contains("`exec`"), "{}", err.message());
     let err = files
         .call(&session, "run.python", json!({"code": "print(1)"}))
         .await
         .expect_err("run.python needs tools:exec");
-    assert!(err.message().contains("\"tools:exec\""), "{}", err.message());
+    assert!(
+        err.message().contains("\"tools:exec\""),
+        "{}",
+        err.message()
+    );
     // A tool in no category needs tools:call.
     let err = files
         .call(&session, "echo", json!({"text": "hi"}))
         .await
         .expect_err("echo needs tools:call");
     assert_status(&err, Code::PermissionDenied, "SCOPE_MISSING");
-    assert!(err.message().contains("\"tools:call\""), "{}", err.message());
+    assert!(
+        err.message().contains("\"tools:call\""),
+        "{}",
+        err.message()
+    );
 
     assert_eq!(files.tool_names("").await.expect("list"), FS_TOOLS);
     assert_eq!(files.tool_names(&session).await.expect("list"), FS_TOOLS);
@@ -149,7 +165,11 @@ async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
     assert_eq!(shown.allowed_tools, vec!["fs.*"]);
 
     admin
-        .call(&session.id, "fs.write", json!({"path": "a", "content": "x"}))
+        .call(
+            &session.id,
+            "fs.write",
+            json!({"path": "a", "content": "x"}),
+        )
         .await
         .expect("fs.write is allowed");
     let err = admin
@@ -163,7 +183,11 @@ async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
         "{}",
         err.message()
     );
-    assert!(err.message().contains("--allow-tool calc"), "{}", err.message());
+    assert!(
+        err.message().contains("--allow-tool calc"),
+        "{}",
+        err.message()
+    );
     assert_eq!(
         admin.tool_names(&session.id).await.expect("list"),
         FS_TOOLS,
@@ -185,7 +209,11 @@ async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
         .create_session_allowing(&[], &["fs.*", "calc", "fs.*"])
         .await
         .expect("create");
-    assert_eq!(both.allowed_tools, vec!["fs.*", "calc"], "duplicates dropped");
+    assert_eq!(
+        both.allowed_tools,
+        vec!["fs.*", "calc"],
+        "duplicates dropped"
+    );
     admin
         .call(&both.id, "calc", json!({"expression": "1+1"}))
         .await
@@ -231,7 +259,11 @@ async fn the_session_policy_survives_a_restart_and_carries_into_a_fork() {
         .await
         .expect("create");
     admin
-        .call(&session.id, "fs.write", json!({"path": "plan.txt", "content": "v1"}))
+        .call(
+            &session.id,
+            "fs.write",
+            json!({"path": "plan.txt", "content": "v1"}),
+        )
         .await
         .expect("write");
     let mut checkpoints = CheckpointServiceClient::new(channel(&coordinator.url()).await);

@@ -457,14 +457,16 @@ async fn a_denied_tool_is_an_event_and_the_turn_completes() {
 #[tokio::test]
 async fn a_session_policy_narrows_what_an_agent_may_call() {
     let mut lab = lab(&["w1"]).await;
-    let ran_calc = |events: &[v1::TurnEvent]| {
-        tools_finished(events)
-            .iter()
-            .any(|t| t.0 == "calc" && !t.1)
-    };
+    let ran_calc =
+        |events: &[v1::TurnEvent]| tools_finished(events).iter().any(|t| t.0 == "calc" && !t.1);
     // The agent has calc and the admin token allows it: in an open session it runs...
     let open = lab.client.create_session(&[]).await.expect("session").id;
-    let events = collect(lab.run(&open, "mole", "six times seven?", "").await.expect("run")).await;
+    let events = collect(
+        lab.run(&open, "mole", "six times seven?", "")
+            .await
+            .expect("run"),
+    )
+    .await;
     assert!(ran_calc(&events), "{:?}", tools_finished(&events));
     // ... but a session allowing only fs.* keeps it out of the turn's grant.
     let narrow = lab
@@ -473,7 +475,12 @@ async fn a_session_policy_narrows_what_an_agent_may_call() {
         .await
         .expect("session")
         .id;
-    let events = collect(lab.run(&narrow, "mole", "six times seven?", "").await.expect("run")).await;
+    let events = collect(
+        lab.run(&narrow, "mole", "six times seven?", "")
+            .await
+            .expect("run"),
+    )
+    .await;
     assert!(!ran_calc(&events), "{:?}", tools_finished(&events));
     assert_eq!(finished(&events), Some(v1::TurnState::Completed));
     lab.stop().await;
