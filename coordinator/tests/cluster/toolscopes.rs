@@ -329,3 +329,57 @@ async fn the_session_policy_survives_a_restart_and_carries_into_a_fork() {
     worker.stop().await;
     coordinator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heistctl_creates_a_narrowed_session_and_shows_its_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (coordinator, worker, admin) = cluster(dir.path()).await;
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(sibling_binary("heistctl"))
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("HEIST_COORDINATOR", coordinator.url())
+            .env("HEIST_TOKEN", &admin.token)
+            .args(args)
+            .output()
+            .expect("heistctl")
+    };
+    let created = ctl(&[
+        "-o",
+        "json",
+        "session",
+        "create",
+        "--allow-tool",
+        "fs.*",
+        "--allow-tool",
+        "calc",
+    ]);
+    assert!(created.status.success(), "{created:?}");
+    let session: serde_json::Value = serde_json::from_slice(&created.stdout).expect("json");
+    assert_eq!(
+        session["allowed_tools"],
+        json!(["fs.*", "calc"]),
+        "{session}"
+    );
+    let id = session["id"].as_str().expect("id");
+
+    let shown = ctl(&["session", "show", id]);
+    assert!(shown.status.success(), "{shown:?}");
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("allowed_tools:") && l.contains("fs.*,calc")),
+        "{text}"
+    );
+
+    let bad = ctl(&["session", "create", "--allow-tool", "shell.*"]);
+    assert!(!bad.status.success(), "{bad:?}");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("fs.*") && stderr.contains("calc"),
+        "{stderr}"
+    );
+
+    worker.stop().await;
+    coordinator.stop().await;
+}
