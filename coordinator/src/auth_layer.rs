@@ -237,7 +237,10 @@ mod tests {
             "/healthz",
             "/readyz",
         ] {
-            assert_eq!(authorize(&v, &ClientStates::default(), path, &empty).expect(path), None);
+            assert_eq!(
+                authorize(&v, &ClientStates::default(), path, &empty).expect(path),
+                None
+            );
         }
     }
 
@@ -246,7 +249,8 @@ mod tests {
         let s = signer();
         let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
         for path in ["/heist.v1.NewService/Call", "/metrics/other", "/mcp"] {
-            let err = authorize(&v, &ClientStates::default(), path, &http::HeaderMap::new()).expect_err(path);
+            let err = authorize(&v, &ClientStates::default(), path, &http::HeaderMap::new())
+                .expect_err(path);
             assert_eq!(reason(err), reason::TOKEN_MISSING, "{path}");
         }
     }
@@ -257,25 +261,34 @@ mod tests {
         let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
         let ttl = Duration::from_secs(60);
 
-        let missing = authorize(&v, &ClientStates::default(), CREATE, &http::HeaderMap::new()).expect_err("missing");
+        let missing = authorize(
+            &v,
+            &ClientStates::default(),
+            CREATE,
+            &http::HeaderMap::new(),
+        )
+        .expect_err("missing");
         assert_eq!(reason(missing), reason::TOKEN_MISSING);
 
         let forged = signer()
             .sign(&TokenSigner::claims("heist", "heist", "eve", "admin", ttl))
             .expect("sign");
-        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&forged)).expect_err("forged");
+        let err =
+            authorize(&v, &ClientStates::default(), CREATE, &headers(&forged)).expect_err("forged");
         assert_eq!(reason(err), reason::TOKEN_INVALID);
 
         let wrong_aud = s
             .sign(&TokenSigner::claims("heist", "other", "eve", "admin", ttl))
             .expect("sign");
-        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&wrong_aud)).expect_err("aud");
+        let err =
+            authorize(&v, &ClientStates::default(), CREATE, &headers(&wrong_aud)).expect_err("aud");
         assert_eq!(reason(err), reason::TOKEN_INVALID);
 
         let mut old = TokenSigner::claims("heist", "heist", "alice", "admin", ttl);
         old.exp = unix_now() - 3600;
         let expired = s.sign(&old).expect("sign");
-        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&expired)).expect_err("expired");
+        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&expired))
+            .expect_err("expired");
         assert_eq!(reason(err), reason::TOKEN_EXPIRED);
 
         let read_only = s
@@ -287,7 +300,8 @@ mod tests {
                 ttl,
             ))
             .expect("sign");
-        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&read_only)).expect_err("scope");
+        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&read_only))
+            .expect_err("scope");
         assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
     }
 

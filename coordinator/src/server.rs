@@ -10,10 +10,9 @@ use heist_proto::{
         agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
         auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
         checkpoint_service_server::CheckpointServiceServer,
-        client_service_server::ClientServiceServer,
-        cluster_service_server::ClusterServiceServer, heist_service_server::HeistServiceServer,
-        session_service_server::SessionServiceServer, tool_service_server::ToolServiceServer,
-        worker_control_server::WorkerControlServer,
+        client_service_server::ClientServiceServer, cluster_service_server::ClusterServiceServer,
+        heist_service_server::HeistServiceServer, session_service_server::SessionServiceServer,
+        tool_service_server::ToolServiceServer, worker_control_server::WorkerControlServer,
     },
 };
 use tokio::net::TcpListener;
@@ -27,7 +26,8 @@ use tracing::{Instrument as _, info, info_span, warn};
 use crate::{
     api::{
         agent::AgentApi, audit::AuditApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
-        client::ClientApi, cluster::ClusterApi, heist::HeistApi, session::SessionApi, tool::ToolApi,
+        client::ClientApi, cluster::ClusterApi, heist::HeistApi, session::SessionApi,
+        tool::ToolApi,
     },
     app::App,
     auth::CLIENT_AUDIENCE,

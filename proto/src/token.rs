@@ -298,6 +298,18 @@ mod tests {
         assert!(matches!(v.verify(&none), Err(TokenError::Invalid(_))));
     }
 
+    #[test]
+    fn the_generation_claim_is_gen_and_absent_at_zero() {
+        let mut c = TokenSigner::claims("iss", "aud", "alice", "", Duration::from_secs(60));
+        let json = serde_json::to_value(&c).expect("json");
+        assert!(json.get("gen").is_none(), "{json}");
+        c.generation = 3;
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["gen"], 3);
+        let back: Claims = serde_json::from_value(json).expect("claims");
+        assert_eq!(back.generation, 3);
+    }
+
     fn b64url(bytes: &[u8]) -> String {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();

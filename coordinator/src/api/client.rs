@@ -57,7 +57,9 @@ impl ClientService for ClientApi {
         let id = ClientId::parse(req.client_id)?;
         let (record, client_secret) = self.app.auth.create_client(&id, &req.scopes).await?;
         let detail = format!("by={by} scopes={}", record.scopes.join(" "));
-        self.app.audit.record("client.created", id.as_str(), &detail);
+        self.app
+            .audit
+            .record("client.created", id.as_str(), &detail);
         Ok(Response::new(CreateClientResponse {
             client: Some(self.view(record)),
             client_secret,
@@ -88,7 +90,9 @@ impl ClientService for ClientApi {
             record.scopes.join(" "),
             record.generation
         );
-        self.app.audit.record("client.rotated", id.as_str(), &detail);
+        self.app
+            .audit
+            .record("client.rotated", id.as_str(), &detail);
         Ok(Response::new(RotateClientSecretResponse {
             client: Some(self.view(record)),
             client_secret,
@@ -105,7 +109,9 @@ impl ClientService for ClientApi {
         let (record, already_revoked) = self.app.auth.revoke_client(&id).await?;
         if !already_revoked {
             let detail = format!("by={by} scopes={}", record.scopes.join(" "));
-            self.app.audit.record("client.revoked", id.as_str(), &detail);
+            self.app
+                .audit
+                .record("client.revoked", id.as_str(), &detail);
         }
         Ok(Response::new(RevokeClientResponse {
             client: Some(self.view(record)),

@@ -37,7 +37,11 @@ async fn create(
         .map(tonic::Response::into_inner)
 }
 
-async fn rotate(url: &str, token: &str, id: &str) -> Result<v1::RotateClientSecretResponse, tonic::Status> {
+async fn rotate(
+    url: &str,
+    token: &str,
+    id: &str,
+) -> Result<v1::RotateClientSecretResponse, tonic::Status> {
     clients(channel(url).await)
         .rotate_client_secret(authed(
             token,
@@ -49,7 +53,11 @@ async fn rotate(url: &str, token: &str, id: &str) -> Result<v1::RotateClientSecr
         .map(tonic::Response::into_inner)
 }
 
-async fn revoke(url: &str, token: &str, id: &str) -> Result<v1::RevokeClientResponse, tonic::Status> {
+async fn revoke(
+    url: &str,
+    token: &str,
+    id: &str,
+) -> Result<v1::RevokeClientResponse, tonic::Status> {
     clients(channel(url).await)
         .revoke_client(authed(
             token,
@@ -131,19 +139,30 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
     admin.wait_ready(&["w1"]).await;
 
     // Two clients created through the API, each with its own secret.
-    let alice = create(&url, &admin.token, "alice", SESSIONS).await.expect("alice");
-    let bob = create(&url, &admin.token, "bob", SESSIONS).await.expect("bob");
+    let alice = create(&url, &admin.token, "alice", SESSIONS)
+        .await
+        .expect("alice");
+    let bob = create(&url, &admin.token, "bob", SESSIONS)
+        .await
+        .expect("bob");
     assert_eq!(alice.client_secret.len(), 64, "256 random bits as hex");
     assert_ne!(alice.client_secret, bob.client_secret);
     let a = alice.client.as_ref().expect("client");
-    assert_eq!((a.id.as_str(), a.revoked, a.bootstrap), ("alice", false, false));
+    assert_eq!(
+        (a.id.as_str(), a.revoked, a.bootstrap),
+        ("alice", false, false)
+    );
     assert_eq!(a.scopes, SESSIONS);
     assert!(a.created_at.is_some());
 
     // Bad input: clear errors, nothing created.
-    let err = create(&url, &admin.token, "alice", SESSIONS).await.expect_err("exists");
+    let err = create(&url, &admin.token, "alice", SESSIONS)
+        .await
+        .expect_err("exists");
     assert_status(&err, Code::AlreadyExists, reason::CLIENT_EXISTS);
-    let err = create(&url, &admin.token, "no spaces!", SESSIONS).await.expect_err("bad id");
+    let err = create(&url, &admin.token, "no spaces!", SESSIONS)
+        .await
+        .expect_err("bad id");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("A-Z a-z 0-9"), "{}", err.message());
     let err = create(&url, &admin.token, "carol", &["sessions:read", "root"])
@@ -155,14 +174,20 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
         "names the bad scope and lists the valid ones: {}",
         err.message()
     );
-    let err = create(&url, &admin.token, "carol", &[]).await.expect_err("no scope");
+    let err = create(&url, &admin.token, "carol", &[])
+        .await
+        .expect_err("no scope");
     assert_eq!(err.code(), Code::InvalidArgument);
     let listed = list(&url, &admin.token).await.expect("ls");
     assert!(!listed.clients.iter().any(|c| c.id == "carol"));
 
     // Each gets a token and sees only its own sessions.
-    let alice_token = issue_token(&url, "alice", &alice.client_secret).await.expect("token");
-    let bob_token = issue_token(&url, "bob", &bob.client_secret).await.expect("token");
+    let alice_token = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect("token");
+    let bob_token = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect("token");
     let mut as_alice = Client::with_token(&url, alice_token.clone()).await;
     let mut as_bob = Client::with_token(&url, bob_token.clone()).await;
     let sa = as_alice.create_session(&[]).await.expect("alice's session");
@@ -189,7 +214,9 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
     assert_status(&err, Code::PermissionDenied, reason::SCOPE_MISSING);
     for result in [
         list(&url, &alice_token).await.map(|_| ()),
-        create(&url, &alice_token, "mallory", &["admin"]).await.map(|_| ()),
+        create(&url, &alice_token, "mallory", &["admin"])
+            .await
+            .map(|_| ()),
         rotate(&url, &alice_token, "bob").await.map(|_| ()),
         revoke(&url, &alice_token, "bob").await.map(|_| ()),
     ] {
@@ -219,18 +246,35 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
             .output()
             .expect("heistctl")
     };
-    let out = ctl(&["-o", "json", "admin", "client", "create", "carol", "--scope", "tools:read"]);
+    let out = ctl(&[
+        "-o",
+        "json",
+        "admin",
+        "client",
+        "create",
+        "carol",
+        "--scope",
+        "tools:read",
+    ]);
     assert!(out.status.success(), "{out:?}");
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let carol_secret = created["client_secret"].as_str().expect("secret").to_owned();
+    let carol_secret = created["client_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
     assert_eq!(created["id"], "carol");
     assert_eq!(created["scopes"], serde_json::json!(["tools:read"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not shown again"));
-    issue_token(&url, "carol", &carol_secret).await.expect("carol logs in");
+    issue_token(&url, "carol", &carol_secret)
+        .await
+        .expect("carol logs in");
     let out = ctl(&["-o", "json", "admin", "client", "ls"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains(&carol_secret) && !text.contains("secret"), "{text}");
+    assert!(
+        !text.contains(&carol_secret) && !text.contains("secret"),
+        "{text}"
+    );
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(listed.as_array().expect("array").len(), 4);
     let out = ctl(&["admin", "client", "rotate", "carol"]);
@@ -242,8 +286,12 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
         .find_map(|l| l.strip_prefix("client secret: "))
         .expect("secret line")
         .to_owned();
-    issue_token(&url, "carol", &new_secret).await.expect("new secret works");
-    let err = issue_token(&url, "carol", &carol_secret).await.expect_err("old secret");
+    issue_token(&url, "carol", &new_secret)
+        .await
+        .expect("new secret works");
+    let err = issue_token(&url, "carol", &carol_secret)
+        .await
+        .expect_err("old secret");
     assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
     let out = ctl(&["admin", "client", "revoke", "carol"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
@@ -251,8 +299,13 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
     assert!(out.status.success(), "{out:?}");
     let out = ctl(&["admin", "client", "revoke", "admin", "--yes"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bootstrap"), "{out:?}");
-    let err = issue_token(&url, "carol", &new_secret).await.expect_err("revoked");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bootstrap"),
+        "{out:?}"
+    );
+    let err = issue_token(&url, "carol", &new_secret)
+        .await
+        .expect_err("revoked");
     assert_status(&err, Code::Unauthenticated, reason::CLIENT_REVOKED);
 
     w.stop().await;
@@ -265,63 +318,118 @@ async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let url = coord.url();
-    let admin = issue_token(&url, ADMIN_ID, ADMIN_SECRET).await.expect("admin");
+    let admin = issue_token(&url, ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect("admin");
     let scopes = ["sessions:read", "cluster:read"];
     let alice = create(&url, &admin, "alice", &scopes).await.expect("alice");
     let bob = create(&url, &admin, "bob", &scopes).await.expect("bob");
 
     // Rotation: a token issued just before it (most likely in the same second) is refused on
     // the next call, the old secret is refused, and a token of the new secret works.
-    let old_token = issue_token(&url, "alice", &alice.client_secret).await.expect("token");
-    list_sessions(&url, &old_token).await.expect("valid before the rotation");
+    let old_token = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect("token");
+    list_sessions(&url, &old_token)
+        .await
+        .expect("valid before the rotation");
     let rotated = rotate(&url, &admin, "alice").await.expect("rotate");
     assert_ne!(rotated.client_secret, alice.client_secret);
-    let err = list_sessions(&url, &old_token).await.expect_err("old token");
+    let err = list_sessions(&url, &old_token)
+        .await
+        .expect_err("old token");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
     assert!(err.message().contains("rotated"), "{}", err.message());
-    let err = issue_token(&url, "alice", &alice.client_secret).await.expect_err("old secret");
+    let err = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect_err("old secret");
     assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
-    let new_token = issue_token(&url, "alice", &rotated.client_secret).await.expect("new");
-    list_sessions(&url, &new_token).await.expect("a token issued right after the rotation");
+    let new_token = issue_token(&url, "alice", &rotated.client_secret)
+        .await
+        .expect("new");
+    list_sessions(&url, &new_token)
+        .await
+        .expect("a token issued right after the rotation");
 
     // Revocation: bob's token works on gRPC, /metrics and /mcp, then is refused on the very
     // next call of each; he gets no new token.
-    let bob_token = issue_token(&url, "bob", &bob.client_secret).await.expect("token");
-    list_sessions(&url, &bob_token).await.expect("valid before the revocation");
-    assert_eq!(http_status(coord.addr, "GET", "/metrics", &bob_token, "").await, 200);
-    assert_ne!(http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await, 401);
+    let bob_token = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect("token");
+    list_sessions(&url, &bob_token)
+        .await
+        .expect("valid before the revocation");
+    assert_eq!(
+        http_status(coord.addr, "GET", "/metrics", &bob_token, "").await,
+        200
+    );
+    assert_ne!(
+        http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await,
+        401
+    );
     let revoked = revoke(&url, &admin, "bob").await.expect("revoke");
     assert!(!revoked.already_revoked);
     let b = revoked.client.expect("client");
     assert!(b.revoked && b.revoked_at.is_some());
-    let err = list_sessions(&url, &bob_token).await.expect_err("revoked token");
+    let err = list_sessions(&url, &bob_token)
+        .await
+        .expect_err("revoked token");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
     assert!(err.message().contains("revoked"), "{}", err.message());
-    assert_eq!(http_status(coord.addr, "GET", "/metrics", &bob_token, "").await, 401);
-    assert_eq!(http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await, 401);
-    let err = issue_token(&url, "bob", &bob.client_secret).await.expect_err("revoked");
+    assert_eq!(
+        http_status(coord.addr, "GET", "/metrics", &bob_token, "").await,
+        401
+    );
+    assert_eq!(
+        http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await,
+        401
+    );
+    let err = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect_err("revoked");
     assert_status(&err, Code::Unauthenticated, reason::CLIENT_REVOKED);
-    let err = issue_token(&url, "bob", "not-his-secret-0123456789").await.expect_err("wrong");
+    let err = issue_token(&url, "bob", "not-his-secret-0123456789")
+        .await
+        .expect_err("wrong");
     assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
 
     // A revoked client stays revoked: no rotation, no re-creation; revoking again is a no-op.
     let err = rotate(&url, &admin, "bob").await.expect_err("revoked");
     assert_status(&err, Code::FailedPrecondition, reason::CLIENT_REVOKED);
-    let err = create(&url, &admin, "bob", &scopes).await.expect_err("id kept");
+    let err = create(&url, &admin, "bob", &scopes)
+        .await
+        .expect_err("id kept");
     assert_status(&err, Code::AlreadyExists, reason::CLIENT_EXISTS);
-    assert!(revoke(&url, &admin, "bob").await.expect("again").already_revoked);
+    assert!(
+        revoke(&url, &admin, "bob")
+            .await
+            .expect("again")
+            .already_revoked
+    );
     let err = rotate(&url, &admin, "nobody").await.expect_err("unknown");
     assert_status(&err, Code::NotFound, reason::CLIENT_NOT_FOUND);
 
     // The bootstrap admin cannot be locked out through the API.
     for err in [
-        rotate(&url, &admin, ADMIN_ID).await.map(|_| ()).expect_err("bootstrap"),
-        revoke(&url, &admin, ADMIN_ID).await.map(|_| ()).expect_err("bootstrap"),
+        rotate(&url, &admin, ADMIN_ID)
+            .await
+            .map(|_| ())
+            .expect_err("bootstrap"),
+        revoke(&url, &admin, ADMIN_ID)
+            .await
+            .map(|_| ())
+            .expect_err("bootstrap"),
     ] {
         assert_status(&err, Code::FailedPrecondition, reason::BOOTSTRAP_CLIENT);
-        assert!(err.message().contains("HEIST_ADMIN_CLIENT_SECRET"), "{}", err.message());
+        assert!(
+            err.message().contains("HEIST_ADMIN_CLIENT_SECRET"),
+            "{}",
+            err.message()
+        );
     }
-    list(&url, &admin).await.expect("the admin token still works");
+    list(&url, &admin)
+        .await
+        .expect("the admin token still works");
 
     // Every change is in the audit log, with who made it.
     let records = client_audit(&url, &admin).await;
@@ -348,10 +456,16 @@ async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart
     coord.stop().await;
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let url = coord.url();
-    let err = list_sessions(&url, &bob_token).await.expect_err("still revoked");
+    let err = list_sessions(&url, &bob_token)
+        .await
+        .expect_err("still revoked");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
-    let err = list_sessions(&url, &old_token).await.expect_err("still rotated");
+    let err = list_sessions(&url, &old_token)
+        .await
+        .expect_err("still rotated");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
-    list_sessions(&url, &new_token).await.expect("the new token still works");
+    list_sessions(&url, &new_token)
+        .await
+        .expect("the new token still works");
     coord.stop().await;
 }

@@ -82,7 +82,12 @@ struct WithSecret {
 
 /// Prints a client with its new secret, and says (on stderr in JSON mode, so stdout stays
 /// JSON) that the secret is not shown again.
-fn print_secret(ctx: &Context, what: &str, client: ClientView, secret: String) -> Result<(), Error> {
+fn print_secret(
+    ctx: &Context,
+    what: &str,
+    client: ClientView,
+    secret: String,
+) -> Result<(), Error> {
     let notice = format!(
         "this secret is not shown again: store it now (log in with `heistctl login --client-id \
          {} --client-secret-stdin`)",
