@@ -84,24 +84,52 @@ async fn list_sessions(url: &str, token: &str) -> Result<Vec<v1::Session>, tonic
         .map(|r| r.into_inner().sessions)
 }
 
-/// `method path` over plain HTTP/1.1 with a bearer token: the status code.
-async fn http_status(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> u16 {
+/// `method path` over plain HTTP/1.1 with extra header lines: the status code and the body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.expect("read");
     let text = String::from_utf8_lossy(&raw).into_owned();
-    text.split_whitespace()
+    let status = text
+        .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"))
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `method path` with a bearer token and a JSON body (as an MCP client sends): the status.
+async fn http_status(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> u16 {
+    let headers = format!(
+        "Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\n"
+    );
+    http(addr, method, path, &headers, body).await.0
+}
+
+/// The OAuth token endpoint's answer to a client-credentials grant (ids and secrets here need
+/// no URL encoding).
+async fn oauth_token(addr: SocketAddr, id: &str, secret: &str) -> (u16, String) {
+    let body = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
+    let headers = "Content-Type: application/x-www-form-urlencoded\r\n";
+    http(addr, "POST", "/oauth/token", headers, &body).await
 }
 
 const MCP_INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"test","version":"1"}}}"#;
@@ -353,6 +381,8 @@ async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart
 
     // Revocation: bob's token works on gRPC, /metrics and /mcp, then is refused on the very
     // next call of each; he gets no new token.
+    let (status, body) = oauth_token(coord.addr, "bob", &bob.client_secret).await;
+    assert_eq!(status, 200, "{body}");
     let bob_token = issue_token(&url, "bob", &bob.client_secret)
         .await
         .expect("token");
@@ -383,6 +413,12 @@ async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart
     assert_eq!(
         http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await,
         401
+    );
+    let (status, body) = oauth_token(coord.addr, "bob", &bob.client_secret).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("invalid_client") && body.contains("revoked"),
+        "{body}"
     );
     let err = issue_token(&url, "bob", &bob.client_secret)
         .await
