@@ -117,6 +117,10 @@ impl ClientStates {
     /// Whether a verified token may still be used: refused when its client was revoked, or when
     /// it was issued under an older secret generation (before a rotation).
     ///
+    /// The generation is compared, not `iat` against a rotation time: both are whole seconds, so
+    /// a token issued in the same second as a rotation, before or after it, looks the same by
+    /// time; by generation it is exactly one or the other.
+    ///
     /// A subject no client record names passes: the coordinator issues tokens only to stored
     /// clients and never deletes one (revoked clients stay as records), so such a token was
     /// minted with the signing key itself, whose holder can mint anything anyway.
