@@ -431,7 +431,10 @@ mod tests {
         assert!(auth.remember(&late).is_ok());
         let other = call_claims(unix_now() + 30);
         let full = auth.remember(&other).expect_err("full");
-        assert!(full.to_string().contains("HEIST_MAX_SEEN_CREDENTIALS"), "{full}");
+        assert!(
+            full.to_string().contains("HEIST_MAX_SEEN_CREDENTIALS"),
+            "{full}"
+        );
         assert!(
             auth.remember(&late)
                 .expect_err("replay")
@@ -443,7 +446,10 @@ mod tests {
         let auth = Auth::default();
         auth.set_replay_capacity(1);
         assert!(auth.remember(&gone).is_ok());
-        assert!(auth.remember(&other).is_ok(), "the expired id was forgotten");
+        assert!(
+            auth.remember(&other).is_ok(),
+            "the expired id was forgotten"
+        );
         let seen = auth.seen.lock().expect("seen");
         assert_eq!((seen.ids.len(), seen.by_expiry.len()), (1, 1));
     }
