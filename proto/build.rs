@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "heist/v1/audit.proto",
     "heist/v1/auth.proto",
     "heist/v1/checkpoint.proto",
+    "heist/v1/client.proto",
     "heist/v1/cluster.proto",
     "heist/v1/heist.proto",
     "heist/v1/session.proto",

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::{
     client::Client,
     commands::{
-        agents, audit, chat, checkpoint, completions, dev, exec, heist, login, logout, mcp,
+        admin, agents, audit, chat, checkpoint, completions, dev, exec, heist, login, logout, mcp,
         run_python, session, tool, transcript, turn, workers,
     },
     credentials::Store,
@@ -83,6 +83,9 @@ pub enum Command {
     /// Registered workers.
     #[command(subcommand, alias = "worker")]
     Workers(workers::Command),
+    /// Administration: API clients (admin scope).
+    #[command(subcommand)]
+    Admin(admin::Command),
     /// The coordinator's audit log: list, follow, verify (audit:read).
     #[command(subcommand)]
     Audit(audit::Command),

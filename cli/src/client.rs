@@ -22,6 +22,7 @@ use crate::error::Error;
 mod agents;
 mod audit;
 mod checkpoints;
+mod clients;
 mod heist;
 
 pub use heist::HeistEvents;

@@ -1,18 +1,31 @@
 //! API clients and the client-credentials grant.
 //!
 //! Clients live in the `clients` tree with Argon2id-hashed secrets (PHC strings). The bootstrap
-//! admin client comes from the configuration and is upserted at startup. [`Auth::issue_token`]
-//! checks a client id and secret and signs a JWT with the coordinator's key. Secrets are never
-//! logged; a wrong id and a wrong secret get the same answer after the same amount of work.
+//! admin client comes from the configuration and is upserted at startup; administrators
+//! create, rotate and revoke the others ([`Auth::create_client`], [`Auth::rotate_secret`],
+//! [`Auth::revoke_client`]). [`Auth::issue_token`] checks a client id and secret and signs a
+//! JWT with the coordinator's key. Secrets are never logged; a wrong id and a wrong secret get
+//! the same answer after the same amount of work.
+//!
+//! Revocation and rotation take effect on the next call: [`ClientStates`] holds each client's
+//! secret generation and revoked flag in memory (loaded at start, updated by every change), and
+//! the auth layer checks every token against it ([`ClientStates::check`]).
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use argon2::{
     Argon2, PasswordHash, PasswordHasher as _, PasswordVerifier as _, password_hash::SaltString,
 };
 use heist_proto::{
-    errors, scopes,
-    token::{TokenSigner, unix_now},
+    errors,
+    ids::ClientId,
+    scopes,
+    token::{Claims, TokenSigner, unix_now},
     v1::IssueTokenResponse,
 };
 use tokio::sync::Semaphore;
@@ -41,6 +54,8 @@ pub const CLIENT_AUDIENCE: &str = "heist";
 const MAX_SECRET_BYTES: usize = 4096;
 /// Argon2 runs at most this many at once (it is deliberately slow and memory hungry).
 const MAX_CONCURRENT_HASHES: usize = 4;
+/// Random bytes in a generated client secret (256 bits, sent as 64 hex characters).
+const SECRET_BYTES: usize = 32;
 
 /// A registered API client, as stored in the `clients` tree.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -57,6 +72,73 @@ pub struct ClientRecord {
     /// When the record was written, seconds since the Unix epoch.
     #[prost(uint64, tag = "4")]
     pub updated_at_unix_s: u64,
+    /// When the client was created, seconds since the Unix epoch (0: stored before this field).
+    #[prost(uint64, tag = "5")]
+    pub created_at_unix_s: u64,
+    /// Secret generation: starts at 0, one more at each rotation. Tokens carry the generation
+    /// they were issued under (`gen` claim) and are refused once it is not the current one.
+    #[prost(uint64, tag = "6")]
+    pub generation: u64,
+    /// Revoked for good: no tokens, and every token it holds is refused. Kept (never deleted)
+    /// so the id is not reused and its old tokens never become valid again.
+    #[prost(bool, tag = "7")]
+    pub revoked: bool,
+    /// When it was revoked, seconds since the Unix epoch (0 when it was not).
+    #[prost(uint64, tag = "8")]
+    pub revoked_at_unix_s: u64,
+}
+
+/// What the per-call check needs to know about a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClientState {
+    generation: u64,
+    revoked: bool,
+}
+
+/// Every client's secret generation and revoked flag, in memory, so the auth layer can refuse a
+/// revoked client's or a superseded token on every call without reading the store. Loaded from
+/// the `clients` tree at start and updated by every change before the change is acknowledged.
+/// Cloning shares the map.
+#[derive(Clone, Default)]
+pub struct ClientStates(Arc<RwLock<HashMap<String, ClientState>>>);
+
+impl ClientStates {
+    fn set(&self, record: &ClientRecord) {
+        let state = ClientState {
+            generation: record.generation,
+            revoked: record.revoked,
+        };
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(record.id.clone(), state);
+    }
+
+    /// Whether a verified token may still be used: refused when its client was revoked, or when
+    /// it was issued under an older secret generation (before a rotation).
+    ///
+    /// The generation is compared, not `iat` against a rotation time: both are whole seconds, so
+    /// a token issued in the same second as a rotation, before or after it, looks the same by
+    /// time; by generation it is exactly one or the other.
+    ///
+    /// A subject no client record names passes: the coordinator issues tokens only to stored
+    /// clients and never deletes one (revoked clients stay as records), so such a token was
+    /// minted with the signing key itself, whose holder can mint anything anyway.
+    pub fn check(&self, claims: &Claims) -> Result<(), Error> {
+        let map = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        match map.get(&claims.sub) {
+            Some(state) if state.revoked => Err(Error::TokenRevoked {
+                client: claims.sub.clone(),
+                why: "its client was revoked: ask an administrator for a new client",
+            }),
+            Some(state) if state.generation != claims.generation => Err(Error::TokenRevoked {
+                client: claims.sub.clone(),
+                why: "it was issued before its client's secret was rotated: log in again \
+                      with the new secret",
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Client store and token issuer.
@@ -70,6 +152,12 @@ pub struct Auth {
     hashing: Semaphore,
     /// Failed-login back-off, checked before any hashing.
     throttle: LoginThrottle,
+    /// Generations and revocations, for the per-call check.
+    states: ClientStates,
+    /// The bootstrap admin client's id (HEIST_ADMIN_CLIENT_ID).
+    admin_id: String,
+    /// Serialises changes to client records (read, decide, write).
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl Auth {
@@ -91,14 +179,31 @@ impl Auth {
             decoy_hash,
             hashing: Semaphore::new(MAX_CONCURRENT_HASHES),
             throttle: LoginThrottle::new(&crate::config::Config::default()),
+            states: ClientStates::default(),
+            admin_id: admin_id.to_owned(),
+            changes: tokio::sync::Mutex::new(()),
         };
         auth.upsert_client(admin_id, admin_secret, &[scopes::ADMIN])
             .await?;
+        for record in Store::load_all::<ClientRecord>(&auth.store.clients, "client")? {
+            auth.states.set(&record);
+        }
         Ok(auth)
     }
 
-    /// Creates or updates a client. The secret is re-hashed only when it changed, so restarts
-    /// with the same configuration do not rewrite the record.
+    /// The in-memory generations and revocations the auth layer checks tokens against.
+    pub fn states(&self) -> ClientStates {
+        self.states.clone()
+    }
+
+    /// The bootstrap admin client's id.
+    pub fn admin_id(&self) -> &str {
+        &self.admin_id
+    }
+
+    /// Creates or updates a client (the bootstrap admin, from the configuration). The secret is
+    /// re-hashed only when it changed, so restarts with the same configuration do not rewrite
+    /// the record; a changed secret is a rotation (tokens issued under the old one are refused).
     #[instrument(skip_all, fields(client_id = %id))]
     pub async fn upsert_client(
         &self,
@@ -106,11 +211,19 @@ impl Auth {
         secret: &str,
         scopes: &[&str],
     ) -> Result<(), Error> {
+        let _changing = self.changes.lock().await;
         let want_scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
         let existing: Option<ClientRecord> =
             Store::get(&self.store.clients, id.as_bytes(), "client")?;
+        let mut same_secret = false;
         if let Some(record) = &existing {
-            let same_secret = {
+            if record.revoked {
+                return Err(Error::InvalidConfig(format!(
+                    "client {id} was revoked and cannot be the bootstrap admin: set \
+                     HEIST_ADMIN_CLIENT_ID to another id"
+                )));
+            }
+            same_secret = {
                 let (secret, hash) = (secret.to_owned(), record.secret_hash.clone());
                 blocking(move || verify_secret(&secret, &hash)).await?
             };
@@ -122,19 +235,145 @@ impl Auth {
             let secret = secret.to_owned();
             blocking(move || hash_secret(&secret)).await?
         };
-        let record = ClientRecord {
-            id: id.to_owned(),
-            secret_hash,
-            scopes: want_scopes,
-            updated_at_unix_s: unix_now(),
+        let now = unix_now();
+        let record = match existing.clone() {
+            Some(old) => ClientRecord {
+                secret_hash,
+                scopes: want_scopes,
+                updated_at_unix_s: now,
+                generation: old.generation + u64::from(!same_secret),
+                ..old
+            },
+            None => ClientRecord {
+                id: id.to_owned(),
+                secret_hash,
+                scopes: want_scopes,
+                updated_at_unix_s: now,
+                created_at_unix_s: now,
+                generation: 0,
+                revoked: false,
+                revoked_at_unix_s: 0,
+            },
         };
         Store::put(&self.store.clients, id.as_bytes(), &record)?;
         self.store.flush().await?;
+        self.states.set(&record);
         info!(
             created = existing.is_none(),
             scopes = %record.scopes.join(" "),
+            generation = record.generation,
             "client stored"
         );
+        Ok(())
+    }
+
+    /// Registers a new client with `scopes` (each known; at least one) and a fresh random
+    /// secret; returns the record and the secret, which is not kept anywhere.
+    #[instrument(skip_all, fields(client_id = %id))]
+    pub async fn create_client(
+        &self,
+        id: &ClientId,
+        scopes: &[String],
+    ) -> Result<(ClientRecord, String), Error> {
+        let scopes = validate_scopes(scopes)?;
+        let secret = generate_secret()?;
+        let secret_hash = {
+            let secret = secret.clone();
+            blocking(move || hash_secret(&secret)).await?
+        };
+        let _changing = self.changes.lock().await;
+        if self.store.clients.contains_key(id.as_str().as_bytes())? {
+            return Err(Error::ClientExists(id.clone()));
+        }
+        let now = unix_now();
+        let record = ClientRecord {
+            id: id.to_string(),
+            secret_hash,
+            scopes,
+            updated_at_unix_s: now,
+            created_at_unix_s: now,
+            generation: 0,
+            revoked: false,
+            revoked_at_unix_s: 0,
+        };
+        Store::put(&self.store.clients, id.as_str().as_bytes(), &record)?;
+        self.store.flush().await?;
+        self.states.set(&record);
+        info!(scopes = %record.scopes.join(" "), "client created");
+        Ok((record, secret))
+    }
+
+    /// Every client record, ordered by id.
+    pub fn list_clients(&self) -> Result<Vec<ClientRecord>, Error> {
+        Store::load_all(&self.store.clients, "client")
+    }
+
+    /// Replaces a client's secret with a fresh random one and moves it to the next generation,
+    /// so the old secret and every token issued under it are refused from now on. Returns the
+    /// record and the new secret.
+    #[instrument(skip_all, fields(client_id = %id))]
+    pub async fn rotate_secret(&self, id: &ClientId) -> Result<(ClientRecord, String), Error> {
+        self.refuse_bootstrap(id, "rotated")?;
+        let secret = generate_secret()?;
+        let secret_hash = {
+            let secret = secret.clone();
+            blocking(move || hash_secret(&secret)).await?
+        };
+        let _changing = self.changes.lock().await;
+        let old = self.existing(id)?;
+        if old.revoked {
+            return Err(Error::ClientIsRevoked(id.clone()));
+        }
+        let record = ClientRecord {
+            secret_hash,
+            updated_at_unix_s: unix_now(),
+            generation: old.generation + 1,
+            ..old
+        };
+        Store::put(&self.store.clients, id.as_str().as_bytes(), &record)?;
+        self.store.flush().await?;
+        self.states.set(&record);
+        info!(generation = record.generation, "client secret rotated");
+        Ok((record, secret))
+    }
+
+    /// Revokes a client for good; returns the record and whether it was revoked already.
+    #[instrument(skip_all, fields(client_id = %id))]
+    pub async fn revoke_client(&self, id: &ClientId) -> Result<(ClientRecord, bool), Error> {
+        self.refuse_bootstrap(id, "revoked")?;
+        let _changing = self.changes.lock().await;
+        let old = self.existing(id)?;
+        if old.revoked {
+            return Ok((old, true));
+        }
+        let now = unix_now();
+        let record = ClientRecord {
+            revoked: true,
+            revoked_at_unix_s: now,
+            updated_at_unix_s: now,
+            ..old
+        };
+        Store::put(&self.store.clients, id.as_str().as_bytes(), &record)?;
+        self.store.flush().await?;
+        self.states.set(&record);
+        info!("client revoked");
+        Ok((record, false))
+    }
+
+    fn existing(&self, id: &ClientId) -> Result<ClientRecord, Error> {
+        Store::get(&self.store.clients, id.as_str().as_bytes(), "client")?
+            .ok_or_else(|| Error::ClientNotFound(id.clone()))
+    }
+
+    /// The bootstrap admin is the operator's way back in: its secret comes from the
+    /// configuration (and is written again at every start), so the API may not change it.
+    fn refuse_bootstrap(&self, id: &ClientId, verb: &'static str) -> Result<(), Error> {
+        if id.as_str() == self.admin_id {
+            return Err(Error::BootstrapClient {
+                id: id.clone(),
+                verb,
+            });
+        }
         Ok(())
     }
 
@@ -208,10 +447,17 @@ impl Auth {
                 return Err(Error::BadClientCredentials);
             }
         };
+        if record.revoked {
+            warn!("token refused: the client was revoked");
+            return Err(Error::ClientRevoked(record.id));
+        }
         let granted = resolve_scopes(&record.scopes, requested)?;
         let scope = granted.join(" ");
-        let claims =
+        let mut claims =
             TokenSigner::claims(&self.issuer, CLIENT_AUDIENCE, &record.id, &scope, self.ttl);
+        // Should the record be rotated or revoked while this token is being signed, the token
+        // carries the generation read above and the per-call check refuses it.
+        claims.generation = record.generation;
         let access_token = self.signer.sign(&claims).map_err(Error::Signing)?;
         info!(scopes = %scope, jti = %claims.jti, "token issued");
         Ok(IssueTokenResponse {
@@ -249,6 +495,42 @@ fn resolve_scopes(held: &[String], requested: &[String]) -> Result<Vec<String>, 
         }
     }
     Ok(granted)
+}
+
+/// The scopes of a new client: at least one, each known, without repeats.
+fn validate_scopes(requested: &[String]) -> Result<Vec<String>, Error> {
+    if requested.is_empty() {
+        return Err(Error::Status(errors::invalid_argument(
+            "scopes",
+            format!(
+                "a client needs at least one scope: use one or more of {}",
+                scopes::ALL.join(", ")
+            ),
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(requested.len());
+    for scope in requested {
+        if !scopes::ALL.contains(&scope.as_str()) {
+            return Err(Error::Status(errors::invalid_argument(
+                "scopes",
+                format!(
+                    "unknown scope {scope:?}: use one of {}",
+                    scopes::ALL.join(", ")
+                ),
+            )));
+        }
+        if !out.contains(scope) {
+            out.push(scope.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// A fresh client secret: 256 random bits as hex.
+fn generate_secret() -> Result<String, Error> {
+    let mut bytes = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| Error::SecretHash(format!("no randomness: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Runs slow hashing work off the async threads.
@@ -377,9 +659,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rotation_and_revocation_refuse_earlier_tokens_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (auth, signer) = auth(dir.path()).await;
+        let verifier = TokenVerifier::new(&signer.public_key(), "heist", CLIENT_AUDIENCE);
+        let states = auth.states();
+        let id = ClientId::parse("bob").expect("id");
+        let (record, secret) = auth
+            .create_client(&id, &[scopes::TOOLS_READ.to_owned()])
+            .await
+            .expect("create");
+        assert_eq!(record.generation, 0);
+        let issue = async |secret: &str| {
+            let token = auth.issue_token("bob", secret, &[]).await?.access_token;
+            Ok::<_, Error>(verifier.verify(&token).expect("valid"))
+        };
+        let before = issue(&secret).await.expect("token");
+        states.check(&before).expect("current");
+
+        // Issued and rotated within the same second, most likely: told apart by generation.
+        let (rotated, new_secret) = auth.rotate_secret(&id).await.expect("rotate");
+        assert_eq!(rotated.generation, 1);
+        assert!(matches!(
+            states.check(&before),
+            Err(Error::TokenRevoked { .. })
+        ));
+        assert!(matches!(
+            issue(&secret).await,
+            Err(Error::BadClientCredentials)
+        ));
+        let after = issue(&new_secret).await.expect("token");
+        assert_eq!(after.generation, 1);
+        states.check(&after).expect("current");
+
+        let (_, already) = auth.revoke_client(&id).await.expect("revoke");
+        assert!(!already);
+        assert!(matches!(
+            states.check(&after),
+            Err(Error::TokenRevoked { .. })
+        ));
+        assert!(matches!(
+            issue(&new_secret).await,
+            Err(Error::ClientRevoked(_))
+        ));
+        assert!(auth.revoke_client(&id).await.expect("again").1);
+        assert!(matches!(
+            auth.rotate_secret(&id).await,
+            Err(Error::ClientIsRevoked(_))
+        ));
+        assert!(matches!(
+            auth.create_client(&id, &[scopes::TOOLS_READ.to_owned()])
+                .await,
+            Err(Error::ClientExists(_))
+        ));
+
+        // The bootstrap admin is refused, and unknown scopes name the valid ones.
+        let admin = ClientId::parse("admin").expect("id");
+        assert!(matches!(
+            auth.revoke_client(&admin).await,
+            Err(Error::BootstrapClient { .. })
+        ));
+        let err = auth
+            .create_client(&ClientId::parse("c").expect("id"), &["root".to_owned()])
+            .await
+            .expect_err("unknown scope");
+        assert!(err.to_string().contains("tools:call"), "{err}");
+
+        // A restart loads the same states from the store.
+        drop(auth);
+        let (auth, _) = self::auth(dir.path()).await;
+        assert!(auth.states().check(&after).is_err());
+    }
+
+    #[tokio::test]
     async fn bootstrap_rehashes_only_when_the_secret_changes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (auth, _) = auth(dir.path()).await;
+        let (auth, signer) = auth(dir.path()).await;
         let before: ClientRecord = Store::get(&auth.store.clients, b"admin", "client")
             .expect("get")
             .expect("present");
@@ -390,9 +745,14 @@ mod tests {
             .expect("get")
             .expect("present");
         assert_eq!(before.secret_hash, same.secret_hash);
+        let verifier = TokenVerifier::new(&signer.public_key(), "heist", CLIENT_AUDIENCE);
+        let old = auth.issue_token("admin", SECRET, &[]).await.expect("token");
+        let old = verifier.verify(&old.access_token).expect("valid");
         auth.upsert_client("admin", "a different secret!", &[scopes::ADMIN])
             .await
             .expect("changed");
+        // A new configured secret is a rotation: tokens of the old one are refused.
+        assert!(auth.states().check(&old).is_err());
         assert!(auth.issue_token("admin", SECRET, &[]).await.is_err());
         assert!(
             auth.issue_token("admin", "a different secret!", &[])

@@ -5,8 +5,9 @@
 //! without a token (IssueToken, health, reflection, the HTTP probes, and WorkerControl and
 //! BlobService, which check the workers' join token themselves). Every other path, gRPC or
 //! HTTP, known or not, needs a token that verifies and carries the path's scope
-//! ([`heist_proto::scopes::access`]); the caller becomes a [`Principal`] in the request
-//! extensions, read by handlers with [`principal`].
+//! ([`heist_proto::scopes::access`]), and whose client was neither revoked nor rotated since
+//! the token was issued ([`ClientStates::check`], an in-memory lookup); the caller becomes a
+//! [`Principal`] in the request extensions, read by handlers with [`principal`].
 
 use std::{
     sync::Arc,
@@ -20,6 +21,7 @@ use tower::{Layer, Service};
 use tracing::info;
 
 use crate::{
+    auth::ClientStates,
     error::Error,
     mcp::{McpConfig, oauth},
 };
@@ -49,9 +51,10 @@ pub fn principal<T>(request: &tonic::Request<T>) -> Result<&Principal, Status> {
 }
 
 /// Decides one call: `Ok(None)` when the path needs no token, `Ok(Some(principal))` when the
-/// token is valid and carries the scope, the reason otherwise.
+/// token is valid, still current for its client and carries the scope, the reason otherwise.
 pub fn authorize(
     verifier: &TokenVerifier,
+    clients: &ClientStates,
     path: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<Principal>, Error> {
@@ -61,6 +64,7 @@ pub fn authorize(
     }
     let token = metadata::bearer(headers).ok_or(Error::TokenMissing)?;
     let claims = verifier.verify(token)?;
+    clients.check(&claims)?;
     let holds = |needed: &str| scopes::grants(&claims.scope, needed);
     match access {
         scopes::Access::Scope(needed) if !holds(needed) => {
@@ -118,14 +122,16 @@ fn refusal<ReqBody, ResBody: Default>(
 #[derive(Clone)]
 pub struct AuthLayer {
     verifier: Arc<TokenVerifier>,
+    clients: ClientStates,
     mcp: Arc<McpConfig>,
 }
 
 impl AuthLayer {
-    /// A layer verifying tokens with `verifier`.
-    pub fn new(verifier: Arc<TokenVerifier>) -> Self {
+    /// A layer verifying tokens with `verifier` and checking them against `clients`.
+    pub fn new(verifier: Arc<TokenVerifier>, clients: ClientStates) -> Self {
         Self {
             verifier,
+            clients,
             mcp: Arc::new(McpConfig::default()),
         }
     }
@@ -144,6 +150,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthMiddleware {
             inner,
             verifier: self.verifier.clone(),
+            clients: self.clients.clone(),
             mcp: self.mcp.clone(),
         }
     }
@@ -154,6 +161,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthMiddleware<S> {
     inner: S,
     verifier: Arc<TokenVerifier>,
+    clients: ClientStates,
     mcp: Arc<McpConfig>,
 }
 
@@ -171,7 +179,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        match authorize(&self.verifier, request.uri().path(), request.headers()) {
+        match authorize(
+            &self.verifier,
+            &self.clients,
+            request.uri().path(),
+            request.headers(),
+        ) {
             Ok(Some(principal)) => {
                 request.extensions_mut().insert(principal);
                 Either::Left(self.inner.call(request))
@@ -229,7 +242,10 @@ mod tests {
             "/healthz",
             "/readyz",
         ] {
-            assert_eq!(authorize(&v, path, &empty).expect(path), None);
+            assert_eq!(
+                authorize(&v, &ClientStates::default(), path, &empty).expect(path),
+                None
+            );
         }
     }
 
@@ -238,7 +254,8 @@ mod tests {
         let s = signer();
         let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
         for path in ["/heist.v1.NewService/Call", "/metrics/other", "/mcp"] {
-            let err = authorize(&v, path, &http::HeaderMap::new()).expect_err(path);
+            let err = authorize(&v, &ClientStates::default(), path, &http::HeaderMap::new())
+                .expect_err(path);
             assert_eq!(reason(err), reason::TOKEN_MISSING, "{path}");
         }
     }
@@ -249,25 +266,34 @@ mod tests {
         let v = TokenVerifier::new(&s.public_key(), "heist", "heist");
         let ttl = Duration::from_secs(60);
 
-        let missing = authorize(&v, CREATE, &http::HeaderMap::new()).expect_err("missing");
+        let missing = authorize(
+            &v,
+            &ClientStates::default(),
+            CREATE,
+            &http::HeaderMap::new(),
+        )
+        .expect_err("missing");
         assert_eq!(reason(missing), reason::TOKEN_MISSING);
 
         let forged = signer()
             .sign(&TokenSigner::claims("heist", "heist", "eve", "admin", ttl))
             .expect("sign");
-        let err = authorize(&v, CREATE, &headers(&forged)).expect_err("forged");
+        let err =
+            authorize(&v, &ClientStates::default(), CREATE, &headers(&forged)).expect_err("forged");
         assert_eq!(reason(err), reason::TOKEN_INVALID);
 
         let wrong_aud = s
             .sign(&TokenSigner::claims("heist", "other", "eve", "admin", ttl))
             .expect("sign");
-        let err = authorize(&v, CREATE, &headers(&wrong_aud)).expect_err("aud");
+        let err =
+            authorize(&v, &ClientStates::default(), CREATE, &headers(&wrong_aud)).expect_err("aud");
         assert_eq!(reason(err), reason::TOKEN_INVALID);
 
         let mut old = TokenSigner::claims("heist", "heist", "alice", "admin", ttl);
         old.exp = unix_now() - 3600;
         let expired = s.sign(&old).expect("sign");
-        let err = authorize(&v, CREATE, &headers(&expired)).expect_err("expired");
+        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&expired))
+            .expect_err("expired");
         assert_eq!(reason(err), reason::TOKEN_EXPIRED);
 
         let read_only = s
@@ -279,7 +305,8 @@ mod tests {
                 ttl,
             ))
             .expect("sign");
-        let err = authorize(&v, CREATE, &headers(&read_only)).expect_err("scope");
+        let err = authorize(&v, &ClientStates::default(), CREATE, &headers(&read_only))
+            .expect_err("scope");
         assert_eq!(Status::from(err).code(), tonic::Code::PermissionDenied);
     }
 
@@ -296,7 +323,7 @@ mod tests {
                 Duration::from_secs(60),
             ))
             .expect("sign");
-        let p = authorize(&v, CREATE, &headers(&token))
+        let p = authorize(&v, &ClientStates::default(), CREATE, &headers(&token))
             .expect("ok")
             .expect("principal");
         assert_eq!(p.id, "alice");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use heist_proto::{
     errors::{self, reason},
-    ids::{CheckpointId, RequestId, SessionId, TurnId, WorkerId},
+    ids::{CheckpointId, ClientId, RequestId, SessionId, TurnId, WorkerId},
     token::TokenError,
 };
 use tonic::{Code, Status};
@@ -180,6 +180,42 @@ pub enum Error {
     /// The bearer token has expired.
     #[error("token expired: log in again with `heistctl login`")]
     TokenExpired,
+    /// The token verifies, but its client was revoked or rotated its secret since.
+    #[error("bearer token refused: {why}")]
+    TokenRevoked {
+        /// The token's subject.
+        client: String,
+        /// Why, and what to do.
+        why: &'static str,
+    },
+    /// IssueToken for a revoked client (with its right secret).
+    #[error("client {0} was revoked and gets no tokens: ask an administrator for a new client")]
+    ClientRevoked(String),
+    /// A change to a revoked client.
+    #[error("client {0} is revoked: it cannot be changed; create a new client instead")]
+    ClientIsRevoked(ClientId),
+    /// No client has this id.
+    #[error("client {0} not found: list clients with `heistctl admin client ls`")]
+    ClientNotFound(ClientId),
+    /// CreateClient for an id that exists (or existed and was revoked).
+    #[error(
+        "client {0} already exists (revoked ids are not reused): choose another id, or rotate \
+         its secret with `heistctl admin client rotate {0}`"
+    )]
+    ClientExists(ClientId),
+    /// A rotation or revocation of the bootstrap admin client.
+    #[error(
+        "client {id} is the bootstrap admin (HEIST_ADMIN_CLIENT_ID) and cannot be {verb} through \
+         the API, which could lock the operator out: change HEIST_ADMIN_CLIENT_SECRET and \
+         restart the coordinator to rotate it, or set HEIST_ADMIN_CLIENT_ID to another id and \
+         restart before revoking it"
+    )]
+    BootstrapClient {
+        /// The bootstrap admin's id.
+        id: ClientId,
+        /// `rotated` or `revoked`.
+        verb: &'static str,
+    },
     /// The token lacks the scope the RPC needs.
     #[error("token lacks scope {0:?}: log in with a client that holds it")]
     ScopeMissing(&'static str),
@@ -407,6 +443,36 @@ impl From<Error> for Status {
             Error::TokenMissing => rich(Code::Unauthenticated, reason::TOKEN_MISSING, &[]),
             Error::TokenInvalid(_) => rich(Code::Unauthenticated, reason::TOKEN_INVALID, &[]),
             Error::TokenExpired => rich(Code::Unauthenticated, reason::TOKEN_EXPIRED, &[]),
+            Error::TokenRevoked { client, .. } => rich(
+                Code::Unauthenticated,
+                reason::TOKEN_REVOKED,
+                &[("client_id", client)],
+            ),
+            Error::ClientRevoked(id) => rich(
+                Code::Unauthenticated,
+                reason::CLIENT_REVOKED,
+                &[("client_id", id)],
+            ),
+            Error::ClientIsRevoked(id) => rich(
+                Code::FailedPrecondition,
+                reason::CLIENT_REVOKED,
+                &[("client_id", id.as_str())],
+            ),
+            Error::ClientNotFound(id) => rich(
+                Code::NotFound,
+                reason::CLIENT_NOT_FOUND,
+                &[("client_id", id.as_str())],
+            ),
+            Error::ClientExists(id) => rich(
+                Code::AlreadyExists,
+                reason::CLIENT_EXISTS,
+                &[("client_id", id.as_str())],
+            ),
+            Error::BootstrapClient { id, .. } => rich(
+                Code::FailedPrecondition,
+                reason::BOOTSTRAP_CLIENT,
+                &[("client_id", id.as_str())],
+            ),
             Error::ScopeMissing(scope) => rich(
                 Code::PermissionDenied,
                 reason::SCOPE_MISSING,

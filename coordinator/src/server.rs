@@ -10,9 +10,9 @@ use heist_proto::{
         agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
         auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
         checkpoint_service_server::CheckpointServiceServer,
-        cluster_service_server::ClusterServiceServer, heist_service_server::HeistServiceServer,
-        session_service_server::SessionServiceServer, tool_service_server::ToolServiceServer,
-        worker_control_server::WorkerControlServer,
+        client_service_server::ClientServiceServer, cluster_service_server::ClusterServiceServer,
+        heist_service_server::HeistServiceServer, session_service_server::SessionServiceServer,
+        tool_service_server::ToolServiceServer, worker_control_server::WorkerControlServer,
     },
 };
 use tokio::net::TcpListener;
@@ -26,7 +26,8 @@ use tracing::{Instrument as _, info, info_span, warn};
 use crate::{
     api::{
         agent::AgentApi, audit::AuditApi, auth::AuthApi, blob::BlobApi, checkpoint::CheckpointApi,
-        cluster::ClusterApi, heist::HeistApi, session::SessionApi, tool::ToolApi,
+        client::ClientApi, cluster::ClusterApi, heist::HeistApi, session::SessionApi,
+        tool::ToolApi,
     },
     app::App,
     auth::CLIENT_AUDIENCE,
@@ -42,6 +43,7 @@ use crate::{
 const SERVICES: &[&str] = &[
     "",
     "heist.v1.AuthService",
+    "heist.v1.ClientService",
     "heist.v1.ClusterService",
     "heist.v1.SessionService",
     "heist.v1.ToolService",
@@ -120,6 +122,11 @@ async fn run(
                 .max_encoding_message_size(max),
         )
         .add_service(
+            ClientServiceServer::new(ClientApi::new(app.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
             ClusterServiceServer::new(ClusterApi::new(app.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
@@ -170,7 +177,7 @@ async fn run(
             heist_proto::trace::RpcLayer::new(app.metrics.rpc.clone())
         })))
         .layer(DrainLayer::new(calls.clone()))
-        .layer(AuthLayer::new(verifier).with_mcp(app.config.mcp.clone()))
+        .layer(AuthLayer::new(verifier, app.auth.states()).with_mcp(app.config.mcp.clone()))
         .layer(crate::decode_status::DecodeStatusLayer)
         .add_routes(routes);
 

@@ -45,7 +45,9 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
             &app.config.token_issuer,
             CLIENT_AUDIENCE,
         );
-        let claims = metadata::bearer(&headers).and_then(|t| verifier.verify(t).ok());
+        let claims = metadata::bearer(&headers)
+            .and_then(|t| verifier.verify(t).ok())
+            .filter(|claims| app.auth.states().check(claims).is_ok());
         // Refusals are counted by the RPC layer (reason `401` / `403`).
         let Some(claims) = claims else {
             return (

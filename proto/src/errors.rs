@@ -89,6 +89,18 @@ pub mod reason {
     /// The session's tool policy does not allow the tool (metadata: `tool`, `session_id`,
     /// `allowed_tools`): call one it allows, or use a session that allows it.
     pub const TOOL_NOT_ALLOWED: &str = "TOOL_NOT_ALLOWED";
+    /// The token's client was revoked, or its secret was rotated after the token was issued
+    /// (metadata: `client_id`): log in again (with the new secret).
+    pub const TOKEN_REVOKED: &str = "TOKEN_REVOKED";
+    /// The client was revoked (metadata: `client_id`): it gets no tokens and cannot be rotated.
+    pub const CLIENT_REVOKED: &str = "CLIENT_REVOKED";
+    /// No client has this id (metadata: `client_id`).
+    pub const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
+    /// A client with this id exists, or existed and was revoked (metadata: `client_id`).
+    pub const CLIENT_EXISTS: &str = "CLIENT_EXISTS";
+    /// The bootstrap admin client (HEIST_ADMIN_CLIENT_ID) cannot be changed through the API
+    /// (metadata: `client_id`).
+    pub const BOOTSTRAP_CLIENT: &str = "BOOTSTRAP_CLIENT";
 }
 
 /// A status with an ErrorInfo detail.

@@ -92,6 +92,12 @@ string_id!(
 );
 
 string_id!(
+    /// Id of an API client: the `sub` of its tokens, the principal owning its sessions.
+    ClientId,
+    "client_id"
+);
+
+string_id!(
     /// Id of an agent turn: `t-` followed by a UUIDv7, so ids sort by start time.
     TurnId,
     "turn_id"

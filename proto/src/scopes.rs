@@ -185,6 +185,11 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
         }
         ("heist.v1.HeistService", _) => HEIST_PLAY,
         ("heist.v1.AuditService", "ListAudit" | "TailAudit" | "VerifyAudit") => AUDIT_READ,
+        // Managing clients is administration: whoever may create a client may create an admin.
+        (
+            "heist.v1.ClientService",
+            "CreateClient" | "ListClients" | "RotateClientSecret" | "RevokeClient",
+        ) => ADMIN,
         _ => return None,
     })
 }
@@ -215,6 +220,8 @@ mod tests {
             ("/heist.v1.AuditService/VerifyAudit", AUDIT_READ),
             ("/heist.v1.AgentService/GetTranscript", SESSIONS_READ),
             ("/heist.v1.HeistService/Guess", HEIST_PLAY),
+            ("/heist.v1.ClientService/CreateClient", ADMIN),
+            ("/heist.v1.ClientService/RevokeClient", ADMIN),
         ];
         for (path, scope) in cases {
             assert_eq!(access(path), Access::Scope(scope), "{path}");

@@ -38,6 +38,17 @@ pub struct Claims {
     /// RPC, the principal and the request). Empty (and absent from the JSON) on other tokens.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub req: String,
+    /// On a client token: the client's secret generation when the token was issued (`gen`;
+    /// 0, and absent from the JSON, before the first rotation). Each rotation of the client's
+    /// secret adds one, and the coordinator refuses tokens of an older generation. A counter,
+    /// not `iat`: `iat` has whole seconds, so a token issued in the same second as a rotation
+    /// could not be told apart by time, before or after.
+    #[serde(rename = "gen", default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a per-call worker credential is bound to: BLAKE3 over the RPC name, the principal and
@@ -114,6 +125,7 @@ impl TokenSigner {
             jti: uuid::Uuid::new_v4().to_string(),
             scope: scope.to_owned(),
             req: String::new(),
+            generation: 0,
         }
     }
 }
@@ -284,6 +296,18 @@ mod tests {
         let body = serde_json::to_vec(&c).expect("json");
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", b64url(&body));
         assert!(matches!(v.verify(&none), Err(TokenError::Invalid(_))));
+    }
+
+    #[test]
+    fn the_generation_claim_is_gen_and_absent_at_zero() {
+        let mut c = TokenSigner::claims("iss", "aud", "alice", "", Duration::from_secs(60));
+        let json = serde_json::to_value(&c).expect("json");
+        assert!(json.get("gen").is_none(), "{json}");
+        c.generation = 3;
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["gen"], 3);
+        let back: Claims = serde_json::from_value(json).expect("claims");
+        assert_eq!(back.generation, 3);
     }
 
     fn b64url(bytes: &[u8]) -> String {

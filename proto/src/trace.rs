@@ -75,11 +75,26 @@ pub fn extract(headers: &HeaderMap) -> Context {
 
 /// The trace context of a `traceparent` value (as in the TRACEPARENT environment variable).
 pub fn from_traceparent(value: &str) -> Context {
+    from_w3c(value, None)
+}
+
+/// The trace context of a `traceparent` value and an optional `tracestate` (as MCP carries
+/// them in a request's `_meta`); an empty context when the traceparent is malformed.
+pub fn from_w3c(traceparent: &str, tracestate: Option<&str>) -> Context {
     let mut headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(value.trim()) {
+    if let Ok(value) = HeaderValue::from_str(traceparent.trim()) {
         headers.insert(TRACEPARENT, value);
     }
+    if let Some(Ok(value)) = tracestate.map(|v| HeaderValue::from_str(v.trim())) {
+        headers.insert("tracestate", value);
+    }
     extract(&headers)
+}
+
+/// The trace id of a parsed context, if valid.
+pub fn context_trace_id(cx: &Context) -> Option<TraceId> {
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id())
 }
 
 /// The `traceparent` a client process sends: the TRACEPARENT environment variable when it holds
@@ -121,12 +136,6 @@ pub fn inject_current(metadata: &mut MetadataMap) {
 pub fn trace_id(span: &Span) -> Option<TraceId> {
     let id = span.context().span().span_context().trace_id();
     (id != TraceId::INVALID).then_some(id)
-}
-
-/// The trace id of a parsed context, if valid.
-fn context_trace_id(cx: &Context) -> Option<TraceId> {
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id())
 }
 
 /// Makes `parent` the parent of `span` when it is a valid remote context.

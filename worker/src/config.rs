@@ -124,8 +124,8 @@ pub struct Config {
     /// binds the worker id to it at first join. Default `BASE_WORKSPACE/../worker-<id>.key`.
     pub key_file: Option<PathBuf>,
     /// Most coordinator credential ids remembered against replay (HEIST_MAX_SEEN_CREDENTIALS);
-    /// each is kept until it expires. Past it, calls are refused until some expire.
-    /// Default 100000.
+    /// each is kept until its credential expires (about 40 bytes each). Past it, calls are
+    /// refused until some expire. Default 1000000.
     pub max_seen_credentials: usize,
 }
 
@@ -172,7 +172,7 @@ impl Default for Config {
             agents: Vec::new(),
             turn_retention: Duration::from_secs(600),
             key_file: None,
-            max_seen_credentials: 100_000,
+            max_seen_credentials: crate::auth::DEFAULT_REPLAY_CAPACITY,
             max_finished_turns: 256,
         }
     }

@@ -2,6 +2,7 @@
 //! [`Context`] and its own flags, prints data on stdout, and returns the exit code to use on
 //! success (0, or 6 for a tool result with `is_error`).
 
+pub mod admin;
 pub mod agents;
 pub mod audit;
 pub mod chat;
@@ -32,6 +33,7 @@ pub async fn run(cli: Cli) -> Result<u8, Error> {
         Command::Login(args) => login::run(&ctx, args).await,
         Command::Logout(args) => logout::run(&ctx, args),
         Command::Workers(cmd) => workers::run(&ctx, cmd).await,
+        Command::Admin(cmd) => admin::run(&ctx, cmd).await,
         Command::Audit(cmd) => audit::run(&ctx, cmd).await,
         Command::Session(cmd) => session::run(&ctx, cmd).await,
         Command::Tool(cmd) => tool::run(&ctx, cmd).await,

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod auth;
 pub mod blob;
 pub mod checkpoint;
+pub mod client;
 pub mod cluster;
 pub mod heist;
 pub mod session;

@@ -59,7 +59,7 @@ impl ToolApi {
 
 #[tonic::async_trait]
 impl ToolService for ToolApi {
-    #[instrument(skip_all, fields(session_id = %request.get_ref().session_id))]
+    #[instrument(level = "debug", skip_all, fields(session_id = %request.get_ref().session_id))]
     async fn list_tools(
         &self,
         request: Request<ListToolsRequest>,
@@ -71,7 +71,7 @@ impl ToolService for ToolApi {
             .map_err(Status::from)
     }
 
-    #[instrument(skip_all, fields(session_id = %request.get_ref().session_id, tool = %request.get_ref().tool))]
+    #[instrument(level = "debug", skip_all, fields(session_id = %request.get_ref().session_id, tool = %request.get_ref().tool))]
     async fn call_tool(
         &self,
         request: Request<CallToolRequest>,
@@ -85,7 +85,7 @@ impl ToolService for ToolApi {
 
     type CallToolStreamStream = EventStream;
 
-    #[instrument(skip_all, fields(session_id = %request.get_ref().session_id, tool = %request.get_ref().tool))]
+    #[instrument(level = "debug", skip_all, fields(session_id = %request.get_ref().session_id, tool = %request.get_ref().tool))]
     async fn call_tool_stream(
         &self,
         request: Request<CallToolRequest>,

@@ -30,7 +30,7 @@ use heist_proto::{
 use prost::Message as _;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
-use tracing::{Instrument as _, info_span};
+use tracing::{Instrument as _, debug_span, info_span};
 
 pub use stream::{ToolEvents, call_stream};
 
@@ -162,7 +162,7 @@ async fn run(
     let Some(dedup) = dedup else {
         return forward(&route, worker, &owner, deadline, req).await;
     };
-    let span = info_span!("call-tool", session_id = %call.session, request_id = %dedup.request_id);
+    let span = debug_span!("call-tool", request_id = %dedup.request_id);
     runner::run_once(
         app,
         Some(dedup),

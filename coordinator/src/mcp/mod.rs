@@ -16,6 +16,9 @@
 //!   portable subset every client accepts; the dotted name is accepted in calls too.
 //! - Request ids: `_meta["io.heist/requestId"]` on `tools/call` makes a retry of a mutating call
 //!   apply once, exactly like a gRPC request id.
+//! - Tracing: `_meta.traceparent` (and `_meta.tracestate`) on `tools/call` make the call's span
+//!   the child of the client's, so it joins the client's trace; the result's
+//!   `_meta["io.heist/traceId"]` names the trace the call belongs to.
 //! - Streaming: `exec`, `run.python` and `agent_turn` send `notifications/progress` (when the
 //!   request has a `progressToken`) with output and turn events as they happen; a closed
 //!   response stream cancels the call (the worker kills the command, a turn is cancelled).
@@ -44,6 +47,8 @@ use crate::app::App;
 pub const PATH: &str = "/mcp";
 /// The `_meta` key of a call's request id (idempotent retries).
 pub const REQUEST_ID_META: &str = "io.heist/requestId";
+/// The `_meta` key of the trace id a call's result names.
+pub const TRACE_ID_META: &str = "io.heist/traceId";
 
 /// `/mcp` plus the OAuth documents and token endpoint.
 pub fn routes(app: Arc<App>) -> Router {

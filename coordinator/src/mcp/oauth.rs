@@ -179,6 +179,9 @@ async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap, body: 
             }
             response
         }
+        Err(err @ Error::ClientRevoked(_)) => {
+            oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &err.to_string())
+        }
         Err(err) => {
             let status = tonic::Status::from(err);
             if status.code() == Code::InvalidArgument {

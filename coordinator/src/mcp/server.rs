@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use heist_proto::{errors::reason_of, ids::RequestId};
+use heist_proto::{errors::reason_of, ids::RequestId, trace};
 use rmcp::{
     ErrorData, RoleServer, ServerHandler,
     model::{
@@ -18,9 +18,9 @@ use rmcp::{
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 use tonic::Status;
-use tracing::{Instrument as _, info, info_span};
+use tracing::{Instrument as _, Span, field::Empty, info, info_span};
 
-use super::{REQUEST_ID_META, run, tools};
+use super::{REQUEST_ID_META, TRACE_ID_META, run, tools};
 use crate::{app::App, auth_layer::Principal, calls, error::Error};
 
 /// The MCP server over one coordinator (cheap to clone: one per HTTP request).
@@ -102,7 +102,13 @@ impl ServerHandler for HeistMcp {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let principal = caller(&ctx)?;
-        let span = info_span!("mcp-call", tool = %request.name, principal = %principal.id);
+        let span = info_span!(
+            "mcp-call",
+            tool = %request.name,
+            principal = %principal.id,
+            trace_id = Empty,
+        );
+        let trace_id = join_trace(&span, &ctx);
         let call = Call {
             principal,
             request_id: request_id(&ctx)?,
@@ -119,8 +125,33 @@ impl ServerHandler for HeistMcp {
             Err(run::Failure::Protocol(err)) => return Err(err),
             Err(run::Failure::Tool(err)) => tool_error(err),
         };
-        Ok(self.limited(result).into())
+        let mut result = self.limited(result);
+        if let Some(id) = trace_id {
+            result
+                .meta
+                .get_or_insert_with(|| MetaObject(Map::new()))
+                .0
+                .insert(TRACE_ID_META.to_owned(), Value::String(id));
+        }
+        Ok(result.into())
     }
+}
+
+/// Makes `span` the child of the trace context in the request's `_meta` (`traceparent`, and
+/// `tracestate` if given; a malformed one is ignored, as W3C asks); returns the trace id the
+/// call belongs to, if any, and records it on the span so log lines carry it.
+fn join_trace(span: &Span, ctx: &RequestContext<RoleServer>) -> Option<String> {
+    let field = |key: &str| ctx.meta.0.0.get(key).and_then(Value::as_str);
+    let remote = field("traceparent").map(|tp| trace::from_w3c(tp, field("tracestate")));
+    let remote_id = remote.as_ref().and_then(trace::context_trace_id);
+    if let Some(parent) = remote {
+        trace::set_parent(span, parent);
+    }
+    // With the OpenTelemetry layer the span has its (possibly new) trace; without it the
+    // client's trace id is still worth naming.
+    let id = trace::trace_id(span).or(remote_id)?.to_string();
+    span.record("trace_id", id.as_str());
+    Some(id)
 }
 
 impl HeistMcp {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod checkpoints;
+mod clients;
 mod diskquota;
 mod docker;
 mod durability;

@@ -30,7 +30,7 @@ fn scenarios() -> PathBuf {
 }
 
 /// A coordinator and one worker, ready for calls.
-struct Cluster {
+pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     coord: Coordinator,
     worker: Worker,
@@ -38,7 +38,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
         let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
@@ -86,7 +86,11 @@ impl Cluster {
 
     /// Runs one scenario with `env` (plus HEIST_URL and HEIST_TOKEN); returns its `key=value`
     /// report. Fails the test with the script's output when it fails.
-    async fn run(&self, scenario: &str, env: &[(&str, String)]) -> BTreeMap<String, String> {
+    pub(crate) async fn run(
+        &self,
+        scenario: &str,
+        env: &[(&str, String)],
+    ) -> BTreeMap<String, String> {
         let mut cmd = tokio::process::Command::new(python());
         cmd.arg(scenarios())
             .arg(scenario)
@@ -114,7 +118,7 @@ impl Cluster {
             .collect()
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.worker.stop().await;
         self.coord.stop().await;
     }

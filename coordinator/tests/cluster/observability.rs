@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::{
     },
     trace::v1::Span,
 };
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
@@ -87,17 +88,33 @@ fn ancestry(spans: &[Span], span: &Span) -> Vec<String> {
     names
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
+/// A receiver, and the process's trace pipeline exporting to it. The subscriber is
+/// process-wide: nextest runs each test in a process of its own, and every server the test
+/// starts exports through it (the endpoint is passed, not set in the env).
+async fn export_to_receiver() -> (Receiver, SdkTracerProvider) {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    // The subscriber is process-wide: nextest runs this test in a process of its own. Both
-    // servers of this process export through it; the endpoint is passed, not set in the env.
     let provider = heist_proto::logging::init_for_tests(&Otlp {
         endpoint,
         service_name: "heist-test".to_owned(),
     })
     .expect("install the trace pipeline (run this test alone: cargo nextest)");
+    (receiver, provider)
+}
+
+/// Sends what is queued now; spans that end later go with the next periodic export.
+async fn flush(provider: SdkTracerProvider) -> SdkTracerProvider {
+    tokio::task::spawn_blocking(move || {
+        let _ = provider.force_flush();
+        provider
+    })
+    .await
+    .expect("flush")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
+    let (receiver, provider) = export_to_receiver().await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
@@ -136,13 +153,7 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         "the response names the trace"
     );
 
-    // Sends what is queued now; spans that end later go with the next periodic export.
-    let _provider = tokio::task::spawn_blocking(move || {
-        let _ = provider.force_flush();
-        provider
-    })
-    .await
-    .expect("flush");
+    let _provider = flush(provider).await;
     let spans = wait_for("coordinator and worker spans of the call", || {
         let spans = receiver.spans_of(&trace_id);
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
@@ -174,10 +185,9 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
             "tool_call",
             "/heist.v1.WorkerService/CallTool",
             "tool_call",
-            "call_tool",
             "/heist.v1.ToolService/CallTool",
         ],
-        "worker tool span → worker rpc → coordinator pipeline → handler → coordinator rpc"
+        "worker tool span → worker rpc → coordinator tool call → coordinator rpc"
     );
     let root = spans
         .iter()
@@ -201,6 +211,53 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
 
     worker.stop().await;
     coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_call_with_a_traceparent_in_its_meta_joins_that_trace() {
+    let (receiver, provider) = export_to_receiver().await;
+    let cluster = crate::mcp::Cluster::start().await;
+    let trace_id = [0x5a; 16];
+    let client_span = [0x0c; 8];
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
+    // The official MCP SDK sends `_meta.traceparent` on tools/call.
+    let report = cluster
+        .run("traced", &[("HEIST_TRACEPARENT", traceparent)])
+        .await;
+    assert_eq!(
+        report["trace_id"],
+        hex(&trace_id),
+        "the result's _meta names the client's trace"
+    );
+
+    let _provider = flush(provider).await;
+    let spans = wait_for("the MCP call's spans on coordinator and worker", || {
+        let spans = receiver.spans_of(&trace_id);
+        let complete = spans.iter().any(|s| s.name == "mcp-call")
+            && spans
+                .iter()
+                .any(|s| s.name == "/heist.v1.WorkerService/CallTool");
+        async move { complete.then_some(spans) }
+    })
+    .await;
+    let call = spans
+        .iter()
+        .find(|s| s.name == "mcp-call")
+        .expect("mcp-call span");
+    assert_eq!(call.parent_span_id, client_span, "parented by the client");
+    assert_eq!(call.trace_state, "heist=test", "tracestate carried");
+    let worker_tool = spans
+        .iter()
+        .filter(|s| s.name == "tool_call")
+        .find(|s| ancestry(&spans, s).contains(&"/heist.v1.WorkerService/CallTool".to_owned()))
+        .expect("worker tool span");
+    assert_eq!(
+        ancestry(&spans, worker_tool).last().map(String::as_str),
+        Some("mcp-call"),
+        "the worker's spans hang under the MCP call: {:?}",
+        ancestry(&spans, worker_tool)
+    );
+    cluster.stop().await;
 }
 
 /// `GET path` with an optional bearer token: status and body.

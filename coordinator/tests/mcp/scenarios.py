@@ -294,6 +294,17 @@ async def stdio_in(params: StdioServerParameters, mode: str) -> None:
     report("ok", "stdio")
 
 
+async def traced() -> None:
+    """A call whose `_meta` carries a W3C traceparent joins that trace; the result names it."""
+    async with connect(os.environ["HEIST_TOKEN"]) as client:
+        session = await new_session(client)
+        result = await client.call_tool(
+            "echo", {"session_id": session, "msg": "traced"},
+            meta={"traceparent": os.environ["HEIST_TRACEPARENT"], "tracestate": "heist=test"})
+        assert not result.is_error, result.content
+        report("trace_id", (result.meta or {}).get("io.heist/traceId", ""))
+
+
 SCENARIOS = {
     "basics": lambda: basics("auto"),
     "basics-legacy": lambda: basics("legacy"),
@@ -302,6 +313,7 @@ SCENARIOS = {
     "scopes": scopes,
     "isolation": isolation,
     "stdio": stdio,
+    "traced": traced,
 }
 
 if __name__ == "__main__":

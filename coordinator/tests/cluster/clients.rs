@@ -1,0 +1,507 @@
+//! API client management (ClientService): clients created through the API own their sessions
+//! and get only their scopes; a rotation refuses the old secret and the old tokens at once; a
+//! revocation refuses the client's tokens on the very next call, gRPC and HTTP alike, and
+//! survives a restart; every change is in the audit log; heistctl drives it all.
+
+use std::net::SocketAddr;
+
+use heist_proto::{
+    errors::reason,
+    v1::{self, client_service_client::ClientServiceClient},
+};
+use tonic::{Code, transport::Channel};
+
+use crate::harness::*;
+
+const SESSIONS: &[&str] = &["sessions:read", "sessions:write"];
+
+fn clients(ch: Channel) -> ClientServiceClient<Channel> {
+    ClientServiceClient::new(ch)
+}
+
+async fn create(
+    url: &str,
+    token: &str,
+    id: &str,
+    scopes: &[&str],
+) -> Result<v1::CreateClientResponse, tonic::Status> {
+    clients(channel(url).await)
+        .create_client(authed(
+            token,
+            v1::CreateClientRequest {
+                client_id: id.to_owned(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            },
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn rotate(
+    url: &str,
+    token: &str,
+    id: &str,
+) -> Result<v1::RotateClientSecretResponse, tonic::Status> {
+    clients(channel(url).await)
+        .rotate_client_secret(authed(
+            token,
+            v1::RotateClientSecretRequest {
+                client_id: id.to_owned(),
+            },
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn revoke(
+    url: &str,
+    token: &str,
+    id: &str,
+) -> Result<v1::RevokeClientResponse, tonic::Status> {
+    clients(channel(url).await)
+        .revoke_client(authed(
+            token,
+            v1::RevokeClientRequest {
+                client_id: id.to_owned(),
+            },
+        ))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn list(url: &str, token: &str) -> Result<v1::ListClientsResponse, tonic::Status> {
+    clients(channel(url).await)
+        .list_clients(authed(token, v1::ListClientsRequest {}))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// ListSessions with `token`: a cheap call that needs a valid, current token (sessions:read).
+async fn list_sessions(url: &str, token: &str) -> Result<Vec<v1::Session>, tonic::Status> {
+    v1::session_service_client::SessionServiceClient::new(channel(url).await)
+        .list_sessions(authed(token, v1::ListSessionsRequest::default()))
+        .await
+        .map(|r| r.into_inner().sessions)
+}
+
+/// `method path` over plain HTTP/1.1 with extra header lines: the status code and the body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `method path` with a bearer token and a JSON body (as an MCP client sends): the status.
+async fn http_status(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> u16 {
+    let headers = format!(
+        "Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\n"
+    );
+    http(addr, method, path, &headers, body).await.0
+}
+
+/// The OAuth token endpoint's answer to a client-credentials grant (ids and secrets here need
+/// no URL encoding).
+async fn oauth_token(addr: SocketAddr, id: &str, secret: &str) -> (u16, String) {
+    let body = format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
+    let headers = "Content-Type: application/x-www-form-urlencoded\r\n";
+    http(addr, "POST", "/oauth/token", headers, &body).await
+}
+
+const MCP_INIT: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"test","version":"1"}}}"#;
+
+/// Audit records of kind `client.*`, as (kind, subject, detail).
+async fn client_audit(url: &str, token: &str) -> Vec<(String, String, String)> {
+    v1::audit_service_client::AuditServiceClient::new(channel(url).await)
+        .list_audit(authed(
+            token,
+            v1::ListAuditRequest {
+                after_seq: 0,
+                limit: 1000,
+                filter: Some(v1::AuditFilter {
+                    kind: "client.".to_owned(),
+                    subject: String::new(),
+                }),
+            },
+        ))
+        .await
+        .expect("list audit")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| (e.kind, e.subject, e.detail))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let url = coord.url();
+    let w = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
+    let mut admin = Client::admin(&url).await;
+    admin.wait_ready(&["w1"]).await;
+
+    // Two clients created through the API, each with its own secret.
+    let alice = create(&url, &admin.token, "alice", SESSIONS)
+        .await
+        .expect("alice");
+    let bob = create(&url, &admin.token, "bob", SESSIONS)
+        .await
+        .expect("bob");
+    assert_eq!(alice.client_secret.len(), 64, "256 random bits as hex");
+    assert_ne!(alice.client_secret, bob.client_secret);
+    let a = alice.client.as_ref().expect("client");
+    assert_eq!(
+        (a.id.as_str(), a.revoked, a.bootstrap),
+        ("alice", false, false)
+    );
+    assert_eq!(a.scopes, SESSIONS);
+    assert!(a.created_at.is_some());
+
+    // Bad input: clear errors, nothing created.
+    let err = create(&url, &admin.token, "alice", SESSIONS)
+        .await
+        .expect_err("exists");
+    assert_status(&err, Code::AlreadyExists, reason::CLIENT_EXISTS);
+    let err = create(&url, &admin.token, "no spaces!", SESSIONS)
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("A-Z a-z 0-9"), "{}", err.message());
+    let err = create(&url, &admin.token, "carol", &["sessions:read", "root"])
+        .await
+        .expect_err("unknown scope");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("\"root\"") && err.message().contains("sessions:write, tools:read"),
+        "names the bad scope and lists the valid ones: {}",
+        err.message()
+    );
+    let err = create(&url, &admin.token, "carol", &[])
+        .await
+        .expect_err("no scope");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let listed = list(&url, &admin.token).await.expect("ls");
+    assert!(!listed.clients.iter().any(|c| c.id == "carol"));
+
+    // Each gets a token and sees only its own sessions.
+    let alice_token = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect("token");
+    let bob_token = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect("token");
+    let mut as_alice = Client::with_token(&url, alice_token.clone()).await;
+    let mut as_bob = Client::with_token(&url, bob_token.clone()).await;
+    let sa = as_alice.create_session(&[]).await.expect("alice's session");
+    let sb = as_bob.create_session(&[]).await.expect("bob's session");
+    assert_eq!(sa.owner, "alice");
+    assert_eq!(sb.owner, "bob");
+    let err = as_alice.get_session(&sb.id).await.expect_err("bob's");
+    assert_status(&err, Code::NotFound, reason::SESSION_NOT_FOUND);
+    let err = as_bob.close_session(&sa.id).await.expect_err("alice's");
+    assert_status(&err, Code::NotFound, reason::SESSION_NOT_FOUND);
+    let mine: Vec<String> = list_sessions(&url, &alice_token)
+        .await
+        .expect("ls")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(mine, vec![sa.id.clone()]);
+
+    // Without tools:call a tool call is refused; without admin the service is too.
+    let err = as_alice
+        .call(&sa.id, "echo", serde_json::json!({"text": "hi"}))
+        .await
+        .expect_err("no tools:call");
+    assert_status(&err, Code::PermissionDenied, reason::SCOPE_MISSING);
+    for result in [
+        list(&url, &alice_token).await.map(|_| ()),
+        create(&url, &alice_token, "mallory", &["admin"])
+            .await
+            .map(|_| ()),
+        rotate(&url, &alice_token, "bob").await.map(|_| ()),
+        revoke(&url, &alice_token, "bob").await.map(|_| ()),
+    ] {
+        let err = result.expect_err("needs admin");
+        assert_status(&err, Code::PermissionDenied, reason::SCOPE_MISSING);
+    }
+
+    // The listing never carries a secret or its hash.
+    let listed = list(&url, &admin.token).await.expect("ls");
+    let ids: Vec<&str> = listed.clients.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["admin", "alice", "bob"]);
+    assert!(listed.clients[0].bootstrap);
+    let dump = format!("{listed:?}");
+    for secret in [&alice.client_secret, &bob.client_secret] {
+        assert!(!dump.contains(secret.as_str()));
+    }
+    assert!(!dump.contains("argon2"), "{dump}");
+
+    // heistctl: create prints the secret once, ls shows none, revoke wants --yes.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(sibling_binary("heistctl"))
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("HEIST_COORDINATOR", &url)
+            .env("HEIST_TOKEN", &admin.token)
+            .args(args)
+            .output()
+            .expect("heistctl")
+    };
+    let out = ctl(&[
+        "-o",
+        "json",
+        "admin",
+        "client",
+        "create",
+        "carol",
+        "--scope",
+        "tools:read",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let carol_secret = created["client_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    assert_eq!(created["id"], "carol");
+    assert_eq!(created["scopes"], serde_json::json!(["tools:read"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not shown again"));
+    issue_token(&url, "carol", &carol_secret)
+        .await
+        .expect("carol logs in");
+    let out = ctl(&["-o", "json", "admin", "client", "ls"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains(&carol_secret) && !text.contains("secret"),
+        "{text}"
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(listed.as_array().expect("array").len(), 4);
+    let out = ctl(&["admin", "client", "rotate", "carol"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not shown again"), "{text}");
+    let new_secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("client secret: "))
+        .expect("secret line")
+        .to_owned();
+    issue_token(&url, "carol", &new_secret)
+        .await
+        .expect("new secret works");
+    let err = issue_token(&url, "carol", &carol_secret)
+        .await
+        .expect_err("old secret");
+    assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
+    let out = ctl(&["admin", "client", "revoke", "carol"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = ctl(&["admin", "client", "revoke", "carol", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&["admin", "client", "revoke", "admin", "--yes"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bootstrap"),
+        "{out:?}"
+    );
+    let err = issue_token(&url, "carol", &new_secret)
+        .await
+        .expect_err("revoked");
+    assert_status(&err, Code::Unauthenticated, reason::CLIENT_REVOKED);
+
+    w.stop().await;
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("c");
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let url = coord.url();
+    let admin = issue_token(&url, ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect("admin");
+    let scopes = ["sessions:read", "cluster:read"];
+    let alice = create(&url, &admin, "alice", &scopes).await.expect("alice");
+    let bob = create(&url, &admin, "bob", &scopes).await.expect("bob");
+
+    // Rotation: a token issued just before it (most likely in the same second) is refused on
+    // the next call, the old secret is refused, and a token of the new secret works.
+    let old_token = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect("token");
+    list_sessions(&url, &old_token)
+        .await
+        .expect("valid before the rotation");
+    let rotated = rotate(&url, &admin, "alice").await.expect("rotate");
+    assert_ne!(rotated.client_secret, alice.client_secret);
+    let err = list_sessions(&url, &old_token)
+        .await
+        .expect_err("old token");
+    assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
+    assert!(err.message().contains("rotated"), "{}", err.message());
+    let err = issue_token(&url, "alice", &alice.client_secret)
+        .await
+        .expect_err("old secret");
+    assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
+    let new_token = issue_token(&url, "alice", &rotated.client_secret)
+        .await
+        .expect("new");
+    list_sessions(&url, &new_token)
+        .await
+        .expect("a token issued right after the rotation");
+
+    // Revocation: bob's token works on gRPC, /metrics and /mcp, then is refused on the very
+    // next call of each; he gets no new token.
+    let (status, body) = oauth_token(coord.addr, "bob", &bob.client_secret).await;
+    assert_eq!(status, 200, "{body}");
+    let bob_token = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect("token");
+    list_sessions(&url, &bob_token)
+        .await
+        .expect("valid before the revocation");
+    assert_eq!(
+        http_status(coord.addr, "GET", "/metrics", &bob_token, "").await,
+        200
+    );
+    assert_ne!(
+        http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await,
+        401
+    );
+    let revoked = revoke(&url, &admin, "bob").await.expect("revoke");
+    assert!(!revoked.already_revoked);
+    let b = revoked.client.expect("client");
+    assert!(b.revoked && b.revoked_at.is_some());
+    let err = list_sessions(&url, &bob_token)
+        .await
+        .expect_err("revoked token");
+    assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    assert_eq!(
+        http_status(coord.addr, "GET", "/metrics", &bob_token, "").await,
+        401
+    );
+    assert_eq!(
+        http_status(coord.addr, "POST", "/mcp", &bob_token, MCP_INIT).await,
+        401
+    );
+    let (status, body) = oauth_token(coord.addr, "bob", &bob.client_secret).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("invalid_client") && body.contains("revoked"),
+        "{body}"
+    );
+    let err = issue_token(&url, "bob", &bob.client_secret)
+        .await
+        .expect_err("revoked");
+    assert_status(&err, Code::Unauthenticated, reason::CLIENT_REVOKED);
+    let err = issue_token(&url, "bob", "not-his-secret-0123456789")
+        .await
+        .expect_err("wrong");
+    assert_status(&err, Code::Unauthenticated, reason::BAD_CLIENT_CREDENTIALS);
+
+    // A revoked client stays revoked: no rotation, no re-creation; revoking again is a no-op.
+    let err = rotate(&url, &admin, "bob").await.expect_err("revoked");
+    assert_status(&err, Code::FailedPrecondition, reason::CLIENT_REVOKED);
+    let err = create(&url, &admin, "bob", &scopes)
+        .await
+        .expect_err("id kept");
+    assert_status(&err, Code::AlreadyExists, reason::CLIENT_EXISTS);
+    assert!(
+        revoke(&url, &admin, "bob")
+            .await
+            .expect("again")
+            .already_revoked
+    );
+    let err = rotate(&url, &admin, "nobody").await.expect_err("unknown");
+    assert_status(&err, Code::NotFound, reason::CLIENT_NOT_FOUND);
+
+    // The bootstrap admin cannot be locked out through the API.
+    for err in [
+        rotate(&url, &admin, ADMIN_ID)
+            .await
+            .map(|_| ())
+            .expect_err("bootstrap"),
+        revoke(&url, &admin, ADMIN_ID)
+            .await
+            .map(|_| ())
+            .expect_err("bootstrap"),
+    ] {
+        assert_status(&err, Code::FailedPrecondition, reason::BOOTSTRAP_CLIENT);
+        assert!(
+            err.message().contains("HEIST_ADMIN_CLIENT_SECRET"),
+            "{}",
+            err.message()
+        );
+    }
+    list(&url, &admin)
+        .await
+        .expect("the admin token still works");
+
+    // Every change is in the audit log, with who made it.
+    let records = client_audit(&url, &admin).await;
+    let got: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(k, s, _)| (k.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("client.created", "alice"),
+            ("client.created", "bob"),
+            ("client.rotated", "alice"),
+            ("client.revoked", "bob"),
+        ]
+    );
+    for (_, _, detail) in &records {
+        assert!(detail.contains("by=admin"), "{detail}");
+        assert!(detail.contains("sessions:read cluster:read"), "{detail}");
+        assert!(!detail.contains(&rotated.client_secret), "{detail}");
+    }
+
+    // After a restart, the states are loaded from the store: the same answers.
+    coord.stop().await;
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let url = coord.url();
+    let err = list_sessions(&url, &bob_token)
+        .await
+        .expect_err("still revoked");
+    assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
+    let err = list_sessions(&url, &old_token)
+        .await
+        .expect_err("still rotated");
+    assert_status(&err, Code::Unauthenticated, reason::TOKEN_REVOKED);
+    list_sessions(&url, &new_token)
+        .await
+        .expect("the new token still works");
+    coord.stop().await;
+}
