@@ -142,6 +142,8 @@ async fn put_blobs(
     app: &App,
     mut inbound: Streaming<BlobChunk>,
 ) -> Result<PutBlobsResponse, Error> {
+    // Blobs live next to the store: none are taken while its disk is below the reserve.
+    app.store.writable()?;
     let (tx, rx) = mpsc::channel::<BlobChunk>(PIPELINE_DEPTH);
     let cas = app.checkpoints.cas().clone();
     let max_blob = app.config.max_blob_bytes;

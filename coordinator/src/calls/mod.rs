@@ -7,7 +7,8 @@
 //! owner,    (per    dedup       stream to   (audit, metrics
 //! READY,    tool    (runner)    the worker  plug in here)
 //! route,    later)
-//! catalogue
+//! catalogue,
+//! store writable
 //! ```
 //!
 //! A call is a domain [`ToolCall`] (principal, session, tool, JSON arguments, request id,
@@ -112,6 +113,10 @@ fn admit(app: &App, call: &ToolCall) -> Result<Admitted, Error> {
     };
     gate::allow(&call.principal, spec)?;
     let read_only = spec.read_only;
+    if !read_only {
+        // Nothing leaves for the worker while the store cannot record it (disk full).
+        app.store.writable()?;
+    }
     let dedup = if read_only {
         None
     } else {

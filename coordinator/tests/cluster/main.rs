@@ -18,6 +18,7 @@ mod observability;
 mod registration;
 mod sandbox;
 mod sessions;
+mod storage;
 mod surface;
 mod tools;
 mod turns;
