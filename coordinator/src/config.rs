@@ -419,6 +419,20 @@ mod tests {
     }
 
     #[test]
+    fn the_store_reserve_has_a_floor() {
+        assert_eq!(valid().store_min_free_bytes, 64 << 20);
+        let tiny = Config {
+            store_min_free_bytes: 4096,
+            ..valid()
+        };
+        let err = tiny.validate().expect_err("below 1 MiB");
+        assert!(
+            err.to_string().contains("HEIST_STORE_MIN_FREE_BYTES"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn debug_redacts_secrets() {
         let shown = format!("{:?}", valid());
         assert!(!shown.contains("0123456789abcdef"));

@@ -17,12 +17,12 @@ use heist_proto::{
     },
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::{
     service::Routes,
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::{
@@ -247,7 +247,11 @@ async fn follow_store(app: Arc<App>, health: HealthReporter, stopping: Cancellat
         tokio::select! {
             () = stopping.cancelled() => return,
             () = app.shutdown.cancelled() => return,
-            changed = states.changed() => if changed.is_err() { return },
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

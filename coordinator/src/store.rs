@@ -109,7 +109,12 @@ impl Store {
 
     /// The same store with a reserve of `min_free` bytes (HEIST_STORE_MIN_FREE_BYTES).
     pub fn with_min_free(mut self, min_free: u64) -> Self {
-        self.reserve = Reserve::new(WHAT, "HEIST_STORE_MIN_FREE_BYTES", self.reserve.path(), min_free);
+        self.reserve = Reserve::new(
+            WHAT,
+            "HEIST_STORE_MIN_FREE_BYTES",
+            self.reserve.path(),
+            min_free,
+        );
         self
     }
 
@@ -133,7 +138,7 @@ impl Store {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.meta.insert("probe", &now.to_be_bytes())?;
+        self.meta.insert("probe", &now.to_be_bytes()[..])?;
         self.flush().await
     }
 
@@ -271,6 +276,34 @@ mod tests {
         assert_eq!(got, Some(session.clone()));
         let all: Vec<Session> = Store::load_all(&store.sessions, "session").expect("load");
         assert_eq!(all, vec![session]);
+    }
+
+    #[tokio::test]
+    async fn a_store_below_its_reserve_refuses_writes_with_store_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path())
+            .expect("open")
+            .with_min_free(1 << 20);
+        store.writable().expect("room above 1 MiB");
+        let full = Store::open(dir.path().join("other").as_path())
+            .expect("open")
+            .with_min_free(u64::MAX);
+        let err = full
+            .writable()
+            .expect_err("no file system has u64::MAX free");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            heist_proto::errors::reason_of(&status).as_deref(),
+            Some(heist_proto::errors::reason::STORE_FULL)
+        );
+        assert!(status.message().contains("other"), "{}", status.message());
+        // A write error from before anything was applied is reported as the refusal.
+        let mapped = full.refusal_for(Error::Store(sled::Error::Unsupported("x".into())));
+        assert!(matches!(mapped, Error::StoreFull(_)));
+        // The probe is a real write and flush.
+        store.probe().await.expect("probe");
+        assert!(store.meta.contains_key("probe").expect("read"));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Refusal {
     pub min_free_bytes: u64,
     /// The state that refused it (never [`Writability::Writable`]).
     pub state: Writability,
+    /// Bytes the refused write needed on top of the reserve (0: the reserve alone refused).
+    pub needed: u64,
     /// The setting that sets the reserve.
     pub setting: &'static str,
 }
@@ -56,6 +58,16 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.path.display();
         match &self.state {
+            Writability::LowSpace { free } if self.needed > 0 => write!(
+                f,
+                "{} at {path} has {} free, not enough for {} more above the reserve of {} ({}); \
+                 nothing was applied: free space on that file system and retry",
+                self.what,
+                human(*free),
+                human(self.needed),
+                human(self.min_free_bytes),
+                self.setting,
+            ),
             Writability::LowSpace { free } => write!(
                 f,
                 "{} at {path} is out of space: {} free, below the reserve of {} ({}); nothing \
@@ -213,6 +225,27 @@ impl Reserve {
             min_free_bytes: self.inner.min_free,
             state,
             setting: self.inner.setting,
+            needed: 0,
+        })
+    }
+
+    /// Before writing `bytes` more (a blob): [`Reserve::check`], then refused when those bytes
+    /// would eat into the reserve. The store's state is left as it is: one large write that
+    /// does not fit does not make the store unwritable for small ones.
+    pub fn check_room(&self, bytes: u64) -> Result<(), Refusal> {
+        self.check()?;
+        let free = self.last_free();
+        if free >= self.inner.min_free.saturating_add(bytes) {
+            return Ok(());
+        }
+        Err(Refusal {
+            what: self.inner.what,
+            path: self.inner.path.clone(),
+            free_bytes: free,
+            min_free_bytes: self.inner.min_free,
+            state: Writability::LowSpace { free },
+            setting: self.inner.setting,
+            needed: bytes,
         })
     }
 
@@ -335,12 +368,20 @@ mod tests {
     #[test]
     fn a_reserve_larger_than_the_free_space_refuses_with_the_path_and_the_setting() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let reserve = Reserve::new("the test store", "HEIST_TEST_MIN_FREE", dir.path(), u64::MAX);
+        let reserve = Reserve::new(
+            "the test store",
+            "HEIST_TEST_MIN_FREE",
+            dir.path(),
+            u64::MAX,
+        );
         let refusal = reserve.check().expect_err("refused");
         assert!(matches!(refusal.state, Writability::LowSpace { .. }));
         let message = refusal.to_string();
         assert!(message.contains("the test store"), "{message}");
-        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
         assert!(message.contains("HEIST_TEST_MIN_FREE"), "{message}");
         assert!(message.contains("free space"), "{message}");
         assert!(!reserve.is_writable());
@@ -348,6 +389,13 @@ mod tests {
         let small = Reserve::new("the test store", "HEIST_TEST_MIN_FREE", dir.path(), 1);
         small.check().expect("writable");
         assert!(small.last_free() > 0 && small.last_free() < u64::MAX);
+        small.check_room(1).expect("one byte fits");
+        let refusal = small.check_room(u64::MAX - 1).expect_err("does not fit");
+        assert!(refusal.to_string().contains("not enough"), "{refusal}");
+        assert!(
+            small.is_writable(),
+            "one large write does not flip the store"
+        );
     }
 
     #[tokio::test]
@@ -358,7 +406,9 @@ mod tests {
         reserve.failed("No space left on device");
         assert!(states.has_changed().expect("open"));
         assert!(states.borrow_and_update().clone() != Writability::Writable);
-        let refusal = reserve.check().expect_err("still failed: space alone does not clear it");
+        let refusal = reserve
+            .check()
+            .expect_err("still failed: space alone does not clear it");
         assert!(refusal.to_string().contains("No space left on device"));
 
         let mut failing = || async { Err::<(), _>("still broken".to_owned()) };
@@ -382,7 +432,12 @@ mod tests {
     #[tokio::test]
     async fn low_space_is_noticed_by_the_monitor_without_a_mutation() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let reserve = Reserve::new("the test store", "HEIST_TEST_MIN_FREE", dir.path(), u64::MAX);
+        let reserve = Reserve::new(
+            "the test store",
+            "HEIST_TEST_MIN_FREE",
+            dir.path(),
+            u64::MAX,
+        );
         let mut probe = || async { Ok(()) };
         reserve.tick(&mut probe).await;
         assert!(matches!(reserve.state(), Writability::LowSpace { .. }));

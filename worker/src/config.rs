@@ -405,6 +405,13 @@ mod tests {
             ),
             (
                 Config {
+                    min_free_bytes: 1024,
+                    ..valid()
+                },
+                "HEIST_WORKER_MIN_FREE_BYTES",
+            ),
+            (
+                Config {
                     coordinator_addr: "localhost".into(),
                     ..valid()
                 },

@@ -167,10 +167,11 @@ impl State {
         let probe = move || {
             let dir = dir.clone();
             async move {
-                tokio::task::spawn_blocking(move || probe_dir(&dir))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
+                match tokio::task::spawn_blocking(move || probe_dir(&dir)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
             }
         };
         let mut states = reserve.subscribe();
@@ -213,9 +214,11 @@ impl State {
             return Err("not registered with the coordinator yet");
         }
         if self.reserves.iter().any(|r| !r.is_writable()) {
-            return Err("a disk of the worker (its state store or blob cache) is below its \
+            return Err(
+                "a disk of the worker (its state store or blob cache) is below its \
                         free-space reserve (HEIST_WORKER_MIN_FREE_BYTES) or cannot be written: \
-                        free space there");
+                        free space there",
+            );
         }
         Ok(())
     }
