@@ -186,8 +186,11 @@ async fn run(
 
     app.spawn_background();
     let stopping = CancellationToken::new();
+    // Held while health is written, so the store follower never writes after shutdown did.
+    let health_lock = Arc::new(tokio::sync::Mutex::new(()));
     let signal = {
         let (app, health, stopping) = (app.clone(), health.clone(), stopping.clone());
+        let health_lock = Arc::clone(&health_lock);
         async move {
             shutdown.await;
             stopping.cancel();
@@ -195,7 +198,9 @@ async fn run(
                 in_flight = calls.count(),
                 "shutting down: draining in-flight calls"
             );
+            let writing = health_lock.lock().await;
             set_health(&health, ServingStatus::NotServing).await;
+            drop(writing);
             // The server stops accepting once this future returns; the worker streams (and
             // background tasks) end only after the calls in flight, which need them, are done.
             let drain_timeout = app.config.drain_timeout;
@@ -219,7 +224,8 @@ async fn run(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     set_health(&health, ServingStatus::Serving).await;
     app.tasks.spawn(
-        follow_store(app.clone(), health.clone(), stopping).instrument(info_span!("store-health")),
+        follow_store(app.clone(), health.clone(), health_lock, stopping)
+            .instrument(info_span!("store-health")),
     );
     info!(addr = %local_addr, "coordinator listening");
     router
@@ -231,19 +237,27 @@ async fn run(
 /// Health follows whether the store takes writes: NOT_SERVING while it cannot (disk below the
 /// reserve, a failed write), SERVING again once the reserve's monitor finds it writable. Ends
 /// when shutdown begins (which owns health from then on).
-async fn follow_store(app: Arc<App>, health: HealthReporter, stopping: CancellationToken) {
+async fn follow_store(
+    app: Arc<App>,
+    health: HealthReporter,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    stopping: CancellationToken,
+) {
     let mut states = app.store.reserve.subscribe();
     loop {
         let writable = *states.borrow_and_update() == Writability::Writable;
-        if stopping.is_cancelled() {
-            return;
-        }
         let status = if writable {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        set_health(&health, status).await;
+        {
+            let _writing = lock.lock().await;
+            if stopping.is_cancelled() {
+                return;
+            }
+            set_health(&health, status).await;
+        }
         tokio::select! {
             () = stopping.cancelled() => return,
             () = app.shutdown.cancelled() => return,

@@ -105,13 +105,16 @@ impl Coordinator {
     }
 }
 
+/// A last-minute change to a test worker's config.
+pub type Configure = Box<dyn FnOnce(&mut heist_worker::Config) + Send>;
+
 pub struct WorkerOpts {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub max_sessions: u32,
     pub join_token: String,
     /// Last-minute changes to the worker's config (quotas, sandbox mode, ...).
-    pub configure: Option<Box<dyn FnOnce(&mut heist_worker::Config) + Send>>,
+    pub configure: Option<Configure>,
 }
 
 impl WorkerOpts {
