@@ -26,6 +26,9 @@ use crate::{
     worker_keys::WorkerKeys,
 };
 
+/// How often the store's free space is measured in the background.
+const STORE_SPACE_PERIOD: Duration = Duration::from_secs(1);
+
 /// Shared coordinator state.
 pub struct App {
     /// The configuration it was started with.
@@ -64,7 +67,7 @@ impl App {
     /// Opens the store under `config.data_dir`, loads workers and sessions, and upserts the
     /// bootstrap admin client.
     pub async fn open(config: Config) -> Result<Arc<Self>, Error> {
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open(&config.data_dir)?.with_min_free(config.store_min_free_bytes);
         let seed = crate::store::load_or_create_signing_seed(&config.data_dir)?;
         let signer = Arc::new(TokenSigner::from_seed(&seed).map_err(Error::Signing)?);
         let auth = Auth::new(
@@ -159,6 +162,24 @@ impl App {
             async move { app.collect_sessions_periodically().await }
                 .instrument(info_span!("session-gc")),
         );
+        let app = self.clone();
+        self.tasks.spawn(
+            async move { app.watch_store_space().await }.instrument(info_span!("store-space")),
+        );
+    }
+
+    /// Every second: is the data directory's file system below its reserve? When it is back
+    /// above, a test write decides whether mutations are taken again (no restart needed).
+    async fn watch_store_space(&self) {
+        let store = self.store.clone();
+        let probe = move || {
+            let store = store.clone();
+            async move { store.probe().await.map_err(|err| err.to_string()) }
+        };
+        self.store
+            .reserve
+            .monitor(STORE_SPACE_PERIOD, probe, self.shutdown.cancelled())
+            .await;
     }
 
     /// Collects, every HEIST_SESSION_GC_INTERVAL_S, the closed and failed sessions older than

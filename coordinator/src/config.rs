@@ -7,6 +7,10 @@ use crate::{error::Error, mcp::McpConfig};
 
 /// Shortest admin client secret accepted, in characters.
 pub const MIN_ADMIN_SECRET_CHARS: usize = 16;
+/// Default free-space reserve of the data directory (HEIST_STORE_MIN_FREE_BYTES).
+pub const DEFAULT_STORE_MIN_FREE_BYTES: u64 = 64 << 20;
+/// Smallest reserve accepted: room for the writes sled has begun.
+const MIN_STORE_MIN_FREE_BYTES: u64 = 1 << 20;
 
 /// Everything [`crate::serve`] needs besides the listener. `main` fills it from flags and
 /// environment variables; tests build it directly.
@@ -112,6 +116,11 @@ pub struct Config {
     /// Failed logins per second over all clients before addresses with failures on record are
     /// refused (burst: ten times this). HEIST_LOGIN_FAILURES_PER_S, default 20.
     pub login_failures_per_s: u32,
+    /// Free space the data directory's file system keeps in reserve, in bytes: below it every
+    /// mutation is refused (RESOURCE_EXHAUSTED, STORE_FULL) before anything is applied, and
+    /// readiness is NOT_SERVING until space is back. HEIST_STORE_MIN_FREE_BYTES, default
+    /// 64 MiB, at least 1 MiB.
+    pub store_min_free_bytes: u64,
     /// The MCP endpoint's hosts, origins and limits (HEIST_MCP_*, HEIST_PUBLIC_URL).
     pub mcp: McpConfig,
     /// Serve `/metrics` to anyone who can reach the port; otherwise it needs a token with
@@ -207,6 +216,7 @@ impl Default for Config {
             login_backoff_base: Duration::from_millis(1000),
             login_backoff_max: Duration::from_secs(300),
             login_failures_per_s: 20,
+            store_min_free_bytes: DEFAULT_STORE_MIN_FREE_BYTES,
         }
     }
 }
@@ -261,6 +271,7 @@ impl fmt::Debug for Config {
             .field("login_backoff_base", &self.login_backoff_base)
             .field("login_backoff_max", &self.login_backoff_max)
             .field("login_failures_per_s", &self.login_failures_per_s)
+            .field("store_min_free_bytes", &self.store_min_free_bytes)
             .finish()
     }
 }
@@ -351,6 +362,12 @@ impl Config {
                  HEIST_LOGIN_BACKOFF_MAX_S at least the base",
             );
         }
+        if self.store_min_free_bytes < MIN_STORE_MIN_FREE_BYTES {
+            return bad(
+                "HEIST_STORE_MIN_FREE_BYTES must be at least 1048576 (1 MiB): the store needs \
+                 room to finish the writes it has begun",
+            );
+        }
         if self.worker_proof_window.is_zero() {
             return bad("HEIST_WORKER_PROOF_WINDOW_S must be at least 1 second");
         }
@@ -399,6 +416,20 @@ mod tests {
             ..valid()
         };
         assert!(inverted.validate().is_err());
+    }
+
+    #[test]
+    fn the_store_reserve_has_a_floor() {
+        assert_eq!(valid().store_min_free_bytes, 64 << 20);
+        let tiny = Config {
+            store_min_free_bytes: 4096,
+            ..valid()
+        };
+        let err = tiny.validate().expect_err("below 1 MiB");
+        assert!(
+            err.to_string().contains("HEIST_STORE_MIN_FREE_BYTES"),
+            "{err}"
+        );
     }
 
     #[test]

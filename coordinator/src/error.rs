@@ -283,6 +283,10 @@ pub enum Error {
         /// What was wrong.
         why: String,
     },
+    /// The store cannot take writes (its file system is below the reserve, or a write failed):
+    /// the mutation was refused before anything was applied.
+    #[error("{0}")]
+    StoreFull(heist_proto::space::Refusal),
     /// A size or count limit of the blob store or checkpoints.
     #[error("{message}")]
     LimitExceeded {
@@ -528,6 +532,7 @@ impl From<Error> for Status {
                 reason::LIMIT_EXCEEDED,
                 &[("limit", limit)],
             ),
+            Error::StoreFull(refusal) => refusal.status(),
             Error::Io { .. } | Error::Store(_) => Status::unavailable(msg),
             Error::Task(_) => Status::unavailable(msg),
             Error::InvalidConfig(_)

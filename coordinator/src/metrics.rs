@@ -10,6 +10,7 @@
 //! | `heist_workers` (gauge, at scrape time) | `state` |
 //! | `heist_checkpoints_total`, `heist_checkpoint_duration_seconds` | `outcome` |
 //! | `heist_checkpoint_workspace_bytes`, `heist_checkpoint_uploaded_{bytes,blobs}_total` | — |
+//! | `heist_store_free_bytes`, `heist_store_writable` (gauges, at scrape time) | — |
 //!
 //! Tool call metrics come from an after-hook ([`crate::calls::hooks::CallMetrics`]).
 
@@ -62,6 +63,8 @@ pub struct Metrics {
     checkpoint_bytes: Histogram,
     uploaded_bytes: Counter,
     uploaded_blobs: Counter,
+    store_free_bytes: Gauge,
+    store_writable: Gauge,
 }
 
 impl Default for Metrics {
@@ -86,6 +89,8 @@ impl Metrics {
             checkpoint_bytes: bytes_histogram(),
             uploaded_bytes: Counter::default(),
             uploaded_blobs: Counter::default(),
+            store_free_bytes: Gauge::default(),
+            store_writable: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,7 +138,26 @@ impl Metrics {
             "Blobs workers uploaded for checkpoints",
             this.uploaded_blobs.clone(),
         );
+        registry.register(
+            "heist_store_free_bytes",
+            "Free bytes on the file system of the coordinator's data directory",
+            this.store_free_bytes.clone(),
+        );
+        registry.register(
+            "heist_store_writable",
+            "1 while the state store takes writes, 0 while mutations are refused (disk below \
+             HEIST_STORE_MIN_FREE_BYTES or a failed write)",
+            this.store_writable.clone(),
+        );
         Self { registry, ..this }
+    }
+
+    /// Sets the store gauges from its reserve (measuring the free space now).
+    pub fn store(&self, reserve: &heist_proto::space::Reserve) {
+        let writable = reserve.check().is_ok();
+        let free = i64::try_from(reserve.last_free()).unwrap_or(i64::MAX);
+        self.store_free_bytes.set(free);
+        self.store_writable.set(i64::from(writable));
     }
 
     /// Records a tool call that reached a result.

@@ -147,7 +147,12 @@ where
     T: Message + Send + 'static,
     Fut: Future<Output = Result<T, Error>> + Send + 'static,
 {
-    let recorder = match begin(&app.idempotency, dedup).await? {
+    // A full store refuses the call here, before its intent is written or anything applied.
+    app.store.writable()?;
+    let started = begin(&app.idempotency, dedup)
+        .await
+        .map_err(|err| app.store.refusal_for(err))?;
+    let recorder = match started {
         Started::Replay(bytes) => return replay(app, &bytes),
         Started::Run(recorder) => recorder,
     };

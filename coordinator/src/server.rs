@@ -5,6 +5,7 @@ use std::{future::Future, sync::Arc};
 
 use heist_proto::{
     FILE_DESCRIPTOR_SET,
+    space::Writability,
     token::TokenVerifier,
     v1::{
         agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
@@ -16,12 +17,13 @@ use heist_proto::{
     },
 };
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tonic::{
     service::Routes,
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, error, info, info_span, warn};
 
 use crate::{
     api::{
@@ -75,10 +77,18 @@ pub async fn serve(
     app.shutdown.cancel();
     app.tasks.close();
     app.tasks.wait().await;
-    let flushed = app.store.flush().await;
+    if let Err(err) = app.store.flush().await {
+        // Every write acknowledged to a client was flushed before its answer, so what this
+        // flush loses was never acknowledged (worker records, sweeps): a full disk must not
+        // turn a clean stop into a failed one.
+        error!(
+            %err,
+            path = %app.store.reserve.path().display(),
+            "the final flush of the store failed: unacknowledged background writes are lost"
+        );
+    }
     drop(app);
     result?;
-    flushed?;
     info!("coordinator stopped");
     Ok(())
 }
@@ -182,15 +192,22 @@ async fn run(
         .add_routes(routes);
 
     app.spawn_background();
+    let stopping = CancellationToken::new();
+    // Held while health is written, so the store follower never writes after shutdown did.
+    let health_lock = Arc::new(tokio::sync::Mutex::new(()));
     let signal = {
-        let (app, health) = (app.clone(), health.clone());
+        let (app, health, stopping) = (app.clone(), health.clone(), stopping.clone());
+        let health_lock = Arc::clone(&health_lock);
         async move {
             shutdown.await;
+            stopping.cancel();
             info!(
                 in_flight = calls.count(),
                 "shutting down: draining in-flight calls"
             );
+            let writing = health_lock.lock().await;
             set_health(&health, ServingStatus::NotServing).await;
+            drop(writing);
             // The server stops accepting once this future returns; the worker streams (and
             // background tasks) end only after the calls in flight, which need them, are done.
             let drain_timeout = app.config.drain_timeout;
@@ -213,11 +230,51 @@ async fn run(
     };
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     set_health(&health, ServingStatus::Serving).await;
+    app.tasks.spawn(
+        follow_store(app.clone(), health.clone(), health_lock, stopping)
+            .instrument(info_span!("store-health")),
+    );
     info!(addr = %local_addr, "coordinator listening");
     router
         .serve_with_incoming_shutdown(incoming, signal)
         .await
         .map_err(Error::from)
+}
+
+/// Health follows whether the store takes writes: NOT_SERVING while it cannot (disk below the
+/// reserve, a failed write), SERVING again once the reserve's monitor finds it writable. Ends
+/// when shutdown begins (which owns health from then on).
+async fn follow_store(
+    app: Arc<App>,
+    health: HealthReporter,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    stopping: CancellationToken,
+) {
+    let mut states = app.store.reserve.subscribe();
+    loop {
+        let writable = *states.borrow_and_update() == Writability::Writable;
+        let status = if writable {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        {
+            let _writing = lock.lock().await;
+            if stopping.is_cancelled() {
+                return;
+            }
+            set_health(&health, status).await;
+        }
+        tokio::select! {
+            () = stopping.cancelled() => return,
+            () = app.shutdown.cancelled() => return,
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 async fn set_health(reporter: &HealthReporter, status: ServingStatus) {

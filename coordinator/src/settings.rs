@@ -192,6 +192,10 @@ pub struct Settings {
     /// Failed logins per second, all clients, before failing addresses wait [default: 20].
     #[arg(long, env = "HEIST_LOGIN_FAILURES_PER_S")]
     pub login_failures_per_s: Option<u32>,
+    /// Free space kept in reserve on the data directory's file system; below it mutations are
+    /// refused and readiness is NOT_SERVING, in bytes [default: 67108864 (64 MiB)].
+    #[arg(long, env = "HEIST_STORE_MIN_FREE_BYTES")]
+    pub store_min_free_bytes: Option<u64>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -245,6 +249,7 @@ heist_proto::layer_over!(Settings {
     login_backoff_base_ms,
     login_backoff_max_s,
     login_failures_per_s,
+    store_min_free_bytes,
 });
 
 impl Settings {
@@ -349,6 +354,11 @@ impl Settings {
         set(
             &mut c.login_failures_per_s,
             self.login_failures_per_s,
+            |v| v,
+        );
+        set(
+            &mut c.store_min_free_bytes,
+            self.store_min_free_bytes,
             |v| v,
         );
         c

@@ -7,6 +7,11 @@
 //! public key, see [`crate::worker_keys`]), `audit` (see [`crate::audit`]). The data directory
 //! is `0700`. Writers insert synchronously and
 //! call [`Store::flush`] before acknowledging a mutation to a client.
+//!
+//! Disk full: [`Store::writable`] is asked before a mutation does anything (it is refused
+//! with STORE_FULL while the data directory's file system is below HEIST_STORE_MIN_FREE_BYTES
+//! or after a failed flush), and [`Store::probe`] is the test write that lets the reserve's
+//! monitor ([`heist_proto::space::Reserve::monitor`]) declare the store writable again.
 
 use std::{
     fs,
@@ -19,10 +24,11 @@ use std::{
     },
 };
 
+use heist_proto::space::Reserve;
 use prost::Message;
 use tracing::warn;
 
-use crate::error::Error;
+use crate::{config::DEFAULT_STORE_MIN_FREE_BYTES, error::Error};
 
 /// Schema version written to `meta`; bump when a record changes incompatibly.
 const SCHEMA_VERSION: &[u8] = b"1";
@@ -45,7 +51,12 @@ pub struct Store {
     pub clients: sled::Tree,
     /// Store metadata.
     pub meta: sled::Tree,
+    /// The free-space reserve of the data directory (whether mutations are taken).
+    pub reserve: Reserve,
 }
+
+/// The store's name in refusals and logs.
+const WHAT: &str = "the coordinator's state store";
 
 /// Tickets for group commit: `requested` counts flush requests; the mutex serialises flushes and
 /// holds the highest ticket known durable.
@@ -72,6 +83,12 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             flusher: Arc::new(Flusher::default()),
+            reserve: Reserve::new(
+                WHAT,
+                "HEIST_STORE_MIN_FREE_BYTES",
+                data_dir,
+                DEFAULT_STORE_MIN_FREE_BYTES,
+            ),
         };
         match store.meta.get("schema_version")? {
             None => {
@@ -90,6 +107,41 @@ impl Store {
         Ok(store)
     }
 
+    /// The same store with a reserve of `min_free` bytes (HEIST_STORE_MIN_FREE_BYTES).
+    pub fn with_min_free(mut self, min_free: u64) -> Self {
+        self.reserve = Reserve::new(
+            WHAT,
+            "HEIST_STORE_MIN_FREE_BYTES",
+            self.reserve.path(),
+            min_free,
+        );
+        self
+    }
+
+    /// Before a mutation applies anything: refused (STORE_FULL) while the data directory's
+    /// file system is below its reserve or the last flush failed.
+    pub fn writable(&self) -> Result<(), Error> {
+        self.reserve.check().map_err(Error::StoreFull)
+    }
+
+    /// `err` from a write that happened before anything was applied, as a refusal when the
+    /// store has been found unwritable (so the client hears STORE_FULL, not UNAVAILABLE).
+    pub fn refusal_for(&self, err: Error) -> Error {
+        match (&err, self.reserve.refusal()) {
+            (Error::Store(_) | Error::Io { .. }, Some(refusal)) => Error::StoreFull(refusal),
+            _ => err,
+        }
+    }
+
+    /// The monitor's test write: a record in `meta`, flushed.
+    pub async fn probe(&self) -> Result<(), Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.meta.insert("probe", &now.to_be_bytes()[..])?;
+        self.flush().await
+    }
+
     /// Makes every write the caller made before this call durable.
     ///
     /// Group commit: callers take a ticket, one flush runs at a time on the blocking pool, and a
@@ -104,7 +156,11 @@ impl Store {
         }
         let covers = self.flusher.requested.load(Ordering::SeqCst);
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush()).await??;
+        if let Err(err) = tokio::task::spawn_blocking(move || db.flush()).await? {
+            // A failed flush (a full disk, an I/O error) stops mutations until a probe works.
+            self.reserve.failed(&err);
+            return Err(err.into());
+        }
         *flushed_through = covers;
         Ok(())
     }
@@ -220,6 +276,34 @@ mod tests {
         assert_eq!(got, Some(session.clone()));
         let all: Vec<Session> = Store::load_all(&store.sessions, "session").expect("load");
         assert_eq!(all, vec![session]);
+    }
+
+    #[tokio::test]
+    async fn a_store_below_its_reserve_refuses_writes_with_store_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path())
+            .expect("open")
+            .with_min_free(1 << 20);
+        store.writable().expect("room above 1 MiB");
+        let full = Store::open(dir.path().join("other").as_path())
+            .expect("open")
+            .with_min_free(u64::MAX);
+        let err = full
+            .writable()
+            .expect_err("no file system has u64::MAX free");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            heist_proto::errors::reason_of(&status).as_deref(),
+            Some(heist_proto::errors::reason::STORE_FULL)
+        );
+        assert!(status.message().contains("other"), "{}", status.message());
+        // A write error from before anything was applied is reported as the refusal.
+        let mapped = full.refusal_for(Error::Store(sled::Error::Unsupported("x".into())));
+        assert!(matches!(mapped, Error::StoreFull(_)));
+        // The probe is a real write and flush.
+        store.probe().await.expect("probe");
+        assert!(store.meta.contains_key("probe").expect("read"));
     }
 
     #[test]

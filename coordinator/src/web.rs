@@ -1,8 +1,9 @@
 //! The plain HTTP routes served on the gRPC port, and the one place they are listed.
 //!
 //! - `GET /healthz`: 200 while the process serves (liveness).
-//! - `GET /readyz`: 200 when the store answers and at least one worker is READY, 503 with the
-//!   reason otherwise (readiness: a coordinator without workers cannot place a session).
+//! - `GET /readyz`: 200 when the store answers and can take writes (its disk is above the
+//!   HEIST_STORE_MIN_FREE_BYTES reserve) and at least one worker is READY, 503 with the reason
+//!   otherwise (readiness: a coordinator without workers cannot place a session).
 //!
 //! - `GET /metrics`: the Prometheus metrics ([`crate::metrics`]). It checks its own token
 //!   (scope `cluster:read`) unless HEIST_METRICS_PUBLIC opens it, so it is on the allow-list.
@@ -66,6 +67,7 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     for worker in app.registry.list() {
         *workers.entry(worker.state).or_insert(0) += 1;
     }
+    app.metrics.store(&app.store.reserve);
     let body = app.metrics.render(&sessions, &workers);
     (
         [(header::CONTENT_TYPE, heist_proto::metrics::CONTENT_TYPE)],
@@ -97,6 +99,9 @@ fn readiness(app: &App) -> Result<(), String> {
         .meta
         .contains_key(b"readyz")
         .map_err(|err| format!("the store does not answer ({err})"))?;
+    if let Err(refusal) = app.store.reserve.check() {
+        return Err(refusal.to_string());
+    }
     let ready = app
         .registry
         .list()

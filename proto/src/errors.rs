@@ -63,6 +63,10 @@ pub mod reason {
     pub const NOT_A_REGULAR_FILE: &str = "NOT_A_REGULAR_FILE";
     /// The server is shutting down or not ready.
     pub const NOT_SERVING: &str = "NOT_SERVING";
+    /// A store cannot take writes: its file system is below its free-space reserve, or a
+    /// write to it failed (metadata: `store`, `path`, `free_bytes`, `min_free_bytes`). Nothing
+    /// was applied; free space there and retry: writes resume by themselves.
+    pub const STORE_FULL: &str = "STORE_FULL";
     /// A size or count limit was exceeded (metadata: `limit`).
     pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
     /// The worker cannot run commands: its sandbox (or interpreter) does not work on that host

@@ -12,6 +12,7 @@
 //! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
 //! - [`logging`]: the log subscriber and OTLP trace export; [`trace`]: W3C trace context and
 //!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
+//! - [`space`]: the free-space reserve that refuses a store's mutations while its disk is full.
 
 pub mod errors;
 pub mod files;
@@ -26,6 +27,7 @@ pub mod metrics;
 pub mod scopes;
 pub mod settings;
 pub mod shutdown;
+pub mod space;
 pub mod token;
 pub mod trace;
 

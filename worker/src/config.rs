@@ -127,7 +127,15 @@ pub struct Config {
     /// each is kept until its credential expires (about 40 bytes each). Past it, calls are
     /// refused until some expire. Default 1000000.
     pub max_seen_credentials: usize,
+    /// Free space the worker's state store (HEIST_STATE_DIR) and blob cache keep in reserve on
+    /// their file systems, in bytes (HEIST_WORKER_MIN_FREE_BYTES): below it mutating calls are
+    /// refused (RESOURCE_EXHAUSTED, STORE_FULL) before they are applied and health is
+    /// NOT_SERVING until space is back. Default 64 MiB, at least 1 MiB.
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`Config::min_free_bytes`].
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 << 20;
 
 impl Default for Config {
     fn default() -> Self {
@@ -174,6 +182,7 @@ impl Default for Config {
             key_file: None,
             max_seen_credentials: crate::auth::DEFAULT_REPLAY_CAPACITY,
             max_finished_turns: 256,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 }
@@ -187,6 +196,11 @@ impl Config {
         if self.max_seen_credentials == 0 {
             return Err(Error::Config(
                 "HEIST_MAX_SEEN_CREDENTIALS must be at least 1".to_owned(),
+            ));
+        }
+        if self.min_free_bytes < 1 << 20 {
+            return Err(Error::Config(
+                "HEIST_WORKER_MIN_FREE_BYTES must be at least 1048576 (1 MiB)".to_owned(),
             ));
         }
         if let Some(addr) = &self.advertise_addr {
@@ -388,6 +402,13 @@ mod tests {
                     ..valid()
                 },
                 "WORKER_ID",
+            ),
+            (
+                Config {
+                    min_free_bytes: 1024,
+                    ..valid()
+                },
+                "HEIST_WORKER_MIN_FREE_BYTES",
             ),
             (
                 Config {

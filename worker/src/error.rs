@@ -23,6 +23,10 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The worker's state store or blob cache cannot take writes (its file system is below
+    /// HEIST_WORKER_MIN_FREE_BYTES): the call was refused before it was applied.
+    #[error("{0}")]
+    StoreFull(heist_proto::space::Refusal),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -224,6 +228,7 @@ impl From<Error> for Status {
         let message = err.to_string();
         let with = |code, why, md: &[(&str, &str)]| errors::status(code, message.clone(), why, md);
         match &err {
+            Error::StoreFull(refusal) => refusal.status(),
             Error::NotRegistered | Error::Draining | Error::Stopped => {
                 with(Code::Unavailable, reason::NOT_SERVING, &[])
             }

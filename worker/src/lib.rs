@@ -136,7 +136,8 @@ pub async fn serve(
             .with_checkpoints(checkpoints)
             .with_agents(agents)
             .with_applied(applied)
-            .with_metrics(metrics, config.metrics_public),
+            .with_metrics(metrics, config.metrics_public)
+            .with_reserves(reserves(&config)),
     );
     state.auth.set_replay_capacity(config.max_seen_credentials);
     state.adopt_sessions().await;
@@ -166,6 +167,13 @@ pub async fn serve(
         going_away_rx,
         stop.clone(),
     );
+    for reserve in state.reserves.clone() {
+        let span = info_span!("disk-space", path = %reserve.path().display());
+        let (watcher, stop) = (Arc::clone(&state), stop.clone());
+        state
+            .tasks
+            .spawn(async move { watcher.watch_space(reserve, stop).await }.instrument(span));
+    }
     let control_task = state.tasks.spawn(
         control
             .run()
@@ -260,6 +268,34 @@ pub async fn serve(
 }
 
 /// Agent specs, gateway and agent state directory from the configuration.
+/// The reserves of the worker's own disks: its state store and its blob cache (one per file
+/// system).
+fn reserves(config: &Config) -> Vec<heist_proto::space::Reserve> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dirs = [
+        ("the worker's state store", applied::state_dir(config)),
+        ("the worker's blob cache", checkpoint::cache_dir(config)),
+    ];
+    let mut devices = Vec::new();
+    let mut reserves = Vec::new();
+    for (what, dir) in dirs {
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue; // not created (e.g. no blob cache): nothing is written there
+        };
+        if devices.contains(&meta.dev()) {
+            continue;
+        }
+        devices.push(meta.dev());
+        reserves.push(heist_proto::space::Reserve::new(
+            what,
+            "HEIST_WORKER_MIN_FREE_BYTES",
+            &dir,
+            config.min_free_bytes,
+        ));
+    }
+    reserves
+}
+
 fn agent_host(
     config: &Config,
     states: &Arc<agent::AgentStates>,

@@ -126,6 +126,11 @@ pub struct Settings {
     /// Most coordinator credential ids remembered against replay [default: 100000].
     #[arg(long, env = "HEIST_MAX_SEEN_CREDENTIALS")]
     pub max_seen_credentials: Option<usize>,
+    /// Free space kept in reserve on the state store's and blob cache's file systems; below
+    /// it mutating calls are refused and health is NOT_SERVING, in bytes
+    /// [default: 67108864 (64 MiB)].
+    #[arg(long, env = "HEIST_WORKER_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -159,6 +164,7 @@ heist_proto::layer_over!(Settings {
     docker_network,
     key_file,
     max_seen_credentials,
+    min_free_bytes,
 });
 
 impl Settings {
@@ -209,6 +215,7 @@ impl Settings {
             self.max_seen_credentials,
             |v| v,
         );
+        set(&mut c.min_free_bytes, self.min_free_bytes, |v| v);
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

@@ -11,6 +11,7 @@ use std::{
 use heist_proto::{
     ids::{SessionId, WorkerId},
     json,
+    space::Reserve,
     v1::{self, worker_service_server::WorkerServiceServer},
 };
 use serde_json::{Map, Value as Json};
@@ -68,6 +69,10 @@ pub(crate) struct State {
     pub metrics: Arc<WorkerMetrics>,
     /// Whether `/metrics` is served without a token.
     pub metrics_public: bool,
+    /// Free-space reserves of the state store's and the blob cache's directories: mutating
+    /// calls are refused while one is below HEIST_WORKER_MIN_FREE_BYTES (none until
+    /// [`State::with_reserves`]).
+    pub reserves: Vec<Reserve>,
     /// Whether the control stream is registered right now.
     registered: AtomicBool,
     health: HealthReporter,
@@ -101,6 +106,7 @@ impl State {
             applied: None,
             metrics: Arc::default(),
             metrics_public: false,
+            reserves: Vec::new(),
             registered: AtomicBool::new(false),
             health,
         }
@@ -131,6 +137,55 @@ impl State {
         self
     }
 
+    /// The same state with `reserves` guarding its disks.
+    pub fn with_reserves(mut self, reserves: Vec<Reserve>) -> Self {
+        self.reserves = reserves;
+        self
+    }
+
+    /// Before a call of `tool` applies anything: refused (STORE_FULL) when the tool is not
+    /// read-only and a disk of the worker is below its reserve.
+    pub fn writable_for(&self, tool: &str) -> Result<(), Error> {
+        if self.tools.read_only(tool) {
+            return Ok(());
+        }
+        self.writable()
+    }
+
+    /// Refused (STORE_FULL) while a disk of the worker is below its reserve.
+    pub fn writable(&self) -> Result<(), Error> {
+        for reserve in &self.reserves {
+            reserve.check().map_err(Error::StoreFull)?;
+        }
+        Ok(())
+    }
+
+    /// Measures `reserve` every second, probing the directory with a test write when space is
+    /// back, and republishes health whenever it turns (un)writable; ends with `stop`.
+    pub async fn watch_space(&self, reserve: Reserve, stop: CancellationToken) {
+        let dir = reserve.path().to_path_buf();
+        let probe = move || {
+            let dir = dir.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || probe_dir(&dir)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            }
+        };
+        let mut states = reserve.subscribe();
+        let follow = async {
+            while states.changed().await.is_ok() {
+                self.publish_health().await;
+            }
+        };
+        tokio::select! {
+            () = reserve.monitor(SPACE_PERIOD, probe, stop.cancelled()) => {}
+            () = follow => {}
+        }
+    }
+
     /// The same state with `sandbox` running commands.
     pub fn with_sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
         self.sandbox = sandbox;
@@ -150,13 +205,20 @@ impl State {
     }
 
     /// Why the worker cannot take calls now, if it cannot: it must be registered with its
-    /// coordinator and not draining.
+    /// coordinator, not draining, and its disks above their reserve.
     pub fn readiness(&self) -> Result<(), &'static str> {
         if self.sessions.is_draining() {
             return Err("draining: the worker is shutting down");
         }
         if !self.registered.load(Ordering::SeqCst) {
             return Err("not registered with the coordinator yet");
+        }
+        if self.reserves.iter().any(|r| !r.is_writable()) {
+            return Err(
+                "a disk of the worker (its state store or blob cache) is below its \
+                        free-space reserve (HEIST_WORKER_MIN_FREE_BYTES) or cannot be written: \
+                        free space there",
+            );
         }
         Ok(())
     }
@@ -180,6 +242,7 @@ impl State {
         request: v1::OpenSessionRequest,
     ) -> Result<v1::OpenSessionResponse, Error> {
         let id = parse_session_id(request.session_id)?;
+        self.writable()?;
         let workspace = self.enter_session(id).await?;
         info!(workspace = %workspace.path().display(), "session open");
         Ok(v1::OpenSessionResponse {
@@ -244,6 +307,8 @@ impl State {
         else {
             return Ok(None);
         };
+        // Before the claim is written: a full disk refuses the call here, unapplied.
+        self.writable_for(&request.tool)?;
         let id = parse_session_id(request.session_id.clone())?;
         self.sessions.get(&id)?;
         let fingerprint = applied::fingerprint(request);
@@ -280,6 +345,7 @@ impl State {
     ) -> Result<v1::CallToolResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let workspace = self.sessions.get(&id)?;
+        self.writable_for(&request.tool)?;
         let args = request
             .arguments
             .as_ref()
@@ -346,6 +412,7 @@ impl State {
         request: v1::RestoreWorkspaceRequest,
     ) -> Result<v1::RestoreWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
+        self.writable()?;
         let manifest = request.manifest.unwrap_or_default();
         let agent_state = (manifest.agent_state_hash.clone(), manifest.agent_state_size);
         let checkpointer = self.checkpointer()?;
@@ -383,6 +450,21 @@ pub(crate) async fn settle(
             Err(err)
         }
     }
+}
+
+/// How often the worker's disks are measured in the background.
+const SPACE_PERIOD: Duration = Duration::from_secs(1);
+
+/// The monitor's test write: a small file in `dir`, synced, then removed.
+fn probe_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(".heist-space-probe");
+    let result = std::fs::File::create(&path).and_then(|mut file| {
+        file.write_all(b"probe")?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 async fn run_with_deadline<F, T>(run: F, deadline: Option<Duration>) -> Result<T, Error>

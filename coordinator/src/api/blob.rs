@@ -142,10 +142,13 @@ async fn put_blobs(
     app: &App,
     mut inbound: Streaming<BlobChunk>,
 ) -> Result<PutBlobsResponse, Error> {
+    // Blobs live next to the store: none are taken while its disk is below the reserve.
+    app.store.writable()?;
     let (tx, rx) = mpsc::channel::<BlobChunk>(PIPELINE_DEPTH);
     let cas = app.checkpoints.cas().clone();
     let max_blob = app.config.max_blob_bytes;
-    let disk = tokio::task::spawn_blocking(move || store_blobs(&cas, max_blob, rx));
+    let reserve = app.store.reserve.clone();
+    let disk = tokio::task::spawn_blocking(move || store_blobs(&cas, &reserve, max_blob, rx));
     let mut received = Ok(());
     loop {
         match inbound.message().await {
@@ -185,10 +188,11 @@ struct Stored {
     unfinished: Option<(Hash, u64, u64)>,
 }
 
-/// The disk side of PutBlobs: writes each blob, verifies it, renames it into place, and syncs
-/// once at the end.
+/// The disk side of PutBlobs: writes each blob (when it fits above the store's free-space
+/// reserve), verifies it, renames it into place, and syncs once at the end.
 fn store_blobs(
     cas: &Cas,
+    reserve: &heist_proto::space::Reserve,
     max_blob: u64,
     mut rx: mpsc::Receiver<BlobChunk>,
 ) -> Result<Stored, Error> {
@@ -242,6 +246,8 @@ fn store_blobs(
                     ),
                 });
             }
+            // A blob that would eat into the store's free-space reserve is refused.
+            reserve.check_room(chunk.size).map_err(Error::StoreFull)?;
             response.blobs += 1;
             // No stat first: the uploader asked FindMissingBlobs, and replacing an existing blob
             // with verified identical content is harmless (the rename is atomic).

@@ -7,7 +7,9 @@
 //! owner,    scopes  dedup       stream to   (audit, metrics
 //! READY,    ∩       (runner)    the worker  plug in here)
 //! route,    session
-//! catalogue policy; refusals audited
+//! catalogue,policy; refusals audited
+//! store
+//! writable
 //! ```
 //!
 //! A call is a domain [`ToolCall`] (principal, session, tool, JSON arguments, request id,
@@ -118,6 +120,10 @@ fn admit(app: &App, call: &ToolCall) -> Result<Admitted, Error> {
         return Err(err);
     }
     let read_only = spec.read_only;
+    if !read_only {
+        // Nothing leaves for the worker while the store cannot record it (disk full).
+        app.store.writable()?;
+    }
     let dedup = if read_only {
         None
     } else {

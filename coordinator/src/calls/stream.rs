@@ -34,7 +34,10 @@ pub async fn call_stream(app: &Arc<App>, call: ToolCall) -> Result<ToolEvents, E
         read_only,
         dedup,
     } = admit(app, &call)?;
-    let record = match runner::begin(&app.idempotency, dedup).await? {
+    let started = runner::begin(&app.idempotency, dedup)
+        .await
+        .map_err(|err| app.store.refusal_for(err))?;
+    let record = match started {
         Started::Replay(bytes) => {
             let event = result_event(replayed(&bytes)?);
             return Ok(futures::stream::once(async move { Ok(event) }).boxed());

@@ -105,13 +105,16 @@ impl Coordinator {
     }
 }
 
+/// A last-minute change to a test worker's config.
+pub type Configure = Box<dyn FnOnce(&mut heist_worker::Config) + Send>;
+
 pub struct WorkerOpts {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub max_sessions: u32,
     pub join_token: String,
     /// Last-minute changes to the worker's config (quotas, sandbox mode, ...).
-    pub configure: Option<fn(&mut heist_worker::Config)>,
+    pub configure: Option<Configure>,
 }
 
 impl WorkerOpts {
@@ -125,8 +128,8 @@ impl WorkerOpts {
         }
     }
 
-    pub fn configure(mut self, f: fn(&mut heist_worker::Config)) -> Self {
-        self.configure = Some(f);
+    pub fn configure(mut self, f: impl FnOnce(&mut heist_worker::Config) + Send + 'static) -> Self {
+        self.configure = Some(Box::new(f));
         self
     }
 
@@ -538,8 +541,19 @@ pub async fn coordinator_process(port: u16, data: &Path, log: &Path) -> ChildGua
 
 /// Starts the real `coordinator` binary on `port` with `data_dir`.
 pub fn spawn_coordinator_process(port: u16, data_dir: &Path, log: &Path) -> ChildGuard {
+    spawn_coordinator_process_with(port, data_dir, log, &[])
+}
+
+/// [`spawn_coordinator_process`] with extra environment variables.
+pub fn spawn_coordinator_process_with(
+    port: u16,
+    data_dir: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> ChildGuard {
     let log = std::fs::File::create(log).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .envs(env.iter().copied())
         .env("GRPC_PORT", port.to_string())
         .env("HEIST_BIND_ADDR", "127.0.0.1")
         .env("HEIST_DATA_DIR", data_dir)

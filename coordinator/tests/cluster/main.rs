@@ -19,6 +19,7 @@ mod observability;
 mod registration;
 mod sandbox;
 mod sessions;
+mod storage;
 mod surface;
 mod tools;
 mod toolscopes;

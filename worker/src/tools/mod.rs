@@ -230,6 +230,11 @@ impl Registry {
         self.tools.contains_key(name)
     }
 
+    /// Whether `name` is a read-only tool (an unknown tool is not).
+    pub fn read_only(&self, name: &str) -> bool {
+        self.tools.get(name).is_some_and(|e| e.spec.read_only)
+    }
+
     /// The catalogue, ordered by name.
     pub fn specs(&self) -> Vec<v1::ToolSpec> {
         self.tools.values().map(|e| e.spec.clone()).collect()
