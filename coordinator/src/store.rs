@@ -45,6 +45,8 @@ pub struct Store {
     pub clients: sled::Tree,
     /// Store metadata.
     pub meta: sled::Tree,
+    /// Token signing keys by `kid` ([`crate::signing_keys`]).
+    pub signing_keys: sled::Tree,
 }
 
 /// Tickets for group commit: `requested` counts flush requests; the mutex serialises flushes and
@@ -70,6 +72,7 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             clients: db.open_tree("clients")?,
             meta: db.open_tree("meta")?,
+            signing_keys: db.open_tree("signing_keys")?,
             db,
             flusher: Arc::new(Flusher::default()),
         };
