@@ -458,11 +458,7 @@ impl Auth {
         // Should the record be rotated or revoked while this token is being signed, the token
         // carries the generation read above and the per-call check refuses it.
         claims.generation = record.generation;
-        let access_token = self
-            .keys
-            .current()
-            .sign(&claims)
-            .map_err(Error::Signing)?;
+        let access_token = self.keys.current().sign(&claims).map_err(Error::Signing)?;
         info!(scopes = %scope, jti = %claims.jti, "token issued");
         Ok(IssueTokenResponse {
             access_token,

@@ -16,8 +16,7 @@ use heist_proto::{
     token::key_id,
     v1::{
         Accepted, CoordinatorMessage, Evict, Register, RetiredKey, Worker, WorkerMessage,
-        WorkerState,
-        coordinator_message, worker_control_server::WorkerControl, worker_message,
+        WorkerState, coordinator_message, worker_control_server::WorkerControl, worker_message,
     },
 };
 use tokio::{sync::mpsc, time::Instant};

@@ -85,8 +85,9 @@ impl SigningKeys {
         let mut keys = Vec::new();
         for item in &store.signing_keys {
             let (_, value) = item?;
-            let record: KeyRecord = prost::Message::decode(value.as_ref())
-                .map_err(|e| Error::InvalidConfig(format!("a signing key record is corrupt: {e}")))?;
+            let record: KeyRecord = prost::Message::decode(value.as_ref()).map_err(|e| {
+                Error::InvalidConfig(format!("a signing key record is corrupt: {e}"))
+            })?;
             keys.push(key(record)?);
         }
         if keys.is_empty() {
@@ -100,8 +101,18 @@ impl SigningKeys {
             put(store, &first)?;
             keys.push(first);
         }
-        keys.sort_by_key(|k| (k.record.retired_at_unix_s != 0, u64::MAX - k.record.retired_at_unix_s));
-        if keys.iter().filter(|k| k.record.retired_at_unix_s == 0).count() != 1 {
+        keys.sort_by_key(|k| {
+            (
+                k.record.retired_at_unix_s != 0,
+                u64::MAX - k.record.retired_at_unix_s,
+            )
+        });
+        if keys
+            .iter()
+            .filter(|k| k.record.retired_at_unix_s == 0)
+            .count()
+            != 1
+        {
             return Err(Error::InvalidConfig(
                 "the signing_keys tree must hold exactly one current key".to_owned(),
             ));
@@ -283,7 +294,13 @@ mod tests {
         assert_eq!(keys.current().kid(), first.kid());
         let old_token = keys
             .current()
-            .sign(&TokenSigner::claims("heist", "heist", "a", "", Duration::from_secs(60)))
+            .sign(&TokenSigner::claims(
+                "heist",
+                "heist",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
             .expect("sign");
 
         let rotation = keys.rotate().await.expect("rotate");
@@ -291,7 +308,10 @@ mod tests {
         assert_ne!(rotation.key_id, first.kid());
         assert_eq!(rotation.retired_until, unix_now() + 65);
         assert_eq!(keys.current().kid(), rotation.key_id);
-        assert!(keys.signer(first.kid()).is_some(), "retired, within its window");
+        assert!(
+            keys.signer(first.kid()).is_some(),
+            "retired, within its window"
+        );
         assert!(keys.client_verifier().verify(&old_token).is_ok());
         let jwks = keys.jwks();
         let kids: Vec<&str> = jwks["keys"]
@@ -316,7 +336,13 @@ mod tests {
         let keys = SigningKeys::open(&store, dir.path(), "heist", Duration::ZERO).expect("keys");
         let first = keys.current();
         let old_token = first
-            .sign(&TokenSigner::claims("heist", "heist", "a", "", Duration::from_secs(60)))
+            .sign(&TokenSigner::claims(
+                "heist",
+                "heist",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
             .expect("sign");
         keys.rotate().await.expect("rotate");
         // Retired now with a window of LEEWAY_S: backdate the retirement past it.
@@ -328,8 +354,17 @@ mod tests {
         let rotation = keys.rotate().await.expect("rotate");
         assert_eq!(rotation.dropped, [first.kid().to_owned()]);
         assert!(keys.signer(first.kid()).is_none());
-        let err = keys.client_verifier().verify(&old_token).expect_err("dropped");
+        let err = keys
+            .client_verifier()
+            .verify(&old_token)
+            .expect_err("dropped");
         assert!(err.to_string().contains("unknown key"), "{err}");
-        assert!(store.signing_keys.get(first.kid().as_bytes()).expect("get").is_none());
+        assert!(
+            store
+                .signing_keys
+                .get(first.kid().as_bytes())
+                .expect("get")
+                .is_none()
+        );
     }
 }

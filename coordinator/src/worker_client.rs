@@ -373,8 +373,13 @@ struct Credentials {
 impl Credentials {
     /// The key the worker can check: the one it reported, or else the current one.
     fn signer(&self) -> Arc<TokenSigner> {
-        let kid = self.worker_kid.lock().unwrap_or_else(PoisonError::into_inner);
-        self.keys.signer(&kid).unwrap_or_else(|| self.keys.current())
+        let kid = self
+            .worker_kid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.keys
+            .signer(&kid)
+            .unwrap_or_else(|| self.keys.current())
     }
 
     /// The `authorization` value for one call: a fresh JWT (new `jti`, which the worker accepts
@@ -445,10 +450,21 @@ mod tests {
         client.worker_has_key(s.kid());
         keys.rotate().await.expect("rotate");
         let kid_of = |value: AsciiMetadataValue| {
-            let jwt = value.to_str().expect("ascii").strip_prefix("Bearer ").expect("bearer").to_owned();
-            jsonwebtoken::decode_header(&jwt).expect("header").kid.expect("kid")
+            let jwt = value
+                .to_str()
+                .expect("ascii")
+                .strip_prefix("Bearer ")
+                .expect("bearer")
+                .to_owned();
+            jsonwebtoken::decode_header(&jwt)
+                .expect("header")
+                .kid
+                .expect("kid")
         };
-        assert_eq!(kid_of(client.credentials.header("d2").expect("header")), s.kid());
+        assert_eq!(
+            kid_of(client.credentials.header("d2").expect("header")),
+            s.kid()
+        );
         client.worker_has_key(keys.current().kid());
         assert_eq!(
             kid_of(client.credentials.header("d3").expect("header")),

@@ -120,10 +120,7 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
         // Managing clients is administration: whoever may create a client may create an admin.
         (
             "heist.v1.ClientService",
-            "CreateClient"
-            | "ListClients"
-            | "RotateClientSecret"
-            | "RevokeClient"
+            "CreateClient" | "ListClients" | "RotateClientSecret" | "RevokeClient"
             | "RotateSigningKey",
         ) => ADMIN,
         _ => return None,

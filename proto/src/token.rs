@@ -378,10 +378,11 @@ mod tests {
                 Duration::from_secs(60),
             ))
             .expect("sign");
-        assert_eq!(
-            v.verify(&forged),
-            Err(TokenError::Invalid("bad signature".to_owned()))
-        );
+        // Another key's token names a kid this verifier does not know.
+        let Err(TokenError::Invalid(why)) = v.verify(&forged) else {
+            panic!("a forged token was accepted");
+        };
+        assert!(why.starts_with("signed by an unknown key (kid "), "{why}");
         assert_eq!(
             v.verify("not.a.token"),
             Err(TokenError::Invalid("malformed token".to_owned()))
@@ -426,15 +427,27 @@ mod tests {
         let s = signer();
         assert_eq!(s.kid(), key_id(&s.public_key()));
         let t = s
-            .sign(&TokenSigner::claims("iss", "aud", "a", "", Duration::from_secs(60)))
+            .sign(&TokenSigner::claims(
+                "iss",
+                "aud",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
             .expect("sign");
         let header = jsonwebtoken::decode_header(&t).expect("header");
         assert_eq!(header.kid.as_deref(), Some(s.kid()));
     }
 
     fn token(s: &TokenSigner) -> String {
-        s.sign(&TokenSigner::claims("iss", "aud", "a", "", Duration::from_secs(60)))
-            .expect("sign")
+        s.sign(&TokenSigner::claims(
+            "iss",
+            "aud",
+            "a",
+            "",
+            Duration::from_secs(60),
+        ))
+        .expect("sign")
     }
 
     /// A token signed without `kid` in its header, as before keys had ids.
@@ -461,15 +474,21 @@ mod tests {
         ];
         let v = TokenVerifier::with_keys(&keys, "iss", "aud");
         assert!(v.verify(&token(&current)).is_ok());
-        assert!(v.verify(&token(&retired)).is_ok(), "retired, within its window");
-        let past = v.verify(&token(&expired)).expect_err("retired past its window");
+        assert!(
+            v.verify(&token(&retired)).is_ok(),
+            "retired, within its window"
+        );
+        let past = v
+            .verify(&token(&expired))
+            .expect_err("retired past its window");
         assert!(
             past.to_string().contains("retired key") && past.to_string().contains(expired.kid()),
             "{past}"
         );
         let unknown = v.verify(&token(&stranger)).expect_err("unknown kid");
         assert!(
-            unknown.to_string().contains("unknown key") && unknown.to_string().contains(stranger.kid()),
+            unknown.to_string().contains("unknown key")
+                && unknown.to_string().contains(stranger.kid()),
             "{unknown}"
         );
         // No kid: checked against the current key only.
@@ -480,8 +499,14 @@ mod tests {
         );
         // A kid naming a key of the set does not let another key's signature through.
         let mut forged = token(&current);
-        let (head, _) = token(&retired).split_once('.').map(|(h, r)| (h.to_owned(), r.to_owned())).expect("jwt");
-        let rest = forged.split_once('.').map(|(_, r)| r.to_owned()).expect("jwt");
+        let (head, _) = token(&retired)
+            .split_once('.')
+            .map(|(h, r)| (h.to_owned(), r.to_owned()))
+            .expect("jwt");
+        let rest = forged
+            .split_once('.')
+            .map(|(_, r)| r.to_owned())
+            .expect("jwt");
         forged = format!("{head}.{rest}");
         assert_eq!(
             v.verify(&forged),

@@ -456,7 +456,10 @@ mod tests {
         assert!(auth.remember(&late).is_ok());
         let other = call_claims(unix_now() + 30);
         let full = auth.remember(&other).expect_err("full");
-        assert!(full.to_string().contains("HEIST_MAX_SEEN_CREDENTIALS"), "{full}");
+        assert!(
+            full.to_string().contains("HEIST_MAX_SEEN_CREDENTIALS"),
+            "{full}"
+        );
         assert!(
             auth.remember(&late)
                 .expect_err("replay")
@@ -468,7 +471,10 @@ mod tests {
         let auth = Auth::default();
         auth.set_replay_capacity(1);
         assert!(auth.remember(&gone).is_ok());
-        assert!(auth.remember(&other).is_ok(), "the expired id was forgotten");
+        assert!(
+            auth.remember(&other).is_ok(),
+            "the expired id was forgotten"
+        );
         let seen = auth.seen.lock().expect("seen");
         assert_eq!((seen.ids.len(), seen.by_expiry.len()), (1, 1));
     }
@@ -520,10 +526,16 @@ mod tests {
             accepted_until_unix_s: unix_now() + 60,
         }];
         assert!(auth.install(&rotated));
-        assert!(!auth.install(&rotated), "the same set again changes nothing");
+        assert!(
+            !auth.install(&rotated),
+            "the same set again changes nothing"
+        );
         assert_eq!(auth.current_kid(), new.kid());
         assert!(auth.check(&bearer(&new_token)).is_ok());
-        assert!(auth.check(&bearer(&old_token)).is_ok(), "retired, within its window");
+        assert!(
+            auth.check(&bearer(&old_token)).is_ok(),
+            "retired, within its window"
+        );
         let stranger = signer().sign(&claims).expect("sign");
         let err = auth.check(&bearer(&stranger)).expect_err("unknown kid");
         assert!(err.to_string().contains("unknown key"), "{err}");
