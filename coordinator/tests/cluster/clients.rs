@@ -565,7 +565,7 @@ async fn signing_key_rotation_keeps_old_tokens_reaches_workers_and_survives_a_re
     let session = admin.create_session(&[]).await.expect("session");
     let old_token = admin.token.clone();
     let old_kid = kid_of(&old_token);
-    assert_eq!(kids(&jwks(coord.addr).await), [old_kid.clone()]);
+    assert_eq!(kids(&jwks(coord.addr).await), [old_kid.as_str()]);
 
     // /oauth/token: a scope the client does not hold is 400 invalid_scope (RFC 6749 5.2).
     let reader = create(&url, &admin.token, "reader", &["sessions:read"])
