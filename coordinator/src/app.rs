@@ -5,7 +5,6 @@ use std::{sync::Arc, time::Duration};
 
 use heist_proto::{
     ids::WorkerId,
-    token::TokenSigner,
     v1::{Session, Worker, WorkerState},
 };
 use tokio::time::{Instant, MissedTickBehavior};
@@ -21,6 +20,7 @@ use crate::{
     idempotency::Idempotency,
     registry::Registry,
     sessions::SessionTable,
+    signing_keys::SigningKeys,
     store::Store,
     turns::TurnStore,
     worker_keys::WorkerKeys,
@@ -35,8 +35,8 @@ pub struct App {
     pub config: Config,
     /// Durable state.
     pub store: Store,
-    /// Signs client tokens and worker credentials.
-    pub signer: Arc<TokenSigner>,
+    /// The keys that sign client tokens and worker credentials.
+    pub keys: Arc<SigningKeys>,
     /// Clients and the token grant.
     pub auth: Auth,
     /// Workers.
@@ -68,11 +68,19 @@ impl App {
     /// bootstrap admin client.
     pub async fn open(config: Config) -> Result<Arc<Self>, Error> {
         let store = Store::open(&config.data_dir)?.with_min_free(config.store_min_free_bytes);
-        let seed = crate::store::load_or_create_signing_seed(&config.data_dir)?;
-        let signer = Arc::new(TokenSigner::from_seed(&seed).map_err(Error::Signing)?);
+        let longest_lifetime = config
+            .token_ttl
+            .max(config.worker_credential_ttl)
+            .max(crate::turns::GRANT_TTL);
+        let keys = Arc::new(SigningKeys::open(
+            &store,
+            &config.data_dir,
+            &config.token_issuer,
+            longest_lifetime,
+        )?);
         let auth = Auth::new(
             store.clone(),
-            signer.clone(),
+            keys.clone(),
             config.token_issuer.clone(),
             config.token_ttl,
             &config.admin_client_id,
@@ -105,7 +113,7 @@ impl App {
             idempotency: Idempotency::new(store.clone(), config.idempotency_ttl),
             config,
             store,
-            signer,
+            keys,
             auth,
             registry,
             worker_keys,

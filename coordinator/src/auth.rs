@@ -31,7 +31,7 @@ use heist_proto::{
 use tokio::sync::Semaphore;
 use tracing::{info, instrument, warn};
 
-use crate::{error::Error, store::Store, throttle::LoginThrottle};
+use crate::{error::Error, signing_keys::SigningKeys, store::Store, throttle::LoginThrottle};
 
 /// Checks the workers' join token in `x-heist-join-token` (WorkerControl, BlobService) without
 /// leaking, through timing, how much of it matched (BLAKE3 hashes compare in constant time).
@@ -144,7 +144,7 @@ impl ClientStates {
 /// Client store and token issuer.
 pub struct Auth {
     store: Store,
-    signer: Arc<TokenSigner>,
+    keys: Arc<SigningKeys>,
     issuer: String,
     ttl: Duration,
     /// Hash checked when the client id is unknown, so the answer takes as long as for a known id.
@@ -164,7 +164,7 @@ impl Auth {
     /// Loads the client store and upserts the bootstrap admin client.
     pub async fn new(
         store: Store,
-        signer: Arc<TokenSigner>,
+        keys: Arc<SigningKeys>,
         issuer: String,
         ttl: Duration,
         admin_id: &str,
@@ -173,7 +173,7 @@ impl Auth {
         let decoy_hash = blocking(|| hash_secret("decoy secret that matches nothing")).await?;
         let auth = Self {
             store,
-            signer,
+            keys,
             issuer,
             ttl,
             decoy_hash,
@@ -458,7 +458,7 @@ impl Auth {
         // Should the record be rotated or revoked while this token is being signed, the token
         // carries the generation read above and the per-call check refuses it.
         claims.generation = record.generation;
-        let access_token = self.signer.sign(&claims).map_err(Error::Signing)?;
+        let access_token = self.keys.current().sign(&claims).map_err(Error::Signing)?;
         info!(scopes = %scope, jti = %claims.jti, "token issued");
         Ok(IssueTokenResponse {
             access_token,
@@ -569,12 +569,13 @@ mod tests {
 
     async fn auth(dir: &std::path::Path) -> (Auth, Arc<TokenSigner>) {
         let store = Store::open(dir).expect("store");
-        let signer = Arc::new(
-            TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
+        let keys = Arc::new(
+            SigningKeys::open(&store, dir, "heist", Duration::from_secs(60)).expect("keys"),
         );
+        let signer = keys.current();
         let auth = Auth::new(
             store,
-            signer.clone(),
+            keys,
             "heist".to_owned(),
             Duration::from_secs(60),
             "admin",

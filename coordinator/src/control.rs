@@ -13,9 +13,10 @@ use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 use heist_proto::{
     errors,
     ids::WorkerId,
+    token::key_id,
     v1::{
-        Accepted, CoordinatorMessage, Evict, Register, Worker, WorkerMessage, WorkerState,
-        coordinator_message, worker_control_server::WorkerControl, worker_message,
+        Accepted, CoordinatorMessage, Evict, Register, RetiredKey, Worker, WorkerMessage,
+        WorkerState, coordinator_message, worker_control_server::WorkerControl, worker_message,
     },
 };
 use tokio::{sync::mpsc, time::Instant};
@@ -120,7 +121,7 @@ async fn join(
         _ => Arc::new(WorkerClient::new(
             id.clone(),
             &reg.advertise_addr,
-            app.signer.clone(),
+            app.keys.clone(),
             &app.config.token_issuer,
             app.config.worker_credential_ttl,
             &(&app.config).into(),
@@ -143,17 +144,12 @@ async fn join(
         registered_at: Some(now.into()),
         last_seen_at: Some(now.into()),
         in_flight_calls: 0,
+        coordinator_key_id: String::new(),
     };
 
     let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
-    let accepted = Accepted {
-        lease_ttl_ms: u64::try_from(app.config.lease_ttl.as_millis()).unwrap_or(u64::MAX),
-        heartbeat_interval_ms: u64::try_from(app.config.heartbeat_interval.as_millis())
-            .unwrap_or(u64::MAX),
-        coordinator_public_key: app.signer.public_key().to_vec(),
-        credential_audience: credential_audience(&id),
-        credential_issuer: app.config.token_issuer.clone(),
-    };
+    let accepted = accepted(app, &id);
+    client.worker_has_key(&key_id(&accepted.coordinator_public_key));
     // Queued before the registry can hand the sender to anyone else, so it is always first.
     let _ = tx.try_send(Ok(command(coordinator_message::Msg::Accepted(accepted))));
 
@@ -292,9 +288,56 @@ async fn run_stream(
     }
 }
 
+/// The Accepted for worker `id`: lease, heartbeat, and the keys its credentials are signed with.
+fn accepted(app: &App, id: &WorkerId) -> Accepted {
+    let mut current = Vec::new();
+    let mut retired_keys = Vec::new();
+    for key in app.keys.accepted() {
+        match key.retired_until {
+            None => current = key.public_key,
+            Some(until) => retired_keys.push(RetiredKey {
+                public_key: key.public_key,
+                accepted_until_unix_s: until,
+            }),
+        }
+    }
+    Accepted {
+        lease_ttl_ms: u64::try_from(app.config.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        heartbeat_interval_ms: u64::try_from(app.config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        coordinator_public_key: current,
+        credential_audience: credential_audience(id),
+        credential_issuer: app.config.token_issuer.clone(),
+        retired_keys,
+    }
+}
+
+/// Sends every connected worker a new Accepted with the current key set (after a key
+/// rotation). A worker installs it and says so in its next heartbeat; until then its
+/// credentials stay signed with the key it had ([`WorkerClient::worker_has_key`]).
+pub fn announce_keys(app: &App) -> usize {
+    let mut sent = 0;
+    for worker in app.registry.list() {
+        let Ok(id) = WorkerId::parse(worker.id.as_str()) else {
+            continue;
+        };
+        if app.registry.is_connected(&id) {
+            let msg = command(coordinator_message::Msg::Accepted(accepted(app, &id)));
+            app.registry.send(&id, msg);
+            sent += 1;
+        }
+    }
+    sent
+}
+
 fn handle(app: &App, id: &WorkerId, epoch: u64, msg: worker_message::Msg) {
     match msg {
         worker_message::Msg::Heartbeat(hb) => {
+            if !hb.coordinator_key_id.is_empty()
+                && let Some(client) = app.registry.client(id)
+            {
+                client.worker_has_key(&hb.coordinator_key_id);
+            }
             if let Some(record) = app.registry.heartbeat(id, epoch, &hb, Instant::now()) {
                 let state = WorkerState::try_from(record.state).unwrap_or_default();
                 info!(?state, "worker ready to serve");

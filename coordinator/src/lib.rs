@@ -55,6 +55,7 @@ pub mod runner;
 pub mod server;
 pub mod sessions;
 pub mod settings;
+pub mod signing_keys;
 pub mod store;
 pub mod throttle;
 pub mod turns;

@@ -254,6 +254,12 @@ impl Registry {
         entry.last_heartbeat = now;
         entry.record.in_flight_calls = hb.in_flight_calls;
         entry.fs_pool_saturated = hb.fs_pool_saturated;
+        if !hb.coordinator_key_id.is_empty() {
+            entry
+                .record
+                .coordinator_key_id
+                .clone_from(&hb.coordinator_key_id);
+        }
         entry.record.last_seen_at = Some(SystemTime::now().into());
         match entry.state() {
             // The first heartbeat: the worker can now verify coordinator credentials.
@@ -404,8 +410,6 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
-    use heist_proto::token::TokenSigner;
-
     use super::*;
 
     const TTL: Duration = Duration::from_secs(10);
@@ -417,13 +421,10 @@ mod tests {
         Registration,
         mpsc::Receiver<Result<CoordinatorMessage, Status>>,
     ) {
-        let signer = Arc::new(
-            TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
-        );
         let client = WorkerClient::new(
             id.clone(),
             "http://127.0.0.1:1",
-            signer,
+            crate::signing_keys::SigningKeys::for_tests(),
             "heist",
             Duration::from_secs(30),
             &crate::worker_client::ChannelTuning::from(&crate::Config::default()),
@@ -518,6 +519,7 @@ mod tests {
             active_sessions: 1,
             in_flight_calls: 3,
             fs_pool_saturated: true,
+            coordinator_key_id: "kid-2".to_owned(),
         };
         r.heartbeat(&id, epoch, &hb, now + TTL / 2);
         assert!(r.sweep(now + TTL).is_empty());

@@ -6,7 +6,6 @@ use std::{future::Future, sync::Arc};
 use heist_proto::{
     FILE_DESCRIPTOR_SET,
     space::Writability,
-    token::TokenVerifier,
     v1::{
         agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
         auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
@@ -32,7 +31,6 @@ use crate::{
         tool::ToolApi,
     },
     app::App,
-    auth::CLIENT_AUDIENCE,
     auth_layer::AuthLayer,
     config::Config,
     control::ControlApi,
@@ -110,11 +108,7 @@ async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let verifier = Arc::new(TokenVerifier::new(
-        &app.signer.public_key(),
-        &app.config.token_issuer,
-        CLIENT_AUDIENCE,
-    ));
+    let verifier = app.keys.client_verifier();
     let max = app.config.max_message_bytes;
     let calls = Calls::default();
     // One router for the gRPC services and the HTTP routes: the one place routes are listed.

@@ -53,6 +53,8 @@ pub struct Store {
     pub meta: sled::Tree,
     /// The free-space reserve of the data directory (whether mutations are taken).
     pub reserve: Reserve,
+    /// Token signing keys by `kid` ([`crate::signing_keys`]).
+    pub signing_keys: sled::Tree,
 }
 
 /// The store's name in refusals and logs.
@@ -81,6 +83,7 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             clients: db.open_tree("clients")?,
             meta: db.open_tree("meta")?,
+            signing_keys: db.open_tree("signing_keys")?,
             db,
             flusher: Arc::new(Flusher::default()),
             reserve: Reserve::new(

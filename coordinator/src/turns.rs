@@ -43,7 +43,7 @@ use crate::{
 /// Idempotency method name of a turn start.
 const RUN_TURN: &str = "RunTurn";
 /// How long a turn's grant is valid (re-minted for every re-attach).
-const GRANT_TTL: Duration = Duration::from_secs(300);
+pub(crate) const GRANT_TTL: Duration = Duration::from_secs(300);
 /// How long the worker may take to accept a turn or a cancel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many times the relay re-attaches to a broken worker stream before giving up.

@@ -5,6 +5,7 @@
 //!   HEIST_STORE_MIN_FREE_BYTES reserve) and at least one worker is READY, 503 with the reason
 //!   otherwise (readiness: a coordinator without workers cannot place a session).
 //!
+//! - `GET /.well-known/jwks.json`: the token signing keys as a JWK Set (public).
 //! - `GET /metrics`: the Prometheus metrics ([`crate::metrics`]). It checks its own token
 //!   (scope `cluster:read`) unless HEIST_METRICS_PUBLIC opens it, so it is on the allow-list.
 //!
@@ -22,9 +23,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use heist_proto::{metadata, scopes, token::TokenVerifier, v1::WorkerState};
+use heist_proto::{metadata, scopes, v1::WorkerState};
 
-use crate::{app::App, auth::CLIENT_AUDIENCE};
+use crate::app::App;
 
 /// The HTTP routes, merged with the gRPC services into one router.
 pub fn routes(app: Arc<App>) -> Router {
@@ -33,6 +34,7 @@ pub fn routes(app: Arc<App>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/.well-known/jwks.json", get(jwks))
         .with_state(app)
         .merge(mcp)
 }
@@ -41,11 +43,7 @@ pub fn routes(app: Arc<App>) -> Router {
 /// made it public.
 async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if !app.config.metrics_public {
-        let verifier = TokenVerifier::new(
-            &app.signer.public_key(),
-            &app.config.token_issuer,
-            CLIENT_AUDIENCE,
-        );
+        let verifier = app.keys.client_verifier();
         let claims = metadata::bearer(&headers)
             .and_then(|t| verifier.verify(t).ok())
             .filter(|claims| app.auth.states().check(claims).is_ok());
@@ -72,6 +70,19 @@ async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     (
         [(header::CONTENT_TYPE, heist_proto::metrics::CONTENT_TYPE)],
         body,
+    )
+        .into_response()
+}
+
+/// `/.well-known/jwks.json`: the public keys that verify the coordinator's tokens, the current
+/// one and the retired ones still accepted (public, like any JWKS).
+async fn jwks(State(app): State<Arc<App>>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/jwk-set+json"),
+            (header::CACHE_CONTROL, "max-age=60"),
+        ],
+        app.keys.jwks().to_string(),
     )
         .into_response()
 }

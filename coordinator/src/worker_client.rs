@@ -12,7 +12,11 @@
 //! partitioned worker within interval + timeout, so calls in flight there end UNAVAILABLE
 //! instead of waiting for their deadline.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
@@ -36,7 +40,7 @@ use tonic::{
 };
 use tracing::warn;
 
-use crate::error::Error;
+use crate::{error::Error, signing_keys::SigningKeys};
 
 /// Most of the caller's deadline kept back to send our answer in time.
 const MAX_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
@@ -96,7 +100,7 @@ impl WorkerClient {
     pub fn new(
         worker: WorkerId,
         address: &str,
-        signer: Arc<TokenSigner>,
+        keys: Arc<SigningKeys>,
         issuer: &str,
         credential_ttl: Duration,
         tuning: &ChannelTuning,
@@ -119,7 +123,8 @@ impl WorkerClient {
             .max_encoding_message_size(tuning.max_message_bytes);
         Ok(Self {
             credentials: Credentials {
-                signer,
+                worker_kid: Mutex::new(keys.current().kid().to_owned()),
+                keys,
                 issuer: issuer.to_owned(),
                 audience: credential_audience(&worker),
                 ttl: credential_ttl,
@@ -128,6 +133,19 @@ impl WorkerClient {
             address,
             client,
         })
+    }
+
+    /// Records that the worker verifies with the coordinator key `kid` (it was in the Accepted
+    /// sent to it, or its heartbeat said so): its credentials are signed with that key from now.
+    pub fn worker_has_key(&self, kid: &str) {
+        let mut current = self
+            .credentials
+            .worker_kid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *current != kid {
+            kid.clone_into(&mut current);
+        }
     }
 
     /// The address this client dials.
@@ -258,7 +276,7 @@ impl WorkerClient {
             ttl,
         );
         self.credentials
-            .signer
+            .signer()
             .sign(&claims)
             .map_err(Error::Signing)
     }
@@ -343,13 +361,27 @@ pub fn call_deadline(incoming: &MetadataMap, cap: Duration) -> Instant {
 
 /// Mints the coordinator credentials for one worker.
 struct Credentials {
-    signer: Arc<TokenSigner>,
+    keys: Arc<SigningKeys>,
+    /// `kid` of the coordinator key the worker verifies with (from its Accepted, then its
+    /// heartbeats): its credentials are signed with that key while the coordinator holds it.
+    worker_kid: Mutex<String>,
     issuer: String,
     audience: String,
     ttl: Duration,
 }
 
 impl Credentials {
+    /// The key the worker can check: the one it reported, or else the current one.
+    fn signer(&self) -> Arc<TokenSigner> {
+        let kid = self
+            .worker_kid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.keys
+            .signer(&kid)
+            .unwrap_or_else(|| self.keys.current())
+    }
+
     /// The `authorization` value for one call: a fresh JWT (new `jti`, which the worker accepts
     /// once) whose `req` claim is the call's [`call_digest`].
     fn header(&self, digest: &str) -> Result<AsciiMetadataValue, Error> {
@@ -361,7 +393,7 @@ impl Credentials {
             self.ttl,
         );
         digest.clone_into(&mut claims.req);
-        let jwt = self.signer.sign(&claims).map_err(Error::Signing)?;
+        let jwt = self.signer().sign(&claims).map_err(Error::Signing)?;
         AsciiMetadataValue::try_from(format!("Bearer {jwt}"))
             .map_err(|e| Error::Status(Status::internal(format!("credential is not ASCII: {e}"))))
     }
@@ -381,20 +413,19 @@ mod tests {
         }
     }
 
-    fn signer() -> Arc<TokenSigner> {
-        Arc::new(
-            TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
-        )
+    fn signer() -> Arc<SigningKeys> {
+        SigningKeys::for_tests()
     }
 
     #[tokio::test]
     async fn credentials_verify_for_the_worker_audience_and_are_per_call() {
-        let s = signer();
+        let keys = signer();
+        let s = keys.current();
         let id = WorkerId::parse("w1").expect("id");
         let client = WorkerClient::new(
             id.clone(),
             "127.0.0.1:1",
-            s.clone(),
+            keys.clone(),
             "heist",
             Duration::from_secs(30),
             &tuning(),
@@ -413,6 +444,32 @@ mod tests {
         let claims = verifier.verify(jwt).expect("valid");
         assert_eq!(claims.sub, "coordinator");
         assert_eq!(claims.req, "d1");
+
+        // After a rotation the worker's credentials stay on the key it has until it reports
+        // the new one (heartbeat), then use that.
+        client.worker_has_key(s.kid());
+        keys.rotate().await.expect("rotate");
+        let kid_of = |value: AsciiMetadataValue| {
+            let jwt = value
+                .to_str()
+                .expect("ascii")
+                .strip_prefix("Bearer ")
+                .expect("bearer")
+                .to_owned();
+            jsonwebtoken::decode_header(&jwt)
+                .expect("header")
+                .kid
+                .expect("kid")
+        };
+        assert_eq!(
+            kid_of(client.credentials.header("d2").expect("header")),
+            s.kid()
+        );
+        client.worker_has_key(keys.current().kid());
+        assert_eq!(
+            kid_of(client.credentials.header("d3").expect("header")),
+            keys.current().kid()
+        );
     }
 
     #[tokio::test]

@@ -118,6 +118,8 @@ pub const PUBLIC: &[&str] = &[
     "/heist.v1.BlobService/GetBlobs",
     "/healthz",
     "/readyz",
+    // The public keys that verify the coordinator's tokens (JWKS): public by nature.
+    "/.well-known/jwks.json",
     // Checks its own token (cluster:read) unless the operator made it public.
     "/metrics",
     // OAuth discovery (RFC 9728, RFC 8414) and the client-credentials token endpoint: what an
@@ -188,7 +190,8 @@ pub fn scope_for(path: &str) -> Option<&'static str> {
         // Managing clients is administration: whoever may create a client may create an admin.
         (
             "heist.v1.ClientService",
-            "CreateClient" | "ListClients" | "RotateClientSecret" | "RevokeClient",
+            "CreateClient" | "ListClients" | "RotateClientSecret" | "RevokeClient"
+            | "RotateSigningKey",
         ) => ADMIN,
         _ => return None,
     })

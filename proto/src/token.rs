@@ -4,16 +4,45 @@
 //! The algorithm is pinned to EdDSA (Ed25519): a token whose header names any other algorithm —
 //! `none`, `HS256` signed with the public key, anything — is rejected before its signature is
 //! looked at. `iss`, `aud`, `exp` and `nbf` are always checked.
+//!
+//! Every token names its signing key in the header's `kid`: the key's RFC 7638 thumbprint
+//! ([`key_id`]). A verifier holds a key set ([`AcceptedKey`]): the current key and retired keys,
+//! each retired one accepted until a time its owner chose (when the last token it signed has
+//! expired). A token naming a `kid` outside the set is refused as signed by an unknown key; a
+//! token without `kid` (signed before keys had ids) is checked against the current key only.
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, PoisonError},
+    sync::{Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use ed25519_dalek::{SigningKey, pkcs8::EncodePrivateKey};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The `kid` of an Ed25519 public key: its RFC 7638 JWK thumbprint, the base64url (unpadded)
+/// SHA-256 of `{"crv":"Ed25519","kty":"OKP","x":"<key, base64url>"}` (members in the order RFC
+/// 8037 section 2 gives for OKP keys). Stable, and anyone holding the JWK can recompute it.
+pub fn key_id(public_key: &[u8]) -> String {
+    let jwk = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        URL_SAFE_NO_PAD.encode(public_key)
+    );
+    URL_SAFE_NO_PAD.encode(Sha256::digest(jwk.as_bytes()))
+}
+
+/// One public key of a verifier's key set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedKey {
+    /// Raw 32-byte Ed25519 public key.
+    pub public_key: Vec<u8>,
+    /// `None` for the current key; for a retired key, the second (since the Unix epoch) from
+    /// which its tokens are refused: when the last token it signed has expired, plus leeway.
+    pub retired_until: Option<u64>,
+}
 
 /// Claims of every heist token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +107,8 @@ pub enum TokenError {
 pub struct TokenSigner {
     encoding: EncodingKey,
     public_key: [u8; 32],
+    /// [`key_id`] of `public_key`, put in every token's header.
+    kid: String,
 }
 
 impl TokenSigner {
@@ -87,9 +118,11 @@ impl TokenSigner {
         let der = key
             .to_pkcs8_der()
             .map_err(|e| TokenError::Invalid(format!("cannot encode signing key: {e}")))?;
+        let public_key = key.verifying_key().to_bytes();
         Ok(Self {
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
-            public_key: key.verifying_key().to_bytes(),
+            public_key,
+            kid: key_id(&public_key),
         })
     }
 
@@ -106,9 +139,16 @@ impl TokenSigner {
         self.public_key
     }
 
-    /// Signs claims.
+    /// The key's id ([`key_id`]), named in the header of every token it signs.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// Signs claims; the header names the key (`kid`).
     pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
-        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &self.encoding)
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding)
             .map_err(|e| TokenError::Invalid(format!("cannot sign token: {e}")))
     }
 
@@ -136,18 +176,36 @@ pub const LEEWAY_S: u64 = 5;
 /// Most tokens kept in the verified-token cache before it is cleared.
 const CACHE_CAPACITY: usize = 4096;
 
-/// Verifies tokens for one issuer and audience. Verified tokens are cached (keyed by the whole
-/// token string) until they expire, so a client reusing its token pays for the signature check
-/// once, not on every call.
+/// Verifies tokens for one issuer and audience against a key set (see the module doc). Verified
+/// tokens are cached (keyed by the whole token string) until they expire, so a client reusing
+/// its token pays for the signature check once, not on every call. Replacing the key set
+/// ([`TokenVerifier::set_keys`]) empties the cache.
 pub struct TokenVerifier {
-    decoding: DecodingKey,
+    keys: RwLock<Vec<VerifyingKey>>,
     validation: Validation,
-    cache: Mutex<HashMap<String, Claims>>,
+    /// Claims by token, with the second from which the token is refused.
+    cache: Mutex<HashMap<String, (Claims, u64)>>,
+}
+
+struct VerifyingKey {
+    kid: String,
+    decoding: DecodingKey,
+    retired_until: Option<u64>,
 }
 
 impl TokenVerifier {
-    /// A verifier for tokens signed by `public_key` with this issuer and audience.
+    /// A verifier for tokens signed by `public_key` (the only, current key) with this issuer and
+    /// audience.
     pub fn new(public_key: &[u8], issuer: &str, audience: &str) -> Self {
+        let key = AcceptedKey {
+            public_key: public_key.to_vec(),
+            retired_until: None,
+        };
+        Self::with_keys(&[key], issuer, audience)
+    }
+
+    /// A verifier for tokens signed by any key of `keys`, with this issuer and audience.
+    pub fn with_keys(keys: &[AcceptedKey], issuer: &str, audience: &str) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
@@ -155,10 +213,20 @@ impl TokenVerifier {
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_S;
         Self {
-            decoding: DecodingKey::from_ed_der(public_key),
+            keys: RwLock::new(verifying_keys(keys)),
             validation,
             cache: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Replaces the key set (a rotation); tokens verified before are checked again.
+    pub fn set_keys(&self, keys: &[AcceptedKey]) {
+        let keys = verifying_keys(keys);
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = keys;
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// The claims of a valid token.
@@ -166,33 +234,71 @@ impl TokenVerifier {
         let now = unix_now();
         {
             let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(claims) = cache.get(token)
-                && claims.exp.saturating_add(LEEWAY_S) > now
+            if let Some((claims, refused_from)) = cache.get(token)
+                && *refused_from > now
             {
                 return Ok(claims.clone());
             }
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                kind => TokenError::Invalid(describe(kind).to_owned()),
-            })?;
-        let claims = data.claims;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| TokenError::Invalid(describe(e.kind()).to_owned()))?;
+        let (claims, retired_until) = {
+            let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+            let key = match &header.kid {
+                Some(kid) => keys.iter().find(|k| &k.kid == kid).ok_or_else(|| {
+                    TokenError::Invalid(format!(
+                        "signed by an unknown key (kid {:?}): get a new token",
+                        kid.chars().take(64).collect::<String>()
+                    ))
+                })?,
+                // Issued before tokens named their key: only the current key may have signed it.
+                None => keys
+                    .iter()
+                    .find(|k| k.retired_until.is_none())
+                    .ok_or_else(|| TokenError::Invalid("no current key".to_owned()))?,
+            };
+            if key.retired_until.is_some_and(|until| until <= now) {
+                return Err(TokenError::Invalid(format!(
+                    "signed by a retired key (kid {:?}) no longer accepted: get a new token",
+                    key.kid
+                )));
+            }
+            let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
+                .map_err(|e| match e.kind() {
+                    ErrorKind::ExpiredSignature => TokenError::Expired,
+                    kind => TokenError::Invalid(describe(kind).to_owned()),
+                })?;
+            (data.claims, key.retired_until)
+        };
         // The same leeway as the library's check: accepted until `exp` + LEEWAY_S, and cached
-        // entries never outlive that.
+        // entries never outlive that (nor their key's acceptance).
+        let refused_from = claims
+            .exp
+            .saturating_add(LEEWAY_S)
+            .min(retired_until.unwrap_or(u64::MAX));
         if claims.exp.saturating_add(LEEWAY_S) <= now {
             return Err(TokenError::Expired);
         }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= CACHE_CAPACITY {
-            cache.retain(|_, c| c.exp > now);
+            cache.retain(|_, (_, until)| *until > now);
             if cache.len() >= CACHE_CAPACITY {
                 cache.clear();
             }
         }
-        cache.insert(token.to_owned(), claims.clone());
+        cache.insert(token.to_owned(), (claims.clone(), refused_from));
         Ok(claims)
     }
+}
+
+fn verifying_keys(keys: &[AcceptedKey]) -> Vec<VerifyingKey> {
+    keys.iter()
+        .map(|k| VerifyingKey {
+            kid: key_id(&k.public_key),
+            decoding: DecodingKey::from_ed_der(&k.public_key),
+            retired_until: k.retired_until,
+        })
+        .collect()
 }
 
 /// What was wrong with a token, in our words: never the library's error text, which names its
@@ -272,10 +378,11 @@ mod tests {
                 Duration::from_secs(60),
             ))
             .expect("sign");
-        assert_eq!(
-            v.verify(&forged),
-            Err(TokenError::Invalid("bad signature".to_owned()))
-        );
+        // Another key's token names a kid this verifier does not know.
+        let Err(TokenError::Invalid(why)) = v.verify(&forged) else {
+            panic!("a forged token was accepted");
+        };
+        assert!(why.starts_with("signed by an unknown key (kid "), "{why}");
         assert_eq!(
             v.verify("not.a.token"),
             Err(TokenError::Invalid("malformed token".to_owned()))
@@ -308,6 +415,116 @@ mod tests {
         assert_eq!(json["gen"], 3);
         let back: Claims = serde_json::from_value(json).expect("claims");
         assert_eq!(back.generation, 3);
+    }
+
+    #[test]
+    fn key_id_is_the_rfc_7638_thumbprint() {
+        // RFC 8037 appendix A.3: the thumbprint of the example Ed25519 key of A.2.
+        let x = URL_SAFE_NO_PAD
+            .decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")
+            .expect("b64");
+        assert_eq!(key_id(&x), "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k");
+        let s = signer();
+        assert_eq!(s.kid(), key_id(&s.public_key()));
+        let t = s
+            .sign(&TokenSigner::claims(
+                "iss",
+                "aud",
+                "a",
+                "",
+                Duration::from_secs(60),
+            ))
+            .expect("sign");
+        let header = jsonwebtoken::decode_header(&t).expect("header");
+        assert_eq!(header.kid.as_deref(), Some(s.kid()));
+    }
+
+    fn token(s: &TokenSigner) -> String {
+        s.sign(&TokenSigner::claims(
+            "iss",
+            "aud",
+            "a",
+            "",
+            Duration::from_secs(60),
+        ))
+        .expect("sign")
+    }
+
+    /// A token signed without `kid` in its header, as before keys had ids.
+    fn token_without_kid(s: &TokenSigner) -> String {
+        let c = TokenSigner::claims("iss", "aud", "a", "", Duration::from_secs(60));
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &c, &s.encoding).expect("sign")
+    }
+
+    fn key(s: &TokenSigner, retired_until: Option<u64>) -> AcceptedKey {
+        AcceptedKey {
+            public_key: s.public_key().to_vec(),
+            retired_until,
+        }
+    }
+
+    #[test]
+    fn a_key_set_accepts_current_and_retired_keys_within_their_window_only() {
+        let (current, retired, expired, stranger) = (signer(), signer(), signer(), signer());
+        let now = unix_now();
+        let keys = [
+            key(&current, None),
+            key(&retired, Some(now + 60)),
+            key(&expired, Some(now)),
+        ];
+        let v = TokenVerifier::with_keys(&keys, "iss", "aud");
+        assert!(v.verify(&token(&current)).is_ok());
+        assert!(
+            v.verify(&token(&retired)).is_ok(),
+            "retired, within its window"
+        );
+        let past = v
+            .verify(&token(&expired))
+            .expect_err("retired past its window");
+        assert!(
+            past.to_string().contains("retired key") && past.to_string().contains(expired.kid()),
+            "{past}"
+        );
+        let unknown = v.verify(&token(&stranger)).expect_err("unknown kid");
+        assert!(
+            unknown.to_string().contains("unknown key")
+                && unknown.to_string().contains(stranger.kid()),
+            "{unknown}"
+        );
+        // No kid: checked against the current key only.
+        assert!(v.verify(&token_without_kid(&current)).is_ok());
+        assert_eq!(
+            v.verify(&token_without_kid(&retired)),
+            Err(TokenError::Invalid("bad signature".to_owned()))
+        );
+        // A kid naming a key of the set does not let another key's signature through.
+        let mut forged = token(&current);
+        let (head, _) = token(&retired)
+            .split_once('.')
+            .map(|(h, r)| (h.to_owned(), r.to_owned()))
+            .expect("jwt");
+        let rest = forged
+            .split_once('.')
+            .map(|(_, r)| r.to_owned())
+            .expect("jwt");
+        forged = format!("{head}.{rest}");
+        assert_eq!(
+            v.verify(&forged),
+            Err(TokenError::Invalid("bad signature".to_owned()))
+        );
+    }
+
+    #[test]
+    fn replacing_the_key_set_drops_cached_tokens_of_removed_keys() {
+        let (old, new) = (signer(), signer());
+        let v = TokenVerifier::new(&old.public_key(), "iss", "aud");
+        let t = token(&old);
+        assert!(v.verify(&t).is_ok());
+        v.set_keys(&[key(&new, None), key(&old, Some(unix_now() + 60))]);
+        assert!(v.verify(&t).is_ok(), "retired within its window");
+        assert!(v.verify(&token(&new)).is_ok());
+        v.set_keys(&[key(&new, None)]);
+        assert!(v.verify(&t).is_err(), "a cached token of a dropped key");
     }
 
     fn b64url(bytes: &[u8]) -> String {

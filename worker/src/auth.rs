@@ -1,9 +1,10 @@
 //! Checking the coordinator-signed credential on every WorkerService call.
 //!
-//! The verifier comes from the coordinator's `Accepted` (public key, issuer, audience
-//! `heist-worker:<id>`). It is replaced whenever a new `Accepted` carries different values (a
-//! coordinator restarted with a new key), and kept otherwise so its verified-token cache stays
-//! warm. Before the first `Accepted` nothing can be verified: calls get UNAVAILABLE.
+//! The verifier comes from the coordinator's `Accepted` (current public key, the retired keys
+//! still accepted, issuer, audience `heist-worker:<id>`). It is replaced whenever a new
+//! `Accepted` carries different values (a key rotation, which the coordinator sends on the open
+//! stream, or a coordinator restarted with a new key), and kept otherwise so its verified-token
+//! cache stays warm. Tokens naming an unknown `kid` are refused. Before the first `Accepted` nothing can be verified: calls get UNAVAILABLE.
 //!
 //! Each credential is for one call ([`Auth::check_call`]): its `req` claim must be the digest of
 //! this RPC, the `x-heist-principal` and the request, and its `jti` is accepted once (remembered
@@ -28,7 +29,9 @@ use std::{
 use heist_proto::{
     errors::reason,
     metadata,
-    token::{Claims, LEEWAY_S, TokenError, TokenVerifier, call_digest, unix_now},
+    token::{
+        AcceptedKey, Claims, LEEWAY_S, TokenError, TokenVerifier, call_digest, key_id, unix_now,
+    },
     v1::Accepted,
 };
 use tonic::{Request, metadata::MetadataMap};
@@ -66,7 +69,8 @@ impl Seen {
 }
 
 struct Installed {
-    public_key: Vec<u8>,
+    /// The current key first, then the retired ones.
+    keys: Vec<AcceptedKey>,
     issuer: String,
     audience: String,
     verifier: TokenVerifier,
@@ -151,25 +155,46 @@ impl Auth {
 
     /// Installs the verifier described by `accepted`; returns whether it changed.
     pub fn install(&self, accepted: &Accepted) -> bool {
+        let keys: Vec<AcceptedKey> = std::iter::once(AcceptedKey {
+            public_key: accepted.coordinator_public_key.clone(),
+            retired_until: None,
+        })
+        .chain(accepted.retired_keys.iter().map(|k| AcceptedKey {
+            public_key: k.public_key.clone(),
+            retired_until: Some(k.accepted_until_unix_s),
+        }))
+        .collect();
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
         let same = current.as_ref().is_some_and(|c| {
-            c.public_key == accepted.coordinator_public_key
+            c.keys == keys
                 && c.issuer == accepted.credential_issuer
                 && c.audience == accepted.credential_audience
         });
         if !same {
             *current = Some(Arc::new(Installed {
-                public_key: accepted.coordinator_public_key.clone(),
-                issuer: accepted.credential_issuer.clone(),
-                audience: accepted.credential_audience.clone(),
-                verifier: TokenVerifier::new(
-                    &accepted.coordinator_public_key,
+                verifier: TokenVerifier::with_keys(
+                    &keys,
                     &accepted.credential_issuer,
                     &accepted.credential_audience,
                 ),
+                keys,
+                issuer: accepted.credential_issuer.clone(),
+                audience: accepted.credential_audience.clone(),
             }));
         }
         !same
+    }
+
+    /// `kid` of the coordinator's current key as installed (empty before the first Accepted):
+    /// what heartbeats tell the coordinator.
+    pub fn current_kid(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|c| c.keys.first())
+            .map(|k| key_id(&k.public_key))
+            .unwrap_or_default()
     }
 
     /// The claims of a turn grant: signed like the credential (same key, issuer and
@@ -203,7 +228,7 @@ impl Auth {
         let token = metadata::bearer(headers)
             .ok_or_else(|| refused("a bearer token with cluster:read is needed"))?;
         let verifier =
-            TokenVerifier::new(&installed.public_key, &installed.issuer, CLIENT_AUDIENCE);
+            TokenVerifier::with_keys(&installed.keys, &installed.issuer, CLIENT_AUDIENCE);
         let claims = verifier
             .verify(token)
             .map_err(|e| refused(&format!("the token is not valid here: {e}")))?;
@@ -482,5 +507,37 @@ mod tests {
             code(auth.check(&bearer(&old_token))),
             tonic::Code::Unauthenticated
         );
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_retired_key_and_reports_the_new_kid() {
+        let (old, new) = (signer(), signer());
+        let auth = Auth::default();
+        assert_eq!(auth.current_kid(), "");
+        auth.install(&accepted(&old));
+        assert_eq!(auth.current_kid(), old.kid());
+        let ttl = Duration::from_secs(60);
+        let claims = TokenSigner::claims("heist", "heist-worker:w1", "coordinator", "", ttl);
+        let old_token = old.sign(&claims).expect("sign");
+        let new_token = new.sign(&claims).expect("sign");
+        let mut rotated = accepted(&new);
+        rotated.retired_keys = vec![heist_proto::v1::RetiredKey {
+            public_key: old.public_key().to_vec(),
+            accepted_until_unix_s: unix_now() + 60,
+        }];
+        assert!(auth.install(&rotated));
+        assert!(
+            !auth.install(&rotated),
+            "the same set again changes nothing"
+        );
+        assert_eq!(auth.current_kid(), new.kid());
+        assert!(auth.check(&bearer(&new_token)).is_ok());
+        assert!(
+            auth.check(&bearer(&old_token)).is_ok(),
+            "retired, within its window"
+        );
+        let stranger = signer().sign(&claims).expect("sign");
+        let err = auth.check(&bearer(&stranger)).expect_err("unknown kid");
+        assert!(err.to_string().contains("unknown key"), "{err}");
     }
 }

@@ -332,13 +332,20 @@ impl Control {
                         active_sessions: u32::try_from(self.state.sessions.len()).unwrap_or(u32::MAX),
                         in_flight_calls: self.state.inflight.count(),
                         fs_pool_saturated: self.state.sandbox.fs_pool().saturated(),
+                        coordinator_key_id: self.state.auth.current_kid(),
                     };
                     if outbound.send(message(worker_message::Msg::Heartbeat(heartbeat))).await.is_err() {
                         return broken("sending a heartbeat");
                     }
                 }
                 received = inbound.next() => match received {
-                    Some(Ok(command)) => self.obey(command).await,
+                    Some(Ok(command)) => {
+                        // A new key set (a rotation): say so at once, so the coordinator can
+                        // sign this worker's credentials with the new key.
+                        if self.obey(command).await {
+                            ticker.reset_immediately();
+                        }
+                    }
                     Some(Err(status)) => return Ended::Failed { status, accepted: true },
                     None => return broken("waiting for commands"),
                 },
@@ -346,7 +353,8 @@ impl Control {
         }
     }
 
-    async fn obey(&self, command: CoordinatorMessage) {
+    /// Carries out a command; returns whether it installed a new key set.
+    async fn obey(&self, command: CoordinatorMessage) -> bool {
         match command.msg {
             Some(coordinator_message::Msg::Drain(_)) => {
                 info!("the coordinator asked this worker to drain: taking no new sessions");
@@ -360,11 +368,17 @@ impl Control {
                 );
             }
             Some(coordinator_message::Msg::Accepted(accepted)) => {
+                if accepted.coordinator_public_key.len() != 32 {
+                    warn!("ignoring an Accepted whose public key is not 32 bytes");
+                    return false;
+                }
                 let key_changed = self.state.auth.install(&accepted);
-                debug!(key_changed, "the coordinator repeated Accepted");
+                info!(key_changed, kid = %self.state.auth.current_kid(), "the coordinator sent its keys again");
+                return key_changed;
             }
             None => debug!("ignoring an empty coordinator message"),
         }
+        false
     }
 }
 

@@ -50,6 +50,17 @@ impl Client {
             .into_inner())
     }
 
+    /// Makes a fresh key the coordinator's token signing key (the old one stays accepted until
+    /// its tokens expire).
+    pub async fn rotate_signing_key(&self) -> Result<v1::RotateSigningKeyResponse, Error> {
+        let request = self.authed(v1::RotateSigningKeyRequest {})?;
+        Ok(self
+            .clients()
+            .rotate_signing_key(request)
+            .await?
+            .into_inner())
+    }
+
     /// Revokes a client for good.
     pub async fn revoke_client(&self, client_id: &str) -> Result<v1::RevokeClientResponse, Error> {
         let request = self.authed(v1::RevokeClientRequest {

@@ -1,5 +1,7 @@
 //! heist.v1.ClientService: creating, listing, rotating and revoking API clients (admin scope).
 //! The work is [`crate::auth::Auth`]'s; each change is written to the audit log with who made it.
+//! Also the rotation of the coordinator's token signing key ([`crate::signing_keys`]), which
+//! connected workers learn on their control stream ([`crate::control::announce_keys`]).
 
 use std::{
     sync::Arc,
@@ -11,11 +13,12 @@ use heist_proto::{
     v1::{
         ApiClient, CreateClientRequest, CreateClientResponse, ListClientsRequest,
         ListClientsResponse, RevokeClientRequest, RevokeClientResponse, RotateClientSecretRequest,
-        RotateClientSecretResponse, client_service_server::ClientService,
+        RotateClientSecretResponse, RotateSigningKeyRequest, RotateSigningKeyResponse,
+        client_service_server::ClientService,
     },
 };
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{info, instrument};
 
 use crate::{app::App, auth::ClientRecord, auth_layer::principal};
 
@@ -116,6 +119,34 @@ impl ClientService for ClientApi {
         Ok(Response::new(RevokeClientResponse {
             client: Some(self.view(record)),
             already_revoked,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn rotate_signing_key(
+        &self,
+        request: Request<RotateSigningKeyRequest>,
+    ) -> Result<Response<RotateSigningKeyResponse>, Status> {
+        let by = principal(&request)?.id.clone();
+        let rotation = self.app.keys.rotate().await?;
+        let workers = crate::control::announce_keys(&self.app);
+        info!(kid = %rotation.key_id, retired = %rotation.retired_key_id, workers, "signing key rotated");
+        let detail = format!(
+            "by={by} retired={} accepted_until={} dropped={}",
+            rotation.retired_key_id,
+            rotation.retired_until,
+            rotation.dropped.join(",")
+        );
+        self.app
+            .audit
+            .record("signing_key.rotated", &rotation.key_id, &detail);
+        Ok(Response::new(RotateSigningKeyResponse {
+            retired_accepted_until: Some(
+                (SystemTime::UNIX_EPOCH + Duration::from_secs(rotation.retired_until)).into(),
+            ),
+            key_id: rotation.key_id,
+            retired_key_id: rotation.retired_key_id,
+            dropped_key_ids: rotation.dropped,
         }))
     }
 }

@@ -74,6 +74,7 @@ async fn server_metadata(State(app): State<Arc<App>>, uri: Uri, headers: HeaderM
     Json(json!({
         "issuer": base,
         "token_endpoint": format!("{base}{TOKEN}"),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
         "grant_types_supported": ["client_credentials"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "response_types_supported": [],
@@ -181,6 +182,10 @@ async fn token(State(app): State<Arc<App>>, uri: Uri, headers: HeaderMap, body: 
         }
         Err(err @ Error::ClientRevoked(_)) => {
             oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &err.to_string())
+        }
+        // RFC 6749 §5.2: a scope the client may not have is `invalid_scope`, a 400.
+        Err(err @ Error::ScopeNotHeld(_)) => {
+            oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &err.to_string())
         }
         Err(err) => {
             let status = tonic::Status::from(err);

@@ -505,3 +505,202 @@ async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart
         .expect("the new token still works");
     coord.stop().await;
 }
+
+/// The `kid` in a token's header.
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token)
+        .expect("header")
+        .kid
+        .expect("tokens name their key")
+}
+
+/// Checks `token` against the JWK named by its `kid` in the coordinator's JWKS, with
+/// jsonwebtoken (EdDSA, audience `heist`), and checks that no other key of the set verifies it.
+fn verify_with_jwks(jwks: &jsonwebtoken::jwk::JwkSet, token: &str) {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.set_audience(&["heist"]);
+    let kid = kid_of(token);
+    for jwk in &jwks.keys {
+        let key = DecodingKey::from_jwk(jwk).expect("an Ed25519 JWK");
+        let verified = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation);
+        if jwk.common.key_id.as_deref() == Some(kid.as_str()) {
+            let claims = verified.expect("verified by its JWK");
+            assert_eq!(claims.claims["sub"], "admin");
+        } else {
+            assert!(verified.is_err(), "another key verified it");
+        }
+    }
+}
+
+async fn jwks(addr: SocketAddr) -> jsonwebtoken::jwk::JwkSet {
+    let (status, body) = http(addr, "GET", "/.well-known/jwks.json", "", "").await;
+    assert_eq!(status, 200, "{body}");
+    let raw: serde_json::Value = serde_json::from_str(&body).expect("json");
+    for key in raw["keys"].as_array().expect("keys") {
+        assert_eq!(key["kty"], "OKP");
+        assert_eq!(key["crv"], "Ed25519");
+        assert_eq!(key["use"], "sig");
+        assert_eq!(key["alg"], "EdDSA");
+    }
+    serde_json::from_value(raw).expect("a JWK set")
+}
+
+fn kids(jwks: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
+    jwks.keys
+        .iter()
+        .map(|k| k.common.key_id.clone().expect("kid"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_key_rotation_keeps_old_tokens_reaches_workers_and_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("c");
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let url = coord.url();
+    let w = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
+    let mut admin = Client::admin(&url).await;
+    admin.wait_ready(&["w1"]).await;
+    let session = admin.create_session(&[]).await.expect("session");
+    let old_token = admin.token.clone();
+    let old_kid = kid_of(&old_token);
+    assert_eq!(kids(&jwks(coord.addr).await), [old_kid.as_str()]);
+
+    // /oauth/token: a scope the client does not hold is 400 invalid_scope (RFC 6749 5.2).
+    let reader = create(&url, &admin.token, "reader", &["sessions:read"])
+        .await
+        .expect("reader");
+    let body = format!(
+        "grant_type=client_credentials&client_id=reader&client_secret={}&scope=admin",
+        reader.client_secret
+    );
+    let form = "Content-Type: application/x-www-form-urlencoded\r\n";
+    let (status, body) = http(coord.addr, "POST", "/oauth/token", form, &body).await;
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(error["error"], "invalid_scope", "{body}");
+    assert!(
+        error["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("admin")),
+        "{body}"
+    );
+    let (_, metadata) = http(
+        coord.addr,
+        "GET",
+        "/.well-known/oauth-authorization-server",
+        "",
+        "",
+    )
+    .await;
+    let metadata: serde_json::Value = serde_json::from_str(&metadata).expect("json");
+    assert!(
+        metadata["jwks_uri"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/.well-known/jwks.json")),
+        "{metadata}"
+    );
+
+    // Rotation needs the admin scope.
+    let reader_token = issue_token(&url, "reader", &reader.client_secret)
+        .await
+        .expect("reader token");
+    let refused = clients(channel(&url).await)
+        .rotate_signing_key(authed(&reader_token, v1::RotateSigningKeyRequest {}))
+        .await
+        .expect_err("not an admin");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    let rotation = clients(channel(&url).await)
+        .rotate_signing_key(authed(&old_token, v1::RotateSigningKeyRequest {}))
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(rotation.retired_key_id, old_kid);
+    assert_ne!(rotation.key_id, old_kid);
+    let new_kid = rotation.key_id.clone();
+
+    // Right after the rotation a routed call works (the old token too).
+    admin
+        .call(
+            &session.id,
+            "echo",
+            serde_json::json!({"text": "right after"}),
+        )
+        .await
+        .expect("a call right after the rotation");
+    // The worker gets the new key on its control stream and says so; calls are then signed
+    // with the new key, and they work.
+    wait_for("w1 to verify with the new key", || {
+        let (url, token, kid) = (url.clone(), old_token.clone(), new_kid.clone());
+        async move {
+            let workers = Client::with_token(&url, token).await.workers().await;
+            workers
+                .iter()
+                .any(|w| w.id == "w1" && w.coordinator_key_id == kid)
+                .then_some(())
+        }
+    })
+    .await;
+    admin
+        .call(&session.id, "echo", serde_json::json!({"text": "new key"}))
+        .await
+        .expect("a call signed with the new key");
+
+    // New tokens name the new key; both tokens work; the JWKS lists both keys and each
+    // verifies its own token.
+    let new_token = issue_token(&url, ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect("new token");
+    assert_eq!(kid_of(&new_token), new_kid);
+    for token in [&old_token, &new_token] {
+        list_sessions(&url, token).await.expect("token accepted");
+    }
+    let set = jwks(coord.addr).await;
+    assert_eq!(kids(&set), [new_kid.clone(), old_kid.clone()]);
+    verify_with_jwks(&set, &old_token);
+    verify_with_jwks(&set, &new_token);
+
+    let audit = v1::audit_service_client::AuditServiceClient::new(channel(&url).await)
+        .list_audit(authed(
+            &new_token,
+            v1::ListAuditRequest {
+                after_seq: 0,
+                limit: 1000,
+                filter: Some(v1::AuditFilter {
+                    kind: "signing_key.".to_owned(),
+                    subject: String::new(),
+                }),
+            },
+        ))
+        .await
+        .expect("audit")
+        .into_inner()
+        .entries;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].kind, "signing_key.rotated");
+    assert_eq!(audit[0].subject, new_kid);
+    assert!(
+        audit[0].detail.contains(&format!("retired={old_kid}")),
+        "{}",
+        audit[0].detail
+    );
+
+    // After a restart: the same keys, both tokens still accepted, new tokens on the new key.
+    w.stop().await;
+    coord.stop().await;
+    let coord = Coordinator::start(coordinator_config(&data)).await;
+    let url = coord.url();
+    for token in [&old_token, &new_token] {
+        list_sessions(&url, token)
+            .await
+            .expect("token accepted after restart");
+    }
+    assert_eq!(kids(&jwks(coord.addr).await), [new_kid.clone(), old_kid]);
+    let after = issue_token(&url, ADMIN_ID, ADMIN_SECRET)
+        .await
+        .expect("token");
+    assert_eq!(kid_of(&after), new_kid);
+    coord.stop().await;
+}

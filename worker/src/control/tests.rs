@@ -170,6 +170,7 @@ fn accepted(signer: &TokenSigner, heartbeat_ms: u64) -> Result<CoordinatorMessag
             coordinator_public_key: signer.public_key().to_vec(),
             credential_audience: "heist-worker:w1".to_owned(),
             credential_issuer: "heist".to_owned(),
+            retired_keys: Vec::new(),
         })),
     })
 }
