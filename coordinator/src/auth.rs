@@ -479,13 +479,7 @@ fn resolve_scopes(held: &[String], requested: &[String]) -> Result<Vec<String>, 
     let mut granted: Vec<String> = Vec::with_capacity(requested.len());
     for scope in requested {
         if !scopes::ALL.contains(&scope.as_str()) {
-            return Err(Error::Status(errors::invalid_argument(
-                "scopes",
-                format!(
-                    "unknown scope {scope:?}: use one of {}",
-                    scopes::ALL.join(", ")
-                ),
-            )));
+            return Err(unknown_scope(scope));
         }
         if !scopes::grants(&held_claim, scope) {
             return Err(Error::ScopeNotHeld(scope.clone()));
@@ -495,6 +489,17 @@ fn resolve_scopes(held: &[String], requested: &[String]) -> Result<Vec<String>, 
         }
     }
     Ok(granted)
+}
+
+/// INVALID_ARGUMENT for a scope no table knows, listing the known ones.
+fn unknown_scope(scope: &str) -> Error {
+    Error::Status(errors::invalid_argument(
+        "scopes",
+        format!(
+            "unknown scope {scope:?}: use one of {}",
+            scopes::ALL.join(", ")
+        ),
+    ))
 }
 
 /// The scopes of a new client: at least one, each known, without repeats.
@@ -511,13 +516,7 @@ fn validate_scopes(requested: &[String]) -> Result<Vec<String>, Error> {
     let mut out: Vec<String> = Vec::with_capacity(requested.len());
     for scope in requested {
         if !scopes::ALL.contains(&scope.as_str()) {
-            return Err(Error::Status(errors::invalid_argument(
-                "scopes",
-                format!(
-                    "unknown scope {scope:?}: use one of {}",
-                    scopes::ALL.join(", ")
-                ),
-            )));
+            return Err(unknown_scope(scope));
         }
         if !out.contains(scope) {
             out.push(scope.clone());
