@@ -175,6 +175,34 @@ pub fn method_label(path: &str, grpc: bool) -> String {
         .map_or_else(|| "other".to_owned(), |p| (*p).to_owned())
 }
 
+/// The name of the span [`RpcLayer`] gives an RPC that is one tool call (`CallTool`,
+/// `CallToolStream`): it has `tool` and `session_id` fields for [`tool_call_span`] to fill.
+const TOOL_CALL_RPC_SPAN: &str = "rpc-tool-call";
+
+/// Whether `method` (a [`method_label`]) is an RPC that runs one tool call.
+fn is_tool_call(method: &str) -> bool {
+    method.starts_with("/heist.v1.")
+        && (method.ends_with("Service/CallTool") || method.ends_with("Service/CallToolStream"))
+}
+
+/// The span a tool call runs in. When the call is the RPC being answered (a gRPC `CallTool`
+/// on the coordinator or a worker), the RPC's own span is the tool call's span: its `tool` and
+/// `session_id` are recorded on it and it is returned, so a routed call costs one span per
+/// hop. Otherwise (an MCP request, a heist game's step, an agent's tool call) a new
+/// `tool_call` span, child of the current one.
+pub fn tool_call_span(tool: &str, session_id: &str) -> Span {
+    let current = Span::current();
+    if current
+        .metadata()
+        .is_some_and(|m| m.name() == TOOL_CALL_RPC_SPAN)
+    {
+        current.record("tool", tool);
+        current.record("session_id", session_id);
+        return current;
+    }
+    info_span!("tool_call", tool = %tool, session_id = %session_id)
+}
+
 /// Tower layer giving every request a span (`rpc`, parented by the caller's trace context,
 /// with the trace id as a field so log lines carry it), recording it in [`RpcMetrics`], and
 /// answering [`TRACE_ID_HEADER`]. Put it outermost, so refused calls are seen too.
@@ -227,14 +255,27 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc(request.headers());
         let method = method_label(request.uri().path(), grpc);
-        let span = info_span!(
-            "rpc",
-            otel.name = %method,
-            otel.kind = "server",
-            rpc.method = %method,
-            trace_id = Empty,
-            rpc.code = Empty,
-        );
+        let span = if is_tool_call(&method) {
+            info_span!(
+                TOOL_CALL_RPC_SPAN,
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.method = %method,
+                trace_id = Empty,
+                rpc.code = Empty,
+                tool = Empty,
+                session_id = Empty,
+            )
+        } else {
+            info_span!(
+                "rpc",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.method = %method,
+                trace_id = Empty,
+                rpc.code = Empty,
+            )
+        };
         let parent = extract(request.headers());
         let remote = context_trace_id(&parent);
         set_parent(&span, parent);

@@ -320,7 +320,7 @@ impl State {
 
     /// Runs a tool; with `output`, tools that produce output as they go (exec, run.python)
     /// send it there while they run.
-    #[instrument(name = "tool_call", skip_all, fields(session_id = %request.session_id, tool = %request.tool))]
+    /// Runs in the call's RPC span when the call is that RPC, else in a `tool_call` span.
     pub async fn run_tool(
         &self,
         request: v1::CallToolRequest,
@@ -329,7 +329,11 @@ impl State {
     ) -> Result<v1::CallToolResponse, Error> {
         let started = Instant::now();
         let tool = request.tool.clone();
-        let result = self.dispatch(request, deadline, output).await;
+        let span = heist_proto::trace::tool_call_span(&tool, &request.session_id);
+        let result = self
+            .dispatch(request, deadline, output)
+            .instrument(span)
+            .await;
         let known = self.tools.contains(&tool);
         let outcome = result.as_ref().ok().map(|r| r.is_error);
         self.metrics

@@ -32,7 +32,7 @@ use heist_proto::{
 use prost::Message as _;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
-use tracing::{Instrument as _, debug_span, info_span};
+use tracing::{Instrument as _, debug_span};
 
 pub use stream::{ToolEvents, call_stream};
 
@@ -141,7 +141,7 @@ fn admit(app: &App, call: &ToolCall) -> Result<Admitted, Error> {
 /// Runs a tool call to its result: admit, gate, run once per request id, forward to the
 /// session's worker, then the after-hooks.
 pub async fn call(app: &Arc<App>, call: ToolCall) -> Result<CallToolResponse, Error> {
-    let span = info_span!("tool_call", tool = %call.tool, session_id = %call.session);
+    let span = heist_proto::trace::tool_call_span(&call.tool, call.session.as_str());
     pipeline(app, call).instrument(span).await
 }
 

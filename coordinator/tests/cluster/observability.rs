@@ -158,8 +158,7 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         let spans = receiver.spans_of(&trace_id);
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
         let complete = names.contains(&"/heist.v1.ToolService/CallTool")
-            && names.contains(&"/heist.v1.WorkerService/CallTool")
-            && names.iter().filter(|n| **n == "tool_call").count() == 2;
+            && names.contains(&"/heist.v1.WorkerService/CallTool");
         async move { complete.then_some(spans) }
     })
     .await;
@@ -173,21 +172,19 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         coord_rpc.parent_span_id, client_span,
         "parented by the client"
     );
-    // The worker's spans hang under the coordinator's, through the injected traceparent.
+    // The worker's span hangs under the coordinator's, through the injected traceparent. A
+    // gRPC CallTool is one span per hop: each RPC's span is its tool call's span.
     let worker_tool = spans
         .iter()
-        .filter(|s| s.name == "tool_call")
-        .find(|s| ancestry(&spans, s).contains(&"/heist.v1.WorkerService/CallTool".to_owned()))
-        .expect("worker tool span");
+        .find(|s| s.name == "/heist.v1.WorkerService/CallTool")
+        .expect("worker rpc span");
     assert_eq!(
         ancestry(&spans, worker_tool),
         [
-            "tool_call",
             "/heist.v1.WorkerService/CallTool",
-            "tool_call",
             "/heist.v1.ToolService/CallTool",
         ],
-        "worker tool span → worker rpc → coordinator tool call → coordinator rpc"
+        "worker rpc → coordinator rpc"
     );
     let root = spans
         .iter()
@@ -204,6 +201,19 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         .map(|kv| (kv.key.clone(), format!("{:?}", kv.value)))
         .collect();
     assert!(attrs.contains_key("session_id"), "{attrs:?}");
+    assert!(
+        attrs.get("tool").is_some_and(|v| v.contains("echo")),
+        "{attrs:?}"
+    );
+    let coord_attrs: Vec<&str> = coord_rpc
+        .attributes
+        .iter()
+        .map(|kv| kv.key.as_str())
+        .collect();
+    assert!(
+        coord_attrs.contains(&"tool") && coord_attrs.contains(&"session_id"),
+        "{coord_attrs:?}"
+    );
     assert!(
         !attrs.values().any(|v| v.contains("traced")),
         "arguments stay out of spans: {attrs:?}"
@@ -248,9 +258,13 @@ async fn an_mcp_call_with_a_traceparent_in_its_meta_joins_that_trace() {
     assert_eq!(call.trace_state, "heist=test", "tracestate carried");
     let worker_tool = spans
         .iter()
-        .filter(|s| s.name == "tool_call")
-        .find(|s| ancestry(&spans, s).contains(&"/heist.v1.WorkerService/CallTool".to_owned()))
-        .expect("worker tool span");
+        .find(|s| s.name == "/heist.v1.WorkerService/CallTool")
+        .expect("worker rpc span");
+    assert_eq!(
+        ancestry(&spans, worker_tool)[1..],
+        ["tool_call", "mcp-call"],
+        "an MCP call has a tool_call span of its own under the MCP request's"
+    );
     assert_eq!(
         ancestry(&spans, worker_tool).last().map(String::as_str),
         Some("mcp-call"),

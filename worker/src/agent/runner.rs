@@ -7,6 +7,7 @@ use futures::future::BoxFuture;
 use heist_proto::json;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     model::ToolSpec,
@@ -75,7 +76,14 @@ impl ToolRunner for RegistryRunner {
         Box::pin(async move {
             let mut context = self.context.clone();
             context.cancel = cancel;
-            match self.registry.call(name, &context, arguments).await {
+            // Under the turn's span, which names the session.
+            let span = tracing::info_span!("tool_call", tool = %name);
+            match self
+                .registry
+                .call(name, &context, arguments)
+                .instrument(span)
+                .await
+            {
                 Ok(out) => ToolResult {
                     text: out
                         .content
