@@ -581,14 +581,25 @@ async fn signing_key_rotation_keeps_old_tokens_reaches_workers_and_survives_a_re
         .expect_err("not an admin");
     assert_eq!(refused.code(), Code::PermissionDenied);
 
-    let rotation = clients(channel(&url).await)
-        .rotate_signing_key(authed(&old_token, v1::RotateSigningKeyRequest {}))
-        .await
-        .expect("rotate")
-        .into_inner();
-    assert_eq!(rotation.retired_key_id, old_kid);
-    assert_ne!(rotation.key_id, old_kid);
-    let new_kid = rotation.key_id.clone();
+    // The operator's way: `heistctl admin keys rotate`.
+    let home = tempfile::tempdir().expect("home");
+    let out = std::process::Command::new(sibling_binary("heistctl"))
+        .env_clear()
+        .env("HOME", home.path())
+        .env("HEIST_COORDINATOR", &url)
+        .env("HEIST_TOKEN", &old_token)
+        .args(["-o", "json", "admin", "keys", "rotate"])
+        .output()
+        .expect("heistctl");
+    assert!(out.status.success(), "{out:?}");
+    let rotation: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rotation["retired_key_id"], old_kid.as_str(), "{rotation}");
+    let new_kid = rotation["key_id"].as_str().expect("key_id").to_owned();
+    assert_ne!(new_kid, old_kid);
+    assert!(
+        rotation["retired_accepted_until"].is_string(),
+        "the retired key's tokens stay accepted until a named time: {rotation}"
+    );
 
     // Right after the rotation a routed call works (the old token too).
     admin
