@@ -5,7 +5,7 @@ CARGO       ?= cargo
 BINS        := coordinator worker heist-sandbox heistctl
 RELEASE_DIR := target/release
 
-.PHONY: all build demo dev test test-deps test-unit lint fmt bench clean
+.PHONY: all build demo dev test test-deps test-unit lint fmt bench fuzz clean
 
 all: build
 
@@ -52,6 +52,20 @@ fmt:
 ## bench: routed calls and sessions against same-run baselines (see docs/BENCHMARKS.md)
 bench: build
 	bin/heistctl bench --json target/bench.json
+
+## fuzz: each cargo-fuzz target (fuzz/) for FUZZ_SECONDS (default 30) on the stable toolchain
+# `-s none`: no sanitizer (they need nightly), so the targets check their properties with
+# assertions, and libFuzzer's coverage guidance works on stable. New inputs go to the ignored
+# part of fuzz/corpus; a failing input is saved in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 30
+FUZZ_TARGETS := calc path_resolver tool_args manifest
+fuzz:
+	@command -v cargo-fuzz >/dev/null || { echo "fuzz: install cargo-fuzz first: cargo install --locked cargo-fuzz" >&2; exit 1; }
+	$(CARGO) fuzz build -s none
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s" >&2; \
+		$(CARGO) fuzz run -s none $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -3,7 +3,7 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use crate::{error::Error, mcp::McpConfig};
+use crate::{error::Error, limits::LimitsConfig, mcp::McpConfig};
 
 /// Shortest admin client secret accepted, in characters.
 pub const MIN_ADMIN_SECRET_CHARS: usize = 16;
@@ -116,6 +116,8 @@ pub struct Config {
     /// Failed logins per second over all clients before addresses with failures on record are
     /// refused (burst: ten times this). HEIST_LOGIN_FAILURES_PER_S, default 20.
     pub login_failures_per_s: u32,
+    /// Per-principal rate and concurrency limits on the public API (HEIST_PRINCIPAL_*).
+    pub limits: LimitsConfig,
     /// Free space the data directory's file system keeps in reserve, in bytes: below it every
     /// mutation is refused (RESOURCE_EXHAUSTED, STORE_FULL) before anything is applied, and
     /// readiness is NOT_SERVING until space is back. HEIST_STORE_MIN_FREE_BYTES, default
@@ -216,6 +218,7 @@ impl Default for Config {
             login_backoff_base: Duration::from_millis(1000),
             login_backoff_max: Duration::from_secs(300),
             login_failures_per_s: 20,
+            limits: LimitsConfig::default(),
             store_min_free_bytes: DEFAULT_STORE_MIN_FREE_BYTES,
         }
     }
@@ -271,6 +274,7 @@ impl fmt::Debug for Config {
             .field("login_backoff_base", &self.login_backoff_base)
             .field("login_backoff_max", &self.login_backoff_max)
             .field("login_failures_per_s", &self.login_failures_per_s)
+            .field("limits", &self.limits)
             .field("store_min_free_bytes", &self.store_min_free_bytes)
             .finish()
     }
@@ -381,6 +385,7 @@ impl Config {
             return bad("HEIST_CHECKPOINT_GC_INTERVAL_S must be at least 1 second");
         }
         self.mcp.validate().map_err(Error::InvalidConfig)?;
+        self.limits.validate().map_err(Error::InvalidConfig)?;
         Ok(())
     }
 }

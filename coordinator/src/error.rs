@@ -295,6 +295,9 @@ pub enum Error {
         /// What exceeded it and what to do.
         message: String,
     },
+    /// A principal is over one of its call limits ([`crate::limits`]): nothing ran.
+    #[error("{0}")]
+    Limited(crate::limits::Refusal),
 }
 
 impl Error {
@@ -421,6 +424,22 @@ impl From<Error> for Status {
                 &[("scope", scope)],
             ),
             Error::JoinTokenInvalid => rich(Code::Unauthenticated, reason::JOIN_TOKEN_INVALID, &[]),
+            Error::Limited(refusal) => {
+                let mut status = errors::retryable(
+                    Code::ResourceExhausted,
+                    msg.clone(),
+                    reason::LIMIT_EXCEEDED,
+                    &[
+                        ("limit", refusal.limit.name()),
+                        ("client_id", &refusal.principal),
+                    ],
+                    refusal.retry_after,
+                );
+                status
+                    .metadata_mut()
+                    .insert("retry-after", refusal.retry_after_s().into());
+                status
+            }
             Error::LoginThrottled { retry_after_s } => rich(
                 Code::ResourceExhausted,
                 reason::LIMIT_EXCEEDED,

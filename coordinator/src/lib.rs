@@ -11,6 +11,7 @@
 //! - [`config`]: [`Config`] and its validation; [`settings`]: the layered configuration of the
 //!   binary (defaults → `--config` file → env → flags).
 //! - [`drain`]: counting client calls so shutdown drains them before closing worker streams.
+//! - [`limits`]: per-principal rate and concurrency limits on the public API.
 //! - [`web`]: the HTTP routes (`/healthz`, `/readyz`) served on the gRPC port.
 //! - [`error`]: [`Error`] and its single mapping to `tonic::Status`.
 //! - [`app`]: the shared state and the background sweepers.
@@ -47,6 +48,7 @@ pub mod eventlog;
 pub mod heist;
 pub mod idempotency;
 pub mod lifecycle;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod placement;

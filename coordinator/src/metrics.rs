@@ -11,6 +11,7 @@
 //! | `heist_checkpoints_total`, `heist_checkpoint_duration_seconds` | `outcome` |
 //! | `heist_checkpoint_workspace_bytes`, `heist_checkpoint_uploaded_{bytes,blobs}_total` | — |
 //! | `heist_store_free_bytes`, `heist_store_writable` (gauges, at scrape time) | — |
+//! | `heist_limited_calls_total` | `limit` (`rate`, `concurrent_calls`, `open_streams`) |
 //!
 //! Tool call metrics come from an after-hook ([`crate::calls::hooks::CallMetrics`]).
 
@@ -49,6 +50,13 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// Labels: the per-principal limit that refused a call ([`crate::limits::Limit::name`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// `rate`, `concurrent_calls` or `open_streams`.
+    pub limit: String,
+}
+
 /// Every coordinator metric and the registry they are encoded from.
 pub struct Metrics {
     registry: Registry,
@@ -65,6 +73,8 @@ pub struct Metrics {
     uploaded_blobs: Counter,
     store_free_bytes: Gauge,
     store_writable: Gauge,
+    /// Calls refused by a per-principal limit ([`crate::limits::LimitLayer`]).
+    pub limited_calls: Family<LimitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,6 +101,7 @@ impl Metrics {
             uploaded_blobs: Counter::default(),
             store_free_bytes: Gauge::default(),
             store_writable: Gauge::default(),
+            limited_calls: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -148,6 +159,11 @@ impl Metrics {
             "1 while the state store takes writes, 0 while mutations are refused (disk below \
              HEIST_STORE_MIN_FREE_BYTES or a failed write)",
             this.store_writable.clone(),
+        );
+        registry.register(
+            "heist_limited_calls",
+            "Calls refused because their principal was over a limit, by limit",
+            this.limited_calls.clone(),
         );
         Self { registry, ..this }
     }

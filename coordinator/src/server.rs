@@ -36,6 +36,7 @@ use crate::{
     control::ControlApi,
     drain::{Calls, DrainLayer},
     error::Error,
+    limits::LimitLayer,
     web,
 };
 
@@ -182,6 +183,11 @@ async fn run(
         })))
         .layer(DrainLayer::new(calls.clone()))
         .layer(AuthLayer::new(verifier, app.auth.states()).with_mcp(app.config.mcp.clone()))
+        // Inside the auth layer: limits key on the principal it verified.
+        .layer(LimitLayer::new(
+            app.config.limits,
+            app.metrics.limited_calls.clone(),
+        ))
         .layer(crate::decode_status::DecodeStatusLayer)
         .add_routes(routes);
 

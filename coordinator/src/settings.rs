@@ -192,6 +192,18 @@ pub struct Settings {
     /// Failed logins per second, all clients, before failing addresses wait [default: 20].
     #[arg(long, env = "HEIST_LOGIN_FAILURES_PER_S")]
     pub login_failures_per_s: Option<u32>,
+    /// Calls per second one client may make, sustained [default: 50000].
+    #[arg(long, env = "HEIST_PRINCIPAL_CALLS_PER_S")]
+    pub principal_calls_per_s: Option<u32>,
+    /// Calls one client may make at once above its sustained rate [default: 100000].
+    #[arg(long, env = "HEIST_PRINCIPAL_CALL_BURST")]
+    pub principal_call_burst: Option<u32>,
+    /// Calls one client may have in flight, streams not counted [default: 512].
+    #[arg(long, env = "HEIST_PRINCIPAL_MAX_CONCURRENT_CALLS")]
+    pub principal_max_concurrent_calls: Option<u32>,
+    /// Server-streaming calls (turns, tails) one client may have open [default: 256].
+    #[arg(long, env = "HEIST_PRINCIPAL_MAX_OPEN_STREAMS")]
+    pub principal_max_open_streams: Option<u32>,
     /// Free space kept in reserve on the data directory's file system; below it mutations are
     /// refused and readiness is NOT_SERVING, in bytes [default: 67108864 (64 MiB)].
     #[arg(long, env = "HEIST_STORE_MIN_FREE_BYTES")]
@@ -249,6 +261,10 @@ heist_proto::layer_over!(Settings {
     login_backoff_base_ms,
     login_backoff_max_s,
     login_failures_per_s,
+    principal_calls_per_s,
+    principal_call_burst,
+    principal_max_concurrent_calls,
+    principal_max_open_streams,
     store_min_free_bytes,
 });
 
@@ -354,6 +370,18 @@ impl Settings {
         set(
             &mut c.login_failures_per_s,
             self.login_failures_per_s,
+            |v| v,
+        );
+        set(&mut c.limits.calls_per_s, self.principal_calls_per_s, |v| v);
+        set(&mut c.limits.burst, self.principal_call_burst, |v| v);
+        set(
+            &mut c.limits.max_concurrent_calls,
+            self.principal_max_concurrent_calls,
+            |v| v,
+        );
+        set(
+            &mut c.limits.max_open_streams,
+            self.principal_max_open_streams,
             |v| v,
         );
         set(

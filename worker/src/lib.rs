@@ -36,6 +36,8 @@ mod control;
 pub mod diskfs;
 pub mod engine_gate;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inflight;
 mod lifecycle;
 pub mod metrics;

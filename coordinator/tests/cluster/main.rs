@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod heist;
 mod hostile;
+mod limits;
 mod mcp;
 mod observability;
 mod registration;

@@ -17,6 +17,12 @@ mod python;
 mod schema;
 
 pub use self::fs::{FsPool, PoolLimits};
+// What the fuzz targets drive ([`crate::fuzzing`]).
+pub(crate) use self::{
+    calc::evaluate as calc_evaluate,
+    exec::{Want, resolve as resolve_path},
+    fs::checked_path,
+};
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -247,12 +253,21 @@ impl Registry {
         ctx: &ToolContext,
         args: Json,
     ) -> Result<ToolOutput, Error> {
-        let entry = self.tools.get(name).ok_or_else(|| Error::ToolNotFound {
-            name: name.to_owned(),
-            available: self.names.clone(),
-        })?;
+        let entry = self.entry(name)?;
         schema::check(&entry.validator, &args)?;
         entry.tool.call(ctx, args).await
+    }
+
+    /// Validates `args` against the tool's schema without running it.
+    pub(crate) fn check_args(&self, name: &str, args: &Json) -> Result<(), Error> {
+        schema::check(&self.entry(name)?.validator, args)
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry, Error> {
+        self.tools.get(name).ok_or_else(|| Error::ToolNotFound {
+            name: name.to_owned(),
+            available: self.names.clone(),
+        })
     }
 }
 

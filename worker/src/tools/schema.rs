@@ -1,5 +1,7 @@
 //! Turning a JSON Schema validation failure into an error a caller can act on: the offending
-//! property path ("path", "variables.x"; "" for the root object) and a message naming it.
+//! property path ("path", "variables.x"; "" for the root object) and a message naming it. A
+//! property whose name is empty or holds a `.` is written as a JSON string (`""`, `"a.b"`), so
+//! the path stays unambiguous.
 
 use jsonschema::{Validator, error::ValidationErrorKind, paths::LocationSegment};
 use serde_json::Value as Json;
@@ -17,8 +19,8 @@ pub(crate) fn check(validator: &Validator, args: &Json) -> Result<(), Error> {
     let mut field: Vec<String> = err
         .instance_path()
         .iter()
-        .map(|segment| match segment {
-            LocationSegment::Property(name) => name.into_owned(),
+        .map(|part| match part {
+            LocationSegment::Property(name) => segment(&name),
             LocationSegment::Index(i) => i.to_string(),
         })
         .collect();
@@ -29,12 +31,12 @@ pub(crate) fn check(validator: &Validator, args: &Json) -> Result<(), Error> {
             let name = property
                 .as_str()
                 .map_or_else(|| property.to_string(), str::to_owned);
-            field.push(name);
+            field.push(segment(&name));
             format!("argument `{}` is required", field.join("."))
         }
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             if let Some(name) = unexpected.first() {
-                field.push(name.clone());
+                field.push(segment(name));
             }
             format!("`{}` is not an argument this tool accepts", field.join("."))
         }
@@ -47,6 +49,15 @@ pub(crate) fn check(validator: &Validator, args: &Json) -> Result<(), Error> {
     };
     let field = field.join(".");
     Err(Error::SchemaViolation { field, message })
+}
+
+/// One property name in a dotted path: as is, or JSON-quoted when it is empty or has a `.`.
+fn segment(name: &str) -> String {
+    if name.is_empty() || name.contains('.') {
+        Json::String(name.to_owned()).to_string()
+    } else {
+        name.to_owned()
+    }
 }
 
 fn truncate(text: &str) -> String {
@@ -115,6 +126,18 @@ mod tests {
         let (field, message) = violation(fs_like(), json!({"path": "a", "bogus": 1}));
         assert_eq!(field, "bogus");
         assert_eq!(message, "`bogus` is not an argument this tool accepts");
+    }
+
+    #[test]
+    fn empty_and_dotted_names_are_quoted_so_the_field_is_never_the_root() {
+        // Found by the tool_args fuzz target: `{"": 1}` was refused with field "", the root.
+        let (field, message) = violation(fs_like(), json!({"path": "a", "": 1}));
+        assert_eq!(field, r#""""#);
+        assert_eq!(message, r#"`""` is not an argument this tool accepts"#);
+        let (field, _) = violation(fs_like(), json!({"path": "a", "a.b": 1}));
+        assert_eq!(field, r#""a.b""#);
+        let (field, _) = violation(fs_like(), json!({"path": "a", "variables": {"x.y": "one"}}));
+        assert_eq!(field, r#"variables."x.y""#);
     }
 
     #[test]
