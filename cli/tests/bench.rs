@@ -60,6 +60,15 @@ const PHASES: &[(&str, &[&str])] = &[
             "spans_received",
         ],
     ),
+    (
+        "audit",
+        &[
+            "on_calls_per_s",
+            "off_calls_per_s",
+            "on_vs_off",
+            "records_written",
+        ],
+    ),
 ];
 
 const CALL_METRICS: &[&str] = &[
@@ -79,6 +88,7 @@ const RATIOS: &[&str] = &[
     "capture_full_over_cp",
     "restore_other_over_cp",
     "telemetry_on_over_off",
+    "audit_on_over_off",
 ];
 
 const TARGETS: &[&str] = &[
@@ -89,6 +99,7 @@ const TARGETS: &[&str] = &[
     "capture_full_over_cp",
     "restore_other_over_cp",
     "telemetry_on_over_off",
+    "audit_on_over_off",
 ];
 
 #[test]

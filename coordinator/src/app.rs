@@ -89,7 +89,7 @@ impl App {
         .await?
         .with_throttle(crate::throttle::LoginThrottle::new(&config));
         let registry = Registry::new(config.lease_ttl, config.suspect_after);
-        let audit = crate::audit::AuditLog::open(&store)?;
+        let audit = crate::audit::AuditLog::open(&store, keys.clone())?;
         let worker_keys = WorkerKeys::open(
             &store,
             config.worker_proof_window,

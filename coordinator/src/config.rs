@@ -143,6 +143,10 @@ pub struct Config {
     pub failover: Failover,
     /// Sessions failed over at once per lost worker. HEIST_FAILOVER_PARALLELISM, default 16.
     pub failover_parallelism: usize,
+    /// Which routed tool calls get a `tool.executed` audit record: `all`, `mutating` (tools
+    /// that are not read-only) or `off` (refusals and every other decision are still
+    /// recorded). HEIST_AUDIT_CALLS, default all.
+    pub audit_calls: crate::audit::AuditCalls,
     /// Closed and failed sessions (with their transcripts) are collected this long after
     /// their last change. HEIST_SESSION_RETENTION_S, default 259200 s (3 days).
     pub session_retention: Duration,
@@ -200,6 +204,7 @@ impl Default for Config {
             checkpoint_every: 0,
             failover: Failover::Auto,
             failover_parallelism: 16,
+            audit_calls: crate::audit::AuditCalls::All,
             session_retention: Duration::from_secs(3 * 86_400),
             session_gc_interval: Duration::from_secs(300),
             metrics_public: false,
@@ -256,6 +261,7 @@ impl fmt::Debug for Config {
             .field("checkpoint_every", &self.checkpoint_every)
             .field("failover", &self.failover)
             .field("failover_parallelism", &self.failover_parallelism)
+            .field("audit_calls", &self.audit_calls)
             .field("session_retention", &self.session_retention)
             .field("session_gc_interval", &self.session_gc_interval)
             .field("metrics_public", &self.metrics_public)

@@ -169,6 +169,9 @@ async fn join(
     // Also makes a first enrolment's key binding durable before the worker is accepted.
     app.store.flush().await?;
     if !outcome.evict.is_empty() {
+        let detail = format!("sessions={}", outcome.evict.join(","));
+        app.audit
+            .record("worker.evicted_sessions", id.as_str(), &detail);
         let evict = Evict {
             session_ids: outcome.evict.clone(),
         };

@@ -76,6 +76,7 @@ pub async fn serve(
     app.shutdown.cancel();
     app.tasks.close();
     app.tasks.wait().await;
+    app.audit.settle().await;
     if let Err(err) = app.store.flush().await {
         // Every write acknowledged to a client was flushed before its answer, so what this
         // flush loses was never acknowledged (worker records, sweeps): a full disk must not

@@ -118,6 +118,9 @@ pub struct Settings {
     /// Sessions failed over at once per lost worker [default: 16].
     #[arg(long, env = "HEIST_FAILOVER_PARALLELISM")]
     pub failover_parallelism: Option<usize>,
+    /// Routed tool calls recorded in the audit log: all, mutating or off [default: all].
+    #[arg(long, env = "HEIST_AUDIT_CALLS", value_enum)]
+    pub audit_calls: Option<crate::audit::AuditCalls>,
     /// Closed sessions and their transcripts are collected after this, in seconds
     /// [default: 259200].
     #[arg(long, env = "HEIST_SESSION_RETENTION_S")]
@@ -239,6 +242,7 @@ heist_proto::layer_over!(Settings {
     checkpoint_every,
     failover,
     failover_parallelism,
+    audit_calls,
     session_retention_s,
     session_gc_interval_s,
     metrics_public,
@@ -322,6 +326,7 @@ impl Settings {
             self.failover_parallelism,
             |v| v,
         );
+        set(&mut c.audit_calls, self.audit_calls, |v| v);
         set(&mut c.session_retention, self.session_retention_s, secs);
         set(&mut c.session_gc_interval, self.session_gc_interval_s, secs);
         set(&mut c.metrics_public, self.metrics_public, |v| v);

@@ -179,6 +179,18 @@ impl SigningKeys {
         self.client_verifier.clone()
     }
 
+    /// The key that authenticates the audit log's signed head ([`crate::audit`]), derived from
+    /// the signing key named `kid` (the current one when `None`) while the store holds it.
+    pub fn audit_key(&self, kid: Option<&str>) -> Option<(String, [u8; 32])> {
+        self.read()
+            .iter()
+            .find(|k| kid.is_none_or(|kid| k.signer.kid() == kid))
+            .map(|k| {
+                let key = blake3::derive_key("heist.v1 audit head", &k.record.seed);
+                (k.signer.kid().to_owned(), key)
+            })
+    }
+
     /// The accepted keys as a JWK Set (RFC 7517; OKP keys per RFC 8037).
     pub fn jwks(&self) -> Value {
         let keys: Vec<Value> = self

@@ -314,6 +314,7 @@ impl Relay {
         let mut last = 0;
         let mut end = None;
         let mut attempts = 0;
+        let mut tool_calls = ToolCallClock::default();
         while end.is_none() {
             let next = tokio::select! {
                 () = self.app.shutdown.cancelled() => {
@@ -335,6 +336,7 @@ impl Relay {
                     if let Err(err) = log.append(id, event.seq, &event) {
                         warn!(%err, "cannot store a turn event");
                     }
+                    self.audit_tool_call(&event, &mut tool_calls).await;
                     last = event.seq;
                     attempts = 0;
                 }
@@ -373,6 +375,67 @@ impl Relay {
         info!(state = turn.state, events = last, "turn finished");
     }
 
+    /// Writes the audit record of an agent tool call when its `tool_call_finished` event
+    /// arrives: `tool.executed` (argument digest from its `tool_call_requested` event,
+    /// duration from its `tool_call_started` event, outcome) or, for a call the worker's gate
+    /// refused (no start), `tool.denied`. It is in the store before the turn's events are
+    /// flushed.
+    async fn audit_tool_call(&self, event: &pb::TurnEvent, clock: &mut ToolCallClock) {
+        let at = event
+            .at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok());
+        let call = match &event.event {
+            Some(Event::ToolCallRequested(call)) => {
+                let args = calls::audited::args_digest(&call.arguments.clone().unwrap_or_default());
+                clock.requested.insert(call.call_id.clone(), args);
+                return;
+            }
+            Some(Event::ToolCallStarted(call)) => {
+                clock.started.insert(call.call_id.clone(), at);
+                return;
+            }
+            Some(Event::ToolCallFinished(call)) => call,
+            _ => return,
+        };
+        let started = clock.started.remove(&call.call_id);
+        let args = clock.requested.remove(&call.call_id).unwrap_or_default();
+        let session = &self.request.session_id;
+        let via = format!("turn turn={} agent={}", self.turn, event.agent);
+        let (kind, detail) = match started {
+            None => (
+                "tool.denied",
+                format!(
+                    "session={session} tool={} reason=refused by the worker's gate (turn grant ∩ the agent's tools) via={via}",
+                    call.tool
+                ),
+            ),
+            Some(started) => {
+                let read_only = self
+                    .app
+                    .registry
+                    .catalogue(&self.worker)
+                    .and_then(|c| c.get(&call.tool).map(|t| t.read_only))
+                    .unwrap_or(false);
+                if !self.app.config.audit_calls.records(read_only) {
+                    return;
+                }
+                let took = match (started, at) {
+                    (Some(s), Some(f)) => f.duration_since(s).unwrap_or_default(),
+                    _ => Duration::ZERO,
+                };
+                let outcome = call
+                    .result
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_owned(), |r| calls::audited::outcome(Ok(r)));
+                (
+                    calls::audited::EXECUTED,
+                    calls::audited::detail(session, &call.tool, &args, &outcome, took, &via),
+                )
+            }
+        };
+        self.app.audit.append(kind, &self.principal, detail).await;
+    }
+
     /// Appends `error` and `finished(FAILED)` after event `last`.
     fn fail(&self, log: &EventLog<pb::TurnEvent>, last: &mut u64, why: &str) {
         for event in [
@@ -392,6 +455,16 @@ impl Relay {
             }
         }
     }
+}
+
+/// What the audit record of an agent tool call needs from its earlier events, by the model's
+/// call id.
+#[derive(Default)]
+struct ToolCallClock {
+    /// The argument digest of each requested call.
+    requested: std::collections::HashMap<String, String>,
+    /// When each call started.
+    started: std::collections::HashMap<String, Option<std::time::SystemTime>>,
 }
 
 /// The turn's events from `from_seq` on (1 = from the start), live until it finishes.

@@ -13,10 +13,12 @@
 //! - [`checkpoint`]: checkpoint capture and restore against `tar -cf` and `cp -a`.
 //! - [`scaling`]: routed throughput with 1, 2 and 4 workers.
 //! - [`mcp`]: MCP `tools/call` of `echo` (HTTP/1.1 and HTTP/2) against gRPC CallTool.
+//! - [`audit`]: routed throughput with every executed call audited against none.
 //!
 //! Everything talks to 127.0.0.1 only; every loop stops at a count and at a time cap; children
 //! are stopped at the end, on error and on Ctrl-C (a second Ctrl-C kills them at once).
 
+pub mod audit;
 pub mod baseline;
 pub mod checkpoint;
 pub mod exec;

@@ -45,6 +45,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(super::scaling::Scaling),
         Box::new(super::telemetry::Telemetry),
         Box::new(super::mcp::Mcp),
+        Box::new(super::audit::Audit),
     ]
 }
 

@@ -215,6 +215,13 @@ const RATIOS: &[RatioSpec] = &[
         target: Some((Op::AtLeast, 0.9)),
     },
     RatioSpec {
+        name: "audit_on_over_off",
+        label: "every call audited / executed calls not audited (throughput medians)",
+        numerator: ("audit", "on_calls_per_s"),
+        denominator: ("audit", "off_calls_per_s"),
+        target: Some((Op::AtLeast, 0.9)),
+    },
+    RatioSpec {
         name: "restore_in_place_over_cp",
         label: "restore in place / cp -a",
         numerator: ("checkpoint", "restore_in_place_ms"),

@@ -71,6 +71,8 @@ impl AuditService for AuditApi {
             n => n.min(MAX_LIMIT),
         };
         let filter = req.filter.unwrap_or_default();
+        // Everything queued before this call (e.g. the refusal the caller just got) is listed.
+        self.app.audit.settle().await;
         let (records, more) = self
             .app
             .audit
@@ -97,6 +99,7 @@ impl AuditService for AuditApi {
         let req = request.into_inner();
         let filter = req.filter.unwrap_or_default();
         let app = Arc::clone(&self.app);
+        app.audit.settle().await;
         let mut cursor = if req.from_start || req.after_seq > 0 {
             req.after_seq
         } else {
@@ -139,6 +142,7 @@ impl AuditService for AuditApi {
         &self,
         _request: Request<VerifyAuditRequest>,
     ) -> Result<Response<VerifyAuditResponse>, Status> {
+        self.app.audit.settle().await;
         let app = Arc::clone(&self.app);
         let verdict = tokio::task::spawn_blocking(move || app.audit.verify())
             .await

@@ -2,21 +2,25 @@
 //! today; the MCP endpoint and agent turns next).
 //!
 //! ```text
-//! admit ─► gate ─► run once ─► forward ─► after-hooks
-//! session   token   request-id  unary or    auto-checkpoint
-//! owner,    scopes  dedup       stream to   (audit, metrics
-//! READY,    ∩       (runner)    the worker  plug in here)
+//! admit ─► gate ─► run once ─► forward ─► audit ─► after-hooks
+//! session   token   request-id  unary or   tool.     metrics,
+//! owner,    scopes  dedup       stream to  executed  mutation count,
+//! READY,    ∩       (runner)    the worker (audited) auto-checkpoint
 //! route,    session
 //! catalogue,policy; refusals audited
 //! store
 //! writable
 //! ```
 //!
+//! The `tool.executed` record ([`audited`]) is written inside the run-once body, so it is in
+//! the store before the request-id record and rides on its flush.
+//!
 //! A call is a domain [`ToolCall`] (principal, session, tool, JSON arguments, request id,
 //! deadline) and its result a `CallToolResponse` (the wire's MCP-shaped result); nothing here
 //! depends on tonic. [`gate`] is the one place a call is allowed, under the session's
 //! [`policy`]; [`hooks`] lists what runs after.
 
+pub mod audited;
 pub mod gate;
 pub mod hooks;
 pub mod policy;
@@ -162,18 +166,26 @@ async fn run(
         worker,
         route,
         dedup,
-        ..
+        read_only,
     } = admitted;
     let (owner, deadline, req) = (call.principal.id.clone(), call.deadline, call.to_request());
+    let execution = audited::Execution::start(app, call, read_only, "call");
     let Some(dedup) = dedup else {
-        return forward(&route, worker, &owner, deadline, req).await;
+        let result = forward(&route, worker, &owner, deadline, req).await;
+        execution.finish(result.as_ref(), false).await;
+        return result;
     };
     let span = debug_span!("call-tool", request_id = %dedup.request_id);
     runner::run_once(
         app,
         Some(dedup),
         |_, bytes| replayed(bytes),
-        async move { forward(&route, worker, &owner, deadline, req).await }.instrument(span),
+        async move {
+            let result = forward(&route, worker, &owner, deadline, req).await;
+            execution.finish(result.as_ref(), true).await;
+            result
+        }
+        .instrument(span),
     )
     .await
 }

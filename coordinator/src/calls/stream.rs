@@ -5,7 +5,9 @@
 //!
 //! A replay (same request id, same arguments) is a stream of one event: the first call's
 //! result, with `replayed` set. Only a call that reached its result is recorded, and the
-//! after-hooks run when the result arrives.
+//! after-hooks run when the result arrives. The `tool.executed` audit record is written when
+//! the stream ends: with the result (before its request-id record), with the failure, or, when
+//! the caller drops the stream first, as `cancelled`.
 
 use std::sync::Arc;
 
@@ -16,7 +18,7 @@ use heist_proto::{
 };
 use tonic::Status;
 
-use super::{Admitted, ToolCall, admit, hooks, replayed};
+use super::{Admitted, ToolCall, admit, audited::Execution, hooks, replayed};
 use crate::{
     app::App,
     error::Error,
@@ -44,10 +46,18 @@ pub async fn call_stream(app: &Arc<App>, call: ToolCall) -> Result<ToolEvents, E
         }
         Started::Run(record) => record,
     };
+    let execution = Execution::start(app, &call, read_only, "stream");
     let events = route
         .client
         .call_tool_stream(&call.principal.id, call.deadline, call.to_request())
-        .await?;
+        .await;
+    let events = match events {
+        Ok(events) => events,
+        Err(err) => {
+            execution.finish(Err(&err), false).await;
+            return Err(err);
+        }
+    };
     let forward = Forward {
         app: Arc::clone(app),
         call,
@@ -55,6 +65,7 @@ pub async fn call_stream(app: &Arc<App>, call: ToolCall) -> Result<ToolEvents, E
         worker,
         events,
         record,
+        execution: Some(execution),
         done: false,
     };
     Ok(futures::stream::unfold(forward, |mut f| async move {
@@ -73,6 +84,8 @@ struct Forward {
     events: ToolEvents,
     /// Completed with the result when the call has a request id.
     record: Option<Recorder>,
+    /// The call's audit record, written once when the stream ends.
+    execution: Option<Execution>,
     done: bool,
 }
 
@@ -96,6 +109,9 @@ impl Forward {
             Ok(Some(Ok(event))) => return Some(Ok(event)),
         };
         self.done = true;
+        if let (Err(err), Some(execution)) = (&event, self.execution.take()) {
+            execution.finish(Err(err), self.record.is_some()).await;
+        }
         if let (Err(err), Some(record)) = (&event, self.record.take())
             && let Err(settle) = record.fail(err).await
         {
@@ -107,11 +123,23 @@ impl Forward {
     /// Stamps the result, records it for its request id, and runs the after-hooks.
     async fn finish(&mut self, mut resp: CallToolResponse) -> Result<CallToolResponse, Error> {
         resp.worker_id = self.worker.to_string();
+        if let Some(execution) = self.execution.take() {
+            execution.finish(Ok(&resp), self.record.is_some()).await;
+        }
         if let Some(record) = self.record.take() {
             record.complete(&resp).await?;
         }
         hooks::after(&self.app, &self.call, self.read_only, &resp).await;
         Ok(resp)
+    }
+}
+
+impl Drop for Forward {
+    /// A stream dropped before its end: the call is recorded as cancelled.
+    fn drop(&mut self) {
+        if let Some(execution) = self.execution.take() {
+            execution.cancelled();
+        }
     }
 }
 

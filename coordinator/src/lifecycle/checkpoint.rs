@@ -215,6 +215,14 @@ async fn capture_and_commit(
         allowed_tools,
     };
     let committed = app.checkpoints.commit(session, record)?;
+    let detail = format!(
+        "checkpoint={id} session={session} worker={worker} files={} bytes={} parent={} auto={}",
+        committed.file_count,
+        committed.total_bytes,
+        committed.parent_id,
+        committed.labels.contains_key(AUTO_LABEL.0)
+    );
+    app.audit.append("checkpoint.created", owner, detail).await;
     app.store.flush().await?;
     drop(pin);
     info!(checkpoint_id = %id, session_id = %session, worker_id = %worker, files = committed.file_count, bytes = committed.total_bytes, parent_id = %committed.parent_id, "checkpoint committed");
@@ -280,8 +288,13 @@ async fn restore_inner(
         .await?;
     app.checkpoints.set_head(&target, id)?;
     app.checkpoints.add_holder(id, worker.as_str());
-    app.store.flush().await?;
     let stats = done.stats.unwrap_or_default();
+    let detail = format!(
+        "checkpoint={id} session={target} worker={worker} files={} fetched_blobs={}",
+        stats.files, stats.fetched_blobs
+    );
+    app.audit.append("checkpoint.restored", owner, detail).await;
+    app.store.flush().await?;
     info!(checkpoint_id = %id, session_id = %target, worker_id = %worker, files = stats.files, fetched_blobs = stats.fetched_blobs, "checkpoint restored");
     let session = app
         .sessions
@@ -346,6 +359,11 @@ async fn fork_inner(
     }
     app.checkpoints.set_head(&new_id, id)?;
     app.checkpoints.add_holder(id, worker.as_str());
+    let detail = format!(
+        "checkpoint={id} session={new_id} worker={worker} from_session={}",
+        checkpoint.session_id
+    );
+    app.audit.append("checkpoint.forked", owner, detail).await;
     app.store.flush().await?;
     info!(checkpoint_id = %id, session_id = %new_id, worker_id = %worker, warm = prefer.contains(worker.as_str()), "session forked");
     let session = app

@@ -53,6 +53,8 @@ pub struct Report {
 /// Fails over every open session of `lost` (see the module docs), a few at a time.
 pub async fn worker_lost(app: &Arc<App>, lost: &WorkerId) -> Report {
     let sessions = app.sessions.open_on(lost);
+    let detail = format!("open_sessions={}", sessions.len());
+    app.audit.record("worker.lost", lost.as_str(), &detail);
     if sessions.is_empty() {
         return Report::default();
     }
@@ -82,6 +84,7 @@ pub async fn worker_lost(app: &Arc<App>, lost: &WorkerId) -> Report {
             Outcome::Skipped => report.skipped += 1,
         }
     }
+    app.audit.settle().await;
     if let Err(err) = app.store.flush().await {
         warn!(%err, "cannot flush after failover");
     }
@@ -215,6 +218,12 @@ async fn fail_over(app: &Arc<App>, lost: &WorkerId, session: Session) -> Result<
         }
     })?;
     app.sessions.finish_create(&id);
+    let detail = format!(
+        "session={id} from={lost} to={worker} checkpoint={checkpoint_id} lost_calls={lost_calls}"
+    );
+    app.audit
+        .append("session.failed_over", &owner, detail)
+        .await;
     app.store.flush().await?;
     info!(session_id = %id, from = %lost, to = %worker, checkpoint_id = %checkpoint_id, lost_calls, "session failed over");
     Ok(Outcome::Recovered)
@@ -223,6 +232,12 @@ async fn fail_over(app: &Arc<App>, lost: &WorkerId, session: Session) -> Result<
 /// Marks a session of the lost worker FAILED with `reason`.
 fn fail(app: &App, id: &SessionId, lost: &WorkerId, reason: String) -> Result<(), Error> {
     warn!(session_id = %id, worker_id = %lost, %reason, "session failed");
+    let owner = app
+        .sessions
+        .with(id, |s| s.owner.clone())
+        .unwrap_or_default();
+    let detail = format!("session={id} worker={lost} reason={reason}");
+    app.audit.record("session.failed", &owner, &detail);
     app.sessions.update(id, |s| {
         (s.state == SessionState::Ready as i32
             || s.state == SessionState::Creating as i32

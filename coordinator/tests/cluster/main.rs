@@ -1,6 +1,7 @@
 //! Integration tests: real coordinators and workers on loopback, driven through the generated
 //! clients. Each test builds its own cluster in temp dirs.
 
+mod audit;
 mod auth;
 mod checkpoints;
 mod clients;
