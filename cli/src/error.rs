@@ -42,7 +42,7 @@ pub enum Error {
     Rpc(#[from] tonic::Status),
     /// No connection could be made to the coordinator.
     #[error(
-        "cannot reach the coordinator at {url}: {detail}; is it running? (set --coordinator or HEIST_COORDINATOR)"
+        "cannot reach the coordinator at {url}: {detail}; is it running, and does it serve this scheme? (https:// with --ca-cert for a TLS coordinator, http:// for plaintext; set --coordinator or HEIST_COORDINATOR)"
     )]
     Unreachable {
         /// Coordinator URL.

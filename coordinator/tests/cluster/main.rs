@@ -23,4 +23,5 @@ mod storage;
 mod surface;
 mod tools;
 mod toolscopes;
+mod tls;
 mod turns;
