@@ -78,7 +78,10 @@ impl Client {
                 }
                 let pem = std::fs::read(path).map_err(|e| {
                     Error::io(
-                        format!("cannot read the CA certificate {} (--ca-cert)", path.display()),
+                        format!(
+                            "cannot read the CA certificate {} (--ca-cert)",
+                            path.display()
+                        ),
                         e,
                     )
                 })?;

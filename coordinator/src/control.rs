@@ -71,10 +71,16 @@ impl WorkerControl for ControlApi {
         let mut inbound = request.into_inner();
         let register = first_register(&self.app, &mut inbound).await?;
         tracing::Span::current().record("worker_id", register.worker_id.as_str());
-        join(&self.app, register, inbound, peer, certs.as_deref().map(Vec::as_slice))
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        join(
+            &self.app,
+            register,
+            inbound,
+            peer,
+            certs.as_deref().map(Vec::as_slice),
+        )
+        .await
+        .map(Response::new)
+        .map_err(Status::from)
     }
 }
 

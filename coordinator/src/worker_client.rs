@@ -132,7 +132,11 @@ impl WorkerClient {
             .http2_keep_alive_interval(tuning.keepalive_interval)
             .keep_alive_timeout(tuning.keepalive_timeout)
             .keep_alive_while_idle(true);
-        let endpoint = match tuning.tls.as_deref().and_then(|t| t.cluster_client(Some(worker.as_str()))) {
+        let endpoint = match tuning
+            .tls
+            .as_deref()
+            .and_then(|t| t.cluster_client(Some(worker.as_str())))
+        {
             None => endpoint,
             Some(tls) => {
                 if !address.starts_with("https://") {

@@ -394,13 +394,18 @@ pub enum PeerCertError {
     #[error("no client certificate: connect with this worker's certificate (HEIST_TLS_CERT)")]
     Missing,
     /// The certificate does not name the identity.
-    #[error("the client certificate is not issued for {0:?}: give this worker the certificate of its own id")]
+    #[error(
+        "the client certificate is not issued for {0:?}: give this worker the certificate of its own id"
+    )]
     OtherName(String),
 }
 
 /// Checks that the (already CA-verified) peer certificate `certs[0]` names `name` as a DNS
 /// subject alternative name.
-pub fn check_peer_name(certs: Option<&[CertificateDer<'_>]>, name: &str) -> Result<(), PeerCertError> {
+pub fn check_peer_name(
+    certs: Option<&[CertificateDer<'_>]>,
+    name: &str,
+) -> Result<(), PeerCertError> {
     let cert = certs
         .and_then(|c| c.first())
         .ok_or(PeerCertError::Missing)?;

@@ -310,10 +310,7 @@ impl Config {
         if !self.tls.is_set() {
             return Ok(());
         }
-        let tls = self
-            .tls
-            .load()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let tls = self.tls.load().map_err(|e| Error::Config(e.to_string()))?;
         let Some(tls) = tls.filter(|t| t.has_ca()) else {
             return Err(Error::Config(
                 "HEIST_TLS_CA is not set: a worker under TLS needs the cluster CA too (it \
@@ -358,10 +355,7 @@ impl Config {
     pub fn coordinator_endpoint(&self) -> Result<tonic::transport::Endpoint, Error> {
         let endpoint = tonic::transport::Endpoint::from_shared(self.coordinator_addr.clone())
             .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: {e}")))?;
-        let tls = self
-            .tls
-            .load()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let tls = self.tls.load().map_err(|e| Error::Config(e.to_string()))?;
         match tls.and_then(|t| t.cluster_client(None)) {
             None => Ok(endpoint),
             Some(client) => endpoint

@@ -133,7 +133,10 @@ mod tests {
         let loaded = files.load().expect("load").expect("tls");
         assert!(loaded.has_ca());
         let cert = [loaded.certificate().clone()];
-        assert_eq!(heist_proto::tls::check_peer_name(Some(&cert), "worker-1"), Ok(()));
+        assert_eq!(
+            heist_proto::tls::check_peer_name(Some(&cert), "worker-1"),
+            Ok(())
+        );
         assert!(heist_proto::tls::check_peer_name(Some(&cert), "worker-2").is_err());
     }
 }

@@ -386,7 +386,8 @@ impl LocalCluster {
         Ok(
             Client::connect_with(self.coordinator_url(), self.call_timeout, self.ca_cert())
                 .await?
-            .with_token(self.access_token.clone()))
+                .with_token(self.access_token.clone()),
+        )
     }
 
     /// Waits until any child exits and returns the error describing it (name, status, log tail).

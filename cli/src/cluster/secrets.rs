@@ -121,7 +121,9 @@ mod tests {
         let fresh = DevSecrets::load_or_generate(&path).expect("generate");
         assert_eq!(fresh.join_token.len(), 64);
         assert_ne!(fresh.join_token, fresh.admin_secret);
-        fresh.write(&path, "http://127.0.0.1:1", None).expect("write");
+        fresh
+            .write(&path, "http://127.0.0.1:1", None)
+            .expect("write");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(DevSecrets::load_or_generate(&path).expect("load"), fresh);

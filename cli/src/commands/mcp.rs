@@ -33,7 +33,10 @@ pub async fn run(ctx: &Context, _args: Args) -> Result<u8, Error> {
     let ca = match &ctx.global.ca_cert {
         Some(path) => Some(std::fs::read(path).map_err(|e| {
             Error::io(
-                format!("cannot read the CA certificate {} (--ca-cert)", path.display()),
+                format!(
+                    "cannot read the CA certificate {} (--ca-cert)",
+                    path.display()
+                ),
                 e,
             )
         })?),

@@ -21,7 +21,7 @@ mod sandbox;
 mod sessions;
 mod storage;
 mod surface;
+mod tls;
 mod tools;
 mod toolscopes;
-mod tls;
 mod turns;

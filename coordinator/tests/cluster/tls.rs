@@ -42,7 +42,10 @@ impl Pki {
         let key = KeyPair::generate().expect("ca key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).expect("ca cert");
         let ca_pem = cert.pem();
         std::fs::write(dir.join("ca.pem"), &ca_pem).expect("write ca");
@@ -152,7 +155,10 @@ impl TlsCoordinator {
     }
 
     /// A channel verifying the coordinator against the CA, presenting `identity` if given.
-    async fn channel(&self, identity: Option<Identity>) -> Result<Channel, tonic::transport::Error> {
+    async fn channel(
+        &self,
+        identity: Option<Identity>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
         if let Some(identity) = identity {
             tls = tls.identity(identity);
@@ -268,7 +274,10 @@ async fn a_tls_and_mtls_cluster_routes_calls_and_plaintext_clients_fail_cleanly(
             .map_err(|s| s.to_string())
     }
     .await;
-    assert!(no_cert.is_err(), "the worker answered a client without a certificate");
+    assert!(
+        no_cert.is_err(),
+        "the worker answered a client without a certificate"
+    );
 
     // Still serving TLS clients after all that.
     assert_eq!(client.workers().await.len(), 1);
@@ -440,7 +449,10 @@ async fn heistctl_talks_to_a_tls_coordinator_with_its_ca_certificate() {
     let ca = pki.ca();
     let ca = ca.to_str().expect("utf-8 path");
 
-    let out = ctl(&coord.url(), &["--ca-cert", ca, "-o", "json", "workers", "ls"]);
+    let out = ctl(
+        &coord.url(),
+        &["--ca-cert", ca, "-o", "json", "workers", "ls"],
+    );
     assert!(out.status.success(), "{out:?}");
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert!(listed.to_string().contains("w-1"), "{listed}");

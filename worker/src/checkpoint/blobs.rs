@@ -20,11 +20,7 @@ use heist_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Request, Status, Streaming,
-    metadata::AsciiMetadataValue,
-    transport::Channel,
-};
+use tonic::{Request, Status, Streaming, metadata::AsciiMetadataValue, transport::Channel};
 
 use super::manifest::Hash;
 use crate::{Config, Error};
