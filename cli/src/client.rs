@@ -68,6 +68,9 @@ impl Client {
             .connect_timeout(timeout)
             .tcp_nodelay(true);
         let endpoint = match ca_cert {
+            None if url.starts_with("https://") => endpoint
+                .tls_config(heist_proto::tls::client_config(None))
+                .map_err(|e| Error::Usage(format!("cannot set up TLS to {url}: {e}")))?,
             None => endpoint,
             Some(path) => {
                 if !url.starts_with("https://") {
