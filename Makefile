@@ -5,7 +5,7 @@ CARGO       ?= cargo
 BINS        := coordinator worker heist-sandbox heistctl
 RELEASE_DIR := target/release
 
-.PHONY: all build demo dev test test-deps test-unit lint fmt bench fuzz clean
+.PHONY: all build demo demo-tls dev test test-deps test-unit lint fmt bench fuzz clean
 
 all: build
 
@@ -19,6 +19,10 @@ build:
 ## demo: a local cluster (coordinator + 2 workers), sessions spread over both, tools routed, then stop
 demo: build
 	bin/heistctl dev demo --workers 2
+
+## demo-tls: the demo on TLS, with mTLS between the coordinator and the workers (a local CA is generated)
+demo-tls: build
+	bin/heistctl dev demo --workers 2 --tls
 
 ## dev: a local cluster that runs until Ctrl-C
 dev: build

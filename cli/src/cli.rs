@@ -38,6 +38,10 @@ pub struct GlobalArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub coordinator: String,
+    /// PEM CA certificate that signed an https:// coordinator's certificate (default: the
+    /// public web roots).
+    #[arg(long, global = true, env = "HEIST_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Output format: `table` for people, `json` (stable) for programs.
     #[arg(
         long,
@@ -159,7 +163,12 @@ impl Context {
 
     /// A connection without a token (login, health).
     pub async fn anonymous_client(&self) -> Result<Client, Error> {
-        Client::connect(&self.global.coordinator, self.timeout()).await
+        Client::connect_with(
+            &self.global.coordinator,
+            self.timeout(),
+            self.global.ca_cert.as_deref(),
+        )
+        .await
     }
 
     /// A connection carrying the token: `--token`/HEIST_TOKEN, else the cached one. No token

@@ -2,7 +2,7 @@
 //! per-call deadline. Mutating calls carry a request id and are retried (with the same id) when
 //! the transport fails before the coordinator answered, so a retry never applies twice.
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, path::Path, time::Duration};
 
 use heist_proto::v1::{
     self, auth_service_client::AuthServiceClient, cluster_service_client::ClusterServiceClient,
@@ -51,12 +51,48 @@ pub struct Client {
 impl Client {
     /// Connects to `url`, giving up after `timeout`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, Error> {
+        Self::connect_with(url, timeout, None).await
+    }
+
+    /// Connects to `url`; an `https://` coordinator's certificate is verified against the PEM
+    /// CA in `ca_cert` when given, else against the public web roots.
+    pub async fn connect_with(
+        url: &str,
+        timeout: Duration,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, Error> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|_| Error::BadUrl {
                 url: url.to_owned(),
             })?
             .connect_timeout(timeout)
             .tcp_nodelay(true);
+        let endpoint = match ca_cert {
+            None if url.starts_with("https://") => endpoint
+                .tls_config(heist_proto::tls::client_config(None))
+                .map_err(|e| Error::Usage(format!("cannot set up TLS to {url}: {e}")))?,
+            None => endpoint,
+            Some(path) => {
+                if !url.starts_with("https://") {
+                    return Err(Error::Usage(format!(
+                        "--ca-cert is for a TLS coordinator but {url:?} is plaintext: use \
+                         https://host:port"
+                    )));
+                }
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "cannot read the CA certificate {} (--ca-cert)",
+                            path.display()
+                        ),
+                        e,
+                    )
+                })?;
+                endpoint
+                    .tls_config(heist_proto::tls::client_config(Some(pem.as_slice())))
+                    .map_err(|e| Error::Usage(format!("--ca-cert {}: {e}", path.display())))?
+            }
+        };
         let channel = endpoint.connect().await.map_err(|e| Error::Unreachable {
             url: url.to_owned(),
             detail: error_chain(&e),

@@ -42,7 +42,7 @@ pub enum Error {
     Rpc(#[from] tonic::Status),
     /// No connection could be made to the coordinator.
     #[error(
-        "cannot reach the coordinator at {url}: {detail}; is it running? (set --coordinator or HEIST_COORDINATOR)"
+        "cannot reach the coordinator at {url}: {detail}; is it running, and does it serve this scheme? (https:// with --ca-cert for a TLS coordinator, http:// for plaintext; set --coordinator or HEIST_COORDINATOR)"
     )]
     Unreachable {
         /// Coordinator URL.
@@ -204,9 +204,32 @@ pub fn exit_code_for(code: Code) -> u8 {
 fn status_message(status: &tonic::Status) -> String {
     if status.message().is_empty() {
         format!("{:?}", status.code())
+    } else if is_broken_connection(status) {
+        // What a plaintext client sees from a TLS port: its TLS alert is not HTTP/2.
+        format!(
+            "{}: the connection broke at the HTTP/2 level; if the coordinator serves TLS, use \
+             https:// with --ca-cert",
+            status.message()
+        )
     } else {
         status.message().to_owned()
     }
+}
+
+/// A call that failed because the HTTP/2 connection broke (the transport's own errors, not an
+/// answer of the coordinator).
+fn is_broken_connection(status: &tonic::Status) -> bool {
+    const BROKEN: [&str; 5] = [
+        "transport error",
+        "h2 protocol error",
+        "operation was canceled",
+        "connection reset",
+        "connection closed",
+    ];
+    matches!(
+        status.code(),
+        Code::Unknown | Code::Unavailable | Code::Cancelled
+    ) && BROKEN.iter().any(|b| status.message().starts_with(b))
 }
 
 #[cfg(test)]

@@ -28,7 +28,23 @@ impl McpHttp {
     /// `coordinator` is the base URL (`http://127.0.0.1:50051`); requests go to `…/mcp`.
     /// `http2` speaks HTTP/2 without TLS (prior knowledge), else HTTP/1.1 with keep-alive.
     pub fn new(coordinator: &str, token: String, http2: bool) -> Result<Self, Error> {
-        let builder = reqwest::Client::builder().tcp_nodelay(true);
+        Self::with_ca(coordinator, token, http2, None)
+    }
+
+    /// Like [`McpHttp::new`]; an `https://` coordinator is verified against the PEM CA
+    /// certificate `ca_pem` when given (else the public web roots).
+    pub fn with_ca(
+        coordinator: &str,
+        token: String,
+        http2: bool,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, Error> {
+        let mut builder = reqwest::Client::builder().tcp_nodelay(true);
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| Error::Usage(format!("--ca-cert is not a PEM certificate: {e}")))?;
+            builder = builder.add_root_certificate(ca);
+        }
         let builder = if http2 {
             builder.http2_prior_knowledge()
         } else {

@@ -55,6 +55,8 @@ pub struct App {
     pub turns: TurnStore,
     /// Heist games, their sealed moles and their events.
     pub heists: crate::heist::service::Heists,
+    /// The TLS material (HEIST_TLS_*), when the port serves TLS.
+    pub tls: Option<Arc<heist_proto::tls::Tls>>,
     /// Prometheus metrics, served on `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Every task spawned on behalf of the server; waited for at shutdown.
@@ -67,6 +69,11 @@ impl App {
     /// Opens the store under `config.data_dir`, loads workers and sessions, and upserts the
     /// bootstrap admin client.
     pub async fn open(config: Config) -> Result<Arc<Self>, Error> {
+        let tls = config
+            .tls
+            .load()
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?
+            .map(Arc::new);
         let store = Store::open(&config.data_dir)?.with_min_free(config.store_min_free_bytes);
         let longest_lifetime = config
             .token_ttl
@@ -122,6 +129,7 @@ impl App {
             checkpoints,
             turns,
             heists,
+            tls,
             metrics: Arc::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),

@@ -150,6 +150,11 @@ pub struct Config {
     /// Closed and failed sessions (with their transcripts) are collected this long after
     /// their last change. HEIST_SESSION_RETENTION_S, default 259200 s (3 days).
     pub session_retention: Duration,
+    /// TLS: with a certificate and key (HEIST_TLS_CERT, HEIST_TLS_KEY) the port serves TLS
+    /// only; with the cluster CA as well (HEIST_TLS_CA), mTLS with the workers: their
+    /// certificates are verified and must name their ids, and the coordinator presents its
+    /// certificate to them. Default: none, plaintext.
+    pub tls: heist_proto::tls::TlsFiles,
     /// How often closed sessions are collected. HEIST_SESSION_GC_INTERVAL_S, default 300 s.
     pub session_gc_interval: Duration,
 }
@@ -225,6 +230,7 @@ impl Default for Config {
             login_failures_per_s: 20,
             limits: LimitsConfig::default(),
             store_min_free_bytes: DEFAULT_STORE_MIN_FREE_BYTES,
+            tls: heist_proto::tls::TlsFiles::default(),
         }
     }
 }
@@ -282,6 +288,7 @@ impl fmt::Debug for Config {
             .field("login_failures_per_s", &self.login_failures_per_s)
             .field("limits", &self.limits)
             .field("store_min_free_bytes", &self.store_min_free_bytes)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -392,6 +399,9 @@ impl Config {
         }
         self.mcp.validate().map_err(Error::InvalidConfig)?;
         self.limits.validate().map_err(Error::InvalidConfig)?;
+        self.tls
+            .load()
+            .map_err(|e| Error::InvalidConfig(e.to_string()))?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 use heist_proto::{
     errors,
     ids::WorkerId,
+    tls::CertificateDer,
     token::key_id,
     v1::{
         Accepted, CoordinatorMessage, Evict, Register, RetiredKey, Worker, WorkerMessage,
@@ -30,7 +31,8 @@ use crate::{
     error::Error,
     registry::{Catalogue, Registration},
     store::Store,
-    worker_client::{WorkerClient, credential_audience, normalise_address},
+    worker_certs,
+    worker_client::{ChannelTuning, WorkerClient, credential_audience, normalise_address},
     worker_keys::Enrolment,
 };
 
@@ -59,6 +61,7 @@ impl WorkerControl for ControlApi {
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::JoinStream>, Status> {
         let peer = request.remote_addr();
+        let certs = request.peer_certs();
         if let Err(err) = auth::check_join_token(&self.app.config.join_token, request.metadata()) {
             warn!(?peer, "worker refused: join token missing or wrong");
             let detail = format!("peer={peer:?} join token missing or wrong");
@@ -68,10 +71,16 @@ impl WorkerControl for ControlApi {
         let mut inbound = request.into_inner();
         let register = first_register(&self.app, &mut inbound).await?;
         tracing::Span::current().record("worker_id", register.worker_id.as_str());
-        join(&self.app, register, inbound, peer)
-            .await
-            .map(Response::new)
-            .map_err(Status::from)
+        join(
+            &self.app,
+            register,
+            inbound,
+            peer,
+            certs.as_deref().map(Vec::as_slice),
+        )
+        .await
+        .map(Response::new)
+        .map_err(Status::from)
     }
 }
 
@@ -102,12 +111,13 @@ async fn join(
     mut reg: Register,
     inbound: Streaming<WorkerMessage>,
     peer: Option<SocketAddr>,
+    certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<ReceiverStream<Result<CoordinatorMessage, Status>>, Error> {
     if app.shutdown.is_cancelled() {
         return Err(Error::ShuttingDown);
     }
     let id = WorkerId::parse(reg.worker_id.as_str())?;
-    let enrolment = check_identity(app, &id, &reg, peer)?;
+    let enrolment = check_identity(app, &id, &reg, peer, certs)?;
     let tools = catalogue::vet_tools(&app.config, &id, std::mem::take(&mut reg.tools))?;
     reg.capacity = catalogue::vet_capacity(&app.config, &id, reg.capacity);
     if reg.capacity == 0 {
@@ -124,7 +134,7 @@ async fn join(
             app.keys.clone(),
             &app.config.token_issuer,
             app.config.worker_credential_ttl,
-            &(&app.config).into(),
+            &ChannelTuning::from(&app.config).with_tls(app.tls.clone()),
         )?),
     };
     let now = SystemTime::now();
@@ -200,9 +210,10 @@ async fn join(
     Ok(ReceiverStream::new(rx))
 }
 
-/// Checks the registration's identity proof against the key bound to the id (binding it on a
-/// first enrolment). A registration proving another key is refused and logged with both
-/// peers; one proving the same key while the id is connected is the worker reconnecting over a
+/// Checks the connection's client certificate under mTLS ([`worker_certs`]), then the
+/// registration's identity proof against the key bound to the id (binding it on a
+/// first enrolment). A registration proving another key (or another id's certificate) is
+/// refused, audited and logged with both peers; one proving the same key while the id is connected is the worker reconnecting over a
 /// stream the coordinator has not seen break yet: the old stream is ended with a status saying
 /// why (never dropped silently) and the new one takes over.
 fn check_identity(
@@ -210,6 +221,7 @@ fn check_identity(
     id: &WorkerId,
     reg: &Register,
     peer: Option<SocketAddr>,
+    certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<Enrolment, Error> {
     let live = app.registry.is_connected(id);
     let live_address = app
@@ -217,9 +229,12 @@ fn check_identity(
         .client(id)
         .map(|c| c.address().to_owned())
         .unwrap_or_default();
-    let enrolment = app
-        .worker_keys
-        .check_register(id, reg.identity.as_ref(), &reg.advertise_addr)
+    // The certificate first: a worker without its own certificate never binds a key.
+    let enrolment = worker_certs::check(app, id, certs)
+        .and_then(|()| {
+            app.worker_keys
+                .check_register(id, reg.identity.as_ref(), &reg.advertise_addr)
+        })
         .inspect_err(|err| {
             warn!(
                 worker_id = %id,

@@ -25,7 +25,8 @@
 //! - [`runner`]: the one idempotent runner (begin → run → complete → replay).
 //! - [`convert`]: checks at the edge (labels, paging).
 //! - [`control`]: WorkerControl.Join, the worker control stream; [`worker_keys`]: the key each
-//!   worker id is bound to and the proofs registrations and blob calls must carry.
+//!   worker id is bound to and the proofs registrations and blob calls must carry;
+//!   [`worker_certs`]: under mTLS, the client certificate those calls must come with.
 //! - [`cas`], [`checkpoints`]: the blob store and the checkpoint table (records, lineage,
 //!   retention, blob GC); [`lifecycle`], [`api::checkpoint`] and [`api::blob`] serve them.
 
@@ -62,6 +63,7 @@ pub mod store;
 pub mod throttle;
 pub mod turns;
 pub mod web;
+pub mod worker_certs;
 pub mod worker_client;
 pub mod worker_keys;
 

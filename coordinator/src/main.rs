@@ -62,8 +62,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn healthcheck(flags: Flags, path: &str) -> anyhow::Result<()> {
-    let (listen, _) = settings::load(flags.config.as_deref(), flags.settings)?;
-    match heist_proto::health::check(listen.addr, path, std::time::Duration::from_secs(2)) {
+    let (listen, config) = settings::load(flags.config.as_deref(), flags.settings)?;
+    let tls = config.tls.load()?;
+    let timeout = std::time::Duration::from_secs(2);
+    match heist_proto::health::check(listen.addr, path, timeout, tls.as_ref()) {
         Ok(()) => Ok(()),
         Err(why) => {
             eprintln!("not ready: {why}");

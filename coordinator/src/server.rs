@@ -6,6 +6,7 @@ use std::{future::Future, sync::Arc};
 use heist_proto::{
     FILE_DESCRIPTOR_SET,
     space::Writability,
+    tls::ClientAuth,
     v1::{
         agent_service_server::AgentServiceServer, audit_service_server::AuditServiceServer,
         auth_service_server::AuthServiceServer, blob_service_server::BlobServiceServer,
@@ -229,17 +230,40 @@ async fn run(
             );
         }
     };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Built before health says SERVING: a TLS setting rustls refuses fails the start.
+    let tls = match &app.tls {
+        Some(tls) => Some((
+            tls.server_config(ClientAuth::Optional)
+                .map_err(|e| Error::InvalidConfig(e.to_string()))?,
+            tls.handshake_timeout(),
+        )),
+        None => None,
+    };
     set_health(&health, ServingStatus::Serving).await;
     app.tasks.spawn(
         follow_store(app.clone(), health.clone(), health_lock, stopping)
             .instrument(info_span!("store-health")),
     );
-    info!(addr = %local_addr, "coordinator listening");
-    router
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await
-        .map_err(Error::from)
+    let mtls = app.tls.as_ref().is_some_and(|t| t.has_ca());
+    info!(addr = %local_addr, tls = tls.is_some(), mtls, "coordinator listening");
+    let served = match tls {
+        // With a certificate, TLS only; clients may present a certificate, which must be
+        // signed by the cluster CA (workers do; the worker RPCs check it).
+        Some((config, handshake_timeout)) => {
+            router
+                .serve_with_incoming_shutdown(
+                    heist_proto::tls::incoming(listener, config, handshake_timeout),
+                    signal,
+                )
+                .await
+        }
+        None => {
+            heist_proto::tls::warn_if_plaintext_exposed(local_addr);
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+    };
+    served.map_err(Error::from)
 }
 
 /// Health follows whether the store takes writes: NOT_SERVING while it cannot (disk below the

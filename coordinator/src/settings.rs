@@ -211,6 +211,19 @@ pub struct Settings {
     /// refused and readiness is NOT_SERVING, in bytes [default: 67108864 (64 MiB)].
     #[arg(long, env = "HEIST_STORE_MIN_FREE_BYTES")]
     pub store_min_free_bytes: Option<u64>,
+    /// PEM certificate chain: with --tls-key, serve TLS only [default: none, plaintext].
+    #[arg(long, env = "HEIST_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, env = "HEIST_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM cluster CA: mTLS with workers (their certificates must name their ids)
+    /// [default: none].
+    #[arg(long, env = "HEIST_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Longest TLS handshake, in seconds [default: 10].
+    #[arg(long, env = "HEIST_TLS_HANDSHAKE_TIMEOUT_S")]
+    pub tls_handshake_timeout_s: Option<u64>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -270,6 +283,10 @@ heist_proto::layer_over!(Settings {
     principal_max_concurrent_calls,
     principal_max_open_streams,
     store_min_free_bytes,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    tls_handshake_timeout_s,
 });
 
 impl Settings {
@@ -394,8 +411,21 @@ impl Settings {
             self.store_min_free_bytes,
             |v| v,
         );
+        set(&mut c.tls.cert, self.tls_cert, non_empty_path);
+        set(&mut c.tls.key, self.tls_key, non_empty_path);
+        set(&mut c.tls.ca, self.tls_ca, non_empty_path);
+        set(
+            &mut c.tls.handshake_timeout,
+            self.tls_handshake_timeout_s,
+            secs,
+        );
         c
     }
+}
+
+/// A path, or none for an empty value (`HEIST_TLS_CA=` turns a file's setting off).
+fn non_empty_path(path: PathBuf) -> Option<PathBuf> {
+    Some(path).filter(|p| !p.as_os_str().is_empty())
 }
 
 /// A comma-separated list's items, trimmed, without empty ones.

@@ -40,6 +40,8 @@ use tonic::{
 };
 use tracing::warn;
 
+use heist_proto::tls::Tls;
+
 use crate::{error::Error, signing_keys::SigningKeys};
 
 /// Most of the caller's deadline kept back to send our answer in time.
@@ -66,7 +68,7 @@ pub fn normalise_address(address: &str) -> String {
 }
 
 /// How the coordinator's channels to workers are set up.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ChannelTuning {
     /// Largest message sent or received.
     pub max_message_bytes: usize,
@@ -74,6 +76,17 @@ pub struct ChannelTuning {
     pub keepalive_interval: Duration,
     /// An unanswered ping closes the channel after this.
     pub keepalive_timeout: Duration,
+    /// The coordinator's TLS material: with a cluster CA, channels to workers are mTLS
+    /// (`https://` addresses only; the worker's certificate must name its id).
+    pub tls: Option<Arc<Tls>>,
+}
+
+impl ChannelTuning {
+    /// The same tuning with the coordinator's TLS material.
+    pub fn with_tls(mut self, tls: Option<Arc<Tls>>) -> Self {
+        self.tls = tls;
+        self
+    }
 }
 
 impl From<&crate::Config> for ChannelTuning {
@@ -82,6 +95,7 @@ impl From<&crate::Config> for ChannelTuning {
             max_message_bytes: config.max_message_bytes,
             keepalive_interval: config.worker_keepalive_interval,
             keepalive_timeout: config.worker_keepalive_timeout,
+            tls: None,
         }
     }
 }
@@ -118,6 +132,33 @@ impl WorkerClient {
             .http2_keep_alive_interval(tuning.keepalive_interval)
             .keep_alive_timeout(tuning.keepalive_timeout)
             .keep_alive_while_idle(true);
+        let endpoint = match tuning
+            .tls
+            .as_deref()
+            .and_then(|t| t.cluster_client(Some(worker.as_str())))
+        {
+            None => endpoint,
+            Some(tls) => {
+                if !address.starts_with("https://") {
+                    return Err(Error::Status(errors::invalid_argument(
+                        "advertise_addr",
+                        format!(
+                            "advertise_addr {address:?} is plaintext but this coordinator talks \
+                             to workers over mTLS: set HEIST_ADVERTISE_ADDR to https://host:port \
+                             and give the worker HEIST_TLS_CERT, HEIST_TLS_KEY and HEIST_TLS_CA"
+                        ),
+                    )));
+                }
+                // The worker's certificate must name its id (not its address): whoever answers
+                // at the advertised address must be that worker.
+                endpoint.tls_config(tls).map_err(|e| {
+                    Error::Status(errors::invalid_argument(
+                        "advertise_addr",
+                        format!("cannot set up TLS to worker {worker}: {e}"),
+                    ))
+                })?
+            }
+        };
         let client = WorkerServiceClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(tuning.max_message_bytes)
             .max_encoding_message_size(tuning.max_message_bytes);
@@ -410,6 +451,7 @@ mod tests {
             max_message_bytes: 1 << 20,
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 

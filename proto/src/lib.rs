@@ -13,6 +13,7 @@
 //! - [`logging`]: the log subscriber and OTLP trace export; [`trace`]: W3C trace context and
 //!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
 //! - [`space`]: the free-space reserve that refuses a store's mutations while its disk is full.
+//! - [`tls`]: certificate files, TLS listeners and client settings, peer certificate checks.
 
 pub mod errors;
 pub mod files;
@@ -28,6 +29,7 @@ pub mod scopes;
 pub mod settings;
 pub mod shutdown;
 pub mod space;
+pub mod tls;
 pub mod token;
 pub mod trace;
 

@@ -132,6 +132,12 @@ pub struct Config {
     /// refused (RESOURCE_EXHAUSTED, STORE_FULL) before they are applied and health is
     /// NOT_SERVING until space is back. Default 64 MiB, at least 1 MiB.
     pub min_free_bytes: u64,
+    /// mTLS with the coordinator (HEIST_TLS_CERT, HEIST_TLS_KEY, HEIST_TLS_CA, all three or
+    /// none): the port serves TLS only and requires a client certificate signed by the CA
+    /// (the coordinator's); the control stream and blob calls verify the coordinator against
+    /// the CA and present this certificate, which must name WORKER_ID as a DNS name.
+    /// Default: none, plaintext.
+    pub tls: heist_proto::tls::TlsFiles,
 }
 
 /// Default of [`Config::min_free_bytes`].
@@ -183,6 +189,7 @@ impl Default for Config {
             max_seen_credentials: crate::auth::DEFAULT_REPLAY_CAPACITY,
             max_finished_turns: 256,
             min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+            tls: heist_proto::tls::TlsFiles::default(),
         }
     }
 }
@@ -193,6 +200,7 @@ impl Config {
         WorkerId::parse(self.worker_id.as_str())
             .map_err(|status| Error::Config(format!("WORKER_ID: {}", status.message())))?;
         check_url("COORDINATOR_ADDR", &self.coordinator_addr)?;
+        self.validate_tls()?;
         if self.max_seen_credentials == 0 {
             return Err(Error::Config(
                 "HEIST_MAX_SEEN_CREDENTIALS must be at least 1".to_owned(),
@@ -293,6 +301,68 @@ pub fn parse_labels(raw: &str) -> Result<BTreeMap<String, String>, Error> {
         labels.insert(key.to_owned(), value.trim().to_owned());
     }
     Ok(labels)
+}
+
+impl Config {
+    /// TLS is all or nothing on a worker: certificate, key and CA, https:// addresses, and a
+    /// worker id its certificate can name.
+    fn validate_tls(&self) -> Result<(), Error> {
+        if !self.tls.is_set() {
+            return Ok(());
+        }
+        let tls = self.tls.load().map_err(|e| Error::Config(e.to_string()))?;
+        let Some(tls) = tls.filter(|t| t.has_ca()) else {
+            return Err(Error::Config(
+                "HEIST_TLS_CA is not set: a worker under TLS needs the cluster CA too (it \
+                 verifies the coordinator and the coordinator's client certificate)"
+                    .to_owned(),
+            ));
+        };
+        if !heist_proto::tls::is_dns_name(&self.worker_id) {
+            return Err(Error::Config(format!(
+                "WORKER_ID {:?} is not a DNS name, which a worker's certificate must name under \
+                 TLS: use letters, digits, '-' and '.'",
+                self.worker_id
+            )));
+        }
+        let own = [tls.certificate().clone()];
+        if heist_proto::tls::check_peer_name(Some(&own), &self.worker_id).is_err() {
+            return Err(Error::Config(format!(
+                "HEIST_TLS_CERT does not name WORKER_ID {:?} (as a DNS subject alternative \
+                 name): the coordinator accepts a worker only with a certificate for its id",
+                self.worker_id
+            )));
+        }
+        if !self.coordinator_addr.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "COORDINATOR_ADDR {:?} is plaintext but TLS is configured: use https://",
+                self.coordinator_addr
+            )));
+        }
+        if let Some(addr) = &self.advertise_addr
+            && !addr.starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "HEIST_ADVERTISE_ADDR {addr:?} is plaintext but this worker serves TLS: use \
+                 https://"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The coordinator as a tonic endpoint: over mTLS (verified against the CA, presenting
+    /// this worker's certificate) when TLS is configured.
+    pub fn coordinator_endpoint(&self) -> Result<tonic::transport::Endpoint, Error> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.coordinator_addr.clone())
+            .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: {e}")))?;
+        let tls = self.tls.load().map_err(|e| Error::Config(e.to_string()))?;
+        match tls.and_then(|t| t.cluster_client(None)) {
+            None => Ok(endpoint),
+            Some(client) => endpoint
+                .tls_config(client)
+                .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: cannot set up TLS: {e}"))),
+        }
+    }
 }
 
 fn check_url(name: &str, raw: &str) -> Result<(), Error> {

@@ -61,8 +61,8 @@ pub struct GrpcConnector {
 impl GrpcConnector {
     /// A connector for `config.coordinator_addr`.
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let endpoint = Endpoint::from_shared(config.coordinator_addr.clone())
-            .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: {e}")))?
+        let endpoint = config
+            .coordinator_endpoint()?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

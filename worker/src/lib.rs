@@ -93,10 +93,14 @@ pub async fn serve(
     let local_addr = listener
         .local_addr()
         .map_err(|e| Error::io("cannot read the listener's address", e))?;
+    let tls = config
+        .tls
+        .load()
+        .map_err(|e| Error::Config(e.to_string()))?;
     let advertise_addr = config
         .advertise_addr
         .clone()
-        .unwrap_or_else(|| default_advertise_addr(local_addr));
+        .unwrap_or_else(|| default_advertise_addr(local_addr, tls.is_some()));
     let worker_id = WorkerId::parse(config.worker_id.as_str())
         .map_err(|s| Error::Config(format!("WORKER_ID: {}", s.message())))?;
 
@@ -212,7 +216,6 @@ pub async fn serve(
     let api = WorkerServiceServer::new(WorkerApi::new(Arc::clone(&state)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // One router for the gRPC services and the HTTP routes ([`web`]).
     let grpc = Routes::new(health_service)
         .add_service(reflection)
@@ -227,8 +230,27 @@ pub async fn serve(
         .layer(tower::util::option_layer(config.telemetry.then(|| {
             heist_proto::trace::RpcLayer::new(state.metrics.rpc.clone())
         })))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, drain);
+        .add_routes(routes);
+    let server = async move {
+        match tls {
+            // Only the coordinator calls a worker: every connection must present a
+            // certificate the cluster CA signed (health probes and scrapers too).
+            Some(tls) => {
+                let config = tls
+                    .server_config(heist_proto::tls::ClientAuth::Required)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                let incoming =
+                    heist_proto::tls::incoming(listener, config, tls.handshake_timeout());
+                server.serve_with_incoming_shutdown(incoming, drain).await?;
+            }
+            None => {
+                heist_proto::tls::warn_if_plaintext_exposed(local_addr);
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                server.serve_with_incoming_shutdown(incoming, drain).await?;
+            }
+        }
+        Ok::<(), Error>(())
+    };
     // After the drain, tonic waits for every connection to close; a client holding a stream
     // open (a health Watch) must not keep the worker alive forever.
     let lingering = async {
@@ -266,7 +288,7 @@ pub async fn serve(
     // again), so a stopped worker leaves no mounts behind.
     state.sessions.unmount_all().await;
     info!(worker_id = %worker_id, "worker stopped");
-    served.map_err(Error::from)
+    served
 }
 
 /// Agent specs, gateway and agent state directory from the configuration.
@@ -367,9 +389,10 @@ fn advertised_labels(config: &Config, state: &State) -> std::collections::BTreeM
     labels
 }
 
-/// `http://<addr>`, with an unspecified bind address (0.0.0.0, ::) replaced by loopback: a
-/// coordinator cannot dial 0.0.0.0, so multi-host setups must set HEIST_ADVERTISE_ADDR.
-fn default_advertise_addr(local: SocketAddr) -> String {
+/// `http://<addr>` (`https://` under TLS), with an unspecified bind address (0.0.0.0, ::)
+/// replaced by loopback: a coordinator cannot dial 0.0.0.0, so multi-host setups must set
+/// HEIST_ADVERTISE_ADDR.
+fn default_advertise_addr(local: SocketAddr, tls: bool) -> String {
     let ip = local.ip();
     let ip = if ip.is_unspecified() {
         if ip.is_ipv4() {
@@ -380,7 +403,8 @@ fn default_advertise_addr(local: SocketAddr) -> String {
     } else {
         ip
     };
-    format!("http://{}", SocketAddr::new(ip, local.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, local.port()))
 }
 
 #[cfg(test)]
@@ -391,13 +415,16 @@ mod tests {
     fn advertises_a_dialable_address() {
         let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
         assert_eq!(
-            default_advertise_addr(addr("0.0.0.0:50052")),
+            default_advertise_addr(addr("0.0.0.0:50052"), false),
             "http://127.0.0.1:50052"
         );
         assert_eq!(
-            default_advertise_addr(addr("10.1.2.3:7")),
-            "http://10.1.2.3:7"
+            default_advertise_addr(addr("10.1.2.3:7"), true),
+            "https://10.1.2.3:7"
         );
-        assert_eq!(default_advertise_addr(addr("[::]:9")), "http://[::1]:9");
+        assert_eq!(
+            default_advertise_addr(addr("[::]:9"), false),
+            "http://[::1]:9"
+        );
     }
 }

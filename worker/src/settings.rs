@@ -131,6 +131,19 @@ pub struct Settings {
     /// [default: 67108864 (64 MiB)].
     #[arg(long, env = "HEIST_WORKER_MIN_FREE_BYTES")]
     pub min_free_bytes: Option<u64>,
+    /// PEM certificate chain naming WORKER_ID: with --tls-key and --tls-ca, mTLS with the
+    /// coordinator [default: none, plaintext].
+    #[arg(long, env = "HEIST_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, env = "HEIST_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM cluster CA: verifies the coordinator and its client certificate [default: none].
+    #[arg(long, env = "HEIST_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Longest TLS handshake, in seconds [default: 10].
+    #[arg(long, env = "HEIST_TLS_HANDSHAKE_TIMEOUT_S")]
+    pub tls_handshake_timeout_s: Option<u64>,
 }
 heist_proto::layer_over!(Settings {
     grpc_port,
@@ -165,6 +178,10 @@ heist_proto::layer_over!(Settings {
     key_file,
     max_seen_credentials,
     min_free_bytes,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    tls_handshake_timeout_s,
 });
 
 impl Settings {
@@ -216,6 +233,15 @@ impl Settings {
             |v| v,
         );
         set(&mut c.min_free_bytes, self.min_free_bytes, |v| v);
+        let path = |p: PathBuf| Some(p).filter(|p| !p.as_os_str().is_empty());
+        set(&mut c.tls.cert, self.tls_cert, path);
+        set(&mut c.tls.key, self.tls_key, path);
+        set(&mut c.tls.ca, self.tls_ca, path);
+        set(
+            &mut c.tls.handshake_timeout,
+            self.tls_handshake_timeout_s,
+            Duration::from_secs,
+        );
         set(
             &mut c.turn_retention,
             self.turn_retention_s,

@@ -14,9 +14,12 @@
 //! Layout of the data directory:
 //! `coordinator/` (HEIST_DATA_DIR), `worker-<i>/workspaces/` (BASE_WORKSPACE),
 //! `<name>.log` for each process, and `dev.env` (mode 0600) with the join token and the admin
-//! secret. Restarting on the same directory reuses the secrets in `dev.env`.
+//! secret. Restarting on the same directory reuses the secrets in `dev.env`. With
+//! [`Options::tls`], `tls/` holds a fresh CA and certificates ([`certs`]) and every link is
+//! TLS (mTLS between the coordinator and the workers).
 
 mod binaries;
+pub mod certs;
 mod layout;
 mod process;
 mod secrets;
@@ -73,6 +76,9 @@ pub struct Options {
     pub call_timeout: Duration,
     /// Extra environment of every child (coordinator and workers), e.g. OTEL_* variables.
     pub env: Vec<(String, String)>,
+    /// Serve TLS (mTLS between coordinator and workers) with certificates generated under
+    /// `<data dir>/tls/`; the coordinator's URL is then `https://`.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -88,6 +94,7 @@ impl Default for Options {
             ready_timeout: Duration::from_secs(60),
             call_timeout: Duration::from_secs(5),
             env: Vec::new(),
+            tls: false,
         }
     }
 }
@@ -106,6 +113,7 @@ pub struct LocalCluster {
     token_scopes: Vec<String>,
     call_timeout: Duration,
     ready_timeout: Duration,
+    tls: Option<certs::DevTls>,
 }
 
 impl LocalCluster {
@@ -124,13 +132,28 @@ impl LocalCluster {
         let worker_bin = find_binary("worker", opts.bin_dir.as_deref())?;
         let data_dir = prepare_data_dir(opts.data_dir.as_deref())?;
         let ports = pick_ports(opts.port, opts.workers)?;
-        let coordinator_url = format!("http://127.0.0.1:{}", ports[0]);
+        let scheme = if opts.tls { "https" } else { "http" };
+        let coordinator_url = format!("{scheme}://127.0.0.1:{}", ports[0]);
+        let tls = if opts.tls {
+            let ids: Vec<String> = (1..=opts.workers).map(|i| format!("worker-{i}")).collect();
+            Some(certs::DevTls::generate(&data_dir.join("tls"), &ids)?)
+        } else {
+            None
+        };
         let secrets = DevSecrets::load_or_generate(&data_dir.join("dev.env"))?;
-        let env_file = secrets.write(&data_dir.join("dev.env"), &coordinator_url)?;
+        let env_file = secrets.write(
+            &data_dir.join("dev.env"),
+            &coordinator_url,
+            tls.as_ref().map(|t| t.ca.as_path()),
+        )?;
         let deadline = Instant::now() + opts.ready_timeout;
 
         let coordinator_dir = data_dir.join("coordinator");
         create_dir(&coordinator_dir)?;
+        let tls_env = tls
+            .as_ref()
+            .map(|t| tls_env(&t.coordinator, &t.ca))
+            .unwrap_or_default();
         let coordinator = ChildProcess::spawn(
             ProcessInfo {
                 name: "coordinator".to_owned(),
@@ -150,6 +173,7 @@ impl LocalCluster {
                     env("LOG_FORMAT", "text"),
                     env("NO_COLOR", "1"),
                 ],
+                tls_env.as_slice(),
                 opts.env.as_slice(),
             ]
             .concat(),
@@ -165,6 +189,7 @@ impl LocalCluster {
             token_scopes: Vec::new(),
             call_timeout: opts.call_timeout,
             ready_timeout: opts.ready_timeout,
+            tls,
         };
         match cluster
             .boot(&opts, &worker_bin, &ports, worker_labels, deadline)
@@ -198,7 +223,8 @@ impl LocalCluster {
 
         for (i, labels) in worker_labels.into_iter().enumerate() {
             let id = format!("worker-{}", i + 1);
-            let url = format!("http://127.0.0.1:{}", ports[i + 1]);
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{}", ports[i + 1]);
             let workspaces = self.data_dir.join(&id).join("workspaces");
             create_dir(&workspaces)?;
             let mut vars = vec![
@@ -216,6 +242,10 @@ impl LocalCluster {
             ];
             if let Some(max) = opts.max_sessions {
                 vars.push(env("MAX_SESSIONS", max));
+            }
+            if let Some(tls) = &self.tls {
+                let (_, files) = &tls.workers[i];
+                vars.extend(tls_env(files, &tls.ca));
             }
             vars.extend(opts.env.iter().cloned());
             let info = ProcessInfo {
@@ -235,7 +265,7 @@ impl LocalCluster {
         let mut pause = Duration::from_millis(20);
         loop {
             self.check_alive()?;
-            if let Ok(client) = Client::connect(&url, self.call_timeout).await
+            if let Ok(client) = Client::connect_with(&url, self.call_timeout, self.ca_cert()).await
                 && matches!(client.health().await, Ok(ServingStatus::Serving))
             {
                 return Ok(client);
@@ -301,9 +331,14 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// The coordinator's URL (`http://127.0.0.1:<port>`).
+    /// The coordinator's URL (`http://127.0.0.1:<port>`, `https://` with TLS).
     pub fn coordinator_url(&self) -> &str {
         &self.coordinator.info.url
+    }
+
+    /// The CA certificate clients verify the coordinator with, when the cluster serves TLS.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.ca.as_path())
     }
 
     /// The coordinator process.
@@ -348,9 +383,11 @@ impl LocalCluster {
 
     /// A client for the coordinator, logged in as the bootstrap admin.
     pub async fn client(&self) -> Result<Client, Error> {
-        Ok(Client::connect(self.coordinator_url(), self.call_timeout)
-            .await?
-            .with_token(self.access_token.clone()))
+        Ok(
+            Client::connect_with(self.coordinator_url(), self.call_timeout, self.ca_cert())
+                .await?
+                .with_token(self.access_token.clone()),
+        )
     }
 
     /// Waits until any child exits and returns the error describing it (name, status, log tail).
@@ -411,6 +448,15 @@ impl LocalCluster {
             child.kill().await;
         }
     }
+}
+
+/// HEIST_TLS_CERT, HEIST_TLS_KEY and HEIST_TLS_CA for a process.
+fn tls_env(files: &certs::CertFiles, ca: &Path) -> Vec<(String, String)> {
+    vec![
+        env("HEIST_TLS_CERT", files.cert.display()),
+        env("HEIST_TLS_KEY", files.key.display()),
+        env("HEIST_TLS_CA", ca.display()),
+    ]
 }
 
 #[cfg(test)]

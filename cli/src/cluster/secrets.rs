@@ -59,9 +59,15 @@ impl DevSecrets {
         }
     }
 
-    /// Writes `dev.env` (mode 0600) and returns its path.
-    pub fn write(&self, path: &Path, coordinator_url: &str) -> Result<PathBuf, Error> {
-        let text = format!(
+    /// Writes `dev.env` (mode 0600) and returns its path; with `ca_cert`, it exports
+    /// HEIST_CA_CERT too (a TLS cluster).
+    pub fn write(
+        &self,
+        path: &Path,
+        coordinator_url: &str,
+        ca_cert: Option<&Path>,
+    ) -> Result<PathBuf, Error> {
+        let mut text = format!(
             "# heist local cluster (heistctl dev up). Private: source it to talk to the cluster.\n\
              export HEIST_COORDINATOR={coordinator_url}\n\
              export HEIST_JOIN_TOKEN={join}\n\
@@ -72,6 +78,9 @@ impl DevSecrets {
             join = self.join_token,
             secret = self.admin_secret,
         );
+        if let Some(ca) = ca_cert {
+            text.push_str(&format!("export HEIST_CA_CERT={}\n", ca.display()));
+        }
         let tmp = path.with_extension("env.tmp");
         let write = || -> std::io::Result<()> {
             let _ = std::fs::remove_file(&tmp);
@@ -112,7 +121,9 @@ mod tests {
         let fresh = DevSecrets::load_or_generate(&path).expect("generate");
         assert_eq!(fresh.join_token.len(), 64);
         assert_ne!(fresh.join_token, fresh.admin_secret);
-        fresh.write(&path, "http://127.0.0.1:1").expect("write");
+        fresh
+            .write(&path, "http://127.0.0.1:1", None)
+            .expect("write");
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(DevSecrets::load_or_generate(&path).expect("load"), fresh);

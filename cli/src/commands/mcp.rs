@@ -24,13 +24,25 @@ use tracing::{info, warn};
 
 use crate::{cli::Context, error::Error, mcp::McpHttp};
 
-/// `heistctl mcp` takes only the global flags (`--coordinator`, `--token`).
+/// `heistctl mcp` takes only the global flags (`--coordinator`, `--token`, `--ca-cert`).
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
 /// Serves MCP on stdin/stdout until the client closes stdin.
 pub async fn run(ctx: &Context, _args: Args) -> Result<u8, Error> {
-    let http = McpHttp::new(&ctx.global.coordinator, ctx.token()?, false)?;
+    let ca = match &ctx.global.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot read the CA certificate {} (--ca-cert)",
+                    path.display()
+                ),
+                e,
+            )
+        })?),
+        None => None,
+    };
+    let http = McpHttp::with_ca(&ctx.global.coordinator, ctx.token()?, false, ca.as_deref())?;
     let bridge = Bridge {
         http,
         ids: Arc::new(AtomicU64::new(1)),

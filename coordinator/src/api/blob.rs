@@ -22,7 +22,7 @@ use heist_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, instrument, warn};
 
 use crate::{
@@ -30,6 +30,7 @@ use crate::{
     auth,
     cas::{BlobWriter, CHUNK_BYTES, Cas, Hash, Rejected, hash_from_bytes, hex},
     error::Error,
+    worker_certs,
 };
 
 /// Chunks buffered between the network and the disk thread.
@@ -46,14 +47,17 @@ impl BlobApi {
         Self { app }
     }
 
-    /// The join token and the calling worker's identity proof for `method`.
-    fn check(&self, md: &MetadataMap, method: &str) -> Result<(), Status> {
+    /// The join token and the calling worker's identity proof for `method`, and under mTLS
+    /// its certificate ([`worker_certs`]).
+    fn check<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        let md = request.metadata();
         auth::check_join_token(&self.app.config.join_token, md).map_err(Status::from)?;
         let path = format!("/heist.v1.BlobService/{method}");
+        let certs = request.peer_certs();
         self.app
             .worker_keys
             .check_blob_call(md, &path)
-            .map(|_| ())
+            .and_then(|id| worker_certs::check(&self.app, &id, certs.as_deref().map(Vec::as_slice)))
             .map_err(|err| {
                 warn!(%path, error = %err, "blob call refused: worker identity not proven");
                 Status::from(err)
@@ -70,7 +74,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.check(request.metadata(), "FindMissingBlobs")?;
+        self.check(&request, "FindMissingBlobs")?;
         let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
         let table = self.app.checkpoints.clone();
         let missing = tokio::task::spawn_blocking(move || {
@@ -90,7 +94,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<PutBlobsResponse>, Status> {
-        self.check(request.metadata(), "PutBlobs")?;
+        self.check(&request, "PutBlobs")?;
         put_blobs(&self.app, request.into_inner())
             .await
             .map(Response::new)
@@ -104,7 +108,7 @@ impl BlobService for BlobApi {
         &self,
         request: Request<GetBlobsRequest>,
     ) -> Result<Response<Self::GetBlobsStream>, Status> {
-        self.check(request.metadata(), "GetBlobs")?;
+        self.check(&request, "GetBlobs")?;
         let hashes = parse_hashes(&request.into_inner().hashes, self.app.config.max_blob_batch)?;
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
         let cas = self.app.checkpoints.cas().clone();

@@ -23,6 +23,7 @@ mod sandbox;
 mod sessions;
 mod storage;
 mod surface;
+mod tls;
 mod tools;
 mod toolscopes;
 mod turns;

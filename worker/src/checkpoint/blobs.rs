@@ -20,11 +20,7 @@ use heist_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Request, Status, Streaming,
-    metadata::AsciiMetadataValue,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Request, Status, Streaming, metadata::AsciiMetadataValue, transport::Channel};
 
 use super::manifest::Hash;
 use crate::{Config, Error};
@@ -48,8 +44,8 @@ pub struct BlobClient {
 impl BlobClient {
     /// A client for `config.coordinator_addr` (nothing is dialled until the first call).
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let endpoint = Endpoint::from_shared(config.coordinator_addr.clone())
-            .map_err(|e| Error::Config(format!("COORDINATOR_ADDR: {e}")))?
+        let endpoint = config
+            .coordinator_endpoint()?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

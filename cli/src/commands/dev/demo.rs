@@ -52,6 +52,10 @@ pub struct Args {
     /// LOG_LEVEL of the cluster processes.
     #[arg(long, env = "HEIST_DEV_LOG_LEVEL", default_value = "info")]
     pub cluster_log_level: String,
+    /// Run the cluster on TLS, with mTLS between the coordinator and the workers (a local
+    /// CA and certificates are generated, as `dev up --tls` does).
+    #[arg(long, env = "HEIST_DEV_TLS")]
+    pub tls: bool,
 }
 
 /// Runs the demo.
@@ -59,9 +63,10 @@ pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
     let mut signals = StopSignals::install()?;
     let n = usize::from(args.workers);
     let mut say = Narrator::default();
+    let tls = if args.tls { " --tls" } else { "" };
     say.step(
         &format!("Start a local cluster: one coordinator and {n} workers"),
-        &format!("heistctl dev up --workers {n}"),
+        &format!("heistctl dev up --workers {n}{tls}"),
     );
     let opts = Options {
         workers: n,
@@ -72,6 +77,7 @@ pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
         bin_dir: args.bin_dir.clone(),
         log_level: args.cluster_log_level.clone(),
         call_timeout: ctx.timeout(),
+        tls: args.tls,
         ..Options::default()
     };
     let cluster = tokio::select! {
@@ -84,6 +90,12 @@ pub async fn run(ctx: &Context, args: Args) -> Result<u8, Error> {
         n,
         cluster.data_dir().display()
     );
+    if let Some(ca) = cluster.ca_cert() {
+        say!(
+            "TLS on every link, mTLS between the coordinator and the workers (CA: {})",
+            ca.display()
+        );
+    }
     let data_dir = cluster.data_dir().to_path_buf();
 
     let outcome = tokio::select! {

@@ -52,6 +52,11 @@ pub struct Args {
         value_name = "SECONDS"
     )]
     pub ready_timeout: u64,
+    /// Serve TLS, with mTLS between the coordinator and the workers: a fresh local CA and
+    /// certificates are generated under `<data dir>/tls/` (the coordinator's URL is then
+    /// https://; use `--ca-cert <data dir>/tls/ca.pem`, exported in dev.env).
+    #[arg(long, env = "HEIST_DEV_TLS")]
+    pub tls: bool,
 }
 
 impl Args {
@@ -68,6 +73,7 @@ impl Args {
             ready_timeout: Duration::from_secs(self.ready_timeout),
             call_timeout,
             env: Vec::new(),
+            tls: self.tls,
         }
     }
 }
@@ -132,7 +138,10 @@ fn cache_token(ctx: &Context, cluster: &LocalCluster) -> Result<(), Error> {
 }
 
 fn print_summary(format: Format, cluster: &LocalCluster) -> Result<(), Error> {
-    let export = format!("export HEIST_COORDINATOR={}", cluster.coordinator_url());
+    let mut export = format!("export HEIST_COORDINATOR={}", cluster.coordinator_url());
+    if let Some(ca) = cluster.ca_cert() {
+        export.push_str(&format!(" HEIST_CA_CERT={}", ca.display()));
+    }
     let mut out = std::io::stdout().lock();
     if format == Format::Json {
         return output::write_json(
