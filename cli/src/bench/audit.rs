@@ -5,23 +5,15 @@
 //! reports the median of the per-round ratios. At the end the audited cluster's log must
 //! verify intact and hold a record per call.
 
-use std::{path::PathBuf, time::Duration};
-
 use futures::future::BoxFuture;
 
 use super::{
     failed,
-    load::{self, EchoTarget},
-    phases::{Lab, Phase},
+    paired::{Pair, env},
+    phases::{Lab, Phase, count_f64},
     report::Metric,
 };
-use crate::{
-    cluster::{LocalCluster, Options},
-    error::Error,
-};
-
-/// Audited/unaudited round pairs (`--quick`: 2).
-const ROUNDS: usize = 5;
+use crate::{cluster::LocalCluster, error::Error};
 
 /// The audit phase.
 pub struct Audit;
@@ -41,59 +33,16 @@ impl Phase for Audit {
 }
 
 async fn measure(lab: &mut Lab) -> Result<Vec<Metric>, Error> {
-    let audited = start(lab, "all").await?;
-    let plain = match start(lab, "off").await {
-        Ok(plain) => plain,
-        Err(err) => {
-            audited.0.stop().await?;
-            return Err(err);
-        }
-    };
-    let result = rounds(lab, &audited.0, &plain.0).await;
-    for (cluster, dir) in [audited, plain] {
-        cluster.stop().await?;
-        if let Err(err) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(%err, dir = %dir.display(), "cannot remove the bench data directory");
-        }
-    }
-    result
-}
-
-/// A one-worker cluster with HEIST_AUDIT_CALLS=`calls`, and its data directory.
-async fn start(lab: &Lab, calls: &str) -> Result<(LocalCluster, PathBuf), Error> {
-    let data_dir = std::env::temp_dir().join(format!(
-        "heist-bench-audit-{calls}-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let cluster = LocalCluster::start(Options {
-        workers: 1,
-        port: 0,
-        data_dir: Some(data_dir.clone()),
-        max_sessions: Some(lab.settings.worker_max_sessions()),
-        bin_dir: lab.bin_dir.clone(),
-        log_level: lab.cluster_log_level.clone(),
-        call_timeout: lab.settings.call_timeout(),
-        env: vec![("HEIST_AUDIT_CALLS".to_owned(), calls.to_owned())],
-        ..Options::default()
-    })
-    .await?;
-    Ok((cluster, data_dir))
-}
-
-async fn target(cluster: &LocalCluster, timeout: Duration) -> Result<EchoTarget, Error> {
-    let client = cluster.client().await?;
-    let session = client
-        .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
-        .await?;
-    let target = EchoTarget::connect(
-        cluster.coordinator_url(),
-        Some(cluster.access_token()),
-        &session.id,
-        timeout,
+    let pair = Pair::start(
+        lab,
+        "audit",
+        vec![env("HEIST_AUDIT_CALLS", "all")],
+        vec![env("HEIST_AUDIT_CALLS", "off")],
     )
     .await?;
-    target.verify().await?;
-    Ok(target)
+    let result = rounds(lab, &pair).await;
+    pair.stop().await?;
+    result
 }
 
 /// Records in the log of `cluster`, which must verify intact.
@@ -110,85 +59,25 @@ async fn intact_records(cluster: &LocalCluster) -> Result<u64, Error> {
     Ok(verdict.records)
 }
 
-async fn rounds(
-    lab: &Lab,
-    audited: &LocalCluster,
-    plain: &LocalCluster,
-) -> Result<Vec<Metric>, Error> {
-    let s = &lab.settings;
-    let (audited_target, plain_target) = (
-        target(audited, s.call_timeout()).await?,
-        target(plain, s.call_timeout()).await?,
-    );
-    let before = intact_records(audited).await?;
-    let (mut on_rates, mut off_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut audited_calls = 0;
-    let rounds = if s.quick { 2 } else { ROUNDS };
-    for round in 0..rounds {
-        super::progress(&format!(
-            "audit: round {}/{rounds}, {} calls in flight for {:.1} s per side",
-            round + 1,
-            s.concurrency,
-            s.throughput().as_secs_f64()
-        ));
-        let measure_one = async |t: &EchoTarget| {
-            load::throughput(t, s.concurrency, s.throughput_warmup(), s.throughput()).await
-        };
-        let (on, off) = if round % 2 == 0 {
-            let on = measure_one(&audited_target).await?;
-            (on, measure_one(&plain_target).await?)
-        } else {
-            let off = measure_one(&plain_target).await?;
-            (measure_one(&audited_target).await?, off)
-        };
-        audited_calls += on.calls;
-        on_rates.push(on.per_second());
-        off_rates.push(off.per_second());
-        ratios.push(on.per_second() / off.per_second());
-    }
-    let written = intact_records(audited).await? - before;
-    if written < audited_calls {
+async fn rounds(lab: &Lab, pair: &Pair) -> Result<Vec<Metric>, Error> {
+    let before = intact_records(&pair.on.cluster).await?;
+    let mut rounds = pair.alternate(lab, "audit", async |_| Ok(())).await?;
+    let written = intact_records(&pair.on.cluster).await? - before;
+    if written < rounds.on_calls {
         return Err(failed(format!(
-            "the audited cluster wrote {written} records for {audited_calls} measured calls"
+            "the audited cluster wrote {written} records for {} measured calls",
+            rounds.on_calls
         )));
     }
-    Ok(vec![
-        Metric::new(
-            "on_calls_per_s",
-            "every call audited, median",
-            median(&mut on_rates),
-            "calls/s",
-        ),
-        Metric::new(
-            "off_calls_per_s",
-            "executed calls not audited, median",
-            median(&mut off_rates),
-            "calls/s",
-        ),
-        Metric::new(
-            "on_vs_off",
-            "on / off, median of per-round ratios",
-            median(&mut ratios),
-            "x",
-        ),
-        Metric::new(
-            "records_written",
-            "audit records the audited cluster wrote (chain verified intact)",
-            written as f64,
-            "records",
-        ),
-    ])
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        f64::midpoint(values[n / 2 - 1], values[n / 2])
-    }
+    let mut metrics = rounds.metrics(
+        "every call audited, median",
+        "executed calls not audited, median",
+    );
+    metrics.push(Metric::new(
+        "records_written",
+        "audit records the audited cluster wrote (chain verified intact)",
+        count_f64(written),
+        "records",
+    ));
+    Ok(metrics)
 }

@@ -25,6 +25,7 @@ pub mod exec;
 pub mod load;
 pub mod machine;
 pub mod mcp;
+pub mod paired;
 pub mod phases;
 pub mod report;
 pub mod scaling;

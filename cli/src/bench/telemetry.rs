@@ -4,12 +4,9 @@
 //! loaded in alternating rounds (the order flips every round), so drift in the machine's speed
 //! hits both; the phase reports the median of the per-round ratios.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use futures::future::BoxFuture;
@@ -18,17 +15,11 @@ use tonic::{Status, transport::server::TcpIncoming};
 
 use super::{
     failed,
-    load::{self, EchoTarget},
-    phases::{Lab, Phase},
+    paired::{Pair, env},
+    phases::{Lab, Phase, count_f64},
     report::Metric,
 };
-use crate::{
-    cluster::{LocalCluster, Options},
-    error::Error,
-};
-
-/// On/off round pairs (`--quick`: 2).
-const ROUNDS: usize = 5;
+use crate::{cluster::LocalCluster, error::Error};
 
 /// The telemetry phase.
 pub struct Telemetry;
@@ -145,73 +136,22 @@ async fn measure(lab: &mut Lab) -> Result<Vec<Metric>, Error> {
             .add_service(receiver.clone())
             .serve_with_incoming(TcpIncoming::from(listener)),
     );
-    let on = start(
+    let pair = Pair::start(
         lab,
-        "on",
+        "telemetry",
         vec![env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        vec![env("HEIST_TELEMETRY", "false")],
     )
-    .await?;
-    let off = match start(lab, "off", vec![env("HEIST_TELEMETRY", "false")]).await {
-        Ok(off) => off,
-        Err(err) => {
-            on.0.stop().await?;
-            return Err(err);
+    .await;
+    let result = match pair {
+        Ok(pair) => {
+            let result = rounds(lab, &pair, &receiver).await;
+            pair.stop().await.and(result)
         }
+        Err(err) => Err(err),
     };
-    let result = rounds(lab, &on, &off, &receiver).await;
-    for (cluster, dir) in [on, off] {
-        cluster.stop().await?;
-        if let Err(err) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(%err, dir = %dir.display(), "cannot remove the bench data directory");
-        }
-    }
     server.abort();
     result
-}
-
-fn env(key: &str, value: &str) -> (String, String) {
-    (key.to_owned(), value.to_owned())
-}
-
-/// A one-worker cluster with `vars` in its environment, and its data directory.
-async fn start(
-    lab: &Lab,
-    name: &str,
-    vars: Vec<(String, String)>,
-) -> Result<(LocalCluster, std::path::PathBuf), Error> {
-    let data_dir = std::env::temp_dir().join(format!(
-        "heist-bench-telemetry-{name}-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let cluster = LocalCluster::start(Options {
-        workers: 1,
-        port: 0,
-        data_dir: Some(data_dir.clone()),
-        max_sessions: Some(lab.settings.worker_max_sessions()),
-        bin_dir: lab.bin_dir.clone(),
-        log_level: lab.cluster_log_level.clone(),
-        call_timeout: lab.settings.call_timeout(),
-        env: vars,
-        ..Options::default()
-    })
-    .await?;
-    Ok((cluster, data_dir))
-}
-
-async fn target(cluster: &LocalCluster, timeout: Duration) -> Result<EchoTarget, Error> {
-    let client = cluster.client().await?;
-    let session = client
-        .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
-        .await?;
-    let target = EchoTarget::connect(
-        cluster.coordinator_url(),
-        Some(cluster.access_token()),
-        &session.id,
-        timeout,
-    )
-    .await?;
-    target.verify().await?;
-    Ok(target)
 }
 
 /// `GET /metrics` of the coordinator with the cluster's token; the body's length.
@@ -244,86 +184,24 @@ async fn scrape(cluster: &LocalCluster) -> Result<usize, Error> {
     Ok(body.len())
 }
 
-async fn rounds(
-    lab: &Lab,
-    on: &(LocalCluster, std::path::PathBuf),
-    off: &(LocalCluster, std::path::PathBuf),
-    receiver: &Receiver,
-) -> Result<Vec<Metric>, Error> {
-    let s = &lab.settings;
-    let (on_target, off_target) = (
-        target(&on.0, s.call_timeout()).await?,
-        target(&off.0, s.call_timeout()).await?,
-    );
-    let (mut on_rates, mut off_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let rounds = if s.quick { 2 } else { ROUNDS };
-    for round in 0..rounds {
-        super::progress(&format!(
-            "telemetry: round {}/{rounds}, {} calls in flight for {:.1} s per side",
-            round + 1,
-            s.concurrency,
-            s.throughput().as_secs_f64()
-        ));
-        let rate = async |t: &EchoTarget| {
-            load::throughput(t, s.concurrency, s.throughput_warmup(), s.throughput())
-                .await
-                .map(|t| t.per_second())
-        };
-        let (a, b) = if round % 2 == 0 {
-            let a = rate(&on_target).await?;
-            (a, rate(&off_target).await?)
-        } else {
-            let b = rate(&off_target).await?;
-            (rate(&on_target).await?, b)
-        };
-        scrape(&on.0).await?;
-        on_rates.push(a);
-        off_rates.push(b);
-        ratios.push(a / b);
-    }
+async fn rounds(lab: &Lab, pair: &Pair, receiver: &Receiver) -> Result<Vec<Metric>, Error> {
+    let mut rounds = pair
+        .alternate(lab, "telemetry", async |pair: &Pair| {
+            scrape(&pair.on.cluster).await.map(drop)
+        })
+        .await?;
     let spans = receiver.spans.load(Ordering::Relaxed);
     if spans == 0 {
         return Err(failed(
             "the OTLP receiver got no span: the 'on' cluster did not export",
         ));
     }
-    Ok(vec![
-        Metric::new(
-            "on_calls_per_s",
-            "traces exported + metrics, median",
-            median(&mut on_rates),
-            "calls/s",
-        ),
-        Metric::new(
-            "off_calls_per_s",
-            "both off, median",
-            median(&mut off_rates),
-            "calls/s",
-        ),
-        Metric::new(
-            "on_vs_off",
-            "on / off, median of per-round ratios",
-            median(&mut ratios),
-            "x",
-        ),
-        Metric::new(
-            "spans_received",
-            "spans the receiver got",
-            spans as f64,
-            "spans",
-        ),
-    ])
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        f64::midpoint(values[n / 2 - 1], values[n / 2])
-    }
+    let mut metrics = rounds.metrics("traces exported + metrics, median", "both off, median");
+    metrics.push(Metric::new(
+        "spans_received",
+        "spans the receiver got",
+        count_f64(spans),
+        "spans",
+    ));
+    Ok(metrics)
 }

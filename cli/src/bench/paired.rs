@@ -1,0 +1,215 @@
+//! Two one-worker clusters side by side that differ only in their environment ("on" and
+//! "off"), loaded with routed `echo` in alternating rounds: on then off, then off then on, and so
+//! on. A drift in the machine's speed hits both sides alike, and the result is the median of the
+//! per-round on/off ratios. The telemetry and audit phases measure their costs this way.
+
+use std::path::PathBuf;
+
+use super::{
+    load::{self, EchoTarget},
+    phases::Lab,
+    report::Metric,
+};
+use crate::{
+    cluster::{LocalCluster, Options},
+    error::Error,
+};
+
+/// Round pairs of a full run (`--quick`: 2).
+const ROUNDS: usize = 5;
+
+/// One side: its cluster, data directory and a session to call `echo` in.
+pub struct Side {
+    /// The running cluster.
+    pub cluster: LocalCluster,
+    data_dir: PathBuf,
+    target: EchoTarget,
+}
+
+/// The two sides.
+pub struct Pair {
+    /// The side whose cost is measured.
+    pub on: Side,
+    /// The baseline.
+    pub off: Side,
+}
+
+/// An environment variable of a side's processes.
+pub fn env(key: &str, value: &str) -> (String, String) {
+    (key.to_owned(), value.to_owned())
+}
+
+impl Pair {
+    /// Starts both sides (`phase` names their data directories) with a verified `echo` session
+    /// each; on failure, whatever was started is stopped again.
+    pub async fn start(
+        lab: &Lab,
+        phase: &str,
+        on: Vec<(String, String)>,
+        off: Vec<(String, String)>,
+    ) -> Result<Self, Error> {
+        let on = Side::start(lab, &format!("{phase}-on"), on).await?;
+        match Side::start(lab, &format!("{phase}-off"), off).await {
+            Ok(off) => Ok(Self { on, off }),
+            Err(err) => {
+                on.stop().await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Stops both sides and removes their data directories.
+    pub async fn stop(self) -> Result<(), Error> {
+        let on = self.on.stop().await;
+        self.off.stop().await?;
+        on
+    }
+
+    /// Runs the rounds; `after_round` runs after each (a scrape of the "on" side, say).
+    pub async fn alternate(
+        &self,
+        lab: &Lab,
+        phase: &str,
+        mut after_round: impl AsyncFnMut(&Self) -> Result<(), Error>,
+    ) -> Result<Rounds, Error> {
+        let s = &lab.settings;
+        let mut out = Rounds::default();
+        let rounds = if s.quick { 2 } else { ROUNDS };
+        for round in 0..rounds {
+            super::progress(&format!(
+                "{phase}: round {}/{rounds}, {} calls in flight for {:.1} s per side",
+                round + 1,
+                s.concurrency,
+                s.throughput().as_secs_f64()
+            ));
+            let measure = async |side: &Side| {
+                load::throughput(
+                    &side.target,
+                    s.concurrency,
+                    s.throughput_warmup(),
+                    s.throughput(),
+                )
+                .await
+            };
+            let (on, off) = if round % 2 == 0 {
+                let on = measure(&self.on).await?;
+                (on, measure(&self.off).await?)
+            } else {
+                let off = measure(&self.off).await?;
+                (measure(&self.on).await?, off)
+            };
+            after_round(self).await?;
+            out.on_calls += on.calls;
+            out.on_rates.push(on.per_second());
+            out.off_rates.push(off.per_second());
+            out.ratios.push(on.per_second() / off.per_second());
+        }
+        Ok(out)
+    }
+}
+
+impl Side {
+    async fn start(lab: &Lab, name: &str, env: Vec<(String, String)>) -> Result<Self, Error> {
+        let data_dir = std::env::temp_dir().join(format!(
+            "heist-bench-{name}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let cluster = LocalCluster::start(Options {
+            workers: 1,
+            port: 0,
+            data_dir: Some(data_dir.clone()),
+            max_sessions: Some(lab.settings.worker_max_sessions()),
+            bin_dir: lab.bin_dir.clone(),
+            log_level: lab.cluster_log_level.clone(),
+            call_timeout: lab.settings.call_timeout(),
+            env,
+            ..Options::default()
+        })
+        .await?;
+        let target = match echo_target(&cluster, lab).await {
+            Ok(target) => target,
+            Err(err) => {
+                cluster.stop().await?;
+                return Err(err);
+            }
+        };
+        Ok(Self {
+            cluster,
+            data_dir,
+            target,
+        })
+    }
+
+    async fn stop(self) -> Result<(), Error> {
+        self.cluster.stop().await?;
+        if let Err(err) = std::fs::remove_dir_all(&self.data_dir) {
+            tracing::warn!(%err, dir = %self.data_dir.display(), "cannot remove the bench data directory");
+        }
+        Ok(())
+    }
+}
+
+async fn echo_target(cluster: &LocalCluster, lab: &Lab) -> Result<EchoTarget, Error> {
+    let client = cluster.client().await?;
+    let session = client
+        .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
+        .await?;
+    let target = EchoTarget::connect(
+        cluster.coordinator_url(),
+        Some(cluster.access_token()),
+        &session.id,
+        lab.settings.call_timeout(),
+    )
+    .await?;
+    target.verify().await?;
+    Ok(target)
+}
+
+/// What the rounds measured.
+#[derive(Debug, Default)]
+pub struct Rounds {
+    /// Calls/s of the "on" side, one per round.
+    pub on_rates: Vec<f64>,
+    /// Calls/s of the "off" side, one per round.
+    pub off_rates: Vec<f64>,
+    /// on/off of each round.
+    pub ratios: Vec<f64>,
+    /// Calls the "on" side answered in its measured windows.
+    pub on_calls: u64,
+}
+
+impl Rounds {
+    /// The medians: `on_calls_per_s`, `off_calls_per_s` and `on_vs_off` (of the per-round
+    /// ratios), labelled with what each side is.
+    pub fn metrics(&mut self, on: &'static str, off: &'static str) -> Vec<Metric> {
+        vec![
+            Metric::new("on_calls_per_s", on, median(&mut self.on_rates), "calls/s"),
+            Metric::new(
+                "off_calls_per_s",
+                off,
+                median(&mut self.off_rates),
+                "calls/s",
+            ),
+            Metric::new(
+                "on_vs_off",
+                "on / off, median of per-round ratios",
+                median(&mut self.ratios),
+                "x",
+            ),
+        ]
+    }
+}
+
+/// The median (NaN for none).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        f64::midpoint(values[n / 2 - 1], values[n / 2])
+    }
+}
