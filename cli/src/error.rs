@@ -217,7 +217,9 @@ fn status_message(status: &tonic::Status) -> String {
 }
 
 /// A call that failed because the HTTP/2 connection broke (the transport's own errors, not an
-/// answer of the coordinator).
+/// answer of the coordinator). The code varies with where the break is noticed (a TLS alert
+/// read as HTTP/2 is UNKNOWN, UNAVAILABLE, CANCELLED or INTERNAL from one run to the next), so
+/// the transport's own message prefix decides.
 fn is_broken_connection(status: &tonic::Status) -> bool {
     const BROKEN: [&str; 5] = [
         "transport error",
@@ -226,15 +228,27 @@ fn is_broken_connection(status: &tonic::Status) -> bool {
         "connection reset",
         "connection closed",
     ];
-    matches!(
-        status.code(),
-        Code::Unknown | Code::Unavailable | Code::Cancelled
-    ) && BROKEN.iter().any(|b| status.message().starts_with(b))
+    status.code() != Code::Ok && BROKEN.iter().any(|b| status.message().starts_with(b))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broken_connection_says_to_try_tls_whatever_its_code() {
+        for code in [
+            Code::Unknown,
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::Internal,
+        ] {
+            let status = tonic::Status::new(code, "h2 protocol error: http2 error");
+            assert!(status_message(&status).contains("--ca-cert"), "{code:?}");
+        }
+        let answered = tonic::Status::internal("the store failed");
+        assert_eq!(status_message(&answered), "the store failed");
+    }
 
     #[test]
     fn status_codes_map_to_documented_exit_codes() {
