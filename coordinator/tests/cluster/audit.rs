@@ -333,14 +333,7 @@ async fn records_removed_from_the_end_of_a_stopped_store_are_reported_after_rest
     let token = issue_token(&coord.url(), ADMIN_ID, ADMIN_SECRET)
         .await
         .expect("token");
-    let out = std::process::Command::new(sibling_binary("heistctl"))
-        .env_clear()
-        .env("HOME", dir.path())
-        .env("HEIST_COORDINATOR", coord.url())
-        .env("HEIST_TOKEN", &token)
-        .args(["audit", "verify"])
-        .output()
-        .expect("heistctl");
+    let out = heistctl(dir.path(), &coord.url(), &token, &["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(

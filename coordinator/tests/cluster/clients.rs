@@ -233,16 +233,7 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
     assert!(!dump.contains("argon2"), "{dump}");
 
     // heistctl: create prints the secret once, ls shows none, revoke wants --yes.
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(sibling_binary("heistctl"))
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("HEIST_COORDINATOR", &url)
-            .env("HEIST_TOKEN", &admin.token)
-            .args(args)
-            .output()
-            .expect("heistctl")
-    };
+    let ctl = |args: &[&str]| heistctl(dir.path(), &url, &admin.token, args);
     let out = ctl(&[
         "-o",
         "json",
@@ -583,14 +574,12 @@ async fn signing_key_rotation_keeps_old_tokens_reaches_workers_and_survives_a_re
 
     // The operator's way: `heistctl admin keys rotate`.
     let home = tempfile::tempdir().expect("home");
-    let out = std::process::Command::new(sibling_binary("heistctl"))
-        .env_clear()
-        .env("HOME", home.path())
-        .env("HEIST_COORDINATOR", &url)
-        .env("HEIST_TOKEN", &old_token)
-        .args(["-o", "json", "admin", "keys", "rotate"])
-        .output()
-        .expect("heistctl");
+    let out = heistctl(
+        home.path(),
+        &url,
+        &old_token,
+        &["-o", "json", "admin", "keys", "rotate"],
+    );
     assert!(out.status.success(), "{out:?}");
     let rotation: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(rotation["retired_key_id"], old_kid.as_str(), "{rotation}");

@@ -498,6 +498,24 @@ pub fn assert_status(err: &tonic::Status, code: tonic::Code, reason: &str) {
 }
 
 /// A binary built next to this crate's `coordinator` binary (`make test` builds every binary first).
+/// Runs `heistctl args` against `url` with `token`, in an empty environment whose HOME is
+/// `home`; its output.
+pub fn heistctl(
+    home: &std::path::Path,
+    url: &str,
+    token: &str,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(sibling_binary("heistctl"))
+        .env_clear()
+        .env("HOME", home)
+        .env("HEIST_COORDINATOR", url)
+        .env("HEIST_TOKEN", token)
+        .args(args)
+        .output()
+        .expect("heistctl")
+}
+
 pub fn sibling_binary(name: &str) -> PathBuf {
     let coordinator = PathBuf::from(env!("CARGO_BIN_EXE_coordinator"));
     let path = coordinator.with_file_name(name);

@@ -535,16 +535,7 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     .await;
 
     // Read through the AuditService: heistctl lists and verifies; a tail sees new records.
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(sibling_binary("heistctl"))
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("HEIST_COORDINATOR", coord.url())
-            .env("HEIST_TOKEN", &client.token)
-            .args(args)
-            .output()
-            .expect("heistctl")
-    };
+    let ctl = |args: &[&str]| heistctl(dir.path(), &coord.url(), &client.token, args);
     let ls = ctl(&["-o", "json", "audit", "ls", "--kind", "worker."]);
     assert!(ls.status.success(), "{ls:?}");
     let listed: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
@@ -643,14 +634,7 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     let token = issue_token(&coord.url(), ADMIN_ID, ADMIN_SECRET)
         .await
         .expect("token");
-    let out = std::process::Command::new(sibling_binary("heistctl"))
-        .env_clear()
-        .env("HOME", dir.path())
-        .env("HEIST_COORDINATOR", coord.url())
-        .env("HEIST_TOKEN", &token)
-        .args(["audit", "verify"])
-        .output()
-        .expect("heistctl");
+    let out = heistctl(dir.path(), &coord.url(), &token, &["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -436,16 +436,7 @@ async fn heistctl_talks_to_a_tls_coordinator_with_its_ca_certificate() {
     let worker = tls_worker(&coord, &pki, dir.path(), "w-1").await;
     let mut admin = coord.admin().await;
     admin.wait_ready(&["w-1"]).await;
-    let ctl = |url: &str, args: &[&str]| {
-        std::process::Command::new(sibling_binary("heistctl"))
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("HEIST_COORDINATOR", url)
-            .env("HEIST_TOKEN", &admin.token)
-            .args(args)
-            .output()
-            .expect("heistctl")
-    };
+    let ctl = |url: &str, args: &[&str]| heistctl(dir.path(), &url, &admin.token, args);
     let ca = pki.ca();
     let ca = ca.to_str().expect("utf-8 path");
 

@@ -334,16 +334,7 @@ async fn the_session_policy_survives_a_restart_and_carries_into_a_fork() {
 async fn heistctl_creates_a_narrowed_session_and_shows_its_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (coordinator, worker, admin) = cluster(dir.path()).await;
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(sibling_binary("heistctl"))
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("HEIST_COORDINATOR", coordinator.url())
-            .env("HEIST_TOKEN", &admin.token)
-            .args(args)
-            .output()
-            .expect("heistctl")
-    };
+    let ctl = |args: &[&str]| heistctl(dir.path(), &coordinator.url(), &admin.token, args);
     let created = ctl(&[
         "-o",
         "json",
