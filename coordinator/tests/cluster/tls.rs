@@ -436,7 +436,7 @@ async fn heistctl_talks_to_a_tls_coordinator_with_its_ca_certificate() {
     let worker = tls_worker(&coord, &pki, dir.path(), "w-1").await;
     let mut admin = coord.admin().await;
     admin.wait_ready(&["w-1"]).await;
-    let ctl = |url: &str, args: &[&str]| heistctl(dir.path(), &url, &admin.token, args);
+    let ctl = |url: &str, args: &[&str]| heistctl(dir.path(), url, &admin.token, args);
     let ca = pki.ca();
     let ca = ca.to_str().expect("utf-8 path");
 
