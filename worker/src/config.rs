@@ -58,6 +58,9 @@ pub struct Config {
     /// Network mode of the docker backend's session containers (HEIST_DOCKER_NETWORK).
     /// Default `none`.
     pub docker_network: String,
+    /// How long a docker command killed by SIGKILL (not by the worker) waits for the engine's
+    /// `oom` event (HEIST_DOCKER_OOM_WAIT_MS). Default 1 s.
+    pub docker_oom_wait: Duration,
     /// The `heist-sandbox` helper binary (HEIST_SANDBOX_HELPER). `None` means `heist-sandbox`
     /// next to the running executable.
     pub sandbox_helper: Option<PathBuf>,
@@ -165,6 +168,7 @@ impl Default for Config {
             docker_host: None,
             sandbox_image: "heist-sandbox:latest".to_owned(),
             docker_network: "none".to_owned(),
+            docker_oom_wait: Duration::from_secs(1),
             sandbox_helper: None,
             sandbox_uid: 65_534,
             sandbox_gid: 65_534,

@@ -368,6 +368,7 @@ fn sandbox_settings(config: &Config, base: &std::path::Path, disk_fs: bool) -> s
             host: config.docker_host.clone(),
             image: config.sandbox_image.clone(),
             network: config.docker_network.clone(),
+            oom_wait: config.docker_oom_wait,
             inbox_dir: base
                 .parent()
                 .unwrap_or(base)

@@ -120,6 +120,10 @@ pub struct Settings {
     /// Network mode of the docker backend's session containers [default: none].
     #[arg(long, env = "HEIST_DOCKER_NETWORK")]
     pub docker_network: Option<String>,
+    /// How long a docker command killed by SIGKILL (not by the worker) waits for the engine's
+    /// `oom` event before it is answered as killed, not out of memory, in ms [default: 1000].
+    #[arg(long, env = "HEIST_DOCKER_OOM_WAIT_MS")]
+    pub docker_oom_wait_ms: Option<u64>,
     /// This worker's identity key file [default: BASE_WORKSPACE/../worker-<id>.key].
     #[arg(long, env = "HEIST_WORKER_KEY_FILE")]
     pub key_file: Option<PathBuf>,
@@ -175,6 +179,7 @@ heist_proto::layer_over!(Settings {
     docker_host,
     sandbox_image,
     docker_network,
+    docker_oom_wait_ms,
     key_file,
     max_seen_credentials,
     min_free_bytes,
@@ -253,6 +258,7 @@ impl Settings {
         });
         set(&mut c.sandbox_image, self.sandbox_image, |v| v);
         set(&mut c.docker_network, self.docker_network, |v| v);
+        set(&mut c.docker_oom_wait, self.docker_oom_wait_ms, millis);
         Ok(c)
     }
 }

@@ -58,6 +58,7 @@ fn use_docker(config: &mut heist_worker::Config) {
     // Small limits, so the exhaustion checks are quick.
     config.quotas.session_memory_bytes = 128 << 20;
     config.quotas.session_processes = 64;
+    config.quotas.cpu_seconds = 2;
 }
 
 struct Lab {
@@ -135,6 +136,25 @@ fn out(resp: &v1::CallToolResponse, stream: &str) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Python allocating without end is stopped at the container's memory limit and answered
+/// as over `session_memory_bytes`.
+async fn a_memory_hog_is_out_of_memory(client: &mut Client, session: &str) {
+    let err = client
+        .call(
+            session,
+            "run.python",
+            json!({"code": "x = []\nwhile True:\n    x.append(bytearray(16 << 20))"}),
+        )
+        .await
+        .expect_err("out of memory");
+    assert_status(&err, tonic::Code::ResourceExhausted, "LIMIT_EXCEEDED");
+    assert_eq!(
+        heist_proto::errors::metadata_of(&err, "limit").as_deref(),
+        Some("session_memory_bytes"),
+        "{err:?}"
+    );
 }
 
 /// `sleep 30` with a 1 s timeout comes back timed out.
@@ -398,22 +418,37 @@ async fn docker_limits_contain_fork_bombs_and_memory_hogs() {
 
     // An allocation past the container's memory limit is killed and answered like the
     // process backend's out-of-memory.
+    a_memory_hog_is_out_of_memory(&mut lab.client, &lab.session).await;
+    assert_eq!(lab.sh_ok("echo alive").await, "alive\n");
+
+    // A SIGKILL that is no OOM kill stays a kill: the OOM above was accounted once.
+    let killed = lab.sh("kill -9 $$").await;
+    assert!(killed.is_error, "{}", structured(&killed));
+    assert_eq!(structured(&killed)["signal"].as_f64(), Some(9.0));
+
+    // The container killed under the session (its cgroup counts from zero again): the next
+    // command restarts it, and an OOM kill there is still answered as one.
+    let label = format!("label=io.heist.session={}", lab.session);
+    let id = docker(&["ps", "-q", "--filter", &label]).expect("docker ps");
+    docker(&["kill", id.trim()]).expect("docker kill");
+    assert_eq!(lab.sh_ok("echo alive").await, "alive\n");
+    a_memory_hog_is_out_of_memory(&mut lab.client, &lab.session).await;
+
+    // Past the CPU quota: SIGXCPU, answered like the process backend's.
     let err = lab
         .client
         .call(
             &lab.session,
-            "run.python",
-            json!({"code": "x = []\nwhile True:\n    x.append(bytearray(16 << 20))"}),
+            "exec",
+            json!({"command": "while :; do :; done", "timeout_s": 60}),
         )
         .await
-        .expect_err("out of memory");
-    assert_status(&err, tonic::Code::ResourceExhausted, "LIMIT_EXCEEDED");
-    assert!(
-        err.message().contains("session_memory_bytes") || err.message().contains("memory"),
-        "{}",
-        err.message()
+        .expect_err("over the CPU quota");
+    assert_eq!(
+        heist_proto::errors::metadata_of(&err, "limit").as_deref(),
+        Some("cpu_seconds"),
+        "{err:?}"
     );
-    assert_eq!(lab.sh_ok("echo alive").await, "alive\n");
     lab.stop().await;
 }
 
@@ -644,6 +679,7 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
         .expect("run.python");
     assert_eq!(out(&py, "stdout"), "42\n", "{}", structured(&py));
     a_timeout_stops_the_command(&mut client, &session).await;
+    a_memory_hog_is_out_of_memory(&mut client, &session).await;
     let ours = containers_of(&session);
     assert_eq!(ours.len(), 1);
 
@@ -662,6 +698,19 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
         "",
     );
     refused(&["ps", "-a"], "filter on the label");
+    refused(
+        &["events", "--since", "1", "--until", "2"],
+        "filter on the label",
+    );
+    // The backend's own event query (its containers' `oom` events) passes.
+    let ours_only = "label=io.heist.worker=wg";
+    through_gate(
+        &socket,
+        &[
+            "events", "--filter", ours_only, "--since", "1", "--until", "2",
+        ],
+    )
+    .expect("label-filtered events");
     refused(&["images"], "does not allow");
     refused(&["pull", "debian"], "does not allow");
     refused(&["volume", "ls"], "does not allow");

@@ -381,7 +381,7 @@ impl Gate {
         let mut created_container = false;
         match route {
             Route::Probe | Route::ImageInspect => {}
-            Route::ContainerList => policy::check_list(parts.uri.query())?,
+            Route::ContainerList | Route::Events => policy::check_list(parts.uri.query())?,
             Route::ContainerCreate => {
                 let mut json = parse(&body)?;
                 self.policy.check_create(&mut json)?;

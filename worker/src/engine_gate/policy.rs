@@ -28,6 +28,8 @@ pub enum Route<'a> {
     ImageInspect,
     /// `GET /containers/json`, only filtered by the worker label.
     ContainerList,
+    /// `GET /events`, only filtered by the worker label (the backend follows `oom` events).
+    Events,
     /// `POST /containers/create`.
     ContainerCreate,
     /// An operation on one existing container, which must carry the worker label.
@@ -55,6 +57,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, Denied> {
         ["version"] if get => Route::Probe,
         ["images", .., "json"] if get && segments.len() >= 3 => Route::ImageInspect,
         ["containers", "json"] if get => Route::ContainerList,
+        ["events"] if get => Route::Events,
         ["containers", "create"] if post => Route::ContainerCreate,
         ["containers", id] if *method == Method::DELETE => Route::Container { id, exec: false },
         ["containers", id, "json"] if get => Route::Container { id, exec: false },
@@ -88,8 +91,8 @@ fn strip_version(path: &str) -> &str {
     }
 }
 
-/// Whether a container list query is filtered by the worker label (the backend's sweep), so
-/// the gate never lists the host's other containers.
+/// Whether a container list or event query is filtered by the worker label (the backend's
+/// sweep and its `oom` events), so the gate never shows the host's other containers.
 pub fn check_list(query: Option<&str>) -> Result<(), Denied> {
     let filtered = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .filter(|(k, _)| k == "filters")
@@ -110,7 +113,7 @@ pub fn check_list(query: Option<&str>) -> Result<(), Denied> {
         Ok(())
     } else {
         Err(Denied::new(format!(
-            "container lists must filter on the label {WORKER_LABEL}=<worker>"
+            "container lists and events must filter on the label {WORKER_LABEL}=<worker>"
         )))
     }
 }
@@ -395,6 +398,7 @@ mod tests {
             (Method::DELETE, "/containers/abc"),
             (Method::POST, "/exec/e1/start"),
             (Method::GET, "/exec/e1/json"),
+            (Method::GET, "/v1.41/events"),
         ];
         for (m, p) in ok {
             assert!(route(&m, p).is_ok(), "{m} {p}");
@@ -411,6 +415,7 @@ mod tests {
             (Method::GET, "/v1.41/../containers/json"),
             (Method::POST, "/swarm/init"),
             (Method::POST, "/exec/e1/resize"),
+            (Method::POST, "/events"),
         ];
         for (m, p) in refused {
             let err = route(&m, p).expect_err(p);

@@ -22,8 +22,13 @@
 //!   of that signal's reach. When even that cannot start (a fork bomb at the pids limit) the
 //!   container is killed and restarted for the next command.
 //! - **Exit status:** the engine reports an exit code only; codes 129–192 are read as
-//!   128 + signal, like a shell does. An OOM kill is detected from the container's cgroup
-//!   counter (`oom_kill`) and answered like the process backend's.
+//!   128 + signal, like a shell does. A command killed by SIGKILL that the worker did not
+//!   stop is checked for an OOM kill, answered like the process backend's: the engine's
+//!   `oom` events for the worker's containers (followed from the start, replayed after the
+//!   stream breaks) count them on the host side, which holds when the kill took the whole
+//!   container down; the container's own cgroup counter (`oom_kill`) is read as well. The
+//!   event may trail the exit: the check waits for it up to HEIST_DOCKER_OOM_WAIT_MS.
+//!   The CPU rlimit is soft at the quota and hard a second later, so SIGXCPU comes first.
 
 use std::{
     collections::HashMap,
@@ -81,6 +86,9 @@ pub struct DockerSettings {
     pub network: String,
     /// Host directory holding each session's inbox (copied read-only inputs).
     pub inbox_dir: PathBuf,
+    /// How long a command killed by SIGKILL (not by the worker) waits for the engine's `oom`
+    /// event before it is answered as killed rather than out of memory.
+    pub oom_wait: Duration,
 }
 
 impl Default for DockerSettings {
@@ -90,6 +98,7 @@ impl Default for DockerSettings {
             image: "heist-sandbox:latest".to_owned(),
             network: "none".to_owned(),
             inbox_dir: PathBuf::from("./data/docker-inbox"),
+            oom_wait: Duration::from_secs(1),
         }
     }
 }
@@ -100,8 +109,96 @@ struct Container {
     /// (device, inode) of the workspace directory it was created on: a restore that replaces
     /// the directory needs a new bind mount, hence a new container.
     workspace: (u64, u64),
-    /// The cgroup's OOM kill count already accounted for.
+    /// The container's own cgroup OOM kill count already accounted for (it restarts at zero
+    /// with the container).
     oom_seen: AtomicU64,
+    /// The engine's `oom` events for it already accounted for.
+    oom_events_seen: AtomicU64,
+}
+
+/// The engine's `oom` events for this worker's containers, counted per container id.
+#[derive(Default)]
+struct OomEvents {
+    counts: Mutex<HashMap<String, u64>>,
+    changed: tokio::sync::Notify,
+}
+
+impl OomEvents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, container: &str) {
+        *self.lock().entry(container.to_owned()).or_default() += 1;
+        self.changed.notify_waiters();
+    }
+
+    fn forget(&self, container: &str) {
+        self.lock().remove(container);
+    }
+
+    /// The container's count as soon as it passes `seen`, else what it is after `wait`.
+    async fn past(&self, container: &str, seen: u64, wait: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let n = self.lock().get(container).copied().unwrap_or(0);
+            if n > seen || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.lock().get(container).copied().unwrap_or(0);
+            }
+        }
+    }
+}
+
+/// Follows the engine's `oom` events for containers labelled `label` into `events`. When the
+/// stream breaks (an engine restart), it reconnects after a second and replays from the last
+/// event it counted, so none is lost or counted twice.
+async fn follow_oom_events(docker: Docker, label: String, events: Arc<OomEvents>) {
+    let filters = HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        ("event".to_owned(), vec!["oom".to_owned()]),
+        ("label".to_owned(), vec![format!("{WORKER_LABEL}={label}")]),
+    ]);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    // When the last event counted happened (nanoseconds since the epoch).
+    let mut last: Option<i64> = None;
+    loop {
+        let since = last.unwrap_or(started);
+        let opts = bollard::query_parameters::EventsOptions {
+            since: Some(format!(
+                "{}.{:09}",
+                since / 1_000_000_000,
+                since % 1_000_000_000
+            )),
+            until: None,
+            filters: Some(filters.clone()),
+        };
+        let mut stream = docker.events(Some(opts));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(msg) => {
+                    let at = msg.time_nano.unwrap_or(0);
+                    if last.is_some_and(|l| at <= l) {
+                        continue;
+                    }
+                    last = Some(at);
+                    if let Some(id) = msg.actor.and_then(|a| a.id) {
+                        debug!(container = %id, "the engine reports an OOM kill");
+                        events.record(&id);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "the engine's event stream broke: reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The docker backend.
@@ -120,6 +217,9 @@ pub struct DockerBackend {
     python: Option<PathBuf>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: tokio::sync::Mutex<()>,
+    oom_events: Arc<OomEvents>,
+    /// The task following the engine's `oom` events; stopped with the backend.
+    oom_follower: tokio::task::JoinHandle<()>,
 }
 
 fn engine_error(what: &str, err: &bollard::errors::Error) -> Error {
@@ -167,6 +267,12 @@ pub async fn connect(settings: &Settings) -> Result<(DockerBackend, Vec<String>)
     };
     heist_proto::files::private_dir(&ds.inbox_dir)
         .map_err(|e| format!("cannot create {}: {e}", ds.inbox_dir.display()))?;
+    let oom_events = Arc::new(OomEvents::default());
+    let oom_follower = tokio::spawn(follow_oom_events(
+        docker.clone(),
+        settings.cgroup_name.clone(),
+        Arc::clone(&oom_events),
+    ));
     let backend = DockerBackend {
         docker,
         label: settings.cgroup_name.clone(),
@@ -177,6 +283,8 @@ pub async fn connect(settings: &Settings) -> Result<(DockerBackend, Vec<String>)
         python: None,
         containers: Mutex::new(HashMap::new()),
         creating: tokio::sync::Mutex::new(()),
+        oom_events,
+        oom_follower,
         settings: ds,
     };
     backend.sweep().await.map_err(|e| e.to_string())?;
@@ -244,6 +352,7 @@ impl DockerBackend {
             }) => {}
             Err(e) => warn!(container = %id, error = %e, "cannot remove a sandbox container"),
         }
+        self.oom_events.forget(id);
     }
 
     fn inbox(&self, session: &str) -> PathBuf {
@@ -260,7 +369,10 @@ impl DockerBackend {
         let existing = self.lock().get(&job.session).cloned();
         if let Some(c) = existing {
             if c.workspace == workspace {
-                self.ensure_running(&c.id).await?;
+                if self.ensure_running(&c.id).await? {
+                    // A restarted container's cgroup counts from zero.
+                    c.oom_seen.store(0, Ordering::SeqCst);
+                }
                 return Ok(c);
             }
             self.lock().remove(&job.session);
@@ -271,7 +383,8 @@ impl DockerBackend {
         Ok(c)
     }
 
-    async fn ensure_running(&self, id: &str) -> Result<(), Error> {
+    /// Starts the container if it is not running; whether it had to.
+    async fn ensure_running(&self, id: &str) -> Result<bool, Error> {
         let state = self
             .docker
             .inspect_container(id, None)
@@ -282,8 +395,9 @@ impl DockerBackend {
                 .start_container(id, None)
                 .await
                 .map_err(|e| engine_error("cannot restart the session's container", &e))?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     async fn create(&self, job: &Job, workspace: (u64, u64)) -> Result<Container, Error> {
@@ -364,6 +478,7 @@ impl DockerBackend {
             id: created.id,
             workspace,
             oom_seen: AtomicU64::new(0),
+            oom_events_seen: AtomicU64::new(0),
         })
     }
 
@@ -401,7 +516,12 @@ fn translate(job: &Job, python: Option<&Path>) -> (Vec<String>, Vec<String>, Str
     let l = &job.limits;
     let mut wrapped = vec![
         "/usr/bin/prlimit".to_owned(),
-        format!("--cpu={}", l.cpu_seconds),
+        // Soft at the quota, hard a second later: SIGXCPU (answered as the CPU quota) first.
+        format!(
+            "--cpu={}:{}",
+            l.cpu_seconds,
+            l.cpu_seconds.saturating_add(1)
+        ),
         format!("--as={}", l.memory_bytes),
         format!("--nofile={}", l.open_files),
         format!("--fsize={}", l.file_size),
@@ -424,6 +544,7 @@ impl Drop for DockerBackend {
     /// command after a restart; after a crash, the next start sweeps them). Runs on a thread
     /// of its own with a fresh client: the worker's runtime may be shutting down.
     fn drop(&mut self) {
+        self.oom_follower.abort();
         let ids: Vec<String> = self.lock().drain().map(|(_, c)| c.id.clone()).collect();
         if ids.is_empty() {
             return;
@@ -624,32 +745,45 @@ struct DockerExecution {
     finished: bool,
     stopped: bool,
     memory: MemoryLimit,
+    oom_events: Arc<OomEvents>,
+    oom_wait: Duration,
+    /// How the command ended, being read (set once its output ended).
+    exit: Option<BoxFuture<'static, Result<ExitInfo, Error>>>,
 }
 
-impl Execution for DockerExecution {
-    fn next(&mut self) -> BoxFuture<'_, Result<Event, Error>> {
+/// Whether the container had an OOM kill since the last one accounted for: its own cgroup
+/// counter (while it still runs), and the engine's `oom` event (waited for up to `wait`; it
+/// also consumes the event of a kill the counter showed).
+async fn out_of_memory(
+    docker: &Docker,
+    c: &Container,
+    user: &str,
+    events: &OomEvents,
+    wait: Duration,
+) -> bool {
+    let inside = oom_kills(docker, &c.id, user)
+        .await
+        .is_some_and(|n| n > c.oom_seen.fetch_max(n, Ordering::SeqCst));
+    let seen = c.oom_events_seen.load(Ordering::SeqCst);
+    let now = events.past(&c.id, seen, wait).await;
+    c.oom_events_seen.fetch_max(now, Ordering::SeqCst);
+    inside || now > seen
+}
+
+impl DockerExecution {
+    /// Reads how the command ended, once its output has: the exit code, and for a SIGKILL
+    /// the worker did not send, whether it was an OOM kill. A future of its own, kept in
+    /// `self.exit`: `next` is cancelled by the caller's other events and resumes it.
+    fn read_exit(&self) -> BoxFuture<'static, Result<ExitInfo, Error>> {
+        let (docker, exec, container) = (
+            self.docker.clone(),
+            self.exec.clone(),
+            Arc::clone(&self.container),
+        );
+        let (user, events) = (self.user.clone(), Arc::clone(&self.oom_events));
+        let (stopped, memory, wait) = (self.stopped, self.memory, self.oom_wait);
         Box::pin(async move {
-            while let Some(item) = self.output.next().await {
-                let (stream, data) = match item {
-                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                        (Out::Stdout, message)
-                    }
-                    Ok(LogOutput::StdErr { message }) => (Out::Stderr, message),
-                    Ok(LogOutput::StdIn { .. }) => continue,
-                    // The attach connection broke (e.g. the container was killed): the exit
-                    // code tells the rest.
-                    Err(e) => {
-                        debug!(error = %e, "exec output ended with an error");
-                        break;
-                    }
-                };
-                return Ok(Event::Output(Chunk {
-                    stream,
-                    data: data.to_vec(),
-                }));
-            }
-            self.finished = true;
-            let code = exit_code(&self.docker, &self.exec)
+            let code = exit_code(&docker, &exec)
                 .await
                 .map_err(|e| engine_error("cannot read the command's exit code", &e))?;
             let mut exit = ExitInfo::default();
@@ -658,15 +792,47 @@ impl Execution for DockerExecution {
                 Some(c) => exit.code = i32::try_from(c).ok(),
                 None => exit.signal = Some(9),
             }
-            if exit.signal == Some(9) && !self.stopped {
-                let kills = oom_kills(&self.docker, &self.container.id, &self.user).await;
-                let seen = self.container.oom_seen.load(Ordering::SeqCst);
-                if let Some(n) = kills.filter(|n| *n > seen) {
-                    self.container.oom_seen.store(n, Ordering::SeqCst);
-                    exit.out_of_memory = Some(self.memory);
-                }
+            if exit.signal == Some(9)
+                && !stopped
+                && out_of_memory(&docker, &container, &user, &events, wait).await
+            {
+                exit.out_of_memory = Some(memory);
             }
-            Ok(Event::Exited(exit))
+            Ok(exit)
+        })
+    }
+}
+
+impl Execution for DockerExecution {
+    fn next(&mut self) -> BoxFuture<'_, Result<Event, Error>> {
+        Box::pin(async move {
+            if self.exit.is_none() {
+                while let Some(item) = self.output.next().await {
+                    let (stream, data) = match item {
+                        Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                            (Out::Stdout, message)
+                        }
+                        Ok(LogOutput::StdErr { message }) => (Out::Stderr, message),
+                        Ok(LogOutput::StdIn { .. }) => continue,
+                        // The attach connection broke (e.g. the container was killed): the
+                        // exit code tells the rest.
+                        Err(e) => {
+                            debug!(error = %e, "exec output ended with an error");
+                            break;
+                        }
+                    };
+                    return Ok(Event::Output(Chunk {
+                        stream,
+                        data: data.to_vec(),
+                    }));
+                }
+                self.finished = true;
+                self.exit = Some(self.read_exit());
+            }
+            let reading = self.exit.as_mut().expect("set when the output ended");
+            let exit = reading.await;
+            self.exit = None;
+            Ok(Event::Exited(exit?))
         })
     }
 
@@ -788,6 +954,9 @@ impl Backend for DockerBackend {
                     quota: "session_memory_bytes",
                     bytes: self.quotas.session_memory_bytes,
                 },
+                oom_events: Arc::clone(&self.oom_events),
+                oom_wait: self.settings.oom_wait,
+                exit: None,
             }) as Box<dyn Execution>)
         })
     }
@@ -857,7 +1026,7 @@ mod tests {
             argv,
             [
                 "/usr/bin/prlimit",
-                "--cpu=2",
+                "--cpu=2:3",
                 "--as=3",
                 "--nofile=4",
                 "--fsize=10",
