@@ -175,7 +175,8 @@ pub enum Event {
 
 /// A started command.
 pub trait Execution: Send {
-    /// The next output or the exit; an error means the backend lost the command.
+    /// The next output or the exit; an error means the backend lost the command. Cancel-safe:
+    /// the caller drops it for its timers and polls, and the next call resumes where it was.
     fn next(&mut self) -> BoxFuture<'_, Result<Event, Error>>;
     /// Asks the command's processes to stop (SIGTERM to its process group).
     fn terminate(&mut self) -> BoxFuture<'_, ()>;
