@@ -10,7 +10,10 @@
 //! or appending forged ones no longer leaves a log that verifies.
 //!
 //! Writing: [`AuditLog::record`] queues a record and returns; [`AuditLog::append`] queues one
-//! and returns once it is in the store. One writer thread (`audit-writer`) takes everything
+//! and returns once it is in the store; [`AuditLog::append_queued`] returns once it is queued
+//! while fewer than [`MAX_QUEUED`] wait, and waits like `append` beyond that (a flood is slowed
+//! to the writer's pace, never queued without bound). Readers settle the queue first
+//! ([`AuditLog::settle`]), so a listing made after a call was answered holds its record. One writer thread (`audit-writer`) takes everything
 //! queued, numbers and chains it in queue order, and writes it with the head in one
 //! transaction: one head MAC per batch, not per record. Records are not flushed here: they
 //! ride on the store's next group flush ([`Store::flush`]), which the callers that acknowledge
@@ -25,7 +28,11 @@
 
 use std::{
     convert::Infallible,
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
 };
 
 use prost::Message;
@@ -40,6 +47,8 @@ const HEAD_TREE: &str = "audit_head";
 const HEAD_KEY: &[u8] = b"head";
 /// Most records written in one transaction (more queued ones go in the next).
 const MAX_BATCH: usize = 1024;
+/// Most records [`AuditLog::append_queued`] leaves queued without waiting for the writer.
+pub const MAX_QUEUED: usize = 8 * MAX_BATCH;
 
 /// Kind of the first record after a start that found records missing from the end.
 pub const TRUNCATED: &str = "audit.truncated";
@@ -203,6 +212,8 @@ pub struct AuditLog {
     keys: Arc<SigningKeys>,
     /// The writer's queue; `None` once dropped.
     jobs: Option<mpsc::Sender<Job>>,
+    /// Jobs queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
     /// The writer thread, joined on drop (it holds the store open).
     writer: Option<std::thread::JoinHandle<()>>,
     /// The last sequence number written, for tails waiting on new records.
@@ -226,7 +237,9 @@ impl AuditLog {
         let signed = read_head(&heads)?;
         let (head, mark) = found_at_start(&keys, chain_end, signed.as_ref());
         let (written_tx, written) = watch::channel(head.0);
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer {
+            queued: Arc::clone(&queued),
             tree: tree.clone(),
             heads: heads.clone(),
             keys: keys.clone(),
@@ -248,6 +261,7 @@ impl AuditLog {
             heads,
             keys,
             jobs: Some(jobs),
+            queued,
             writer: Some(writer),
             written,
         })
@@ -266,6 +280,18 @@ impl AuditLog {
         let (done, written) = oneshot::channel();
         self.send(Entry::new(kind, subject, detail), Some(done));
         written.await.ok().flatten()
+    }
+
+    /// Queues a record and returns at once while fewer than [`MAX_QUEUED`] records wait for
+    /// the writer; beyond that, returns once it is in the store, like [`AuditLog::append`].
+    /// For records nothing waits on (a read-only call's: it is not flushed before the answer
+    /// either way).
+    pub async fn append_queued(&self, kind: &str, subject: &str, detail: String) {
+        if self.queued.load(Ordering::Relaxed) < MAX_QUEUED {
+            self.send(Entry::new(kind, subject, detail), None);
+        } else {
+            self.append(kind, subject, detail).await;
+        }
     }
 
     /// Returns once every record queued before the call is in the store.
@@ -291,9 +317,15 @@ impl AuditLog {
 
     /// Hands `job` to the writer; false when it has stopped.
     fn enqueue(&self, job: Job) -> bool {
-        self.jobs
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self
+            .jobs
             .as_ref()
-            .is_some_and(|jobs| jobs.send(job).is_ok())
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Up to `limit` records after `after` that `keep` accepts, in order, and whether the
@@ -464,6 +496,8 @@ fn decode_record(bytes: &[u8]) -> Result<AuditRecord, Error> {
 
 /// The writer thread's state: the chain's head and where to write.
 struct Writer {
+    /// Jobs queued and not yet taken (shared with the log's senders).
+    queued: Arc<AtomicUsize>,
     tree: sled::Tree,
     heads: sled::Tree,
     keys: Arc<SigningKeys>,
@@ -483,6 +517,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             let base = self.head.0;
             let holds: Vec<bool> = batch.iter().map(|j| j.entry.is_some()).collect();
             let entries: Vec<Entry> = batch.iter_mut().filter_map(|j| j.entry.take()).collect();
@@ -787,5 +822,24 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (1..=400).collect::<Vec<u64>>());
         assert_eq!(f.log.verify(), Ok(400));
+    }
+
+    #[tokio::test]
+    async fn queued_appends_stay_bounded_in_order_and_are_all_written() {
+        let f = log_with(0).await;
+        let n = 3 * MAX_QUEUED;
+        let mut most = 0;
+        for i in 0..n {
+            f.log
+                .append_queued("tool.executed", "p", i.to_string())
+                .await;
+            most = most.max(f.log.queued.load(Ordering::Relaxed));
+        }
+        assert!(most <= MAX_QUEUED, "{most} queued");
+        f.log.settle().await;
+        assert_eq!(f.log.verify(), Ok(n as u64));
+        let (records, _) = f.log.list(0, n, |_| true).expect("list");
+        let details: Vec<String> = records.into_iter().map(|r| r.detail).collect();
+        assert_eq!(details, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
     }
 }

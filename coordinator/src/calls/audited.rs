@@ -3,12 +3,13 @@
 //! and how long it took. Agent tool calls, which run on the worker inside a turn, get the same
 //! record from the turn's events ([`crate::turns`]).
 //!
-//! Durability: the record is in the audit chain before the call's answer is sent. For a tool
-//! that is not read-only it is also flushed before the answer: by the flush that makes the
-//! call's request-id record durable, or by one of its own when nothing else flushes (no
-//! request id, or an outcome the request-id record leaves open). A read-only call's record
-//! becomes durable with the store's next group flush. Which calls are recorded is
-//! HEIST_AUDIT_CALLS.
+//! Durability: a mutating call's record is in the audit chain and flushed before the call's
+//! answer is sent: by the flush that makes the call's request-id record durable, or by one of
+//! its own when nothing else flushes (no request id, or an outcome the request-id record
+//! leaves open). A read-only call's record is queued before the answer (in the chain once the
+//! writer takes it; the writer is waited for only when its queue is long) and becomes durable
+//! with the store's next group flush. Audit listings settle the queue first, so they hold
+//! every record of an answered call. Which calls are recorded is HEIST_AUDIT_CALLS.
 
 use std::{sync::Arc, time::Duration};
 
@@ -93,6 +94,15 @@ impl Execution {
         let Some(detail) = self.detail(outcome(result)) else {
             return;
         };
+        if self.read_only {
+            // Not flushed before the answer either way: answering once it is queued loses
+            // nothing, and the queue keeps the order.
+            self.app
+                .audit
+                .append_queued(EXECUTED, &self.principal, detail)
+                .await;
+            return;
+        }
         if self
             .app
             .audit
