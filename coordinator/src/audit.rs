@@ -1,6 +1,8 @@
-//! The audit log: append-only, hash-chained records of security decisions in the `audit` tree
-//! (key: sequence number, big-endian; value: a prost [`AuditRecord`]), and its signed head in
-//! the `audit_head` tree.
+//! The audit log: append-only, hash-chained records of security decisions in the `audit` tree,
+//! and its signed head in the `audit_head` tree. Each batch the writer takes is one value (a
+//! prost [`AuditBatch`]) under the number of its first record, big-endian: one insert per
+//! batch, not per record, which is what keeps auditing every call cheap. A value holding a
+//! single [`AuditRecord`] (the layout before batches) reads as a batch of one.
 //!
 //! Each record's `hash` is BLAKE3 over the previous record's hash and the record's own encoding
 //! (with `hash` empty), so [`verify`] finds the first record that was modified, removed,
@@ -28,11 +30,8 @@
 
 use std::{
     convert::Infallible,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-        mpsc,
-    },
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use prost::Message;
@@ -47,6 +46,10 @@ const HEAD_TREE: &str = "audit_head";
 const HEAD_KEY: &[u8] = b"head";
 /// Most records written in one transaction (more queued ones go in the next).
 const MAX_BATCH: usize = 1024;
+/// How long the writer gathers a batch that nobody waits on (only queued records) before it
+/// writes it; a job someone waits on ([`AuditLog::append`], [`AuditLog::settle`]) ends the
+/// wait at once.
+const LINGER: Duration = Duration::from_millis(5);
 /// Most records [`AuditLog::append_queued`] leaves queued without waiting for the writer.
 pub const MAX_QUEUED: usize = 8 * MAX_BATCH;
 
@@ -109,6 +112,30 @@ pub struct AuditRecord {
     /// BLAKE3(prev_hash || this record encoded with `hash` empty).
     #[prost(bytes = "vec", tag = "7")]
     pub hash: Vec<u8>,
+}
+
+/// The records one transaction wrote, stored as one value.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuditBatch {
+    /// In order. Tag 8, which no field of [`AuditRecord`] has: a value holding one record
+    /// decodes as an empty batch, and is read as that record ([`decode_value`]).
+    #[prost(message, repeated, tag = "8")]
+    pub records: Vec<AuditRecord>,
+}
+
+/// The records of one value of the `audit` tree: a batch, or a single record.
+pub fn decode_value(bytes: &[u8]) -> Result<Vec<AuditRecord>, prost::DecodeError> {
+    let batch = AuditBatch::decode(bytes)?;
+    if batch.records.is_empty() {
+        Ok(vec![AuditRecord::decode(bytes)?])
+    } else {
+        Ok(batch.records)
+    }
+}
+
+/// The value that stores `records` (the first one's number is its key).
+pub fn encode_batch(records: Vec<AuditRecord>) -> Vec<u8> {
+    AuditBatch { records }.encode_to_vec()
 }
 
 impl AuditRecord {
@@ -205,15 +232,84 @@ struct Job {
     done: Option<oneshot::Sender<Option<u64>>>,
 }
 
+/// What waits for the writer. Senders wake it only for the first job of a batch, a job someone
+/// waits on, or a full batch: queued records alone cost it no wake-up each.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    jobs: Vec<Job>,
+    /// Whether a job someone waits on is among them.
+    waited: bool,
+    /// The log is gone: the writer ends once the jobs are written.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds `job`; false once closed.
+    fn push(&self, job: Job) -> bool {
+        let mut p = self.lock();
+        if p.closed {
+            return false;
+        }
+        let waited = job.done.is_some();
+        let wake = p.jobs.is_empty() || waited || p.jobs.len() + 1 >= MAX_BATCH;
+        p.waited |= waited;
+        p.jobs.push(job);
+        drop(p);
+        if wake {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// The next batch: waits for a first job, then, unless someone waits on one, gathers more
+    /// for up to [`LINGER`]. `None` once closed and empty.
+    fn take(&self) -> Option<Vec<Job>> {
+        let mut p = self.lock();
+        while p.jobs.is_empty() {
+            if p.closed {
+                return None;
+            }
+            p = self.ready.wait(p).unwrap_or_else(PoisonError::into_inner);
+        }
+        let until = Instant::now() + LINGER;
+        while !p.waited && !p.closed && p.jobs.len() < MAX_BATCH {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            p = self
+                .ready
+                .wait_timeout(p, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        p.waited = false;
+        Some(std::mem::take(&mut p.jobs))
+    }
+}
+
 /// The log: appends, reads and checks.
 pub struct AuditLog {
     tree: sled::Tree,
     heads: sled::Tree,
     keys: Arc<SigningKeys>,
-    /// The writer's queue; `None` once dropped.
-    jobs: Option<mpsc::Sender<Job>>,
-    /// Jobs queued and not yet taken by the writer.
-    queued: Arc<AtomicUsize>,
+    /// The writer's queue.
+    queue: Arc<Queue>,
     /// The writer thread, joined on drop (it holds the store open).
     writer: Option<std::thread::JoinHandle<()>>,
     /// The last sequence number written, for tails waiting on new records.
@@ -227,19 +323,17 @@ impl AuditLog {
     pub fn open(store: &Store, keys: Arc<SigningKeys>) -> Result<Self, Error> {
         let tree = store.open_tree("audit")?;
         let heads = store.open_tree(HEAD_TREE)?;
-        let chain_end = match tree.last()? {
-            Some((_, value)) => {
-                let last = decode_record(&value)?;
-                (last.seq, last.hash.as_slice().try_into().unwrap_or([0; 32]))
-            }
-            None => (0, [0; 32]),
+        let last = match tree.last()? {
+            Some((_, value)) => decode_records(&value)?.pop(),
+            None => None,
         };
+        let chain_end = last.map_or((0, [0; 32]), |last| {
+            (last.seq, last.hash.as_slice().try_into().unwrap_or([0; 32]))
+        });
         let signed = read_head(&heads)?;
         let (head, mark) = found_at_start(&keys, chain_end, signed.as_ref());
         let (written_tx, written) = watch::channel(head.0);
-        let queued = Arc::new(AtomicUsize::new(0));
         let mut writer = Writer {
-            queued: Arc::clone(&queued),
             tree: tree.clone(),
             heads: heads.clone(),
             keys: keys.clone(),
@@ -251,17 +345,17 @@ impl AuditLog {
             error!(kind = %mark.kind, detail = %mark.detail, "the audit log was tampered with while the coordinator was stopped");
             writer.write(vec![mark])?;
         }
-        let (jobs, queue) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        let jobs = Arc::clone(&queue);
         let writer = std::thread::Builder::new()
             .name("audit-writer".to_owned())
-            .spawn(move || writer.run(&queue))
+            .spawn(move || writer.run(&jobs))
             .map_err(|e| Error::io("cannot start the audit writer for", "audit", e))?;
         Ok(Self {
             tree,
             heads,
             keys,
-            jobs: Some(jobs),
-            queued,
+            queue,
             writer: Some(writer),
             written,
         })
@@ -287,7 +381,7 @@ impl AuditLog {
     /// For records nothing waits on (a read-only call's: it is not flushed before the answer
     /// either way).
     pub async fn append_queued(&self, kind: &str, subject: &str, detail: String) {
-        if self.queued.load(Ordering::Relaxed) < MAX_QUEUED {
+        if self.queued() < MAX_QUEUED {
             self.send(Entry::new(kind, subject, detail), None);
         } else {
             self.append(kind, subject, detail).await;
@@ -317,15 +411,12 @@ impl AuditLog {
 
     /// Hands `job` to the writer; false when it has stopped.
     fn enqueue(&self, job: Job) -> bool {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(job).is_ok());
-        if !sent {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        sent
+        self.queue.push(job)
+    }
+
+    /// Jobs queued and not yet taken by the writer.
+    fn queued(&self) -> usize {
+        self.queue.lock().jobs.len()
     }
 
     /// Up to `limit` records after `after` that `keep` accepts, in order, and whether the
@@ -337,14 +428,24 @@ impl AuditLog {
         keep: impl Fn(&AuditRecord) -> bool,
     ) -> Result<(Vec<AuditRecord>, bool), Error> {
         let mut out = Vec::new();
-        for entry in self.tree.range((after + 1).to_be_bytes()..) {
+        // The value holding record `after + 1` starts at or before it.
+        let first = (after + 1).to_be_bytes();
+        let start = match self.tree.range(..=first).next_back().transpose()? {
+            Some((key, _)) => key,
+            None => sled::IVec::from(&first[..]),
+        };
+        for entry in self.tree.range(start..) {
             let (_, value) = entry?;
-            let record = decode_record(&value)?;
-            if out.len() == limit {
-                return Ok((out, true));
-            }
-            if keep(&record) {
-                out.push(record);
+            for record in decode_records(&value)? {
+                if record.seq <= after {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                if keep(&record) {
+                    out.push(record);
+                }
             }
         }
         Ok((out, false))
@@ -419,7 +520,7 @@ impl Drop for AuditLog {
     /// Stops the writer after what is queued and waits for it, so the store is closed when
     /// the log is gone.
     fn drop(&mut self) {
-        drop(self.jobs.take());
+        self.queue.close();
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
@@ -487,8 +588,8 @@ fn read_head(heads: &sled::Tree) -> Result<Option<Head>, Error> {
         .transpose()
 }
 
-fn decode_record(bytes: &[u8]) -> Result<AuditRecord, Error> {
-    AuditRecord::decode(bytes).map_err(|source| Error::Corrupt {
+fn decode_records(bytes: &[u8]) -> Result<Vec<AuditRecord>, Error> {
+    decode_value(bytes).map_err(|source| Error::Corrupt {
         what: "audit record",
         source,
     })
@@ -496,8 +597,6 @@ fn decode_record(bytes: &[u8]) -> Result<AuditRecord, Error> {
 
 /// The writer thread's state: the chain's head and where to write.
 struct Writer {
-    /// Jobs queued and not yet taken (shared with the log's senders).
-    queued: Arc<AtomicUsize>,
     tree: sled::Tree,
     heads: sled::Tree,
     keys: Arc<SigningKeys>,
@@ -507,36 +606,37 @@ struct Writer {
 }
 
 impl Writer {
-    /// Writes what is queued, a batch at a time, until every sender is gone.
-    fn run(mut self, queue: &mpsc::Receiver<Job>) {
-        while let Ok(first) = queue.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+    /// Writes what is queued, a batch at a time (at most [`MAX_BATCH`] records a
+    /// transaction), until the log is closed and its queue empty.
+    fn run(mut self, queue: &Queue) {
+        while let Some(mut jobs) = queue.take() {
+            while !jobs.is_empty() {
+                let rest = jobs.split_off(jobs.len().min(MAX_BATCH));
+                self.write_batch(std::mem::replace(&mut jobs, rest));
             }
-            self.queued.fetch_sub(batch.len(), Ordering::Relaxed);
-            let base = self.head.0;
-            let holds: Vec<bool> = batch.iter().map(|j| j.entry.is_some()).collect();
-            let entries: Vec<Entry> = batch.iter_mut().filter_map(|j| j.entry.take()).collect();
-            let count = entries.len();
-            let ok = count == 0
-                || match self.write(entries) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        error!(%err, records = count, "audit records not written");
-                        self.store.reserve.failed(&err);
-                        false
-                    }
-                };
-            let mut seq = base;
-            for (job, holds) in batch.into_iter().zip(holds) {
-                seq += u64::from(holds);
-                if let Some(done) = job.done {
-                    let _ = done.send(ok.then_some(seq));
+        }
+    }
+
+    /// Writes the records of `batch` and answers who waits on its jobs.
+    fn write_batch(&mut self, mut batch: Vec<Job>) {
+        let base = self.head.0;
+        let holds: Vec<bool> = batch.iter().map(|j| j.entry.is_some()).collect();
+        let entries: Vec<Entry> = batch.iter_mut().filter_map(|j| j.entry.take()).collect();
+        let count = entries.len();
+        let ok = count == 0
+            || match self.write(entries) {
+                Ok(()) => true,
+                Err(err) => {
+                    error!(%err, records = count, "audit records not written");
+                    self.store.reserve.failed(&err);
+                    false
                 }
+            };
+        let mut seq = base;
+        for (job, holds) in batch.into_iter().zip(holds) {
+            seq += u64::from(holds);
+            if let Some(done) = job.done {
+                let _ = done.send(ok.then_some(seq));
             }
         }
     }
@@ -544,6 +644,7 @@ impl Writer {
     /// Numbers, chains and writes `entries` with the new signed head in one transaction.
     fn write(&mut self, entries: Vec<Entry>) -> Result<(), Error> {
         let (mut seq, mut prev) = self.head;
+        let key = (seq + 1).to_be_bytes();
         let at_unix_ms = heist_proto::identity::unix_ms();
         let mut records = Vec::with_capacity(entries.len());
         for Entry {
@@ -564,14 +665,13 @@ impl Writer {
             };
             prev = record.compute_hash();
             record.hash = prev.to_vec();
-            records.push((seq.to_be_bytes(), record.encode_to_vec()));
+            records.push(record);
         }
+        let value = encode_batch(records);
         let head = Head::signed(&self.keys, seq, &prev)?.encode_to_vec();
         (&self.tree, &self.heads)
             .transaction(|(tree, heads)| {
-                for (key, value) in &records {
-                    tree.insert(&key[..], value.as_slice())?;
-                }
+                tree.insert(&key[..], value.as_slice())?;
                 heads.insert(HEAD_KEY, head.as_slice())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<Infallible>>(())
             })
@@ -611,35 +711,45 @@ fn walk(
     for entry in tree.iter() {
         let broken = |why: String| Broken { seq: expected, why };
         let (key, value) = entry.map_err(|e| broken(format!("unreadable: {e}")))?;
-        let record = AuditRecord::decode(value.as_ref())
+        let records = decode_value(value.as_ref())
             .map_err(|_| broken("does not decode (modified)".to_owned()))?;
         let key_seq = <[u8; 8]>::try_from(key.as_ref())
             .ok()
             .map(u64::from_be_bytes);
-        if record.kind == TRUNCATED && key_seq == Some(record.seq) && record.seq > expected {
-            return Err(broken(format!("truncated: {}", record.detail)));
+        for (i, record) in records.iter().enumerate() {
+            let broken = |why: String| Broken { seq: expected, why };
+            // A value is keyed by its first record.
+            let first = i == 0;
+            if first
+                && record.kind == TRUNCATED
+                && key_seq == Some(record.seq)
+                && record.seq > expected
+            {
+                return Err(broken(format!("truncated: {}", record.detail)));
+            }
+            if (first && key_seq != Some(expected)) || record.seq != expected {
+                return Err(broken(format!(
+                    "expected record {expected}, found record {} under key {:?} (removed, \
+                     inserted or reordered)",
+                    record.seq, key_seq
+                )));
+            }
+            if record.prev_hash != prev {
+                return Err(broken(
+                    "does not link to the record before it (removed, inserted or reordered)"
+                        .to_owned(),
+                ));
+            }
+            let hash = record.compute_hash();
+            if record.hash != hash {
+                return Err(broken(
+                    "its content does not match its hash (modified)".to_owned(),
+                ));
+            }
+            each(record).map_err(broken)?;
+            prev = hash;
+            expected += 1;
         }
-        if key_seq != Some(expected) || record.seq != expected {
-            return Err(broken(format!(
-                "expected record {expected}, found record {} under key {:?} (removed, inserted \
-                 or reordered)",
-                record.seq, key_seq
-            )));
-        }
-        if record.prev_hash != prev {
-            return Err(broken(
-                "does not link to the record before it (removed, inserted or reordered)".to_owned(),
-            ));
-        }
-        let hash = record.compute_hash();
-        if record.hash != hash {
-            return Err(broken(
-                "its content does not match its hash (modified)".to_owned(),
-            ));
-        }
-        each(&record).map_err(broken)?;
-        prev = hash;
-        expected += 1;
     }
     Ok(expected - 1)
 }
@@ -660,10 +770,16 @@ mod tests {
         let store = Store::open(dir.path()).expect("store");
         let keys = SigningKeys::for_tests();
         let log = AuditLog::open(&store, keys.clone()).expect("log");
+        // One at a time: each record is a value of its own, which the tampering tests edit.
         for i in 0..n {
-            log.record("token.issued", &format!("client-{i}"), "peer=127.0.0.1");
+            log.append(
+                "token.issued",
+                &format!("client-{i}"),
+                "peer=127.0.0.1".to_owned(),
+            )
+            .await
+            .expect("written");
         }
-        log.settle().await;
         Fixture {
             _dir: dir,
             store,
@@ -674,6 +790,13 @@ mod tests {
 
     fn key(seq: u64) -> [u8; 8] {
         seq.to_be_bytes()
+    }
+
+    /// The record of a value holding one.
+    fn one(value: sled::IVec) -> AuditRecord {
+        let mut records = decode_value(&value).expect("decode");
+        assert_eq!(records.len(), 1, "{records:?}");
+        records.remove(0)
     }
 
     #[tokio::test]
@@ -694,10 +817,9 @@ mod tests {
         // Modified.
         let f = log_with(5).await;
         let tree = &f.log.tree;
-        let mut r = AuditRecord::decode(tree.get(key(3)).expect("get").expect("3").as_ref())
-            .expect("decode");
+        let mut r = one(tree.get(key(3)).expect("get").expect("3"));
         r.subject = "someone-else".into();
-        tree.insert(key(3), r.encode_to_vec()).expect("insert");
+        tree.insert(key(3), encode_batch(vec![r])).expect("insert");
         assert_eq!(verify(tree).expect_err("modified").seq, 3);
 
         // Removed.
@@ -719,17 +841,18 @@ mod tests {
         // Inserted: a well-formed record renumbering the rest cannot fix the chain after it.
         let f = log_with(3).await;
         let tree = &f.log.tree;
-        let mut fake = AuditRecord::decode(tree.get(key(2)).expect("get").expect("2").as_ref())
-            .expect("decode");
+        let mut fake = one(tree.get(key(2)).expect("get").expect("2"));
         fake.kind = "token.issued".into();
         fake.subject = "forged".into();
         fake.hash = fake.compute_hash().to_vec();
         let old2 = tree.get(key(2)).expect("get").expect("2");
         let old3 = tree.get(key(3)).expect("get").expect("3");
-        tree.insert(key(2), fake.encode_to_vec()).expect("insert");
-        let mut moved = AuditRecord::decode(old2.as_ref()).expect("decode");
+        tree.insert(key(2), encode_batch(vec![fake]))
+            .expect("insert");
+        let mut moved = one(old2);
         moved.seq = 3;
-        tree.insert(key(3), moved.encode_to_vec()).expect("insert");
+        tree.insert(key(3), encode_batch(vec![moved]))
+            .expect("insert");
         tree.insert(key(4), old3).expect("insert");
         assert_eq!(verify(tree).expect_err("inserted").seq, 3);
     }
@@ -768,9 +891,7 @@ mod tests {
         let f = log_with(3).await;
         let mut head = read_head(&f.log.heads).expect("read").expect("head");
         head.seq = 2;
-        head.hash = AuditRecord::decode(f.log.tree.get(key(2)).expect("get").expect("2").as_ref())
-            .expect("decode")
-            .hash;
+        head.hash = one(f.log.tree.get(key(2)).expect("get").expect("2")).hash;
         f.log.tree.remove(key(3)).expect("remove");
         f.log
             .heads
@@ -825,6 +946,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_and_single_records_read_as_one_chain() {
+        // Records 1 to 3 as single-record values (the layout before batches), then queued
+        // records, which the writer stores a batch per value.
+        let f = log_with(3).await;
+        for seq in 1..=3 {
+            let record = one(f.log.tree.get(key(seq)).expect("get").expect("value"));
+            f.log
+                .tree
+                .insert(key(seq), record.encode_to_vec())
+                .expect("insert");
+        }
+        for i in 0..50 {
+            f.log.record("tool.executed", "p", &i.to_string());
+        }
+        f.log.settle().await;
+        assert_eq!(f.log.verify(), Ok(53));
+        assert!(f.log.tree.len() < 53, "{} values", f.log.tree.len());
+        let (records, more) = f.log.list(2, 5, |_| true).expect("list");
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [3, 4, 5, 6, 7]);
+        assert!(more);
+        let (records, more) = f.log.list(50, 10, |_| true).expect("list");
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [51, 52, 53]
+        );
+        assert!(!more);
+
+        // A record modified inside a batch is found at that record.
+        let (last_key, value) = f.log.tree.last().expect("read").expect("last");
+        let mut batch = decode_value(&value).expect("decode");
+        assert!(batch.len() > 1, "{batch:?}");
+        let middle = batch.len() / 2;
+        batch[middle].detail = "edited".into();
+        let edited = batch[middle].seq;
+        f.log
+            .tree
+            .insert(last_key, encode_batch(batch))
+            .expect("tamper");
+        assert_eq!(f.log.verify().expect_err("modified").seq, edited);
+    }
+
+    #[tokio::test]
     async fn queued_appends_stay_bounded_in_order_and_are_all_written() {
         let f = log_with(0).await;
         let n = 3 * MAX_QUEUED;
@@ -833,7 +997,7 @@ mod tests {
             f.log
                 .append_queued("tool.executed", "p", i.to_string())
                 .await;
-            most = most.max(f.log.queued.load(Ordering::Relaxed));
+            most = most.max(f.log.queued());
         }
         assert!(most <= MAX_QUEUED, "{most} queued");
         f.log.settle().await;

@@ -518,8 +518,6 @@ async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
 /// waits on.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
-    use prost::Message as _;
-
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
@@ -598,10 +596,7 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     let records: Vec<heist_coordinator::audit::AuditRecord> = tree
         .iter()
         .values()
-        .map(|v| {
-            heist_coordinator::audit::AuditRecord::decode(v.expect("value").as_ref())
-                .expect("decode")
-        })
+        .flat_map(|v| heist_coordinator::audit::decode_value(&v.expect("value")).expect("decode"))
         .collect();
     let kinds: Vec<&str> = records.iter().map(|r| r.kind.as_str()).collect();
     for kind in [
@@ -620,9 +615,18 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
         .iter()
         .find(|r| r.kind == "worker.refused")
         .expect("refused");
-    let mut edited = refused.clone();
-    edited.kind = "worker.joined".into();
-    tree.insert(edited.seq.to_be_bytes(), edited.encode_to_vec())
+    let (key, value) = tree
+        .range(..=refused.seq.to_be_bytes())
+        .next_back()
+        .expect("the value holding it")
+        .expect("read");
+    let mut batch = heist_coordinator::audit::decode_value(&value).expect("decode");
+    for record in &mut batch {
+        if record.seq == refused.seq {
+            record.kind = "worker.joined".into();
+        }
+    }
+    tree.insert(key, heist_coordinator::audit::encode_batch(batch))
         .expect("tamper");
     let broken = heist_coordinator::audit::verify(&tree).expect_err("tampered");
     assert_eq!(broken.seq, refused.seq, "{broken}");
