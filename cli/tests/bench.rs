@@ -11,7 +11,7 @@ use serde_json::Value as Json;
 const PHASES: &[(&str, &[&str])] = &[
     ("baseline-1hop", CALL_METRICS),
     ("baseline-2hop", CALL_METRICS),
-    ("routed", CALL_METRICS),
+    ("routed", ROUTED_METRICS),
     (
         "sessions",
         &[
@@ -57,6 +57,8 @@ const PHASES: &[(&str, &[&str])] = &[
             "on_calls_per_s",
             "off_calls_per_s",
             "on_vs_off",
+            "on_vs_off_min",
+            "on_vs_off_max",
             "spans_received",
         ],
     ),
@@ -66,6 +68,8 @@ const PHASES: &[(&str, &[&str])] = &[
             "on_calls_per_s",
             "off_calls_per_s",
             "on_vs_off",
+            "on_vs_off_min",
+            "on_vs_off_max",
             "records_written",
         ],
     ),
@@ -77,6 +81,26 @@ const CALL_METRICS: &[&str] = &[
     "seq_mean_us",
     "tput_calls_per_s",
     "loaded_p50_us",
+];
+
+/// The call metrics, and the ratios to the 2-hop baseline measured in alternating rounds.
+const ROUTED_METRICS: &[&str] = &[
+    "seq_p50_us",
+    "tput_calls_per_s",
+    "p50_vs_2hop",
+    "p50_vs_2hop_min",
+    "p50_vs_2hop_max",
+    "tput_vs_2hop",
+    "tput_vs_2hop_min",
+    "tput_vs_2hop_max",
+];
+
+/// Ratios a phase measures itself in alternating rounds (not across phases).
+const PAIRED_RATIOS: &[&str] = &[
+    "routed_p50_over_2hop_p50",
+    "routed_tput_over_2hop_tput",
+    "telemetry_on_over_off",
+    "audit_on_over_off",
 ];
 
 const RATIOS: &[&str] = &[
@@ -180,6 +204,12 @@ fn quick_bench_reports_every_phase_with_ratios_and_targets() {
             .unwrap_or_else(|| panic!("ratio {key} missing from {text}"));
         let value = ratio["value"].as_f64().expect("ratio value");
         assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+        if PAIRED_RATIOS.contains(key) {
+            assert_eq!(
+                ratio["denominator"], "median of per-round ratios",
+                "{key} is not from alternating rounds: {ratio}"
+            );
+        }
     }
 
     let targets = report["targets"].as_array().expect("targets");

@@ -1,7 +1,9 @@
 //! Two one-worker clusters side by side that differ only in their environment ("on" and
 //! "off"), loaded with routed `echo` in alternating rounds: on then off, then off then on, and so
 //! on. A drift in the machine's speed hits both sides alike, and the result is the median of the
-//! per-round on/off ratios. The telemetry and audit phases measure their costs this way.
+//! per-round on/off ratios, with their spread (lowest and highest). The telemetry and audit
+//! phases measure their costs this way; [`order`] and [`Spread`] are the same rounds for any
+//! two targets (the routed phase against the 2-hop baseline).
 
 use std::path::PathBuf;
 
@@ -17,6 +19,62 @@ use crate::{
 
 /// Round pairs of a full run (`--quick`: 2).
 const ROUNDS: usize = 5;
+
+/// Rounds of a run of these settings.
+pub fn rounds(s: &super::settings::Settings) -> usize {
+    if s.quick { 2 } else { ROUNDS }
+}
+
+/// One of the two things measured in alternating rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// The one measured first in even rounds.
+    A,
+    /// The other.
+    B,
+}
+
+/// The order of `round`: A then B in even rounds, B then A in odd ones.
+pub fn order(round: usize) -> [Which; 2] {
+    if round.is_multiple_of(2) {
+        [Which::A, Which::B]
+    } else {
+        [Which::B, Which::A]
+    }
+}
+
+/// The median of per-round ratios and their spread.
+#[derive(Clone, Copy, Debug)]
+pub struct Spread {
+    /// The median.
+    pub median: f64,
+    /// The lowest round.
+    pub min: f64,
+    /// The highest round.
+    pub max: f64,
+}
+
+impl Spread {
+    /// Of `ratios` (NaN for none).
+    pub fn of(ratios: &[f64]) -> Self {
+        let mut sorted = ratios.to_vec();
+        Self {
+            median: median(&mut sorted),
+            min: sorted.first().copied().unwrap_or(f64::NAN),
+            max: sorted.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    /// The median, lowest and highest round as ratio metrics, named and labelled in that
+    /// order.
+    pub fn metrics(&self, names: [&'static str; 3], labels: [&'static str; 3]) -> Vec<Metric> {
+        [self.median, self.min, self.max]
+            .into_iter()
+            .zip(names.into_iter().zip(labels))
+            .map(|(value, (name, label))| Metric::new(name, label, value, "x"))
+            .collect()
+    }
+}
 
 /// One side: its cluster, data directory and a session to call `echo` in.
 pub struct Side {
@@ -74,7 +132,7 @@ impl Pair {
     ) -> Result<Rounds, Error> {
         let s = &lab.settings;
         let mut out = Rounds::default();
-        let rounds = if s.quick { 2 } else { ROUNDS };
+        let rounds = rounds(s);
         for round in 0..rounds {
             super::progress(&format!(
                 "{phase}: round {}/{rounds}, {} calls in flight for {:.1} s per side",
@@ -82,23 +140,26 @@ impl Pair {
                 s.concurrency,
                 s.throughput().as_secs_f64()
             ));
-            let measure = async |side: &Side| {
-                load::throughput(
-                    &side.target,
-                    s.concurrency,
-                    s.throughput_warmup(),
-                    s.throughput(),
-                )
-                .await
-            };
-            let (on, off) = if round % 2 == 0 {
-                let on = measure(&self.on).await?;
-                (on, measure(&self.off).await?)
-            } else {
-                let off = measure(&self.off).await?;
-                (measure(&self.on).await?, off)
-            };
+            let (mut on, mut off) = (None, None);
+            for which in order(round) {
+                let (side, slot) = match which {
+                    Which::A => (&self.on, &mut on),
+                    Which::B => (&self.off, &mut off),
+                };
+                *slot = Some(
+                    load::throughput(
+                        &side.target,
+                        s.concurrency,
+                        s.throughput_warmup(),
+                        s.throughput(),
+                    )
+                    .await?,
+                );
+            }
             after_round(self).await?;
+            let (Some(on), Some(off)) = (on, off) else {
+                unreachable!("order() names both sides");
+            };
             out.on_calls += on.calls;
             out.on_rates.push(on.per_second());
             out.off_rates.push(off.per_second());
@@ -179,10 +240,10 @@ pub struct Rounds {
 }
 
 impl Rounds {
-    /// The medians: `on_calls_per_s`, `off_calls_per_s` and `on_vs_off` (of the per-round
-    /// ratios), labelled with what each side is.
+    /// The medians `on_calls_per_s` and `off_calls_per_s`, labelled with what each side is,
+    /// and `on_vs_off` (the median of the per-round ratios) with its spread.
     pub fn metrics(&mut self, on: &'static str, off: &'static str) -> Vec<Metric> {
-        vec![
+        let mut metrics = vec![
             Metric::new("on_calls_per_s", on, median(&mut self.on_rates), "calls/s"),
             Metric::new(
                 "off_calls_per_s",
@@ -190,13 +251,16 @@ impl Rounds {
                 median(&mut self.off_rates),
                 "calls/s",
             ),
-            Metric::new(
-                "on_vs_off",
+        ];
+        metrics.extend(Spread::of(&self.ratios).metrics(
+            ["on_vs_off", "on_vs_off_min", "on_vs_off_max"],
+            [
                 "on / off, median of per-round ratios",
-                median(&mut self.ratios),
-                "x",
-            ),
-        ]
+                "on / off, lowest round",
+                "on / off, highest round",
+            ],
+        ));
+        metrics
     }
 }
 

@@ -3,7 +3,7 @@
 //! Session phases live in `sessions.rs`. A new phase (sandboxed exec, checkpoints, scaling) is
 //! one more `impl Phase` added to [`all`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use futures::future::BoxFuture;
 
@@ -12,6 +12,7 @@ use super::{
     failed,
     load::{self, EchoTarget},
     machine,
+    paired::{self, Spread, Which},
     report::Metric,
     sessions::{Memory, Sessions},
     settings::Settings,
@@ -230,6 +231,7 @@ impl Phase for Routed {
     fn run<'a>(&'a self, lab: &'a mut Lab) -> BoxFuture<'a, Result<Vec<Metric>, Error>> {
         Box::pin(async move {
             let settings = lab.settings.clone();
+            let exe = lab.exe.clone();
             let cluster = lab.cluster().await?;
             let client = cluster.client().await?;
             let session = client
@@ -242,13 +244,94 @@ impl Phase for Routed {
                 settings.call_timeout(),
             )
             .await?;
-            let measured = measure_calls(self.name(), &target, &settings).await;
+            let mut measured = measure_calls(self.name(), &target, &settings).await;
+            if let Ok(metrics) = &mut measured {
+                match against_2hop(&exe, &target, &settings).await {
+                    Ok(paired) => metrics.extend(paired),
+                    Err(err) => measured = Err(err),
+                }
+            }
             client
                 .close_session(&session.id, &uuid::Uuid::new_v4().to_string())
                 .await?;
             measured
         })
     }
+}
+
+/// Routed `echo` against the 2-hop baseline (started here) in alternating rounds, so a drift
+/// of the machine hits both: each round measures sequential p50 and throughput on one, then
+/// the other (the order flips every round); the medians and spreads of the per-round ratios.
+async fn against_2hop(exe: &Path, routed: &EchoTarget, s: &Settings) -> Result<Vec<Metric>, Error> {
+    let echo = BaselineProcess::start(exe, Role::Echo, None).await?;
+    let proxy = match BaselineProcess::start(exe, Role::Proxy, Some(&echo.url)).await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            echo.stop().await;
+            return Err(err);
+        }
+    };
+    let result = async {
+        let baseline =
+            EchoTarget::connect(&proxy.url, None, "s-baseline", s.call_timeout()).await?;
+        baseline.verify().await?;
+        let rounds = paired::rounds(s);
+        let calls = (s.calls / u64::try_from(rounds).unwrap_or(1)).max(20);
+        let (mut p50, mut tput) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            super::progress(&format!(
+                "routed vs 2-hop: round {}/{rounds}, {calls} sequential calls and {:.1} s of {} \
+                 in flight per side",
+                round + 1,
+                s.throughput().as_secs_f64(),
+                s.concurrency
+            ));
+            // (p50 in us, calls/s) of the routed side and of the baseline.
+            let mut measured = [(0.0, 0.0); 2];
+            for which in paired::order(round) {
+                let (target, slot) = match which {
+                    Which::A => (routed, &mut measured[0]),
+                    Which::B => (&baseline, &mut measured[1]),
+                };
+                let seq = load::sequential(
+                    "routed vs 2-hop",
+                    s.warmup_calls.min(calls),
+                    calls,
+                    s.loop_cap(),
+                    || target.call_once(),
+                )
+                .await?;
+                let rate =
+                    load::throughput(target, s.concurrency, s.throughput_warmup(), s.throughput())
+                        .await?;
+                *slot = (seq.quantile_us(0.5), rate.per_second());
+            }
+            let [(routed_p50, routed_rate), (base_p50, base_rate)] = measured;
+            p50.push(routed_p50 / base_p50);
+            tput.push(routed_rate / base_rate);
+        }
+        let mut metrics = Spread::of(&p50).metrics(
+            ["p50_vs_2hop", "p50_vs_2hop_min", "p50_vs_2hop_max"],
+            [
+                "p50 / 2-hop p50, median of alternating rounds",
+                "p50 / 2-hop p50, lowest round",
+                "p50 / 2-hop p50, highest round",
+            ],
+        );
+        metrics.extend(Spread::of(&tput).metrics(
+            ["tput_vs_2hop", "tput_vs_2hop_min", "tput_vs_2hop_max"],
+            [
+                "throughput / 2-hop throughput, median of alternating rounds",
+                "throughput / 2-hop throughput, lowest round",
+                "throughput / 2-hop throughput, highest round",
+            ],
+        ));
+        Ok(metrics)
+    }
+    .await;
+    proxy.stop().await;
+    echo.stop().await;
+    result
 }
 
 /// Sequential latency and throughput of `target`, as metrics (same for every call phase).

@@ -84,6 +84,9 @@ impl Op {
 /// `phase.metric`.
 type MetricRef = (&'static str, &'static str);
 
+/// A ratio's target from the issue, if it sets one.
+type Target = Option<(Op, f64)>;
+
 /// A ratio to report, and its target if the issue sets one.
 struct RatioSpec {
     name: &'static str,
@@ -230,6 +233,36 @@ const RATIOS: &[RatioSpec] = &[
     },
 ];
 
+/// Ratios a phase measured itself in alternating rounds (the median of its per-round ratios):
+/// (name, label, metric, target). Where one was measured it replaces the ratio of the same name
+/// computed across phases.
+const PAIRED: &[(&str, &str, MetricRef, Target)] = &[
+    (
+        "routed_p50_over_2hop_p50",
+        "routed p50 / 2-hop p50 (median of alternating rounds)",
+        ("routed", "p50_vs_2hop"),
+        Some((Op::AtMost, 1.3)),
+    ),
+    (
+        "routed_tput_over_2hop_tput",
+        "routed throughput / 2-hop throughput (median of alternating rounds)",
+        ("routed", "tput_vs_2hop"),
+        Some((Op::AtLeast, 0.75)),
+    ),
+    (
+        "telemetry_on_over_off",
+        "traces + metrics on / both off (median of alternating rounds)",
+        ("telemetry", "on_vs_off"),
+        Some((Op::AtLeast, 0.9)),
+    ),
+    (
+        "audit_on_over_off",
+        "every call audited / executed calls not audited (median of alternating rounds)",
+        ("audit", "on_vs_off"),
+        Some((Op::AtLeast, 0.9)),
+    ),
+];
+
 /// Targets on absolute values: (name, label, metric, op, limit).
 const ABSOLUTE_TARGETS: &[(&str, &str, MetricRef, Op, f64)] = &[
     (
@@ -308,7 +341,33 @@ impl Report {
         };
         let mut ratios = Vec::new();
         let mut targets = Vec::new();
+        for &(name, label, metric, target) in PAIRED {
+            let Some(value) = lookup(metric) else {
+                continue;
+            };
+            ratios.push(Ratio {
+                name,
+                label,
+                value,
+                numerator: format!("{}.{}", metric.0, metric.1),
+                denominator: "median of per-round ratios".to_owned(),
+            });
+            if let Some((op, limit)) = target {
+                targets.push(Check {
+                    name,
+                    label,
+                    value,
+                    unit: "x",
+                    op,
+                    limit,
+                    ok: op.holds(value, limit),
+                });
+            }
+        }
         for spec in RATIOS {
+            if ratios.iter().any(|r| r.name == spec.name) {
+                continue;
+            }
             let (Some(num), Some(den)) = (lookup(spec.numerator), lookup(spec.denominator)) else {
                 continue;
             };
