@@ -153,9 +153,10 @@ impl OomEvents {
 }
 
 /// Follows the engine's `oom` events for containers labelled `label` into `events`. When the
-/// stream breaks (an engine restart), it reconnects after a second and replays from the last
-/// event it counted, so none is lost or counted twice.
+/// stream breaks (an engine restart), it reconnects (after 1 s, doubling to 30 s while it keeps
+/// failing) and replays from the last event it counted, so none is lost or counted twice.
 async fn follow_oom_events(docker: Docker, label: String, events: Arc<OomEvents>) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let filters = HashMap::from([
         ("type".to_owned(), vec!["container".to_owned()]),
         ("event".to_owned(), vec!["oom".to_owned()]),
@@ -166,6 +167,7 @@ async fn follow_oom_events(docker: Docker, label: String, events: Arc<OomEvents>
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
     // When the last event counted happened (nanoseconds since the epoch).
     let mut last: Option<i64> = None;
+    let mut backoff = Duration::from_secs(1);
     loop {
         let since = last.unwrap_or(started);
         let opts = bollard::query_parameters::EventsOptions {
@@ -177,6 +179,7 @@ async fn follow_oom_events(docker: Docker, label: String, events: Arc<OomEvents>
             until: None,
             filters: Some(filters.clone()),
         };
+        let opened = tokio::time::Instant::now();
         let mut stream = docker.events(Some(opts));
         while let Some(item) = stream.next().await {
             match item {
@@ -197,7 +200,12 @@ async fn follow_oom_events(docker: Docker, label: String, events: Arc<OomEvents>
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A stream that held for a while starts the backoff over.
+        if opened.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
