@@ -73,6 +73,19 @@ const PHASES: &[(&str, &[&str])] = &[
             "records_written",
         ],
     ),
+    (
+        "churn",
+        &[
+            "pairs",
+            "coordinator_warm_kib",
+            "coordinator_collected_kib",
+            "worker_collected_kib",
+            "disk_warm_kib",
+            "disk_collected_kib",
+            "coordinator_collected_vs_warm",
+            "disk_collected_vs_warm",
+        ],
+    ),
 ];
 
 const CALL_METRICS: &[&str] = &[

@@ -21,6 +21,7 @@
 pub mod audit;
 pub mod baseline;
 pub mod checkpoint;
+pub mod churn;
 pub mod exec;
 pub mod load;
 pub mod machine;

@@ -47,6 +47,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(super::telemetry::Telemetry),
         Box::new(super::mcp::Mcp),
         Box::new(super::audit::Audit),
+        Box::new(super::churn::Churn),
     ]
 }
 

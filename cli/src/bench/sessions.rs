@@ -213,7 +213,7 @@ fn per_session(before: &ClusterRss, open: &ClusterRss, n: usize) -> Vec<Metric> 
 }
 
 /// Creates a session and checks it is usable.
-async fn create(client: &Client) -> Result<String, Error> {
+pub(super) async fn create(client: &Client) -> Result<String, Error> {
     let session = client
         .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
         .await?;
@@ -227,7 +227,7 @@ async fn create(client: &Client) -> Result<String, Error> {
 }
 
 /// Closes a session.
-async fn close(client: &Client, id: &str) -> Result<(), Error> {
+pub(super) async fn close(client: &Client, id: &str) -> Result<(), Error> {
     client
         .close_session(id, &uuid::Uuid::new_v4().to_string())
         .await
@@ -274,7 +274,11 @@ async fn close_many(client: &Client, ids: &[String], cap: Duration) -> Option<Er
 
 /// Runs `op` on every item, [`PARALLEL`] at a time, until the first failure or `cap`; returns
 /// the results so far and the failure. Tasks still running at the end are aborted.
-async fn in_parallel<I, T, F, Fut>(items: I, cap: Duration, op: F) -> (Vec<T>, Option<Error>)
+pub(super) async fn in_parallel<I, T, F, Fut>(
+    items: I,
+    cap: Duration,
+    op: F,
+) -> (Vec<T>, Option<Error>)
 where
     I: IntoIterator,
     F: Fn(I::Item) -> Fut,
