@@ -256,9 +256,18 @@ impl Queue {
 
     /// Adds `job`; false once closed.
     fn push(&self, job: Job) -> bool {
+        self.push_within(job, usize::MAX).is_ok()
+    }
+
+    /// Adds `job` unless `limit` jobs or more wait already (then it is handed back); `Ok(false)`
+    /// once closed.
+    fn push_within(&self, job: Job, limit: usize) -> Result<bool, Job> {
         let mut p = self.lock();
         if p.closed {
-            return false;
+            return Ok(false);
+        }
+        if p.jobs.len() >= limit {
+            return Err(job);
         }
         let waited = job.done.is_some();
         let wake = p.jobs.is_empty() || waited || p.jobs.len() + 1 >= MAX_BATCH;
@@ -268,7 +277,7 @@ impl Queue {
         if wake {
             self.ready.notify_one();
         }
-        true
+        Ok(true)
     }
 
     fn close(&self) {
@@ -371,8 +380,13 @@ impl AuditLog {
     /// Queues a record and returns its number once it is in the store (not yet flushed:
     /// the caller's next [`Store::flush`] covers it); `None` when it could not be written.
     pub async fn append(&self, kind: &str, subject: &str, detail: String) -> Option<u64> {
+        self.written(Entry::new(kind, subject, detail)).await
+    }
+
+    /// Queues `entry` and returns its number once it is in the store.
+    async fn written(&self, entry: Entry) -> Option<u64> {
         let (done, written) = oneshot::channel();
-        self.send(Entry::new(kind, subject, detail), Some(done));
+        self.send(entry, Some(done));
         written.await.ok().flatten()
     }
 
@@ -381,10 +395,21 @@ impl AuditLog {
     /// For records nothing waits on (a read-only call's: it is not flushed before the answer
     /// either way).
     pub async fn append_queued(&self, kind: &str, subject: &str, detail: String) {
-        if self.queued() < MAX_QUEUED {
-            self.send(Entry::new(kind, subject, detail), None);
-        } else {
-            self.append(kind, subject, detail).await;
+        let job = Job {
+            entry: Some(Entry::new(kind, subject, detail)),
+            done: None,
+        };
+        match self.queue.push_within(job, MAX_QUEUED) {
+            Ok(true) => {}
+            Ok(false) => error!(
+                kind,
+                "audit record not written: the audit writer has stopped"
+            ),
+            Err(job) => {
+                if let Some(entry) = job.entry {
+                    self.written(entry).await;
+                }
+            }
         }
     }
 
@@ -415,6 +440,7 @@ impl AuditLog {
     }
 
     /// Jobs queued and not yet taken by the writer.
+    #[cfg(test)]
     fn queued(&self) -> usize {
         self.queue.lock().jobs.len()
     }

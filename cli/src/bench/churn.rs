@@ -14,15 +14,12 @@ use futures::future::BoxFuture;
 
 use super::{
     failed,
-    paired::env,
+    paired::{env, start_cluster, stop_cluster},
     phases::{Lab, Phase, cluster_rss, count_f64, kib_f64},
     report::Metric,
     sessions::{close, create, in_parallel},
 };
-use crate::{
-    cluster::{LocalCluster, Options},
-    error::Error,
-};
+use crate::{cluster::LocalCluster, error::Error};
 
 /// Create+close pairs of a full run (`--quick`: 200).
 const PAIRS: u64 = 100_000;
@@ -67,32 +64,15 @@ impl Reading {
 }
 
 async fn measure(lab: &mut Lab) -> Result<Vec<Metric>, Error> {
-    let data_dir = std::env::temp_dir().join(format!(
-        "heist-bench-churn-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let cluster = LocalCluster::start(Options {
-        workers: 1,
-        port: 0,
-        data_dir: Some(data_dir.clone()),
-        max_sessions: Some(lab.settings.worker_max_sessions()),
-        bin_dir: lab.bin_dir.clone(),
-        log_level: lab.cluster_log_level.clone(),
-        call_timeout: lab.settings.call_timeout(),
-        env: vec![
-            env("HEIST_SESSION_RETENTION_S", "0"),
-            env("HEIST_SESSION_GC_INTERVAL_S", "1"),
-            env("HEIST_IDEMPOTENCY_TTL_S", "1"),
-            env("HEIST_DISK_QUOTA", "polling"),
-        ],
-        ..Options::default()
-    })
-    .await?;
+    let env = vec![
+        env("HEIST_SESSION_RETENTION_S", "0"),
+        env("HEIST_SESSION_GC_INTERVAL_S", "1"),
+        env("HEIST_IDEMPOTENCY_TTL_S", "1"),
+        env("HEIST_DISK_QUOTA", "polling"),
+    ];
+    let (cluster, data_dir) = start_cluster(lab, "churn", env).await?;
     let result = churn(lab, &cluster, &data_dir).await;
-    cluster.stop().await?;
-    if let Err(err) = std::fs::remove_dir_all(&data_dir) {
-        tracing::warn!(%err, dir = %data_dir.display(), "cannot remove the bench data directory");
-    }
+    stop_cluster(cluster, &data_dir).await?;
     result
 }
 

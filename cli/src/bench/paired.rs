@@ -5,7 +5,7 @@
 //! phases measure their costs this way; [`order`] and [`Spread`] are the same rounds for any
 //! two targets (the routed phase against the 2-hop baseline).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{
     load::{self, EchoTarget},
@@ -169,26 +169,66 @@ impl Pair {
     }
 }
 
+/// Starts a one-worker cluster of a phase's own (`name` names its data directory) with `env`
+/// for its processes; [`stop_cluster`] stops it and removes the directory.
+pub async fn start_cluster(
+    lab: &Lab,
+    name: &str,
+    env: Vec<(String, String)>,
+) -> Result<(LocalCluster, PathBuf), Error> {
+    let data_dir = std::env::temp_dir().join(format!(
+        "heist-bench-{name}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let cluster = LocalCluster::start(Options {
+        workers: 1,
+        port: 0,
+        data_dir: Some(data_dir.clone()),
+        max_sessions: Some(lab.settings.worker_max_sessions()),
+        bin_dir: lab.bin_dir.clone(),
+        log_level: lab.cluster_log_level.clone(),
+        call_timeout: lab.settings.call_timeout(),
+        env,
+        ..Options::default()
+    })
+    .await?;
+    Ok((cluster, data_dir))
+}
+
+/// Stops a cluster [`start_cluster`] started and removes its data directory.
+pub async fn stop_cluster(cluster: LocalCluster, data_dir: &Path) -> Result<(), Error> {
+    cluster.stop().await?;
+    if let Err(err) = std::fs::remove_dir_all(data_dir) {
+        tracing::warn!(%err, dir = %data_dir.display(), "cannot remove the bench data directory");
+    }
+    Ok(())
+}
+
+/// A fresh session on `cluster` and a verified `echo` target in it, with the session's id.
+pub async fn echo_target(
+    cluster: &LocalCluster,
+    call_timeout: std::time::Duration,
+) -> Result<(EchoTarget, String), Error> {
+    let client = cluster.client().await?;
+    let session = client
+        .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
+        .await?;
+    let target = EchoTarget::connect(
+        cluster.coordinator_url(),
+        Some(cluster.access_token()),
+        &session.id,
+        call_timeout,
+    )
+    .await?;
+    target.verify().await?;
+    Ok((target, session.id))
+}
+
 impl Side {
     async fn start(lab: &Lab, name: &str, env: Vec<(String, String)>) -> Result<Self, Error> {
-        let data_dir = std::env::temp_dir().join(format!(
-            "heist-bench-{name}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        let cluster = LocalCluster::start(Options {
-            workers: 1,
-            port: 0,
-            data_dir: Some(data_dir.clone()),
-            max_sessions: Some(lab.settings.worker_max_sessions()),
-            bin_dir: lab.bin_dir.clone(),
-            log_level: lab.cluster_log_level.clone(),
-            call_timeout: lab.settings.call_timeout(),
-            env,
-            ..Options::default()
-        })
-        .await?;
-        let target = match echo_target(&cluster, lab).await {
-            Ok(target) => target,
+        let (cluster, data_dir) = start_cluster(lab, name, env).await?;
+        let target = match echo_target(&cluster, lab.settings.call_timeout()).await {
+            Ok((target, _)) => target,
             Err(err) => {
                 cluster.stop().await?;
                 return Err(err);
@@ -202,28 +242,8 @@ impl Side {
     }
 
     async fn stop(self) -> Result<(), Error> {
-        self.cluster.stop().await?;
-        if let Err(err) = std::fs::remove_dir_all(&self.data_dir) {
-            tracing::warn!(%err, dir = %self.data_dir.display(), "cannot remove the bench data directory");
-        }
-        Ok(())
+        stop_cluster(self.cluster, &self.data_dir).await
     }
-}
-
-async fn echo_target(cluster: &LocalCluster, lab: &Lab) -> Result<EchoTarget, Error> {
-    let client = cluster.client().await?;
-    let session = client
-        .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
-        .await?;
-    let target = EchoTarget::connect(
-        cluster.coordinator_url(),
-        Some(cluster.access_token()),
-        &session.id,
-        lab.settings.call_timeout(),
-    )
-    .await?;
-    target.verify().await?;
-    Ok(target)
 }
 
 /// What the rounds measured.

@@ -235,16 +235,7 @@ impl Phase for Routed {
             let exe = lab.exe.clone();
             let cluster = lab.cluster().await?;
             let client = cluster.client().await?;
-            let session = client
-                .create_session(Default::default(), &uuid::Uuid::new_v4().to_string())
-                .await?;
-            let target = EchoTarget::connect(
-                cluster.coordinator_url(),
-                Some(cluster.access_token()),
-                &session.id,
-                settings.call_timeout(),
-            )
-            .await?;
+            let (target, session) = paired::echo_target(cluster, settings.call_timeout()).await?;
             let mut measured = measure_calls(self.name(), &target, &settings).await;
             if let Ok(metrics) = &mut measured {
                 match against_2hop(&exe, &target, &settings).await {
@@ -253,7 +244,7 @@ impl Phase for Routed {
                 }
             }
             client
-                .close_session(&session.id, &uuid::Uuid::new_v4().to_string())
+                .close_session(&session, &uuid::Uuid::new_v4().to_string())
                 .await?;
             measured
         })
