@@ -11,6 +11,7 @@
 use std::{net::SocketAddr, sync::Arc, time::SystemTime};
 
 use heist_proto::{
+    credential::KeyShare,
     errors,
     ids::WorkerId,
     tls::CertificateDer,
@@ -118,6 +119,18 @@ async fn join(
     }
     let id = WorkerId::parse(reg.worker_id.as_str())?;
     let enrolment = check_identity(app, &id, &reg, peer, certs)?;
+    // The call key: the worker's share is proven with its identity, ours is fresh.
+    let share = KeyShare::generate()
+        .map_err(|e| Error::Status(Status::internal(format!("cannot make a key share: {e}"))))?;
+    let share_public = share.public();
+    let call_key = share
+        .agree_as_coordinator(&reg.credential_key_share, id.as_str())
+        .map_err(|e| {
+            Error::Status(errors::invalid_argument(
+                "credential_key_share",
+                format!("{e}: upgrade the worker"),
+            ))
+        })?;
     let tools = catalogue::vet_tools(&app.config, &id, std::mem::take(&mut reg.tools))?;
     reg.capacity = catalogue::vet_capacity(&app.config, &id, reg.capacity);
     if reg.capacity == 0 {
@@ -158,8 +171,10 @@ async fn join(
     };
 
     let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
-    let accepted = accepted(app, &id);
+    let accepted = accepted(app, &id, Some(share_public));
     client.worker_has_key(&key_id(&accepted.coordinator_public_key));
+    // Credentials made with it may reach the worker before this Accepted: it waits for it.
+    client.set_call_key(call_key);
     // Queued before the registry can hand the sender to anyone else, so it is always first.
     let _ = tx.try_send(Ok(command(coordinator_message::Msg::Accepted(accepted))));
 
@@ -231,10 +246,7 @@ fn check_identity(
         .unwrap_or_default();
     // The certificate first: a worker without its own certificate never binds a key.
     let enrolment = worker_certs::check(app, id, certs)
-        .and_then(|()| {
-            app.worker_keys
-                .check_register(id, reg.identity.as_ref(), &reg.advertise_addr)
-        })
+        .and_then(|()| app.worker_keys.check_register(id, reg))
         .inspect_err(|err| {
             warn!(
                 worker_id = %id,
@@ -306,8 +318,9 @@ async fn run_stream(
     }
 }
 
-/// The Accepted for worker `id`: lease, heartbeat, and the keys its credentials are signed with.
-fn accepted(app: &App, id: &WorkerId) -> Accepted {
+/// The Accepted for worker `id`: lease, heartbeat, the keys its grants are signed with, and
+/// (at registration) our share of its call key.
+fn accepted(app: &App, id: &WorkerId, share: Option<[u8; 32]>) -> Accepted {
     let mut current = Vec::new();
     let mut retired_keys = Vec::new();
     for key in app.keys.accepted() {
@@ -327,6 +340,9 @@ fn accepted(app: &App, id: &WorkerId) -> Accepted {
         credential_audience: credential_audience(id),
         credential_issuer: app.config.token_issuer.clone(),
         retired_keys,
+        credential_key_share: share.map(|s| s.to_vec()).unwrap_or_default(),
+        credential_ttl_ms: u64::try_from(app.config.worker_credential_ttl.as_millis())
+            .unwrap_or(u64::MAX),
     }
 }
 
@@ -340,7 +356,7 @@ pub fn announce_keys(app: &App) -> usize {
             continue;
         };
         if app.registry.is_connected(&id) {
-            let msg = command(coordinator_message::Msg::Accepted(accepted(app, &id)));
+            let msg = command(coordinator_message::Msg::Accepted(accepted(app, &id, None)));
             app.registry.send(&id, msg);
             sent += 1;
         }

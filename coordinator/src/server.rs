@@ -418,24 +418,19 @@ mod tests {
     ) -> Result<(mpsc::Sender<WorkerMessage>, Streaming<CoordinatorMessage>), tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let first = first.unwrap_or_else(|| {
-            let proof = heist_proto::identity::WorkerKey::from_seed(&[5; 32]).prove(
-                heist_proto::identity::PURPOSE_REGISTER,
-                id,
-                b"http://127.0.0.1:1",
-            );
-            worker_message::Msg::Register(v1::Register {
+            let mut register = v1::Register {
                 worker_id: id.to_owned(),
                 advertise_addr: "http://127.0.0.1:1".to_owned(),
                 capacity: 2,
                 open_session_ids: vec!["s-stale".to_owned()],
-                identity: Some(v1::WorkerIdentity {
-                    public_key: proof.public_key.to_vec(),
-                    signed_at_ms: proof.signed_at_ms,
-                    nonce: proof.nonce.to_vec(),
-                    signature: proof.signature.to_vec(),
-                }),
+                credential_key_share: heist_proto::credential::KeyShare::generate()
+                    .expect("share")
+                    .public()
+                    .to_vec(),
                 ..v1::Register::default()
-            })
+            };
+            heist_proto::identity::WorkerKey::from_seed(&[5; 32]).sign_register(&mut register);
+            worker_message::Msg::Register(register)
         });
         tx.send(WorkerMessage { msg: Some(first) })
             .await

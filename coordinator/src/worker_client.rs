@@ -1,10 +1,9 @@
 //! The data plane: calls from the coordinator to one worker's WorkerService.
 //!
 //! One lazily connected tonic channel per worker, reused by every call (HTTP/2 multiplexes
-//! them). Every call carries `authorization: Bearer <credential>`, a JWT the coordinator signs
-//! for audience `heist-worker:<id>` and for that one call (a fresh `jti` and the call's digest in
-//! `req`, short-lived: HEIST_WORKER_CREDENTIAL_TTL_S), and
-//! `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
+//! them). Every call carries `authorization: Bearer <credential>`, made for that one call with
+//! the call key agreed at the worker's registration ([`heist_proto::credential`]: a fresh id,
+//! the call's digest, short-lived: HEIST_WORKER_CREDENTIAL_TTL_S), and `x-heist-principal`; the caller's deadline (see [`call_deadline`]) is forwarded and enforced
 //! here as well, with the current span's W3C trace context (`traceparent`). Worker statuses
 //! come back unchanged, except transport failures, which become WORKER_UNAVAILABLE, and an
 //! expired deadline, which is DEADLINE_EXCEEDED ([`WorkerClient`]'s `map_status` is the one
@@ -14,12 +13,13 @@
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
 use heist_proto::{
+    credential::CallKey,
     errors,
     ids::WorkerId,
     metadata,
@@ -48,12 +48,7 @@ use crate::{error::Error, signing_keys::SigningKeys};
 const MAX_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 /// How long dialling a worker may take before the call fails as unavailable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Subject of coordinator credentials.
-const CREDENTIAL_SUBJECT: &str = "coordinator";
-/// Scope of coordinator credentials.
-const CREDENTIAL_SCOPE: &str = "worker";
-
-/// Audience a worker requires in coordinator credentials.
+/// Audience a worker requires in the grants the coordinator signs for it.
 pub fn credential_audience(worker: &WorkerId) -> String {
     format!("heist-worker:{worker}")
 }
@@ -169,6 +164,7 @@ impl WorkerClient {
                 issuer: issuer.to_owned(),
                 audience: credential_audience(&worker),
                 ttl: credential_ttl,
+                call_key: RwLock::new(None),
             },
             worker,
             address,
@@ -187,6 +183,16 @@ impl WorkerClient {
         if *current != kid {
             kid.clone_into(&mut current);
         }
+    }
+
+    /// Makes `key` (agreed at the worker's registration) the key its call credentials are
+    /// made with.
+    pub fn set_call_key(&self, key: CallKey) {
+        *self
+            .credentials
+            .call_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(key));
     }
 
     /// The address this client dials.
@@ -336,14 +342,17 @@ impl WorkerClient {
             return Err(Error::DeadlineExceeded(self.worker.clone()));
         }
         let principal = AsciiMetadataValue::try_from(principal).ok();
-        let credential = self.credentials.header(&call_digest(
-            method,
-            principal
-                .as_ref()
-                .and_then(|p| p.to_str().ok())
-                .unwrap_or_default(),
-            &msg.encode_to_vec(),
-        ))?;
+        let credential = self.credentials.header(
+            &self.worker,
+            &call_digest(
+                method,
+                principal
+                    .as_ref()
+                    .and_then(|p| p.to_str().ok())
+                    .unwrap_or_default(),
+                &msg.encode_to_vec(),
+            ),
+        )?;
         let mut request = Request::new(msg);
         let md = request.metadata_mut();
         md.insert(metadata::AUTHORIZATION, credential);
@@ -400,15 +409,18 @@ pub fn call_deadline(incoming: &MetadataMap, cap: Duration) -> Instant {
     Instant::now() + (budget - margin)
 }
 
-/// Mints the coordinator credentials for one worker.
+/// Mints the coordinator credentials for one worker: per-call credentials with the call key
+/// agreed at its registration, turn grants signed with the coordinator's key.
 struct Credentials {
     keys: Arc<SigningKeys>,
     /// `kid` of the coordinator key the worker verifies with (from its Accepted, then its
-    /// heartbeats): its credentials are signed with that key while the coordinator holds it.
+    /// heartbeats): its grants are signed with that key while the coordinator holds it.
     worker_kid: Mutex<String>,
     issuer: String,
     audience: String,
     ttl: Duration,
+    /// The call key of the worker's latest registration (none before the first).
+    call_key: RwLock<Option<Arc<CallKey>>>,
 }
 
 impl Credentials {
@@ -423,26 +435,29 @@ impl Credentials {
             .unwrap_or_else(|| self.keys.current())
     }
 
-    /// The `authorization` value for one call: a fresh JWT (new `jti`, which the worker accepts
-    /// once) whose `req` claim is the call's [`call_digest`].
-    fn header(&self, digest: &str) -> Result<AsciiMetadataValue, Error> {
-        let mut claims = TokenSigner::claims(
-            &self.issuer,
-            &self.audience,
-            CREDENTIAL_SUBJECT,
-            CREDENTIAL_SCOPE,
-            self.ttl,
-        );
-        digest.clone_into(&mut claims.req);
-        let jwt = self.signer().sign(&claims).map_err(Error::Signing)?;
-        AsciiMetadataValue::try_from(format!("Bearer {jwt}"))
+    /// The `authorization` value for one call: a fresh credential (new id, which the worker
+    /// accepts once) for the call whose [`call_digest`] is `digest`.
+    fn header(&self, worker: &WorkerId, digest: &str) -> Result<AsciiMetadataValue, Error> {
+        let key = self
+            .call_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Error::WorkerUnavailable(worker.clone()))?;
+        let credential = key.mint(digest, self.ttl).map_err(|e| {
+            Error::Status(Status::internal(format!("cannot make a credential: {e}")))
+        })?;
+        AsciiMetadataValue::try_from(format!("Bearer {credential}"))
             .map_err(|e| Error::Status(Status::internal(format!("credential is not ASCII: {e}"))))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use heist_proto::token::TokenVerifier;
+    use heist_proto::{
+        credential::{Credential, KeyShare},
+        token::TokenVerifier,
+    };
 
     use super::*;
 
@@ -460,7 +475,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn credentials_verify_for_the_worker_audience_and_are_per_call() {
+    async fn credentials_are_per_call_and_grants_follow_the_workers_key() {
         let keys = signer();
         let s = keys.current();
         let id = WorkerId::parse("w1").expect("id");
@@ -474,44 +489,54 @@ mod tests {
         )
         .expect("client");
         assert_eq!(client.address(), "http://127.0.0.1:1");
-        let first = client.credentials.header("d1").expect("header");
-        let second = client.credentials.header("d1").expect("header");
+        // No call key before the worker registered.
+        assert!(matches!(
+            client.credentials.header(&id, "d1"),
+            Err(Error::WorkerUnavailable(_))
+        ));
+
+        let (worker_share, ours) = (KeyShare::generate().unwrap(), KeyShare::generate().unwrap());
+        let (worker_public, our_public) = (worker_share.public(), ours.public());
+        client.set_call_key(ours.agree_as_coordinator(&worker_public, "w1").unwrap());
+        let worker_key = worker_share.agree_as_worker(&our_public, "w1").unwrap();
+        let first = client.credentials.header(&id, "d1").expect("header");
+        let second = client.credentials.header(&id, "d1").expect("header");
         assert_ne!(first, second, "every call gets its own credential");
-        let jwt = first
+        let text = first
             .to_str()
             .expect("ascii")
             .strip_prefix("Bearer ")
             .expect("bearer");
-        let verifier = TokenVerifier::new(&s.public_key(), "heist", &credential_audience(&id));
-        let claims = verifier.verify(jwt).expect("valid");
-        assert_eq!(claims.sub, "coordinator");
-        assert_eq!(claims.req, "d1");
+        let credential = Credential::parse(text).expect("parse");
+        worker_key
+            .verify(&credential, "d1")
+            .expect("the worker's copy of the key");
+        assert!(worker_key.verify(&credential, "d2").is_err());
 
-        // After a rotation the worker's credentials stay on the key it has until it reports
-        // the new one (heartbeat), then use that.
-        client.worker_has_key(s.kid());
-        keys.rotate().await.expect("rotate");
-        let kid_of = |value: AsciiMetadataValue| {
-            let jwt = value
-                .to_str()
-                .expect("ascii")
-                .strip_prefix("Bearer ")
-                .expect("bearer")
-                .to_owned();
-            jsonwebtoken::decode_header(&jwt)
+        // Grants: after a rotation they stay on the key the worker has until it reports the
+        // new one (heartbeat), then use that.
+        let kid_of = |grant: String| {
+            jsonwebtoken::decode_header(&grant)
                 .expect("header")
                 .kid
                 .expect("kid")
         };
-        assert_eq!(
-            kid_of(client.credentials.header("d2").expect("header")),
-            s.kid()
-        );
+        let verifier = TokenVerifier::new(&s.public_key(), "heist", &credential_audience(&id));
+        let grant = client
+            .grant("alice", "turn:t-1", Duration::from_secs(30))
+            .expect("grant");
+        assert_eq!(verifier.verify(&grant).expect("valid").sub, "alice");
+        client.worker_has_key(s.kid());
+        keys.rotate().await.expect("rotate");
+        let grant = client
+            .grant("alice", "turn:t-1", Duration::from_secs(30))
+            .expect("grant");
+        assert_eq!(kid_of(grant), s.kid());
         client.worker_has_key(keys.current().kid());
-        assert_eq!(
-            kid_of(client.credentials.header("d3").expect("header")),
-            keys.current().kid()
-        );
+        let grant = client
+            .grant("alice", "turn:t-1", Duration::from_secs(30))
+            .expect("grant");
+        assert_eq!(kid_of(grant), keys.current().kid());
     }
 
     #[tokio::test]

@@ -10,10 +10,10 @@
 use std::time::Duration;
 
 use heist_proto::{
-    identity::{IdentityError, NonceCache, PURPOSE_BLOB, PURPOSE_REGISTER, Proof},
+    identity::{IdentityError, NonceCache, PURPOSE_BLOB, PURPOSE_REGISTER, Proof, register_bound},
     ids::WorkerId,
     metadata,
-    v1::WorkerIdentity,
+    v1::Register,
 };
 use tonic::metadata::MetadataMap;
 use tracing::{info, warn};
@@ -58,19 +58,15 @@ impl WorkerKeys {
         })
     }
 
-    /// Checks a registration's proof for `id`, bound to `advertise_addr`, and binds the id to
-    /// the key on its first enrolment (not yet flushed: the caller flushes before accepting).
-    pub fn check_register(
-        &self,
-        id: &WorkerId,
-        identity: Option<&WorkerIdentity>,
-        advertise_addr: &str,
-    ) -> Result<Enrolment, Error> {
+    /// Checks a registration's proof for `id`, bound to its address and call-key share, and
+    /// binds the id to the key on its first enrolment (not yet flushed: the caller flushes
+    /// before accepting).
+    pub fn check_register(&self, id: &WorkerId, register: &Register) -> Result<Enrolment, Error> {
         let invalid = |e: IdentityError| Error::WorkerIdentityInvalid {
             worker: id.to_string(),
             why: e.to_string(),
         };
-        let identity = identity.ok_or_else(|| {
+        let identity = register.identity.as_ref().ok_or_else(|| {
             invalid(IdentityError::Malformed(
                 "Register.identity is missing: upgrade the worker",
             ))
@@ -92,7 +88,7 @@ impl WorkerKeys {
             .verify(
                 PURPOSE_REGISTER,
                 id.as_str(),
-                advertise_addr.as_bytes(),
+                &register_bound(&register.advertise_addr, &register.credential_key_share),
                 self.window,
             )
             .map_err(invalid)?;
@@ -159,14 +155,23 @@ mod tests {
 
     use super::*;
 
-    fn identity(key: &WorkerKey, id: &str, addr: &str) -> WorkerIdentity {
-        let p = key.prove(PURPOSE_REGISTER, id, addr.as_bytes());
-        WorkerIdentity {
-            public_key: p.public_key.to_vec(),
-            signed_at_ms: p.signed_at_ms,
-            nonce: p.nonce.to_vec(),
-            signature: p.signature.to_vec(),
-        }
+    /// A Register for `id` at `addr`, signed by `key`.
+    fn signed(key: &WorkerKey, id: &str, addr: &str) -> Register {
+        let mut register = Register {
+            worker_id: id.to_owned(),
+            advertise_addr: addr.to_owned(),
+            credential_key_share: vec![7; 32],
+            ..Register::default()
+        };
+        key.sign_register(&mut register);
+        register
+    }
+
+    /// `register` as someone on the way rewrote it: `addr` and `share` swapped in.
+    fn rewritten(mut register: Register, addr: &str, share: &[u8]) -> Register {
+        register.advertise_addr = addr.to_owned();
+        register.credential_key_share = share.to_vec();
+        register
     }
 
     #[test]
@@ -178,35 +183,44 @@ mod tests {
         let id = WorkerId::parse("w1").expect("id");
         let real = WorkerKey::from_seed(&[1; 32]);
         let other = WorkerKey::from_seed(&[2; 32]);
-        let first = identity(&real, "w1", "a:1");
+        let first = signed(&real, "w1", "a:1");
         assert_eq!(
-            keys.check_register(&id, Some(&first), "a:1")
-                .expect("enrol"),
+            keys.check_register(&id, &first).expect("enrol"),
             Enrolment::New
         );
         assert!(matches!(
-            keys.check_register(&id, Some(&first), "a:1"),
+            keys.check_register(&id, &first),
             Err(Error::WorkerIdentityInvalid { .. })
         ));
         assert_eq!(
-            keys.check_register(&id, Some(&identity(&real, "w1", "a:1")), "a:1")
+            keys.check_register(&id, &signed(&real, "w1", "a:1"))
                 .expect("known"),
             Enrolment::Known
         );
         assert!(matches!(
-            keys.check_register(&id, Some(&identity(&other, "w1", "a:1")), "a:1"),
+            keys.check_register(&id, &signed(&other, "w1", "a:1")),
             Err(Error::WorkerIdentityMismatch(_))
         ));
-        // Signed for another address: the proof does not cover this registration.
+        // Signed for another address or another call-key share: the proof does not cover
+        // this registration.
         assert!(matches!(
-            keys.check_register(&id, Some(&identity(&real, "w1", "a:1")), "evil:1"),
+            keys.check_register(
+                &id,
+                &rewritten(signed(&real, "w1", "a:1"), "evil:1", &[7; 32])
+            ),
             Err(Error::WorkerIdentityInvalid { .. })
         ));
-        assert!(keys.check_register(&id, None, "a:1").is_err());
+        assert!(matches!(
+            keys.check_register(&id, &rewritten(signed(&real, "w1", "a:1"), "a:1", &[9; 32])),
+            Err(Error::WorkerIdentityInvalid { .. })
+        ));
+        let mut unsigned = signed(&real, "w1", "a:1");
+        unsigned.identity = None;
+        assert!(keys.check_register(&id, &unsigned).is_err());
         drop(keys);
         let keys = WorkerKeys::open(&store, window, 1024, &["w1".to_owned()]).expect("keys");
         assert_eq!(
-            keys.check_register(&id, Some(&identity(&other, "w1", "a:1")), "a:1")
+            keys.check_register(&id, &signed(&other, "w1", "a:1"))
                 .expect("re-enrol"),
             Enrolment::New
         );

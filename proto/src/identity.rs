@@ -148,6 +148,14 @@ impl WorkerKey {
         self.key.verifying_key().to_bytes()
     }
 
+    /// Sets `register.identity`: a fresh proof for its worker id, bound to its address and its
+    /// call-key share ([`register_bound`]).
+    pub fn sign_register(&self, register: &mut crate::v1::Register) {
+        let bound = register_bound(&register.advertise_addr, &register.credential_key_share);
+        let proof = self.prove(PURPOSE_REGISTER, &register.worker_id, &bound);
+        register.identity = Some(proof.into());
+    }
+
     /// A fresh proof for `purpose` by `worker_id`, bound to `bound`.
     pub fn prove(&self, purpose: &str, worker_id: &str, bound: &[u8]) -> Proof {
         let mut nonce = [0u8; 16];
@@ -162,6 +170,28 @@ impl WorkerKey {
             signed_at_ms,
             nonce,
             signature: self.key.sign(&msg).to_bytes(),
+        }
+    }
+}
+
+/// What a registration's proof is bound to: the advertised address and the worker's call-key
+/// share ([`crate::credential`]), each length-prefixed, so neither can be swapped on the way.
+pub fn register_bound(advertise_addr: &str, key_share: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + advertise_addr.len() + key_share.len());
+    for part in [advertise_addr.as_bytes(), key_share] {
+        out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
+impl From<Proof> for crate::v1::WorkerIdentity {
+    fn from(proof: Proof) -> Self {
+        Self {
+            public_key: proof.public_key.to_vec(),
+            signed_at_ms: proof.signed_at_ms,
+            nonce: proof.nonce.to_vec(),
+            signature: proof.signature.to_vec(),
         }
     }
 }

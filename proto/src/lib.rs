@@ -9,12 +9,14 @@
 //! - [`errors`]: the ErrorInfo domain and reasons, and a builder for rich statuses.
 //! - [`hash`]: content hashes and their hex form.
 //! - [`json`]: `google.protobuf.Struct`/`Value` <-> `serde_json` conversion.
+//! - [`credential`]: the per-call coordinator -> worker credential and the key it is made with.
 //! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
 //! - [`logging`]: the log subscriber and OTLP trace export; [`trace`]: W3C trace context and
 //!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
 //! - [`space`]: the free-space reserve that refuses a store's mutations while its disk is full.
 //! - [`tls`]: certificate files, TLS listeners and client settings, peer certificate checks.
 
+pub mod credential;
 pub mod errors;
 pub mod files;
 pub mod hash;

@@ -49,7 +49,7 @@ pub struct AcceptedKey {
 pub struct Claims {
     /// Issuer (the coordinator's configured issuer).
     pub iss: String,
-    /// Audience: "heist" for client tokens, "heist-worker:<id>" for coordinator credentials.
+    /// Audience: "heist" for client tokens, "heist-worker:<id>" for turn grants.
     pub aud: String,
     /// Subject: the client id (principal), or "coordinator".
     pub sub: String,
@@ -63,10 +63,6 @@ pub struct Claims {
     pub jti: String,
     /// Space-separated scopes.
     pub scope: String,
-    /// On a coordinator -> worker credential: the one call it is for ([`call_digest`] of the
-    /// RPC, the principal and the request). Empty (and absent from the JSON) on other tokens.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub req: String,
     /// On a client token: the client's secret generation when the token was issued (`gen`;
     /// 0, and absent from the JSON, before the first rotation). Each rotation of the client's
     /// secret adds one, and the coordinator refuses tokens of an older generation. A counter,
@@ -80,7 +76,7 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// What a per-call worker credential is bound to: BLAKE3 over the RPC name, the principal and
+/// What a per-call worker credential ([`crate::credential`]) is bound to: BLAKE3 over the RPC name, the principal and
 /// the encoded request, each length-prefixed, as hex. Both sides encode the same prost message
 /// (no map fields in WorkerService requests, and `Struct` is ordered), so they agree.
 pub fn call_digest(method: &str, principal: &str, request: &[u8]) -> String {
@@ -164,7 +160,6 @@ impl TokenSigner {
             nbf: now,
             jti: uuid::Uuid::new_v4().to_string(),
             scope: scope.to_owned(),
-            req: String::new(),
             generation: 0,
         }
     }

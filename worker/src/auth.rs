@@ -1,40 +1,46 @@
-//! Checking the coordinator-signed credential on every WorkerService call.
+//! Checking the coordinator's credential on every WorkerService call, and the tokens the
+//! coordinator signs for a worker (turn grants, client tokens on `/metrics`).
 //!
-//! The verifier comes from the coordinator's `Accepted` (current public key, the retired keys
-//! still accepted, issuer, audience `heist-worker:<id>`). It is replaced whenever a new
-//! `Accepted` carries different values (a key rotation, which the coordinator sends on the open
-//! stream, or a coordinator restarted with a new key), and kept otherwise so its verified-token
-//! cache stays warm. Tokens naming an unknown `kid` are refused. Before the first `Accepted` nothing can be verified: calls get UNAVAILABLE.
+//! **Per-call credentials** ([`Auth::check_call`]) are made with the call key this worker agreed
+//! with its coordinator at registration ([`heist_proto::credential`]): a keyed hash over the
+//! credential's id, its expiry and the digest of this RPC, the `x-heist-principal` and the
+//! request. Each registration installs a new key; the previous one stays accepted for as long
+//! as credentials it made can still be valid (`Accepted.credential_ttl_ms` plus leeway), so
+//! calls already on their way when the worker re-registered still land. A credential naming a
+//! key this worker does not hold yet (a call that overtook the `Accepted` on the control stream)
+//! waits up to [`KEY_WAIT`] for it. Before the first key nothing is accepted: UNAVAILABLE.
 //!
-//! Each credential is for one call ([`Auth::check_call`]): its `req` claim must be the digest of
-//! this RPC, the `x-heist-principal` and the request, and its `jti` is accepted once (remembered
-//! until the credential expires). A credential replayed to another worker fails on its audience,
-//! one replayed for another call on its digest, one replayed for the same call on its `jti`;
-//! every refusal is logged at warn with the peer.
+//! A credential for another worker fails on its key, one replayed for another call on its
+//! digest, one replayed for the same call on its id: each id is accepted once (remembered until
+//! the credential expires, plus leeway). Every refusal is logged at warn with the peer. The ids
+//! are kept as 128-bit values in a set, and by the second their credential stops being
+//! accepted, so the expired ones are dropped in order as time passes: no scan of the set on a
+//! busy worker, and no id forgotten while its credential could still be replayed.
 //!
-//! The ids are kept as 128-bit values (the coordinator issues UUIDs) in a set, and by the second
-//! their credential stops being accepted (`exp` + the verifier's leeway), so the expired ones are
-//! dropped in order as time passes: no scan of the set on a busy worker, and no id forgotten
-//! while its credential could still be replayed.
+//! **Signed tokens** are checked with the verifier from the coordinator's `Accepted` (current
+//! public key, the retired keys still accepted, issuer, audience `heist-worker:<id>`). It is
+//! replaced whenever a new `Accepted` carries different values (a key rotation, which the
+//! coordinator sends on the open stream, or a coordinator restarted with a new key), and kept
+//! otherwise so its verified-token cache stays warm. Tokens naming an unknown `kid` are refused.
 
 use std::{
     collections::{BTreeMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use heist_proto::{
+    credential::{CallKey, Credential, CredentialError},
     errors::reason,
     metadata,
-    token::{
-        AcceptedKey, Claims, LEEWAY_S, TokenError, TokenVerifier, call_digest, key_id, unix_now,
-    },
+    token::{AcceptedKey, Claims, LEEWAY_S, TokenVerifier, call_digest, key_id, unix_now},
     v1::Accepted,
 };
-use tonic::{Request, metadata::MetadataMap};
+use tonic::Request;
 use tracing::warn;
 
 use crate::Error;
@@ -45,6 +51,14 @@ const CLIENT_AUDIENCE: &str = "heist";
 /// Default for [`Auth::set_replay_capacity`]: about 40 MB when full, room for a sustained
 /// 28,000 calls/s with the coordinator's default 30 s credentials.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 1_000_000;
+
+/// Longest a call whose credential names an unknown key waits for that key: the coordinator
+/// sends the `Accepted` that carries it before making any credential with it, so it is at most
+/// one control-stream message behind.
+pub const KEY_WAIT: Duration = Duration::from_secs(2);
+
+/// Most call keys held at once: the current one and those of recent registrations.
+const MAX_CALL_KEYS: usize = 8;
 
 /// Credential ids accepted whose credentials are still valid.
 #[derive(Default)]
@@ -68,6 +82,22 @@ impl Seen {
     }
 }
 
+/// The call keys this worker holds: the current one first, then earlier ones, each with the
+/// second from which it is no longer accepted.
+#[derive(Default)]
+struct CallKeys {
+    keys: Vec<(Arc<CallKey>, Option<u64>)>,
+}
+
+impl CallKeys {
+    fn find(&self, id: &str, now: u64) -> Option<Arc<CallKey>> {
+        self.keys
+            .iter()
+            .find(|(k, until)| k.id() == id && until.is_none_or(|u| now < u))
+            .map(|(k, _)| k.clone())
+    }
+}
+
 struct Installed {
     /// The current key first, then the retired ones.
     keys: Vec<AcceptedKey>,
@@ -76,10 +106,16 @@ struct Installed {
     verifier: TokenVerifier,
 }
 
-/// The current credential verifier, if a coordinator has accepted this worker, and the
-/// credential ids already used.
+/// The current token verifier and call keys, if a coordinator has accepted this worker, and
+/// the credential ids already used.
 pub struct Auth {
     current: RwLock<Option<Arc<Installed>>>,
+    call_keys: RwLock<CallKeys>,
+    /// Bumped on every new call key, for calls waiting for one.
+    key_installed: tokio::sync::watch::Sender<u64>,
+    /// A registration is on its way: a credential naming an unknown key may be one step ahead
+    /// of its `Accepted`, and waits for it.
+    registering: AtomicBool,
     /// Every credential id accepted whose credential has not expired.
     seen: Mutex<Seen>,
     capacity: AtomicUsize,
@@ -89,6 +125,9 @@ impl Default for Auth {
     fn default() -> Self {
         Self {
             current: RwLock::default(),
+            call_keys: RwLock::default(),
+            key_installed: tokio::sync::watch::Sender::new(0),
+            registering: AtomicBool::new(false),
             seen: Mutex::default(),
             capacity: AtomicUsize::new(DEFAULT_REPLAY_CAPACITY),
         }
@@ -101,40 +140,136 @@ impl Auth {
         self.capacity.store(capacity.max(1), Ordering::Relaxed);
     }
 
+    /// Makes `key` (agreed at this registration) the current call key. The previous ones stay
+    /// accepted for `previous_valid_for` plus leeway: the longest a credential they made can
+    /// still be valid.
+    pub fn install_call_key(&self, key: CallKey, previous_valid_for: Duration) {
+        let now = unix_now();
+        let until = now
+            .saturating_add(previous_valid_for.as_secs().saturating_add(1))
+            .saturating_add(LEEWAY_S);
+        let mut keys = self
+            .call_keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, retired) in &mut keys.keys {
+            retired.get_or_insert(until);
+        }
+        keys.keys.retain(|(_, u)| u.is_none_or(|u| now < u));
+        keys.keys.insert(0, (Arc::new(key), None));
+        keys.keys.truncate(MAX_CALL_KEYS);
+        drop(keys);
+        self.registering.store(false, Ordering::Relaxed);
+        self.key_installed.send_modify(|n| *n += 1);
+    }
+
+    /// Says whether a registration is on its way (Register sent, its Accepted not yet
+    /// installed): only then does a credential naming an unknown key wait for it.
+    pub fn set_registering(&self, registering: bool) {
+        self.registering.store(registering, Ordering::Relaxed);
+        if !registering {
+            // Wake the waiters: what they wait for will not come.
+            self.key_installed.send_modify(|_| {});
+        }
+    }
+
+    /// Id of the current call key.
+    #[cfg(test)]
+    pub fn call_key_id(&self) -> Option<String> {
+        let keys = self
+            .call_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.keys.first().map(|(k, _)| k.id().to_owned())
+    }
+
     /// Checks the bearer credential of a WorkerService call to `method` (e.g. "CallTool"):
-    /// valid, for this worker, for this very request, and not used before.
-    pub fn check_call<T: prost::Message>(
+    /// made with this worker's call key, for this very request, not expired and not used
+    /// before.
+    pub async fn check_call<T: prost::Message>(
         &self,
         request: &Request<T>,
         method: &str,
-    ) -> Result<Claims, Error> {
+    ) -> Result<(), Error> {
+        self.check_credential(request, method)
+            .await
+            .inspect_err(|err| refused(request.remote_addr(), method, err))
+    }
+
+    async fn check_credential<T: prost::Message>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<(), Error> {
         let md = request.metadata();
-        let peer = request.remote_addr();
-        let claims = self
-            .check(md)
-            .inspect_err(|err| refused(peer, method, err))?;
+        let token = metadata::bearer_token(md).ok_or_else(|| Error::Unauthenticated {
+            reason: reason::TOKEN_MISSING,
+            message: "missing `authorization: Bearer <credential>`: workers only take calls \
+                      from their coordinator; call the coordinator instead"
+                .to_owned(),
+        })?;
+        let credential =
+            Credential::parse(token).map_err(|e| invalid_credential(&e.to_string()))?;
+        let key = self.call_key(credential.key_id).await?;
         let principal = md
             .get(metadata::PRINCIPAL)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         let digest = call_digest(method, principal, &request.get_ref().encode_to_vec());
-        if claims.req != digest {
-            let err = invalid_credential("it was issued for another call");
-            refused(peer, method, &err);
-            return Err(err);
-        }
-        self.remember(&claims)
-            .inspect_err(|err| refused(peer, method, err))?;
-        Ok(claims)
+        key.verify(&credential, &digest).map_err(|err| match err {
+            CredentialError::Expired => Error::Unauthenticated {
+                reason: reason::TOKEN_EXPIRED,
+                message: "the coordinator credential has expired: retry through the coordinator"
+                    .to_owned(),
+            },
+            CredentialError::BadTag => invalid_credential(
+                "it was issued for another call, or made with another worker's key",
+            ),
+            other => invalid_credential(&other.to_string()),
+        })?;
+        self.remember(credential.id, credential.exp)
     }
 
-    /// Records a credential's `jti`; refuses one seen before.
-    fn remember(&self, claims: &Claims) -> Result<(), Error> {
-        let id = uuid::Uuid::parse_str(&claims.jti)
-            .map_err(|_| invalid_credential("its id is not one a coordinator issues"))?
-            .as_u128();
-        // The verifier accepts a credential while now < exp + LEEWAY_S: remembered as long.
-        let refused_from = claims.exp.saturating_add(LEEWAY_S);
+    /// The call key named `id`, waiting up to [`KEY_WAIT`] for it to be installed.
+    async fn call_key(&self, id: &str) -> Result<Arc<CallKey>, Error> {
+        // Subscribed before the first look: a key installed after it wakes the wait below.
+        let mut installed = self.key_installed.subscribe();
+        let deadline = tokio::time::Instant::now() + KEY_WAIT;
+        loop {
+            if let Some(key) = self.lookup(id).0 {
+                return Ok(key);
+            }
+            let waited = self.registering.load(Ordering::Relaxed)
+                && matches!(
+                    tokio::time::timeout_at(deadline, installed.changed()).await,
+                    Ok(Ok(()))
+                );
+            if !waited {
+                // One last look: the registration may have just finished.
+                return match self.lookup(id) {
+                    (Some(key), _) => Ok(key),
+                    (None, true) => Err(invalid_credential(
+                        "it was made with a call key this worker does not hold",
+                    )),
+                    (None, false) => Err(Error::NotRegistered),
+                };
+            }
+        }
+    }
+
+    /// The call key named `id` if held and still accepted, and whether any key is held.
+    fn lookup(&self, id: &str) -> (Option<Arc<CallKey>>, bool) {
+        let keys = self
+            .call_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        (keys.find(id, unix_now()), !keys.keys.is_empty())
+    }
+
+    /// Records a credential's id; refuses one seen before.
+    fn remember(&self, id: u128, exp: u64) -> Result<(), Error> {
+        // A credential is accepted while now < exp + LEEWAY_S: remembered as long.
+        let refused_from = exp.saturating_add(LEEWAY_S);
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.forget_expired(unix_now());
         if seen.ids.contains(&id) {
@@ -237,25 +372,6 @@ impl Auth {
         }
         Ok(())
     }
-
-    /// The claims of the call's bearer credential.
-    pub fn check(&self, metadata: &MetadataMap) -> Result<Claims, Error> {
-        let installed = self.installed()?;
-        let token = metadata::bearer_token(metadata).ok_or_else(|| Error::Unauthenticated {
-            reason: reason::TOKEN_MISSING,
-            message: "missing `authorization: Bearer <credential>`: workers only take calls \
-                      from their coordinator; call the coordinator instead"
-                .to_owned(),
-        })?;
-        installed.verifier.verify(token).map_err(|err| match err {
-            TokenError::Expired => Error::Unauthenticated {
-                reason: reason::TOKEN_EXPIRED,
-                message: "the coordinator credential has expired: retry through the coordinator"
-                    .to_owned(),
-            },
-            TokenError::Invalid(why) => invalid_credential(&why),
-        })
-    }
 }
 
 fn invalid_credential(why: &str) -> Error {
@@ -277,7 +393,7 @@ fn refused(peer: Option<SocketAddr>, method: &str, err: &Error) {
 mod tests {
     use std::time::Duration;
 
-    use heist_proto::token::TokenSigner;
+    use heist_proto::{credential::KeyShare, token::TokenSigner};
 
     use super::*;
 
@@ -294,185 +410,216 @@ mod tests {
         }
     }
 
-    fn bearer(token: &str) -> MetadataMap {
-        let mut md = MetadataMap::new();
-        md.insert(
+    /// A worker's call key and the coordinator's copy of it, agreed as at registration.
+    fn agree(worker_id: &str) -> (CallKey, CallKey) {
+        let (w, c) = (KeyShare::generate().unwrap(), KeyShare::generate().unwrap());
+        let (wp, cp) = (w.public(), c.public());
+        (
+            w.agree_as_worker(&cp, worker_id).unwrap(),
+            c.agree_as_coordinator(&wp, worker_id).unwrap(),
+        )
+    }
+
+    fn request(
+        token: &str,
+        msg: &heist_proto::v1::WorkerCancelTurnRequest,
+    ) -> Request<heist_proto::v1::WorkerCancelTurnRequest> {
+        let mut r = Request::new(msg.clone());
+        r.metadata_mut().insert(
             metadata::AUTHORIZATION,
             format!("Bearer {token}").parse().expect("ascii"),
         );
-        md
+        r
     }
 
-    fn code(result: Result<Claims, Error>) -> tonic::Code {
+    fn code(result: Result<(), Error>) -> tonic::Code {
         tonic::Status::from(result.expect_err("refused")).code()
     }
 
-    #[test]
-    fn refuses_everything_before_registration() {
+    fn cancel(turn: &str) -> heist_proto::v1::WorkerCancelTurnRequest {
+        heist_proto::v1::WorkerCancelTurnRequest {
+            turn_id: turn.into(),
+        }
+    }
+
+    fn mint(key: &CallKey, method: &str, msg: &heist_proto::v1::WorkerCancelTurnRequest) -> String {
+        let digest = call_digest(method, "", &prost::Message::encode_to_vec(msg));
+        key.mint(&digest, Duration::from_secs(30)).expect("mint")
+    }
+
+    #[tokio::test]
+    async fn refuses_everything_before_registration() {
         let auth = Auth::default();
+        let (_, coordinator) = agree("w1");
+        let msg = cancel("t-1");
+        let r = request(&mint(&coordinator, "CancelTurn", &msg), &msg);
         assert_eq!(
-            code(auth.check(&MetadataMap::new())),
+            code(auth.check_call(&r, "CancelTurn").await),
             tonic::Code::Unavailable
         );
-    }
-
-    #[test]
-    fn accepts_coordinator_credentials_only() {
-        let coordinator = signer();
-        let auth = Auth::default();
-        assert!(auth.install(&accepted(&coordinator)));
-        assert!(
-            !auth.install(&accepted(&coordinator)),
-            "same values keep the verifier"
-        );
-
-        let ttl = Duration::from_secs(60);
-        let good = coordinator
-            .sign(&TokenSigner::claims(
-                "heist",
-                "heist-worker:w1",
-                "coordinator",
-                "",
-                ttl,
-            ))
-            .expect("sign");
+        // Without any credential the call is refused as such, registered or not.
         assert_eq!(
-            auth.check(&bearer(&good)).expect("valid").sub,
-            "coordinator"
-        );
-
-        // A client token from the same coordinator has another audience.
-        let client = coordinator
-            .sign(&TokenSigner::claims(
-                "heist", "heist", "alice", "admin", ttl,
-            ))
-            .expect("sign");
-        assert_eq!(
-            code(auth.check(&bearer(&client))),
-            tonic::Code::Unauthenticated
-        );
-        // Forged with another key.
-        let forged = signer()
-            .sign(&TokenSigner::claims(
-                "heist",
-                "heist-worker:w1",
-                "coordinator",
-                "",
-                ttl,
-            ))
-            .expect("sign");
-        assert_eq!(
-            code(auth.check(&bearer(&forged))),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            code(auth.check(&MetadataMap::new())),
+            code(auth.check_call(&Request::new(msg), "CancelTurn").await),
             tonic::Code::Unauthenticated
         );
     }
 
-    #[test]
-    fn a_credential_is_good_for_one_call_once() {
-        let coordinator = signer();
+    #[tokio::test]
+    async fn a_credential_is_good_for_one_call_once() {
         let auth = Auth::default();
-        auth.install(&accepted(&coordinator));
-        let msg = heist_proto::v1::WorkerCancelTurnRequest {
-            turn_id: "t-1".into(),
-        };
-        let mint = |method: &str, msg: &heist_proto::v1::WorkerCancelTurnRequest| {
-            let mut claims = TokenSigner::claims(
-                "heist",
-                "heist-worker:w1",
-                "coordinator",
-                "",
-                Duration::from_secs(60),
-            );
-            claims.req = call_digest(method, "", &prost::Message::encode_to_vec(msg));
-            coordinator.sign(&claims).expect("sign")
-        };
-        let request = |token: &str, msg: &heist_proto::v1::WorkerCancelTurnRequest| {
-            let mut r = Request::new(msg.clone());
-            *r.metadata_mut() = bearer(token);
-            r
-        };
-        let token = mint("CancelTurn", &msg);
-        assert!(
-            auth.check_call(&request(&token, &msg), "CancelTurn")
-                .is_ok()
-        );
+        let (worker, coordinator) = agree("w1");
+        auth.install_call_key(worker, Duration::from_secs(30));
+        let msg = cancel("t-1");
+        let token = mint(&coordinator, "CancelTurn", &msg);
+        auth.check_call(&request(&token, &msg), "CancelTurn")
+            .await
+            .expect("the call it was made for");
         // Replayed.
-        assert_eq!(
-            code(auth.check_call(&request(&token, &msg), "CancelTurn")),
-            tonic::Code::Unauthenticated
-        );
+        let err = auth.check_call(&request(&token, &msg), "CancelTurn").await;
+        assert!(format!("{err:?}").contains("replay"), "{err:?}");
+        assert_eq!(code(err), tonic::Code::Unauthenticated);
         // For another method, or another request.
-        let token = mint("CancelTurn", &msg);
+        let token = mint(&coordinator, "CancelTurn", &msg);
         assert_eq!(
-            code(auth.check_call(&request(&token, &msg), "OpenSession")),
+            code(auth.check_call(&request(&token, &msg), "OpenSession").await),
             tonic::Code::Unauthenticated
         );
-        let other = heist_proto::v1::WorkerCancelTurnRequest {
-            turn_id: "t-2".into(),
-        };
         assert_eq!(
-            code(auth.check_call(&request(&token, &other), "CancelTurn")),
+            code(
+                auth.check_call(&request(&token, &cancel("t-2")), "CancelTurn")
+                    .await
+            ),
             tonic::Code::Unauthenticated
         );
-        // A credential without a call digest (e.g. a turn grant) is no call credential.
-        let grant = coordinator
+        // Made with another worker's key, or missing.
+        let (_, stranger) = agree("w2");
+        let token = mint(&stranger, "CancelTurn", &msg);
+        assert_eq!(
+            code(auth.check_call(&request(&token, &msg), "CancelTurn").await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            code(
+                auth.check_call(&Request::new(msg.clone()), "CancelTurn")
+                    .await
+            ),
+            tonic::Code::Unauthenticated
+        );
+        // A token signed by the coordinator's signing key (a turn grant) is no call credential.
+        let coordinator_signer = signer();
+        auth.install(&accepted(&coordinator_signer));
+        let grant = coordinator_signer
             .sign(&TokenSigner::claims(
                 "heist",
                 "heist-worker:w1",
-                "alice",
-                "turn:t-1",
+                "coordinator",
+                "",
                 Duration::from_secs(60),
             ))
             .expect("sign");
         assert_eq!(
-            code(auth.check_call(&request(&grant, &msg), "CancelTurn")),
+            code(auth.check_call(&request(&grant, &msg), "CancelTurn").await),
             tonic::Code::Unauthenticated
         );
     }
 
-    fn call_claims(exp: u64) -> Claims {
-        let mut claims = TokenSigner::claims(
-            "heist",
-            "heist-worker:w1",
-            "coordinator",
-            "",
-            Duration::from_secs(1),
+    #[tokio::test]
+    async fn a_new_registration_keeps_the_previous_key_for_calls_on_their_way() {
+        let auth = Auth::default();
+        let (old_worker, old) = agree("w1");
+        auth.install_call_key(old_worker, Duration::from_secs(30));
+        let msg = cancel("t-1");
+        let on_its_way = mint(&old, "CancelTurn", &msg);
+        let (new_worker, new) = agree("w1");
+        auth.install_call_key(new_worker, Duration::from_secs(30));
+        assert_eq!(auth.call_key_id().as_deref(), Some(new.id()));
+        auth.check_call(&request(&on_its_way, &msg), "CancelTurn")
+            .await
+            .expect("made with the previous key, within its life");
+        auth.check_call(
+            &request(&mint(&new, "CancelTurn", &msg), &msg),
+            "CancelTurn",
+        )
+        .await
+        .expect("the new key");
+
+        // With no time left for the previous key's credentials, it is gone.
+        let (newer_worker, _) = agree("w1");
+        auth.install_call_key(newer_worker, Duration::ZERO);
+        let mut keys = auth.call_keys.write().unwrap();
+        for (_, until) in &mut keys.keys {
+            if let Some(until) = until {
+                *until = unix_now();
+            }
+        }
+        drop(keys);
+        assert_eq!(
+            code(
+                auth.check_call(
+                    &request(&mint(&old, "CancelTurn", &msg), &msg),
+                    "CancelTurn"
+                )
+                .await
+            ),
+            tonic::Code::Unauthenticated
         );
-        claims.exp = exp;
-        claims
+    }
+
+    #[tokio::test]
+    async fn a_call_ahead_of_its_key_waits_for_it_while_registering() {
+        let auth = Arc::new(Auth::default());
+        let (first_worker, _) = agree("w1");
+        auth.install_call_key(first_worker, Duration::from_secs(30));
+        let (worker, coordinator) = agree("w1");
+        let msg = cancel("t-1");
+        let token = mint(&coordinator, "CancelTurn", &msg);
+        // Not registering: an unknown key is refused at once.
+        assert_eq!(
+            code(auth.check_call(&request(&token, &msg), "CancelTurn").await),
+            tonic::Code::Unauthenticated
+        );
+        auth.set_registering(true);
+        let waiting = {
+            let auth = auth.clone();
+            let r = request(&token, &msg);
+            tokio::spawn(async move { auth.check_call(&r, "CancelTurn").await })
+        };
+        tokio::task::yield_now().await;
+        auth.install_call_key(worker, Duration::from_secs(30));
+        waiting
+            .await
+            .expect("task")
+            .expect("accepted once its key came");
     }
 
     #[test]
     fn an_id_is_remembered_while_its_credential_is_accepted() {
         let auth = Auth::default();
         auth.set_replay_capacity(1);
-        // Expired two seconds ago: still accepted within the verifier's leeway, so still
-        // remembered, even with the guard full.
-        let late = call_claims(unix_now() - 2);
-        assert!(auth.remember(&late).is_ok());
-        let other = call_claims(unix_now() + 30);
-        let full = auth.remember(&other).expect_err("full");
+        // Expired two seconds ago: still accepted within the leeway, so still remembered,
+        // even with the guard full.
+        let late = unix_now() - 2;
+        assert!(auth.remember(1, late).is_ok());
+        let full = auth.remember(2, unix_now() + 30).expect_err("full");
         assert!(
             full.to_string().contains("HEIST_MAX_SEEN_CREDENTIALS"),
             "{full}"
         );
         assert!(
-            auth.remember(&late)
+            auth.remember(1, late)
                 .expect_err("replay")
                 .to_string()
                 .contains("already used"),
         );
         // Past the leeway the id is forgotten, and its place is free.
-        let gone = call_claims(unix_now().saturating_sub(LEEWAY_S + 1));
         let auth = Auth::default();
         auth.set_replay_capacity(1);
-        assert!(auth.remember(&gone).is_ok());
         assert!(
-            auth.remember(&other).is_ok(),
+            auth.remember(1, unix_now().saturating_sub(LEEWAY_S + 1))
+                .is_ok()
+        );
+        assert!(
+            auth.remember(2, unix_now() + 30).is_ok(),
             "the expired id was forgotten"
         );
         let seen = auth.seen.lock().expect("seen");
@@ -480,33 +627,31 @@ mod tests {
     }
 
     #[test]
-    fn an_id_that_is_no_coordinator_id_is_refused() {
-        let auth = Auth::default();
-        let mut claims = call_claims(unix_now() + 30);
-        claims.jti = "not-a-uuid".into();
-        assert_eq!(
-            tonic::Status::from(auth.remember(&claims).expect_err("refused")).code(),
-            tonic::Code::Unauthenticated
-        );
-    }
-
-    #[test]
     fn a_new_key_replaces_the_verifier() {
         let old = signer();
         let new = signer();
         let auth = Auth::default();
-        auth.install(&accepted(&old));
+        assert!(matches!(auth.check_grant("x"), Err(Error::NotRegistered)));
+        assert!(auth.install(&accepted(&old)));
+        assert!(
+            !auth.install(&accepted(&old)),
+            "same values keep the verifier"
+        );
         let ttl = Duration::from_secs(60);
-        let claims = TokenSigner::claims("heist", "heist-worker:w1", "coordinator", "", ttl);
+        let claims = TokenSigner::claims("heist", "heist-worker:w1", "alice", "turn:t-1", ttl);
         let old_token = old.sign(&claims).expect("sign");
         let new_token = new.sign(&claims).expect("sign");
-        assert!(auth.check(&bearer(&old_token)).is_ok());
+        assert!(auth.check_grant(&old_token).is_ok());
         assert!(auth.install(&accepted(&new)));
-        assert!(auth.check(&bearer(&new_token)).is_ok());
-        assert_eq!(
-            code(auth.check(&bearer(&old_token))),
-            tonic::Code::Unauthenticated
-        );
+        assert!(auth.check_grant(&new_token).is_ok());
+        assert!(auth.check_grant(&old_token).is_err());
+        // A client token from the same coordinator has another audience.
+        let client = new
+            .sign(&TokenSigner::claims(
+                "heist", "heist", "alice", "admin", ttl,
+            ))
+            .expect("sign");
+        assert!(auth.check_grant(&client).is_err());
     }
 
     #[test]
@@ -517,7 +662,7 @@ mod tests {
         auth.install(&accepted(&old));
         assert_eq!(auth.current_kid(), old.kid());
         let ttl = Duration::from_secs(60);
-        let claims = TokenSigner::claims("heist", "heist-worker:w1", "coordinator", "", ttl);
+        let claims = TokenSigner::claims("heist", "heist-worker:w1", "alice", "turn:t-1", ttl);
         let old_token = old.sign(&claims).expect("sign");
         let new_token = new.sign(&claims).expect("sign");
         let mut rotated = accepted(&new);
@@ -531,13 +676,13 @@ mod tests {
             "the same set again changes nothing"
         );
         assert_eq!(auth.current_kid(), new.kid());
-        assert!(auth.check(&bearer(&new_token)).is_ok());
+        assert!(auth.check_grant(&new_token).is_ok());
         assert!(
-            auth.check(&bearer(&old_token)).is_ok(),
+            auth.check_grant(&old_token).is_ok(),
             "retired, within its window"
         );
         let stranger = signer().sign(&claims).expect("sign");
-        let err = auth.check(&bearer(&stranger)).expect_err("unknown kid");
+        let err = auth.check_grant(&stranger).expect_err("unknown kid");
         assert!(err.to_string().contains("unknown key"), "{err}");
     }
 }

@@ -8,13 +8,14 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{StreamExt as _, future::BoxFuture, stream::BoxStream};
 use heist_proto::{
+    credential::KeyShare,
     errors,
-    identity::{PURPOSE_REGISTER, WorkerKey},
+    identity::WorkerKey,
     ids::SessionId,
     metadata,
     v1::{
-        CoordinatorMessage, GoingAway, Heartbeat, Register, WorkerIdentity, WorkerMessage,
-        coordinator_message, worker_control_client::WorkerControlClient, worker_message,
+        CoordinatorMessage, GoingAway, Heartbeat, Register, WorkerMessage, coordinator_message,
+        worker_control_client::WorkerControlClient, worker_message,
     },
 };
 use tokio::{
@@ -161,17 +162,28 @@ impl Control {
     /// Runs until `stop` is cancelled.
     pub async fn run(mut self) {
         loop {
-            let register = self.register();
-            let connected = tokio::select! {
-                () = self.stop.cancelled() => return,
-                connected = self.connector.connect(register) => connected,
-            };
-            let (status, accepted) = match connected {
-                Ok(stream) => match self.serve(stream).await {
-                    Ended::Stopped => return,
-                    Ended::Failed { status, accepted } => (status, accepted),
-                },
-                Err(status) => (status, false),
+            let (status, accepted) = match KeyShare::generate() {
+                Ok(share) => {
+                    let register = self.register(&share);
+                    self.state.auth.set_registering(true);
+                    let connected = tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        connected = self.connector.connect(register) => connected,
+                    };
+                    let ended = match connected {
+                        Ok(stream) => match self.serve(stream, share).await {
+                            Ended::Stopped => return,
+                            Ended::Failed { status, accepted } => (status, accepted),
+                        },
+                        Err(status) => (status, false),
+                    };
+                    self.state.auth.set_registering(false);
+                    ended
+                }
+                Err(e) => (
+                    Status::internal(format!("cannot make a call-key share: {e}")),
+                    false,
+                ),
             };
             self.state.set_registered(false).await;
             if accepted {
@@ -201,21 +213,14 @@ impl Control {
         }
     }
 
-    fn register(&self) -> WorkerMessage {
+    /// The Register for this attempt, offering `share` for the call key and signed with the
+    /// worker's identity key.
+    fn register(&self, share: &KeyShare) -> WorkerMessage {
         let state = &self.state;
         let draining = state.sessions.is_draining() || self.going_away.borrow().is_some();
-        let proof = self.settings.key.prove(
-            PURPOSE_REGISTER,
-            state.worker_id.as_str(),
-            self.settings.advertise_addr.as_bytes(),
-        );
-        let register = Register {
-            identity: Some(WorkerIdentity {
-                public_key: proof.public_key.to_vec(),
-                signed_at_ms: proof.signed_at_ms,
-                nonce: proof.nonce.to_vec(),
-                signature: proof.signature.to_vec(),
-            }),
+        let mut register = Register {
+            identity: None,
+            credential_key_share: share.public().to_vec(),
             worker_id: state.worker_id.to_string(),
             advertise_addr: self.settings.advertise_addr.clone(),
             capacity: self.settings.capacity,
@@ -233,11 +238,12 @@ impl Control {
             open_session_ids: state.sessions.ids(),
             draining,
         };
+        self.settings.key.sign_register(&mut register);
         message(worker_message::Msg::Register(register))
     }
 
     /// Serves one stream until it fails or `stop` fires.
-    async fn serve(&mut self, stream: ControlStream) -> Ended {
+    async fn serve(&mut self, stream: ControlStream, share: KeyShare) -> Ended {
         let ControlStream {
             outbound,
             mut inbound,
@@ -278,12 +284,28 @@ impl Control {
                 accepted.coordinator_public_key.len()
             )));
         }
+        let call_key = match share.agree_as_worker(
+            &accepted.credential_key_share,
+            self.state.worker_id.as_str(),
+        ) {
+            Ok(key) => key,
+            Err(e) => {
+                return failed(Status::internal(format!(
+                    "the coordinator's Accepted gives no call key ({e}): upgrade the coordinator"
+                )));
+            }
+        };
         let key_changed = self.state.auth.install(&accepted);
+        let call_key_id = call_key.id().to_owned();
+        self.state
+            .auth
+            .install_call_key(call_key, Duration::from_millis(accepted.credential_ttl_ms));
         self.state.set_registered(true).await;
         info!(
             lease_ttl_ms = accepted.lease_ttl_ms,
             heartbeat_interval_ms = accepted.heartbeat_interval_ms,
             key_changed,
+            call_key = %call_key_id,
             sessions = self.state.sessions.len(),
             "registered with the coordinator"
         );
@@ -371,6 +393,11 @@ impl Control {
                 if accepted.coordinator_public_key.len() != 32 {
                     warn!("ignoring an Accepted whose public key is not 32 bytes");
                     return false;
+                }
+                if !accepted.credential_key_share.is_empty() {
+                    warn!(
+                        "ignoring a call-key share on the open stream: keys are agreed at registration"
+                    );
                 }
                 let key_changed = self.state.auth.install(&accepted);
                 info!(key_changed, kid = %self.state.auth.current_kid(), "the coordinator sent its keys again");

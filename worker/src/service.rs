@@ -30,7 +30,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::OpenSessionRequest>,
     ) -> Result<Response<v1::OpenSessionResponse>, Status> {
-        self.state.auth.check_call(&request, "OpenSession")?;
+        self.state.auth.check_call(&request, "OpenSession").await?;
         let _call = self.state.inflight.enter();
         let response = self.state.open_session(request.into_inner()).await?;
         Ok(Response::new(response))
@@ -40,7 +40,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::WorkerCloseSessionRequest>,
     ) -> Result<Response<v1::WorkerCloseSessionResponse>, Status> {
-        self.state.auth.check_call(&request, "CloseSession")?;
+        self.state.auth.check_call(&request, "CloseSession").await?;
         let _call = self.state.inflight.enter();
         let response = self.state.close_session(request.into_inner()).await?;
         Ok(Response::new(response))
@@ -50,7 +50,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::CallToolRequest>,
     ) -> Result<Response<v1::CallToolResponse>, Status> {
-        self.state.auth.check_call(&request, "CallTool")?;
+        self.state.auth.check_call(&request, "CallTool").await?;
         let _call = self.state.inflight.enter();
         let deadline = metadata::remaining_deadline(request.metadata());
         let response = self.state.call_tool(request.into_inner(), deadline).await?;
@@ -64,7 +64,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::CallToolRequest>,
     ) -> Result<Response<Self::CallToolStreamStream>, Status> {
-        self.state.auth.check_call(&request, "CallToolStream")?;
+        self.state
+            .auth
+            .check_call(&request, "CallToolStream")
+            .await?;
         let deadline = metadata::remaining_deadline(request.metadata());
         let events = self.state.call_tool_stream(request.into_inner(), deadline);
         Ok(Response::new(Box::pin(events)))
@@ -74,7 +77,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::CaptureWorkspaceRequest>,
     ) -> Result<Response<v1::CaptureWorkspaceResponse>, Status> {
-        self.state.auth.check_call(&request, "CaptureWorkspace")?;
+        self.state
+            .auth
+            .check_call(&request, "CaptureWorkspace")
+            .await?;
         let _call = self.state.inflight.enter();
         let response = self.state.capture_workspace(request.into_inner()).await?;
         Ok(Response::new(response))
@@ -84,7 +90,10 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::RestoreWorkspaceRequest>,
     ) -> Result<Response<v1::RestoreWorkspaceResponse>, Status> {
-        self.state.auth.check_call(&request, "RestoreWorkspace")?;
+        self.state
+            .auth
+            .check_call(&request, "RestoreWorkspace")
+            .await?;
         let _call = self.state.inflight.enter();
         let response = self.state.restore_workspace(request.into_inner()).await?;
         Ok(Response::new(response))
@@ -97,7 +106,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::WorkerRunTurnRequest>,
     ) -> Result<Response<Self::RunTurnStream>, Status> {
-        self.state.auth.check_call(&request, "RunTurn")?;
+        self.state.auth.check_call(&request, "RunTurn").await?;
         let request = request.into_inner();
         let claims = self.state.auth.check_grant(&request.grant)?;
         let events = self.state.run_turn(claims, request).await?;
@@ -108,7 +117,7 @@ impl WorkerService for WorkerApi {
         &self,
         request: Request<v1::WorkerCancelTurnRequest>,
     ) -> Result<Response<v1::WorkerCancelTurnResponse>, Status> {
-        self.state.auth.check_call(&request, "CancelTurn")?;
+        self.state.auth.check_call(&request, "CancelTurn").await?;
         let was_running = self.state.cancel_turn(request.get_ref())?;
         Ok(Response::new(v1::WorkerCancelTurnResponse { was_running }))
     }

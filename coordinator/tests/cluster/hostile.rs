@@ -2,16 +2,22 @@
 //! replays a worker's registration, reaches the blob store without the worker's key, or replays
 //! a coordinator credential to a worker. Each gets the right status and changes nothing.
 
-use std::path::Path;
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use heist_proto::{
+    credential::{CallKey, KeyShare},
     errors::reason,
-    identity::{PURPOSE_BLOB, PURPOSE_REGISTER, WorkerKey},
+    identity::{PURPOSE_BLOB, WorkerKey},
     metadata,
     token::{TokenSigner, call_digest},
     v1::{
         self, auth_service_client::AuthServiceClient, blob_service_client::BlobServiceClient,
-        worker_control_client::WorkerControlClient, worker_service_client::WorkerServiceClient,
+        worker_control_client::WorkerControlClient, worker_control_server::WorkerControl,
+        worker_service_client::WorkerServiceClient,
     },
 };
 use serde_json::json;
@@ -21,20 +27,16 @@ use crate::harness::*;
 
 /// A registration for `id` at `addr`, proved by `key`.
 fn register(id: &str, addr: &str, key: &WorkerKey) -> v1::WorkerMessage {
-    let proof = key.prove(PURPOSE_REGISTER, id, addr.as_bytes());
+    let mut register = v1::Register {
+        worker_id: id.into(),
+        advertise_addr: addr.into(),
+        capacity: 4,
+        credential_key_share: KeyShare::generate().expect("share").public().to_vec(),
+        ..Default::default()
+    };
+    key.sign_register(&mut register);
     v1::WorkerMessage {
-        msg: Some(v1::worker_message::Msg::Register(v1::Register {
-            worker_id: id.into(),
-            advertise_addr: addr.into(),
-            capacity: 4,
-            identity: Some(v1::WorkerIdentity {
-                public_key: proof.public_key.to_vec(),
-                signed_at_ms: proof.signed_at_ms,
-                nonce: proof.nonce.to_vec(),
-                signature: proof.signature.to_vec(),
-            }),
-            ..Default::default()
-        })),
+        msg: Some(v1::worker_message::Msg::Register(register)),
     }
 }
 
@@ -299,39 +301,115 @@ async fn checkpoint(url: &str, token: &str, session: &str) -> v1::Checkpoint {
         .into_inner()
 }
 
-/// A credential as the coordinator signs it for `worker`, for one call.
-fn credential(data_dir: &Path, worker: &str, digest: &str) -> String {
-    let seed: [u8; 32] = std::fs::read(data_dir.join("signing.key"))
-        .expect("signing key")
-        .try_into()
-        .expect("32 bytes");
-    let signer = TokenSigner::from_seed(&seed).expect("signer");
-    let mut claims = TokenSigner::claims(
-        "heist",
-        &format!("heist-worker:{worker}"),
-        "coordinator",
-        "worker",
-        std::time::Duration::from_secs(30),
-    );
-    claims.req = digest.to_owned();
-    signer.sign(&claims).expect("sign")
+/// A coordinator of the test's own for real workers: it accepts every registration and agrees a
+/// call key with each worker the way the coordinator does, so the test can make credentials.
+#[derive(Clone)]
+struct KeyHolder {
+    signer: Arc<TokenSigner>,
+    keys: Arc<Mutex<HashMap<String, CallKey>>>,
+}
+
+#[tonic::async_trait]
+impl WorkerControl for KeyHolder {
+    type JoinStream =
+        tokio_stream::wrappers::ReceiverStream<Result<v1::CoordinatorMessage, tonic::Status>>;
+
+    async fn join(
+        &self,
+        request: Request<tonic::Streaming<v1::WorkerMessage>>,
+    ) -> Result<tonic::Response<Self::JoinStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let Some(v1::WorkerMessage {
+            msg: Some(v1::worker_message::Msg::Register(register)),
+        }) = inbound.message().await?
+        else {
+            return Err(tonic::Status::invalid_argument("register first"));
+        };
+        let share = KeyShare::generate().expect("share");
+        let public = share.public();
+        let key = share
+            .agree_as_coordinator(&register.credential_key_share, &register.worker_id)
+            .expect("agree");
+        self.keys
+            .lock()
+            .expect("keys")
+            .insert(register.worker_id.clone(), key);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let accepted = v1::Accepted {
+            lease_ttl_ms: 60_000,
+            heartbeat_interval_ms: 1_000,
+            coordinator_public_key: self.signer.public_key().to_vec(),
+            credential_audience: format!("heist-worker:{}", register.worker_id),
+            credential_issuer: "heist".into(),
+            credential_key_share: public.to_vec(),
+            credential_ttl_ms: 30_000,
+            ..Default::default()
+        };
+        tx.send(Ok(v1::CoordinatorMessage {
+            msg: Some(v1::coordinator_message::Msg::Accepted(accepted)),
+        }))
+        .await
+        .expect("queue");
+        // Heartbeats are read and dropped; the stream lives as long as the worker keeps it.
+        tokio::spawn(async move {
+            let _tx = tx;
+            while let Ok(Some(_)) = inbound.message().await {}
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+impl KeyHolder {
+    /// Serves on loopback; returns its URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let service = v1::worker_control_server::WorkerControlServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        url
+    }
+
+    /// A credential for one call to `worker`, made with its call key once it has registered.
+    async fn credential(&self, worker: &str, digest: &str) -> String {
+        wait_for("the worker to agree a call key", || async {
+            let keys = self.keys.lock().expect("keys");
+            keys.get(worker).map(|k| {
+                k.mint(digest, std::time::Duration::from_secs(30))
+                    .expect("mint")
+            })
+        })
+        .await
+    }
 }
 
 #[tokio::test]
 async fn a_coordinator_credential_works_for_one_call_on_one_worker_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("c");
-    let coord = Coordinator::start(coordinator_config(&data)).await;
-    let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
-    let w2 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w2")).await;
-    let mut client = Client::admin(&coord.url()).await;
-    client.wait_ready(&["w1", "w2"]).await;
+    let holder = KeyHolder {
+        signer: Arc::new(
+            TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
+        ),
+        keys: Arc::default(),
+    };
+    let url = holder.start().await;
+    let w1 = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
+    let w2 = Worker::start(&url, dir.path(), WorkerOpts::new("w2")).await;
 
     let cancel = v1::WorkerCancelTurnRequest {
         turn_id: "t-0190b0d6-0000-7000-8000-000000000000".into(),
     };
     let digest = call_digest("CancelTurn", "", &prost::Message::encode_to_vec(&cancel));
-    let token = credential(&data, "w1", &digest);
+    let token = holder.credential("w1", &digest).await;
+    // w2 must be registered too, or its refusal below would only say "not registered".
+    holder.credential("w2", &digest).await;
     let call = |url: String, msg: v1::WorkerCancelTurnRequest, token: String| async move {
         WorkerServiceClient::new(channel(&url).await)
             .cancel_turn(authed(&token, msg))
@@ -350,13 +428,13 @@ async fn a_coordinator_credential_works_for_one_call_on_one_worker_only() {
         .expect_err("replay");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_INVALID);
     assert!(err.message().contains("replay"), "{err:?}");
-    // For another worker: wrong audience.
+    // For another worker: another key.
     let err = call(w2.url(), cancel.clone(), token)
         .await
         .expect_err("another worker");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_INVALID);
     // A fresh credential for this call, used for another request: the digest differs.
-    let token = credential(&data, "w1", &digest);
+    let token = holder.credential("w1", &digest).await;
     let other = v1::WorkerCancelTurnRequest {
         turn_id: "t-0190b0d6-0000-7000-8000-000000000001".into(),
     };
@@ -364,11 +442,44 @@ async fn a_coordinator_credential_works_for_one_call_on_one_worker_only() {
         .await
         .expect_err("another call");
     assert_status(&err, Code::Unauthenticated, reason::TOKEN_INVALID);
-
-    // The coordinator's own calls keep working.
-    echo_works(&mut client).await;
+    // The coordinator's signing key alone makes no call credential: a token it signs for the
+    // worker's audience is refused.
+    let claims = TokenSigner::claims(
+        "heist",
+        "heist-worker:w1",
+        "coordinator",
+        "worker",
+        std::time::Duration::from_secs(30),
+    );
+    let signed = holder.signer.sign(&claims).expect("sign");
+    let err = call(w1.url(), cancel.clone(), signed)
+        .await
+        .expect_err("a signed token");
+    assert_status(&err, Code::Unauthenticated, reason::TOKEN_INVALID);
     w1.stop().await;
     w2.stop().await;
+}
+
+/// Through a real coordinator, calls keep working across a worker's re-registration: the new
+/// call key is agreed and used at once, the previous one covers calls on their way.
+#[tokio::test]
+async fn calls_keep_working_when_a_worker_registers_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    echo_works(&mut client).await;
+    // The coordinator restarts on the same data directory: the worker registers again and
+    // agrees a new key with the new process.
+    let addr = coord.addr;
+    coord.stop().await;
+    let coord =
+        Coordinator::start_on(&addr.to_string(), coordinator_config(&dir.path().join("c"))).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    echo_works(&mut client).await;
+    w1.stop().await;
     coord.stop().await;
 }
 

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use heist_proto::{
+    credential::KeyShare,
     errors::reason,
-    identity::{PURPOSE_BLOB, PURPOSE_REGISTER, WorkerKey},
+    identity::{PURPOSE_BLOB, WorkerKey},
     metadata,
     tls::TlsFiles,
     v1::{
@@ -288,20 +289,16 @@ async fn a_tls_and_mtls_cluster_routes_calls_and_plaintext_clients_fail_cleanly(
 /// A registration for `id`, proved by `key`.
 fn register(id: &str, key: &WorkerKey) -> v1::WorkerMessage {
     let addr = "https://127.0.0.1:1";
-    let proof = key.prove(PURPOSE_REGISTER, id, addr.as_bytes());
+    let mut register = v1::Register {
+        worker_id: id.into(),
+        advertise_addr: addr.into(),
+        capacity: 4,
+        credential_key_share: KeyShare::generate().expect("share").public().to_vec(),
+        ..Default::default()
+    };
+    key.sign_register(&mut register);
     v1::WorkerMessage {
-        msg: Some(v1::worker_message::Msg::Register(v1::Register {
-            worker_id: id.into(),
-            advertise_addr: addr.into(),
-            capacity: 4,
-            identity: Some(v1::WorkerIdentity {
-                public_key: proof.public_key.to_vec(),
-                signed_at_ms: proof.signed_at_ms,
-                nonce: proof.nonce.to_vec(),
-                signature: proof.signature.to_vec(),
-            }),
-            ..Default::default()
-        })),
+        msg: Some(v1::worker_message::Msg::Register(register)),
     }
 }
 

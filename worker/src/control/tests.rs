@@ -8,13 +8,13 @@ use std::{
 };
 
 use heist_proto::{
+    credential::CallKey,
     metadata,
-    token::TokenSigner,
+    token::{TokenSigner, call_digest},
     v1::{Accepted, Drain, Evict},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::metadata::MetadataMap;
 
 use super::*;
 use crate::{
@@ -162,8 +162,18 @@ impl Harness {
     }
 }
 
-fn accepted(signer: &TokenSigner, heartbeat_ms: u64) -> Result<CoordinatorMessage, Status> {
-    Ok(CoordinatorMessage {
+/// The coordinator's answer to `register`, and the call key it agreed.
+fn accepted(
+    signer: &TokenSigner,
+    heartbeat_ms: u64,
+    register: &Register,
+) -> (Result<CoordinatorMessage, Status>, CallKey) {
+    let share = KeyShare::generate().expect("share");
+    let public = share.public();
+    let key = share
+        .agree_as_coordinator(&register.credential_key_share, &register.worker_id)
+        .expect("agree");
+    let msg = Ok(CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Accepted(Accepted {
             lease_ttl_ms: 10_000,
             heartbeat_interval_ms: heartbeat_ms,
@@ -171,8 +181,26 @@ fn accepted(signer: &TokenSigner, heartbeat_ms: u64) -> Result<CoordinatorMessag
             credential_audience: "heist-worker:w1".to_owned(),
             credential_issuer: "heist".to_owned(),
             retired_keys: Vec::new(),
+            credential_key_share: public.to_vec(),
+            credential_ttl_ms: 30_000,
         })),
-    })
+    });
+    (msg, key)
+}
+
+/// A CancelTurn request carrying a credential made with `key`.
+fn credentialed(key: &CallKey) -> tonic::Request<heist_proto::v1::WorkerCancelTurnRequest> {
+    let msg = heist_proto::v1::WorkerCancelTurnRequest {
+        turn_id: "t-1".to_owned(),
+    };
+    let digest = call_digest("CancelTurn", "", &prost::Message::encode_to_vec(&msg));
+    let token = key.mint(&digest, Duration::from_secs(30)).expect("mint");
+    let mut request = tonic::Request::new(msg);
+    request.metadata_mut().insert(
+        metadata::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
 }
 
 fn signer() -> TokenSigner {
@@ -252,34 +280,38 @@ async fn registers_heartbeats_and_obeys_commands() {
         .expect("echo");
     assert!(echo.input_schema.is_some() && echo.read_only);
 
+    // The call-key share is signed with the worker's identity key.
+    let identity = register.identity.as_ref().expect("identity");
+    heist_proto::identity::Proof::from_parts(
+        &identity.public_key,
+        identity.signed_at_ms,
+        &identity.nonce,
+        &identity.signature,
+    )
+    .expect("proof")
+    .verify(
+        heist_proto::identity::PURPOSE_REGISTER,
+        "w1",
+        &heist_proto::identity::register_bound(
+            &register.advertise_addr,
+            &register.credential_key_share,
+        ),
+        Duration::from_secs(60),
+    )
+    .expect("the share is bound into the registration proof");
+
+    let (reply, call_key) = accepted(&coordinator, 100, &first.register);
     let mut link = first.link.expect("accepted link");
-    // Calls are refused until Accepted arrives.
-    assert!(matches!(
-        h.state.auth.check(&MetadataMap::new()),
-        Err(Error::NotRegistered)
-    ));
-    link.to_worker
-        .send(accepted(&coordinator, 100))
-        .expect("send");
+    link.to_worker.send(reply).expect("send");
     let hb = next_heartbeat(&mut link).await;
     assert_eq!((hb.active_sessions, hb.in_flight_calls), (2, 0));
 
-    // The credential from Accepted now verifies.
-    let token = coordinator
-        .sign(&TokenSigner::claims(
-            "heist",
-            "heist-worker:w1",
-            "coordinator",
-            "",
-            Duration::from_secs(60),
-        ))
-        .expect("sign");
-    let mut md = MetadataMap::new();
-    md.insert(
-        metadata::AUTHORIZATION,
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    assert!(h.state.auth.check(&md).is_ok());
+    // Credentials made with the agreed key now verify.
+    h.state
+        .auth
+        .check_call(&credentialed(&call_key), "CancelTurn")
+        .await
+        .expect("the agreed key");
 
     // Evict removes the session; the next heartbeats report it.
     let evict = Evict {
@@ -316,11 +348,22 @@ async fn registers_heartbeats_and_obeys_commands() {
     assert!(second.register.draining);
 
     // GoingAway is sent as soon as shutdown starts, and stop closes the stream.
+    let (reply, second_key) = accepted(&coordinator, 100, &second.register);
+    assert_ne!(
+        second_key.id(),
+        call_key.id(),
+        "every registration agrees a new key"
+    );
     let mut link = second.link.expect("accepted link");
-    link.to_worker
-        .send(accepted(&coordinator, 100))
-        .expect("send");
+    link.to_worker.send(reply).expect("send");
     next_heartbeat(&mut link).await;
+    for key in [&second_key, &call_key] {
+        h.state
+            .auth
+            .check_call(&credentialed(key), "CancelTurn")
+            .await
+            .expect("the new key, and the previous one for calls on their way");
+    }
     h.going_away
         .send(Some("SIGTERM".to_owned()))
         .expect("going away");
