@@ -13,6 +13,17 @@ const PHASES: &[(&str, &[&str])] = &[
     ("baseline-2hop", CALL_METRICS),
     ("routed", ROUTED_METRICS),
     (
+        "exactly_once",
+        &[
+            "p50_with_id_vs_without",
+            "p50_with_id_vs_without_min",
+            "p50_with_id_vs_without_max",
+            "tput_with_id_vs_without",
+            "tput_with_id_vs_without_min",
+            "tput_with_id_vs_without_max",
+        ],
+    ),
+    (
         "sessions",
         &[
             "create_p50_ms",
@@ -114,6 +125,8 @@ const PAIRED_RATIOS: &[&str] = &[
     "routed_tput_over_2hop_tput",
     "telemetry_on_over_off",
     "audit_on_over_off",
+    "exactly_once_p50_over_plain",
+    "exactly_once_tput_over_plain",
 ];
 
 const RATIOS: &[&str] = &[
@@ -126,6 +139,8 @@ const RATIOS: &[&str] = &[
     "restore_other_over_cp",
     "telemetry_on_over_off",
     "audit_on_over_off",
+    "exactly_once_p50_over_plain",
+    "exactly_once_tput_over_plain",
 ];
 
 const TARGETS: &[&str] = &[

@@ -89,7 +89,8 @@ pub fn echo_arguments() -> Struct {
     args
 }
 
-fn string_value(s: &str) -> Value {
+/// A string as a `Struct` value.
+pub fn string_value(s: &str) -> Value {
     Value {
         kind: Some(Kind::StringValue(s.to_owned())),
     }
@@ -103,6 +104,8 @@ pub struct EchoTarget {
     authorization: Option<MetadataValue<Ascii>>,
     message: v1::CallToolRequest,
     timeout: Duration,
+    /// Every call gets a request id of its own (exactly-once), else none.
+    fresh_request_ids: bool,
 }
 
 impl EchoTarget {
@@ -139,12 +142,27 @@ impl EchoTarget {
                 request_id: String::new(),
             },
             timeout,
+            fresh_request_ids: false,
         })
+    }
+
+    /// The same target calling `tool` with `arguments` instead of `echo`, each call with a
+    /// request id of its own when `fresh_request_ids` (what a client asking for exactly-once
+    /// sends), else with none.
+    pub fn for_tool(mut self, tool: &str, arguments: Struct, fresh_request_ids: bool) -> Self {
+        tool.clone_into(&mut self.message.tool);
+        self.message.arguments = Some(arguments);
+        self.fresh_request_ids = fresh_request_ids;
+        self
     }
 
     /// One call.
     pub async fn call(&self) -> Result<v1::CallToolResponse, Error> {
-        let mut request = Request::new(self.message.clone());
+        let mut message = self.message.clone();
+        if self.fresh_request_ids {
+            message.request_id = uuid::Uuid::new_v4().to_string();
+        }
+        let mut request = Request::new(message);
         request.set_timeout(self.timeout);
         if let Some(value) = &self.authorization {
             request

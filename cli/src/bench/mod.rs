@@ -22,6 +22,7 @@ pub mod audit;
 pub mod baseline;
 pub mod checkpoint;
 pub mod churn;
+pub mod exactly_once;
 pub mod exec;
 pub mod load;
 pub mod machine;

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    load::{self, EchoTarget},
+    load::{self, EchoTarget, Target},
     phases::Lab,
     report::Metric,
 };
@@ -167,6 +167,57 @@ impl Pair {
         }
         Ok(out)
     }
+}
+
+/// Sequential p50 and throughput (`in_flight` calls at once) of `a` against `b` in alternating
+/// rounds: each round measures both on one target, then on the other (the order flips every
+/// round). Returns the per-round ratios a/b of p50 and of throughput.
+pub async fn p50_and_throughput<A: Target, B: Target>(
+    what: &str,
+    a: &A,
+    b: &B,
+    s: &super::settings::Settings,
+    in_flight: usize,
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    let rounds = rounds(s);
+    let calls = (s.calls / u64::try_from(rounds).unwrap_or(1)).max(20);
+    let (mut p50, mut tput) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        super::progress(&format!(
+            "{what}: round {}/{rounds}, {calls} sequential calls and {:.1} s of {in_flight} in \
+             flight per side",
+            round + 1,
+            s.throughput().as_secs_f64(),
+        ));
+        // (p50 in us, calls/s) of a and of b.
+        let mut measured = [(0.0, 0.0); 2];
+        for which in order(round) {
+            match which {
+                Which::A => measured[0] = p50_and_rate(what, a, calls, s, in_flight).await?,
+                Which::B => measured[1] = p50_and_rate(what, b, calls, s, in_flight).await?,
+            }
+        }
+        let [(a_p50, a_rate), (b_p50, b_rate)] = measured;
+        p50.push(a_p50 / b_p50);
+        tput.push(a_rate / b_rate);
+    }
+    Ok((p50, tput))
+}
+
+/// Sequential p50 (us) of `calls` calls, then calls/s with `in_flight` calls at once.
+async fn p50_and_rate<T: Target>(
+    what: &str,
+    target: &T,
+    calls: u64,
+    s: &super::settings::Settings,
+    in_flight: usize,
+) -> Result<(f64, f64), Error> {
+    let seq = load::sequential(what, s.warmup_calls.min(calls), calls, s.loop_cap(), || {
+        target.call_once()
+    })
+    .await?;
+    let rate = load::throughput(target, in_flight, s.throughput_warmup(), s.throughput()).await?;
+    Ok((seq.quantile_us(0.5), rate.per_second()))
 }
 
 /// Starts a one-worker cluster of a phase's own (`name` names its data directory) with `env`

@@ -12,7 +12,7 @@ use super::{
     failed,
     load::{self, EchoTarget},
     machine,
-    paired::{self, Spread, Which},
+    paired::{self, Spread},
     report::Metric,
     sessions::{Memory, Sessions},
     settings::Settings,
@@ -39,6 +39,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(Baseline { hops: 1 }),
         Box::new(Baseline { hops: 2 }),
         Box::new(Routed),
+        Box::new(super::exactly_once::ExactlyOnce),
         Box::new(Sessions),
         Box::new(Memory),
         Box::new(super::exec::Exec),
@@ -267,41 +268,9 @@ async fn against_2hop(exe: &Path, routed: &EchoTarget, s: &Settings) -> Result<V
         let baseline =
             EchoTarget::connect(&proxy.url, None, "s-baseline", s.call_timeout()).await?;
         baseline.verify().await?;
-        let rounds = paired::rounds(s);
-        let calls = (s.calls / u64::try_from(rounds).unwrap_or(1)).max(20);
-        let (mut p50, mut tput) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            super::progress(&format!(
-                "routed vs 2-hop: round {}/{rounds}, {calls} sequential calls and {:.1} s of {} \
-                 in flight per side",
-                round + 1,
-                s.throughput().as_secs_f64(),
-                s.concurrency
-            ));
-            // (p50 in us, calls/s) of the routed side and of the baseline.
-            let mut measured = [(0.0, 0.0); 2];
-            for which in paired::order(round) {
-                let (target, slot) = match which {
-                    Which::A => (routed, &mut measured[0]),
-                    Which::B => (&baseline, &mut measured[1]),
-                };
-                let seq = load::sequential(
-                    "routed vs 2-hop",
-                    s.warmup_calls.min(calls),
-                    calls,
-                    s.loop_cap(),
-                    || target.call_once(),
-                )
+        let (p50, tput) =
+            paired::p50_and_throughput("routed vs 2-hop", routed, &baseline, s, s.concurrency)
                 .await?;
-                let rate =
-                    load::throughput(target, s.concurrency, s.throughput_warmup(), s.throughput())
-                        .await?;
-                *slot = (seq.quantile_us(0.5), rate.per_second());
-            }
-            let [(routed_p50, routed_rate), (base_p50, base_rate)] = measured;
-            p50.push(routed_p50 / base_p50);
-            tput.push(routed_rate / base_rate);
-        }
         let mut metrics = Spread::of(&p50).metrics(
             ["p50_vs_2hop", "p50_vs_2hop_min", "p50_vs_2hop_max"],
             [

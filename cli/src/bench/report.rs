@@ -261,6 +261,18 @@ const PAIRED: &[(&str, &str, MetricRef, Target)] = &[
         ("audit", "on_vs_off"),
         Some((Op::AtLeast, 0.9)),
     ),
+    (
+        "exactly_once_p50_over_plain",
+        "write p50 with a request id / without (median of alternating rounds)",
+        ("exactly_once", "p50_with_id_vs_without"),
+        None,
+    ),
+    (
+        "exactly_once_tput_over_plain",
+        "write throughput with a request id / without (median of alternating rounds)",
+        ("exactly_once", "tput_with_id_vs_without"),
+        None,
+    ),
 ];
 
 /// Targets on absolute values: (name, label, metric, op, limit).
