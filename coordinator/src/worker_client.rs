@@ -495,10 +495,16 @@ mod tests {
             Err(Error::WorkerUnavailable(_))
         ));
 
-        let (worker_share, ours) = (KeyShare::generate().unwrap(), KeyShare::generate().unwrap());
+        let worker_share = KeyShare::generate().expect("share");
+        let ours = KeyShare::generate().expect("share");
         let (worker_public, our_public) = (worker_share.public(), ours.public());
-        client.set_call_key(ours.agree_as_coordinator(&worker_public, "w1").unwrap());
-        let worker_key = worker_share.agree_as_worker(&our_public, "w1").unwrap();
+        client.set_call_key(
+            ours.agree_as_coordinator(&worker_public, "w1")
+                .expect("agree"),
+        );
+        let worker_key = worker_share
+            .agree_as_worker(&our_public, "w1")
+            .expect("agree");
         let first = client.credentials.header(&id, "d1").expect("header");
         let second = client.credentials.header(&id, "d1").expect("header");
         assert_ne!(first, second, "every call gets its own credential");

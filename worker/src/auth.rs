@@ -412,11 +412,14 @@ mod tests {
 
     /// A worker's call key and the coordinator's copy of it, agreed as at registration.
     fn agree(worker_id: &str) -> (CallKey, CallKey) {
-        let (w, c) = (KeyShare::generate().unwrap(), KeyShare::generate().unwrap());
+        let (w, c) = (
+            KeyShare::generate().expect("share"),
+            KeyShare::generate().expect("share"),
+        );
         let (wp, cp) = (w.public(), c.public());
         (
-            w.agree_as_worker(&cp, worker_id).unwrap(),
-            c.agree_as_coordinator(&wp, worker_id).unwrap(),
+            w.agree_as_worker(&cp, worker_id).expect("agree"),
+            c.agree_as_coordinator(&wp, worker_id).expect("agree"),
         )
     }
 
@@ -546,13 +549,13 @@ mod tests {
         // With no time left for the previous key's credentials, it is gone.
         let (newer_worker, _) = agree("w1");
         auth.install_call_key(newer_worker, Duration::ZERO);
-        let mut keys = auth.call_keys.write().unwrap();
-        for (_, until) in &mut keys.keys {
-            if let Some(until) = until {
-                *until = unix_now();
+        {
+            let mut keys = auth.call_keys.write().expect("keys");
+            let now = unix_now();
+            for entry in &mut keys.keys {
+                entry.1 = entry.1.map(|_| now);
             }
         }
-        drop(keys);
         assert_eq!(
             code(
                 auth.check_call(
