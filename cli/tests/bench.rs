@@ -22,6 +22,24 @@ const PHASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "diskpool",
+        &[
+            "on_create_p50_ms",
+            "on_create_p99_ms",
+            "off_create_p50_ms",
+            "off_create_p99_ms",
+            "polling_create_p50_ms",
+            "on_close_p50_ms",
+            "off_close_p50_ms",
+            "polling_close_p50_ms",
+            "on_vs_off",
+            "on_vs_off_min",
+            "on_vs_off_max",
+            "on_vs_polling",
+            "pairs",
+        ],
+    ),
+    (
         "memory",
         &[
             "coordinator_idle_kib",
@@ -114,6 +132,8 @@ const PAIRED_RATIOS: &[&str] = &[
     "routed_tput_over_2hop_tput",
     "telemetry_on_over_off",
     "audit_on_over_off",
+    "diskpool_create_on_over_off",
+    "diskpool_create_on_over_polling",
 ];
 
 const RATIOS: &[&str] = &[
@@ -126,6 +146,8 @@ const RATIOS: &[&str] = &[
     "restore_other_over_cp",
     "telemetry_on_over_off",
     "audit_on_over_off",
+    "diskpool_create_on_over_off",
+    "diskpool_create_on_over_polling",
 ];
 
 const TARGETS: &[&str] = &[

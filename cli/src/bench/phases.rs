@@ -40,6 +40,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(Baseline { hops: 2 }),
         Box::new(Routed),
         Box::new(Sessions),
+        Box::new(super::diskpool::DiskPool),
         Box::new(Memory),
         Box::new(super::exec::Exec),
         Box::new(super::checkpoint::Checkpoints),

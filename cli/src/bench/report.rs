@@ -261,6 +261,18 @@ const PAIRED: &[(&str, &str, MetricRef, Target)] = &[
         ("audit", "on_vs_off"),
         Some((Op::AtLeast, 0.9)),
     ),
+    (
+        "diskpool_create_on_over_off",
+        "session create p50, disk pool of 4 / no pool (median of rotating rounds)",
+        ("diskpool", "on_vs_off"),
+        None,
+    ),
+    (
+        "diskpool_create_on_over_polling",
+        "session create p50, disk pool of 4 / polled quota (median of rotating rounds)",
+        ("diskpool", "on_vs_polling"),
+        None,
+    ),
 ];
 
 /// Targets on absolute values: (name, label, metric, op, limit).
