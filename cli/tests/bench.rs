@@ -33,6 +33,24 @@ const PHASES: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "diskpool",
+        &[
+            "on_create_p50_ms",
+            "on_create_p99_ms",
+            "off_create_p50_ms",
+            "off_create_p99_ms",
+            "polling_create_p50_ms",
+            "on_close_p50_ms",
+            "off_close_p50_ms",
+            "polling_close_p50_ms",
+            "on_vs_off",
+            "on_vs_off_min",
+            "on_vs_off_max",
+            "on_vs_polling",
+            "pairs",
+        ],
+    ),
+    (
         "memory",
         &[
             "coordinator_idle_kib",
@@ -127,6 +145,8 @@ const PAIRED_RATIOS: &[&str] = &[
     "audit_on_over_off",
     "exactly_once_p50_over_plain",
     "exactly_once_tput_over_plain",
+    "diskpool_create_on_over_off",
+    "diskpool_create_on_over_polling",
 ];
 
 const RATIOS: &[&str] = &[
@@ -141,6 +161,8 @@ const RATIOS: &[&str] = &[
     "audit_on_over_off",
     "exactly_once_p50_over_plain",
     "exactly_once_tput_over_plain",
+    "diskpool_create_on_over_off",
+    "diskpool_create_on_over_polling",
 ];
 
 const TARGETS: &[&str] = &[

@@ -90,6 +90,10 @@ pub struct Config {
     /// Where the sessions' disk images live under the `fs` disk quota (HEIST_DISK_IMAGE_DIR).
     /// `None` means `BASE_WORKSPACE/../disk-images`.
     pub disk_image_dir: Option<PathBuf>,
+    /// File systems the `fs` disk quota keeps formatted and mounted ahead of time, so that
+    /// opening a session does not wait for mkfs (HEIST_DISK_POOL); 0 disables the pool.
+    /// Default 4, at most [`MAX_DISK_POOL`].
+    pub disk_pool: usize,
     /// The fs tools' bounded pool (HEIST_FS_POOL_THREADS, HEIST_FS_POOL_PER_SESSION,
     /// HEIST_FS_OP_TIMEOUT_S).
     pub fs_pool: crate::tools::PoolLimits,
@@ -143,6 +147,9 @@ pub struct Config {
     pub tls: heist_proto::tls::TlsFiles,
 }
 
+/// Largest [`Config::disk_pool`] (each ready file system holds a loop device and a mount).
+pub const MAX_DISK_POOL: usize = 64;
+
 /// Default of [`Config::min_free_bytes`].
 pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 << 20;
 
@@ -180,6 +187,7 @@ impl Default for Config {
             cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
             disk_quota: crate::diskfs::DiskQuotaMode::Auto,
             disk_image_dir: None,
+            disk_pool: 4,
             fs_pool: crate::tools::PoolLimits::default(),
             blob_cache_dir: None,
             state_dir: None,
@@ -209,6 +217,11 @@ impl Config {
             return Err(Error::Config(
                 "HEIST_MAX_SEEN_CREDENTIALS must be at least 1".to_owned(),
             ));
+        }
+        if self.disk_pool > MAX_DISK_POOL {
+            return Err(Error::Config(format!(
+                "HEIST_DISK_POOL must be at most {MAX_DISK_POOL}"
+            )));
         }
         if self.min_free_bytes < 1 << 20 {
             return Err(Error::Config(
@@ -483,6 +496,13 @@ mod tests {
                     ..valid()
                 },
                 "HEIST_WORKER_MIN_FREE_BYTES",
+            ),
+            (
+                Config {
+                    disk_pool: MAX_DISK_POOL + 1,
+                    ..valid()
+                },
+                "HEIST_DISK_POOL",
             ),
             (
                 Config {

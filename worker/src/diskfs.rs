@@ -12,7 +12,8 @@
 //! The mount is made before the workspace is opened as a directory capability (a `Dir` opened
 //! before the mount would point at the covered directory): [`crate::sessions::Sessions`] mounts
 //! on open and on adoption at start-up (an image whose mount is gone is mounted again) and
-//! unmounts and deletes the image on close and evict.
+//! unmounts and deletes the image on close and evict. An open takes a file system made ahead
+//! of time when the pool (`pool`, HEIST_DISK_POOL) has one, and formats its own otherwise.
 //!
 //! Mode (HEIST_DISK_QUOTA): `fs` requires this and fails start-up when the host cannot (not
 //! root, no loop devices, no mkfs.ext4); `polling` never uses it; `auto` (the default) probes
@@ -30,6 +31,10 @@ use heist_proto::ids::SessionId;
 use tracing::{info, warn};
 
 use crate::{Error, quota::Quotas};
+
+mod pool;
+
+pub use pool::PoolSettings;
 
 /// How the disk quota is enforced (HEIST_DISK_QUOTA / --disk-quota).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -75,12 +80,26 @@ pub fn image_dir(config: &crate::Config) -> PathBuf {
     })
 }
 
+/// The directory of this worker's pool of ready file systems ([`PoolSettings::dir`]):
+/// `HEIST_DISK_IMAGE_DIR/pool-<worker id>-<digest of BASE_WORKSPACE>`, so workers sharing the
+/// image directory never touch each other's pool.
+pub fn pool_dir(config: &crate::Config) -> PathBuf {
+    let base = std::path::absolute(&config.base_workspace)
+        .unwrap_or_else(|_| config.base_workspace.clone());
+    image_dir(config).join(format!(
+        "pool-{}",
+        crate::sandbox::cgroup_name(&config.worker_id, &base)
+    ))
+}
+
 /// Per-session file systems.
 #[derive(Debug)]
 pub struct DiskFs {
     images: PathBuf,
     image_bytes: u64,
     inodes: u64,
+    /// File systems made ahead of time (none until [`DiskFs::with_pool`]).
+    pool: pool::Pool,
 }
 
 impl DiskFs {
@@ -98,6 +117,7 @@ impl DiskFs {
             images: images.to_path_buf(),
             image_bytes: image_bytes(quotas),
             inodes: quotas.files,
+            pool: pool::Pool::default(),
         };
         match disk.probe() {
             Ok(()) => {
@@ -132,6 +152,7 @@ impl DiskFs {
             images: self.images.clone(),
             image_bytes: 16 << 20,
             inodes: 128,
+            pool: pool::Pool::default(),
         };
         let dir = self
             .images
@@ -150,8 +171,9 @@ impl DiskFs {
     }
 
     /// Gives the (existing, empty or adopted) directory `path` of session `id` its file system:
-    /// a new one, or the session's image again when `path` is not mounted (a restarted worker
-    /// or host). Nothing to do when it is mounted already.
+    /// a new one (a ready one from the pool, else formatted now), or the session's image again
+    /// when `path` is not mounted (a restarted worker or host). Nothing to do when it is
+    /// mounted already.
     pub fn attach(&self, id: &SessionId, path: &Path) -> Result<(), Error> {
         if is_mountpoint(path).map_err(|e| Error::io("cannot read the mount table", e))? {
             return Ok(());
@@ -173,22 +195,33 @@ impl DiskFs {
                     self.images.display()
                 )));
             }
+            if self.attach_ready(id, path) {
+                return Ok(());
+            }
             heist_proto::files::private_dir(&self.images)
                 .map_err(|e| Error::io(format!("cannot create {}", self.images.display()), e))?;
-            self.make(&image)?;
-            let mounted = mount(&image, path).and_then(|()| {
-                // mkfs's lost+found would be part of the workspace (and its checkpoints).
-                std::fs::remove_dir(path.join("lost+found"))
-                    .map_err(|e| Error::io("cannot remove lost+found", e))
-            });
-            if let Err(err) = mounted {
-                let _ = unmount(path);
-                let _ = std::fs::remove_file(&image);
-                return Err(err);
-            }
-            return Ok(());
+            return self.make_mounted(&image, path);
         }
         mount(&image, path)
+    }
+
+    /// Creates the image `image`, formats it and mounts it at the (empty) directory `path`,
+    /// without mkfs's `lost+found` (it would be part of the workspace and its checkpoints).
+    /// On failure nothing is left mounted and the image is deleted.
+    fn make_mounted(&self, image: &Path, path: &Path) -> Result<(), Error> {
+        self.make(image)?;
+        let mounted = mount(image, path).and_then(|()| {
+            std::fs::remove_dir(path.join("lost+found"))
+                .map_err(|e| Error::io("cannot remove lost+found", e))
+        });
+        if let Err(err) = mounted {
+            if is_mountpoint(path).unwrap_or(false) {
+                let _ = unmount(path);
+            }
+            let _ = std::fs::remove_file(image);
+            return Err(err);
+        }
+        Ok(())
     }
 
     /// Unmounts session `id`'s file system from `path` (lazily when something still holds it)

@@ -105,15 +105,24 @@ pub async fn serve(
         .map_err(|s| Error::Config(format!("WORKER_ID: {}", s.message())))?;
 
     checkpoint::clean_leftovers(&config.base_workspace);
+    // Before the sessions are adopted: a pool a killed worker left is deleted.
     let disk = diskfs::DiskFs::start(
         config.disk_quota,
         &diskfs::image_dir(&config),
         &config.quotas,
     )?
+    .map(|disk| {
+        disk.with_pool(diskfs::PoolSettings {
+            size: config.disk_pool,
+            dir: diskfs::pool_dir(&config),
+            min_free: config.min_free_bytes,
+        })
+    })
+    .transpose()?
     .map(Arc::new);
     let disk_fs = disk.is_some();
     let sessions =
-        Sessions::load_with_disk(&config.base_workspace, config.max_sessions, disk).await?;
+        Sessions::load_with_disk(&config.base_workspace, config.max_sessions, disk.clone()).await?;
     let key = Arc::new(
         WorkerKey::load_or_create(&config.key_path())
             .map_err(|e| Error::Config(format!("HEIST_WORKER_KEY_FILE: {e}")))?,
@@ -179,6 +188,12 @@ pub async fn serve(
         state
             .tasks
             .spawn(async move { watcher.watch_space(reserve, stop).await }.instrument(span));
+    }
+    if let Some(disk) = disk {
+        state.tasks.spawn(
+            disk.refill(stop.clone())
+                .instrument(info_span!("disk-pool")),
+        );
     }
     let control_task = state.tasks.spawn(
         control
@@ -285,7 +300,7 @@ pub async fn serve(
         );
     }
     // The sessions' file systems are unmounted (their images stay: the next start mounts them
-    // again), so a stopped worker leaves no mounts behind.
+    // again) and the pool's are deleted, so a stopped worker leaves no mounts behind.
     state.sessions.unmount_all().await;
     info!(worker_id = %worker_id, "worker stopped");
     served

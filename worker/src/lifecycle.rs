@@ -4,7 +4,7 @@
 //!
 //! | owner | comes into use (open, adopt) | leaves (close, evict) |
 //! |---|---|---|
-//! | workspace ([`crate::sessions`]) | directory created, its file system mounted ([`crate::diskfs`], `fs` disk quota), capability opened | commands told to stop, file system unmounted and image deleted, directory removed |
+//! | workspace ([`crate::sessions`]) | directory created, its file system mounted ([`crate::diskfs`], `fs` disk quota: a ready one from the pool, else formatted), capability opened | commands told to stop, file system unmounted and image deleted, directory removed |
 //! | usage cache, running commands | live in the workspace (fresh on open, restore) | dropped with it |
 //! | sandbox backend | [`crate::sandbox::Sandbox::open_session`] | [`crate::sandbox::Sandbox::close_session`] |
 //! | checkpoint stat cache | filled on the first capture | forgotten |

@@ -329,7 +329,8 @@ impl Sessions {
     }
 
     /// Unmounts every session's file system, keeping the images (a stopping worker; the next
-    /// start mounts them again when it adopts the sessions).
+    /// start mounts them again when it adopts the sessions), and deletes the file systems made
+    /// ahead of time (the pool's refill task has stopped).
     pub async fn unmount_all(&self) {
         let Some(disk) = self.disk.clone() else {
             return;
@@ -341,6 +342,7 @@ impl Sessions {
                     warn!(path = %path.display(), error = %err, "cannot unmount a session's file system");
                 }
             }
+            disk.empty_pool();
         })
         .await;
         if let Err(err) = done {

@@ -3,7 +3,8 @@
 //!
 //! - [`settings`]: how much each phase measures (`--quick` for smoke tests).
 //! - [`phases`]: the [`phases::Phase`] trait, the [`phases::Lab`] phases share (the local
-//!   cluster), and the tool-call phases; [`sessions`]: session latency and memory.
+//!   cluster), and the tool-call phases; [`sessions`]: session latency and memory;
+//!   [`diskpool`]: session latency with the disk pool against without it.
 //! - [`baseline`]: the plain tonic echo server and forwarding proxy, run as child processes via
 //!   the hidden `heistctl bench serve-baseline`.
 //! - [`load`]: the client code every call phase uses (sequential latency, throughput).
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod baseline;
 pub mod checkpoint;
 pub mod churn;
+pub mod diskpool;
 pub mod exactly_once;
 pub mod exec;
 pub mod load;

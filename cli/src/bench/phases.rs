@@ -41,6 +41,7 @@ pub fn all() -> Vec<Box<dyn Phase>> {
         Box::new(Routed),
         Box::new(super::exactly_once::ExactlyOnce),
         Box::new(Sessions),
+        Box::new(super::diskpool::DiskPool),
         Box::new(Memory),
         Box::new(super::exec::Exec),
         Box::new(super::checkpoint::Checkpoints),

@@ -273,6 +273,18 @@ const PAIRED: &[(&str, &str, MetricRef, Target)] = &[
         ("exactly_once", "tput_with_id_vs_without"),
         None,
     ),
+    (
+        "diskpool_create_on_over_off",
+        "session create p50, disk pool of 4 / no pool (median of rotating rounds)",
+        ("diskpool", "on_vs_off"),
+        None,
+    ),
+    (
+        "diskpool_create_on_over_polling",
+        "session create p50, disk pool of 4 / polled quota (median of rotating rounds)",
+        ("diskpool", "on_vs_polling"),
+        None,
+    ),
 ];
 
 /// Targets on absolute values: (name, label, metric, op, limit).

@@ -47,6 +47,11 @@ pub struct SandboxFlags {
     /// BASE_WORKSPACE/../disk-images).
     #[arg(long, env = "HEIST_DISK_IMAGE_DIR")]
     pub disk_image_dir: Option<PathBuf>,
+    /// File systems the `fs` disk quota keeps formatted and mounted ahead of time, so that
+    /// opening a session does not wait for mkfs (0: none, every open formats its own; at most
+    /// 64).
+    #[arg(long, env = "HEIST_DISK_POOL", default_value_t = 4)]
+    pub disk_pool: usize,
     /// Files, directories and symlinks a session's workspace may hold.
     #[arg(long, env = "HEIST_QUOTA_FILES", default_value_t = 100_000)]
     pub quota_files: u64,
@@ -148,6 +153,7 @@ impl SandboxFlags {
         };
         config.disk_quota = self.disk_quota;
         config.disk_image_dir = self.disk_image_dir.filter(|p| !p.as_os_str().is_empty());
+        config.disk_pool = self.disk_pool;
         config.cgroup_root = Some(self.cgroup_root)
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
@@ -185,6 +191,7 @@ mod tests {
         assert_eq!(config.cgroup_root, defaults.cgroup_root);
         assert_eq!(config.disk_quota, defaults.disk_quota);
         assert_eq!(config.disk_image_dir, defaults.disk_image_dir);
+        assert_eq!(config.disk_pool, defaults.disk_pool);
         assert_eq!(
             (config.sandbox_uid, config.sandbox_gid),
             (defaults.sandbox_uid, defaults.sandbox_gid)
