@@ -1,11 +1,16 @@
 //! Building a manifest from a workspace, with a stat cache so unchanged files are not re-hashed,
-//! and checking a manifest before it is materialised.
+//! the difference between two manifests (a capture sent as a delta), and checking a manifest
+//! before it is materialised.
 //!
-//! The walk goes through a `cap_std` directory handle: every open is resolved beneath the
-//! workspace and symlinks are recorded, never followed, so a tree changed under our feet (a
-//! directory swapped for a symlink to `/`) cannot make a capture read outside the workspace.
-//! Recorded: regular files (mode, size, BLAKE3), directories (mode) and symlinks (target
-//! verbatim). Sockets, FIFOs and device nodes are skipped with a warning.
+//! The walk works on directory file descriptors: each directory is listed with `getdents64`,
+//! each entry is examined with `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`, and a subdirectory
+//! is entered with `openat(dirfd, name, O_DIRECTORY | O_NOFOLLOW)`. Every name is a single
+//! component read from the directory itself (`.` and `..` skipped), so nothing is resolved
+//! through a symlink or outside the workspace: a directory swapped for a symlink to `/` while
+//! we walk fails to open instead of being followed. Files are hashed through the `cap_std`
+//! workspace handle, whose opens are resolved beneath the workspace. Recorded: regular files
+//! (mode, size, BLAKE3), directories (mode) and symlinks (target verbatim). Sockets, FIFOs and
+//! device nodes are skipped with a warning.
 //!
 //! Stat cache (in memory, per session; a restarted worker re-hashes once): path -> (dev, inode,
 //! size, mtime ns, ctime ns) -> hash. A file whose stat matches is not read. A file modified
@@ -15,8 +20,11 @@
 //! `spawn_blocking` for the benchmark's 10,000-file tree).
 
 use std::{
+    cmp::Ordering as Order,
     collections::HashMap,
+    ffi::CString,
     io::Read as _,
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -24,6 +32,7 @@ use std::{
 use cap_std::fs::{Dir, Metadata, MetadataExt as _};
 use heist_proto::v1::{EntryKind, Manifest, ManifestEntry};
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use tracing::warn;
 
 use crate::Error;
@@ -64,6 +73,17 @@ impl StatKey {
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// The key of an `fstatat` result.
+    pub fn of_stat(st: &Stat) -> Self {
+        Self {
+            dev: u64::from(st.st_dev),
+            ino: u64::from(st.st_ino),
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
         }
     }
 
@@ -135,7 +155,8 @@ pub struct Scan {
 struct Found {
     path: String,
     kind: EntryKind,
-    meta: Metadata,
+    mode: u32,
+    key: StatKey,
     target: String,
 }
 
@@ -143,21 +164,29 @@ struct Found {
 pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan, Error> {
     let scan_start = now_ns();
     let counted = AtomicUsize::new(0);
-    let mut found = walk(root, "", &counted, max_entries)?;
+    // The handle may be an O_PATH descriptor, which cannot be listed: open the directory itself.
+    let top = rustix::fs::openat(
+        root.as_fd(),
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
+    let mut found = walk(top, "", &counted, max_entries)?;
     found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
 
     // Hash what the cache cannot vouch for, in parallel.
     let hashed: Vec<Option<Result<(Hash, StatKey), Error>>> = found
         .par_iter()
         .map(|f| {
-            (f.kind == EntryKind::File && previous.lookup(&f.path, &StatKey::of(&f.meta)).is_none())
+            (f.kind == EntryKind::File && previous.lookup(&f.path, &f.key).is_none())
                 .then(|| hash_file(root, &f.path))
         })
         .collect();
 
     let mut out = Scan::default();
     for (f, fresh) in found.into_iter().zip(hashed) {
-        let mode = f.meta.mode() & MODE_MASK;
+        let mode = f.mode & MODE_MASK;
         let mut entry = ManifestEntry {
             path: f.path,
             kind: f.kind as i32,
@@ -175,7 +204,7 @@ pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan
                     (hash, key)
                 }
                 None => {
-                    let key = StatKey::of(&f.meta);
+                    let key = f.key;
                     let hash = previous
                         .lookup(&entry.path, &key)
                         .ok_or_else(|| Error::Internal("stat cache changed mid-scan".to_owned()))?;
@@ -193,19 +222,35 @@ pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan
     Ok(out)
 }
 
-/// Lists `dir` (recursively; subdirectories in parallel on the rayon pool). `counted` bounds
-/// the entries of the whole walk.
-fn walk(dir: &Dir, prefix: &str, counted: &AtomicUsize, max: usize) -> Result<Vec<Found>, Error> {
-    let io = |path: &str, e: std::io::Error| Error::io(format!("cannot capture {path:?}"), e);
+/// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
+/// path in the workspace is `prefix`. `counted` bounds the entries of the whole walk.
+fn walk(
+    dir: OwnedFd,
+    prefix: &str,
+    counted: &AtomicUsize,
+    max: usize,
+) -> Result<Vec<Found>, Error> {
+    let io = |path: &str, e: rustix::io::Errno| {
+        Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
+    };
     let shown = if prefix.is_empty() { "." } else { prefix };
-    let mut out = Vec::new();
-    let mut subdirs = Vec::new();
-    for entry in dir.entries().map_err(|e| io(shown, e))? {
+    let mut names: Vec<CString> = Vec::new();
+    let mut listing = rustix::fs::Dir::new(dir).map_err(|e| io(shown, e))?;
+    while let Some(entry) = listing.read() {
         let entry = entry.map_err(|e| io(shown, e))?;
         let name = entry.file_name();
-        let Some(name) = name.to_str() else {
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    // Only used for `*at` calls from here on, which do not depend on the read position.
+    let dir = listing.fd().map_err(|e| io(shown, e))?;
+    let mut out = Vec::with_capacity(names.len());
+    let mut subdirs = Vec::new();
+    for cname in names {
+        let Some(name) = cname.to_str().ok() else {
             return Err(Error::Uncapturable {
-                path: format!("{prefix}/{}", name.to_string_lossy()),
+                path: format!("{prefix}/{}", cname.to_string_lossy()),
                 why: "the name is not UTF-8: rename it".to_owned(),
             });
         };
@@ -223,50 +268,88 @@ fn walk(dir: &Dir, prefix: &str, counted: &AtomicUsize, max: usize) -> Result<Ve
                 ),
             });
         }
-        let meta = entry.metadata().map_err(|e| io(&path, e))?;
-        let kind = meta.file_type();
-        if kind.is_dir() {
-            let sub = entry.open_dir().map_err(|e| io(&path, e))?;
-            out.push(Found {
-                path: path.clone(),
-                kind: EntryKind::Dir,
-                meta,
-                target: String::new(),
-            });
-            subdirs.push((sub, path));
-        } else if kind.is_file() {
-            out.push(Found {
-                path,
-                kind: EntryKind::File,
-                meta,
-                target: String::new(),
-            });
-        } else if kind.is_symlink() {
-            let target = dir.read_link_contents(name).map_err(|e| io(&path, e))?;
-            let Some(target) = target.to_str().map(str::to_owned) else {
-                return Err(Error::Uncapturable {
-                    path,
-                    why: "the symlink target is not UTF-8: change it".to_owned(),
-                });
-            };
-            out.push(Found {
-                path,
-                kind: EntryKind::Symlink,
-                meta,
-                target,
-            });
-        } else {
-            warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+        let st =
+            rustix::fs::statat(dir, &cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
+        let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
+        let found = |kind, target| Found {
+            path: path.clone(),
+            kind,
+            mode,
+            key,
+            target,
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
+                // stat, this fails rather than leaving the workspace.
+                let sub = rustix::fs::openat(
+                    dir,
+                    &cname,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io(&path, e))?;
+                out.push(found(EntryKind::Dir, String::new()));
+                subdirs.push((sub, path));
+            }
+            FileType::RegularFile => out.push(found(EntryKind::File, String::new())),
+            FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(dir, &cname, Vec::new()).map_err(|e| io(&path, e))?;
+                let Ok(target) = target.into_string() else {
+                    return Err(Error::Uncapturable {
+                        path,
+                        why: "the symlink target is not UTF-8: change it".to_owned(),
+                    });
+                };
+                out.push(found(EntryKind::Symlink, target));
+            }
+            _ => {
+                warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+            }
         }
     }
+    drop(listing);
     let nested: Vec<Result<Vec<Found>, Error>> = subdirs
         .into_par_iter()
-        .map(|(sub, path)| walk(&sub, &path, counted, max))
+        .map(|(sub, path)| walk(sub, &path, counted, max))
         .collect();
     for inner in nested {
         out.extend(inner?);
     }
     Ok(out)
+}
+
+/// The changes that turn `old` into `new` (both sorted by path): the entries of `new` that are
+/// not in `old` or differ there, and the paths of `old` that are not in `new`.
+pub fn diff(old: &[ManifestEntry], new: &[ManifestEntry]) -> (Vec<ManifestEntry>, Vec<String>) {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => a.path.cmp(&b.path),
+            (Some(_), None) => Order::Less,
+            (None, _) => Order::Greater,
+        };
+        match order {
+            Order::Less => {
+                removed.push(old[i].path.clone());
+                i += 1;
+            }
+            Order::Greater => {
+                changed.push(new[j].clone());
+                j += 1;
+            }
+            Order::Equal => {
+                if old[i] != new[j] {
+                    changed.push(new[j].clone());
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (changed, removed)
 }
 
 /// Hashes one file, opened beneath `root`; fails if it changes while being read.
@@ -445,6 +528,85 @@ mod tests {
                 .as_bytes()
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn the_walk_records_links_without_following_them_and_skips_fifos() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        let root = tmp.path().join("ws");
+        std::fs::create_dir_all(root.join("src")).expect("dirs");
+        std::fs::create_dir_all(&outside).expect("dirs");
+        std::fs::write(outside.join("secret"), b"not ours").expect("write");
+        std::fs::write(root.join("src/a.txt"), b"a").expect("write");
+        symlink("/", root.join("to-root")).expect("symlink");
+        symlink(&outside, root.join("to-outside")).expect("symlink");
+        symlink("src", root.join("to-src")).expect("symlink");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+
+        let scan = scan(&open(&root), &StatCache::default(), 100).expect("scan");
+        let got: Vec<(&str, i32)> = scan
+            .manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind))
+            .collect();
+        let (f, d, l) = (
+            EntryKind::File as i32,
+            EntryKind::Dir as i32,
+            EntryKind::Symlink as i32,
+        );
+        assert_eq!(
+            got,
+            [
+                ("src", d),
+                ("src/a.txt", f),
+                ("to-outside", l),
+                ("to-root", l),
+                ("to-src", l),
+            ],
+            "links are recorded, not entered; the FIFO is skipped"
+        );
+        assert_eq!(scan.hashed_files, 1);
+    }
+
+    #[test]
+    fn diff_lists_changed_added_and_removed_entries() {
+        let file = |p: &str, content: &[u8]| ManifestEntry {
+            path: p.to_owned(),
+            kind: EntryKind::File as i32,
+            mode: 0o644,
+            size: content.len() as u64,
+            hash: blake3::hash(content).as_bytes().to_vec(),
+            symlink_target: String::new(),
+        };
+        let old = vec![file("a", b"1"), file("b", b"2"), file("c", b"3")];
+        let mut chmod = file("c", b"3");
+        chmod.mode = 0o600;
+        let new = vec![
+            file("a", b"1"),
+            file("b2", b"x"),
+            chmod.clone(),
+            file("d", b"4"),
+        ];
+        let (changed, removed) = diff(&old, &new);
+        let paths: Vec<&str> = changed.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["b2", "c", "d"]);
+        assert_eq!(changed[1], chmod);
+        assert_eq!(removed, ["b"]);
+        let (changed, removed) = diff(&new, &new);
+        assert!(changed.is_empty() && removed.is_empty());
+        let (changed, removed) = diff(&[], &old);
+        assert_eq!((changed.len(), removed.len()), (3, 0));
+        let (changed, removed) = diff(&old, &[]);
+        assert_eq!((changed.len(), removed.len()), (0, 3));
     }
 
     #[test]
