@@ -5,6 +5,11 @@
 //! ([`blobs`]), and return the manifest. Blobs not yet in the local [`cache`] are copied there
 //! afterwards by a background task, so a later restore here needs no download.
 //!
+//! Each session remembers the tree of the last checkpoint it captured or was restored to, under
+//! that checkpoint's id. When the coordinator names that checkpoint as the base of a capture,
+//! only the entries added, changed or removed since are returned (a delta), so the cost of a
+//! capture after a small change does not grow with the size of the tree.
+//!
 //! Restore ([`Checkpointer::restore`]): build the manifest's tree in a staging directory next to
 //! the workspace ([`restore`]), taking content from the cache, from unchanged files of the
 //! current workspace, or from the coordinator; then swap it in with two renames under the
@@ -31,7 +36,8 @@ use heist_proto::{
     identity::WorkerKey,
     ids::{SessionId, WorkerId},
     v1::{
-        CaptureStats, CaptureWorkspaceResponse, Manifest, RestoreStats, RestoreWorkspaceResponse,
+        CaptureStats, CaptureWorkspaceResponse, Manifest, ManifestDelta, ManifestEntry,
+        RestoreStats, RestoreWorkspaceResponse,
     },
 };
 use tokio::sync::mpsc;
@@ -83,6 +89,23 @@ struct SessionState {
     busy: Arc<tokio::sync::Mutex<()>>,
     /// The session's stat cache.
     stat: Arc<Mutex<StatCache>>,
+    /// The tree of the checkpoint last captured or restored, by checkpoint id (a delta base).
+    tree: Arc<Mutex<Option<Remembered>>>,
+}
+
+/// A checkpoint's tree as this worker sent or received it.
+struct Remembered {
+    /// The checkpoint.
+    id: String,
+    /// Its entries, sorted by path.
+    entries: Vec<ManifestEntry>,
+}
+
+/// Per-session handles, taken once per capture or restore.
+struct Handles {
+    busy: Arc<tokio::sync::Mutex<()>>,
+    stat: Arc<Mutex<StatCache>>,
+    tree: Arc<Mutex<Option<Remembered>>>,
 }
 
 /// Captures and restores workspaces.
@@ -147,10 +170,14 @@ impl Checkpointer {
         self
     }
 
-    fn state(&self, id: &SessionId) -> (Arc<tokio::sync::Mutex<()>>, Arc<Mutex<StatCache>>) {
+    fn state(&self, id: &SessionId) -> Handles {
         let mut map = self.lock();
         let s = map.entry(id.clone()).or_default();
-        (s.busy.clone(), s.stat.clone())
+        Handles {
+            busy: s.busy.clone(),
+            stat: s.stat.clone(),
+            tree: s.tree.clone(),
+        }
     }
 
     /// Stops background work (cache fills).
@@ -180,14 +207,17 @@ impl Checkpointer {
     }
 
     /// CaptureWorkspace: manifest of the session's workspace, every blob durable at the
-    /// coordinator.
+    /// coordinator; a delta against `base` when this session remembers that checkpoint's tree.
+    /// The captured tree is remembered as `checkpoint`.
     pub async fn capture(
         &self,
         sessions: &Sessions,
         id: &SessionId,
+        checkpoint: &str,
+        base: &str,
     ) -> Result<CaptureWorkspaceResponse, Error> {
         let started = Instant::now();
-        let (busy, stat) = self.state(id);
+        let Handles { busy, stat, tree } = self.state(id);
         let _busy = busy.lock().await;
         let workspace = sessions.get(id)?;
         let root = workspace
@@ -206,13 +236,35 @@ impl Checkpointer {
         .await
         .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
         let scanned = started.elapsed();
+        let entries = scan.manifest.entries;
 
-        let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
+        // A delta when this session remembers the base's tree. Its unchanged entries' blobs
+        // are the base's, which the coordinator holds: only the changed ones are checked.
+        let (sent, delta) = {
+            let remembered = tree.lock().unwrap_or_else(PoisonError::into_inner);
+            match remembered.as_ref() {
+                Some(last) if !base.is_empty() && last.id == base => {
+                    let (changed, removed_paths) = manifest::diff(&last.entries, &entries);
+                    let delta = ManifestDelta {
+                        base_id: base.to_owned(),
+                        removed_paths,
+                        depth: 0,
+                    };
+                    (changed, Some(delta))
+                }
+                _ => (entries.clone(), None),
+            }
+        };
         let (mut files, mut bytes) = (0u64, 0u64);
-        for entry in &scan.manifest.entries {
-            if let Ok(hash) = <Hash>::try_from(entry.hash.as_slice()) {
+        for entry in &entries {
+            if entry.hash.len() == 32 {
                 files += 1;
                 bytes += entry.size;
+            }
+        }
+        let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
+        for entry in &sent {
+            if let Ok(hash) = <Hash>::try_from(entry.hash.as_slice()) {
                 firsts
                     .entry(hash)
                     .or_insert_with(|| (entry.size, entry.path.clone()));
@@ -234,6 +286,11 @@ impl Checkpointer {
         }
         futures::future::try_join_all(puts).await?;
         *stat.lock().unwrap_or_else(PoisonError::into_inner) = scan.cache;
+        *tree.lock().unwrap_or_else(PoisonError::into_inner) =
+            (!checkpoint.is_empty()).then(|| Remembered {
+                id: checkpoint.to_owned(),
+                entries,
+            });
 
         let uncached: Vec<(Hash, u64, String)> = firsts
             .into_iter()
@@ -242,6 +299,7 @@ impl Checkpointer {
             .collect();
         self.fill_cache(root, uncached);
 
+        let sent_entries = sent.len() + delta.as_ref().map_or(0, |d| d.removed_paths.len());
         let stats = CaptureStats {
             files,
             bytes,
@@ -250,11 +308,16 @@ impl Checkpointer {
             uploaded_blobs: uploads.len() as u64,
             uploaded_bytes,
             duration_us: micros(started.elapsed()),
+            sent_entries: sent_entries as u64,
         };
-        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
+        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, sent_entries, delta = delta.is_some(), scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
         Ok(CaptureWorkspaceResponse {
-            manifest: Some(scan.manifest),
+            manifest: Some(Manifest {
+                entries: sent,
+                ..Manifest::default()
+            }),
             stats: Some(stats),
+            delta,
         })
     }
 
@@ -283,18 +346,30 @@ impl Checkpointer {
         });
     }
 
-    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
+    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree, and
+    /// remembers it as `checkpoint` (when not empty) for later deltas.
     pub async fn restore(
         &self,
         sessions: &Sessions,
         id: &SessionId,
         manifest: Manifest,
+        checkpoint: &str,
     ) -> Result<RestoreWorkspaceResponse, Error> {
         let started = Instant::now();
         let begun = SystemTime::now() - Duration::from_secs(1);
         manifest::validate(&manifest)?;
-        let (busy, stat) = self.state(id);
+        let Handles { busy, stat, tree } = self.state(id);
         let _busy = busy.lock().await;
+        let restored_tree = (!checkpoint.is_empty()).then(|| {
+            let mut entries = manifest.entries.clone();
+            if !entries.is_sorted_by(|a, b| a.path < b.path) {
+                entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+            }
+            Remembered {
+                id: checkpoint.to_owned(),
+                entries,
+            }
+        });
         let workspace = sessions.get(id)?;
         let old_root = workspace
             .dir()
@@ -339,6 +414,7 @@ impl Checkpointer {
             let _ = removal.await;
         }
         *stat.lock().unwrap_or_else(PoisonError::into_inner) = new_stat;
+        *tree.lock().unwrap_or_else(PoisonError::into_inner) = restored_tree;
 
         if let Ok(ws) = sessions.get(id)
             && let Ok(root) = ws.dir().try_clone()
