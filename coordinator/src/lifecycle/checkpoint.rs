@@ -216,6 +216,10 @@ async fn capture_and_commit(
             allowed_tools: allowed_tools.clone(),
             delta,
         };
+        // Blobs durable before the manifest naming them commits: one sync covers every
+        // PutBlobs stream of this capture (and any other upload since the last sync).
+        let cas = app.checkpoints.cas().clone();
+        tokio::task::spawn_blocking(move || cas.sync_written()).await??;
         match app.checkpoints.commit(session, record) {
             // The base was removed while the worker captured (the session was restored or its
             // head deleted meanwhile): once more, whole.

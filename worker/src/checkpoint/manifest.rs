@@ -162,6 +162,24 @@ struct Found {
 
 /// Walks `root` and builds its manifest, hashing only files `previous` cannot vouch for.
 pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan, Error> {
+    let walked = walk_tree(root, max_entries)?;
+    let todo = walked.to_hash(previous);
+    let fresh = hash_files(root, &walked, &todo)?;
+    walked.finish(previous, fresh)
+}
+
+/// A walked workspace: every entry, sorted by path, not yet hashed.
+pub struct Walked {
+    found: Vec<Found>,
+    /// When the walk began, ns since the epoch (for the stat cache's racy window).
+    scan_start: i128,
+}
+
+/// A file hashed during a capture: its index in [`Walked`], hash and stat.
+pub type Hashed = (usize, Hash, StatKey);
+
+/// Walks `root` (see the module docs), at most `max_entries` entries.
+pub fn walk_tree(root: &Dir, max_entries: usize) -> Result<Walked, Error> {
     let scan_start = now_ns();
     let counted = AtomicUsize::new(0);
     // The handle may be an O_PATH descriptor, which cannot be listed: open the directory itself.
@@ -174,52 +192,78 @@ pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan
     .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
     let mut found = walk(top, "", &counted, max_entries)?;
     found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(Walked { found, scan_start })
+}
 
-    // Hash what the cache cannot vouch for, in parallel.
-    let hashed: Vec<Option<Result<(Hash, StatKey), Error>>> = found
-        .par_iter()
-        .map(|f| {
-            (f.kind == EntryKind::File && previous.lookup(&f.path, &f.key).is_none())
-                .then(|| hash_file(root, &f.path))
-        })
-        .collect();
-
-    let mut out = Scan::default();
-    for (f, fresh) in found.into_iter().zip(hashed) {
-        let mode = f.mode & MODE_MASK;
-        let mut entry = ManifestEntry {
-            path: f.path,
-            kind: f.kind as i32,
-            mode,
-            size: 0,
-            hash: Vec::new(),
-            symlink_target: f.target,
-        };
-        if f.kind == EntryKind::File {
-            let (hash, key) = match fresh {
-                Some(result) => {
-                    let (hash, key) = result?;
-                    out.hashed_files += 1;
-                    out.hashed_bytes += key.size;
-                    (hash, key)
-                }
-                None => {
-                    let key = f.key;
-                    let hash = previous
-                        .lookup(&entry.path, &key)
-                        .ok_or_else(|| Error::Internal("stat cache changed mid-scan".to_owned()))?;
-                    (hash, key)
-                }
-            };
-            entry.size = key.size;
-            entry.hash = hash.to_vec();
-            if !key.racy(scan_start) {
-                out.cache.insert(entry.path.clone(), key, hash);
-            }
-        }
-        out.manifest.entries.push(entry);
+impl Walked {
+    /// Indices of the files `previous` cannot vouch for.
+    pub fn to_hash(&self, previous: &StatCache) -> Vec<usize> {
+        self.found
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                f.kind == EntryKind::File && previous.lookup(&f.path, &f.key).is_none()
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
-    Ok(out)
+
+    /// Path and size (as walked) of entry `i`.
+    pub fn file(&self, i: usize) -> (&str, u64) {
+        self.found
+            .get(i)
+            .map_or(("", 0), |f| (f.path.as_str(), f.key.size))
+    }
+
+    /// The manifest and the next stat cache, from `fresh` hashes and `previous` for the rest.
+    pub fn finish(&self, previous: &StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+        let mut fresh: HashMap<usize, (Hash, StatKey)> =
+            fresh.into_iter().map(|(i, h, k)| (i, (h, k))).collect();
+        let mut out = Scan::default();
+        for (i, f) in self.found.iter().enumerate() {
+            let mut entry = ManifestEntry {
+                path: f.path.clone(),
+                kind: f.kind as i32,
+                mode: f.mode & MODE_MASK,
+                size: 0,
+                hash: Vec::new(),
+                symlink_target: f.target.clone(),
+            };
+            if f.kind == EntryKind::File {
+                let (hash, key) = match fresh.remove(&i) {
+                    Some((hash, key)) => {
+                        out.hashed_files += 1;
+                        out.hashed_bytes += key.size;
+                        (hash, key)
+                    }
+                    None => {
+                        let hash = previous.lookup(&entry.path, &f.key).ok_or_else(|| {
+                            Error::Internal("stat cache changed mid-scan".to_owned())
+                        })?;
+                        (hash, f.key)
+                    }
+                };
+                entry.size = key.size;
+                entry.hash = hash.to_vec();
+                if !key.racy(self.scan_start) {
+                    out.cache.insert(entry.path.clone(), key, hash);
+                }
+            }
+            out.manifest.entries.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// Hashes the files at `indices` of `walked`, in parallel on the rayon pool.
+pub fn hash_files(root: &Dir, walked: &Walked, indices: &[usize]) -> Result<Vec<Hashed>, Error> {
+    indices
+        .par_iter()
+        .map(|&i| {
+            let (path, _) = walked.file(i);
+            hash_file(root, path).map(|(hash, key)| (i, hash, key))
+        })
+        .collect()
 }
 
 /// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
