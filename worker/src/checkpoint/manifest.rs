@@ -79,8 +79,8 @@ impl StatKey {
     /// The key of an `fstatat` result.
     pub fn of_stat(st: &Stat) -> Self {
         Self {
-            dev: u64::from(st.st_dev),
-            ino: u64::from(st.st_ino),
+            dev: st.st_dev,
+            ino: st.st_ino,
             size: u64::try_from(st.st_size).unwrap_or(0),
             mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
             ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
