@@ -10,6 +10,18 @@
 //! the manifests after a crash), and which workers hold each checkpoint's blobs (for warm
 //! placement of forks).
 //!
+//! Stored trees: a manifest is stored whole, or as a delta against the checkpoint's parent
+//! (`Checkpoint.delta`: the entries added or changed, the paths removed). A delta is at most
+//! HEIST_CHECKPOINT_MAX_DELTA_CHAIN links from a whole manifest: [`Checkpoints::delta_base`]
+//! asks for a whole capture when the head's chain is that long. Reading a checkpoint's tree
+//! ([`Checkpoints::get_full`]) applies the chain's deltas to its whole base, under the table's
+//! lock so retention cannot rewrite the chain meanwhile. Blob references count what each
+//! stored record names (a delta names only its changed entries); a blob a child's tree takes
+//! from an ancestor stays referenced by that ancestor, which cannot go first: deleting a
+//! parent is refused, and retention rewrites each child against its grandparent (the two
+//! deltas composed, or a whole manifest when the parent was whole) before it removes the
+//! parent.
+//!
 //! Blob deletion vs. concurrent captures: an operation that relies on blobs staying in the store
 //! between checking and using them (capture, restore, fork) holds a [`Pin`]. While any pin is
 //! held, blobs whose last reference goes away are only queued; they are removed when the last
@@ -30,7 +42,7 @@ use std::{
 
 use heist_proto::{
     ids::{CheckpointId, SessionId},
-    v1::{Checkpoint, EntryKind, Manifest},
+    v1::{Checkpoint, EntryKind, Manifest, ManifestDelta, ManifestEntry},
 };
 use prost::Message as _;
 use tracing::{info, warn};
@@ -79,6 +91,9 @@ struct Inner {
     heads: HashMap<SessionId, CheckpointId>,
     /// Checkpoint -> workers known to hold its blobs.
     holders: HashMap<CheckpointId, BTreeSet<String>>,
+    /// Checkpoint -> deltas between its stored tree and a whole manifest (an upper bound;
+    /// absent or 0: stored whole).
+    depths: HashMap<CheckpointId, u32>,
     /// Operations relying on blobs staying put.
     pins: usize,
     /// Blobs that lost their last reference while pinned.
@@ -149,6 +164,9 @@ impl Checkpoints {
                 for hash in manifest_blobs(&manifest).into_keys() {
                     *inner.refs.entry(hash).or_default() += 1;
                 }
+            }
+            if let Some(delta) = record.delta.take() {
+                inner.depths.insert(id.clone(), delta.depth.max(1));
             }
             inner
                 .holders
@@ -251,9 +269,20 @@ impl Checkpoints {
             .collect()
     }
 
+    /// The checkpoint `session`'s next capture may be sent as a delta against: its head, unless
+    /// the head's chain of deltas is already `max_chain` long (then the capture is whole).
+    pub fn delta_base(&self, session: &SessionId, max_chain: u32) -> Option<CheckpointId> {
+        let inner = self.lock();
+        let head = inner.heads.get(session)?;
+        let depth = inner.depths.get(head).copied().unwrap_or(0);
+        (inner.by_id.contains_key(head) && depth < max_chain).then(|| head.clone())
+    }
+
     /// Commits a checkpoint of `session` (its manifest included, its blobs verified present by
-    /// the caller under a [`Pin`]): sets its parent to the session's head, makes it the new head,
-    /// counts its blob references. Returns the record without the manifest. Not yet flushed.
+    /// the caller under a [`Pin`]): sets its parent to the session's head (to the delta's base
+    /// when the manifest is a delta), makes it the new head, counts its blob references. Returns
+    /// the record without the manifest. Not yet flushed. A delta whose base was removed meanwhile
+    /// is [`Error::DeltaBaseGone`] and nothing is committed.
     pub fn commit(&self, session: &SessionId, mut record: Checkpoint) -> Result<Checkpoint, Error> {
         let id = CheckpointId::parse(record.id.as_str())?;
         let blobs = record
@@ -262,19 +291,34 @@ impl Checkpoints {
             .map(manifest_blobs)
             .unwrap_or_default();
         let mut inner = self.lock();
-        record.parent_id = inner
-            .heads
-            .get(session)
-            .filter(|h| inner.by_id.contains_key(*h))
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let mut depth = 0;
+        if let Some(delta) = record.delta.as_mut() {
+            let base = CheckpointId::parse(delta.base_id.as_str())?;
+            if !inner.by_id.contains_key(&base) {
+                return Err(Error::DeltaBaseGone { base });
+            }
+            depth = inner.depths.get(&base).copied().unwrap_or(0) + 1;
+            delta.depth = depth;
+            record.parent_id = base.to_string();
+        } else {
+            record.parent_id = inner
+                .heads
+                .get(session)
+                .filter(|h| inner.by_id.contains_key(*h))
+                .map(ToString::to_string)
+                .unwrap_or_default();
+        }
         self.tree
             .insert(id.as_str().as_bytes(), record.encode_to_vec())?;
         self.set_head_locked(&mut inner, session, &id)?;
         for hash in blobs.into_keys() {
             *inner.refs.entry(hash).or_default() += 1;
         }
+        if depth > 0 {
+            inner.depths.insert(id.clone(), depth);
+        }
         record.manifest = None;
+        record.delta = None;
         inner
             .holders
             .entry(id.clone())
@@ -289,8 +333,59 @@ impl Checkpoints {
         self.lock().by_id.get(id).cloned()
     }
 
-    /// One record with its manifest, read from the store.
+    /// One record with its whole manifest, read from the store (a delta applied to its
+    /// chain's base).
     pub fn get_full(&self, id: &CheckpointId) -> Result<Option<Checkpoint>, Error> {
+        let inner = self.lock();
+        let Some(mut record) = self.stored(id)? else {
+            return Ok(None);
+        };
+        let Some(delta) = record.delta.take() else {
+            return Ok(Some(record));
+        };
+        let manifest = record.manifest.get_or_insert_default();
+        let mut layers = vec![(std::mem::take(&mut manifest.entries), delta.removed_paths)];
+        let mut base_id = delta.base_id;
+        let whole = loop {
+            let broken = |why: String| Error::BrokenChain {
+                id: id.clone(),
+                why,
+            };
+            // Deltas are at most HEIST_CHECKPOINT_MAX_DELTA_CHAIN long (the setting may have
+            // been lowered since); a chain longer than the table is a cycle.
+            if layers.len() > inner.by_id.len() + 1 {
+                return Err(broken("its chain of deltas loops".to_owned()));
+            }
+            let base = CheckpointId::parse(base_id.as_str())
+                .map_err(|_| broken(format!("malformed delta base {base_id:?}")))?;
+            let Some(mut stored) = self.stored(&base)? else {
+                return Err(broken(format!("its delta base {base} is gone")));
+            };
+            let entries = stored.manifest.take().unwrap_or_default().entries;
+            match stored.delta.take() {
+                Some(next) => {
+                    layers.push((entries, next.removed_paths));
+                    base_id = next.base_id;
+                }
+                None => break entries,
+            }
+        };
+        let mut tree: BTreeMap<String, ManifestEntry> =
+            whole.into_iter().map(|e| (e.path.clone(), e)).collect();
+        for (changed, removed) in layers.into_iter().rev() {
+            for path in removed {
+                tree.remove(&path);
+            }
+            for entry in changed {
+                tree.insert(entry.path.clone(), entry);
+            }
+        }
+        manifest.entries = tree.into_values().collect();
+        Ok(Some(record))
+    }
+
+    /// One record as stored (a delta's manifest holds only its changes).
+    fn stored(&self, id: &CheckpointId) -> Result<Option<Checkpoint>, Error> {
         Store::get(&self.tree, id.as_str().as_bytes(), "checkpoint")
     }
 
@@ -406,20 +501,25 @@ impl Checkpoints {
     /// Removes one checkpoint and drops its blob references (the caller has dealt with its
     /// children and heads).
     fn remove_locked(&self, inner: &mut Inner, id: &CheckpointId) -> Result<Freed, Error> {
-        let full: Option<Checkpoint> =
-            Store::get(&self.tree, id.as_str().as_bytes(), "checkpoint")?;
+        let full = self.stored(id)?;
         self.tree.remove(id.as_str().as_bytes())?;
         inner.by_id.remove(id);
         inner.holders.remove(id);
-        let mut freed = Freed {
-            checkpoints: 1,
-            ..Freed::default()
-        };
+        inner.depths.remove(id);
         let blobs = full
             .and_then(|c| c.manifest)
             .as_ref()
             .map(manifest_blobs)
             .unwrap_or_default();
+        let mut freed = self.release_locked(inner, blobs)?;
+        freed.checkpoints = 1;
+        Ok(freed)
+    }
+
+    /// Drops one reference to each of `blobs`; those left with none are removed (or queued
+    /// while pinned).
+    fn release_locked(&self, inner: &mut Inner, blobs: HashMap<Hash, u64>) -> Result<Freed, Error> {
+        let mut freed = Freed::default();
         for (hash, size) in blobs {
             let Some(count) = inner.refs.get_mut(&hash) else {
                 continue;
@@ -461,8 +561,11 @@ impl Checkpoints {
                 .filter(|(_, c)| c.parent_id == id.as_str())
                 .map(|(k, _)| k.clone())
                 .collect();
-            for child in children {
-                self.reparent_locked(&mut inner, &child, &parent)?;
+            if !children.is_empty() {
+                let gone = self.stored(&id)?.unwrap_or_default();
+                for child in children {
+                    self.reparent_locked(&mut inner, &child, &parent, &gone)?;
+                }
             }
             freed.add(self.remove_locked(&mut inner, &id)?);
         }
@@ -504,18 +607,47 @@ impl Checkpoints {
         Ok(orphans.len())
     }
 
+    /// Makes `parent` the parent of `child` in place of `gone` (its stored record), which is
+    /// about to be removed. A child stored as a delta against `gone` is rewritten first: as a
+    /// delta against `gone`'s own base (the two composed), or whole when `gone` was whole. Its
+    /// new blob references are counted before its old ones are dropped, so nothing it still
+    /// needs is freed.
     fn reparent_locked(
         &self,
         inner: &mut Inner,
         child: &CheckpointId,
         parent: &str,
+        gone: &Checkpoint,
     ) -> Result<(), Error> {
-        let full: Option<Checkpoint> =
-            Store::get(&self.tree, child.as_str().as_bytes(), "checkpoint")?;
-        if let Some(mut full) = full {
+        if let Some(mut full) = self.stored(child)? {
             full.parent_id = parent.to_owned();
-            self.tree
-                .insert(child.as_str().as_bytes(), full.encode_to_vec())?;
+            if let Some(delta) = full.delta.take() {
+                let manifest = full.manifest.get_or_insert_default();
+                let before = manifest_blobs(manifest);
+                let changed = std::mem::take(&mut manifest.entries);
+                let below = gone.manifest.as_ref().map_or(&[][..], |m| &m.entries[..]);
+                let (entries, rebased) = rebase(below, gone.delta.as_ref(), changed, delta);
+                manifest.entries = entries;
+                let depth = rebased.as_ref().map_or(0, |d| d.depth);
+                if let Some(d) = &rebased {
+                    full.parent_id.clone_from(&d.base_id);
+                }
+                full.delta = rebased;
+                for hash in manifest_blobs(manifest).into_keys() {
+                    *inner.refs.entry(hash).or_default() += 1;
+                }
+                if depth > 0 {
+                    inner.depths.insert(child.clone(), depth);
+                } else {
+                    inner.depths.remove(child);
+                }
+                self.tree
+                    .insert(child.as_str().as_bytes(), full.encode_to_vec())?;
+                self.release_locked(inner, before)?;
+            } else {
+                self.tree
+                    .insert(child.as_str().as_bytes(), full.encode_to_vec())?;
+            }
         }
         if let Some(c) = inner.by_id.get_mut(child) {
             c.parent_id = parent.to_owned();
@@ -526,6 +658,47 @@ impl Checkpoints {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A delta (`changed`, `delta`) against a checkpoint whose stored tree is `below` (its entries)
+/// and `below_delta`, rewritten against what that checkpoint was stored against: whole when it
+/// was whole (returns the whole tree and no delta), else the two deltas composed.
+fn rebase(
+    below: &[ManifestEntry],
+    below_delta: Option<&ManifestDelta>,
+    changed: Vec<ManifestEntry>,
+    delta: ManifestDelta,
+) -> (Vec<ManifestEntry>, Option<ManifestDelta>) {
+    // path -> Some(entry): present as this; None: removed.
+    let mut tree: BTreeMap<String, Option<ManifestEntry>> = below
+        .iter()
+        .map(|e| (e.path.clone(), Some(e.clone())))
+        .collect();
+    if let Some(d) = below_delta {
+        for path in &d.removed_paths {
+            tree.insert(path.clone(), None);
+        }
+    }
+    for path in delta.removed_paths {
+        tree.insert(path, None);
+    }
+    for entry in changed {
+        tree.insert(entry.path.clone(), Some(entry));
+    }
+    let mut entries = Vec::with_capacity(tree.len());
+    let mut removed_paths = Vec::new();
+    for (path, entry) in tree {
+        match entry {
+            Some(entry) => entries.push(entry),
+            None => removed_paths.push(path),
+        }
+    }
+    let rebased = below_delta.map(|d| ManifestDelta {
+        base_id: d.base_id.clone(),
+        removed_paths,
+        depth: d.depth.max(1),
+    });
+    (entries, rebased)
 }
 
 /// Which of `session`'s checkpoints retention removes, oldest first.

@@ -68,6 +68,11 @@ pub struct Config {
     /// Checkpoints older than this are removed by retention (same exceptions). Zero keeps all.
     /// HEIST_CHECKPOINT_MAX_AGE_S, default 2592000 s (30 days).
     pub checkpoint_max_age: Duration,
+    /// Longest chain of checkpoints stored as deltas against their parent before one is stored
+    /// whole again (a capture whose head is this deep is sent whole); bounds the work of
+    /// reading a checkpoint's tree. 0 stores every checkpoint whole.
+    /// HEIST_CHECKPOINT_MAX_DELTA_CHAIN, default 32.
+    pub checkpoint_max_delta_chain: u32,
     /// How often age retention and the unreferenced-blob sweep run.
     /// HEIST_CHECKPOINT_GC_INTERVAL_S, default 300 s.
     pub checkpoint_gc_interval: Duration,
@@ -203,6 +208,7 @@ impl Default for Config {
             max_blob_batch: 100_000,
             checkpoint_max_per_session: 100,
             checkpoint_max_age: Duration::from_secs(30 * 86_400),
+            checkpoint_max_delta_chain: 32,
             checkpoint_gc_interval: Duration::from_secs(300),
             blob_orphan_grace: Duration::from_secs(600),
             auto_checkpoint: false,
@@ -261,6 +267,10 @@ impl fmt::Debug for Config {
                 &self.checkpoint_max_per_session,
             )
             .field("checkpoint_max_age", &self.checkpoint_max_age)
+            .field(
+                "checkpoint_max_delta_chain",
+                &self.checkpoint_max_delta_chain,
+            )
             .field("checkpoint_gc_interval", &self.checkpoint_gc_interval)
             .field("blob_orphan_grace", &self.blob_orphan_grace)
             .field("auto_checkpoint", &self.auto_checkpoint)

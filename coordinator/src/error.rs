@@ -261,6 +261,23 @@ pub enum Error {
         /// How many checkpoints name it as parent.
         children: usize,
     },
+    /// A capture was sent as a delta against a checkpoint removed while it ran.
+    #[error(
+        "checkpoint {base}, which this capture was taken against, was removed while it ran: \
+         take the checkpoint again"
+    )]
+    DeltaBaseGone {
+        /// The removed base.
+        base: CheckpointId,
+    },
+    /// A stored checkpoint's tree cannot be rebuilt from its chain of deltas.
+    #[error("the stored tree of checkpoint {id} is incomplete: {why}")]
+    BrokenChain {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// What is wrong.
+        why: String,
+    },
     /// Blobs a manifest names are not in the blob store.
     #[error(
         "{missing} blob(s) of this checkpoint are missing from the blob store (first: {hash}); \
@@ -538,6 +555,8 @@ impl From<Error> for Status {
                 reason::BLOB_MISSING,
                 &[("hash", hash), ("missing", &missing.to_string())],
             ),
+            Error::DeltaBaseGone { .. } => Status::aborted(msg),
+            Error::BrokenChain { .. } => Status::internal(msg),
             Error::BlobNotFound(hash) => {
                 rich(Code::NotFound, reason::BLOB_MISSING, &[("hash", hash)])
             }

@@ -97,6 +97,10 @@ pub struct Settings {
     /// Checkpoints older than this are removed, in seconds, 0 for never [default: 2592000].
     #[arg(long, env = "HEIST_CHECKPOINT_MAX_AGE_S")]
     pub checkpoint_max_age_s: Option<u64>,
+    /// Checkpoints stored as deltas in a row before one is stored whole, 0 for always whole
+    /// [default: 32].
+    #[arg(long, env = "HEIST_CHECKPOINT_MAX_DELTA_CHAIN")]
+    pub checkpoint_max_delta_chain: Option<u32>,
     /// How often checkpoint age retention and the blob sweep run, in seconds [default: 300].
     #[arg(long, env = "HEIST_CHECKPOINT_GC_INTERVAL_S")]
     pub checkpoint_gc_interval_s: Option<u64>,
@@ -249,6 +253,7 @@ heist_proto::layer_over!(Settings {
     max_blob_batch,
     checkpoint_max_per_session,
     checkpoint_max_age_s,
+    checkpoint_max_delta_chain,
     checkpoint_gc_interval_s,
     blob_orphan_grace_s,
     auto_checkpoint,
@@ -329,6 +334,11 @@ impl Settings {
             |v| v,
         );
         set(&mut c.checkpoint_max_age, self.checkpoint_max_age_s, secs);
+        set(
+            &mut c.checkpoint_max_delta_chain,
+            self.checkpoint_max_delta_chain,
+            |v| v,
+        );
         set(
             &mut c.checkpoint_gc_interval,
             self.checkpoint_gc_interval_s,

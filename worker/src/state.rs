@@ -397,7 +397,14 @@ impl State {
     ) -> Result<v1::CaptureWorkspaceResponse, Error> {
         let id = parse_session_id(request.session_id)?;
         let checkpointer = self.checkpointer()?;
-        let mut response = checkpointer.capture(&self.sessions, &id).await?;
+        let mut response = checkpointer
+            .capture(
+                &self.sessions,
+                &id,
+                &request.checkpoint_id,
+                &request.base_checkpoint_id,
+            )
+            .await?;
         if let Some(agents) = &self.agents
             && let Some(bytes) = agents.snapshot(&id)?
             && let Some(manifest) = response.manifest.as_mut()
@@ -424,7 +431,9 @@ impl State {
             // A turn running on the state being replaced would write into the old one.
             agents.turns.cancel_session(&id);
         }
-        let response = checkpointer.restore(&self.sessions, &id, manifest).await?;
+        let response = checkpointer
+            .restore(&self.sessions, &id, manifest, &request.checkpoint_id)
+            .await?;
         if let Some(agents) = &self.agents {
             let state = match <[u8; 32]>::try_from(agent_state.0.as_slice()) {
                 Ok(hash) => {

@@ -7,8 +7,8 @@
 //!
 //! File I/O runs on one blocking thread per call, fed through a small bounded channel, so a
 //! stream of many small blobs costs no thread hop per chunk and a slow disk pushes back on the
-//! sender. PutBlobs makes the whole batch durable before it replies (see
-//! [`Cas::sync_batch`]).
+//! sender. PutBlobs records the blobs it stored; they are made durable before any manifest
+//! naming them commits (see [`Cas::sync_written`]), one sync for all of a capture's streams.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -193,7 +193,7 @@ struct Stored {
 }
 
 /// The disk side of PutBlobs: writes each blob (when it fits above the store's free-space
-/// reserve), verifies it, renames it into place, and syncs once at the end.
+/// reserve), verifies it, renames it into place, and records it for the next sync.
 fn store_blobs(
     cas: &Cas,
     reserve: &heist_proto::space::Reserve,
@@ -272,9 +272,7 @@ fn store_blobs(
         }
     }
     let unfinished = current.map(|c| (*c.hash(), c.written(), c.size()));
-    if !written.is_empty() {
-        cas.sync_batch(&written)?;
-    }
+    cas.written(&written)?;
     Ok(Stored {
         response,
         unfinished,

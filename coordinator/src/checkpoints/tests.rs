@@ -261,3 +261,163 @@ fn page_tokens_round_trip() {
     assert_eq!(decode_page_token(&encode_page_token(&id)), Some(id));
     assert_eq!(decode_page_token("zz"), None);
 }
+
+fn entry(f: &Fixture, path: &str, content: &str) -> ManifestEntry {
+    ManifestEntry {
+        path: path.to_owned(),
+        kind: EntryKind::File as i32,
+        mode: 0o644,
+        size: content.len() as u64,
+        hash: put_blob(&f.cas, content.as_bytes()).to_vec(),
+        symlink_target: String::new(),
+    }
+}
+
+/// Commits a checkpoint of `session` stored as a delta against `base`.
+fn commit_delta(
+    f: &Fixture,
+    session: &str,
+    base: &CheckpointId,
+    changed: &[(&str, &str)],
+    removed: &[&str],
+) -> Result<CheckpointId, Error> {
+    let id = CheckpointId::generate();
+    let record = Checkpoint {
+        id: id.to_string(),
+        session_id: session.to_owned(),
+        owner: "alice".to_owned(),
+        created_at: Some(SystemTime::now().into()),
+        manifest: Some(Manifest {
+            entries: changed.iter().map(|(p, c)| entry(f, p, c)).collect(),
+            ..Manifest::default()
+        }),
+        delta: Some(ManifestDelta {
+            base_id: base.to_string(),
+            removed_paths: removed.iter().map(|p| (*p).to_owned()).collect(),
+            depth: 0,
+        }),
+        ..Checkpoint::default()
+    };
+    f.table.commit(&sid(session), record)?;
+    Ok(id)
+}
+
+/// A checkpoint's whole tree as (path, content hash).
+fn tree_of(table: &Checkpoints, id: &CheckpointId) -> Vec<(String, Hash)> {
+    let full = table.get_full(id).expect("read").expect("exists");
+    assert!(full.delta.is_none(), "a read tree is whole");
+    full.manifest
+        .expect("manifest")
+        .entries
+        .into_iter()
+        .map(|e| (e.path, hash_from_bytes(&e.hash).expect("hash")))
+        .collect()
+}
+
+fn expect(files: &[(&str, &str)]) -> Vec<(String, Hash)> {
+    files
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), blob(c)))
+        .collect()
+}
+
+#[test]
+fn deltas_read_back_whole_and_survive_retention_of_their_parents_and_a_reload() {
+    let f = fixture();
+    let c1 = commit(&f, "s-a", &["one", "two", "three"]);
+    assert_eq!(f.table.delta_base(&sid("s-a"), 32), Some(c1.clone()));
+    let c2 = commit_delta(
+        &f,
+        "s-a",
+        &c1,
+        &[("one.txt", "uno"), ("four.txt", "four")],
+        &["three.txt"],
+    )
+    .expect("commit c2");
+    let c3 = commit_delta(&f, "s-a", &c2, &[("two.txt", "dos")], &["four.txt"]).expect("c3");
+    assert_eq!(parent(&f, &c3), c2.as_str());
+    assert_eq!(
+        tree_of(&f.table, &c2),
+        expect(&[("four.txt", "four"), ("one.txt", "uno"), ("two.txt", "two")])
+    );
+    let c3_tree = expect(&[("one.txt", "uno"), ("two.txt", "dos")]);
+    assert_eq!(tree_of(&f.table, &c3), c3_tree);
+    // The chain bound: c3 is two deltas deep.
+    assert_eq!(f.table.delta_base(&sid("s-a"), 3), Some(c3.clone()));
+    assert_eq!(f.table.delta_base(&sid("s-a"), 2), None);
+    assert_eq!(f.table.delta_base(&sid("s-a"), 0), None);
+
+    // Retention removes c1 and c2 (whole, then a delta): c3 keeps its tree, and blobs only
+    // the removed checkpoints' trees held are freed.
+    let limits = Retention {
+        max_per_session: 1,
+        max_age: Duration::ZERO,
+    };
+    let freed = f
+        .table
+        .retain(&sid("s-a"), limits, SystemTime::now())
+        .expect("retain");
+    assert_eq!(freed.checkpoints, 2);
+    assert_eq!(parent(&f, &c3), "");
+    assert_eq!(tree_of(&f.table, &c3), c3_tree);
+    for gone in ["one", "two", "three", "four"] {
+        assert!(!f.cas.contains(&blob(gone)), "{gone} is garbage");
+    }
+    for kept in ["uno", "dos"] {
+        assert!(f.cas.contains(&blob(kept)), "{kept} is still needed");
+    }
+
+    // A restart rebuilds references from the stored records: nothing c3 needs is an orphan.
+    let table = Checkpoints::load(&f.store, f.cas.clone()).expect("reload");
+    assert_eq!(tree_of(&table, &c3), c3_tree);
+    assert!(f.cas.contains(&blob("uno")));
+}
+
+#[test]
+fn retention_composes_deltas_around_a_kept_checkpoint() {
+    let f = fixture();
+    let c1 = commit(&f, "s-a", &["one", "two"]);
+    let c2 = commit_delta(&f, "s-a", &c1, &[("one.txt", "uno")], &[]).expect("c2");
+    let c3 = commit_delta(&f, "s-a", &c2, &[("new.txt", "new")], &["two.txt"]).expect("c3");
+    let c4 = commit_delta(&f, "s-a", &c3, &[("two.txt", "back")], &["new.txt"]).expect("c4");
+    let c4_tree = expect(&[("one.txt", "uno"), ("two.txt", "back")]);
+    assert_eq!(tree_of(&f.table, &c4), c4_tree);
+    // c1 is another session's head (a fork source): retention keeps it and removes c2, c3.
+    f.table.set_head(&sid("s-b"), &c1).expect("head");
+    let limits = Retention {
+        max_per_session: 1,
+        max_age: Duration::ZERO,
+    };
+    let freed = f
+        .table
+        .retain(&sid("s-a"), limits, SystemTime::now())
+        .expect("retain");
+    assert_eq!(freed.checkpoints, 2);
+    assert_eq!(parent(&f, &c4), c1.as_str());
+    assert_eq!(tree_of(&f.table, &c4), c4_tree);
+    assert_eq!(
+        tree_of(&f.table, &c1),
+        expect(&[("one.txt", "one"), ("two.txt", "two")])
+    );
+    assert!(
+        !f.cas.contains(&blob("new")),
+        "only the removed c3 named it"
+    );
+    assert!(f.cas.contains(&blob("uno")), "c4 took it over from c2");
+    // c4 is still a delta, now one link deep.
+    assert_eq!(f.table.delta_base(&sid("s-a"), 2), Some(c4.clone()));
+    let table = Checkpoints::load(&f.store, f.cas.clone()).expect("reload");
+    assert_eq!(tree_of(&table, &c4), c4_tree);
+}
+
+#[test]
+fn a_delta_against_a_removed_checkpoint_is_refused_and_commits_nothing() {
+    let f = fixture();
+    let c1 = commit(&f, "s-a", &["one"]);
+    let c2 = commit(&f, "s-a", &["two"]);
+    f.table.delete("alice", &c2).expect("delete the leaf");
+    let err = commit_delta(&f, "s-a", &c2, &[("x.txt", "x")], &[]).expect_err("base gone");
+    assert!(matches!(err, Error::DeltaBaseGone { .. }), "{err}");
+    assert_eq!(f.table.head(&sid("s-a")), Some(c1));
+    assert_eq!(f.table.list("alice", None, None, 10).0.len(), 1);
+}

@@ -1,14 +1,19 @@
 //! Checkpoints of a session: capture (create), restore into a session, fork into a new one,
 //! delete. Restore and fork check every blob first, so a missing blob fails with BLOB_MISSING
 //! before any workspace is touched.
+//!
+//! A capture names the session's head as the base a delta may be taken against
+//! ([`crate::checkpoints::Checkpoints::delta_base`]); the worker answers with a delta when it
+//! remembers that checkpoint's tree, else with the whole tree. Restores and forks tell the
+//! worker which checkpoint they materialise, so the next capture there can be a delta too.
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use heist_proto::{
     ids::{CheckpointId, SessionId, WorkerId},
     v1::{
-        CaptureWorkspaceRequest, Checkpoint, DeleteCheckpointResponse, EntryKind, Manifest,
-        RestoreWorkspaceRequest, Session, SessionState,
+        CaptureStats, CaptureWorkspaceRequest, Checkpoint, DeleteCheckpointResponse, EntryKind,
+        Manifest, ManifestDelta, RestoreWorkspaceRequest, Session, SessionState,
     },
 };
 use tokio::time::Instant;
@@ -184,37 +189,47 @@ async fn capture_and_commit(
         .with(session, |s| (s.acked_mutations, s.allowed_tools.clone()))
         .unwrap_or_default();
     let pin = app.checkpoints.pin();
-    let captured = route
-        .client
-        .capture_workspace(
-            owner,
-            deadline,
-            CaptureWorkspaceRequest {
-                session_id: session.to_string(),
-                checkpoint_id: id.to_string(),
-            },
-        )
-        .await?;
-    let manifest = check_manifest(captured.manifest.unwrap_or_default())?;
-    let manifest = check_blobs(app, manifest, true).await?;
-    let stats = captured.stats.unwrap_or_default();
-    let record = Checkpoint {
-        id: id.to_string(),
-        session_id: session.to_string(),
-        owner: owner.to_owned(),
-        parent_id: String::new(),
-        labels,
-        created_at: Some(SystemTime::now().into()),
-        file_count: stats.files,
-        total_bytes: stats.bytes,
-        agent_state: Vec::new(),
-        worker_id: worker.to_string(),
-        stats: Some(stats),
-        manifest: Some(manifest),
-        session_mutations,
-        allowed_tools,
+    let mut base = app
+        .checkpoints
+        .delta_base(session, app.config.checkpoint_max_delta_chain);
+    let committed = loop {
+        let request = CaptureWorkspaceRequest {
+            session_id: session.to_string(),
+            checkpoint_id: id.to_string(),
+            base_checkpoint_id: base.as_ref().map(ToString::to_string).unwrap_or_default(),
+        };
+        let (manifest, delta, stats) = capture(app, &route, owner, deadline, request).await?;
+        let record = Checkpoint {
+            id: id.to_string(),
+            session_id: session.to_string(),
+            owner: owner.to_owned(),
+            parent_id: String::new(),
+            labels: labels.clone(),
+            created_at: Some(SystemTime::now().into()),
+            file_count: stats.files,
+            total_bytes: stats.bytes,
+            agent_state: Vec::new(),
+            worker_id: worker.to_string(),
+            stats: Some(stats),
+            manifest: Some(manifest),
+            session_mutations,
+            allowed_tools: allowed_tools.clone(),
+            delta,
+        };
+        // Blobs durable before the manifest naming them commits: one sync covers every
+        // PutBlobs stream of this capture (and any other upload since the last sync).
+        let cas = app.checkpoints.cas().clone();
+        tokio::task::spawn_blocking(move || cas.sync_written()).await??;
+        match app.checkpoints.commit(session, record) {
+            // The base was removed while the worker captured (the session was restored or its
+            // head deleted meanwhile): once more, whole.
+            Err(Error::DeltaBaseGone { base: gone }) if base.is_some() => {
+                info!(checkpoint_id = %id, base = %gone, "delta base removed during the capture; capturing the whole tree");
+                base = None;
+            }
+            committed => break committed?,
+        }
     };
-    let committed = app.checkpoints.commit(session, record)?;
     let detail = format!(
         "checkpoint={id} session={session} worker={worker} files={} bytes={} parent={} auto={}",
         committed.file_count,
@@ -236,6 +251,35 @@ async fn capture_and_commit(
         Err(err) => warn!(%err, session_id = %session, "checkpoint retention failed"),
     }
     Ok(committed)
+}
+
+/// One CaptureWorkspace call: the manifest (whole, or the changes of `delta`) checked for shape
+/// and with every blob it names present in the store.
+async fn capture(
+    app: &App,
+    route: &crate::registry::Route,
+    owner: &str,
+    deadline: Instant,
+    request: CaptureWorkspaceRequest,
+) -> Result<(Manifest, Option<ManifestDelta>, CaptureStats), Error> {
+    let asked = request.base_checkpoint_id.clone();
+    let captured = route
+        .client
+        .capture_workspace(owner, deadline, request)
+        .await?;
+    let manifest = check_manifest(captured.manifest.unwrap_or_default())?;
+    if let Some(delta) = &captured.delta
+        && (delta.base_id.is_empty()
+            || delta.base_id != asked
+            || delta.removed_paths.iter().any(String::is_empty))
+    {
+        return Err(Error::Status(Status::internal(
+            "the worker returned a delta against another checkpoint than the one asked; \
+             nothing was committed",
+        )));
+    }
+    let manifest = check_blobs(app, manifest, true).await?;
+    Ok((manifest, captured.delta, captured.stats.unwrap_or_default()))
 }
 
 /// A manifest from a worker, checked for the shape the store relies on.
@@ -283,6 +327,7 @@ async fn restore_inner(
             RestoreWorkspaceRequest {
                 session_id: target.to_string(),
                 manifest: Some(manifest),
+                checkpoint_id: id.to_string(),
             },
         )
         .await?;
@@ -337,6 +382,7 @@ async fn fork_inner(
                 RestoreWorkspaceRequest {
                     session_id: new_id.to_string(),
                     manifest: Some(manifest),
+                    checkpoint_id: id.to_string(),
                 },
             )
             .await

@@ -181,6 +181,7 @@ async fn fail_over(app: &Arc<App>, lost: &WorkerId, session: Session) -> Result<
                 RestoreWorkspaceRequest {
                     session_id: id.to_string(),
                     manifest: Some(manifest),
+                    checkpoint_id: checkpoint_id.to_string(),
                 },
             )
             .await

@@ -656,3 +656,134 @@ async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
     assert!(!mounted(&forked) && !mounted(&ws));
     c.stop().await;
 }
+
+/// Restarts the cluster's coordinator on the same address and data directory.
+async fn restart_coordinator(
+    c: Cluster,
+    tune: impl FnOnce(&mut heist_coordinator::Config),
+) -> Cluster {
+    let addr = c.coordinator.addr;
+    let mut config = coordinator_config(&c.data_dir);
+    tune(&mut config);
+    let Cluster {
+        _dir,
+        data_dir,
+        coordinator,
+        workers,
+        ..
+    } = c;
+    coordinator.stop().await;
+    let coordinator = Coordinator::start_on(&addr.to_string(), config).await;
+    let mut client = Client::admin(&coordinator.url()).await;
+    let ids: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    client.wait_ready(&ids).await;
+    let checkpoints = CheckpointServiceClient::new(channel(&coordinator.url()).await);
+    Cluster {
+        _dir,
+        data_dir,
+        coordinator,
+        workers,
+        client,
+        checkpoints,
+    }
+}
+
+fn sent(cp: &v1::Checkpoint) -> u64 {
+    cp.stats.as_ref().expect("stats").sent_entries
+}
+
+#[tokio::test]
+async fn delta_checkpoints_restore_exactly_elsewhere_after_their_parent_goes_and_a_restart() {
+    let tune = |config: &mut heist_coordinator::Config| config.checkpoint_max_per_session = 2;
+    let mut c = Cluster::start(2, tune).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    populate(&ws);
+    let first = c.create(&session.id).await.expect("first");
+    assert_eq!(
+        sent(&first),
+        tree(&ws).len() as u64,
+        "the first capture is whole"
+    );
+
+    // A file changed, one removed, a directory removed with its contents, one added: only
+    // those travel.
+    write(&ws, "README.md", b"# plan\nvault at NOON\n", 0o644);
+    std::fs::remove_file(ws.join("secret.key")).expect("rm");
+    std::fs::remove_dir_all(ws.join("empty")).expect("rm dir");
+    write(&ws, "notes.txt", b"new", 0o644);
+    let second = c.create(&session.id).await.expect("second");
+    assert_eq!(second.parent_id, first.id);
+    assert_eq!(sent(&second), 5, "2 changed or added, 3 removed");
+    let second_tree = tree(&ws);
+
+    // The added file removed again, a removed one back with new content.
+    std::fs::remove_file(ws.join("notes.txt")).expect("rm");
+    write(&ws, "secret.key", b"n3w k3y", 0o600);
+    let third = c.create(&session.id).await.expect("third");
+    assert_eq!(third.parent_id, second.id);
+    assert_eq!(sent(&third), 2);
+    let third_tree = tree(&ws);
+    assert!(!third_tree.contains_key("notes.txt"));
+
+    // Retention (2 per session) removed the first checkpoint, the base of the others.
+    let err = c.get(&first.id, false).await.expect_err("removed");
+    assert_status(&err, Code::NotFound, reason::CHECKPOINT_NOT_FOUND);
+    assert_eq!(c.get(&second.id, false).await.expect("kept").parent_id, "");
+
+    // Both restore exactly on the other worker, which holds none of their blobs.
+    let f3 = c.fork(&third.id, &[("w", "2")]).await.expect("fork third");
+    assert_eq!(f3.worker_id, "w2");
+    assert_eq!(tree(&c.workspace(&f3)), third_tree);
+    assert!(
+        !c.workspace(&f3).join("notes.txt").exists(),
+        "a removed file stays removed"
+    );
+    let f2 = c
+        .fork(&second.id, &[("w", "2")])
+        .await
+        .expect("fork second");
+    assert_eq!(tree(&c.workspace(&f2)), second_tree);
+    let manifest = c
+        .get(&third.id, true)
+        .await
+        .expect("get")
+        .manifest
+        .expect("manifest");
+    assert_eq!(manifest.entries.len(), third_tree.len(), "the whole tree");
+
+    let mut c = restart_coordinator(c, tune).await;
+    let again = c
+        .fork(&third.id, &[("w", "2")])
+        .await
+        .expect("fork after restart");
+    assert_eq!(tree(&c.workspace(&again)), third_tree);
+
+    // The worker still remembers the head's tree: the next capture is a delta against it.
+    write(&ws, "README.md", b"after the restart", 0o644);
+    let fourth = c.create(&session.id).await.expect("fourth");
+    assert_eq!(fourth.parent_id, third.id);
+    assert_eq!(sent(&fourth), 1);
+    let fourth_tree = tree(&ws);
+    let f4 = c
+        .fork(&fourth.id, &[("w", "2")])
+        .await
+        .expect("fork fourth");
+    assert_eq!(tree(&c.workspace(&f4)), fourth_tree);
+
+    // A checkpoint taken right after a restore is a delta against the restored one.
+    c.restore(&second.id, "").await.expect("restore");
+    assert_eq!(tree(&ws), second_tree);
+    let fifth = c.create(&session.id).await.expect("fifth");
+    assert_eq!(fifth.parent_id, second.id);
+    assert_eq!(sent(&fifth), 0, "nothing changed since the restore");
+    let f5 = c.fork(&fifth.id, &[("w", "2")]).await.expect("fork fifth");
+    assert_eq!(tree(&c.workspace(&f5)), second_tree);
+
+    for session in [&session, &f3, &f2, &again, &f4, &f5] {
+        let root = c.workspace(session);
+        let _ =
+            std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o755));
+    }
+    c.stop().await;
+}

@@ -1,11 +1,16 @@
 //! Building a manifest from a workspace, with a stat cache so unchanged files are not re-hashed,
-//! and checking a manifest before it is materialised.
+//! the difference between two manifests (a capture sent as a delta), and checking a manifest
+//! before it is materialised.
 //!
-//! The walk goes through a `cap_std` directory handle: every open is resolved beneath the
-//! workspace and symlinks are recorded, never followed, so a tree changed under our feet (a
-//! directory swapped for a symlink to `/`) cannot make a capture read outside the workspace.
-//! Recorded: regular files (mode, size, BLAKE3), directories (mode) and symlinks (target
-//! verbatim). Sockets, FIFOs and device nodes are skipped with a warning.
+//! The walk works on directory file descriptors: each directory is listed with `getdents64`,
+//! each entry is examined with `fstatat(dirfd, name, AT_SYMLINK_NOFOLLOW)`, and a subdirectory
+//! is entered with `openat(dirfd, name, O_DIRECTORY | O_NOFOLLOW)`. Every name is a single
+//! component read from the directory itself (`.` and `..` skipped), so nothing is resolved
+//! through a symlink or outside the workspace: a directory swapped for a symlink to `/` while
+//! we walk fails to open instead of being followed. Files are hashed through the `cap_std`
+//! workspace handle, whose opens are resolved beneath the workspace. Recorded: regular files
+//! (mode, size, BLAKE3), directories (mode) and symlinks (target verbatim). Sockets, FIFOs and
+//! device nodes are skipped with a warning.
 //!
 //! Stat cache (in memory, per session; a restarted worker re-hashes once): path -> (dev, inode,
 //! size, mtime ns, ctime ns) -> hash. A file whose stat matches is not read. A file modified
@@ -15,8 +20,11 @@
 //! `spawn_blocking` for the benchmark's 10,000-file tree).
 
 use std::{
+    cmp::Ordering as Order,
     collections::HashMap,
+    ffi::CString,
     io::Read as _,
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -24,6 +32,7 @@ use std::{
 use cap_std::fs::{Dir, Metadata, MetadataExt as _};
 use heist_proto::v1::{EntryKind, Manifest, ManifestEntry};
 use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use tracing::warn;
 
 use crate::Error;
@@ -64,6 +73,17 @@ impl StatKey {
             size: meta.size(),
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        }
+    }
+
+    /// The key of an `fstatat` result.
+    pub fn of_stat(st: &Stat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
         }
     }
 
@@ -135,77 +155,146 @@ pub struct Scan {
 struct Found {
     path: String,
     kind: EntryKind,
-    meta: Metadata,
+    mode: u32,
+    key: StatKey,
     target: String,
 }
 
 /// Walks `root` and builds its manifest, hashing only files `previous` cannot vouch for.
 pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan, Error> {
-    let scan_start = now_ns();
-    let counted = AtomicUsize::new(0);
-    let mut found = walk(root, "", &counted, max_entries)?;
-    found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
-
-    // Hash what the cache cannot vouch for, in parallel.
-    let hashed: Vec<Option<Result<(Hash, StatKey), Error>>> = found
-        .par_iter()
-        .map(|f| {
-            (f.kind == EntryKind::File && previous.lookup(&f.path, &StatKey::of(&f.meta)).is_none())
-                .then(|| hash_file(root, &f.path))
-        })
-        .collect();
-
-    let mut out = Scan::default();
-    for (f, fresh) in found.into_iter().zip(hashed) {
-        let mode = f.meta.mode() & MODE_MASK;
-        let mut entry = ManifestEntry {
-            path: f.path,
-            kind: f.kind as i32,
-            mode,
-            size: 0,
-            hash: Vec::new(),
-            symlink_target: f.target,
-        };
-        if f.kind == EntryKind::File {
-            let (hash, key) = match fresh {
-                Some(result) => {
-                    let (hash, key) = result?;
-                    out.hashed_files += 1;
-                    out.hashed_bytes += key.size;
-                    (hash, key)
-                }
-                None => {
-                    let key = StatKey::of(&f.meta);
-                    let hash = previous
-                        .lookup(&entry.path, &key)
-                        .ok_or_else(|| Error::Internal("stat cache changed mid-scan".to_owned()))?;
-                    (hash, key)
-                }
-            };
-            entry.size = key.size;
-            entry.hash = hash.to_vec();
-            if !key.racy(scan_start) {
-                out.cache.insert(entry.path.clone(), key, hash);
-            }
-        }
-        out.manifest.entries.push(entry);
-    }
-    Ok(out)
+    let walked = walk_tree(root, max_entries)?;
+    let todo = walked.to_hash(previous);
+    let fresh = hash_files(root, &walked, &todo)?;
+    walked.finish(previous, fresh)
 }
 
-/// Lists `dir` (recursively; subdirectories in parallel on the rayon pool). `counted` bounds
-/// the entries of the whole walk.
-fn walk(dir: &Dir, prefix: &str, counted: &AtomicUsize, max: usize) -> Result<Vec<Found>, Error> {
-    let io = |path: &str, e: std::io::Error| Error::io(format!("cannot capture {path:?}"), e);
+/// A walked workspace: every entry, sorted by path, not yet hashed.
+pub struct Walked {
+    found: Vec<Found>,
+    /// When the walk began, ns since the epoch (for the stat cache's racy window).
+    scan_start: i128,
+}
+
+/// A file hashed during a capture: its index in [`Walked`], hash and stat.
+pub type Hashed = (usize, Hash, StatKey);
+
+/// Walks `root` (see the module docs), at most `max_entries` entries.
+pub fn walk_tree(root: &Dir, max_entries: usize) -> Result<Walked, Error> {
+    let scan_start = now_ns();
+    let counted = AtomicUsize::new(0);
+    // The handle may be an O_PATH descriptor, which cannot be listed: open the directory itself.
+    let top = rustix::fs::openat(
+        root.as_fd(),
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
+    let mut found = walk(top, "", &counted, max_entries)?;
+    found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(Walked { found, scan_start })
+}
+
+impl Walked {
+    /// Indices of the files `previous` cannot vouch for.
+    pub fn to_hash(&self, previous: &StatCache) -> Vec<usize> {
+        self.found
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                f.kind == EntryKind::File && previous.lookup(&f.path, &f.key).is_none()
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Path and size (as walked) of entry `i`.
+    pub fn file(&self, i: usize) -> (&str, u64) {
+        self.found
+            .get(i)
+            .map_or(("", 0), |f| (f.path.as_str(), f.key.size))
+    }
+
+    /// The manifest and the next stat cache, from `fresh` hashes and `previous` for the rest.
+    pub fn finish(&self, previous: &StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+        let mut fresh: HashMap<usize, (Hash, StatKey)> =
+            fresh.into_iter().map(|(i, h, k)| (i, (h, k))).collect();
+        let mut out = Scan::default();
+        for (i, f) in self.found.iter().enumerate() {
+            let mut entry = ManifestEntry {
+                path: f.path.clone(),
+                kind: f.kind as i32,
+                mode: f.mode & MODE_MASK,
+                size: 0,
+                hash: Vec::new(),
+                symlink_target: f.target.clone(),
+            };
+            if f.kind == EntryKind::File {
+                let (hash, key) = match fresh.remove(&i) {
+                    Some((hash, key)) => {
+                        out.hashed_files += 1;
+                        out.hashed_bytes += key.size;
+                        (hash, key)
+                    }
+                    None => {
+                        let hash = previous.lookup(&entry.path, &f.key).ok_or_else(|| {
+                            Error::Internal("stat cache changed mid-scan".to_owned())
+                        })?;
+                        (hash, f.key)
+                    }
+                };
+                entry.size = key.size;
+                entry.hash = hash.to_vec();
+                if !key.racy(self.scan_start) {
+                    out.cache.insert(entry.path.clone(), key, hash);
+                }
+            }
+            out.manifest.entries.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// Hashes the files at `indices` of `walked`, in parallel on the rayon pool.
+pub fn hash_files(root: &Dir, walked: &Walked, indices: &[usize]) -> Result<Vec<Hashed>, Error> {
+    indices
+        .par_iter()
+        .map(|&i| {
+            let (path, _) = walked.file(i);
+            hash_file(root, path).map(|(hash, key)| (i, hash, key))
+        })
+        .collect()
+}
+
+/// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
+/// path in the workspace is `prefix`. `counted` bounds the entries of the whole walk.
+fn walk(
+    dir: OwnedFd,
+    prefix: &str,
+    counted: &AtomicUsize,
+    max: usize,
+) -> Result<Vec<Found>, Error> {
+    let io = |path: &str, e: rustix::io::Errno| {
+        Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
+    };
     let shown = if prefix.is_empty() { "." } else { prefix };
-    let mut out = Vec::new();
-    let mut subdirs = Vec::new();
-    for entry in dir.entries().map_err(|e| io(shown, e))? {
+    let mut names: Vec<CString> = Vec::new();
+    let mut listing = rustix::fs::Dir::new(dir).map_err(|e| io(shown, e))?;
+    while let Some(entry) = listing.read() {
         let entry = entry.map_err(|e| io(shown, e))?;
         let name = entry.file_name();
-        let Some(name) = name.to_str() else {
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    // Only used for `*at` calls from here on, which do not depend on the read position.
+    let dir = listing.fd().map_err(|e| io(shown, e))?;
+    let mut out = Vec::with_capacity(names.len());
+    let mut subdirs = Vec::new();
+    for cname in names {
+        let Some(name) = cname.to_str().ok() else {
             return Err(Error::Uncapturable {
-                path: format!("{prefix}/{}", name.to_string_lossy()),
+                path: format!("{prefix}/{}", cname.to_string_lossy()),
                 why: "the name is not UTF-8: rename it".to_owned(),
             });
         };
@@ -223,50 +312,88 @@ fn walk(dir: &Dir, prefix: &str, counted: &AtomicUsize, max: usize) -> Result<Ve
                 ),
             });
         }
-        let meta = entry.metadata().map_err(|e| io(&path, e))?;
-        let kind = meta.file_type();
-        if kind.is_dir() {
-            let sub = entry.open_dir().map_err(|e| io(&path, e))?;
-            out.push(Found {
-                path: path.clone(),
-                kind: EntryKind::Dir,
-                meta,
-                target: String::new(),
-            });
-            subdirs.push((sub, path));
-        } else if kind.is_file() {
-            out.push(Found {
-                path,
-                kind: EntryKind::File,
-                meta,
-                target: String::new(),
-            });
-        } else if kind.is_symlink() {
-            let target = dir.read_link_contents(name).map_err(|e| io(&path, e))?;
-            let Some(target) = target.to_str().map(str::to_owned) else {
-                return Err(Error::Uncapturable {
-                    path,
-                    why: "the symlink target is not UTF-8: change it".to_owned(),
-                });
-            };
-            out.push(Found {
-                path,
-                kind: EntryKind::Symlink,
-                meta,
-                target,
-            });
-        } else {
-            warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+        let st =
+            rustix::fs::statat(dir, &cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
+        let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
+        let found = |kind, target| Found {
+            path: path.clone(),
+            kind,
+            mode,
+            key,
+            target,
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
+                // stat, this fails rather than leaving the workspace.
+                let sub = rustix::fs::openat(
+                    dir,
+                    &cname,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io(&path, e))?;
+                out.push(found(EntryKind::Dir, String::new()));
+                subdirs.push((sub, path));
+            }
+            FileType::RegularFile => out.push(found(EntryKind::File, String::new())),
+            FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(dir, &cname, Vec::new()).map_err(|e| io(&path, e))?;
+                let Ok(target) = target.into_string() else {
+                    return Err(Error::Uncapturable {
+                        path,
+                        why: "the symlink target is not UTF-8: change it".to_owned(),
+                    });
+                };
+                out.push(found(EntryKind::Symlink, target));
+            }
+            _ => {
+                warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+            }
         }
     }
+    drop(listing);
     let nested: Vec<Result<Vec<Found>, Error>> = subdirs
         .into_par_iter()
-        .map(|(sub, path)| walk(&sub, &path, counted, max))
+        .map(|(sub, path)| walk(sub, &path, counted, max))
         .collect();
     for inner in nested {
         out.extend(inner?);
     }
     Ok(out)
+}
+
+/// The changes that turn `old` into `new` (both sorted by path): the entries of `new` that are
+/// not in `old` or differ there, and the paths of `old` that are not in `new`.
+pub fn diff(old: &[ManifestEntry], new: &[ManifestEntry]) -> (Vec<ManifestEntry>, Vec<String>) {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => a.path.cmp(&b.path),
+            (Some(_), None) => Order::Less,
+            (None, _) => Order::Greater,
+        };
+        match order {
+            Order::Less => {
+                removed.push(old[i].path.clone());
+                i += 1;
+            }
+            Order::Greater => {
+                changed.push(new[j].clone());
+                j += 1;
+            }
+            Order::Equal => {
+                if old[i] != new[j] {
+                    changed.push(new[j].clone());
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (changed, removed)
 }
 
 /// Hashes one file, opened beneath `root`; fails if it changes while being read.
@@ -445,6 +572,85 @@ mod tests {
                 .as_bytes()
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn the_walk_records_links_without_following_them_and_skips_fifos() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let outside = tmp.path().join("outside");
+        let root = tmp.path().join("ws");
+        std::fs::create_dir_all(root.join("src")).expect("dirs");
+        std::fs::create_dir_all(&outside).expect("dirs");
+        std::fs::write(outside.join("secret"), b"not ours").expect("write");
+        std::fs::write(root.join("src/a.txt"), b"a").expect("write");
+        symlink("/", root.join("to-root")).expect("symlink");
+        symlink(&outside, root.join("to-outside")).expect("symlink");
+        symlink("src", root.join("to-src")).expect("symlink");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+
+        let scan = scan(&open(&root), &StatCache::default(), 100).expect("scan");
+        let got: Vec<(&str, i32)> = scan
+            .manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind))
+            .collect();
+        let (f, d, l) = (
+            EntryKind::File as i32,
+            EntryKind::Dir as i32,
+            EntryKind::Symlink as i32,
+        );
+        assert_eq!(
+            got,
+            [
+                ("src", d),
+                ("src/a.txt", f),
+                ("to-outside", l),
+                ("to-root", l),
+                ("to-src", l),
+            ],
+            "links are recorded, not entered; the FIFO is skipped"
+        );
+        assert_eq!(scan.hashed_files, 1);
+    }
+
+    #[test]
+    fn diff_lists_changed_added_and_removed_entries() {
+        let file = |p: &str, content: &[u8]| ManifestEntry {
+            path: p.to_owned(),
+            kind: EntryKind::File as i32,
+            mode: 0o644,
+            size: content.len() as u64,
+            hash: blake3::hash(content).as_bytes().to_vec(),
+            symlink_target: String::new(),
+        };
+        let old = vec![file("a", b"1"), file("b", b"2"), file("c", b"3")];
+        let mut chmod = file("c", b"3");
+        chmod.mode = 0o600;
+        let new = vec![
+            file("a", b"1"),
+            file("b2", b"x"),
+            chmod.clone(),
+            file("d", b"4"),
+        ];
+        let (changed, removed) = diff(&old, &new);
+        let paths: Vec<&str> = changed.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["b2", "c", "d"]);
+        assert_eq!(changed[1], chmod);
+        assert_eq!(removed, ["b"]);
+        let (changed, removed) = diff(&new, &new);
+        assert!(changed.is_empty() && removed.is_empty());
+        let (changed, removed) = diff(&[], &old);
+        assert_eq!((changed.len(), removed.len()), (3, 0));
+        let (changed, removed) = diff(&old, &[]);
+        assert_eq!((changed.len(), removed.len()), (0, 3));
     }
 
     #[test]

@@ -2,8 +2,14 @@
 //!
 //! Capture ([`Checkpointer::capture`]): walk the workspace and hash what the stat cache cannot
 //! vouch for ([`manifest`]), ask the coordinator which blobs it lacks, upload only those
-//! ([`blobs`]), and return the manifest. Blobs not yet in the local [`cache`] are copied there
+//! ([`blobs`]), and return the manifest. Hashing runs in batches on a blocking thread; each
+//! batch's blobs are offered to the coordinator and uploaded while the next batch is hashed. Blobs not yet in the local [`cache`] are copied there
 //! afterwards by a background task, so a later restore here needs no download.
+//!
+//! Each session remembers the tree of the last checkpoint it captured or was restored to, under
+//! that checkpoint's id. When the coordinator names that checkpoint as the base of a capture,
+//! only the entries added, changed or removed since are returned (a delta), so the cost of a
+//! capture after a small change does not grow with the size of the tree.
 //!
 //! Restore ([`Checkpointer::restore`]): build the manifest's tree in a staging directory next to
 //! the workspace ([`restore`]), taking content from the cache, from unchanged files of the
@@ -31,7 +37,8 @@ use heist_proto::{
     identity::WorkerKey,
     ids::{SessionId, WorkerId},
     v1::{
-        CaptureStats, CaptureWorkspaceResponse, Manifest, RestoreStats, RestoreWorkspaceResponse,
+        CaptureStats, CaptureWorkspaceResponse, Manifest, ManifestDelta, ManifestEntry,
+        RestoreStats, RestoreWorkspaceResponse,
     },
 };
 use tokio::sync::mpsc;
@@ -76,6 +83,116 @@ fn split<T>(mut items: Vec<T>, weight: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
         .collect()
 }
 
+/// Hashed batches waiting for their blobs to be offered to the store.
+const HASHED_AHEAD: usize = 2;
+/// A hashing batch ends at this many bytes...
+const HASH_BATCH_BYTES: u64 = 32 << 20;
+/// ...or this many files, so the first uploads start early.
+const HASH_BATCH_FILES: usize = 2048;
+
+/// Splits the files to hash into batches of at most [`HASH_BATCH_BYTES`] or
+/// [`HASH_BATCH_FILES`] (a single larger file is a batch of its own).
+fn hash_batches(walked: &manifest::Walked, todo: Vec<usize>) -> Vec<Vec<usize>> {
+    let mut batches = Vec::new();
+    let (mut batch, mut bytes) = (Vec::new(), 0u64);
+    for i in todo {
+        let size = walked.file(i).1;
+        if !batch.is_empty() && (bytes + size > HASH_BATCH_BYTES || batch.len() >= HASH_BATCH_FILES)
+        {
+            batches.push(std::mem::take(&mut batch));
+            bytes = 0;
+        }
+        batch.push(i);
+        bytes += size;
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+/// The uploads of one capture: blobs are offered as they are hashed; those the store lacks
+/// are uploaded on at most [`STREAMS`] PutBlobs streams at a time while hashing goes on.
+struct Uploads<'a> {
+    client: BlobClient,
+    root: &'a cap_std::fs::Dir,
+    /// Blobs already offered (each is checked and sent once per capture).
+    offered: std::collections::HashSet<Hash>,
+    streams: Arc<tokio::sync::Semaphore>,
+    tasks: tokio::task::JoinSet<Result<(), Error>>,
+    blobs: u64,
+    bytes: u64,
+}
+
+impl<'a> Uploads<'a> {
+    fn new(client: BlobClient, root: &'a cap_std::fs::Dir) -> Self {
+        Self {
+            client,
+            root,
+            offered: std::collections::HashSet::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(STREAMS)),
+            tasks: tokio::task::JoinSet::new(),
+            blobs: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Asks the store which of `blobs` (hash, size, path) not offered before it lacks, and
+    /// starts uploading those.
+    async fn offer(&mut self, blobs: Vec<(Hash, u64, String)>) -> Result<(), Error> {
+        let new: Vec<(Hash, u64, String)> = blobs
+            .into_iter()
+            .filter(|(hash, _, _)| self.offered.insert(*hash))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let hashes: Vec<Hash> = new.iter().map(|(hash, _, _)| *hash).collect();
+        let missing: std::collections::HashSet<Hash> = self
+            .client
+            .find_missing(&hashes)
+            .await?
+            .into_iter()
+            .collect();
+        let upload: Vec<(Hash, u64, String)> = new
+            .into_iter()
+            .filter(|(hash, _, _)| missing.contains(hash))
+            .collect();
+        self.blobs += upload.len() as u64;
+        self.bytes += upload.iter().map(|(_, size, _)| size).sum::<u64>();
+        for group in split(upload, |(_, size, _)| *size) {
+            let root = self
+                .root
+                .try_clone()
+                .map_err(|e| Error::io("cannot open the workspace", e))?;
+            let (client, streams) = (self.client.clone(), self.streams.clone());
+            self.tasks.spawn(
+                async move {
+                    let _stream = streams
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| Error::Internal(format!("upload slots closed: {e}")))?;
+                    client.put(root, group).await.map(|_| ())
+                }
+                .instrument(info_span!("blob-upload")),
+            );
+        }
+        // A failed upload ends the capture now rather than after the hashing.
+        while let Some(done) = self.tasks.try_join_next() {
+            done.map_err(|e| Error::Internal(format!("blob upload failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Waits for every upload; returns the blobs and bytes uploaded.
+    async fn finish(mut self) -> Result<(u64, u64), Error> {
+        while let Some(done) = self.tasks.join_next().await {
+            done.map_err(|e| Error::Internal(format!("blob upload failed: {e}")))??;
+        }
+        Ok((self.blobs, self.bytes))
+    }
+}
+
 /// Per-session capture/restore state.
 #[derive(Default)]
 struct SessionState {
@@ -83,6 +200,23 @@ struct SessionState {
     busy: Arc<tokio::sync::Mutex<()>>,
     /// The session's stat cache.
     stat: Arc<Mutex<StatCache>>,
+    /// The tree of the checkpoint last captured or restored, by checkpoint id (a delta base).
+    tree: Arc<Mutex<Option<Remembered>>>,
+}
+
+/// A checkpoint's tree as this worker sent or received it.
+struct Remembered {
+    /// The checkpoint.
+    id: String,
+    /// Its entries, sorted by path.
+    entries: Vec<ManifestEntry>,
+}
+
+/// Per-session handles, taken once per capture or restore.
+struct Handles {
+    busy: Arc<tokio::sync::Mutex<()>>,
+    stat: Arc<Mutex<StatCache>>,
+    tree: Arc<Mutex<Option<Remembered>>>,
 }
 
 /// Captures and restores workspaces.
@@ -147,10 +281,14 @@ impl Checkpointer {
         self
     }
 
-    fn state(&self, id: &SessionId) -> (Arc<tokio::sync::Mutex<()>>, Arc<Mutex<StatCache>>) {
+    fn state(&self, id: &SessionId) -> Handles {
         let mut map = self.lock();
         let s = map.entry(id.clone()).or_default();
-        (s.busy.clone(), s.stat.clone())
+        Handles {
+            busy: s.busy.clone(),
+            stat: s.stat.clone(),
+            tree: s.tree.clone(),
+        }
     }
 
     /// Stops background work (cache fills).
@@ -180,60 +318,116 @@ impl Checkpointer {
     }
 
     /// CaptureWorkspace: manifest of the session's workspace, every blob durable at the
-    /// coordinator.
+    /// coordinator; a delta against `base` when this session remembers that checkpoint's tree.
+    /// The captured tree is remembered as `checkpoint`.
     pub async fn capture(
         &self,
         sessions: &Sessions,
         id: &SessionId,
+        checkpoint: &str,
+        base: &str,
     ) -> Result<CaptureWorkspaceResponse, Error> {
         let started = Instant::now();
-        let (busy, stat) = self.state(id);
+        let Handles { busy, stat, tree } = self.state(id);
         let _busy = busy.lock().await;
         let workspace = sessions.get(id)?;
         let root = workspace
             .dir()
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
-        let scan_root = root
+        let walk_root = root
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
         let max = self.max_entries;
-        let scan_stat = stat.clone();
-        let scan = tokio::task::spawn_blocking(move || {
-            let previous = scan_stat.lock().unwrap_or_else(PoisonError::into_inner);
-            manifest::scan(&scan_root, &previous, max)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
-        let scanned = started.elapsed();
+        let walked = tokio::task::spawn_blocking(move || manifest::walk_tree(&walk_root, max))
+            .await
+            .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let walked = Arc::new(walked);
+        let todo = walked.to_hash(&stat.lock().unwrap_or_else(PoisonError::into_inner));
 
-        let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
+        // Hash in batches on a blocking thread; each batch's blobs are offered to the store and
+        // uploaded while the next batch is hashed.
+        let (tx, mut rx) = mpsc::channel(HASHED_AHEAD);
+        let hash_root = root
+            .try_clone()
+            .map_err(|e| Error::io("cannot open the workspace", e))?;
+        let (hash_walked, batches) = (walked.clone(), hash_batches(&walked, todo));
+        let hasher = tokio::task::spawn_blocking(move || {
+            for batch in batches {
+                let hashed = manifest::hash_files(&hash_root, &hash_walked, &batch);
+                let failed = hashed.is_err();
+                if tx.blocking_send(hashed).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut uploads = Uploads::new(self.blobs.clone(), &root);
+        let mut fresh = Vec::new();
+        while let Some(batch) = rx.recv().await {
+            let batch = batch?;
+            let blobs = batch
+                .iter()
+                .map(|(i, hash, key)| (*hash, key.size, walked.file(*i).0.to_owned()))
+                .collect();
+            uploads.offer(blobs).await?;
+            fresh.extend(batch);
+        }
+        hasher
+            .await
+            .map_err(|e| Error::Internal(format!("workspace hashing failed: {e}")))?;
+        let scan = walked.finish(&stat.lock().unwrap_or_else(PoisonError::into_inner), fresh)?;
+        let scanned = started.elapsed();
+        let entries = scan.manifest.entries;
+
+        // A delta when this session remembers the base's tree. Its unchanged entries' blobs
+        // are the base's, which the coordinator holds: only the changed ones are checked.
+        let (sent, delta) = {
+            let remembered = tree.lock().unwrap_or_else(PoisonError::into_inner);
+            match remembered.as_ref() {
+                Some(last) if !base.is_empty() && last.id == base => {
+                    let (changed, removed_paths) = manifest::diff(&last.entries, &entries);
+                    let delta = ManifestDelta {
+                        base_id: base.to_owned(),
+                        removed_paths,
+                        depth: 0,
+                    };
+                    (changed, Some(delta))
+                }
+                _ => (entries.clone(), None),
+            }
+        };
         let (mut files, mut bytes) = (0u64, 0u64);
-        for entry in &scan.manifest.entries {
-            if let Ok(hash) = <Hash>::try_from(entry.hash.as_slice()) {
+        for entry in &entries {
+            if entry.hash.len() == 32 {
                 files += 1;
                 bytes += entry.size;
+            }
+        }
+        let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
+        for entry in &sent {
+            if let Ok(hash) = <Hash>::try_from(entry.hash.as_slice()) {
                 firsts
                     .entry(hash)
                     .or_insert_with(|| (entry.size, entry.path.clone()));
             }
         }
-        let hashes: Vec<Hash> = firsts.keys().copied().collect();
-        let missing = self.blobs.find_missing(&hashes).await?;
-        let uploads: Vec<(Hash, u64, String)> = missing
-            .iter()
-            .filter_map(|h| firsts.get(h).map(|(size, path)| (*h, *size, path.clone())))
-            .collect();
-        let uploaded_bytes: u64 = uploads.iter().map(|(_, size, _)| size).sum();
-        let mut puts = Vec::new();
-        for group in split(uploads.clone(), |(_, size, _)| *size) {
-            let upload_root = root
-                .try_clone()
-                .map_err(|e| Error::io("cannot open the workspace", e))?;
-            puts.push(self.blobs.put(upload_root, group));
-        }
-        futures::future::try_join_all(puts).await?;
+        // Whatever the entries sent name and no batch offered yet (files the stat cache vouched
+        // for, when the manifest is whole).
+        uploads
+            .offer(
+                firsts
+                    .iter()
+                    .map(|(h, (size, path))| (*h, *size, path.clone()))
+                    .collect(),
+            )
+            .await?;
+        let (uploaded_blobs, uploaded_bytes) = uploads.finish().await?;
         *stat.lock().unwrap_or_else(PoisonError::into_inner) = scan.cache;
+        *tree.lock().unwrap_or_else(PoisonError::into_inner) =
+            (!checkpoint.is_empty()).then(|| Remembered {
+                id: checkpoint.to_owned(),
+                entries,
+            });
 
         let uncached: Vec<(Hash, u64, String)> = firsts
             .into_iter()
@@ -242,19 +436,25 @@ impl Checkpointer {
             .collect();
         self.fill_cache(root, uncached);
 
+        let sent_entries = sent.len() + delta.as_ref().map_or(0, |d| d.removed_paths.len());
         let stats = CaptureStats {
             files,
             bytes,
             hashed_files: scan.hashed_files,
             hashed_bytes: scan.hashed_bytes,
-            uploaded_blobs: uploads.len() as u64,
+            uploaded_blobs,
             uploaded_bytes,
             duration_us: micros(started.elapsed()),
+            sent_entries: sent_entries as u64,
         };
-        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
+        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, sent_entries, delta = delta.is_some(), scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
         Ok(CaptureWorkspaceResponse {
-            manifest: Some(scan.manifest),
+            manifest: Some(Manifest {
+                entries: sent,
+                ..Manifest::default()
+            }),
             stats: Some(stats),
+            delta,
         })
     }
 
@@ -283,18 +483,30 @@ impl Checkpointer {
         });
     }
 
-    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree.
+    /// RestoreWorkspace: replaces the session's workspace with the manifest's tree, and
+    /// remembers it as `checkpoint` (when not empty) for later deltas.
     pub async fn restore(
         &self,
         sessions: &Sessions,
         id: &SessionId,
         manifest: Manifest,
+        checkpoint: &str,
     ) -> Result<RestoreWorkspaceResponse, Error> {
         let started = Instant::now();
         let begun = SystemTime::now() - Duration::from_secs(1);
         manifest::validate(&manifest)?;
-        let (busy, stat) = self.state(id);
+        let Handles { busy, stat, tree } = self.state(id);
         let _busy = busy.lock().await;
+        let restored_tree = (!checkpoint.is_empty()).then(|| {
+            let mut entries = manifest.entries.clone();
+            if !entries.is_sorted_by(|a, b| a.path < b.path) {
+                entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+            }
+            Remembered {
+                id: checkpoint.to_owned(),
+                entries,
+            }
+        });
         let workspace = sessions.get(id)?;
         let old_root = workspace
             .dir()
@@ -339,6 +551,7 @@ impl Checkpointer {
             let _ = removal.await;
         }
         *stat.lock().unwrap_or_else(PoisonError::into_inner) = new_stat;
+        *tree.lock().unwrap_or_else(PoisonError::into_inner) = restored_tree;
 
         if let Ok(ws) = sessions.get(id)
             && let Ok(root) = ws.dir().try_clone()
