@@ -26,6 +26,29 @@ pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789";
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// Polls `check` until it returns Some, failing the test with `what` after WAIT.
+/// A registration for `id` at `addr` as a worker sends it: a fresh call-key share, signed by
+/// `key`.
+pub fn signed_register(
+    id: &str,
+    addr: &str,
+    key: &heist_proto::identity::WorkerKey,
+) -> v1::WorkerMessage {
+    let mut register = v1::Register {
+        worker_id: id.into(),
+        advertise_addr: addr.into(),
+        capacity: 4,
+        credential_key_share: heist_proto::credential::KeyShare::generate()
+            .expect("share")
+            .public()
+            .to_vec(),
+        ..Default::default()
+    };
+    key.sign_register(&mut register);
+    v1::WorkerMessage {
+        msg: Some(v1::worker_message::Msg::Register(register)),
+    }
+}
+
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,

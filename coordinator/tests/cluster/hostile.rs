@@ -25,21 +25,6 @@ use tonic::{Code, Request};
 
 use crate::harness::*;
 
-/// A registration for `id` at `addr`, proved by `key`.
-fn register(id: &str, addr: &str, key: &WorkerKey) -> v1::WorkerMessage {
-    let mut register = v1::Register {
-        worker_id: id.into(),
-        advertise_addr: addr.into(),
-        capacity: 4,
-        credential_key_share: KeyShare::generate().expect("share").public().to_vec(),
-        ..Default::default()
-    };
-    key.sign_register(&mut register);
-    v1::WorkerMessage {
-        msg: Some(v1::worker_message::Msg::Register(register)),
-    }
-}
-
 /// Opens a control stream with the right join token and returns the first reply (Accepted)
 /// or the status the stream failed with; the stream stays open while the returned sender lives.
 async fn join(
@@ -88,7 +73,7 @@ async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keep
     let impostor = WorkerKey::from_seed(&[0xee; 32]);
     let err = join(
         &coord.url(),
-        register("w1", "http://127.0.0.1:1", &impostor),
+        signed_register("w1", "http://127.0.0.1:1", &impostor),
     )
     .await
     .expect_err("an impostor must be refused");
@@ -119,7 +104,7 @@ async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keep
         .await;
     let err = join(
         &coord.url(),
-        register("w1", "http://127.0.0.1:1", &impostor),
+        signed_register("w1", "http://127.0.0.1:1", &impostor),
     )
     .await
     .expect_err("an impostor must be refused while the worker is away");
@@ -146,7 +131,7 @@ async fn registrations_without_a_valid_fresh_proof_are_refused() {
     let addr = "http://127.0.0.1:1";
 
     // No proof at all.
-    let mut bare = register("w9", addr, &key);
+    let mut bare = signed_register("w9", addr, &key);
     if let Some(v1::worker_message::Msg::Register(r)) = bare.msg.as_mut() {
         r.identity = None;
     }
@@ -154,7 +139,7 @@ async fn registrations_without_a_valid_fresh_proof_are_refused() {
     assert_status(&err, Code::Unauthenticated, reason::WORKER_IDENTITY_INVALID);
 
     // A proof signed for another address: it does not cover this registration.
-    let mut moved = register("w9", "http://127.0.0.1:2", &key);
+    let mut moved = signed_register("w9", "http://127.0.0.1:2", &key);
     if let Some(v1::worker_message::Msg::Register(r)) = moved.msg.as_mut() {
         r.advertise_addr = addr.into();
     }
@@ -162,7 +147,7 @@ async fn registrations_without_a_valid_fresh_proof_are_refused() {
     assert_status(&err, Code::Unauthenticated, reason::WORKER_IDENTITY_INVALID);
 
     // A valid registration enrols w9; the same message sent again is a replay.
-    let first = register("w9", addr, &key);
+    let first = signed_register("w9", addr, &key);
     let (accepted, _hold) = join(&coord.url(), first.clone())
         .await
         .expect("first registration enrols");
@@ -189,9 +174,12 @@ async fn a_forgotten_key_lets_the_operator_re_enrol_a_worker_id() {
     // The machine is replaced and its key lost: without the operator it stays out.
     let key = WorkerKey::from_seed(&[0x42; 32]);
     let coord = Coordinator::start(coordinator_config(&data)).await;
-    let err = join(&coord.url(), register("w1", "http://127.0.0.1:1", &key))
-        .await
-        .expect_err("a new key for an enrolled id");
+    let err = join(
+        &coord.url(),
+        signed_register("w1", "http://127.0.0.1:1", &key),
+    )
+    .await
+    .expect_err("a new key for an enrolled id");
     assert_status(
         &err,
         Code::PermissionDenied,
@@ -518,7 +506,7 @@ async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
 
     // "w-evil" sorts before "w1": with first-by-id merging its echo would have won.
     let key = WorkerKey::from_seed(&[0x66; 32]);
-    let mut evil = register("w-evil", "http://127.0.0.1:1", &key);
+    let mut evil = signed_register("w-evil", "http://127.0.0.1:1", &key);
     if let Some(v1::worker_message::Msg::Register(r)) = evil.msg.as_mut() {
         r.capacity = u32::MAX;
         r.tools = vec![
@@ -551,7 +539,7 @@ async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
     );
 
     // A catalogue over HEIST_MAX_WORKER_TOOLS is refused outright.
-    let mut flood = register("w-flood", "http://127.0.0.1:1", &key);
+    let mut flood = signed_register("w-flood", "http://127.0.0.1:1", &key);
     if let Some(v1::worker_message::Msg::Register(r)) = flood.msg.as_mut() {
         r.tools = (0..33)
             .map(|i| tool(&format!("w-flood.t{i}"), ""))
@@ -639,7 +627,7 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     let impostor = WorkerKey::from_seed(&[0xee; 32]);
     let _ = join(
         &coord.url(),
-        register("w1", "http://127.0.0.1:1", &impostor),
+        signed_register("w1", "http://127.0.0.1:1", &impostor),
     )
     .await;
 

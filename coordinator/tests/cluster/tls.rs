@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use heist_proto::{
-    credential::KeyShare,
     errors::reason,
     identity::{PURPOSE_BLOB, WorkerKey},
     metadata,
@@ -288,18 +287,7 @@ async fn a_tls_and_mtls_cluster_routes_calls_and_plaintext_clients_fail_cleanly(
 
 /// A registration for `id`, proved by `key`.
 fn register(id: &str, key: &WorkerKey) -> v1::WorkerMessage {
-    let addr = "https://127.0.0.1:1";
-    let mut register = v1::Register {
-        worker_id: id.into(),
-        advertise_addr: addr.into(),
-        capacity: 4,
-        credential_key_share: KeyShare::generate().expect("share").public().to_vec(),
-        ..Default::default()
-    };
-    key.sign_register(&mut register);
-    v1::WorkerMessage {
-        msg: Some(v1::worker_message::Msg::Register(register)),
-    }
+    signed_register(id, "https://127.0.0.1:1", key)
 }
 
 /// Joins over `channel` as `id` with the right join token and a valid key proof; the first
