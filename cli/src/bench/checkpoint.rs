@@ -166,6 +166,7 @@ async fn measure(
 
     // Median of several rounds: one change, then a capture (each a delta against the last).
     let mut one_times = Vec::with_capacity(ONE_CHANGE_ROUNDS);
+    let mut one_worker_times = Vec::with_capacity(ONE_CHANGE_ROUNDS);
     let mut stats2 = Default::default();
     for _ in 0..ONE_CHANGE_ROUNDS {
         change_one_file(&ws)?;
@@ -173,6 +174,7 @@ async fn measure(
         let (second, one_ms) =
             timed(client.create_checkpoint(&s1.id, Default::default(), &rid())).await?;
         stats2 = second.stats.unwrap_or_default();
+        one_worker_times.push(ms(Duration::from_micros(stats2.duration_us)));
         if stats2.uploaded_blobs != 1 {
             return Err(failed(format!(
                 "capture after one change uploaded {} blobs, expected 1",
@@ -183,6 +185,8 @@ async fn measure(
     }
     one_times.sort_by(f64::total_cmp);
     let one_ms = one_times[one_times.len() / 2];
+    one_worker_times.sort_by(f64::total_cmp);
+    let one_worker_ms = one_worker_times[one_worker_times.len() / 2];
     progress(&format!(
         "checkpoint: capture after one change {one_ms:.1} ms (median of {ONE_CHANGE_ROUNDS}; \
          hashed {} files, sent {} manifest entries)",
@@ -214,6 +218,12 @@ async fn measure(
             "capture_one_ms",
             "capture after 1 file changed",
             one_ms,
+            "ms",
+        ),
+        Metric::new(
+            "capture_one_worker_ms",
+            "capture after 1 file changed, worker side",
+            one_worker_ms,
             "ms",
         ),
         Metric::new(
