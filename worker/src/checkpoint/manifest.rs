@@ -22,7 +22,6 @@
 use std::{
     cmp::Ordering as Order,
     collections::HashMap,
-    ffi::CString,
     io::Read as _,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
@@ -116,6 +115,11 @@ impl StatCache {
         self.entries.insert(path, (key, hash));
     }
 
+    /// Forgets a file.
+    pub fn remove(&mut self, path: &str) {
+        self.entries.remove(path);
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -144,8 +148,6 @@ pub fn now_ns() -> i128 {
 pub struct Scan {
     /// The manifest, sorted by path.
     pub manifest: Manifest,
-    /// The stat cache to keep for the next capture.
-    pub cache: StatCache,
     /// Files whose content was read.
     pub hashed_files: u64,
     /// Bytes read.
@@ -160,17 +162,32 @@ struct Found {
     target: String,
 }
 
-/// Walks `root` and builds its manifest, hashing only files `previous` cannot vouch for.
-pub fn scan(root: &Dir, previous: &StatCache, max_entries: usize) -> Result<Scan, Error> {
-    let walked = walk_tree(root, max_entries)?;
-    let todo = walked.to_hash(previous);
+impl Found {
+    fn new(path: String, kind: EntryKind, mode: u32, key: StatKey, target: String) -> Self {
+        Self {
+            path,
+            kind,
+            mode,
+            key,
+            target,
+        }
+    }
+}
+
+/// Walks `root` and builds its manifest, hashing only files `cache` cannot vouch for; `cache`
+/// then describes the files as scanned.
+pub fn scan(root: &Dir, cache: &mut StatCache, max_entries: usize) -> Result<Scan, Error> {
+    let mut walked = walk_tree(root, max_entries)?;
+    let todo = walked.plan(cache);
     let fresh = hash_files(root, &walked, &todo)?;
-    walked.finish(previous, fresh)
+    walked.finish(cache, fresh)
 }
 
 /// A walked workspace: every entry, sorted by path, not yet hashed.
 pub struct Walked {
     found: Vec<Found>,
+    /// The hash the stat cache vouched for, per entry (see [`Walked::plan`]).
+    known: Vec<Option<Hash>>,
     /// When the walk began, ns since the epoch (for the stat cache's racy window).
     scan_start: i128,
 }
@@ -191,19 +208,45 @@ pub fn walk_tree(root: &Dir, max_entries: usize) -> Result<Walked, Error> {
     )
     .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
     let mut found = walk(top, "", &counted, max_entries)?;
+    if counted.load(Ordering::Relaxed) > max_entries {
+        return Err(too_many(max_entries));
+    }
     found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    Ok(Walked { found, scan_start })
+    Ok(Walked {
+        found,
+        known: Vec::new(),
+        scan_start,
+    })
+}
+
+/// The error for a workspace of more than `max` entries.
+fn too_many(max: usize) -> Error {
+    Error::LimitExceeded {
+        limit: "checkpoint_max_entries",
+        message: format!(
+            "the workspace has more than {max} entries (HEIST_CHECKPOINT_MAX_ENTRIES): \
+             remove files before checkpointing"
+        ),
+    }
 }
 
 impl Walked {
-    /// Indices of the files `previous` cannot vouch for.
-    pub fn to_hash(&self, previous: &StatCache) -> Vec<usize> {
+    /// Looks every file up in `cache`; returns the indices of those it cannot vouch for.
+    pub fn plan(&mut self, cache: &StatCache) -> Vec<usize> {
+        self.known = self
+            .found
+            .iter()
+            .map(|f| {
+                (f.kind == EntryKind::File)
+                    .then(|| cache.lookup(&f.path, &f.key))
+                    .flatten()
+            })
+            .collect();
         self.found
             .iter()
+            .zip(&self.known)
             .enumerate()
-            .filter(|(_, f)| {
-                f.kind == EntryKind::File && previous.lookup(&f.path, &f.key).is_none()
-            })
+            .filter(|(_, (f, known))| f.kind == EntryKind::File && known.is_none())
             .map(|(i, _)| i)
             .collect()
     }
@@ -215,41 +258,67 @@ impl Walked {
             .map_or(("", 0), |f| (f.path.as_str(), f.key.size))
     }
 
-    /// The manifest and the next stat cache, from `fresh` hashes and `previous` for the rest.
-    pub fn finish(&self, previous: &StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+    /// The manifest, from `fresh` hashes and the ones [`Walked::plan`] found in `cache`; then
+    /// brings `cache` up to date: the fresh files are recorded (unless racy), and the entries
+    /// of files no longer in the workspace are dropped.
+    pub fn finish(self, cache: &mut StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+        let Self {
+            found,
+            known,
+            scan_start,
+        } = self;
         let mut fresh: HashMap<usize, (Hash, StatKey)> =
             fresh.into_iter().map(|(i, h, k)| (i, (h, k))).collect();
         let mut out = Scan::default();
-        for (i, f) in self.found.iter().enumerate() {
+        out.manifest.entries.reserve_exact(found.len());
+        // Files of the walk the cache holds once this is done.
+        let mut cached = 0usize;
+        for (i, f) in found.into_iter().enumerate() {
             let mut entry = ManifestEntry {
-                path: f.path.clone(),
+                path: f.path,
                 kind: f.kind as i32,
                 mode: f.mode & MODE_MASK,
                 size: 0,
                 hash: Vec::new(),
-                symlink_target: f.target.clone(),
+                symlink_target: f.target,
             };
             if f.kind == EntryKind::File {
-                let (hash, key) = match fresh.remove(&i) {
-                    Some((hash, key)) => {
-                        out.hashed_files += 1;
-                        out.hashed_bytes += key.size;
-                        (hash, key)
+                let hash = if let Some(hash) = known.get(i).copied().flatten() {
+                    cached += 1;
+                    entry.size = f.key.size;
+                    hash
+                } else {
+                    let (hash, key) = fresh.remove(&i).ok_or_else(|| {
+                        Error::Internal(format!("{:?} was neither cached nor hashed", entry.path))
+                    })?;
+                    out.hashed_files += 1;
+                    out.hashed_bytes += key.size;
+                    entry.size = key.size;
+                    if key.racy(scan_start) {
+                        cache.remove(&entry.path);
+                    } else {
+                        cache.insert(entry.path.clone(), key, hash);
+                        cached += 1;
                     }
-                    None => {
-                        let hash = previous.lookup(&entry.path, &f.key).ok_or_else(|| {
-                            Error::Internal("stat cache changed mid-scan".to_owned())
-                        })?;
-                        (hash, f.key)
-                    }
+                    hash
                 };
-                entry.size = key.size;
                 entry.hash = hash.to_vec();
-                if !key.racy(self.scan_start) {
-                    out.cache.insert(entry.path.clone(), key, hash);
-                }
             }
             out.manifest.entries.push(entry);
+        }
+        // Entries for paths the walk did not find (removed files, or files turned into
+        // directories or links).
+        if cache.len() > cached {
+            let files: std::collections::HashSet<&str> = out
+                .manifest
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File as i32)
+                .map(|e| e.path.as_str())
+                .collect();
+            cache
+                .entries
+                .retain(|path, _| files.contains(path.as_str()));
         }
         Ok(out)
     }
@@ -266,8 +335,15 @@ pub fn hash_files(root: &Dir, walked: &Walked, indices: &[usize]) -> Result<Vec<
         .collect()
 }
 
+/// Bytes of directory entries read per `getdents64` call.
+const DIR_BUF: usize = 32 * 1024;
+/// Entries a directory's walk counts before adding them to the shared count.
+const COUNT_EVERY: usize = 1024;
+
 /// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
-/// path in the workspace is `prefix`. `counted` bounds the entries of the whole walk.
+/// path in the workspace is `prefix`. `counted` bounds the entries of the whole walk: each
+/// directory adds its entries in steps of [`COUNT_EVERY`], and the walk stops once the total
+/// passes `max`.
 fn walk(
     dir: OwnedFd,
     prefix: &str,
@@ -278,82 +354,77 @@ fn walk(
         Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
     };
     let shown = if prefix.is_empty() { "." } else { prefix };
-    let mut names: Vec<CString> = Vec::new();
-    let mut listing = rustix::fs::Dir::new(dir).map_err(|e| io(shown, e))?;
-    while let Some(entry) = listing.read() {
-        let entry = entry.map_err(|e| io(shown, e))?;
-        let name = entry.file_name();
-        if name != c"." && name != c".." {
-            names.push(name.to_owned());
-        }
-    }
-    // Only used for `*at` calls from here on, which do not depend on the read position.
-    let dir = listing.fd().map_err(|e| io(shown, e))?;
-    let mut out = Vec::with_capacity(names.len());
+    let mut out = Vec::new();
     let mut subdirs = Vec::new();
-    for cname in names {
+    let mut uncounted = 0usize;
+    let mut buf: Vec<u8> = Vec::with_capacity(DIR_BUF);
+    // Entries are examined as they are read: `*at` calls do not depend on the read position.
+    let mut listing = rustix::fs::RawDir::new(&dir, buf.spare_capacity_mut());
+    while let Some(entry) = listing.next() {
+        let entry = entry.map_err(|e| io(shown, e))?;
+        let cname = entry.file_name();
+        if cname == c"." || cname == c".." {
+            continue;
+        }
         let Some(name) = cname.to_str().ok() else {
             return Err(Error::Uncapturable {
                 path: format!("{prefix}/{}", cname.to_string_lossy()),
                 why: "the name is not UTF-8: rename it".to_owned(),
             });
         };
-        let path = if prefix.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{prefix}/{name}")
-        };
-        if counted.fetch_add(1, Ordering::Relaxed) >= max {
-            return Err(Error::LimitExceeded {
-                limit: "checkpoint_max_entries",
-                message: format!(
-                    "the workspace has more than {max} entries (HEIST_CHECKPOINT_MAX_ENTRIES): \
-                     remove files before checkpointing"
-                ),
-            });
+        let mut path = String::with_capacity(prefix.len() + 1 + name.len());
+        if !prefix.is_empty() {
+            path.push_str(prefix);
+            path.push('/');
+        }
+        path.push_str(name);
+        uncounted += 1;
+        if uncounted == COUNT_EVERY {
+            if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
+                return Err(too_many(max));
+            }
+            uncounted = 0;
         }
         let st =
-            rustix::fs::statat(dir, &cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
+            rustix::fs::statat(&dir, cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
         let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
-        let found = |kind, target| Found {
-            path: path.clone(),
-            kind,
-            mode,
-            key,
-            target,
-        };
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
                 // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
                 // stat, this fails rather than leaving the workspace.
                 let sub = rustix::fs::openat(
-                    dir,
-                    &cname,
+                    &dir,
+                    cname,
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
                 .map_err(|e| io(&path, e))?;
-                out.push(found(EntryKind::Dir, String::new()));
-                subdirs.push((sub, path));
+                subdirs.push((sub, path.clone()));
+                out.push(Found::new(path, EntryKind::Dir, mode, key, String::new()));
             }
-            FileType::RegularFile => out.push(found(EntryKind::File, String::new())),
+            FileType::RegularFile => {
+                out.push(Found::new(path, EntryKind::File, mode, key, String::new()));
+            }
             FileType::Symlink => {
                 let target =
-                    rustix::fs::readlinkat(dir, &cname, Vec::new()).map_err(|e| io(&path, e))?;
+                    rustix::fs::readlinkat(&dir, cname, Vec::new()).map_err(|e| io(&path, e))?;
                 let Ok(target) = target.into_string() else {
                     return Err(Error::Uncapturable {
                         path,
                         why: "the symlink target is not UTF-8: change it".to_owned(),
                     });
                 };
-                out.push(found(EntryKind::Symlink, target));
+                out.push(Found::new(path, EntryKind::Symlink, mode, key, target));
             }
             _ => {
                 warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
             }
         }
     }
-    drop(listing);
+    drop(dir);
+    if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
+        return Err(too_many(max));
+    }
     let nested: Vec<Result<Vec<Found>, Error>> = subdirs
         .into_par_iter()
         .map(|(sub, path)| walk(sub, &path, counted, max))
@@ -401,17 +472,22 @@ pub fn hash_file(root: &Dir, path: &str) -> Result<(Hash, StatKey), Error> {
     let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
     let mut file = root.open(path).map_err(io)?;
     let before = StatKey::of(&file.metadata().map_err(io)?);
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; READ_BUF];
-    let mut read = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        read += n as u64;
+    thread_local! {
+        /// One read buffer per hashing thread, not one (zeroed) per file.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; READ_BUF]);
     }
+    let mut hasher = blake3::Hasher::new();
+    let read = BUF.with_borrow_mut(|buf| {
+        let mut read = 0u64;
+        loop {
+            let n = file.read(buf).map_err(io)?;
+            if n == 0 {
+                return Ok::<_, Error>(read);
+            }
+            hasher.update(&buf[..n]);
+            read += n as u64;
+        }
+    })?;
     let after = StatKey::of(&file.metadata().map_err(io)?);
     if before != after || read != after.size {
         return Err(Error::ChangedDuringCapture(path.to_owned()));
@@ -502,7 +578,7 @@ mod tests {
         symlink("/etc/passwd", root.join("escape")).expect("symlink");
         symlink("src/main.py", root.join("link")).expect("symlink");
 
-        let scan = scan(&open(root), &StatCache::default(), 100).expect("scan");
+        let scan = scan(&open(root), &mut StatCache::default(), 100).expect("scan");
         let got: Vec<(&str, i32, u32, u64, &str)> = scan
             .manifest
             .entries
@@ -536,7 +612,7 @@ mod tests {
         assert_eq!(scan.hashed_files, 2);
         validate(&scan.manifest).expect("valid");
 
-        let err = super::scan(&open(root), &StatCache::default(), 3).expect_err("limit");
+        let err = super::scan(&open(root), &mut StatCache::default(), 3).expect_err("limit");
         assert!(matches!(err, Error::LimitExceeded { .. }));
     }
 
@@ -549,16 +625,17 @@ mod tests {
             set_old_mtime(&root.join(name));
         }
         std::fs::write(root.join("fresh"), b"just written").expect("write");
-        let first = scan(&open(root), &StatCache::default(), 100).expect("scan");
+        let mut cache = StatCache::default();
+        let first = scan(&open(root), &mut cache, 100).expect("scan");
         assert_eq!(first.hashed_files, 4);
         assert_eq!(
-            first.cache.len(),
+            cache.len(),
             3,
             "a file written just now is racy, not cached"
         );
 
         std::fs::write(root.join("b"), "B".repeat(1000)).expect("rewrite same size");
-        let second = scan(&open(root), &first.cache, 100).expect("scan");
+        let second = scan(&open(root), &mut cache, 100).expect("scan");
         assert_eq!(second.hashed_files, 2, "only b (changed) and fresh (racy)");
         let b = second
             .manifest
@@ -572,6 +649,34 @@ mod tests {
                 .as_bytes()
                 .to_vec()
         );
+
+        // The cache follows the workspace: a removed file and a file turned into a directory
+        // leave it, so a later file at the same path is hashed again.
+        std::fs::remove_file(root.join("c")).expect("remove c");
+        std::fs::remove_file(root.join("a")).expect("remove a");
+        std::fs::create_dir(root.join("a")).expect("a is a directory now");
+        set_old_mtime(&root.join("b"));
+        set_old_mtime(&root.join("fresh"));
+        let third = scan(&open(root), &mut cache, 100).expect("scan");
+        assert_eq!(third.hashed_files, 2, "b and fresh were not cached");
+        let mut cached: Vec<&str> = cache.iter().map(|(path, _)| path.as_str()).collect();
+        cached.sort_unstable();
+        assert_eq!(cached, ["b", "fresh"]);
+    }
+
+    #[test]
+    fn the_entry_limit_holds_for_large_directories() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        for i in 0..1500 {
+            std::fs::write(root.join(format!("f{i}")), b"").expect("write");
+        }
+        let err = scan(&open(root), &mut StatCache::default(), 1200).expect_err("limit");
+        assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
+        let err = scan(&open(root), &mut StatCache::default(), 1499).expect_err("limit");
+        assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
+        let scan = scan(&open(root), &mut StatCache::default(), 1500).expect("at the limit");
+        assert_eq!(scan.manifest.entries.len(), 1500);
     }
 
     #[test]
@@ -595,7 +700,7 @@ mod tests {
         )
         .expect("mkfifo");
 
-        let scan = scan(&open(&root), &StatCache::default(), 100).expect("scan");
+        let scan = scan(&open(&root), &mut StatCache::default(), 100).expect("scan");
         let got: Vec<(&str, i32)> = scan
             .manifest
             .entries

@@ -339,11 +339,11 @@ impl Checkpointer {
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
         let max = self.max_entries;
-        let walked = tokio::task::spawn_blocking(move || manifest::walk_tree(&walk_root, max))
+        let mut walked = tokio::task::spawn_blocking(move || manifest::walk_tree(&walk_root, max))
             .await
             .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let todo = walked.plan(&stat.lock().unwrap_or_else(PoisonError::into_inner));
         let walked = Arc::new(walked);
-        let todo = walked.to_hash(&stat.lock().unwrap_or_else(PoisonError::into_inner));
 
         // Hash in batches on a blocking thread; each batch's blobs are offered to the store and
         // uploaded while the next batch is hashed.
@@ -375,7 +375,12 @@ impl Checkpointer {
         hasher
             .await
             .map_err(|e| Error::Internal(format!("workspace hashing failed: {e}")))?;
-        let scan = walked.finish(&stat.lock().unwrap_or_else(PoisonError::into_inner), fresh)?;
+        let walked = Arc::into_inner(walked)
+            .ok_or_else(|| Error::Internal("the workspace walk is still shared".to_owned()))?;
+        let scan = walked.finish(
+            &mut stat.lock().unwrap_or_else(PoisonError::into_inner),
+            fresh,
+        )?;
         let scanned = started.elapsed();
         let entries = scan.manifest.entries;
 
@@ -422,7 +427,6 @@ impl Checkpointer {
             )
             .await?;
         let (uploaded_blobs, uploaded_bytes) = uploads.finish().await?;
-        *stat.lock().unwrap_or_else(PoisonError::into_inner) = scan.cache;
         *tree.lock().unwrap_or_else(PoisonError::into_inner) =
             (!checkpoint.is_empty()).then(|| Remembered {
                 id: checkpoint.to_owned(),
