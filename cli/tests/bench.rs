@@ -69,6 +69,15 @@ const PHASES: &[(&str, &[&str])] = &[
             "capture_one_ms",
             "restore_other_ms",
             "restore_in_place_ms",
+            "capture_full_vs_cp",
+            "capture_full_vs_cp_min",
+            "capture_full_vs_cp_max",
+            "capture_one_vs_tar",
+            "capture_one_vs_tar_min",
+            "capture_one_vs_tar_max",
+            "restore_other_vs_cp",
+            "restore_other_vs_cp_min",
+            "restore_other_vs_cp_max",
         ],
     ),
     (
@@ -147,6 +156,9 @@ const PAIRED_RATIOS: &[&str] = &[
     "exactly_once_tput_over_plain",
     "diskpool_create_on_over_off",
     "diskpool_create_on_over_polling",
+    "capture_one_over_tar",
+    "capture_full_over_cp",
+    "restore_other_over_cp",
 ];
 
 const RATIOS: &[&str] = &[

@@ -1,22 +1,34 @@
-//! Checkpoints against `tar -cf` and `cp -a` of the same tree, in one run.
+//! Checkpoints against `tar -cf` and `cp -a` of the same tree, in alternating rounds.
 //!
-//! Starts its own local cluster with two workers (labels `w=1`, `w=2`), writes a generated tree
-//! (10,000 files / 200 MiB; `--quick`: 300 files / 3 MiB) straight into a session's workspace
-//! on worker 1, then measures, each from a clean page-cache-warm state (`sync` before every
-//! step, and background blob-cache fills allowed to finish):
+//! Starts its own local cluster with two workers (labels `w=1`, `w=2`). Each round (three;
+//! `--quick`: two) opens a fresh session on each worker and writes a tree of its own (10,000
+//! files / 200 MiB; `--quick`: 300 files / 3 MiB) straight into the worker-1 session's
+//! workspace, from a seed of its own, so the coordinator and the workers hold none of its
+//! blobs yet. Then it measures three pairs, each in the round's order ([`paired::order`]: the
+//! checkpoint step first in even rounds, the baseline first in odd ones):
 //!
-//! - `tar -cf` and `cp -a` of the tree (median of 3);
-//! - the first capture (everything hashed and uploaded, made durable at the coordinator);
-//! - a capture after one file changed (median of five rounds, each a delta against the last);
-//! - a restore of the first checkpoint into a session on worker 2 (cold: every blob fetched);
-//! - a restore in place on worker 1 (warm: from its cache and unchanged files).
+//! - the first capture (everything hashed and uploaded, made durable at the coordinator)
+//!   against `cp -a` of the tree;
+//! - one file changed, then a capture (a delta against the first) against `tar -cf` of the
+//!   tree;
+//! - a restore of the round's first checkpoint into the worker-2 session (cold: every blob
+//!   fetched, none of them cached there yet) against `cp -a` of the tree again;
+//!
+//! and, unpaired, a restore of the first checkpoint in place on worker 1 (warm: from its cache
+//! and unchanged files). The phase reports the medians of each step's times and, for each
+//! pair, the median of the per-round ratios with the lowest and highest round: on this kind of
+//! machine `cp -a` of the same tree varies by a factor of three between runs, and a ratio of two
+//! medians taken minutes apart swings with it.
 //!
 //! Times are what the client sees for the RPC. Captures include the coordinator's fsync of the
-//! uploaded blobs; `tar` and `cp` only write to the page cache.
+//! uploaded blobs; `tar` and `cp` only write to the page cache. Every step starts from a clean
+//! page-cache-warm state: `sync`, and background blob-cache fills allowed to finish
+//! ([`settle`]).
 //!
-//! Nothing is deleted between steps (the baseline outputs stay until the end): on ext4,
-//! creating files soon after thousands were deleted is several times slower (the inode
-//! allocator skips recently deleted inodes), which would distort whichever step came next.
+//! Nothing is deleted until the end (the trees, copies and archives of every round stay, about
+//! 1.6 GiB a round in a full run): on ext4, creating files soon after thousands were deleted is
+//! several times slower (the inode allocator skips recently deleted inodes), which would distort
+//! whichever step came next.
 
 use std::{
     path::{Path, PathBuf},
@@ -25,22 +37,25 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use heist_proto::v1::CaptureStats;
 
 use super::{
     failed,
-    phases::{Lab, Phase},
+    paired::{Spread, Which, order},
+    phases::{Lab, Phase, count_f64},
     progress,
     report::Metric,
 };
 use crate::{
+    client::Client,
     cluster::{LocalCluster, Options},
     error::Error,
 };
 
 /// How long one checkpoint call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
-/// Rounds of "change one file, capture" whose median is reported.
-const ONE_CHANGE_ROUNDS: usize = 5;
+/// Rounds of a full run (`--quick`: 2, one in each order).
+const ROUNDS: usize = 3;
 /// How long background cache fills get to settle before the next step.
 const SETTLE_CAP: Duration = Duration::from_secs(60);
 
@@ -79,12 +94,13 @@ impl Phase for Checkpoints {
     }
 
     fn title(&self) -> &'static str {
-        "checkpoint capture/restore vs tar -cf and cp -a of the same tree (2 workers)"
+        "checkpoint capture/restore vs tar -cf and cp -a of the same tree (2 workers, \
+         alternating rounds)"
     }
 
     fn run<'a>(&'a self, lab: &'a mut Lab) -> BoxFuture<'a, Result<Vec<Metric>, Error>> {
         Box::pin(async move {
-            let size = TreeSize::for_run(lab.settings.quick);
+            let quick = lab.settings.quick;
             let data_dir = std::env::temp_dir().join(format!(
                 "heist-bench-checkpoint-{}",
                 uuid::Uuid::new_v4().simple()
@@ -101,7 +117,8 @@ impl Phase for Checkpoints {
                 ..Options::default()
             })
             .await?;
-            let measured = measure(&cluster, &data_dir, size).await;
+            let rounds = if quick { 2 } else { ROUNDS };
+            let measured = measure(&cluster, &data_dir, TreeSize::for_run(quick), rounds).await;
             let stopped = cluster.stop().await;
             if measured.is_ok()
                 && let Err(err) = std::fs::remove_dir_all(&data_dir)
@@ -118,162 +135,389 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The worker's own time for a capture (ms).
+fn worker_ms(stats: &CaptureStats) -> f64 {
+    ms(Duration::from_micros(stats.duration_us))
+}
+
+/// The median (NaN for none).
+fn median(values: &[f64]) -> f64 {
+    Spread::of(values).median
+}
+
 async fn measure(
     cluster: &LocalCluster,
     data_dir: &Path,
     size: TreeSize,
+    rounds: usize,
 ) -> Result<Vec<Metric>, Error> {
-    let client = cluster.client().await?;
-    let labels = |w: &str| [("w".to_owned(), w.to_owned())].into_iter().collect();
-    let s1 = client.create_session(labels("1"), &rid()).await?;
-    let s2 = client.create_session(labels("2"), &rid()).await?;
-    let ws = data_dir.join("worker-1/workspaces").join(&s1.id);
-    if !ws.is_dir() {
-        return Err(failed(format!("workspace {} not found", ws.display())));
-    }
-    progress(&format!(
-        "checkpoint: writing {} files ({} MiB) into {}",
-        size.files,
-        size.bytes >> 20,
-        ws.display()
-    ));
-    let tree = ws.clone();
-    tokio::task::spawn_blocking(move || generate(&tree, size))
-        .await
-        .map_err(|e| failed(format!("tree generation failed: {e}")))??;
-    settle(data_dir).await;
-
     let scratch = data_dir.join("baseline");
     std::fs::create_dir_all(&scratch)
         .map_err(|e| failed(format!("cannot create {}: {e}", scratch.display())))?;
-    let tar_ms = median3(|run| baseline_tar(&ws, &scratch.join(format!("tree-{run}.tar")))).await?;
-    let cp_ms = median3(|run| baseline_cp(&ws, &scratch.join(format!("copy-{run}")))).await?;
-    progress(&format!(
-        "checkpoint: tar -cf {tar_ms:.0} ms, cp -a {cp_ms:.0} ms"
-    ));
-
-    let (first, full_ms) =
-        timed(client.create_checkpoint(&s1.id, Default::default(), &rid())).await?;
-    let stats = first.stats.unwrap_or_default();
-    if stats.files != size.files || stats.uploaded_blobs == 0 {
-        return Err(failed(format!(
-            "first capture recorded {} files and uploaded {} blobs; expected {} files",
-            stats.files, stats.uploaded_blobs, size.files
-        )));
+    let bench = Bench {
+        client: cluster.client().await?,
+        data_dir,
+        scratch,
+        size,
+    };
+    let mut samples = Samples::default();
+    for round in 0..rounds {
+        bench.round(round, rounds, &mut samples).await?;
     }
-    progress(&format!("checkpoint: first capture {full_ms:.0} ms"));
-    settle(data_dir).await;
-
-    // Median of several rounds: one change, then a capture (each a delta against the last).
-    let mut one_times = Vec::with_capacity(ONE_CHANGE_ROUNDS);
-    let mut one_worker_times = Vec::with_capacity(ONE_CHANGE_ROUNDS);
-    let mut stats2 = Default::default();
-    for _ in 0..ONE_CHANGE_ROUNDS {
-        change_one_file(&ws)?;
-        settle(data_dir).await;
-        let (second, one_ms) =
-            timed(client.create_checkpoint(&s1.id, Default::default(), &rid())).await?;
-        stats2 = second.stats.unwrap_or_default();
-        one_worker_times.push(ms(Duration::from_micros(stats2.duration_us)));
-        if stats2.uploaded_blobs != 1 {
-            return Err(failed(format!(
-                "capture after one change uploaded {} blobs, expected 1",
-                stats2.uploaded_blobs
-            )));
-        }
-        one_times.push(one_ms);
-    }
-    one_times.sort_by(f64::total_cmp);
-    let one_ms = one_times[one_times.len() / 2];
-    one_worker_times.sort_by(f64::total_cmp);
-    let one_worker_ms = one_worker_times[one_worker_times.len() / 2];
-    progress(&format!(
-        "checkpoint: capture after one change {one_ms:.1} ms (median of {ONE_CHANGE_ROUNDS}; \
-         hashed {} files, sent {} manifest entries)",
-        stats2.hashed_files, stats2.sent_entries
-    ));
-    settle(data_dir).await;
-
-    let (_, restore_other_ms) =
-        timed(client.restore_checkpoint(&first.id, Some(&s2.id), &rid())).await?;
-    verify_restored(&data_dir.join("worker-2/workspaces").join(&s2.id), size)?;
-    progress(&format!(
-        "checkpoint: restore on the other worker {restore_other_ms:.0} ms"
-    ));
-    settle(data_dir).await;
-
-    let (_, restore_here_ms) = timed(client.restore_checkpoint(&first.id, None, &rid())).await?;
-    progress(&format!(
-        "checkpoint: restore in place {restore_here_ms:.0} ms"
-    ));
-    settle(data_dir).await;
-
-    let mut metrics = vec![
-        Metric::new("files", "files in the tree", count(size.files), "files"),
-        Metric::new("mib", "size of the tree", count(size.bytes >> 20), "MiB"),
-        Metric::new("tar_ms", "tar -cf (median of 3)", tar_ms, "ms"),
-        Metric::new("cp_ms", "cp -a (median of 3)", cp_ms, "ms"),
-        Metric::new("capture_full_ms", "first capture", full_ms, "ms"),
-        Metric::new(
-            "capture_one_ms",
-            "capture after 1 file changed",
-            one_ms,
-            "ms",
-        ),
-        Metric::new(
-            "capture_one_worker_ms",
-            "capture after 1 file changed, worker side",
-            one_worker_ms,
-            "ms",
-        ),
-        Metric::new(
-            "capture_one_hashed_files",
-            "files hashed after 1 change",
-            count(stats2.hashed_files),
-            "files",
-        ),
-        Metric::new(
-            "capture_one_sent_entries",
-            "manifest entries sent after 1 change",
-            count(stats2.sent_entries),
-            "entries",
-        ),
-        Metric::new(
-            "restore_other_ms",
-            "restore on the other worker (cold)",
-            restore_other_ms,
-            "ms",
-        ),
-        Metric::new(
-            "restore_in_place_ms",
-            "restore in place (warm)",
-            restore_here_ms,
-            "ms",
-        ),
-        Metric::new(
-            "capture_worker_full_ms",
-            "first capture, worker side",
-            ms(Duration::from_micros(stats.duration_us)),
-            "ms",
-        ),
-    ];
+    let mut metrics = samples.metrics(size, rounds);
     metrics.retain(|m| m.value.is_finite());
     Ok(metrics)
+}
+
+/// What every round works with.
+struct Bench<'a> {
+    client: Client,
+    data_dir: &'a Path,
+    /// Where the `tar` and `cp` outputs go (kept until the end).
+    scratch: PathBuf,
+    size: TreeSize,
+}
+
+/// What the rounds measured, one entry per round (ms unless named otherwise).
+#[derive(Debug, Default)]
+struct Samples {
+    tar: Vec<f64>,
+    /// Both `cp -a` runs of every round.
+    cp: Vec<f64>,
+    full: Vec<f64>,
+    full_worker: Vec<f64>,
+    one: Vec<f64>,
+    one_worker: Vec<f64>,
+    /// The most files a capture after one change hashed.
+    one_hashed_files: u64,
+    /// The most manifest entries a capture after one change sent.
+    one_sent_entries: u64,
+    restore_other: Vec<f64>,
+    restore_in_place: Vec<f64>,
+    /// first capture / `cp -a`.
+    full_vs_cp: Vec<f64>,
+    /// capture after one change / `tar -cf`.
+    one_vs_tar: Vec<f64>,
+    /// restore on worker 2 / `cp -a`.
+    restore_other_vs_cp: Vec<f64>,
+}
+
+/// One round's sessions and tree.
+struct Round {
+    /// 0-based; its parity gives the order ([`order`]).
+    index: usize,
+    /// The session on worker 1 whose workspace holds the tree.
+    here: String,
+    /// The session on worker 2 restored into.
+    other: String,
+    /// The tree: `here`'s workspace.
+    ws: PathBuf,
+}
+
+impl Bench<'_> {
+    /// One round: a fresh tree in fresh sessions, then the three pairs and a restore in place.
+    async fn round(&self, index: usize, rounds: usize, out: &mut Samples) -> Result<(), Error> {
+        let labels = |w: &str| [("w".to_owned(), w.to_owned())].into_iter().collect();
+        let here = self.client.create_session(labels("1"), &rid()).await?.id;
+        let other = self.client.create_session(labels("2"), &rid()).await?.id;
+        let ws = self.workspace(1, &here)?;
+        progress(&format!(
+            "checkpoint: round {}/{rounds}, writing {} files ({} MiB) into {}",
+            index + 1,
+            self.size.files,
+            self.size.bytes >> 20,
+            ws.display()
+        ));
+        let (tree, size) = (ws.clone(), self.size);
+        let seed = u64::try_from(index).unwrap_or(u64::MAX);
+        tokio::task::spawn_blocking(move || generate(&tree, size, seed))
+            .await
+            .map_err(|e| failed(format!("tree generation failed: {e}")))??;
+        settle(self.data_dir).await;
+        let round = Round {
+            index,
+            here,
+            other,
+            ws,
+        };
+        let first = self.first_capture(&round, out).await?;
+        self.one_change(&round, out).await?;
+        self.restore_other(&round, &first, out).await?;
+        let (_, here_ms) = timed(self.client.restore_checkpoint(&first, None, &rid())).await?;
+        settle(self.data_dir).await;
+        progress(&format!("checkpoint: restore in place {here_ms:.0} ms"));
+        out.restore_in_place.push(here_ms);
+        Ok(())
+    }
+
+    /// The first capture of the round's tree against `cp -a` of it; the checkpoint's id.
+    async fn first_capture(&self, round: &Round, out: &mut Samples) -> Result<String, Error> {
+        let id = rid();
+        let capture = self
+            .client
+            .create_checkpoint(&round.here, Default::default(), &id);
+        let copy = self.copy(round, "copy");
+        let ((first, capture_ms), cp_ms) =
+            alternate(round.index, self.data_dir, timed(capture), copy).await?;
+        let stats = first.stats.unwrap_or_default();
+        let files = self.size.files;
+        if stats.files != files || stats.uploaded_blobs != files {
+            return Err(failed(format!(
+                "first capture recorded {} files and uploaded {} blobs; expected {files} of \
+                 each (a tree the coordinator has no blob of)",
+                stats.files, stats.uploaded_blobs
+            )));
+        }
+        progress(&format!(
+            "checkpoint: first capture {capture_ms:.0} ms, cp -a {cp_ms:.0} ms: {:.2}x",
+            capture_ms / cp_ms
+        ));
+        out.full.push(capture_ms);
+        out.full_worker.push(worker_ms(&stats));
+        out.cp.push(cp_ms);
+        out.full_vs_cp.push(capture_ms / cp_ms);
+        Ok(first.id)
+    }
+
+    /// One file changed, then a capture (a delta against the last checkpoint), against
+    /// `tar -cf` of the tree.
+    async fn one_change(&self, round: &Round, out: &mut Samples) -> Result<(), Error> {
+        let capture = async {
+            change_one_file(&round.ws)?;
+            settle(self.data_dir).await;
+            let id = rid();
+            let capture = self
+                .client
+                .create_checkpoint(&round.here, Default::default(), &id);
+            timed(capture).await
+        };
+        let archive = self.scratch.join(format!("tree-{}.tar", round.index));
+        let tar = async { baseline_tar(&round.ws, &archive).map(ms) };
+        let ((second, capture_ms), tar_ms) =
+            alternate(round.index, self.data_dir, capture, tar).await?;
+        let stats = second.stats.unwrap_or_default();
+        if stats.uploaded_blobs != 1 {
+            return Err(failed(format!(
+                "capture after one change uploaded {} blobs, expected 1",
+                stats.uploaded_blobs
+            )));
+        }
+        progress(&format!(
+            "checkpoint: capture after one change {capture_ms:.1} ms (hashed {} files, sent {} \
+             manifest entries), tar -cf {tar_ms:.0} ms: {:.3}x",
+            stats.hashed_files,
+            stats.sent_entries,
+            capture_ms / tar_ms
+        ));
+        out.one.push(capture_ms);
+        out.one_worker.push(worker_ms(&stats));
+        out.one_hashed_files = out.one_hashed_files.max(stats.hashed_files);
+        out.one_sent_entries = out.one_sent_entries.max(stats.sent_entries);
+        out.tar.push(tar_ms);
+        out.one_vs_tar.push(capture_ms / tar_ms);
+        Ok(())
+    }
+
+    /// A restore of the round's first checkpoint into its session on worker 2 (cold: the
+    /// round's blobs are new there) against `cp -a` of the tree.
+    async fn restore_other(
+        &self,
+        round: &Round,
+        checkpoint: &str,
+        out: &mut Samples,
+    ) -> Result<(), Error> {
+        let id = rid();
+        let restore = self
+            .client
+            .restore_checkpoint(checkpoint, Some(&round.other), &id);
+        let copy = self.copy(round, "copy-again");
+        let ((_, restore_ms), cp_ms) =
+            alternate(round.index, self.data_dir, timed(restore), copy).await?;
+        verify_restored(&self.workspace(2, &round.other)?, self.size)?;
+        progress(&format!(
+            "checkpoint: restore on the other worker {restore_ms:.0} ms, cp -a {cp_ms:.0} ms: \
+             {:.2}x",
+            restore_ms / cp_ms
+        ));
+        out.restore_other.push(restore_ms);
+        out.cp.push(cp_ms);
+        out.restore_other_vs_cp.push(restore_ms / cp_ms);
+        Ok(())
+    }
+
+    /// `cp -a` of the round's tree to `<name>-<round>` (ms), when awaited.
+    fn copy(&self, round: &Round, name: &str) -> impl Future<Output = Result<f64, Error>> {
+        let out = self.scratch.join(format!("{name}-{}", round.index));
+        let ws = round.ws.clone();
+        async move { baseline_cp(&ws, &out).map(ms) }
+    }
+
+    /// The workspace directory of a session on worker `worker`.
+    fn workspace(&self, worker: u8, session: &str) -> Result<PathBuf, Error> {
+        let ws = self
+            .data_dir
+            .join(format!("worker-{worker}/workspaces"))
+            .join(session);
+        if ws.is_dir() {
+            Ok(ws)
+        } else {
+            Err(failed(format!("workspace {} not found", ws.display())))
+        }
+    }
+}
+
+impl Samples {
+    /// The tree, the medians of the steps and, for each pair, the median of its per-round
+    /// ratios with the lowest and highest round.
+    fn metrics(&self, size: TreeSize, rounds: usize) -> Vec<Metric> {
+        let mut metrics = vec![
+            Metric::new("files", "files in the tree", count_f64(size.files), "files"),
+            Metric::new(
+                "mib",
+                "size of the tree",
+                count_f64(size.bytes >> 20),
+                "MiB",
+            ),
+            Metric::new(
+                "rounds",
+                "rounds (a new tree each, the order flipping)",
+                count_f64(u64::try_from(rounds).unwrap_or(u64::MAX)),
+                "rounds",
+            ),
+        ];
+        metrics.extend(self.medians());
+        metrics.extend(Spread::of(&self.full_vs_cp).metrics(
+            [
+                "capture_full_vs_cp",
+                "capture_full_vs_cp_min",
+                "capture_full_vs_cp_max",
+            ],
+            [
+                "first capture / cp -a, median of per-round ratios",
+                "first capture / cp -a, lowest round",
+                "first capture / cp -a, highest round",
+            ],
+        ));
+        metrics.extend(Spread::of(&self.one_vs_tar).metrics(
+            [
+                "capture_one_vs_tar",
+                "capture_one_vs_tar_min",
+                "capture_one_vs_tar_max",
+            ],
+            [
+                "capture after 1 change / tar -cf, median of per-round ratios",
+                "capture after 1 change / tar -cf, lowest round",
+                "capture after 1 change / tar -cf, highest round",
+            ],
+        ));
+        metrics.extend(Spread::of(&self.restore_other_vs_cp).metrics(
+            [
+                "restore_other_vs_cp",
+                "restore_other_vs_cp_min",
+                "restore_other_vs_cp_max",
+            ],
+            [
+                "restore on the other worker / cp -a, median of per-round ratios",
+                "restore on the other worker / cp -a, lowest round",
+                "restore on the other worker / cp -a, highest round",
+            ],
+        ));
+        metrics
+    }
+
+    /// The medians of the steps' times, and how much a capture after one change did.
+    fn medians(&self) -> Vec<Metric> {
+        vec![
+            Metric::new("tar_ms", "tar -cf (median)", median(&self.tar), "ms"),
+            Metric::new(
+                "cp_ms",
+                "cp -a (median, 2 runs a round)",
+                median(&self.cp),
+                "ms",
+            ),
+            Metric::new(
+                "capture_full_ms",
+                "first capture (median)",
+                median(&self.full),
+                "ms",
+            ),
+            Metric::new(
+                "capture_one_ms",
+                "capture after 1 file changed (median)",
+                median(&self.one),
+                "ms",
+            ),
+            Metric::new(
+                "capture_one_worker_ms",
+                "capture after 1 file changed, worker side (median)",
+                median(&self.one_worker),
+                "ms",
+            ),
+            Metric::new(
+                "capture_one_hashed_files",
+                "files hashed after 1 change (most in a round)",
+                count_f64(self.one_hashed_files),
+                "files",
+            ),
+            Metric::new(
+                "capture_one_sent_entries",
+                "manifest entries sent after 1 change (most in a round)",
+                count_f64(self.one_sent_entries),
+                "entries",
+            ),
+            Metric::new(
+                "restore_other_ms",
+                "restore on the other worker, cold (median)",
+                median(&self.restore_other),
+                "ms",
+            ),
+            Metric::new(
+                "restore_in_place_ms",
+                "restore in place, warm (median)",
+                median(&self.restore_in_place),
+                "ms",
+            ),
+            Metric::new(
+                "capture_worker_full_ms",
+                "first capture, worker side (median)",
+                median(&self.full_worker),
+                "ms",
+            ),
+        ]
+    }
 }
 
 fn rid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-#[allow(clippy::cast_precision_loss)]
-fn count(n: u64) -> f64 {
-    n as f64
-}
-
 async fn timed<T>(call: impl Future<Output = Result<T, Error>>) -> Result<(T, f64), Error> {
     let started = Instant::now();
     let out = call.await?;
     Ok((out, ms(started.elapsed())))
+}
+
+/// Runs `a` and `b` in the order of `round` ([`order`]: `a` first in even rounds, `b` first in
+/// odd ones), letting the machine [`settle`] after each. Neither starts before it is awaited.
+async fn alternate<A, B>(
+    round: usize,
+    data_dir: &Path,
+    a: impl Future<Output = Result<A, Error>>,
+    b: impl Future<Output = Result<B, Error>>,
+) -> Result<(A, B), Error> {
+    if order(round)[0] == Which::A {
+        let a = a.await?;
+        settle(data_dir).await;
+        let b = b.await?;
+        settle(data_dir).await;
+        Ok((a, b))
+    } else {
+        let b = b.await?;
+        settle(data_dir).await;
+        let a = a.await?;
+        settle(data_dir).await;
+        Ok((a, b))
+    }
 }
 
 /// Flushes dirty pages, then waits until the workers' blob caches stop growing (their
@@ -312,20 +556,6 @@ fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-/// The median of three runs of a baseline (ms), each from a synced state.
-async fn median3<F>(mut run: F) -> Result<f64, Error>
-where
-    F: FnMut(usize) -> Result<Duration, Error>,
-{
-    let mut times = Vec::with_capacity(3);
-    for i in 0..3 {
-        let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
-        times.push(ms(run(i)?));
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[1])
 }
 
 fn run_tool(cmd: &mut Command, what: &str) -> Result<Duration, Error> {
@@ -377,11 +607,12 @@ impl Rng {
 }
 
 /// Writes `size.files` files totalling about `size.bytes` into `size.dirs` directories (two
-/// levels), sizes spread between half and one and a half times the mean.
-fn generate(root: &Path, size: TreeSize) -> Result<(), Error> {
+/// levels), sizes spread between half and one and a half times the mean. The content follows
+/// from `seed`: trees of different seeds share no file content.
+fn generate(root: &Path, size: TreeSize, seed: u64) -> Result<(), Error> {
     let io = |e: std::io::Error| failed(format!("cannot write the bench tree: {e}"));
     let mean = size.bytes / size.files;
-    let mut rng = Rng(0x5EED);
+    let mut rng = Rng(0x5EED_u64.wrapping_add(seed));
     let mut buf = Vec::new();
     for i in 0..size.files {
         let dir = root.join(format!("d{:02}/sub{}", i % size.dirs, i % 3));
