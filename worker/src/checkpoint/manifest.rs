@@ -160,6 +160,8 @@ struct Found {
     mode: u32,
     key: StatKey,
     target: String,
+    /// The hash the stat cache vouches for (files whose stat it holds unchanged).
+    known: Option<Hash>,
 }
 
 impl Found {
@@ -170,6 +172,7 @@ impl Found {
             mode,
             key,
             target,
+            known: None,
         }
     }
 }
@@ -177,8 +180,8 @@ impl Found {
 /// Walks `root` and builds its manifest, hashing only files `cache` cannot vouch for; `cache`
 /// then describes the files as scanned.
 pub fn scan(root: &Dir, cache: &mut StatCache, max_entries: usize) -> Result<Scan, Error> {
-    let mut walked = walk_tree(root, max_entries)?;
-    let todo = walked.plan(cache);
+    let walked = walk_tree(root, cache, max_entries)?;
+    let todo = walked.to_hash();
     let fresh = hash_files(root, &walked, &todo)?;
     walked.finish(cache, fresh)
 }
@@ -186,8 +189,6 @@ pub fn scan(root: &Dir, cache: &mut StatCache, max_entries: usize) -> Result<Sca
 /// A walked workspace: every entry, sorted by path, not yet hashed.
 pub struct Walked {
     found: Vec<Found>,
-    /// The hash the stat cache vouched for, per entry (see [`Walked::plan`]).
-    known: Vec<Option<Hash>>,
     /// When the walk began, ns since the epoch (for the stat cache's racy window).
     scan_start: i128,
 }
@@ -195,10 +196,10 @@ pub struct Walked {
 /// A file hashed during a capture: its index in [`Walked`], hash and stat.
 pub type Hashed = (usize, Hash, StatKey);
 
-/// Walks `root` (see the module docs), at most `max_entries` entries.
-pub fn walk_tree(root: &Dir, max_entries: usize) -> Result<Walked, Error> {
+/// Walks `root` (see the module docs), at most `max_entries` entries, looking each file up in
+/// `cache` as it goes.
+pub fn walk_tree(root: &Dir, cache: &StatCache, max_entries: usize) -> Result<Walked, Error> {
     let scan_start = now_ns();
-    let counted = AtomicUsize::new(0);
     // The handle may be an O_PATH descriptor, which cannot be listed: open the directory itself.
     let top = rustix::fs::openat(
         root.as_fd(),
@@ -207,16 +208,17 @@ pub fn walk_tree(root: &Dir, max_entries: usize) -> Result<Walked, Error> {
         Mode::empty(),
     )
     .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
-    let mut found = walk(top, "", &counted, max_entries)?;
-    if counted.load(Ordering::Relaxed) > max_entries {
+    let walk = Walk {
+        cache,
+        counted: AtomicUsize::new(0),
+        max: max_entries,
+    };
+    let mut found = walk.dir(top, "")?;
+    if walk.counted.load(Ordering::Relaxed) > max_entries {
         return Err(too_many(max_entries));
     }
     found.par_sort_unstable_by(|a, b| a.path.cmp(&b.path));
-    Ok(Walked {
-        found,
-        known: Vec::new(),
-        scan_start,
-    })
+    Ok(Walked { found, scan_start })
 }
 
 /// The error for a workspace of more than `max` entries.
@@ -231,22 +233,12 @@ fn too_many(max: usize) -> Error {
 }
 
 impl Walked {
-    /// Looks every file up in `cache`; returns the indices of those it cannot vouch for.
-    pub fn plan(&mut self, cache: &StatCache) -> Vec<usize> {
-        self.known = self
-            .found
-            .iter()
-            .map(|f| {
-                (f.kind == EntryKind::File)
-                    .then(|| cache.lookup(&f.path, &f.key))
-                    .flatten()
-            })
-            .collect();
+    /// Indices of the files the stat cache could not vouch for.
+    pub fn to_hash(&self) -> Vec<usize> {
         self.found
             .iter()
-            .zip(&self.known)
             .enumerate()
-            .filter(|(_, (f, known))| f.kind == EntryKind::File && known.is_none())
+            .filter(|(_, f)| f.kind == EntryKind::File && f.known.is_none())
             .map(|(i, _)| i)
             .collect()
     }
@@ -258,15 +250,11 @@ impl Walked {
             .map_or(("", 0), |f| (f.path.as_str(), f.key.size))
     }
 
-    /// The manifest, from `fresh` hashes and the ones [`Walked::plan`] found in `cache`; then
+    /// The manifest, from `fresh` hashes and the ones the walk found in `cache`; then
     /// brings `cache` up to date: the fresh files are recorded (unless racy), and the entries
     /// of files no longer in the workspace are dropped.
     pub fn finish(self, cache: &mut StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
-        let Self {
-            found,
-            known,
-            scan_start,
-        } = self;
+        let Self { found, scan_start } = self;
         let mut fresh: HashMap<usize, (Hash, StatKey)> =
             fresh.into_iter().map(|(i, h, k)| (i, (h, k))).collect();
         let mut out = Scan::default();
@@ -283,7 +271,7 @@ impl Walked {
                 symlink_target: f.target,
             };
             if f.kind == EntryKind::File {
-                let hash = if let Some(hash) = known.get(i).copied().flatten() {
+                let hash = if let Some(hash) = f.known {
                     cached += 1;
                     entry.size = f.key.size;
                     hash
@@ -324,15 +312,24 @@ impl Walked {
     }
 }
 
-/// Hashes the files at `indices` of `walked`, in parallel on the rayon pool.
+/// Below this many bytes in at most [`INLINE_HASH_FILES`] files, files are hashed on the
+/// calling thread: waking the rayon pool costs more than it saves.
+const INLINE_HASH_BYTES: u64 = 1 << 20;
+/// See [`INLINE_HASH_BYTES`].
+const INLINE_HASH_FILES: usize = 16;
+
+/// Hashes the files at `indices` of `walked`, in parallel on the rayon pool (a few small files
+/// on the calling thread).
 pub fn hash_files(root: &Dir, walked: &Walked, indices: &[usize]) -> Result<Vec<Hashed>, Error> {
-    indices
-        .par_iter()
-        .map(|&i| {
-            let (path, _) = walked.file(i);
-            hash_file(root, path).map(|(hash, key)| (i, hash, key))
-        })
-        .collect()
+    let one = |&i: &usize| {
+        let (path, _) = walked.file(i);
+        hash_file(root, path).map(|(hash, key)| (i, hash, key))
+    };
+    let bytes: u64 = indices.iter().map(|&i| walked.file(i).1).sum();
+    if indices.len() <= INLINE_HASH_FILES && bytes < INLINE_HASH_BYTES {
+        return indices.iter().map(one).collect();
+    }
+    indices.par_iter().map(one).collect()
 }
 
 /// Bytes of directory entries read per `getdents64` call.
@@ -340,99 +337,108 @@ const DIR_BUF: usize = 32 * 1024;
 /// Entries a directory's walk counts before adding them to the shared count.
 const COUNT_EVERY: usize = 1024;
 
-/// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
-/// path in the workspace is `prefix`. `counted` bounds the entries of the whole walk: each
-/// directory adds its entries in steps of [`COUNT_EVERY`], and the walk stops once the total
-/// passes `max`.
-fn walk(
-    dir: OwnedFd,
-    prefix: &str,
-    counted: &AtomicUsize,
+/// One walk of a workspace.
+struct Walk<'a> {
+    /// Looked up for every file found.
+    cache: &'a StatCache,
+    /// Entries found so far: each directory adds its entries in steps of [`COUNT_EVERY`], and
+    /// the walk stops once the total passes `max`.
+    counted: AtomicUsize,
     max: usize,
-) -> Result<Vec<Found>, Error> {
-    let io = |path: &str, e: rustix::io::Errno| {
-        Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
-    };
-    let shown = if prefix.is_empty() { "." } else { prefix };
-    let mut out = Vec::new();
-    let mut subdirs = Vec::new();
-    let mut uncounted = 0usize;
-    let mut buf: Vec<u8> = Vec::with_capacity(DIR_BUF);
-    // Entries are examined as they are read: `*at` calls do not depend on the read position.
-    let mut listing = rustix::fs::RawDir::new(&dir, buf.spare_capacity_mut());
-    while let Some(entry) = listing.next() {
-        let entry = entry.map_err(|e| io(shown, e))?;
-        let cname = entry.file_name();
-        if cname == c"." || cname == c".." {
-            continue;
-        }
-        let Some(name) = cname.to_str().ok() else {
-            return Err(Error::Uncapturable {
-                path: format!("{prefix}/{}", cname.to_string_lossy()),
-                why: "the name is not UTF-8: rename it".to_owned(),
-            });
+}
+
+impl Walk<'_> {
+    /// Lists the directory `dir` (recursively; subdirectories in parallel on the rayon pool), whose
+    /// path in the workspace is `prefix`.
+    fn dir(&self, dir: OwnedFd, prefix: &str) -> Result<Vec<Found>, Error> {
+        let (counted, max) = (&self.counted, self.max);
+        let io = |path: &str, e: rustix::io::Errno| {
+            Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
         };
-        let mut path = String::with_capacity(prefix.len() + 1 + name.len());
-        if !prefix.is_empty() {
-            path.push_str(prefix);
-            path.push('/');
-        }
-        path.push_str(name);
-        uncounted += 1;
-        if uncounted == COUNT_EVERY {
-            if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
-                return Err(too_many(max));
+        let shown = if prefix.is_empty() { "." } else { prefix };
+        let mut out = Vec::new();
+        let mut subdirs = Vec::new();
+        let mut uncounted = 0usize;
+        let mut buf: Vec<u8> = Vec::with_capacity(DIR_BUF);
+        // Entries are examined as they are read: `*at` calls do not depend on the read position.
+        let mut listing = rustix::fs::RawDir::new(&dir, buf.spare_capacity_mut());
+        while let Some(entry) = listing.next() {
+            let entry = entry.map_err(|e| io(shown, e))?;
+            let cname = entry.file_name();
+            if cname == c"." || cname == c".." {
+                continue;
             }
-            uncounted = 0;
-        }
-        let st =
-            rustix::fs::statat(&dir, cname, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
-        let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
-        match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => {
-                // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
-                // stat, this fails rather than leaving the workspace.
-                let sub = rustix::fs::openat(
-                    &dir,
-                    cname,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
+            let Some(name) = cname.to_str().ok() else {
+                return Err(Error::Uncapturable {
+                    path: format!("{prefix}/{}", cname.to_string_lossy()),
+                    why: "the name is not UTF-8: rename it".to_owned(),
+                });
+            };
+            let mut path = String::with_capacity(prefix.len() + 1 + name.len());
+            if !prefix.is_empty() {
+                path.push_str(prefix);
+                path.push('/');
+            }
+            path.push_str(name);
+            uncounted += 1;
+            if uncounted == COUNT_EVERY {
+                if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
+                    return Err(too_many(max));
+                }
+                uncounted = 0;
+            }
+            let st = rustix::fs::statat(&dir, cname, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| io(&path, e))?;
-                subdirs.push((sub, path.clone()));
-                out.push(Found::new(path, EntryKind::Dir, mode, key, String::new()));
-            }
-            FileType::RegularFile => {
-                out.push(Found::new(path, EntryKind::File, mode, key, String::new()));
-            }
-            FileType::Symlink => {
-                let target =
-                    rustix::fs::readlinkat(&dir, cname, Vec::new()).map_err(|e| io(&path, e))?;
-                let Ok(target) = target.into_string() else {
-                    return Err(Error::Uncapturable {
-                        path,
-                        why: "the symlink target is not UTF-8: change it".to_owned(),
-                    });
-                };
-                out.push(Found::new(path, EntryKind::Symlink, mode, key, target));
-            }
-            _ => {
-                warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+            let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => {
+                    // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
+                    // stat, this fails rather than leaving the workspace.
+                    let sub = rustix::fs::openat(
+                        &dir,
+                        cname,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| io(&path, e))?;
+                    subdirs.push((sub, path.clone()));
+                    out.push(Found::new(path, EntryKind::Dir, mode, key, String::new()));
+                }
+                FileType::RegularFile => {
+                    let known = self.cache.lookup(&path, &key);
+                    let mut file = Found::new(path, EntryKind::File, mode, key, String::new());
+                    file.known = known;
+                    out.push(file);
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&dir, cname, Vec::new())
+                        .map_err(|e| io(&path, e))?;
+                    let Ok(target) = target.into_string() else {
+                        return Err(Error::Uncapturable {
+                            path,
+                            why: "the symlink target is not UTF-8: change it".to_owned(),
+                        });
+                    };
+                    out.push(Found::new(path, EntryKind::Symlink, mode, key, target));
+                }
+                _ => {
+                    warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+                }
             }
         }
+        drop(dir);
+        if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
+            return Err(too_many(max));
+        }
+        let nested: Vec<Result<Vec<Found>, Error>> = subdirs
+            .into_par_iter()
+            .map(|(sub, path)| self.dir(sub, &path))
+            .collect();
+        for inner in nested {
+            out.extend(inner?);
+        }
+        Ok(out)
     }
-    drop(dir);
-    if counted.fetch_add(uncounted, Ordering::Relaxed) + uncounted > max {
-        return Err(too_many(max));
-    }
-    let nested: Vec<Result<Vec<Found>, Error>> = subdirs
-        .into_par_iter()
-        .map(|(sub, path)| walk(sub, &path, counted, max))
-        .collect();
-    for inner in nested {
-        out.extend(inner?);
-    }
-    Ok(out)
 }
 
 /// The changes that turn `old` into `new` (both sorted by path): the entries of `new` that are

@@ -338,11 +338,14 @@ impl Checkpointer {
         let walk_root = root
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
-        let max = self.max_entries;
-        let mut walked = tokio::task::spawn_blocking(move || manifest::walk_tree(&walk_root, max))
-            .await
-            .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
-        let todo = walked.plan(&stat.lock().unwrap_or_else(PoisonError::into_inner));
+        let (max, walk_stat) = (self.max_entries, stat.clone());
+        let walked = tokio::task::spawn_blocking(move || {
+            let cache = walk_stat.lock().unwrap_or_else(PoisonError::into_inner);
+            manifest::walk_tree(&walk_root, &cache, max)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let todo = walked.to_hash();
         let walked = Arc::new(walked);
 
         // Hash in batches on a blocking thread; each batch's blobs are offered to the store and
