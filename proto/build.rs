@@ -26,6 +26,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let fds = protox::compile(PROTOS, ["."])?;
     fs::write(out_dir.join("heist_descriptor.bin"), fds.encode_to_vec())?;
+    // Every RPC's path (`/package.Service/Method`), sorted: the bounded set of method labels.
+    let mut methods: Vec<String> =
+        fds.file
+            .iter()
+            .flat_map(|file| {
+                let package = file.package().to_owned();
+                file.service.iter().flat_map(move |service| {
+                    let package = package.clone();
+                    service.method.iter().map(move |method| {
+                        format!("/{package}.{}/{}", service.name(), method.name())
+                    })
+                })
+            })
+            .collect();
+    methods.sort();
+    fs::write(out_dir.join("heist_methods.rs"), format!("&{methods:?}"))?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

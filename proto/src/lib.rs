@@ -44,6 +44,9 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of every heist.v1 file and its imports (for server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("heist_descriptor");
 
+/// The path (`/package.Service/Method`) of every heist RPC, sorted.
+pub const RPC_METHODS: &[&str] = include!(concat!(env!("OUT_DIR"), "/heist_methods.rs"));
+
 /// The built-in tool catalogue (the tools the worker crate ships) as JSON: an array of
 /// `{name, description, input_schema, read_only}` ordered by name. The coordinator treats it as
 /// authoritative: no worker may advertise another description or schema under these names. A

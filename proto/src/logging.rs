@@ -165,13 +165,14 @@ where
     // Per-span work kept to what a trace needs: no busy/idle timers and no OpenTelemetry
     // context switch on every poll of an instrumented future (nothing here reads
     // `Context::current`: propagation goes through the span itself), no thread or source
-    // location attributes on every span.
+    // location or target attributes on every span.
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)
         .with_context_activation(false)
         .with_threads(false)
         .with_location(false)
+        .with_target(false)
         // A static filter: decided once per callsite, not on every span.
         .with_filter(Targets::new().with_target("heist", LevelFilter::INFO))
         .boxed();

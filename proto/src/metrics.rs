@@ -5,7 +5,7 @@
 //! process). Every label set is bounded: method paths of known shapes, status codes, tool
 //! names from the catalogue, providers and models from the configuration; never session ids.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -53,16 +53,16 @@ pub fn render(registry: &Registry) -> String {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodCode {
     /// gRPC path or HTTP route (see [`crate::trace::method_label`]).
-    pub method: String,
+    pub method: &'static str,
     /// gRPC code name or HTTP status.
-    pub code: String,
+    pub code: Cow<'static, str>,
 }
 
 /// Labels: a method.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Method {
     /// gRPC path or HTTP route.
-    pub method: String,
+    pub method: &'static str,
 }
 
 /// Labels: why a request was refused.
@@ -107,17 +107,15 @@ impl RpcMetrics {
     }
 
     /// Records one answered call.
-    pub fn observe(&self, method: &str, code: &str, elapsed: Duration) {
+    pub fn observe(&self, method: &'static str, code: &Cow<'static, str>, elapsed: Duration) {
         self.requests
             .get_or_create(&MethodCode {
-                method: method.to_owned(),
-                code: code.to_owned(),
+                method,
+                code: code.clone(),
             })
             .inc();
         self.duration
-            .get_or_create(&Method {
-                method: method.to_owned(),
-            })
+            .get_or_create(&Method { method })
             .observe(elapsed.as_secs_f64());
     }
 

@@ -13,6 +13,7 @@
 //! the call's log lines and in `x-trace-id`, and nothing else is done.
 
 use std::{
+    borrow::Cow,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -146,10 +147,18 @@ pub fn set_parent(span: &Span, parent: Context) {
     }
 }
 
-/// A label for a request path that keeps the label set bounded: gRPC paths of the form
-/// `/package.Service/Method` (at most 100 characters) and the few HTTP routes served; any other
-/// path is `other`.
-pub fn method_label(path: &str, grpc: bool) -> String {
+/// The standard gRPC services served next to heist's own (health checks, reflection).
+const GRPC_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// A label for a request path that keeps the label set bounded: the path of a heist or
+/// standard gRPC method ([`crate::RPC_METHODS`]) or of one of the few HTTP routes served; any
+/// other path (an unknown method, a probe for one) is `other`.
+pub fn method_label(path: &str, grpc: bool) -> &'static str {
     const HTTP: &[&str] = &[
         "/healthz",
         "/readyz",
@@ -159,20 +168,20 @@ pub fn method_label(path: &str, grpc: bool) -> String {
         "/.well-known",
     ];
     if grpc {
-        let well_formed = path.len() <= 100
-            && path.starts_with('/')
-            && path[1..].split('/').count() == 2
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._".contains(&b));
-        if well_formed && (path.starts_with("/heist.v1.") || path.starts_with("/grpc.")) {
-            return path.to_owned();
-        }
-        return "other".to_owned();
+        let known = crate::RPC_METHODS
+            .binary_search(&path)
+            .ok()
+            .map(|i| crate::RPC_METHODS[i])
+            .or_else(|| GRPC_METHODS.iter().copied().find(|m| *m == path));
+        return known.unwrap_or("other");
     }
     HTTP.iter()
-        .find(|p| path == **p || path.starts_with(&format!("{p}/")))
-        .map_or_else(|| "other".to_owned(), |p| (*p).to_owned())
+        .copied()
+        .find(|p| {
+            path.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .unwrap_or("other")
 }
 
 /// The name of the span [`RpcLayer`] gives an RPC that is one tool call (`CallTool`,
@@ -203,18 +212,31 @@ pub fn tool_call_span(tool: &str, session_id: &str) -> Span {
     info_span!("tool_call", tool = %tool, session_id = %session_id)
 }
 
-/// Tower layer giving every request a span (`rpc`, parented by the caller's trace context,
-/// with the trace id as a field so log lines carry it), recording it in [`RpcMetrics`], and
-/// answering [`TRACE_ID_HEADER`]. Put it outermost, so refused calls are seen too.
+/// Tower layer giving every request a span (`rpc`, named after the method, parented by the
+/// caller's trace context, with the trace id as a field so log lines carry it), recording it in
+/// [`RpcMetrics`], and answering [`TRACE_ID_HEADER`] (unless told not to). Put it outermost, so
+/// refused calls are seen too.
 #[derive(Clone)]
 pub struct RpcLayer {
     metrics: Arc<RpcMetrics>,
+    answer_trace_id: bool,
 }
 
 impl RpcLayer {
-    /// A layer recording into `metrics`.
+    /// A layer recording into `metrics` and answering [`TRACE_ID_HEADER`].
     pub fn new(metrics: Arc<RpcMetrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            answer_trace_id: true,
+        }
+    }
+
+    /// No [`TRACE_ID_HEADER`] on responses: for a server whose only caller started the trace
+    /// itself (a worker, called by the coordinator), where the header would be an extra
+    /// uncompressible value on every response.
+    pub fn without_trace_id_header(mut self) -> Self {
+        self.answer_trace_id = false;
+        self
     }
 }
 
@@ -225,6 +247,7 @@ impl<S> Layer<S> for RpcLayer {
         RpcService {
             inner,
             metrics: self.metrics.clone(),
+            answer_trace_id: self.answer_trace_id,
         }
     }
 }
@@ -234,6 +257,7 @@ impl<S> Layer<S> for RpcLayer {
 pub struct RpcService<S> {
     inner: S,
     metrics: Arc<RpcMetrics>,
+    answer_trace_id: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcService<S>
@@ -255,12 +279,11 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc(request.headers());
         let method = method_label(request.uri().path(), grpc);
-        let span = if is_tool_call(&method) {
+        let span = if is_tool_call(method) {
             info_span!(
                 TOOL_CALL_RPC_SPAN,
-                otel.name = %method,
+                otel.name = method,
                 otel.kind = "server",
-                rpc.method = %method,
                 trace_id = Empty,
                 rpc.code = Empty,
                 tool = Empty,
@@ -269,9 +292,8 @@ where
         } else {
             info_span!(
                 "rpc",
-                otel.name = %method,
+                otel.name = method,
                 otel.kind = "server",
-                rpc.method = %method,
                 trace_id = Empty,
                 rpc.code = Empty,
             )
@@ -289,6 +311,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
+        let answer = self.answer_trace_id.then_some(trace).flatten();
         let started = Instant::now();
         let future = inner.call(request);
         Box::pin(
@@ -296,12 +319,12 @@ where
                 let mut result = future.await;
                 if let Ok(response) = &mut result {
                     let code = response_code(response.status(), response.headers(), grpc);
-                    Span::current().record("rpc.code", code.as_str());
-                    metrics.observe(&method, &code, started.elapsed());
+                    Span::current().record("rpc.code", &*code);
+                    metrics.observe(method, &code, started.elapsed());
                     if let Some(reason) = refusal_reason(response.headers(), &code) {
                         metrics.refused(&reason);
                     }
-                    if let Some(id) = trace
+                    if let Some(id) = answer
                         && let Ok(value) = HeaderValue::from_str(&id.to_string())
                     {
                         response.headers_mut().insert(TRACE_ID_HEADER, value);
@@ -324,16 +347,16 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// The call's outcome as a label: the gRPC code name when the head of the response carries
 /// `grpc-status` (an error answered at once), `OK` for a gRPC response that started normally
 /// (a later error in the trailers of a stream is not seen here), the HTTP status otherwise.
-fn response_code(status: http::StatusCode, headers: &HeaderMap, grpc: bool) -> String {
+fn response_code(status: http::StatusCode, headers: &HeaderMap, grpc: bool) -> Cow<'static, str> {
     if grpc {
         let code = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i32>().ok())
             .map_or(tonic::Code::Ok, tonic::Code::from);
-        return code_name(code).to_owned();
+        return Cow::Borrowed(code_name(code));
     }
-    status.as_u16().to_string()
+    Cow::Owned(status.as_u16().to_string())
 }
 
 /// The canonical name of a gRPC code (`OK`, `NOT_FOUND`, ...).
@@ -388,6 +411,23 @@ mod tests {
         );
         assert_eq!(method_label("/evil.Service/X", true), "other");
         assert_eq!(method_label("/heist.v1.A/B/C", true), "other");
+        // A well-formed path of a method that does not exist is not a label of its own (each
+        // new label would be a new series, made by anyone who can reach the port).
+        assert_eq!(
+            method_label("/heist.v1.ToolService/CallTool2", true),
+            "other"
+        );
+        assert_eq!(
+            method_label("/grpc.health.v1.Health/Check", true),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(
+            method_label("/heist.v1.WorkerService/CaptureWorkspace", true),
+            "/heist.v1.WorkerService/CaptureWorkspace"
+        );
+        assert!(crate::RPC_METHODS.windows(2).all(|w| w[0] < w[1]), "sorted");
+        assert!(crate::RPC_METHODS.len() > 20, "{:?}", crate::RPC_METHODS);
+        assert_eq!(method_label("/metricsX", false), "other");
         assert_eq!(method_label("/metrics", false), "/metrics");
         assert_eq!(method_label("/.well-known/x/y", false), "/.well-known");
         assert_eq!(method_label("/random", false), "other");

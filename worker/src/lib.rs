@@ -243,7 +243,7 @@ pub async fn serve(
         // gRPC needs HTTP/2; the HTTP routes are also served to HTTP/1.1 clients (probes, curl).
         .accept_http1(true)
         .layer(tower::util::option_layer(config.telemetry.then(|| {
-            heist_proto::trace::RpcLayer::new(state.metrics.rpc.clone())
+            heist_proto::trace::RpcLayer::new(state.metrics.rpc.clone()).without_trace_id_header()
         })))
         .add_routes(routes);
     let server = async move {
