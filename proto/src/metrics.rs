@@ -107,12 +107,9 @@ impl RpcMetrics {
     }
 
     /// Records one answered call.
-    pub fn observe(&self, method: &'static str, code: &Cow<'static, str>, elapsed: Duration) {
+    pub fn observe(&self, method: &'static str, code: Cow<'static, str>, elapsed: Duration) {
         self.requests
-            .get_or_create(&MethodCode {
-                method,
-                code: code.clone(),
-            })
+            .get_or_create(&MethodCode { method, code })
             .inc();
         self.duration
             .get_or_create(&Method { method })

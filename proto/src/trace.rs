@@ -320,7 +320,7 @@ where
                 if let Ok(response) = &mut result {
                     let code = response_code(response.status(), response.headers(), grpc);
                     Span::current().record("rpc.code", &*code);
-                    metrics.observe(method, &code, started.elapsed());
+                    metrics.observe(method, code.clone(), started.elapsed());
                     if let Some(reason) = refusal_reason(response.headers(), &code) {
                         metrics.refused(&reason);
                     }
