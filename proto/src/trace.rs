@@ -279,12 +279,17 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let grpc = is_grpc(request.headers());
         let method = method_label(request.uri().path(), grpc);
+        let parent = extract(request.headers());
+        // A span parented by the caller belongs to the caller's trace: its id is known now and
+        // goes in with the other fields (a record costs every layer a visit per call).
+        let remote = context_trace_id(&parent);
+        let known = remote.map(tracing::field::display);
         let span = if is_tool_call(method) {
             info_span!(
                 TOOL_CALL_RPC_SPAN,
                 otel.name = method,
                 otel.kind = "server",
-                trace_id = Empty,
+                trace_id = known,
                 rpc.code = Empty,
                 tool = Empty,
                 session_id = Empty,
@@ -294,19 +299,20 @@ where
                 "rpc",
                 otel.name = method,
                 otel.kind = "server",
-                trace_id = Empty,
+                trace_id = known,
                 rpc.code = Empty,
             )
         };
-        let parent = extract(request.headers());
-        let remote = context_trace_id(&parent);
         set_parent(&span, parent);
-        // With the OpenTelemetry layer the span now has its (possibly new) trace; without it
-        // the caller's trace id is still worth logging.
-        let trace = trace_id(&span).or(remote);
-        if let Some(id) = trace {
-            span.record("trace_id", tracing::field::display(id));
-        }
+        // Without a caller's trace, the OpenTelemetry layer (when installed) has just started a
+        // new one.
+        let trace = remote.or_else(|| {
+            let new = trace_id(&span);
+            if let Some(id) = new {
+                span.record("trace_id", tracing::field::display(id));
+            }
+            new
+        });
         // The standard swap: call the clone that was polled ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -431,6 +437,93 @@ mod tests {
         assert_eq!(method_label("/metrics", false), "/metrics");
         assert_eq!(method_label("/.well-known/x/y", false), "/.well-known");
         assert_eq!(method_label("/random", false), "other");
+    }
+
+    /// A server that logs one line while it answers (in its response future, as tonic's
+    /// handlers run).
+    #[derive(Clone)]
+    struct Logs;
+
+    impl Service<http::Request<()>> for Logs {
+        type Response = http::Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            Box::pin(async {
+                tracing::info!("answering");
+                Ok(http::Response::new(()))
+            })
+        }
+    }
+
+    /// Log lines written to a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_inside_a_call_carry_the_callers_trace_id() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let metrics = Arc::new(RpcMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let mut service = RpcLayer::new(metrics).layer(Logs);
+        let request = http::Request::builder()
+            .uri("/heist.v1.SessionService/GetSession")
+            .header("content-type", "application/grpc")
+            .header(
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(())
+            .expect("request");
+        let response = tracing::subscriber::with_default(subscriber, || {
+            futures::executor::block_on(service.call(request))
+        })
+        .expect("response");
+        let logs = String::from_utf8_lossy(
+            &captured
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned();
+        assert!(
+            logs.contains("answering")
+                && logs.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{logs}"
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get(TRACE_ID_HEADER)
+                .map(HeaderValue::as_bytes),
+            Some(&b"4bf92f3577b34da6a3ce929d0e0e4736"[..]),
+            "the response names the trace"
+        );
     }
 
     #[test]
