@@ -514,11 +514,7 @@ async fn a_worker_killed_with_sigkill_leaves_no_pool_behind_once_restarted() {
 
     // SIGTERM: the pool is deleted and the session unmounted (its image stays for the next
     // start); nothing stays mounted or attached.
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    worker.sigterm();
     let exit = tokio::task::spawn_blocking(move || worker.0.wait().expect("wait"))
         .await
         .expect("join");

@@ -216,12 +216,7 @@ async fn sigterm_drains_a_worker_without_failing_in_flight_calls() {
         }
     })
     .await;
-    let pid = worker.0.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    worker.sigterm();
 
     // It stops taking sessions at once...
     client

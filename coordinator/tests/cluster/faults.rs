@@ -263,11 +263,7 @@ async fn sigterm_drains_calls_in_flight_before_closing_worker_streams() {
         }
     })
     .await;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &coord.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    coord.sigterm();
 
     let resp = in_flight
         .await

@@ -561,6 +561,17 @@ pub fn free_port() -> u16 {
 /// A child process killed (SIGKILL) when dropped.
 pub struct ChildGuard(pub Child);
 
+impl ChildGuard {
+    /// Sends SIGTERM (what a service manager does to stop the process).
+    pub fn sigterm(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid")),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -228,11 +228,7 @@ async fn a_full_coordinator_disk_refuses_mutations_unapplied_and_recovers_withou
         .await
         .expect_err("a mutation on a full disk");
     assert_status(&err, Code::ResourceExhausted, reason::STORE_FULL);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(coord.0.id()).expect("pid")),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    coord.sigterm();
     let status = wait_exit(&mut coord.0).await;
     let log = std::fs::read_to_string(dir.path().join("c.log")).unwrap_or_default();
     assert!(

@@ -22,9 +22,6 @@ use heist_proto::hash::{hex, parse_hex};
 use super::manifest::Hash;
 use crate::Error;
 
-/// Bytes read and written per step when a blob is copied in.
-const COPY_BUF: usize = 256 * 1024;
-
 #[derive(Debug, Default)]
 struct Index {
     /// Blob -> (size, last use tick).
@@ -138,26 +135,9 @@ impl BlobCache {
             )
         };
         let written = (|| -> io::Result<Option<()>> {
-            thread_local! {
-                /// One copy buffer per thread, not one (zeroed) per blob.
-                static BUF: std::cell::RefCell<Vec<u8>> =
-                    std::cell::RefCell::new(vec![0u8; COPY_BUF]);
-            }
             let mut out = fs::File::create(&tmp)?;
-            let mut hasher = blake3::Hasher::new();
-            let total = BUF.with_borrow_mut(|buf| {
-                let mut total = 0u64;
-                loop {
-                    let n = src.read(buf)?;
-                    if n == 0 {
-                        return Ok::<_, io::Error>(total);
-                    }
-                    hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
-                    total += n as u64;
-                }
-            })?;
-            Ok((total == size && hasher.finalize().as_bytes() == hash).then_some(()))
+            let (got, total) = super::manifest::hash_reader(src, |chunk| out.write_all(chunk))?;
+            Ok((total == size && got == *hash).then_some(()))
         })();
         match written {
             Ok(Some(())) => {}

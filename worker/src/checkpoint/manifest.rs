@@ -22,7 +22,7 @@
 use std::{
     cmp::Ordering as Order,
     collections::HashMap,
-    io::Read as _,
+    io::Read,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
     time::{SystemTime, UNIX_EPOCH},
@@ -478,27 +478,37 @@ pub fn hash_file(root: &Dir, path: &str) -> Result<(Hash, StatKey), Error> {
     let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
     let mut file = root.open(path).map_err(io)?;
     let before = StatKey::of(&file.metadata().map_err(io)?);
+    let (hash, read) = hash_reader(&mut file, |_| Ok(())).map_err(io)?;
+    let after = StatKey::of(&file.metadata().map_err(io)?);
+    if before != after || read != after.size {
+        return Err(Error::ChangedDuringCapture(path.to_owned()));
+    }
+    Ok((hash, after))
+}
+
+/// Reads `src` to its end through one buffer per thread (not a zeroed one per file), hashing
+/// every chunk and handing it to `sink`; returns the hash and the bytes read.
+pub fn hash_reader(
+    src: &mut impl Read,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<(Hash, u64)> {
     thread_local! {
-        /// One read buffer per hashing thread, not one (zeroed) per file.
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; READ_BUF]);
     }
     let mut hasher = blake3::Hasher::new();
     let read = BUF.with_borrow_mut(|buf| {
         let mut read = 0u64;
         loop {
-            let n = file.read(buf).map_err(io)?;
+            let n = src.read(buf)?;
             if n == 0 {
-                return Ok::<_, Error>(read);
+                return Ok::<_, std::io::Error>(read);
             }
             hasher.update(&buf[..n]);
+            sink(&buf[..n])?;
             read += n as u64;
         }
     })?;
-    let after = StatKey::of(&file.metadata().map_err(io)?);
-    if before != after || read != after.size {
-        return Err(Error::ChangedDuringCapture(path.to_owned()));
-    }
-    Ok((*hasher.finalize().as_bytes(), after))
+    Ok((*hasher.finalize().as_bytes(), read))
 }
 
 /// Checks that every path of `manifest` is a clean relative path, entries are unique, files
