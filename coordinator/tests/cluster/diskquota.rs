@@ -346,18 +346,21 @@ async fn closing_removes_the_file_system_and_a_restarted_worker_mounts_it_again(
 async fn sessions_from_the_pool_are_bounded_alike_and_never_share_a_file_system() {
     let mut lab = lab_with_pool(3).await;
     let images = lab.images();
-    // Three complete: at least two are in the pool's list, so both opens below take one.
-    let ready = pool_filled(&images, 3).await;
-    let a = lab.client.create_session(&[]).await.expect("a").id;
-    let b = lab.client.create_session(&[]).await.expect("b").id;
-    let (a_ws, b_ws) = (lab.worker.workspace(&a), lab.worker.workspace(&b));
-    for s in [&a, &b] {
+    // With three complete (at least two in the pool's list, and no refill running), an open
+    // takes one of them. The next open waits for the refill, which a take starts.
+    let mut ids = Vec::new();
+    for name in ["a", "b"] {
+        let ready = pool_filled(&images, 3).await;
+        let s = lab.client.create_session(&[]).await.expect(name).id;
         let ino = std::fs::metadata(images.join(format!("{s}.img")))
             .expect("image")
             .ino();
         assert!(ready.contains(&ino), "{s}'s file system came from the pool");
-        assert!(mounted(&lab.worker.workspace(s)));
+        assert!(mounted(&lab.worker.workspace(&s)));
+        ids.push(s);
     }
+    let [a, b] = <[String; 2]>::try_from(ids).expect("two sessions");
+    let (a_ws, b_ws) = (lab.worker.workspace(&a), lab.worker.workspace(&b));
     let dev = |ws: &Path| std::fs::metadata(ws).expect("workspace").dev();
     assert_ne!(
         dev(&a_ws),

@@ -215,19 +215,37 @@ impl Drop for CommandSlot {
 /// Counter type of the concurrent-command slots kept in each workspace.
 pub type RunningCommands = AtomicU32;
 
-/// A quota error for a command that took the workspace over a quota (it was stopped; what it
-/// wrote stays, and the session cannot grow until files are deleted).
-pub(crate) fn quota_error(quota: &'static str, used: u64, limit: u64) -> Error {
+/// How a command that took its workspace over a quota was held to it.
+pub(crate) enum Held {
+    /// Killed for it while running (quota polling).
+    Stopped,
+    /// Its workspace is a file system of its own, which refuses writes at its end.
+    FileSystem,
+    /// Found over it when the command ended.
+    Measured,
+}
+
+/// A quota error for a command that took the workspace over a quota. What it wrote stays, and
+/// the session cannot grow until files are deleted.
+pub(crate) fn quota_error(quota: &'static str, used: u64, limit: u64, held: Held) -> Error {
     let (unit, setting) = match quota {
         "disk_bytes" => ("bytes", "HEIST_QUOTA_DISK_BYTES"),
         _ => ("entries", "HEIST_QUOTA_FILES"),
+    };
+    let held = match held {
+        Held::Stopped => ", and was stopped",
+        Held::FileSystem => {
+            ", which its file system enforces (writes past the end fail with ENOSPC, No space \
+             left on device)"
+        }
+        Held::Measured => "",
     };
     Error::LimitExceeded {
         limit: quota,
         message: format!(
             "the command took the session's workspace to {used} {unit}, over its quota of \
-             {limit} {unit} ({setting}), and was stopped; what it wrote is still there: delete \
-             files to get back under the quota"
+             {limit} {unit} ({setting}){held}; what it wrote is still there: delete files to \
+             get back under the quota"
         ),
     }
 }

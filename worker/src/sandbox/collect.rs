@@ -17,7 +17,8 @@ use tokio::time::{Instant as TokioInstant, MissedTickBehavior, sleep_until};
 use tracing::{debug, warn};
 
 use super::{
-    Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, OutputSink, Stream, admit::quota_error,
+    Chunk, Event, Execution, ExitInfo, Job, MemoryLimit, OutputSink, Stream,
+    admit::{Held, quota_error},
 };
 use crate::{
     Error, diskfs,
@@ -124,7 +125,10 @@ pub async fn collect(
     let mut over: Option<(&'static str, u64, u64)> = None;
     // Under the file-system quota the kernel refuses writes past it (ENOSPC): a command that
     // filled the file system (which was not full before it) is answered as over its quota.
-    let full_before = diskfs::full(&job.root).is_some();
+    // There the kernel bounds the command, so polling only looks for a full file system: the
+    // command sees ENOSPC as on any full disk (and may handle it) rather than being killed.
+    let own_fs = diskfs::is_mountpoint(&job.root).unwrap_or(false);
+    let full_before = own_fs && full(&job.root).await.is_some();
     let mut filled: Option<&'static str> = None;
     let mut stopping = Stopping::No;
     let mut poll = tokio::time::interval_at(
@@ -169,9 +173,10 @@ pub async fn collect(
                 execution.kill().await;
                 stopping = Stopping::Killed;
             }
-            _ = poll.tick(), if over.is_none() => {
-                if !full_before && filled.is_none() {
-                    filled = diskfs::full(&job.root);
+            _ = poll.tick(), if over.is_none() && filled.is_none() && !full_before => {
+                if own_fs {
+                    filled = full(&job.root).await;
+                    continue;
                 }
                 let now = measure(&job.root, watch.quotas, execution.processes()).await?;
                 if let Some(hit) = grown_over(now, watch.before, watch.quotas) {
@@ -188,12 +193,21 @@ pub async fn collect(
     // The final measurement: it also refreshes the cache the next command and fs.write use.
     let after = measure(&job.root, watch.quotas, None).await?;
     watch.usage.set(after);
-    if over.is_none()
-        && !full_before
-        && let Some(quota) = filled.or_else(|| diskfs::full(&job.root))
-    {
-        return Err(filled_error(quota, watch.quotas));
+    if own_fs && !full_before {
+        if filled.is_none() {
+            filled = full(&job.root).await;
+        }
+        if let Some(quota) = filled {
+            return Err(filled_error(quota, watch.quotas));
+        }
     }
+    let held = if over.is_some() {
+        Held::Stopped
+    } else if own_fs {
+        Held::FileSystem
+    } else {
+        Held::Measured
+    };
     if over.is_none() {
         over = grown_over(after, watch.before, watch.quotas);
     }
@@ -205,7 +219,7 @@ pub async fn collect(
         ));
     }
     if let Some((quota, used, limit)) = over {
-        return Err(quota_error(quota, used, limit));
+        return Err(quota_error(quota, used, limit, held));
     }
     if let Some(memory) = exit.out_of_memory {
         return Err(out_of_memory(memory));
@@ -283,6 +297,14 @@ fn grown_over(now: Usage, before: Usage, quotas: &Quotas) -> Option<(&'static st
     } else {
         None
     }
+}
+
+/// `diskfs::full` off the async threads (it may write the file system out to see what is left).
+async fn full(root: &Path) -> Option<&'static str> {
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || diskfs::full(&root))
+        .await
+        .unwrap_or(None)
 }
 
 /// Measures the workspace (stopping once it is clearly over the file quota).
