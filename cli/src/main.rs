@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+/// The allocator: a gRPC server makes many small allocations per call, which mimalloc serves
+/// with less work than the system's (docs/BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     heistctl::main_entry().await

@@ -37,6 +37,11 @@ enum Command {
     },
 }
 
+/// The allocator: a gRPC server makes many small allocations per call, which mimalloc serves
+/// with less work than the system's (docs/BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();

@@ -18,9 +18,9 @@ use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use tracing::Subscriber;
 use tracing_subscriber::{
     EnvFilter, Layer,
-    filter::{LevelFilter, Targets},
+    filter::{FilterExt, LevelFilter, Targets},
     fmt,
-    layer::SubscriberExt as _,
+    layer::{Filter, SubscriberExt as _},
     registry::LookupSpan,
     util::SubscriberInitExt as _,
 };
@@ -104,8 +104,7 @@ pub fn init(level: &str, format: &str) -> Result<(), String> {
 /// Installs the global subscriber, exporting traces to `otlp` when given. Must run inside a
 /// Tokio runtime when `otlp` is given (the gRPC exporter's channel lives there).
 pub fn init_with(level: &str, format: &str, otlp: Option<Otlp>) -> Result<Telemetry, String> {
-    let filter = EnvFilter::try_new(level)
-        .map_err(|e| format!("LOG_LEVEL {level:?} is not a valid filter: {e}"))?;
+    let filter = log_filter(level)?;
     let fmt_layer = match format {
         "json" => fmt::layer()
             .json()
@@ -132,6 +131,22 @@ pub fn init_with(level: &str, format: &str, otlp: Option<Otlp>) -> Result<Teleme
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
     Ok(Telemetry { provider })
+}
+
+/// The filter of the log lines for LOG_LEVEL. Directives that only name targets and levels (the
+/// usual `info` or `heist_worker=debug,warn`) make a static filter, decided once per callsite;
+/// only directives on spans or fields (`[call-tool]=debug`) need the dynamic one, which looks
+/// up every span on every enter and exit.
+fn log_filter<S>(level: &str) -> Result<Box<dyn Filter<S> + Send + Sync>, String>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    if let Ok(targets) = level.parse::<Targets>() {
+        return Ok(FilterExt::boxed(targets));
+    }
+    EnvFilter::try_new(level)
+        .map(FilterExt::boxed)
+        .map_err(|e| format!("LOG_LEVEL {level:?} is not a valid filter: {e}"))
 }
 
 /// The OpenTelemetry layer for `otlp` and its provider. Only heist's own spans (targets
@@ -193,4 +208,44 @@ pub fn init_for_tests(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
         .try_init()
         .map_err(|e| format!("cannot install the subscriber: {e}"))?;
     Ok(provider)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use tracing::{Level, event};
+    use tracing_subscriber::Registry;
+
+    use super::*;
+
+    /// Counts the events it is given.
+    struct Count(Arc<AtomicUsize>);
+
+    impl<S: Subscriber> Layer<S> for Count {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn log_levels_filter_by_target_and_level() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let filter = log_filter::<Registry>("heist_worker=debug,warn").expect("valid");
+        let subscriber = Registry::default().with(Count(seen.clone()).with_filter(filter));
+        tracing::subscriber::with_default(subscriber, || {
+            event!(target: "heist_worker::sandbox", Level::DEBUG, "kept");
+            event!(target: "heist_worker::sandbox", Level::TRACE, "dropped");
+            event!(target: "h2::codec", Level::INFO, "dropped");
+            event!(target: "h2::codec", Level::WARN, "kept");
+        });
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        // Span directives are still understood (by the dynamic filter).
+        assert!(log_filter::<Registry>("[call-tool]=debug,info").is_ok());
+        let err = log_filter::<Registry>("heist=loud").err().expect("invalid");
+        assert!(err.contains("LOG_LEVEL \"heist=loud\""), "{err}");
+    }
 }

@@ -46,6 +46,11 @@ enum Command {
     EngineGate(Box<heist_worker::engine_gate::GateArgs>),
 }
 
+/// The allocator: a gRPC server makes many small allocations per call, which mimalloc serves
+/// with less work than the system's (docs/BENCHMARKS.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
