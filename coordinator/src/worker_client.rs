@@ -436,7 +436,9 @@ impl Credentials {
     }
 
     /// The `authorization` value for one call: a fresh credential (new id, which the worker
-    /// accepts once) for the call whose [`call_digest`] is `digest`.
+    /// accepts once) for the call whose [`call_digest`] is `digest`. Marked sensitive: HPACK
+    /// sends it as never indexed, so it neither sits in the connection's header table nor
+    /// pushes out the headers that repeat on every call.
     fn header(&self, worker: &WorkerId, digest: &str) -> Result<AsciiMetadataValue, Error> {
         let key = self
             .call_key
@@ -447,8 +449,12 @@ impl Credentials {
         let credential = key.mint(digest, self.ttl).map_err(|e| {
             Error::Status(Status::internal(format!("cannot make a credential: {e}")))
         })?;
-        AsciiMetadataValue::try_from(format!("Bearer {credential}"))
-            .map_err(|e| Error::Status(Status::internal(format!("credential is not ASCII: {e}"))))
+        let mut value =
+            AsciiMetadataValue::try_from(format!("Bearer {credential}")).map_err(|e| {
+                Error::Status(Status::internal(format!("credential is not ASCII: {e}")))
+            })?;
+        value.set_sensitive(true);
+        Ok(value)
     }
 }
 
@@ -508,6 +514,7 @@ mod tests {
         let first = client.credentials.header(&id, "d1").expect("header");
         let second = client.credentials.header(&id, "d1").expect("header");
         assert_ne!(first, second, "every call gets its own credential");
+        assert!(first.is_sensitive(), "never indexed by HPACK");
         let text = first
             .to_str()
             .expect("ascii")

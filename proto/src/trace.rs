@@ -59,10 +59,13 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (
+        if let (Ok(key), Ok(mut value)) = (
             MetadataKey::from_bytes(key.as_bytes()),
             AsciiMetadataValue::try_from(value),
         ) {
+            // A traceparent names a new span on every call: HPACK sends it never indexed, so
+            // it does not push the headers that do repeat out of the connection's table.
+            value.set_sensitive(key.as_str() == TRACEPARENT);
             self.0.insert(key, value);
         }
     }
@@ -331,8 +334,10 @@ where
                         metrics.refused(&reason);
                     }
                     if let Some(id) = answer
-                        && let Ok(value) = HeaderValue::from_str(&id.to_string())
+                        && let Ok(mut value) = HeaderValue::from_str(&id.to_string())
                     {
+                        // New on every trace: never indexed (see `MetadataInjector`).
+                        value.set_sensitive(true);
                         response.headers_mut().insert(TRACE_ID_HEADER, value);
                     }
                 }
@@ -408,6 +413,17 @@ fn refusal_reason(headers: &HeaderMap, code: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_injected_traceparent_is_never_indexed() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let cx = from_traceparent(value);
+        let mut metadata = MetadataMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(&mut metadata));
+        let sent = metadata.get(TRACEPARENT).expect("traceparent");
+        assert_eq!(sent.to_str().expect("ascii"), value);
+        assert!(sent.is_sensitive());
+    }
 
     #[test]
     fn method_labels_are_bounded() {
