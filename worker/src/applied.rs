@@ -455,7 +455,18 @@ mod tests {
         dying.settled = true;
         drop(dying);
         drop(store);
-        let store = Applied::open(dir.path()).expect("reopen");
+        // A flush still running on the blocking pool holds the store's lock a moment longer
+        // (a dead process's lock goes with it).
+        let reopened = || Applied::open(dir.path());
+        let mut store = reopened();
+        for _ in 0..250 {
+            if store.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            store = reopened();
+        }
+        let store = store.expect("reopen");
         let err = store.begin(&session(), "dying", [1; 32]).await.err();
         assert!(matches!(err, Some(Error::OutcomeUnknown(_))), "{err:?}");
     }
