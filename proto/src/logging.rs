@@ -105,6 +105,7 @@ pub fn init(level: &str, format: &str) -> Result<(), String> {
 /// Tokio runtime when `otlp` is given (the gRPC exporter's channel lives there).
 pub fn init_with(level: &str, format: &str, otlp: Option<Otlp>) -> Result<Telemetry, String> {
     let filter = log_filter(level)?;
+    crate::trace::set_logs_show_rpc_spans(logs_show_rpc_spans(level));
     let fmt_layer = match format {
         "json" => fmt::layer()
             .json()
@@ -133,6 +134,23 @@ pub fn init_with(level: &str, format: &str, otlp: Option<Otlp>) -> Result<Teleme
     Ok(Telemetry { provider })
 }
 
+/// Whether log lines under LOG_LEVEL `level` show the fields of the calls' spans (INFO spans of
+/// `heist_proto::trace`). Only a static filter is asked; a dynamic one may show them.
+fn logs_show_rpc_spans(level: &str) -> bool {
+    static_targets(level).is_none_or(|targets| {
+        targets.would_enable(crate::trace::RPC_SPAN_TARGET, &tracing::Level::INFO)
+    })
+}
+
+/// LOG_LEVEL as a static filter, when it only names targets and levels: no span or field
+/// directive (`[span]`, `{field}`), which `Targets` would take for part of a target's name.
+fn static_targets(level: &str) -> Option<Targets> {
+    if level.contains(['[', ']', '{', '}']) {
+        return None;
+    }
+    level.parse().ok()
+}
+
 /// The filter of the log lines for LOG_LEVEL. Directives that only name targets and levels (the
 /// usual `info` or `heist_worker=debug,warn`) make a static filter, decided once per callsite;
 /// only directives on spans or fields (`[call-tool]=debug`) need the dynamic one, which looks
@@ -141,7 +159,7 @@ fn log_filter<S>(level: &str) -> Result<Box<dyn Filter<S> + Send + Sync>, String
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    if let Ok(targets) = level.parse::<Targets>() {
+    if let Some(targets) = static_targets(level) {
         return Ok(FilterExt::boxed(targets));
     }
     EnvFilter::try_new(level)
@@ -243,7 +261,15 @@ mod tests {
             event!(target: "h2::codec", Level::WARN, "kept");
         });
         assert_eq!(seen.load(Ordering::SeqCst), 2);
-        // Span directives are still understood (by the dynamic filter).
+        assert!(logs_show_rpc_spans("info"));
+        assert!(logs_show_rpc_spans("heist_proto=info,warn"));
+        assert!(!logs_show_rpc_spans("warn"));
+        assert!(
+            logs_show_rpc_spans("[rpc]=info,warn"),
+            "a dynamic filter may show them"
+        );
+        // Span directives are still understood (by the dynamic filter, not taken for a target).
+        assert!(static_targets("[call-tool]=debug,info").is_none());
         assert!(log_filter::<Registry>("[call-tool]=debug,info").is_ok());
         let err = log_filter::<Registry>("heist=loud").err().expect("invalid");
         assert!(err.contains("LOG_LEVEL \"heist=loud\""), "{err}");

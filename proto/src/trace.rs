@@ -16,7 +16,10 @@ use std::{
     borrow::Cow,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context as TaskContext, Poll},
     time::Instant,
 };
@@ -59,6 +62,10 @@ struct MetadataInjector<'a>(&'a mut MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` says nothing (W3C Trace Context §3.3.1): not sent.
+        if value.is_empty() {
+            return;
+        }
         if let (Ok(key), Ok(mut value)) = (
             MetadataKey::from_bytes(key.as_bytes()),
             AsciiMetadataValue::try_from(value),
@@ -187,6 +194,19 @@ pub fn method_label(path: &str, grpc: bool) -> &'static str {
         .unwrap_or("other")
 }
 
+/// The target of the spans [`RpcLayer`] makes (this module's path).
+pub const RPC_SPAN_TARGET: &str = module_path!();
+
+/// Whether log lines show the fields of [`RpcLayer`]'s spans (see [`set_logs_show_rpc_spans`]).
+static LOGS_SHOW_RPC_SPANS: AtomicBool = AtomicBool::new(true);
+
+/// Tells [`RpcLayer`] whether the log filter shows its spans. When it does not (LOG_LEVEL
+/// `warn`), a span carries no `trace_id` field: no log line could show it, and a trace
+/// exporter would only send it again as an attribute of every span.
+pub fn set_logs_show_rpc_spans(shown: bool) {
+    LOGS_SHOW_RPC_SPANS.store(shown, Ordering::Relaxed);
+}
+
 /// The name of the span [`RpcLayer`] gives an RPC that is one tool call (`CallTool`,
 /// `CallToolStream`): it has `tool` and `session_id` fields for [`tool_call_span`] to fill.
 const TOOL_CALL_RPC_SPAN: &str = "rpc-tool-call";
@@ -286,14 +306,16 @@ where
         // A span parented by the caller belongs to the caller's trace: its id is known now and
         // goes in with the other fields (a record costs every layer a visit per call).
         let remote = context_trace_id(&parent);
-        let known = remote.map(tracing::field::display);
+        let logged = LOGS_SHOW_RPC_SPANS.load(Ordering::Relaxed);
+        let known = remote.filter(|_| logged).map(tracing::field::display);
         let span = if is_tool_call(method) {
             info_span!(
                 TOOL_CALL_RPC_SPAN,
                 otel.name = method,
                 otel.kind = "server",
                 trace_id = known,
-                rpc.code = Empty,
+                rpc.grpc.status_code = Empty,
+                http.response.status_code = Empty,
                 tool = Empty,
                 session_id = Empty,
             )
@@ -303,7 +325,8 @@ where
                 otel.name = method,
                 otel.kind = "server",
                 trace_id = known,
-                rpc.code = Empty,
+                rpc.grpc.status_code = Empty,
+                http.response.status_code = Empty,
             )
         };
         set_parent(&span, parent);
@@ -311,7 +334,7 @@ where
         // new one.
         let trace = remote.or_else(|| {
             let new = trace_id(&span);
-            if let Some(id) = new {
+            if let Some(id) = new.filter(|_| logged) {
                 span.record("trace_id", tracing::field::display(id));
             }
             new
@@ -327,8 +350,14 @@ where
             async move {
                 let mut result = future.await;
                 if let Ok(response) = &mut result {
-                    let code = response_code(response.status(), response.headers(), grpc);
-                    Span::current().record("rpc.code", &*code);
+                    let (code, number) = response_code(response.status(), response.headers(), grpc);
+                    // Numbers, as the semantic conventions have them (no string to allocate).
+                    let field = if grpc {
+                        "rpc.grpc.status_code"
+                    } else {
+                        "http.response.status_code"
+                    };
+                    Span::current().record(field, number);
                     metrics.observe(method, code.clone(), started.elapsed());
                     if let Some(reason) = refusal_reason(response.headers(), &code) {
                         metrics.refused(&reason);
@@ -355,19 +384,27 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// The call's outcome as a label: the gRPC code name when the head of the response carries
-/// `grpc-status` (an error answered at once), `OK` for a gRPC response that started normally
-/// (a later error in the trailers of a stream is not seen here), the HTTP status otherwise.
-fn response_code(status: http::StatusCode, headers: &HeaderMap, grpc: bool) -> Cow<'static, str> {
+/// The call's outcome as a label and as a number: the gRPC code when the head of the response
+/// carries `grpc-status` (an error answered at once), `OK` for a gRPC response that started
+/// normally (a later error in the trailers of a stream is not seen here), the HTTP status
+/// otherwise.
+fn response_code(
+    status: http::StatusCode,
+    headers: &HeaderMap,
+    grpc: bool,
+) -> (Cow<'static, str>, i64) {
     if grpc {
         let code = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i32>().ok())
             .map_or(tonic::Code::Ok, tonic::Code::from);
-        return Cow::Borrowed(code_name(code));
+        return (Cow::Borrowed(code_name(code)), i64::from(i32::from(code)));
     }
-    Cow::Owned(status.as_u16().to_string())
+    (
+        Cow::Owned(status.as_u16().to_string()),
+        i64::from(status.as_u16()),
+    )
 }
 
 /// The canonical name of a gRPC code (`OK`, `NOT_FOUND`, ...).
@@ -423,6 +460,10 @@ mod tests {
         let sent = metadata.get(TRACEPARENT).expect("traceparent");
         assert_eq!(sent.to_str().expect("ascii"), value);
         assert!(sent.is_sensitive());
+        assert!(
+            metadata.get("tracestate").is_none(),
+            "an empty tracestate is not sent"
+        );
     }
 
     #[test]

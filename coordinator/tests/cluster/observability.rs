@@ -205,6 +205,12 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         attrs.get("tool").is_some_and(|v| v.contains("echo")),
         "{attrs:?}"
     );
+    assert!(
+        attrs
+            .get("rpc.grpc.status_code")
+            .is_some_and(|v| v.contains("IntValue(0)")),
+        "the gRPC status as a number: {attrs:?}"
+    );
     let coord_attrs: Vec<&str> = coord_rpc
         .attributes
         .iter()
