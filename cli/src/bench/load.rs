@@ -260,6 +260,8 @@ where
 pub struct Throughput {
     /// Calls that completed inside the window.
     pub calls: u64,
+    /// Calls that completed at all, warm-up included (what a process's CPU time covers).
+    pub all_calls: u64,
     /// The window, in seconds.
     pub seconds: f64,
     /// Latency of the calls that started and ended inside the window.
@@ -292,13 +294,15 @@ pub async fn throughput<T: Target>(
     }
     let mut total = Throughput {
         calls: 0,
+        all_calls: 0,
         seconds: window.as_secs_f64(),
         latencies: Latencies::new(),
     };
     while let Some(joined) = tasks.join_next().await {
-        let (calls, latencies) =
+        let (calls, all_calls, latencies) =
             joined.map_err(|e| failed(format!("a load task failed: {e}")))??;
         total.calls += calls;
+        total.all_calls += all_calls;
         total.latencies.merge(&latencies);
     }
     if total.calls == 0 {
@@ -312,8 +316,9 @@ async fn load_task<T: Target>(
     target: T,
     start: Instant,
     end: Instant,
-) -> Result<(u64, Latencies), Error> {
+) -> Result<(u64, u64, Latencies), Error> {
     let mut completed = 0;
+    let mut all = 0;
     let mut latencies = Latencies::new();
     for _ in 0..MAX_CALLS_PER_TASK {
         let began = Instant::now();
@@ -321,6 +326,7 @@ async fn load_task<T: Target>(
             break;
         }
         target.call_once().await?;
+        all += 1;
         let done = Instant::now();
         if done >= start && done <= end {
             completed += 1;
@@ -329,7 +335,7 @@ async fn load_task<T: Target>(
             }
         }
     }
-    Ok((completed, latencies))
+    Ok((completed, all, latencies))
 }
 
 #[cfg(test)]

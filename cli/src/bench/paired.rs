@@ -146,20 +146,30 @@ impl Pair {
                     Which::A => (&self.on, &mut on),
                     Which::B => (&self.off, &mut off),
                 };
-                *slot = Some(
-                    load::throughput(
-                        &side.target,
-                        s.concurrency,
-                        s.throughput_warmup(),
-                        s.throughput(),
-                    )
-                    .await?,
-                );
+                let cpu_before = side.cluster.cpu_seconds();
+                let measured = load::throughput(
+                    &side.target,
+                    s.concurrency,
+                    s.throughput_warmup(),
+                    s.throughput(),
+                )
+                .await?;
+                // CPU per call of the side's own processes (warm-up included in the CPU, so
+                // counted against the calls of warm-up and window together).
+                let cpu = cpu_before
+                    .zip(side.cluster.cpu_seconds())
+                    .map(|(before, after)| (after - before, measured.all_calls));
+                *slot = Some((measured, cpu));
             }
             after_round(self).await?;
-            let (Some(on), Some(off)) = (on, off) else {
+            let (Some((on, on_cpu)), Some((off, off_cpu))) = (on, off) else {
                 unreachable!("order() names both sides");
             };
+            if let (Some(on_cpu), Some(off_cpu)) = (per_call(on_cpu), per_call(off_cpu)) {
+                out.cpu_ratios.push(on_cpu / off_cpu);
+                out.on_cpu_us.push(on_cpu * 1e6);
+                out.off_cpu_us.push(off_cpu * 1e6);
+            }
             out.on_calls += on.calls;
             out.on_rates.push(on.per_second());
             out.off_rates.push(off.per_second());
@@ -297,6 +307,13 @@ impl Side {
     }
 }
 
+/// CPU seconds per call of a (CPU seconds, calls) measurement, when both were counted (CPU
+/// time moves in clock ticks).
+fn per_call(cpu: Option<(f64, u64)>) -> Option<f64> {
+    cpu.filter(|&(seconds, calls)| seconds > 0.0 && calls > 0)
+        .map(|(seconds, calls)| seconds / calls as f64)
+}
+
 /// What the rounds measured.
 #[derive(Debug, Default)]
 pub struct Rounds {
@@ -308,6 +325,13 @@ pub struct Rounds {
     pub ratios: Vec<f64>,
     /// Calls the "on" side answered in its measured windows.
     pub on_calls: u64,
+    /// CPU µs per call of each side's processes (coordinator and workers), one per round: a
+    /// cost that another process's load on the same CPUs does not change.
+    pub on_cpu_us: Vec<f64>,
+    /// The same for the "off" side.
+    pub off_cpu_us: Vec<f64>,
+    /// on/off CPU per call of each round.
+    pub cpu_ratios: Vec<f64>,
 }
 
 impl Rounds {
@@ -331,6 +355,26 @@ impl Rounds {
                 "on / off, highest round",
             ],
         ));
+        if !self.cpu_ratios.is_empty() {
+            metrics.push(Metric::new(
+                "on_cpu_us_per_call",
+                "CPU per call, on (coordinator + workers), median",
+                median(&mut self.on_cpu_us),
+                "us",
+            ));
+            metrics.push(Metric::new(
+                "off_cpu_us_per_call",
+                "CPU per call, off (coordinator + workers), median",
+                median(&mut self.off_cpu_us),
+                "us",
+            ));
+            metrics.push(Metric::new(
+                "on_vs_off_cpu_per_call",
+                "on / off CPU per call, median of per-round ratios",
+                median(&mut self.cpu_ratios),
+                "x",
+            ));
+        }
         metrics
     }
 }

@@ -346,6 +346,15 @@ impl LocalCluster {
         &self.coordinator.info
     }
 
+    /// CPU time (user + system) the coordinator and the workers have used so far; `None` where
+    /// a process's cannot be read (see `/proc/PID/stat`).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        std::iter::once(&self.coordinator)
+            .chain(&self.workers)
+            .map(ChildProcess::cpu_seconds)
+            .sum()
+    }
+
     /// The worker processes, in id order.
     pub fn workers(&self) -> Vec<&ProcessInfo> {
         self.workers.iter().map(|w| &w.info).collect()

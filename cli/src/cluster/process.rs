@@ -35,6 +35,18 @@ pub(crate) struct ChildProcess {
 }
 
 impl ChildProcess {
+    /// CPU time (user + system) the process has used so far, from `/proc/PID/stat`; `None`
+    /// once it has exited or where that file cannot be read.
+    pub(crate) fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
+        // The fields after the command name (which may hold spaces, inside parentheses):
+        // state is the first, utime and stime are the 12th and 13th.
+        let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+        let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+        Some(ticks as f64 / per_second as f64)
+    }
+
     /// Starts `binary` with `env`, output appended to `info.log`. The child gets its own process
     /// group so a terminal Ctrl-C reaches only heistctl, which then stops children in order.
     pub(crate) fn spawn(
