@@ -110,6 +110,10 @@ pub struct Config {
     /// Most entries (files, directories, symlinks) a captured workspace may have
     /// (HEIST_CHECKPOINT_MAX_ENTRIES). Default 100000.
     pub checkpoint_max_entries: usize,
+    /// Let captures examine only what a workspace's change journal names (fanotify, where
+    /// the workspace is a file system of its own) instead of walking it (HEIST_CHECKPOINT_JOURNAL).
+    /// Default true.
+    pub checkpoint_journal: bool,
     /// Hashes per FindMissingBlobs / GetBlobs call to the coordinator (HEIST_BLOB_BATCH); keep
     /// it at most the coordinator's HEIST_MAX_BLOB_BATCH. Default 10000.
     pub blob_batch: usize,
@@ -193,6 +197,7 @@ impl Default for Config {
             state_dir: None,
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,
+            checkpoint_journal: true,
             blob_batch: 10_000,
             models: crate::model::ModelsConfig::default(),
             agents: Vec::new(),

@@ -90,6 +90,11 @@ pub struct Settings {
     /// Most entries a captured workspace may have [default: 100000].
     #[arg(long, env = "HEIST_CHECKPOINT_MAX_ENTRIES")]
     pub checkpoint_max_entries: Option<usize>,
+    /// Captures examine only what the workspace's change journal names, where the workspace is
+    /// a file system of its own; false makes every capture walk the tree [default: true].
+    #[arg(long, env = "HEIST_CHECKPOINT_JOURNAL", num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub checkpoint_journal: Option<bool>,
     /// Hashes per FindMissingBlobs / GetBlobs call, at most the coordinator's
     /// HEIST_MAX_BLOB_BATCH [default: 10000].
     #[arg(long, env = "HEIST_BLOB_BATCH")]
@@ -171,6 +176,7 @@ heist_proto::layer_over!(Settings {
     state_dir,
     blob_cache_bytes,
     checkpoint_max_entries,
+    checkpoint_journal,
     blob_batch,
     turn_retention_s,
     max_finished_turns,
@@ -229,6 +235,7 @@ impl Settings {
         set(&mut c.blob_batch, self.blob_batch, |v| v);
         set(&mut c.metrics_public, self.metrics_public, |v| v);
         set(&mut c.telemetry, self.telemetry, |v| v);
+        set(&mut c.checkpoint_journal, self.checkpoint_journal, |v| v);
         set(&mut c.key_file, self.key_file, |p| {
             Some(p).filter(|p| !p.as_os_str().is_empty())
         });

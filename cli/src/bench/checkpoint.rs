@@ -192,6 +192,8 @@ struct Samples {
     one_hashed_files: u64,
     /// The most manifest entries a capture after one change sent.
     one_sent_entries: u64,
+    /// The most workspace entries a capture after one change examined.
+    one_examined_entries: u64,
     restore_other: Vec<f64>,
     restore_in_place: Vec<f64>,
     /// first capture / `cp -a`.
@@ -303,8 +305,9 @@ impl Bench<'_> {
             )));
         }
         progress(&format!(
-            "checkpoint: capture after one change {capture_ms:.1} ms (hashed {} files, sent {} \
-             manifest entries), tar -cf {tar_ms:.0} ms: {:.3}x",
+            "checkpoint: capture after one change {capture_ms:.1} ms (examined {} entries, hashed \
+             {} files, sent {} manifest entries), tar -cf {tar_ms:.0} ms: {:.3}x",
+            stats.examined_entries,
             stats.hashed_files,
             stats.sent_entries,
             capture_ms / tar_ms
@@ -313,6 +316,7 @@ impl Bench<'_> {
         out.one_worker.push(worker_ms(&stats));
         out.one_hashed_files = out.one_hashed_files.max(stats.hashed_files);
         out.one_sent_entries = out.one_sent_entries.max(stats.sent_entries);
+        out.one_examined_entries = out.one_examined_entries.max(stats.examined_entries);
         out.tar.push(tar_ms);
         out.one_vs_tar.push(capture_ms / tar_ms);
         Ok(())
@@ -463,6 +467,12 @@ impl Samples {
                 "capture_one_sent_entries",
                 "manifest entries sent after 1 change (most in a round)",
                 count_f64(self.one_sent_entries),
+                "entries",
+            ),
+            Metric::new(
+                "capture_one_examined_entries",
+                "workspace entries examined after 1 change (most in a round)",
+                count_f64(self.one_examined_entries),
                 "entries",
             ),
             Metric::new(

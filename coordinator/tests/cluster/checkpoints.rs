@@ -787,3 +787,139 @@ async fn delta_checkpoints_restore_exactly_elsewhere_after_their_parent_goes_and
     }
     c.stop().await;
 }
+
+fn examined(cp: &v1::Checkpoint) -> u64 {
+    cp.stats.as_ref().expect("stats").examined_entries
+}
+
+/// A change made to a workspace between two checkpoints.
+type Change = fn(&Path);
+
+/// Where each workspace is a file system of its own, a capture after a few changes examines
+/// only what the workspace's change journal named, and misses nothing: after every kind of
+/// change, the checkpoint forked onto the other worker is exactly the live tree.
+#[tokio::test]
+async fn captures_examine_only_what_the_journal_names_and_miss_nothing() {
+    let mut c = Cluster::start_with(2, |_| {}, Some(disk_fs)).await;
+    let session = c.session_on("1").await;
+    let ws = c.workspace(&session);
+    populate(&ws);
+    for d in 0..10 {
+        std::fs::create_dir_all(ws.join(format!("many/d{d}"))).expect("dir");
+        for f in 0..30 {
+            write(
+                &ws,
+                &format!("many/d{d}/f{f}.txt"),
+                format!("{d}/{f}\n").as_bytes(),
+                0o644,
+            );
+        }
+    }
+    // Files written within a few milliseconds of a capture are examined again by the next one
+    // (their stat cannot vouch for them yet): let the clock move on before each capture.
+    let settle = || tokio::time::sleep(Duration::from_millis(60));
+    settle().await;
+    let mut last = c.create(&session.id).await.expect("first");
+    let whole = examined(&last);
+    assert!(whole > 300, "the first capture walks the tree: {whole}");
+
+    let changes: [(&str, Change, Option<u64>); 8] = [
+        ("nothing", |_| {}, Some(0)),
+        (
+            "content and modes",
+            |ws| {
+                write(ws, "many/d3/f7.txt", b"3/X\n", 0o644);
+                std::fs::set_permissions(
+                    ws.join("many/d4/f1.txt"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .expect("chmod");
+                std::fs::set_permissions(
+                    ws.join("many/d5"),
+                    std::fs::Permissions::from_mode(0o700),
+                )
+                .expect("chmod dir");
+            },
+            Some(3),
+        ),
+        (
+            "a new subtree and a symlink",
+            |ws| {
+                std::fs::create_dir_all(ws.join("new/a/b")).expect("dirs");
+                write(ws, "new/a/b/deep.txt", b"deep", 0o644);
+                write(ws, "new/top.txt", b"top", 0o600);
+                symlink("../README.md", ws.join("new/readme")).expect("symlink");
+            },
+            Some(6),
+        ),
+        (
+            "a directory moved away and another made in its place",
+            |ws| {
+                std::fs::create_dir(ws.join("moved")).expect("dir");
+                std::fs::rename(ws.join("many/d1"), ws.join("moved/d1")).expect("mv");
+                std::fs::create_dir(ws.join("many/d1")).expect("dir");
+                write(ws, "many/d1/other.txt", b"other", 0o644);
+            },
+            Some(36),
+        ),
+        (
+            "removals and kinds swapped",
+            |ws| {
+                std::fs::remove_dir_all(ws.join("many/d2")).expect("rm -r");
+                std::fs::remove_file(ws.join("many/d6/f0.txt")).expect("rm");
+                std::fs::create_dir(ws.join("many/d6/f0.txt")).expect("dir over file");
+                write(ws, "many/d6/f0.txt/in.txt", b"in", 0o644);
+                std::fs::remove_dir(ws.join("empty/nested-empty")).expect("rmdir");
+                write(ws, "empty/nested-empty", b"now a file", 0o644);
+                std::fs::rename(ws.join("many/d8/f2.txt"), ws.join("many/d9/f3.txt")).expect("mv");
+            },
+            Some(8),
+        ),
+        (
+            "a hard link appears",
+            |ws| std::fs::hard_link(ws.join("many/d7/f1.txt"), ws.join("linked.txt")).expect("ln"),
+            None,
+        ),
+        (
+            "a write through one of the links",
+            |ws| {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(ws.join("many/d7/f1.txt"))
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, b"more\n"))
+                    .expect("append");
+            },
+            Some(2),
+        ),
+        (
+            "a file truncated in place (the two linked paths are examined every time now)",
+            |ws| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(ws.join("many/d0/f0.txt"))
+                    .expect("open");
+                f.set_len(1).expect("truncate");
+            },
+            Some(3),
+        ),
+    ];
+    for (what, change, most) in changes {
+        change(&ws);
+        settle().await;
+        let cp = c.create(&session.id).await.expect(what);
+        assert_eq!(cp.parent_id, last.id, "{what}");
+        match most {
+            Some(most) => assert!(
+                examined(&cp) <= most,
+                "{what}: examined {} entries, expected at most {most}",
+                examined(&cp)
+            ),
+            None => assert!(examined(&cp) > 300, "{what}: the capture walks"),
+        }
+        let fork = c.fork(&cp.id, &[("w", "2")]).await.expect("fork");
+        assert_eq!(tree(&c.workspace(&fork)), tree(&ws), "{what}");
+        c.client.close_session(&fork.id).await.expect("close");
+        last = cp;
+    }
+    c.stop().await;
+}

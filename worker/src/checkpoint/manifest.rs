@@ -21,7 +21,7 @@
 
 use std::{
     cmp::Ordering as Order,
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     io::Read,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
@@ -152,6 +152,11 @@ pub struct Scan {
     pub hashed_files: u64,
     /// Bytes read.
     pub hashed_bytes: u64,
+    /// Files a change journal cannot vouch for until they are examined again: written too
+    /// recently to trust their stat, or with other hard links.
+    pub recheck: Vec<String>,
+    /// Directories found, by inode (a change journal names directories by inode).
+    pub dirs: Vec<(u64, String)>,
 }
 
 struct Found {
@@ -162,6 +167,8 @@ struct Found {
     target: String,
     /// The hash the stat cache vouches for (files whose stat it holds unchanged).
     known: Option<Hash>,
+    /// A file with other hard links: a write through another path changes it too.
+    linked: bool,
 }
 
 impl Found {
@@ -173,6 +180,7 @@ impl Found {
             key,
             target,
             known: None,
+            linked: false,
         }
     }
 }
@@ -221,8 +229,239 @@ pub fn walk_tree(root: &Dir, cache: &StatCache, max_entries: usize) -> Result<Wa
     Ok(Walked { found, scan_start })
 }
 
+/// What a partial walk ([`rescan`]) examines.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// Paths whose entry is examined again (stat; a new directory is walked whole).
+    pub paths: BTreeSet<String>,
+    /// Directories created or moved in since the last capture: walked whole.
+    pub subtrees: BTreeSet<String>,
+    /// Files with other hard links the last capture knew of (a new one means a walk).
+    pub linked: BTreeSet<String>,
+}
+
+/// A partial walk: the entries it found, and what they replace in the last capture's tree.
+pub struct Rescanned {
+    /// The entries found, sorted by path, not yet hashed.
+    pub walked: Walked,
+    /// Paths examined, sorted: their entries in the old tree are replaced by what was found.
+    pub examined: Vec<String>,
+    /// Directories whose entries in the old tree are all replaced (walked again, or gone).
+    pub cleared: Vec<String>,
+    /// A file with other hard links was found that the last capture did not know of: the
+    /// other paths of it may have changed unseen, so the capture must walk.
+    pub new_link: bool,
+}
+
+/// Whether `path` lies under one of `roots` (not counting itself).
+fn under_any(path: &str, roots: &BTreeSet<String>) -> bool {
+    let mut at = path;
+    while let Some((parent, _)) = at.rsplit_once('/') {
+        if roots.contains(parent) {
+            return true;
+        }
+        at = parent;
+    }
+    false
+}
+
+/// Whether the old tree (sorted by path) has a directory at `path`.
+fn old_dir(old: &[ManifestEntry], path: &str) -> bool {
+    old.binary_search_by(|e| e.path.as_str().cmp(path))
+        .is_ok_and(|i| old[i].kind == EntryKind::Dir as i32)
+}
+
+/// Examines the entries `targets` names in `root`, against `old` (the last capture's tree,
+/// sorted by path): each named path is stat-ed as a walk would, and a directory that is new
+/// there (or created or moved in since) is walked whole. Parents are opened one component at
+/// a time with `O_NOFOLLOW`, as in a walk.
+pub fn rescan(
+    root: &Dir,
+    cache: &StatCache,
+    old: &[ManifestEntry],
+    targets: &Targets,
+    max_entries: usize,
+) -> Result<Rescanned, Error> {
+    let scan_start = now_ns();
+    let walk = Walk {
+        cache,
+        counted: AtomicUsize::new(0),
+        max: max_entries,
+    };
+    let io = |path: &str, e: rustix::io::Errno| {
+        Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
+    };
+    let top = rustix::fs::openat(
+        root.as_fd(),
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io(".", e))?;
+    // Directories opened so far, by path; None where the path is no directory now.
+    let mut parents: HashMap<String, Option<OwnedFd>> = HashMap::new();
+    parents.insert(String::new(), Some(top));
+    let (mut found, mut examined, mut cleared) = (Vec::new(), Vec::new(), Vec::new());
+    let mut walked_whole: BTreeSet<String> = BTreeSet::new();
+    for path in &targets.paths {
+        // Sorted: a directory comes before what is under it.
+        if path.is_empty() || under_any(path, &walked_whole) {
+            continue;
+        }
+        examined.push(path.clone());
+        let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+        let was_dir = old_dir(old, path);
+        let Some(dir) = open_parent(&mut parents, parent)? else {
+            if was_dir {
+                cleared.push(path.clone());
+            }
+            continue;
+        };
+        let cname = std::ffi::CString::new(name).map_err(|_| Error::Uncapturable {
+            path: path.clone(),
+            why: "the name holds a NUL byte".to_owned(),
+        })?;
+        let st = match rustix::fs::statat(dir, &cname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => {
+                if was_dir {
+                    cleared.push(path.clone());
+                }
+                continue;
+            }
+            Err(e) => return Err(io(path, e)),
+        };
+        match walk.entry(dir, &cname, path.clone(), &st)? {
+            Some((entry, Some(sub))) => {
+                if !was_dir || targets.subtrees.contains(path) {
+                    found.extend(walk.dir(sub, path)?);
+                    walked_whole.insert(path.clone());
+                    cleared.push(path.clone());
+                }
+                found.push(entry);
+            }
+            Some((entry, None)) => {
+                if was_dir {
+                    cleared.push(path.clone());
+                }
+                found.push(entry);
+            }
+            None => {
+                if was_dir {
+                    cleared.push(path.clone());
+                }
+            }
+        }
+    }
+    let new_link = found
+        .iter()
+        .any(|f| f.linked && !targets.linked.contains(&f.path));
+    found.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    Ok(Rescanned {
+        walked: Walked { found, scan_start },
+        examined,
+        cleared,
+        new_link,
+    })
+}
+
+/// The directory at `path` (opened one component at a time from the nearest one opened), or
+/// None when it is no longer a directory there.
+fn open_parent<'a>(
+    parents: &'a mut HashMap<String, Option<OwnedFd>>,
+    path: &str,
+) -> Result<Option<&'a OwnedFd>, Error> {
+    if !parents.contains_key(path) {
+        let (up, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let opened = match open_parent(parents, up)? {
+            None => None,
+            Some(dir) => match rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Some(fd),
+                Err(
+                    rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP,
+                ) => None,
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("cannot capture {path:?}"),
+                        std::io::Error::from(e),
+                    ));
+                }
+            },
+        };
+        parents.insert(path.to_owned(), opened);
+    }
+    Ok(parents.get(path).and_then(Option::as_ref))
+}
+
+/// A tree patched by a partial walk.
+#[derive(Debug, Default)]
+pub struct Patched {
+    /// The whole new tree, sorted by path.
+    pub entries: Vec<ManifestEntry>,
+    /// Entries added or changed since `old`.
+    pub changed: Vec<ManifestEntry>,
+    /// Paths of `old` that are gone.
+    pub removed: Vec<String>,
+}
+
+/// `old` (sorted by path) with the entries at `examined` and everything under `cleared`
+/// replaced by `found` (sorted by path): the new tree and its difference from `old`.
+pub fn patch(
+    old: Vec<ManifestEntry>,
+    found: Vec<ManifestEntry>,
+    examined: &[String],
+    cleared: &[String],
+) -> Patched {
+    let mut replaced = vec![false; old.len()];
+    for path in examined {
+        if let Ok(i) = old.binary_search_by(|e| e.path.as_str().cmp(path)) {
+            replaced[i] = true;
+        }
+    }
+    for dir in cleared {
+        // Everything under `dir/` sorts between `dir/` and `dir0` ('0' follows '/').
+        let (from, to) = (format!("{dir}/"), format!("{dir}0"));
+        let start = old.partition_point(|e| e.path < from);
+        let end = old.partition_point(|e| e.path < to);
+        for flag in replaced.get_mut(start..end).unwrap_or_default() {
+            *flag = true;
+        }
+    }
+    let mut out = Patched {
+        entries: Vec::with_capacity(old.len() + found.len()),
+        ..Patched::default()
+    };
+    let mut found = found.into_iter().peekable();
+    for (entry, replaced) in old.into_iter().zip(replaced) {
+        while let Some(new) = found.next_if(|f| f.path < entry.path) {
+            out.changed.push(new.clone());
+            out.entries.push(new);
+        }
+        match found.next_if(|f| f.path == entry.path) {
+            Some(new) => {
+                if new != entry {
+                    out.changed.push(new.clone());
+                }
+                out.entries.push(new);
+            }
+            None if replaced => out.removed.push(entry.path),
+            None => out.entries.push(entry),
+        }
+    }
+    for new in found {
+        out.changed.push(new.clone());
+        out.entries.push(new);
+    }
+    out
+}
+
 /// The error for a workspace of more than `max` entries.
-fn too_many(max: usize) -> Error {
+pub fn too_many(max: usize) -> Error {
     Error::LimitExceeded {
         limit: "checkpoint_max_entries",
         message: format!(
@@ -233,6 +472,16 @@ fn too_many(max: usize) -> Error {
 }
 
 impl Walked {
+    /// Entries found.
+    pub fn len(&self) -> usize {
+        self.found.len()
+    }
+
+    /// Whether nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.found.is_empty()
+    }
+
     /// Indices of the files the stat cache could not vouch for.
     pub fn to_hash(&self) -> Vec<usize> {
         self.found
@@ -254,6 +503,33 @@ impl Walked {
     /// brings `cache` up to date: the fresh files are recorded (unless racy), and the entries
     /// of files no longer in the workspace are dropped.
     pub fn finish(self, cache: &mut StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+        let (out, cached) = self.build(cache, fresh)?;
+        // Entries for paths the walk did not find (removed files, or files turned into
+        // directories or links).
+        if cache.len() > cached {
+            let files: std::collections::HashSet<&str> = out
+                .manifest
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::File as i32)
+                .map(|e| e.path.as_str())
+                .collect();
+            cache
+                .entries
+                .retain(|path, _| files.contains(path.as_str()));
+        }
+        Ok(out)
+    }
+
+    /// The entries of a partial walk ([`rescan`]), from `fresh` hashes and the ones found in
+    /// `cache`; the fresh files are recorded in `cache` (unless racy). Entries of files that
+    /// are gone are dropped from `cache` by [`patch`]'s caller.
+    pub fn finish_partial(self, cache: &mut StatCache, fresh: Vec<Hashed>) -> Result<Scan, Error> {
+        self.build(cache, fresh).map(|(scan, _)| scan)
+    }
+
+    /// The entries, and how many files of them `cache` holds afterwards.
+    fn build(self, cache: &mut StatCache, fresh: Vec<Hashed>) -> Result<(Scan, usize), Error> {
         let Self { found, scan_start } = self;
         let mut fresh: HashMap<usize, (Hash, StatKey)> =
             fresh.into_iter().map(|(i, h, k)| (i, (h, k))).collect();
@@ -270,6 +546,9 @@ impl Walked {
                 hash: Vec::new(),
                 symlink_target: f.target,
             };
+            if f.kind == EntryKind::Dir {
+                out.dirs.push((f.key.ino, entry.path.clone()));
+            }
             if f.kind == EntryKind::File {
                 let hash = if let Some(hash) = f.known {
                     cached += 1;
@@ -284,31 +563,21 @@ impl Walked {
                     entry.size = key.size;
                     if key.racy(scan_start) {
                         cache.remove(&entry.path);
+                        out.recheck.push(entry.path.clone());
                     } else {
                         cache.insert(entry.path.clone(), key, hash);
                         cached += 1;
                     }
                     hash
                 };
+                if f.linked {
+                    out.recheck.push(entry.path.clone());
+                }
                 entry.hash = hash.to_vec();
             }
             out.manifest.entries.push(entry);
         }
-        // Entries for paths the walk did not find (removed files, or files turned into
-        // directories or links).
-        if cache.len() > cached {
-            let files: std::collections::HashSet<&str> = out
-                .manifest
-                .entries
-                .iter()
-                .filter(|e| e.kind == EntryKind::File as i32)
-                .map(|e| e.path.as_str())
-                .collect();
-            cache
-                .entries
-                .retain(|path, _| files.contains(path.as_str()));
-        }
-        Ok(out)
+        Ok((out, cached))
     }
 }
 
@@ -389,41 +658,13 @@ impl Walk<'_> {
             }
             let st = rustix::fs::statat(&dir, cname, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| io(&path, e))?;
-            let (key, mode) = (StatKey::of_stat(&st), st.st_mode);
-            match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory => {
-                    // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
-                    // stat, this fails rather than leaving the workspace.
-                    let sub = rustix::fs::openat(
-                        &dir,
-                        cname,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| io(&path, e))?;
-                    subdirs.push((sub, path.clone()));
-                    out.push(Found::new(path, EntryKind::Dir, mode, key, String::new()));
+            match self.entry(&dir, cname, path, &st)? {
+                Some((found, Some(sub))) => {
+                    subdirs.push((sub, found.path.clone()));
+                    out.push(found);
                 }
-                FileType::RegularFile => {
-                    let known = self.cache.lookup(&path, &key);
-                    let mut file = Found::new(path, EntryKind::File, mode, key, String::new());
-                    file.known = known;
-                    out.push(file);
-                }
-                FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(&dir, cname, Vec::new())
-                        .map_err(|e| io(&path, e))?;
-                    let Ok(target) = target.into_string() else {
-                        return Err(Error::Uncapturable {
-                            path,
-                            why: "the symlink target is not UTF-8: change it".to_owned(),
-                        });
-                    };
-                    out.push(Found::new(path, EntryKind::Symlink, mode, key, target));
-                }
-                _ => {
-                    warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
-                }
+                Some((found, None)) => out.push(found),
+                None => {}
             }
         }
         drop(dir);
@@ -438,6 +679,63 @@ impl Walk<'_> {
             out.extend(inner?);
         }
         Ok(out)
+    }
+}
+
+impl Walk<'_> {
+    /// The entry `cname` of `dir` (at `path` in the workspace), whose `lstat` is `st`: a
+    /// directory comes with its descriptor. None for what checkpoints do not record.
+    fn entry(
+        &self,
+        dir: &OwnedFd,
+        cname: &std::ffi::CStr,
+        path: String,
+        st: &Stat,
+    ) -> Result<Option<(Found, Option<OwnedFd>)>, Error> {
+        let io = |path: &str, e: rustix::io::Errno| {
+            Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
+        };
+        let (key, mode) = (StatKey::of_stat(st), st.st_mode);
+        Ok(Some(match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                // O_NOFOLLOW | O_DIRECTORY: if the entry became a symlink or a file since the
+                // stat, this fails rather than leaving the workspace.
+                let sub = rustix::fs::openat(
+                    dir,
+                    cname,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io(&path, e))?;
+                let found = Found::new(path, EntryKind::Dir, mode, key, String::new());
+                (found, Some(sub))
+            }
+            FileType::RegularFile => {
+                let known = self.cache.lookup(&path, &key);
+                let mut file = Found::new(path, EntryKind::File, mode, key, String::new());
+                file.known = known;
+                file.linked = st.st_nlink > 1;
+                (file, None)
+            }
+            FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(dir, cname, Vec::new()).map_err(|e| io(&path, e))?;
+                let Ok(target) = target.into_string() else {
+                    return Err(Error::Uncapturable {
+                        path,
+                        why: "the symlink target is not UTF-8: change it".to_owned(),
+                    });
+                };
+                (
+                    Found::new(path, EntryKind::Symlink, mode, key, target),
+                    None,
+                )
+            }
+            _ => {
+                warn!(path = %path, "skipping a socket, FIFO or device node: checkpoints record files, directories and symlinks");
+                return Ok(None);
+            }
+        }))
     }
 }
 
@@ -580,6 +878,70 @@ mod tests {
             .expect("open")
             .set_modified(old)
             .expect("set mtime");
+    }
+
+    /// A partial walk of the paths that changed, patched into the old tree, gives the tree a
+    /// whole walk gives, and the same difference.
+    #[test]
+    fn rescan_and_patch_match_a_whole_walk() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path();
+        for d in ["a/x", "a/y", "b", "gone/deep"] {
+            std::fs::create_dir_all(root.join(d)).expect("dirs");
+        }
+        for f in [
+            "a/x/1",
+            "a/x/2",
+            "a/y/1",
+            "b/1",
+            "b/2",
+            "gone/deep/1",
+            "kind",
+        ] {
+            std::fs::write(root.join(f), f).expect("write");
+        }
+        let dir = open(root);
+        let mut cache = StatCache::default();
+        let old = scan(&dir, &mut cache, 1000).expect("scan").manifest.entries;
+
+        std::fs::write(root.join("a/x/1"), "changed").expect("write");
+        std::fs::remove_dir_all(root.join("gone")).expect("rm");
+        std::fs::remove_file(root.join("kind")).expect("rm");
+        std::fs::create_dir_all(root.join("kind/inner")).expect("dir over file");
+        std::fs::write(root.join("kind/inner/f"), "f").expect("write");
+        std::fs::rename(root.join("a/y"), root.join("b/y")).expect("mv");
+        std::fs::set_permissions(root.join("b"), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+
+        let targets = Targets {
+            paths: ["a/x/1", "gone", "kind", "a/y", "b/y", "b", "b/y/1"]
+                .map(str::to_owned)
+                .into(),
+            subtrees: ["b/y".to_owned()].into(),
+            linked: BTreeSet::new(),
+        };
+        let found = rescan(&dir, &cache, &old, &targets, 1000).expect("rescan");
+        assert!(!found.new_link);
+        let todo = found.walked.to_hash();
+        let fresh = hash_files(&dir, &found.walked, &todo).expect("hash");
+        let partial = found
+            .walked
+            .finish_partial(&mut cache, fresh)
+            .expect("finish")
+            .manifest
+            .entries;
+        let patched = patch(old.clone(), partial, &found.examined, &found.cleared);
+
+        let whole = scan(&dir, &mut StatCache::default(), 1000)
+            .expect("scan")
+            .manifest
+            .entries;
+        assert_eq!(patched.entries, whole);
+        let (changed, removed) = diff(&old, &whole);
+        assert_eq!(patched.changed, changed);
+        let mut got_removed = patched.removed;
+        got_removed.sort();
+        assert_eq!(got_removed, removed);
     }
 
     #[test]

@@ -23,12 +23,15 @@
 
 pub mod blobs;
 pub mod cache;
+pub mod journal;
 pub mod manifest;
 pub mod restore;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::atomic::Ordering,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
@@ -37,7 +40,7 @@ use heist_proto::{
     identity::WorkerKey,
     ids::{SessionId, WorkerId},
     v1::{
-        CaptureStats, CaptureWorkspaceResponse, Manifest, ManifestDelta, ManifestEntry,
+        CaptureStats, CaptureWorkspaceResponse, EntryKind, Manifest, ManifestDelta, ManifestEntry,
         RestoreStats, RestoreWorkspaceResponse,
     },
 };
@@ -48,10 +51,14 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use self::{
     blobs::{BlobClient, blob_error},
     cache::BlobCache,
-    manifest::{Hash, StatCache},
+    journal::{Changes, Journal, bits},
+    manifest::{Hash, StatCache, Targets},
     restore::{FilePlan, Plan, Source},
 };
-use crate::{Config, Error, sessions::Sessions};
+use crate::{
+    Config, Error,
+    sessions::{Sessions, Workspace},
+};
 
 /// Prefix of the worker's own directories under BASE_WORKSPACE (never a session id).
 pub const PRIVATE_PREFIX: &str = ".heist-";
@@ -202,6 +209,65 @@ struct SessionState {
     stat: Arc<Mutex<StatCache>>,
     /// The tree of the checkpoint last captured or restored, by checkpoint id (a delta base).
     tree: Arc<Mutex<Option<Remembered>>>,
+    /// The session's change journal.
+    journal: Arc<Mutex<JournalState>>,
+}
+
+/// A session's change journal and what a capture needs to use it.
+#[derive(Default)]
+struct JournalState {
+    /// Started by the first capture where the workspace allows one.
+    journal: Option<Journal>,
+    /// Not to be tried again: the workspace is not a file system of its own.
+    unavailable: bool,
+    /// The checkpoint whose capture the journal has covered since that capture began: a
+    /// capture against that tree may examine only what the journal names.
+    covers: Option<String>,
+    /// Directory inode -> path in that tree (the root is "").
+    dirs: HashMap<u64, String>,
+    /// Files examined at every capture (see [`manifest::Scan::recheck`]).
+    recheck: BTreeSet<String>,
+}
+
+impl JournalState {
+    /// What a capture against the tree of `covers` examines: the entries named since, and the
+    /// files to recheck. None if something may be missing.
+    fn targets(&self, changes: &Changes) -> Option<Targets> {
+        if changes.lost {
+            return None;
+        }
+        let mut targets = Targets {
+            paths: self.recheck.clone(),
+            linked: self.recheck.clone(),
+            ..Targets::default()
+        };
+        for ((dir, name), mask) in &changes.named {
+            // A directory the tree did not have is new since: a create or a move into a
+            // directory it had names it, and it is walked whole.
+            let Some(parent) = self.dirs.get(dir) else {
+                continue;
+            };
+            let name = std::str::from_utf8(name).ok()?;
+            let path = match (parent.is_empty(), name) {
+                (_, ".") => parent.clone(),
+                (true, _) => name.to_owned(),
+                (false, _) => format!("{parent}/{name}"),
+            };
+            if mask & bits::ONDIR != 0 && mask & (bits::CREATE | bits::MOVED_TO) != 0 {
+                targets.subtrees.insert(path.clone());
+            }
+            targets.paths.insert(path);
+        }
+        Some(targets)
+    }
+}
+
+/// How a capture finds what changed.
+enum Scope {
+    /// Walk the whole tree.
+    Walk,
+    /// Examine what the journal named since the capture of `old`.
+    Journal { targets: Targets, old: Remembered },
 }
 
 /// A checkpoint's tree as this worker sent or received it.
@@ -217,6 +283,7 @@ struct Handles {
     busy: Arc<tokio::sync::Mutex<()>>,
     stat: Arc<Mutex<StatCache>>,
     tree: Arc<Mutex<Option<Remembered>>>,
+    journal: Arc<Mutex<JournalState>>,
 }
 
 /// Captures and restores workspaces.
@@ -224,6 +291,8 @@ pub struct Checkpointer {
     blobs: BlobClient,
     cache: Arc<BlobCache>,
     max_entries: usize,
+    /// Whether captures may use a change journal (HEIST_CHECKPOINT_JOURNAL).
+    journal: bool,
     sessions: Mutex<HashMap<SessionId, SessionState>>,
     /// Stops background cache fills at shutdown.
     stop: CancellationToken,
@@ -256,6 +325,11 @@ pub fn cache_dir(config: &Config) -> PathBuf {
     })
 }
 
+/// `mutex`, poisoned or not.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -270,6 +344,7 @@ impl Checkpointer {
                 config.blob_cache_bytes,
             )?),
             max_entries: config.checkpoint_max_entries,
+            journal: config.checkpoint_journal,
             sessions: Mutex::new(HashMap::new()),
             stop,
         })
@@ -288,6 +363,7 @@ impl Checkpointer {
             busy: s.busy.clone(),
             stat: s.stat.clone(),
             tree: s.tree.clone(),
+            journal: s.journal.clone(),
         }
     }
 
@@ -328,23 +404,39 @@ impl Checkpointer {
         base: &str,
     ) -> Result<CaptureWorkspaceResponse, Error> {
         let started = Instant::now();
-        let Handles { busy, stat, tree } = self.state(id);
+        let Handles {
+            busy,
+            stat,
+            tree,
+            journal,
+        } = self.state(id);
         let _busy = busy.lock().await;
         let workspace = sessions.get(id)?;
         let root = workspace
             .dir()
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
+        let scope = self.scope(&workspace, &journal, &tree);
         let walk_root = root
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
         let (max, walk_stat) = (self.max_entries, stat.clone());
-        let walked = tokio::task::spawn_blocking(move || {
+        let walk_tree = tree.clone();
+        let (walked, patching) = tokio::task::spawn_blocking(move || {
             let cache = walk_stat.lock().unwrap_or_else(PoisonError::into_inner);
-            manifest::walk_tree(&walk_root, &cache, max)
+            if let Scope::Journal { targets, old } = scope {
+                let found = manifest::rescan(&walk_root, &cache, &old.entries, &targets, max)?;
+                if !found.new_link {
+                    return Ok((found.walked, Some((old, found.examined, found.cleared))));
+                }
+                debug!("a file with other hard links appeared: walking the workspace");
+                *lock(&walk_tree) = Some(old);
+            }
+            manifest::walk_tree(&walk_root, &cache, max).map(|walked| (walked, None))
         })
         .await
         .map_err(|e| Error::Internal(format!("workspace scan failed: {e}")))??;
+        let examined_entries = walked.len() as u64;
         let todo = walked.to_hash();
         let walked = Arc::new(walked);
 
@@ -380,35 +472,54 @@ impl Checkpointer {
             .map_err(|e| Error::Internal(format!("workspace hashing failed: {e}")))?;
         let walked = Arc::into_inner(walked)
             .ok_or_else(|| Error::Internal("the workspace walk is still shared".to_owned()))?;
-        let scan = walked.finish(
-            &mut stat.lock().unwrap_or_else(PoisonError::into_inner),
-            fresh,
-        )?;
-        let scanned = started.elapsed();
-        let entries = scan.manifest.entries;
-
-        // A delta when this session remembers the base's tree. Its unchanged entries' blobs
-        // are the base's, which the coordinator holds: only the changed ones are checked.
-        let (sent, delta) = {
-            let remembered = tree.lock().unwrap_or_else(PoisonError::into_inner);
-            match remembered.as_ref() {
-                Some(last) if !base.is_empty() && last.id == base => {
-                    let (changed, removed_paths) = manifest::diff(&last.entries, &entries);
-                    let delta = ManifestDelta {
-                        base_id: base.to_owned(),
-                        removed_paths,
-                        depth: 0,
+        let journaled = patching.is_some();
+        let (entries, sent, delta, scan) = {
+            let mut cache = stat.lock().unwrap_or_else(PoisonError::into_inner);
+            match patching {
+                Some((old, examined, cleared)) => {
+                    let scan = walked.finish_partial(&mut cache, fresh)?;
+                    let patched = manifest::patch(
+                        old.entries,
+                        scan.manifest.entries.clone(),
+                        &examined,
+                        &cleared,
+                    );
+                    for path in &patched.removed {
+                        cache.remove(path);
+                    }
+                    drop(cache);
+                    let (sent, delta) = if !base.is_empty() && old.id == base {
+                        let delta = ManifestDelta {
+                            base_id: base.to_owned(),
+                            removed_paths: patched.removed,
+                            depth: 0,
+                        };
+                        (patched.changed, Some(delta))
+                    } else {
+                        (patched.entries.clone(), None)
                     };
-                    (changed, Some(delta))
+                    (patched.entries, sent, delta, scan)
                 }
-                _ => (entries.clone(), None),
+                None => {
+                    let mut scan = walked.finish(&mut cache, fresh)?;
+                    drop(cache);
+                    let entries = std::mem::take(&mut scan.manifest.entries);
+                    let (sent, delta) = self.delta(&tree, base, &entries);
+                    (entries, sent, delta, scan)
+                }
             }
         };
-        let (mut files, mut bytes) = (0u64, 0u64);
+        if entries.len() > self.max_entries {
+            return Err(manifest::too_many(self.max_entries));
+        }
+        let scanned = started.elapsed();
+        let (mut files, mut bytes, mut dirs) = (0u64, 0u64, 0usize);
         for entry in &entries {
             if entry.hash.len() == 32 {
                 files += 1;
                 bytes += entry.size;
+            } else if entry.kind == EntryKind::Dir as i32 {
+                dirs += 1;
             }
         }
         let mut firsts: HashMap<Hash, (u64, String)> = HashMap::new();
@@ -435,6 +546,15 @@ impl Checkpointer {
                 id: checkpoint.to_owned(),
                 entries,
             });
+        self.journal_covers(
+            &journal,
+            &root,
+            checkpoint,
+            scan.dirs,
+            scan.recheck,
+            journaled,
+            dirs,
+        );
 
         let uncached: Vec<(Hash, u64, String)> = firsts
             .into_iter()
@@ -453,8 +573,9 @@ impl Checkpointer {
             uploaded_bytes,
             duration_us: micros(started.elapsed()),
             sent_entries: sent_entries as u64,
+            examined_entries,
         };
-        info!(session_id = %id, files, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, sent_entries, delta = delta.is_some(), scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
+        info!(session_id = %id, files, examined_entries, journaled, hashed_files = stats.hashed_files, uploaded_blobs = stats.uploaded_blobs, sent_entries, delta = delta.is_some(), scan_us = micros(scanned), duration_us = stats.duration_us, "workspace captured");
         Ok(CaptureWorkspaceResponse {
             manifest: Some(Manifest {
                 entries: sent,
@@ -465,6 +586,108 @@ impl Checkpointer {
         })
     }
 
+    /// The entries to send for `entries` and the delta they make: only what changed since
+    /// `base` when this session remembers that checkpoint's tree (its unchanged entries' blobs
+    /// are the base's, which the coordinator holds), else every entry.
+    fn delta(
+        &self,
+        tree: &Mutex<Option<Remembered>>,
+        base: &str,
+        entries: &[ManifestEntry],
+    ) -> (Vec<ManifestEntry>, Option<ManifestDelta>) {
+        let remembered = tree.lock().unwrap_or_else(PoisonError::into_inner);
+        match remembered.as_ref() {
+            Some(last) if !base.is_empty() && last.id == base => {
+                let (changed, removed_paths) = manifest::diff(&last.entries, entries);
+                let delta = ManifestDelta {
+                    base_id: base.to_owned(),
+                    removed_paths,
+                    depth: 0,
+                };
+                (changed, Some(delta))
+            }
+            _ => (entries.to_vec(), None),
+        }
+    }
+
+    /// How this capture finds what changed; starts the session's journal if it has none yet.
+    /// Whatever the journal reported until now is taken: it covers the next capture only once
+    /// this one succeeds ([`Checkpointer::journal_covers`]).
+    fn scope(
+        &self,
+        workspace: &Workspace,
+        journal: &Mutex<JournalState>,
+        tree: &Mutex<Option<Remembered>>,
+    ) -> Scope {
+        let mut state = lock(journal);
+        let covers = state.covers.take();
+        let Some(running) = state.journal.as_mut() else {
+            if self.journal && !state.unavailable {
+                let own = crate::diskfs::is_mountpoint(workspace.path()).unwrap_or(false);
+                match Journal::watch(workspace.dir().as_fd(), own) {
+                    Ok(started) => state.journal = Some(started),
+                    Err(why) => {
+                        debug!(session_id = %workspace.id(), %why, "no change journal: captures walk the workspace");
+                        state.unavailable = matches!(why, journal::Unavailable::NotOwnFileSystem);
+                    }
+                }
+            }
+            return Scope::Walk;
+        };
+        let changes = running.take();
+        // A command still running may write through a mapping, which reports nothing until
+        // the mapping goes.
+        let idle = workspace.running_commands().load(Ordering::SeqCst) == 0;
+        let Some(covers) = covers.filter(|_| idle) else {
+            return Scope::Walk;
+        };
+        let Some(targets) = state.targets(&changes) else {
+            return Scope::Walk;
+        };
+        let mut remembered = tree.lock().unwrap_or_else(PoisonError::into_inner);
+        match remembered.take() {
+            Some(old) if old.id == covers => Scope::Journal { targets, old },
+            other => {
+                *remembered = other;
+                Scope::Walk
+            }
+        }
+    }
+
+    /// After a successful capture of `checkpoint`: the journal (if the session has one) covers
+    /// the next capture against it. `dirs` and `recheck` come from the capture's scan
+    /// (`journaled`: of what the journal named; else of the whole tree, with `tree_dirs`
+    /// directories).
+    #[allow(clippy::too_many_arguments)]
+    fn journal_covers(
+        &self,
+        journal: &Mutex<JournalState>,
+        root: &cap_std::fs::Dir,
+        checkpoint: &str,
+        dirs: Vec<(u64, String)>,
+        recheck: Vec<String>,
+        journaled: bool,
+        tree_dirs: usize,
+    ) {
+        let mut state = lock(journal);
+        if state.journal.is_none() || checkpoint.is_empty() {
+            return;
+        }
+        if !journaled {
+            state.dirs.clear();
+            let Ok(top) = rustix::fs::fstat(root) else {
+                return;
+            };
+            state.dirs.insert(top.st_ino, String::new());
+        }
+        state.dirs.extend(dirs);
+        state.recheck = recheck.into_iter().collect();
+        // Inodes of directories removed since the last walk linger (harmless: they name paths
+        // that are examined and found gone); a walk starts the map afresh when they pile up.
+        if state.dirs.len() <= 2 * tree_dirs + 1024 {
+            state.covers = Some(checkpoint.to_owned());
+        }
+    }
     /// Copies blobs into the local cache in the background (verifying each one).
     fn fill_cache(&self, root: cap_std::fs::Dir, blobs: Vec<(Hash, u64, String)>) {
         if !self.cache.enabled() || blobs.is_empty() {
@@ -502,8 +725,15 @@ impl Checkpointer {
         let started = Instant::now();
         let begun = SystemTime::now() - Duration::from_secs(1);
         manifest::validate(&manifest)?;
-        let Handles { busy, stat, tree } = self.state(id);
+        let Handles {
+            busy,
+            stat,
+            tree,
+            journal,
+        } = self.state(id);
         let _busy = busy.lock().await;
+        // The restore rewrites the tree: the next capture walks, under a new journal.
+        *lock(&journal) = JournalState::default();
         let restored_tree = (!checkpoint.is_empty()).then(|| {
             let mut entries = manifest.entries.clone();
             if !entries.is_sorted_by(|a, b| a.path < b.path) {
