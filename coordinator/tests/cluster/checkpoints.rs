@@ -823,7 +823,7 @@ async fn captures_examine_only_what_the_journal_names_and_miss_nothing() {
     let whole = examined(&last);
     assert!(whole > 300, "the first capture walks the tree: {whole}");
 
-    let changes: [(&str, Change, Option<u64>); 8] = [
+    let changes: [(&str, Change, Option<u64>); 9] = [
         ("nothing", |_| {}, Some(0)),
         (
             "content and modes",
@@ -890,6 +890,15 @@ async fn captures_examine_only_what_the_journal_names_and_miss_nothing() {
                     .expect("append");
             },
             Some(2),
+        ),
+        (
+            "more changes than the journal keeps (4,096 entries)",
+            |ws| {
+                for i in 0..4200 {
+                    std::fs::write(ws.join(format!("many/d0/n{i}")), b"n").expect("write");
+                }
+            },
+            None,
         ),
         (
             "a file truncated in place (the two linked paths are examined every time now)",

@@ -256,6 +256,9 @@ fn one_event(buf: &[u8], at: usize, into: &mut Changes) -> Option<usize> {
     while info < len {
         let kind = *event.get(info)?;
         let size = u16_at(event, info + 2)?;
+        if size < 4 {
+            return None;
+        }
         let record = event.get(info..info + size)?;
         if kind == INFO_DFID_NAME || kind == INFO_DFID {
             let handle_len = usize::try_from(u32_at(record, HANDLE_AT)?).ok()?;
@@ -277,7 +280,7 @@ fn one_event(buf: &[u8], at: usize, into: &mut Changes) -> Option<usize> {
             into.add(dir, name, mask);
             found = true;
         }
-        info += size.max(1);
+        info += size;
     }
     // An event we cannot place is a change we would miss.
     found.then_some(len)
