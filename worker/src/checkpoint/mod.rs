@@ -344,7 +344,8 @@ impl Checkpointer {
                 config.blob_cache_bytes,
             )?),
             max_entries: config.checkpoint_max_entries,
-            journal: config.checkpoint_journal,
+            // A process left running could write through a mapping, which reports nothing.
+            journal: config.checkpoint_journal && config.sandbox.commands_end_whole(),
             sessions: Mutex::new(HashMap::new()),
             stop,
         })

@@ -78,6 +78,15 @@ pub enum Mode {
     Docker,
 }
 
+impl Mode {
+    /// Whether nothing a command started runs on once it has ended: its processes live in a
+    /// pid namespace of their own, which ends with it. (A session's container outlives its
+    /// commands; unconfined commands can leave their process group.)
+    pub fn commands_end_whole(self) -> bool {
+        self == Self::Process
+    }
+}
+
 /// The sandbox settings from the worker's configuration.
 #[derive(Clone, Debug)]
 pub struct Settings {
