@@ -485,7 +485,9 @@ impl Checkpointer {
                         &examined,
                         &cleared,
                     );
-                    for path in &patched.removed {
+                    // Files gone, or turned into directories or links.
+                    let not_files = patched.changed.iter().filter(|e| e.hash.is_empty());
+                    for path in patched.removed.iter().chain(not_files.map(|e| &e.path)) {
                         cache.remove(path);
                     }
                     drop(cache);
