@@ -315,10 +315,17 @@ mod tests {
             ))
             .expect("sign");
 
+        let before = unix_now();
         let rotation = keys.rotate().await.expect("rotate");
+        let after = unix_now();
         assert_eq!(rotation.retired_key_id, first.kid());
         assert_ne!(rotation.key_id, first.kid());
-        assert_eq!(rotation.retired_until, unix_now() + 65);
+        // The window plus leeway from the rotation's second (which may tick over meanwhile).
+        assert!(
+            (before + 65..=after + 65).contains(&rotation.retired_until),
+            "retired until {}, rotated between {before} and {after}",
+            rotation.retired_until
+        );
         assert_eq!(keys.current().kid(), rotation.key_id);
         assert!(
             keys.signer(first.kid()).is_some(),

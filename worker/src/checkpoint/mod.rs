@@ -9,7 +9,9 @@
 //! Each session remembers the tree of the last checkpoint it captured or was restored to, under
 //! that checkpoint's id. When the coordinator names that checkpoint as the base of a capture,
 //! only the entries added, changed or removed since are returned (a delta), so the cost of a
-//! capture after a small change does not grow with the size of the tree.
+//! capture after a small change does not grow with the size of the tree. Where the workspace
+//! is a file system of its own, a [`journal`] of its changes lets such a capture stat only the
+//! entries that changed and patch the remembered tree, instead of walking the workspace.
 //!
 //! Restore ([`Checkpointer::restore`]): build the manifest's tree in a staging directory next to
 //! the workspace ([`restore`]), taking content from the cache, from unchanged files of the
