@@ -18,15 +18,12 @@
 //! write through one link names only that path).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, hash_map::Entry},
     os::fd::{AsFd as _, BorrowedFd},
 };
 
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
-use rustix::{
-    fs::{Mode, OFlags},
-    io::Errno,
-};
+use rustix::io::Errno;
 
 /// Most entries named between two captures before the next capture walks the whole tree.
 pub const MAX_NAMED: usize = 4096;
@@ -97,12 +94,13 @@ impl Changes {
         if self.lost {
             return;
         }
-        if let Some(bits) = self.named.get_mut(&(dir, name.to_vec())) {
-            *bits |= mask;
-        } else if self.named.len() >= MAX_NAMED {
-            self.lose();
-        } else {
-            self.named.insert((dir, name.to_vec()), mask);
+        let full = self.named.len() >= MAX_NAMED;
+        match self.named.entry((dir, name.to_vec())) {
+            Entry::Occupied(mut seen) => *seen.get_mut() |= mask,
+            Entry::Vacant(_) if full => self.lose(),
+            Entry::Vacant(new) => {
+                new.insert(mask);
+            }
         }
     }
 
@@ -152,14 +150,7 @@ impl Journal {
     /// Starts a journal of the file system whose root directory is `root`. Changes made from
     /// now on are reported.
     pub fn watch(root: BorrowedFd<'_>, own_file_system: bool) -> Result<Self, Unavailable> {
-        // The handle may be an O_PATH descriptor, which fanotify_mark does not take.
-        let root = rustix::fs::openat(
-            root,
-            c".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(Unavailable::Refused)?;
+        let root = super::manifest::open_dir(root).map_err(Unavailable::Refused)?;
         let fs = rustix::fs::fstatfs(&root).map_err(Unavailable::Refused)?;
         #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
         let magic = fs.f_type as u64;

@@ -204,18 +204,27 @@ pub struct Walked {
 /// A file hashed during a capture: its index in [`Walked`], hash and stat.
 pub type Hashed = (usize, Hash, StatKey);
 
-/// Walks `root` (see the module docs), at most `max_entries` entries, looking each file up in
-/// `cache` as it goes.
-pub fn walk_tree(root: &Dir, cache: &StatCache, max_entries: usize) -> Result<Walked, Error> {
-    let scan_start = now_ns();
-    // The handle may be an O_PATH descriptor, which cannot be listed: open the directory itself.
-    let top = rustix::fs::openat(
-        root.as_fd(),
+/// The directory `root` itself, opened for reading: a workspace handle may be an `O_PATH`
+/// descriptor, which can be neither listed nor given to `fanotify_mark`.
+pub fn open_dir(root: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        root,
         c".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| Error::io("cannot capture \".\"", std::io::Error::from(e)))?;
+}
+
+/// The error for `e`, met while capturing `path`.
+fn capture_error(path: &str, e: rustix::io::Errno) -> Error {
+    Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
+}
+
+/// Walks `root` (see the module docs), at most `max_entries` entries, looking each file up in
+/// `cache` as it goes.
+pub fn walk_tree(root: &Dir, cache: &StatCache, max_entries: usize) -> Result<Walked, Error> {
+    let scan_start = now_ns();
+    let top = open_dir(root.as_fd()).map_err(|e| capture_error(".", e))?;
     let walk = Walk {
         cache,
         counted: AtomicUsize::new(0),
@@ -288,16 +297,7 @@ pub fn rescan(
         counted: AtomicUsize::new(0),
         max: max_entries,
     };
-    let io = |path: &str, e: rustix::io::Errno| {
-        Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
-    };
-    let top = rustix::fs::openat(
-        root.as_fd(),
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io(".", e))?;
+    let top = open_dir(root.as_fd()).map_err(|e| capture_error(".", e))?;
     // Directories opened so far, by path; None where the path is no directory now.
     let mut parents: HashMap<String, Option<OwnedFd>> = HashMap::new();
     parents.insert(String::new(), Some(top));
@@ -329,7 +329,7 @@ pub fn rescan(
                 }
                 continue;
             }
-            Err(e) => return Err(io(path, e)),
+            Err(e) => return Err(capture_error(path, e)),
         };
         match walk.entry(dir, &cname, path.clone(), &st)? {
             Some((entry, Some(sub))) => {
@@ -385,12 +385,7 @@ fn open_parent<'a>(
                 Err(
                     rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP,
                 ) => None,
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("cannot capture {path:?}"),
-                        std::io::Error::from(e),
-                    ));
-                }
+                Err(e) => return Err(capture_error(path, e)),
             },
         };
         parents.insert(path.to_owned(), opened);
@@ -621,9 +616,6 @@ impl Walk<'_> {
     /// path in the workspace is `prefix`.
     fn dir(&self, dir: OwnedFd, prefix: &str) -> Result<Vec<Found>, Error> {
         let (counted, max) = (&self.counted, self.max);
-        let io = |path: &str, e: rustix::io::Errno| {
-            Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
-        };
         let shown = if prefix.is_empty() { "." } else { prefix };
         let mut out = Vec::new();
         let mut subdirs = Vec::new();
@@ -632,7 +624,7 @@ impl Walk<'_> {
         // Entries are examined as they are read: `*at` calls do not depend on the read position.
         let mut listing = rustix::fs::RawDir::new(&dir, buf.spare_capacity_mut());
         while let Some(entry) = listing.next() {
-            let entry = entry.map_err(|e| io(shown, e))?;
+            let entry = entry.map_err(|e| capture_error(shown, e))?;
             let cname = entry.file_name();
             if cname == c"." || cname == c".." {
                 continue;
@@ -657,7 +649,7 @@ impl Walk<'_> {
                 uncounted = 0;
             }
             let st = rustix::fs::statat(&dir, cname, AtFlags::SYMLINK_NOFOLLOW)
-                .map_err(|e| io(&path, e))?;
+                .map_err(|e| capture_error(&path, e))?;
             match self.entry(&dir, cname, path, &st)? {
                 Some((found, Some(sub))) => {
                     subdirs.push((sub, found.path.clone()));
@@ -692,9 +684,6 @@ impl Walk<'_> {
         path: String,
         st: &Stat,
     ) -> Result<Option<(Found, Option<OwnedFd>)>, Error> {
-        let io = |path: &str, e: rustix::io::Errno| {
-            Error::io(format!("cannot capture {path:?}"), std::io::Error::from(e))
-        };
         let (key, mode) = (StatKey::of_stat(st), st.st_mode);
         Ok(Some(match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
@@ -706,7 +695,7 @@ impl Walk<'_> {
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(|e| io(&path, e))?;
+                .map_err(|e| capture_error(&path, e))?;
                 let found = Found::new(path, EntryKind::Dir, mode, key, String::new());
                 (found, Some(sub))
             }
@@ -718,8 +707,8 @@ impl Walk<'_> {
                 (file, None)
             }
             FileType::Symlink => {
-                let target =
-                    rustix::fs::readlinkat(dir, cname, Vec::new()).map_err(|e| io(&path, e))?;
+                let target = rustix::fs::readlinkat(dir, cname, Vec::new())
+                    .map_err(|e| capture_error(&path, e))?;
                 let Ok(target) = target.into_string() else {
                     return Err(Error::Uncapturable {
                         path,

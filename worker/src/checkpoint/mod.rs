@@ -262,6 +262,36 @@ impl JournalState {
         }
         Some(targets)
     }
+
+    /// After a successful capture of `checkpoint` whose scan is `scan`: the journal (if the
+    /// session has one) covers the next capture against it. `journaled`: the scan is of what
+    /// the journal named; else of the whole tree, which has `tree_dirs` directories.
+    fn covered(
+        &mut self,
+        root: &cap_std::fs::Dir,
+        checkpoint: &str,
+        scan: &mut manifest::Scan,
+        journaled: bool,
+        tree_dirs: usize,
+    ) {
+        if self.journal.is_none() || checkpoint.is_empty() {
+            return;
+        }
+        if !journaled {
+            self.dirs.clear();
+            let Ok(top) = rustix::fs::fstat(root) else {
+                return;
+            };
+            self.dirs.insert(top.st_ino, String::new());
+        }
+        self.dirs.extend(std::mem::take(&mut scan.dirs));
+        self.recheck = std::mem::take(&mut scan.recheck).into_iter().collect();
+        // Inodes of directories removed since the last walk linger (harmless: they name paths
+        // that are examined and found gone); a walk starts the map afresh when they pile up.
+        if self.dirs.len() <= 2 * tree_dirs + 1024 {
+            self.covers = Some(checkpoint.to_owned());
+        }
+    }
 }
 
 /// How a capture finds what changed.
@@ -476,17 +506,13 @@ impl Checkpointer {
         let walked = Arc::into_inner(walked)
             .ok_or_else(|| Error::Internal("the workspace walk is still shared".to_owned()))?;
         let journaled = patching.is_some();
-        let (entries, sent, delta, scan) = {
+        let (entries, sent, delta, mut scan) = {
             let mut cache = stat.lock().unwrap_or_else(PoisonError::into_inner);
             match patching {
                 Some((old, examined, cleared)) => {
-                    let scan = walked.finish_partial(&mut cache, fresh)?;
-                    let patched = manifest::patch(
-                        old.entries,
-                        scan.manifest.entries.clone(),
-                        &examined,
-                        &cleared,
-                    );
+                    let mut scan = walked.finish_partial(&mut cache, fresh)?;
+                    let found = std::mem::take(&mut scan.manifest.entries);
+                    let patched = manifest::patch(old.entries, found, &examined, &cleared);
                     // Files gone, or turned into directories or links.
                     let not_files = patched.changed.iter().filter(|e| e.hash.is_empty());
                     for path in patched.removed.iter().chain(not_files.map(|e| &e.path)) {
@@ -551,15 +577,7 @@ impl Checkpointer {
                 id: checkpoint.to_owned(),
                 entries,
             });
-        self.journal_covers(
-            &journal,
-            &root,
-            checkpoint,
-            scan.dirs,
-            scan.recheck,
-            journaled,
-            dirs,
-        );
+        lock(&journal).covered(&root, checkpoint, &mut scan, journaled, dirs);
 
         let uncached: Vec<(Hash, u64, String)> = firsts
             .into_iter()
@@ -617,7 +635,7 @@ impl Checkpointer {
 
     /// How this capture finds what changed; starts the session's journal if it has none yet.
     /// Whatever the journal reported until now is taken: it covers the next capture only once
-    /// this one succeeds ([`Checkpointer::journal_covers`]).
+    /// this one succeeds ([`JournalState::covered`]).
     fn scope(
         &self,
         workspace: &Workspace,
@@ -659,40 +677,6 @@ impl Checkpointer {
         }
     }
 
-    /// After a successful capture of `checkpoint`: the journal (if the session has one) covers
-    /// the next capture against it. `dirs` and `recheck` come from the capture's scan
-    /// (`journaled`: of what the journal named; else of the whole tree, with `tree_dirs`
-    /// directories).
-    #[allow(clippy::too_many_arguments)]
-    fn journal_covers(
-        &self,
-        journal: &Mutex<JournalState>,
-        root: &cap_std::fs::Dir,
-        checkpoint: &str,
-        dirs: Vec<(u64, String)>,
-        recheck: Vec<String>,
-        journaled: bool,
-        tree_dirs: usize,
-    ) {
-        let mut state = lock(journal);
-        if state.journal.is_none() || checkpoint.is_empty() {
-            return;
-        }
-        if !journaled {
-            state.dirs.clear();
-            let Ok(top) = rustix::fs::fstat(root) else {
-                return;
-            };
-            state.dirs.insert(top.st_ino, String::new());
-        }
-        state.dirs.extend(dirs);
-        state.recheck = recheck.into_iter().collect();
-        // Inodes of directories removed since the last walk linger (harmless: they name paths
-        // that are examined and found gone); a walk starts the map afresh when they pile up.
-        if state.dirs.len() <= 2 * tree_dirs + 1024 {
-            state.covers = Some(checkpoint.to_owned());
-        }
-    }
     /// Copies blobs into the local cache in the background (verifying each one).
     fn fill_cache(&self, root: cap_std::fs::Dir, blobs: Vec<(Hash, u64, String)>) {
         if !self.cache.enabled() || blobs.is_empty() {
