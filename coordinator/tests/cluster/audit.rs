@@ -67,7 +67,7 @@ async fn verify(url: &str, token: &str) -> v1::VerifyAuditResponse {
 
 #[tokio::test]
 async fn executed_calls_are_recorded_with_digest_outcome_and_duration_but_not_their_arguments() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -152,7 +152,7 @@ async fn executed_calls_are_recorded_with_digest_outcome_and_duration_but_not_th
 
 #[tokio::test]
 async fn with_audit_calls_mutating_only_calls_of_mutating_tools_are_recorded() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.audit_calls = heist_coordinator::audit::AuditCalls::Mutating;
     let coord = Coordinator::start(config).await;
@@ -184,7 +184,7 @@ async fn with_audit_calls_mutating_only_calls_of_mutating_tools_are_recorded() {
 
 #[tokio::test]
 async fn checkpoint_create_restore_and_fork_are_recorded() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -262,7 +262,7 @@ async fn checkpoint_create_restore_and_fork_are_recorded() {
 async fn concurrent_calls_keep_one_valid_chain() {
     const TASKS: usize = 8;
     const CALLS: usize = 25;
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -307,7 +307,7 @@ async fn concurrent_calls_keep_one_valid_chain() {
 /// waits on.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_removed_from_the_end_of_a_stopped_store_are_reported_after_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     for _ in 0..4 {
@@ -359,7 +359,7 @@ async fn records_removed_from_the_end_of_a_stopped_store_are_reported_after_rest
 
 #[tokio::test]
 async fn agent_tool_calls_in_a_turn_are_recorded_from_its_events() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

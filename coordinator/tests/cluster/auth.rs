@@ -29,7 +29,7 @@ async fn list_workers_with(url: &str, token: Option<&str>) -> Result<(), tonic::
 
 #[tokio::test]
 async fn public_rpcs_need_a_valid_token() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let url = coord.url();
@@ -101,7 +101,7 @@ async fn public_rpcs_need_a_valid_token() {
 
 #[tokio::test]
 async fn wrong_client_credentials_are_refused_without_saying_which_part() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let wrong_secret = issue_token(&coord.url(), ADMIN_ID, "wrong-secret-wrong-secret")
         .await
@@ -125,7 +125,7 @@ async fn wrong_client_credentials_are_refused_without_saying_which_part() {
 
 #[tokio::test]
 async fn a_down_scoped_token_cannot_call_what_it_lacks() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let mut auth = v1::auth_service_client::AuthServiceClient::new(channel(&coord.url()).await);
     let resp = auth
@@ -147,7 +147,7 @@ async fn a_down_scoped_token_cannot_call_what_it_lacks() {
 
 #[tokio::test]
 async fn clients_cannot_call_workers_directly() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

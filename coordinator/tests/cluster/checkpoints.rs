@@ -116,7 +116,7 @@ async fn sessions_count(client: &mut Client) -> usize {
 }
 
 struct Cluster {
-    _dir: tempfile::TempDir,
+    _dir: crate::harness::Scratch,
     data_dir: PathBuf,
     coordinator: Coordinator,
     workers: Vec<Worker>,
@@ -134,7 +134,7 @@ impl Cluster {
         tune: impl FnOnce(&mut heist_coordinator::Config),
         worker_config: Option<fn(&mut heist_worker::Config)>,
     ) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = crate::harness::tempdir();
         let data_dir = dir.path().join("coordinator");
         let mut config = coordinator_config(&data_dir);
         tune(&mut config);

@@ -128,7 +128,7 @@ async fn client_audit(url: &str, token: &str) -> Vec<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let url = coord.url();
     let w = Worker::start(&url, dir.path(), WorkerOpts::new("w1")).await;
@@ -302,7 +302,7 @@ async fn api_clients_own_their_sessions_and_get_only_their_scopes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_and_revocation_refuse_old_tokens_at_once_and_survive_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let url = coord.url();
@@ -515,7 +515,7 @@ fn kids(jwks: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_key_rotation_keeps_old_tokens_reaches_workers_and_survives_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let url = coord.url();

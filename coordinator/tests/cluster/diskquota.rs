@@ -127,7 +127,7 @@ fn image(dir: &Path, session: &str) -> PathBuf {
 }
 
 struct Lab {
-    dir: tempfile::TempDir,
+    dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     client: Client,
@@ -139,7 +139,7 @@ async fn lab() -> Lab {
 
 /// A lab whose worker keeps `pool` file systems ready.
 async fn lab_with_pool(pool: usize) -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let opts = WorkerOpts::new("w1").configure(move |config| {
         fs_quota(config);
@@ -467,7 +467,7 @@ fn spawn_pool_worker(coordinator: &str, dir: &Path, log: &str) -> ChildGuard {
 
 #[tokio::test]
 async fn a_worker_killed_with_sigkill_leaves_no_pool_behind_once_restarted() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let images = dir.path().join("disk-images");
     let mut worker = spawn_pool_worker(&coord.url(), dir.path(), "worker-1.log");

@@ -62,7 +62,7 @@ fn use_docker(config: &mut heist_worker::Config) {
 }
 
 struct Lab {
-    _dir: tempfile::TempDir,
+    _dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     client: Client,
@@ -72,7 +72,7 @@ struct Lab {
 /// A coordinator, a process-sandbox worker `w0` and a docker worker `wd`; a session asking for
 /// `sandbox=docker`, which must land on `wd`.
 async fn lab() -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(
         &coord.url(),
@@ -457,7 +457,7 @@ async fn a_docker_worker_sweeps_its_stale_containers_at_start() {
     if !docker_ready("a_docker_worker_sweeps_its_stale_containers_at_start") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     // What a crashed worker `ws` with this workspace directory would have left.
     let label = heist_worker::sandbox::cgroup_name("ws", &dir.path().join("ws"));
@@ -522,7 +522,7 @@ fn unreachable_engine(config: &mut heist_worker::Config) {
 /// unconfined; sessions asking for `sandbox=docker` are not placed on it.
 #[tokio::test]
 async fn a_docker_worker_without_an_engine_refuses_commands_and_the_label() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(
         &coord.url(),
@@ -617,7 +617,7 @@ async fn the_engine_gate_passes_the_backend_and_refuses_everything_else() {
     if !docker_ready("the_engine_gate_passes_the_backend_and_refuses_everything_else") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let socket = dir.path().join("gate.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let gate_args = heist_worker::engine_gate::GateArgs {

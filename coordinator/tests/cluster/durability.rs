@@ -9,7 +9,7 @@ use crate::harness::*;
 
 #[tokio::test]
 async fn a_killed_coordinator_restarts_with_sessions_intact_and_workers_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("coordinator");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -86,7 +86,7 @@ async fn a_killed_coordinator_restarts_with_sessions_intact_and_workers_back() {
 
 #[tokio::test]
 async fn a_restarted_worker_reconciles_its_sessions_with_the_coordinator() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -150,7 +150,7 @@ async fn a_restarted_worker_reconciles_its_sessions_with_the_coordinator() {
 
 #[tokio::test]
 async fn a_gracefully_restarted_coordinator_gets_its_workers_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let addr = coord.addr;
@@ -175,7 +175,7 @@ async fn a_gracefully_restarted_coordinator_gets_its_workers_back() {
 
 #[tokio::test]
 async fn sigterm_drains_a_worker_without_failing_in_flight_calls() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let port = free_port();
     let log = std::fs::File::create(dir.path().join("worker.log")).expect("log");

@@ -34,7 +34,7 @@ async fn reflected_services(url: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn reflection_lists_every_service_on_both_binaries() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -65,7 +65,7 @@ async fn reflection_lists_every_service_on_both_binaries() {
 
 #[tokio::test]
 async fn the_callers_deadline_reaches_the_worker() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

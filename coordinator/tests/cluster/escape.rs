@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::harness::*;
 
 struct Lab {
-    dir: tempfile::TempDir,
+    dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     client: Client,
@@ -24,7 +24,7 @@ async fn lab() -> Lab {
         running_as_root(),
         "the escape suite runs the worker as root, as CI does (run it as root)"
     );
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

@@ -13,14 +13,14 @@ use tonic::Code;
 use crate::harness::*;
 
 struct Lab {
-    _dir: tempfile::TempDir,
+    _dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     client: Client,
 }
 
 async fn lab(configure: fn(&mut heist_worker::Config)) -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(
         &coord.url(),

@@ -49,7 +49,7 @@ fn workspaces(worker: &Worker) -> HashSet<String> {
 
 #[tokio::test]
 async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("coordinator");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
@@ -235,7 +235,7 @@ async fn a_coordinator_killed_with_calls_in_flight_applies_every_retry_exactly_o
 
 #[tokio::test]
 async fn sigterm_drains_calls_in_flight_before_closing_worker_streams() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut coord = coordinator_process(
@@ -309,7 +309,7 @@ fn signal(child: &ChildGuard, sig: &str) {
 
 #[tokio::test]
 async fn a_frozen_worker_is_suspect_fails_calls_fast_and_gets_no_sessions() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     // Long lease: this test is about SUSPECT, not LOST.
     config.lease_ttl = std::time::Duration::from_secs(60);
@@ -416,7 +416,7 @@ async fn create_labelled(c: &mut Client, labels: &[(&str, &str)]) -> v1::Session
 
 #[tokio::test]
 async fn a_lost_workers_sessions_fail_over_from_their_checkpoints() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.lease_ttl = std::time::Duration::from_millis(1500);
     config.suspect_after = std::time::Duration::from_millis(600);
@@ -537,7 +537,7 @@ async fn a_lost_workers_sessions_fail_over_from_their_checkpoints() {
 
 #[tokio::test]
 async fn closed_sessions_are_collected_after_the_retention() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.session_retention = std::time::Duration::ZERO;
     config.session_gc_interval = std::time::Duration::from_millis(100);

@@ -22,6 +22,76 @@ pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
 pub const ADMIN_ID: &str = "admin";
 pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789";
 
+/// A test's scratch directory, removed on drop like a [`tempfile::TempDir`]. File systems
+/// mounted beneath it are detached first: the per-session workspaces of a worker killed with
+/// SIGKILL (nothing restarts on its base directory to collect them), or of a test that
+/// panicked, would otherwise stay mounted with their loop devices after the directory is gone.
+pub struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for mount in mounts_beneath(self.0.path()) {
+            // Lazy: a file system still in use (a killed worker's child not yet reaped) goes
+            // when its last user does.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&mount)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn tempdir() -> Scratch {
+    Scratch(tempfile::tempdir().expect("tempdir"))
+}
+
+/// Mount points at or beneath `dir` in this process's mount namespace, deepest first.
+pub fn mounts_beneath(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_point(field)))
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found
+}
+
+/// A mountinfo path field with its octal escapes (`\040` for a space, ...) decoded.
+fn unescape_mount_point(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let code = rest
+            .get(at + 1..at + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// How long any wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 

@@ -80,7 +80,7 @@ fn final_messages(events: &[v1::HeistEvent], round: u32) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_whole_game_is_played_analyzed_guessed_and_kept_across_a_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let config = coordinator_config(&dir.path().join("c"));
     let (coord, [w1, w2], client, mut heist) = cluster(dir.path(), config.clone()).await;
 
@@ -235,7 +235,7 @@ async fn a_whole_game_is_played_analyzed_guessed_and_kept_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_game_forked_after_round_two_plays_on_differently() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let config = coordinator_config(&dir.path().join("c"));
     let (coord, [w1, w2], client, mut heist) = cluster(dir.path(), config).await;
 
@@ -305,7 +305,7 @@ async fn a_game_forked_after_round_two_plays_on_differently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_game_that_fails_midway_says_why_and_gives_its_session_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let config = coordinator_config(&dir.path().join("c"));
     let (coord, [w1, w2], mut client, mut heist) = cluster(dir.path(), config).await;
 

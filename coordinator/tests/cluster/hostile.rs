@@ -63,7 +63,7 @@ async fn echo_works(client: &mut Client) {
 
 #[tokio::test]
 async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keeps_serving() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let real = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -125,7 +125,7 @@ async fn a_second_worker_with_a_live_workers_id_is_refused_and_the_real_one_keep
 
 #[tokio::test]
 async fn registrations_without_a_valid_fresh_proof_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let key = WorkerKey::from_seed(&[7; 32]);
     let addr = "http://127.0.0.1:1";
@@ -162,7 +162,7 @@ async fn registrations_without_a_valid_fresh_proof_are_refused() {
 
 #[tokio::test]
 async fn a_forgotten_key_lets_the_operator_re_enrol_a_worker_id() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let first = Worker::start(&coord.url(), &dir.path().join("a"), WorkerOpts::new("w1")).await;
@@ -202,7 +202,7 @@ async fn a_forgotten_key_lets_the_operator_re_enrol_a_worker_id() {
 
 #[tokio::test]
 async fn blob_calls_need_the_workers_own_proof() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -380,7 +380,7 @@ impl KeyHolder {
 
 #[tokio::test]
 async fn a_coordinator_credential_works_for_one_call_on_one_worker_only() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let holder = KeyHolder {
         signer: Arc::new(
             TokenSigner::from_seed(&TokenSigner::generate_seed().expect("seed")).expect("signer"),
@@ -452,7 +452,7 @@ async fn a_coordinator_credential_works_for_one_call_on_one_worker_only() {
 /// call key is agreed and used at once, the previous one covers calls on their way.
 #[tokio::test]
 async fn calls_keep_working_when_a_worker_registers_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -482,7 +482,7 @@ fn tool(name: &str, description: &str) -> v1::ToolSpec {
 
 #[tokio::test]
 async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.max_worker_tools = 32;
     let coord = Coordinator::start(config).await;
@@ -555,7 +555,7 @@ async fn a_worker_cannot_poison_the_catalogue_or_claim_unbounded_capacity() {
 
 #[tokio::test]
 async fn a_guessing_loop_is_throttled_before_any_hashing() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.login_free_failures = 2;
     config.login_backoff_base = std::time::Duration::from_secs(60);
@@ -594,7 +594,7 @@ struct Garbled {
 
 #[tokio::test]
 async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let client = Client::admin(&coord.url()).await;
     let mut grpc = tonic::client::Grpc::new(channel(&coord.url()).await);
@@ -617,7 +617,7 @@ async fn a_body_that_does_not_decode_is_invalid_argument_not_internal() {
 /// waits on.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("c");
     let coord = Coordinator::start(coordinator_config(&data)).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
@@ -769,7 +769,7 @@ fn open_to_others(top: &Path, path: &Path) -> bool {
 /// the applied-request store) is out of other local users' reach, whatever the umask.
 #[tokio::test]
 async fn nothing_the_binaries_keep_is_readable_by_other_local_users() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

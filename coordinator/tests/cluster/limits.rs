@@ -106,7 +106,7 @@ async fn limited_total(addr: SocketAddr, admin: &str, limit: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_its_concurrency_limit_a_client_is_refused_and_others_keep_working() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.limits = LimitsConfig {
         max_concurrent_calls: 1,
@@ -190,7 +190,7 @@ async fn over_its_concurrency_limit_a_client_is_refused_and_others_keep_working(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_rate_bucket_refills() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.limits = LimitsConfig {
         calls_per_s: 2,
@@ -251,7 +251,7 @@ async fn an_emptied_rate_bucket_refills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_streams_hold_no_call_slot_but_have_their_own_cap() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.limits = LimitsConfig {
         max_concurrent_calls: 1,

@@ -31,7 +31,7 @@ fn scenarios() -> PathBuf {
 
 /// A coordinator and one worker, ready for calls.
 pub(crate) struct Cluster {
-    dir: tempfile::TempDir,
+    dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     token: String,
@@ -39,7 +39,7 @@ pub(crate) struct Cluster {
 
 impl Cluster {
     pub(crate) async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = crate::harness::tempdir();
         let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
         let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
         let mut client = Client::admin(&coord.url()).await;

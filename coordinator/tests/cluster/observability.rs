@@ -116,7 +116,7 @@ async fn flush(provider: SdkTracerProvider) -> SdkTracerProvider {
 async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
     let (receiver, provider) = export_to_receiver().await;
 
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -328,7 +328,7 @@ fn promtool_check(what: &str, text: &str) {
 
 #[tokio::test]
 async fn metrics_need_a_token_pass_promtool_and_count_calls() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

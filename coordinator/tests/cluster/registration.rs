@@ -7,7 +7,7 @@ use crate::harness::*;
 
 #[tokio::test]
 async fn workers_register_with_their_catalogue_and_reregister_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w1 = Worker::start(
         &coord.url(),
@@ -67,7 +67,7 @@ async fn workers_register_with_their_catalogue_and_reregister_cleanly() {
 
 #[tokio::test]
 async fn a_worker_that_does_not_come_back_is_lost_when_its_lease_expires() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let mut config = coordinator_config(&dir.path().join("c"));
     config.lease_ttl = std::time::Duration::from_millis(600);
     let coord = Coordinator::start(config).await;
@@ -81,7 +81,7 @@ async fn a_worker_that_does_not_come_back_is_lost_when_its_lease_expires() {
 
 #[tokio::test]
 async fn a_worker_with_a_wrong_join_token_is_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
 
     // Directly on the wire: the stream is refused before anything is registered.

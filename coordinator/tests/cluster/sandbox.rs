@@ -12,7 +12,7 @@ use tonic::{Code, Streaming};
 use crate::harness::*;
 
 struct Lab {
-    dir: tempfile::TempDir,
+    dir: crate::harness::Scratch,
     coord: Coordinator,
     worker: Worker,
     client: Client,
@@ -23,7 +23,7 @@ async fn lab() -> Lab {
 }
 
 async fn lab_with(opts: WorkerOpts) -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let worker = Worker::start(&coord.url(), dir.path(), opts).await;
     let mut client = Client::admin(&coord.url()).await;

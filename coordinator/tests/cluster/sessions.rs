@@ -9,7 +9,7 @@ use crate::harness::*;
 
 #[tokio::test]
 async fn sessions_spread_over_two_workers_and_close_removes_workspaces() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let w2 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w2")).await;
@@ -87,7 +87,7 @@ async fn sessions_spread_over_two_workers_and_close_removes_workspaces() {
 
 #[tokio::test]
 async fn labels_select_workers_and_unmatched_labels_say_so() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let gpu = Worker::start(
         &coord.url(),
@@ -126,7 +126,7 @@ async fn labels_select_workers_and_unmatched_labels_say_so() {
 
 #[tokio::test]
 async fn capacity_exhaustion_and_no_workers_are_resource_exhausted_with_reasons() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let mut client = Client::admin(&coord.url()).await;
 
@@ -155,7 +155,7 @@ async fn capacity_exhaustion_and_no_workers_are_resource_exhausted_with_reasons(
 
 #[tokio::test]
 async fn unknown_sessions_are_not_found() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;
@@ -181,7 +181,7 @@ async fn unknown_sessions_are_not_found() {
 
 #[tokio::test]
 async fn create_and_close_with_the_same_request_id_apply_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let mut client = Client::admin(&coord.url()).await;

@@ -113,7 +113,7 @@ async fn wait_exit(child: &mut std::process::Child) -> ExitStatus {
 
 #[tokio::test]
 async fn a_full_coordinator_disk_refuses_mutations_unapplied_and_recovers_without_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let Some(disk) = Tmpfs::mount(&dir.path().join("coordinator"), TMPFS_BYTES) else {
         return;
     };
@@ -242,7 +242,7 @@ async fn a_full_coordinator_disk_refuses_mutations_unapplied_and_recovers_withou
 
 #[tokio::test]
 async fn a_full_worker_disk_refuses_mutating_calls_unapplied_and_recovers() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let Some(disk) = Tmpfs::mount(&dir.path().join("worker-state"), TMPFS_BYTES) else {
         return;
     };

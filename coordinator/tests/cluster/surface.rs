@@ -45,7 +45,7 @@ fn served_methods() -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn every_method_off_the_allow_list_refuses_a_missing_token() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let methods = served_methods();
     assert!(
@@ -92,7 +92,7 @@ async fn every_method_off_the_allow_list_refuses_a_missing_token() {
 
 #[tokio::test]
 async fn probes_answer_over_http_on_the_grpc_port_without_a_token() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
 
     let (status, _) = http_get(coord.addr, "/healthz").await;

@@ -209,7 +209,7 @@ async fn tls_worker(coord: &TlsCoordinator, pki: &Pki, base: &Path, id: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_and_mtls_cluster_routes_calls_and_plaintext_clients_fail_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let coord = TlsCoordinator::start(&dir.path().join("c"), &pki).await;
     let worker = tls_worker(&coord, &pki, dir.path(), "w-1").await;
@@ -321,7 +321,7 @@ async fn join(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_without_a_certificate_for_their_id_from_the_cluster_ca_cannot_join() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let other_ca = Pki::new(&dir.path().join("other"));
     let coord = TlsCoordinator::start(&dir.path().join("c"), &pki).await;
@@ -415,7 +415,7 @@ async fn workers_without_a_certificate_for_their_id_from_the_cluster_ca_cannot_j
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heistctl_talks_to_a_tls_coordinator_with_its_ca_certificate() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let pki = Pki::new(&dir.path().join("pki"));
     let coord = TlsCoordinator::start(&dir.path().join("c"), &pki).await;
     let worker = tls_worker(&coord, &pki, dir.path(), "w-1").await;

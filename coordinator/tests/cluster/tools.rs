@@ -7,14 +7,14 @@ use tonic::Code;
 use crate::harness::*;
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    _dir: crate::harness::Scratch,
     coord: Coordinator,
     workers: Vec<Worker>,
     client: Client,
 }
 
 async fn setup() -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let w1 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
     let w2 = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w2")).await;

@@ -62,7 +62,7 @@ async fn denials(url: &str, admin: &Client) -> Vec<String> {
 
 #[tokio::test]
 async fn a_token_with_only_tools_fs_works_with_files_and_nothing_else() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let (coordinator, worker, admin) = cluster(dir.path()).await;
     let url = coordinator.url();
     let mut files = scoped(
@@ -154,7 +154,7 @@ async fn a_token_with_only_tools_fs_works_with_files_and_nothing_else() {
 
 #[tokio::test]
 async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let (coordinator, worker, mut admin) = cluster(dir.path()).await;
     let session = admin
         .create_session_allowing(&[], &["fs.*"])
@@ -251,7 +251,7 @@ async fn a_session_allowing_only_fs_refuses_calc_even_for_admin() {
 
 #[tokio::test]
 async fn the_session_policy_survives_a_restart_and_carries_into_a_fork() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let data = dir.path().join("coordinator");
     let (coordinator, worker, mut admin) = cluster(dir.path()).await;
     let session = admin
@@ -332,7 +332,7 @@ async fn the_session_policy_survives_a_restart_and_carries_into_a_fork() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heistctl_creates_a_narrowed_session_and_shows_its_policy() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let (coordinator, worker, admin) = cluster(dir.path()).await;
     let ctl = |args: &[&str]| heistctl(dir.path(), &coordinator.url(), &admin.token, args);
     let created = ctl(&[

@@ -50,7 +50,7 @@ fn test_agents(config: &mut heist_worker::Config) {
 }
 
 struct Lab {
-    dir: tempfile::TempDir,
+    dir: crate::harness::Scratch,
     coord: Coordinator,
     workers: Vec<Worker>,
     client: Client,
@@ -58,7 +58,7 @@ struct Lab {
 }
 
 async fn lab(ids: &[&str]) -> Lab {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = crate::harness::tempdir();
     let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
     let mut workers = Vec::new();
     for id in ids {
