@@ -1,9 +1,15 @@
 //! The content-addressed blob store: `<data_dir>/blobs/<2 hex>/<64 hex>`, each file named by the
 //! BLAKE3 hash of its content.
 //!
-//! Writing: [`Cas::writer`] streams a blob into a temporary file under `blobs/tmp/` (same file
-//! system) while hashing it; [`BlobWriter::finish`] checks hash and size and renames it into
-//! place (a blob that is already there is simply kept). Nothing is fsynced while writing: the
+//! Writing: [`Cas::writer`] streams a blob into a temporary file in its own shard directory
+//! (`.upload-<uuid>`) while hashing it; [`BlobWriter::finish`] checks hash and size and renames
+//! it into place (a blob that is already there is simply kept). Temporary files sit next to
+//! their blobs, not in one shared directory: the parallel PutBlobs streams of a capture then
+//! create and rename in different directories instead of queueing on one directory's lock, and
+//! a rename within a directory skips the file system's cross-directory rename lock (10,000
+//! files of 20 KiB from 4 threads: 3.2–3.7 s against 4.1–4.4 s through one directory, measured
+//! in alternating runs). Leftovers of uploads that never finished are removed by the scan for
+//! unreferenced blobs ([`Cas::unreferenced`]). Nothing is fsynced while writing: the
 //! uploader records the blobs it stored ([`Cas::written`]), and whoever commits a manifest
 //! first makes every blob written so far durable with one [`Cas::sync_written`] (one
 //! [`Cas::sync_batch`]), so the several PutBlobs streams of a capture cost one sync, not one
@@ -12,6 +18,12 @@
 //! `syncfs` on the store's file system. `syncfs` also flushes unrelated dirty data on that file
 //! system, so a small batch (at most [`FSYNC_BATCH_MAX`] blobs, e.g. a capture after one file
 //! changed) is made durable with an `fsync` of each file and of its shard directory instead.
+//!
+//! Write-back is started ahead of that sync: once [`FLUSH_AHEAD_BYTES`] of recorded blobs are
+//! waiting, a background thread makes them durable ([`Cas::written`] starts it; one at a time)
+//! while the uploads go on, so the sync before a large commit finds little left to write. A
+//! first capture of 200 MiB otherwise waited for all of it to reach the disk after the last
+//! byte arrived.
 //!
 //! A crash between a rename and the next sync can leave a blob whose name is durable but whose
 //! content is not. No manifest references such a blob (manifests are committed only after a
@@ -24,14 +36,21 @@ use std::{
     fs,
     io::{self, Read as _, Seek as _, SeekFrom, Write as _},
     path::{Path, PathBuf},
-    sync::{Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::SystemTime,
 };
+
+use tracing::warn;
 
 use crate::error::Error;
 
 /// Size of one streamed chunk, in bytes.
 pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// Name prefix of a blob being uploaded, in its shard directory.
+const UPLOAD_PREFIX: &str = ".upload-";
 /// Largest batch made durable file by file; larger batches use one `syncfs`.
 pub const FSYNC_BATCH_MAX: usize = 64;
 pub use heist_proto::hash::{Hash, hex, parse_hex};
@@ -44,69 +63,98 @@ pub fn hash_from_bytes(bytes: &[u8]) -> Option<Hash> {
 /// Blobs written and not yet synced beyond which [`Cas::written`] syncs at once (bounds the
 /// list when uploads are never committed).
 const MAX_UNSYNCED: usize = 100_000;
+/// Bytes of recorded, unsynced blobs at which a background sync starts (see the module docs).
+pub const FLUSH_AHEAD_BYTES: u64 = 32 << 20;
 
 /// The blob store.
 #[derive(Debug)]
 pub struct Cas {
     root: PathBuf,
-    tmp: PathBuf,
-    /// Blobs renamed into place since the last sync.
-    unsynced: Mutex<Vec<Hash>>,
+    /// Blobs renamed into place since the last sync, and their bytes.
+    unsynced: Mutex<(Vec<Hash>, u64)>,
+    /// A background sync is running (at most one).
+    flushing: AtomicBool,
     /// Held while a sync runs, so a caller that finds nothing left to sync still returns only
     /// after the sync that took its blobs.
     syncing: Mutex<()>,
 }
 
 impl Cas {
-    /// Opens (creating) the store at `root`, removing temporary files a previous process left.
+    /// Opens (creating) the store at `root`. Temporary files a previous process left in the
+    /// shard directories go with the startup scan ([`Cas::unreferenced`]); the shared `tmp/`
+    /// directory of older stores is removed here.
     pub fn open(root: &Path) -> Result<Self, Error> {
         heist_proto::files::private_dir(root).map_err(|e| Error::io("cannot create", root, e))?;
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| Error::io("cannot clean", &tmp, e))?;
+        let legacy_tmp = root.join("tmp");
+        if legacy_tmp.exists() {
+            fs::remove_dir_all(&legacy_tmp)
+                .map_err(|e| Error::io("cannot clean", &legacy_tmp, e))?;
         }
-        fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
         for shard in 0..=255u8 {
             let dir = root.join(format!("{shard:02x}"));
             fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
         }
         Ok(Self {
             root: root.to_path_buf(),
-            tmp,
-            unsynced: Mutex::new(Vec::new()),
+            unsynced: Mutex::new((Vec::new(), 0)),
+            flushing: AtomicBool::new(false),
             syncing: Mutex::new(()),
         })
     }
 
-    /// Records blobs just stored (renamed into place), to be made durable by the next
-    /// [`Cas::sync_written`].
-    pub fn written(&self, hashes: &[Hash]) -> Result<(), Error> {
-        let many = {
+    /// Records blobs just stored (renamed into place), `bytes` in all, to be made durable by
+    /// the next [`Cas::sync_written`]. Once [`FLUSH_AHEAD_BYTES`] are waiting, a background
+    /// thread starts that sync (unless one runs already).
+    pub fn written(self: &Arc<Self>, hashes: &[Hash], bytes: u64) -> Result<(), Error> {
+        let (many, ahead) = {
             let mut unsynced = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
-            unsynced.extend_from_slice(hashes);
-            unsynced.len() > MAX_UNSYNCED
+            unsynced.0.extend_from_slice(hashes);
+            unsynced.1 = unsynced.1.saturating_add(bytes);
+            (
+                unsynced.0.len() > MAX_UNSYNCED,
+                unsynced.1 >= FLUSH_AHEAD_BYTES,
+            )
         };
         if many {
             self.sync_written()?;
+        } else if ahead && !self.flushing.swap(true, Ordering::AcqRel) {
+            let cas = self.clone();
+            let started = std::thread::Builder::new()
+                .name("blob-flush".to_owned())
+                .spawn(move || {
+                    // A failure puts the blobs back: the commit's own sync reports it.
+                    if let Err(err) = cas.sync_written() {
+                        warn!(%err, "background sync of the blob store failed");
+                    }
+                    cas.flushing.store(false, Ordering::Release);
+                });
+            if started.is_err() {
+                self.flushing.store(false, Ordering::Release);
+            }
         }
         Ok(())
+    }
+
+    /// Blobs recorded by [`Cas::written`] and not yet synced, and their bytes.
+    pub fn unsynced(&self) -> (usize, u64) {
+        let unsynced = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
+        (unsynced.0.len(), unsynced.1)
     }
 
     /// Makes every blob recorded by [`Cas::written`] before the call durable (per-file `fsync`
     /// or one `syncfs`, see [`Cas::sync_batch`]). Called before a manifest naming them commits.
     pub fn sync_written(&self) -> Result<(), Error> {
         let _one = self.syncing.lock().unwrap_or_else(PoisonError::into_inner);
-        let batch =
+        let (batch, bytes) =
             std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(PoisonError::into_inner));
         if batch.is_empty() {
             return Ok(());
         }
         let synced = self.sync_batch(&batch);
         if synced.is_err() {
-            self.unsynced
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .extend(batch);
+            let mut unsynced = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
+            unsynced.0.extend(batch);
+            unsynced.1 = unsynced.1.saturating_add(bytes);
         }
         synced
     }
@@ -132,9 +180,8 @@ impl Cas {
 
     /// Starts writing a blob of `size` bytes named `hash`.
     pub fn writer(&self, hash: Hash, size: u64) -> Result<BlobWriter, Error> {
-        let tmp = self
-            .tmp
-            .join(format!("{}.{}", hex(&hash), uuid::Uuid::new_v4().simple()));
+        let dest = self.path(&hash);
+        let tmp = dest.with_file_name(format!("{UPLOAD_PREFIX}{}", uuid::Uuid::new_v4().simple()));
         let file = fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
         Ok(BlobWriter {
             hash,
@@ -143,7 +190,7 @@ impl Cas {
             hasher: blake3::Hasher::new(),
             file: Some(file),
             tmp,
-            dest: self.path(&hash),
+            dest,
             stored: false,
         })
     }
@@ -236,7 +283,9 @@ impl Cas {
     }
 
     /// Every stored blob for which `referenced` is false and that was last modified before
-    /// `older_than` (`None`: any age).
+    /// `older_than` (`None`: any age). Temporary files of uploads last written before
+    /// `older_than` are removed on the way (`None`, at startup: all of them; an upload stalled
+    /// for longer than the sweep's grace fails and is retried).
     pub fn unreferenced(
         &self,
         referenced: impl Fn(&Hash) -> bool,
@@ -248,20 +297,33 @@ impl Cas {
             let entries = fs::read_dir(&dir).map_err(|e| Error::io("cannot read", &dir, e))?;
             for entry in entries {
                 let entry = entry.map_err(|e| Error::io("cannot read", &dir, e))?;
-                let Some(hash) = entry.file_name().to_str().and_then(parse_hex) else {
-                    continue;
-                };
-                if referenced(&hash) {
-                    continue;
-                }
-                let old_enough = match older_than {
+                let old_enough = || match older_than {
                     None => true,
                     Some(limit) => entry
                         .metadata()
                         .and_then(|m| m.modified())
                         .is_ok_and(|t| t < limit),
                 };
-                if old_enough {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else {
+                    continue;
+                };
+                if name.starts_with(UPLOAD_PREFIX) {
+                    // An upload that never finished (its writer went with a crash).
+                    if old_enough() {
+                        let path = entry.path();
+                        match fs::remove_file(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(Error::io("cannot remove", &path, e)),
+                        }
+                    }
+                    continue;
+                }
+                let Some(hash) = parse_hex(name) else {
+                    continue;
+                };
+                if !referenced(&hash) && old_enough() {
                     out.push(hash);
                 }
             }
@@ -372,6 +434,76 @@ mod tests {
         w.finish().expect("io")
     }
 
+    /// Temporary upload files in the shard directories.
+    fn uploads_left(cas: &Cas) -> usize {
+        (0..=255u8)
+            .flat_map(|shard| fs::read_dir(cas.root.join(format!("{shard:02x}"))).expect("shard"))
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(UPLOAD_PREFIX)
+            })
+            .count()
+    }
+
+    #[test]
+    fn an_unfinished_upload_is_removed_by_the_scan_for_unreferenced_blobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cas = Cas::open(dir.path()).expect("open");
+        let mut w = cas.writer(hash(b"hello"), 5).expect("writer");
+        w.write(0, b"hel").expect("io").expect("accepted");
+        // A crash: the writer never finishes nor cleans up.
+        std::mem::forget(w);
+        assert_eq!(uploads_left(&cas), 1);
+        let past = SystemTime::now() - std::time::Duration::from_secs(3600);
+        assert!(
+            cas.unreferenced(|_| false, Some(past))
+                .expect("scan")
+                .is_empty()
+        );
+        assert_eq!(
+            uploads_left(&cas),
+            1,
+            "a recent upload may still be running"
+        );
+        assert!(cas.unreferenced(|_| false, None).expect("scan").is_empty());
+        assert_eq!(uploads_left(&cas), 0, "the startup scan removes it");
+        assert!(!cas.contains(&hash(b"hello")));
+    }
+
+    #[test]
+    fn recorded_blobs_past_the_flush_threshold_are_synced_in_the_background() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cas = Arc::new(Cas::open(dir.path()).expect("open"));
+        let small = b"a few bytes".to_vec();
+        put(&cas, &small, CHUNK_BYTES).expect("stored");
+        cas.written(&[hash(&small)], small.len() as u64)
+            .expect("recorded");
+        assert_eq!(
+            cas.unsynced(),
+            (1, small.len() as u64),
+            "below the threshold: kept"
+        );
+
+        let big = vec![7u8; usize::try_from(FLUSH_AHEAD_BYTES).expect("fits")];
+        put(&cas, &big, CHUNK_BYTES).expect("stored");
+        cas.written(&[hash(&big)], big.len() as u64)
+            .expect("recorded");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while cas.unsynced() != (0, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background sync took both blobs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // The commit's sync waits for the background one and finds nothing left.
+        cas.sync_written().expect("sync");
+        assert_eq!(cas.unsynced(), (0, 0));
+    }
+
     #[test]
     fn put_get_verify_round_trip() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -406,10 +538,7 @@ mod tests {
         put(&cas, &data, 1000).expect("again");
         put(&cas, b"", 10).expect("empty");
         assert!(cas.contains(&hash(b"")));
-        assert_eq!(
-            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
-            0
-        );
+        assert_eq!(uploads_left(&cas), 0);
     }
 
     #[test]
@@ -432,10 +561,7 @@ mod tests {
         ));
         w.write(0, b"hel").expect("io").expect("ok");
         assert_eq!(w.finish().expect("io"), Err(Rejected::Mismatch), "short");
-        assert_eq!(
-            fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
-            0
-        );
+        assert_eq!(uploads_left(&cas), 0);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tracing::{debug, instrument, warn};
 use crate::{
     app::App,
     auth,
-    cas::{BlobWriter, CHUNK_BYTES, Cas, Hash, Rejected, hash_from_bytes, hex},
+    cas::{BlobWriter, CHUNK_BYTES, Cas, FLUSH_AHEAD_BYTES, Hash, Rejected, hash_from_bytes, hex},
     error::Error,
     worker_certs,
 };
@@ -195,14 +195,17 @@ struct Stored {
 /// The disk side of PutBlobs: writes each blob (when it fits above the store's free-space
 /// reserve), verifies it, renames it into place, and records it for the next sync.
 fn store_blobs(
-    cas: &Cas,
+    cas: &Arc<Cas>,
     reserve: &heist_proto::space::Reserve,
     max_blob: u64,
     mut rx: mpsc::Receiver<BlobChunk>,
 ) -> Result<Stored, Error> {
     let mut response = PutBlobsResponse::default();
     let mut current: Option<Box<BlobWriter>> = None;
+    // Blobs stored and not yet handed to the store's sync, and their bytes: handed over every
+    // FLUSH_AHEAD_BYTES so write-back starts while the stream goes on.
     let mut written: Vec<Hash> = Vec::new();
+    let mut written_bytes = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         let hash = hash_from_bytes(&chunk.hash).ok_or_else(|| {
             Error::Status(errors::invalid_argument(
@@ -267,12 +270,18 @@ fn store_blobs(
             None => false,
         };
         if done && let Some(w) = current.take() {
+            let size = w.size();
             w.finish()?.map_err(|r| corrupt(rejection(r)))?;
             written.push(hash);
+            written_bytes += size;
+            if written_bytes >= FLUSH_AHEAD_BYTES {
+                cas.written(&std::mem::take(&mut written), written_bytes)?;
+                written_bytes = 0;
+            }
         }
     }
     let unfinished = current.map(|c| (*c.hash(), c.written(), c.size()));
-    cas.written(&written)?;
+    cas.written(&written, written_bytes)?;
     Ok(Stored {
         response,
         unfinished,
