@@ -186,6 +186,9 @@ struct Samples {
     cp: Vec<f64>,
     full: Vec<f64>,
     full_worker: Vec<f64>,
+    /// What a first capture took after the worker answered (the coordinator's sync and commit,
+    /// and the hop back).
+    full_after_worker: Vec<f64>,
     one: Vec<f64>,
     one_worker: Vec<f64>,
     /// The most files a capture after one change hashed.
@@ -276,6 +279,7 @@ impl Bench<'_> {
         ));
         out.full.push(capture_ms);
         out.full_worker.push(worker_ms(&stats));
+        out.full_after_worker.push(capture_ms - worker_ms(&stats));
         out.cp.push(cp_ms);
         out.full_vs_cp.push(capture_ms / cp_ms);
         Ok(first.id)
@@ -491,6 +495,12 @@ impl Samples {
                 "capture_worker_full_ms",
                 "first capture, worker side (median)",
                 median(&self.full_worker),
+                "ms",
+            ),
+            Metric::new(
+                "capture_full_after_worker_ms",
+                "first capture, after the worker answered: sync and commit (median)",
+                median(&self.full_after_worker),
                 "ms",
             ),
         ]
