@@ -135,12 +135,6 @@ impl Cas {
         Ok(())
     }
 
-    /// Blobs recorded by [`Cas::written`] and not yet synced, and their bytes.
-    pub fn unsynced(&self) -> (usize, u64) {
-        let unsynced = self.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
-        (unsynced.0.len(), unsynced.1)
-    }
-
     /// Makes every blob recorded by [`Cas::written`] before the call durable (per-file `fsync`
     /// or one `syncfs`, see [`Cas::sync_batch`]). Called before a manifest naming them commits.
     pub fn sync_written(&self) -> Result<(), Error> {
@@ -434,6 +428,12 @@ mod tests {
         w.finish().expect("io")
     }
 
+    /// Blobs recorded by [`Cas::written`] and not yet synced, and their bytes.
+    fn unsynced(cas: &Cas) -> (usize, u64) {
+        let unsynced = cas.unsynced.lock().unwrap_or_else(PoisonError::into_inner);
+        (unsynced.0.len(), unsynced.1)
+    }
+
     /// Temporary upload files in the shard directories.
     fn uploads_left(cas: &Cas) -> usize {
         (0..=255u8)
@@ -482,7 +482,7 @@ mod tests {
         cas.written(&[hash(&small)], small.len() as u64)
             .expect("recorded");
         assert_eq!(
-            cas.unsynced(),
+            unsynced(&cas),
             (1, small.len() as u64),
             "below the threshold: kept"
         );
@@ -492,7 +492,7 @@ mod tests {
         cas.written(&[hash(&big)], big.len() as u64)
             .expect("recorded");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while cas.unsynced() != (0, 0) {
+        while unsynced(&cas) != (0, 0) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the background sync took both blobs"
@@ -501,7 +501,7 @@ mod tests {
         }
         // The commit's sync waits for the background one and finds nothing left.
         cas.sync_written().expect("sync");
-        assert_eq!(cas.unsynced(), (0, 0));
+        assert_eq!(unsynced(&cas), (0, 0));
     }
 
     #[test]

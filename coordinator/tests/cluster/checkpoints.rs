@@ -590,20 +590,16 @@ fn disk_fs(config: &mut heist_worker::Config) {
     config.quotas.disk_bytes = 32 << 20;
 }
 
-/// Whether `path` is a mountpoint (per /proc/self/mountinfo).
-fn mounted(path: &Path) -> bool {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(path.to_str().expect("utf-8")))
-}
-
 #[tokio::test]
 async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
     let mut c = Cluster::start_with(2, |_| {}, Some(disk_fs)).await;
     let session = c.session_on("1").await;
     let ws = c.workspace(&session);
-    assert!(mounted(&ws), "{} is not its own file system", ws.display());
+    assert!(
+        crate::harness::is_mount_point(&ws),
+        "{} is not its own file system",
+        ws.display()
+    );
     populate(&ws);
     let original = tree(&ws);
     let cp = c.create(&session.id).await.expect("checkpoint");
@@ -620,7 +616,7 @@ async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
     // In place: the mountpoint stays, its contents are swapped, nothing is left aside.
     c.restore(&cp.id, "").await.expect("restore");
     assert_eq!(tree(&ws), original);
-    assert!(mounted(&ws));
+    assert!(crate::harness::is_mount_point(&ws));
     let read = c
         .client
         .call(&session.id, "fs.read", json!({"path": "README.md"}))
@@ -649,11 +645,11 @@ async fn restore_and_fork_work_when_each_workspace_is_its_own_file_system() {
     let fork = c.fork(&cp.id, &[("w", "2")]).await.expect("fork");
     assert_eq!(fork.worker_id, "w2");
     let forked = c.workspace(&fork);
-    assert!(mounted(&forked));
+    assert!(crate::harness::is_mount_point(&forked));
     assert_eq!(tree(&forked), original);
     c.client.close_session(&fork.id).await.expect("close");
     c.client.close_session(&session.id).await.expect("close");
-    assert!(!mounted(&forked) && !mounted(&ws));
+    assert!(!crate::harness::is_mount_point(&forked) && !crate::harness::is_mount_point(&ws));
     c.stop().await;
 }
 

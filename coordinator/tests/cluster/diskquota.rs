@@ -46,25 +46,6 @@ failed = sum(os.wait()[1] != 0 for _ in range(4))
 print(failed)
 ";
 
-/// Whether `path` is a mountpoint, per /proc/self/mountinfo.
-fn mounted(path: &Path) -> bool {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(path.to_str().expect("utf-8")))
-}
-
-/// Mount points under `dir`, per /proc/self/mountinfo.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(PathBuf::from)
-        .filter(|m| m.starts_with(&dir))
-        .collect()
-}
-
 /// Loop devices whose backing file is under `dir`.
 fn loops_under(dir: &Path) -> usize {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -103,7 +84,7 @@ fn pool_ready(images: &Path) -> Vec<u64> {
     entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_dir() && mounted(p) && !p.join("lost+found").exists())
+        .filter(|p| p.is_dir() && is_mount_point(p) && !p.join("lost+found").exists())
         .filter_map(|p| std::fs::metadata(p.with_extension("img")).ok())
         .map(|m| m.ino())
         .collect()
@@ -206,7 +187,11 @@ async fn parallel_writers_and_unlinked_files_cannot_pass_the_file_system_quota()
     );
     let s = lab.client.create_session(&[]).await.expect("session").id;
     let ws = lab.worker.workspace(&s);
-    assert!(mounted(&ws), "{} is not its own file system", ws.display());
+    assert!(
+        is_mount_point(&ws),
+        "{} is not its own file system",
+        ws.display()
+    );
     let bound = QUOTA + diskfs::slack(QUOTA);
 
     // Four writers at once: the kernel stops them, and the exec says which quota.
@@ -286,7 +271,10 @@ print(sum(int(n) for n in got.split()))
     assert_eq!(lab.sh(&s, "cat note.txt").await.expect("cat"), "still here");
 
     lab.client.close_session(&s).await.expect("close");
-    assert!(!mounted(&ws), "a closed session's file system is unmounted");
+    assert!(
+        !is_mount_point(&ws),
+        "a closed session's file system is unmounted"
+    );
     assert!(!ws.exists(), "its workspace is removed");
     assert!(
         !lab.images().join(format!("{s}.img")).exists(),
@@ -303,12 +291,12 @@ async fn closing_removes_the_file_system_and_a_restarted_worker_mounts_it_again(
     let gone = lab.client.create_session(&[]).await.expect("gone").id;
     lab.sh(&keep, "echo kept > f").await.expect("write");
     let (keep_ws, gone_ws) = (lab.worker.workspace(&keep), lab.worker.workspace(&gone));
-    assert!(mounted(&keep_ws) && mounted(&gone_ws));
+    assert!(is_mount_point(&keep_ws) && is_mount_point(&gone_ws));
     let images = lab.images();
     assert!(image(images.parent().expect("parent"), &gone).exists());
 
     lab.client.close_session(&gone).await.expect("close");
-    assert!(!mounted(&gone_ws), "no mount left");
+    assert!(!is_mount_point(&gone_ws), "no mount left");
     assert!(
         !image(images.parent().expect("parent"), &gone).exists(),
         "no image left"
@@ -322,7 +310,10 @@ async fn closing_removes_the_file_system_and_a_restarted_worker_mounts_it_again(
         mut client,
     } = lab;
     worker.stop().await;
-    assert!(!mounted(&keep_ws), "a stopped worker leaves no mount");
+    assert!(
+        !is_mount_point(&keep_ws),
+        "a stopped worker leaves no mount"
+    );
     assert!(image(images.parent().expect("parent"), &keep).exists());
     let worker = start_worker(&coord, dir.path()).await;
     client.wait_ready(&["w1"]).await;
@@ -331,12 +322,15 @@ async fn closing_removes_the_file_system_and_a_restarted_worker_mounts_it_again(
         .await
         .expect("re-adopted");
     assert_eq!(text_of(&read), "kept\n");
-    assert!(mounted(&keep_ws), "mounted again before it was opened");
+    assert!(
+        is_mount_point(&keep_ws),
+        "mounted again before it was opened"
+    );
     let session = client.get_session(&keep).await.expect("get");
     assert_eq!(session.state, v1::SessionState::Ready as i32);
 
     client.close_session(&keep).await.expect("close");
-    assert!(!mounted(&keep_ws));
+    assert!(!is_mount_point(&keep_ws));
     assert!(!image(images.parent().expect("parent"), &keep).exists());
     worker.stop().await;
     coord.stop().await;
@@ -356,7 +350,7 @@ async fn sessions_from_the_pool_are_bounded_alike_and_never_share_a_file_system(
             .expect("image")
             .ino();
         assert!(ready.contains(&ino), "{s}'s file system came from the pool");
-        assert!(mounted(&lab.worker.workspace(&s)));
+        assert!(is_mount_point(&lab.worker.workspace(&s)));
         ids.push(s);
     }
     let [a, b] = <[String; 2]>::try_from(ids).expect("two sessions");
@@ -396,7 +390,7 @@ async fn sessions_from_the_pool_are_bounded_alike_and_never_share_a_file_system(
 
     // Closing deletes the image: nothing goes back to the pool.
     lab.client.close_session(&a).await.expect("close");
-    assert!(!mounted(&a_ws));
+    assert!(!is_mount_point(&a_ws));
     assert!(
         !images.join(format!("{a}.img")).exists(),
         "a's image is deleted"
@@ -407,7 +401,7 @@ async fn sessions_from_the_pool_are_bounded_alike_and_never_share_a_file_system(
     // A stopping worker deletes its pool.
     lab.worker.stop().await;
     assert!(pool_dir(&images).is_none(), "the pool is gone after a stop");
-    assert_eq!(mounts_under(lab.dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(mounts_beneath(lab.dir.path()), Vec::<PathBuf>::new());
     lab.coord.stop().await;
 }
 
@@ -428,7 +422,7 @@ async fn opens_beyond_what_the_pool_holds_format_their_own() {
         .iter()
         .map(|s| {
             let ws = lab.worker.workspace(s);
-            assert!(mounted(&ws), "{s} has its file system");
+            assert!(is_mount_point(&ws), "{s} has its file system");
             std::fs::metadata(&ws).expect("workspace").dev()
         })
         .collect();
@@ -482,16 +476,16 @@ async fn a_worker_killed_with_sigkill_leaves_no_pool_behind_once_restarted() {
     let pool = pool_dir(&images).expect("pool dir");
     wait_for("the pool to refill", || {
         let pool = pool.clone();
-        async move { (mounts_under(&pool).len() == 2).then_some(()) }
+        async move { (mounts_beneath(&pool).len() == 2).then_some(()) }
     })
     .await;
-    let left = mounts_under(&pool);
+    let left = mounts_beneath(&pool);
 
     // kill -9: the pool's mounts and loop devices stay behind.
     worker.0.kill().expect("SIGKILL");
     worker.0.wait().expect("reaped");
     assert!(
-        !mounts_under(&pool).is_empty(),
+        !mounts_beneath(&pool).is_empty(),
         "a killed worker cleans nothing"
     );
 
@@ -503,7 +497,7 @@ async fn a_worker_killed_with_sigkill_leaves_no_pool_behind_once_restarted() {
         .expect("the session is adopted");
     assert_eq!(text_of(&read), "kept");
     pool_filled(&images, 2).await;
-    let now = mounts_under(&pool);
+    let now = mounts_beneath(&pool);
     assert_eq!(now.len(), 2, "only the new pool is mounted: {now:?}");
     assert!(
         left.iter().all(|m| !now.contains(m)),
@@ -522,7 +516,7 @@ async fn a_worker_killed_with_sigkill_leaves_no_pool_behind_once_restarted() {
         .await
         .expect("join");
     assert!(exit.success(), "worker exited with {exit}");
-    assert_eq!(mounts_under(dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(mounts_beneath(dir.path()), Vec::<PathBuf>::new());
     assert!(!pool.exists(), "the pool's directory is gone");
     assert!(images.join(format!("{s}.img")).exists());
     wait_for("every loop device to be freed", || async {

@@ -53,19 +53,37 @@ pub fn tempdir() -> Scratch {
     Scratch(tempfile::tempdir().expect("tempdir"))
 }
 
-/// Mount points at or beneath `dir` in this process's mount namespace, deepest first.
-pub fn mounts_beneath(dir: &Path) -> Vec<PathBuf> {
+/// Every mount point in this process's mount namespace, per /proc/self/mountinfo.
+fn mount_points() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    let mut found: Vec<PathBuf> = info
-        .lines()
+    info.lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|field| PathBuf::from(unescape_mount_point(field)))
-        .filter(|point| point.starts_with(dir))
+        .collect()
+}
+
+/// `path` with symlinks resolved (as mountinfo names it), or as given when it cannot be.
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Mount points at or beneath `dir` in this process's mount namespace, deepest first.
+pub fn mounts_beneath(dir: &Path) -> Vec<PathBuf> {
+    let dir = resolved(dir);
+    let mut found: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|point| point.starts_with(&dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     found
+}
+
+/// Whether `path` is a mount point in this process's mount namespace.
+pub fn is_mount_point(path: &Path) -> bool {
+    let path = resolved(path);
+    mount_points().contains(&path)
 }
 
 /// A mountinfo path field with its octal escapes (`\040` for a space, ...) decoded.
