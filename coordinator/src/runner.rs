@@ -12,7 +12,6 @@ use std::future::Future;
 
 use heist_proto::ids::RequestId;
 use prost::Message;
-use tracing::{Instrument as _, Span};
 
 use crate::{
     app::App,
@@ -158,25 +157,22 @@ where
     };
     let body = make_body(recorder.as_ref().map(|r| r.intent().to_vec()));
     app.tasks
-        .spawn(
-            async move {
-                match body.await {
-                    Ok(out) => {
-                        if let Some(recorder) = recorder {
-                            recorder.complete(&out).await?;
-                        }
-                        Ok(out)
+        .spawn(heist_proto::trace::in_current(async move {
+            match body.await {
+                Ok(out) => {
+                    if let Some(recorder) = recorder {
+                        recorder.complete(&out).await?;
                     }
-                    Err(err) => {
-                        if let Some(recorder) = recorder {
-                            recorder.fail(&err).await?;
-                        }
-                        Err(err)
+                    Ok(out)
+                }
+                Err(err) => {
+                    if let Some(recorder) = recorder {
+                        recorder.fail(&err).await?;
                     }
+                    Err(err)
                 }
             }
-            .instrument(Span::current()),
-        )
+        }))
         .await?
 }
 

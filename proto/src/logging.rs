@@ -195,6 +195,8 @@ where
         .with_batch_exporter(exporter)
         .build();
     let tracer = provider.tracer("heist");
+    // Each call's span is made with the SDK by the RPC layer (see `crate::trace`).
+    crate::trace::set_rpc_tracer(tracer.clone());
     // Per-span work kept to what a trace needs: no busy/idle timers and no OpenTelemetry
     // context switch on every poll of an instrumented future (nothing here reads
     // `Context::current`: propagation goes through the span itself), no thread or source
@@ -206,8 +208,13 @@ where
         .with_threads(false)
         .with_location(false)
         .with_target(false)
-        // A static filter: decided once per callsite, not on every span.
-        .with_filter(Targets::new().with_target("heist", LevelFilter::INFO))
+        // A static filter: decided once per callsite, not on every span. The calls' log spans
+        // are not exported: each call's span is made with the SDK (see `crate::trace`).
+        .with_filter(
+            Targets::new()
+                .with_target("heist", LevelFilter::INFO)
+                .with_target(crate::trace::RPC_SPAN_TARGET, LevelFilter::OFF),
+        )
         .boxed();
     Ok((layer, provider))
 }

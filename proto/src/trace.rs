@@ -8,16 +8,24 @@
 //! - Back to the client: every response carries `x-trace-id` ([`TRACE_ID_HEADER`]) when the
 //!   call belongs to a trace, so a client can look it up.
 //!
-//! Contexts only exist while the OpenTelemetry layer is installed (an OTLP endpoint is set,
-//! see [`crate::logging`]); otherwise a client's `traceparent` still names the trace id on
-//! the call's log lines and in `x-trace-id`, and nothing else is done.
+//! Each call's own span (the one span a routed call exports on each hop) is made by
+//! [`RpcLayer`] with the OpenTelemetry SDK directly, not as a `tracing` span: it is the only span
+//! on the hot path, and the `tracing` bridge (a registry entry, a span builder and per-poll
+//! callbacks) cost more than the span itself. Its context is attached to the call's future
+//! (`Context::current()` while it runs), so the `tracing` spans made inside the call parent to it
+//! through the OpenTelemetry layer, and [`inject`] sends it on. The call also has a `tracing`
+//! span for its log lines (`trace_id`, `method`), never exported.
+//!
+//! Spans are only made while a trace pipeline is installed (an OTLP endpoint is set, see
+//! [`crate::logging`]); otherwise a client's `traceparent` still names the trace id on the
+//! call's log lines and in `x-trace-id`, and nothing else is done.
 
 use std::{
     borrow::Cow,
     future::Future,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context as TaskContext, Poll},
@@ -26,11 +34,12 @@ use std::{
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::{
-    Context,
+    Context, KeyValue,
+    context::FutureExt as _,
     propagation::{Extractor, Injector, TextMapPropagator as _},
-    trace::{TraceContextExt as _, TraceId},
+    trace::{SpanKind, Status, TraceContextExt as _, TraceId, Tracer as _},
 };
-use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracer};
 use tonic::metadata::{AsciiMetadataValue, MetadataKey, MetadataMap};
 use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field::Empty, info_span};
@@ -130,9 +139,14 @@ pub fn traceparent_trace_id(value: &str) -> Option<String> {
     context_trace_id(&from_traceparent(value)).map(|t| t.to_string())
 }
 
-/// Writes the context of `span` into `metadata` (nothing when the span has none).
+/// Writes the context of `span` into `metadata`; when `span` is not exported (a call's log
+/// span, or none), the current OpenTelemetry context (the call's own span, see [`RpcLayer`]).
+/// Nothing when neither belongs to a trace.
 pub fn inject(span: &Span, metadata: &mut MetadataMap) {
-    let cx = span.context();
+    let mut cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        cx = Context::current();
+    }
     if cx.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&cx, &mut MetadataInjector(metadata));
     }
@@ -141,6 +155,12 @@ pub fn inject(span: &Span, metadata: &mut MetadataMap) {
 /// Writes the context of the current span into `metadata`.
 pub fn inject_current(metadata: &mut MetadataMap) {
     inject(&Span::current(), metadata);
+}
+
+/// `future`, carrying the current `tracing` span and OpenTelemetry context: for a task spawned
+/// to finish a call's work, so what it does stays in the call's trace.
+pub fn in_current<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    future.instrument(Span::current()).with_current_context()
 }
 
 /// The trace id of `span`, if it belongs to a trace.
@@ -194,8 +214,23 @@ pub fn method_label(path: &str, grpc: bool) -> &'static str {
         .unwrap_or("other")
 }
 
-/// The target of the spans [`RpcLayer`] makes (this module's path).
-pub const RPC_SPAN_TARGET: &str = module_path!();
+/// The target of the log spans [`RpcLayer`] makes (never exported: the call's exported span is
+/// made with the SDK).
+pub const RPC_SPAN_TARGET: &str = concat!(module_path!(), "::rpc");
+
+/// The tracer [`RpcLayer`] makes each call's span with: set once, when the trace pipeline is
+/// installed ([`set_rpc_tracer`]).
+static RPC_TRACER: OnceLock<SdkTracer> = OnceLock::new();
+
+/// Makes [`RpcLayer`] start a span per call with `tracer` (the first tracer a process installs
+/// stays).
+pub fn set_rpc_tracer(tracer: SdkTracer) {
+    let _ = RPC_TRACER.set(tracer);
+}
+
+/// In the context of an RPC that runs one tool call: whether [`tool_call_span`] has named the
+/// tool on the RPC's span yet.
+struct ToolCallRpc(AtomicBool);
 
 /// Whether log lines show the fields of [`RpcLayer`]'s spans (see [`set_logs_show_rpc_spans`]).
 static LOGS_SHOW_RPC_SPANS: AtomicBool = AtomicBool::new(true);
@@ -207,7 +242,7 @@ pub fn set_logs_show_rpc_spans(shown: bool) {
     LOGS_SHOW_RPC_SPANS.store(shown, Ordering::Relaxed);
 }
 
-/// The name of the span [`RpcLayer`] gives an RPC that is one tool call (`CallTool`,
+/// The name of the log span [`RpcLayer`] gives an RPC that is one tool call (`CallTool`,
 /// `CallToolStream`): it has `tool` and `session_id` fields for [`tool_call_span`] to fill.
 const TOOL_CALL_RPC_SPAN: &str = "rpc-tool-call";
 
@@ -219,26 +254,37 @@ fn is_tool_call(method: &str) -> bool {
 
 /// The span a tool call runs in. When the call is the RPC being answered (a gRPC `CallTool`
 /// on the coordinator or a worker), the RPC's own span is the tool call's span: its `tool` and
-/// `session_id` are recorded on it and it is returned, so a routed call costs one span per
-/// hop. Otherwise (an MCP request, a heist game's step, an agent's tool call) a new
-/// `tool_call` span, child of the current one.
+/// `session_id` are set on it (and on its log span, which is returned), so a routed call costs
+/// one span per hop. Otherwise (an MCP request, a heist game's step, an agent's tool call) a
+/// new `tool_call` span, child of the current one.
 pub fn tool_call_span(tool: &str, session_id: &str) -> Span {
     let current = Span::current();
-    if current
+    let logged = current
         .metadata()
-        .is_some_and(|m| m.name() == TOOL_CALL_RPC_SPAN)
-    {
+        .is_some_and(|m| m.name() == TOOL_CALL_RPC_SPAN);
+    if logged {
         current.record("tool", tool);
         current.record("session_id", session_id);
+    }
+    let cx = Context::current();
+    let exported = cx
+        .get::<ToolCallRpc>()
+        .is_some_and(|named| !named.0.swap(true, Ordering::Relaxed));
+    if exported {
+        let span = cx.span();
+        span.set_attribute(KeyValue::new("tool", tool.to_owned()));
+        span.set_attribute(KeyValue::new("session_id", session_id.to_owned()));
+    }
+    if logged || exported {
         return current;
     }
     info_span!("tool_call", tool = %tool, session_id = %session_id)
 }
 
-/// Tower layer giving every request a span (`rpc`, named after the method, parented by the
-/// caller's trace context, with the trace id as a field so log lines carry it), recording it in
-/// [`RpcMetrics`], and answering [`TRACE_ID_HEADER`] (unless told not to). Put it outermost, so
-/// refused calls are seen too.
+/// Tower layer giving every request a span (a server span named after the method, parented by
+/// the caller's trace context, when traces are exported; a log span with the trace id as a
+/// field, so log lines carry it), recording it in [`RpcMetrics`], and answering
+/// [`TRACE_ID_HEADER`] (unless told not to). Put it outermost, so refused calls are seen too.
 #[derive(Clone)]
 pub struct RpcLayer {
     metrics: Arc<RpcMetrics>,
@@ -303,78 +349,99 @@ where
         let grpc = is_grpc(request.headers());
         let method = method_label(request.uri().path(), grpc);
         let parent = extract(request.headers());
-        // A span parented by the caller belongs to the caller's trace: its id is known now and
-        // goes in with the other fields (a record costs every layer a visit per call).
-        let remote = context_trace_id(&parent);
+        let tool_call = is_tool_call(method);
+        // The call's exported span, child of the caller's when it sent a trace context, else
+        // the root of a new trace.
+        let otel = RPC_TRACER.get().map(|tracer| {
+            let span = tracer
+                .span_builder(method)
+                .with_kind(SpanKind::Server)
+                .start_with_context(tracer, &parent);
+            let cx = parent.with_span(span);
+            if tool_call {
+                cx.with_value(ToolCallRpc(AtomicBool::new(false)))
+            } else {
+                cx
+            }
+        });
+        let trace = context_trace_id(otel.as_ref().unwrap_or(&parent));
         let logged = LOGS_SHOW_RPC_SPANS.load(Ordering::Relaxed);
-        let known = remote.filter(|_| logged).map(tracing::field::display);
-        let span = if is_tool_call(method) {
+        let known = trace.filter(|_| logged).map(tracing::field::display);
+        let span = if tool_call {
             info_span!(
+                target: RPC_SPAN_TARGET,
                 TOOL_CALL_RPC_SPAN,
-                otel.name = method,
-                otel.kind = "server",
+                method,
                 trace_id = known,
-                rpc.grpc.status_code = Empty,
-                http.response.status_code = Empty,
                 tool = Empty,
                 session_id = Empty,
             )
         } else {
-            info_span!(
-                "rpc",
-                otel.name = method,
-                otel.kind = "server",
-                trace_id = known,
-                rpc.grpc.status_code = Empty,
-                http.response.status_code = Empty,
-            )
+            info_span!(target: RPC_SPAN_TARGET, "rpc", method, trace_id = known)
         };
-        set_parent(&span, parent);
-        // Without a caller's trace, the OpenTelemetry layer (when installed) has just started a
-        // new one.
-        let trace = remote.or_else(|| {
-            let new = trace_id(&span);
-            if let Some(id) = new.filter(|_| logged) {
-                span.record("trace_id", tracing::field::display(id));
-            }
-            new
-        });
         // The standard swap: call the clone that was polled ready.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
         let answer = self.answer_trace_id.then_some(trace).flatten();
         let started = Instant::now();
-        let future = inner.call(request);
-        Box::pin(
-            async move {
-                let mut result = future.await;
-                if let Ok(response) = &mut result {
-                    let (code, number) = response_code(response.status(), response.headers(), grpc);
-                    // Numbers, as the semantic conventions have them (no string to allocate).
-                    let field = if grpc {
-                        "rpc.grpc.status_code"
-                    } else {
-                        "http.response.status_code"
-                    };
-                    Span::current().record(field, number);
-                    metrics.observe(method, code.clone(), started.elapsed());
-                    if let Some(reason) = refusal_reason(response.headers(), &code) {
-                        metrics.refused(&reason);
-                    }
-                    if let Some(id) = answer
-                        && let Ok(mut value) = HeaderValue::from_str(&id.to_string())
-                    {
-                        // New on every trace: never indexed (see `MetadataInjector`).
-                        value.set_sensitive(true);
-                        response.headers_mut().insert(TRACE_ID_HEADER, value);
-                    }
+        // The inner layers' own `call` runs in the call's context too, as its future will.
+        let future = {
+            let _attached = otel.clone().map(Context::attach);
+            let _entered = span.enter();
+            inner.call(request)
+        };
+        let ended = otel.clone();
+        let answered = async move {
+            let mut result = future.await;
+            if let Ok(response) = &mut result {
+                let (code, number) = response_code(response.status(), response.headers(), grpc);
+                if let Some(cx) = &ended {
+                    end_span(cx, grpc, &code, number);
                 }
-                result
+                metrics.observe(method, code.clone(), started.elapsed());
+                if let Some(reason) = refusal_reason(response.headers(), &code) {
+                    metrics.refused(&reason);
+                }
+                if let Some(id) = answer
+                    && let Ok(mut value) = HeaderValue::from_str(&id.to_string())
+                {
+                    // New on every trace: never indexed (see `MetadataInjector`).
+                    value.set_sensitive(true);
+                    response.headers_mut().insert(TRACE_ID_HEADER, value);
+                }
             }
-            .instrument(span),
-        )
+            // A call that failed in transport or was dropped: its span ends when the last
+            // reference to its context goes.
+            result
+        }
+        .instrument(span);
+        match otel {
+            Some(cx) => Box::pin(answered.with_context(cx)),
+            None => Box::pin(answered),
+        }
     }
+}
+
+/// Ends a call's span with its outcome: the status as a number (as the semantic conventions
+/// have it, `rpc.grpc.status_code` or `http.response.status_code`), and an error status for
+/// the codes that mean the server failed (gRPC: UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED,
+/// INTERNAL, UNAVAILABLE, DATA_LOSS; HTTP: 5xx).
+fn end_span(cx: &Context, grpc: bool, code: &str, number: i64) {
+    let span = cx.span();
+    let (field, failed) = if grpc {
+        (
+            "rpc.grpc.status_code",
+            matches!(number, 2 | 4 | 12 | 13 | 14 | 15),
+        )
+    } else {
+        ("http.response.status_code", number >= 500)
+    };
+    span.set_attribute(KeyValue::new(field, number));
+    if failed {
+        span.set_status(Status::error(code.to_owned()));
+    }
+    span.end();
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -580,6 +647,134 @@ mod tests {
                 .map(HeaderValue::as_bytes),
             Some(&b"4bf92f3577b34da6a3ce929d0e0e4736"[..]),
             "the response names the trace"
+        );
+    }
+
+    /// Spans kept in memory as the SDK ends them.
+    #[derive(Clone, Debug, Default)]
+    struct Kept(Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Kept {
+        async fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> opentelemetry_sdk::error::OTelSdkResult {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(batch);
+            Ok(())
+        }
+    }
+
+    /// A server that fails with INTERNAL in the head of its response, and answers with the
+    /// `traceparent` it would send on to a worker.
+    #[derive(Clone)]
+    struct Forwards;
+
+    impl Service<http::Request<()>> for Forwards {
+        type Response = http::Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            // As a handler does: the work goes on in a task of its own.
+            let task = tokio::spawn(in_current(async {
+                let mut metadata = MetadataMap::new();
+                inject_current(&mut metadata);
+                let mut response = http::Response::new(());
+                response
+                    .headers_mut()
+                    .insert("grpc-status", HeaderValue::from_static("13"));
+                if let Some(sent) = metadata.get(TRACEPARENT) {
+                    let sent = HeaderValue::from_bytes(sent.as_bytes()).expect("header");
+                    response.headers_mut().insert("sent", sent);
+                }
+                response
+            }));
+            Box::pin(async move { Ok(task.await.expect("the task ran")) })
+        }
+    }
+
+    #[test]
+    fn a_calls_span_is_a_server_span_under_its_caller_and_is_sent_on() {
+        let kept = Kept::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_simple_exporter(kept.clone())
+            .build();
+        set_rpc_tracer(opentelemetry::trace::TracerProvider::tracer(
+            &provider, "test",
+        ));
+        let metrics = Arc::new(RpcMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let mut service = RpcLayer::new(metrics).layer(Forwards);
+        let request = http::Request::builder()
+            .uri("/heist.v1.ToolService/CallTool")
+            .header("content-type", "application/grpc")
+            .header(
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(())
+            .expect("request");
+        // Not `futures::executor`: the SDK's simple processor runs its own executor per span.
+        let response = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(async { service.call(request).await })
+            .expect("response");
+
+        let spans = kept
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(spans.len(), 1, "one span per call: {spans:?}");
+        let span = &spans[0];
+        assert_eq!(span.name, "/heist.v1.ToolService/CallTool");
+        assert_eq!(span.span_kind, SpanKind::Server);
+        assert_eq!(
+            span.span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(span.parent_span_id.to_string(), "00f067aa0ba902b7");
+        assert!(
+            span.attributes
+                .iter()
+                .any(|kv| kv.key.as_str() == "rpc.grpc.status_code"
+                    && kv.value == opentelemetry::Value::I64(13)),
+            "{:?}",
+            span.attributes
+        );
+        assert!(
+            matches!(span.status, Status::Error { .. }),
+            "{:?}",
+            span.status
+        );
+        // What the call sends on names this span as the parent.
+        let sent = response
+            .headers()
+            .get("sent")
+            .and_then(|v| v.to_str().ok())
+            .expect("a traceparent is sent on");
+        assert_eq!(
+            sent,
+            format!(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01",
+                span.span_context.span_id()
+            )
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get(TRACE_ID_HEADER)
+                .map(HeaderValue::as_bytes),
+            Some(&b"4bf92f3577b34da6a3ce929d0e0e4736"[..])
         );
     }
 

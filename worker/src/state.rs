@@ -18,7 +18,7 @@ use serde_json::{Map, Value as Json};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{Instrument as _, Span, debug, info, instrument};
+use tracing::{Instrument as _, debug, info, instrument};
 
 use crate::{
     Error,
@@ -276,20 +276,17 @@ impl State {
         // point neither stops the call half-way nor loses its record.
         let state = Arc::clone(self);
         self.tasks
-            .spawn(
-                async move {
-                    let _call = state.inflight.enter();
-                    let mut claim = match state.claim(&request).await? {
-                        Some(applied::Begin::Run(claim)) => claim,
-                        Some(applied::Begin::Replay(response)) => return Ok(response),
-                        None => return state.run_tool(request, deadline, None).await,
-                    };
-                    claim.start();
-                    let result = state.run_tool(request, deadline, None).await;
-                    settle(claim, result).await
-                }
-                .instrument(Span::current()),
-            )
+            .spawn(heist_proto::trace::in_current(async move {
+                let _call = state.inflight.enter();
+                let mut claim = match state.claim(&request).await? {
+                    Some(applied::Begin::Run(claim)) => claim,
+                    Some(applied::Begin::Replay(response)) => return Ok(response),
+                    None => return state.run_tool(request, deadline, None).await,
+                };
+                claim.start();
+                let result = state.run_tool(request, deadline, None).await;
+                settle(claim, result).await
+            }))
             .await
             .map_err(|e| Error::Internal(format!("the tool call's task failed: {e}")))?
     }

@@ -153,7 +153,7 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         "the response names the trace"
     );
 
-    let _provider = flush(provider).await;
+    let provider = flush(provider).await;
     let spans = wait_for("coordinator and worker spans of the call", || {
         let spans = receiver.spans_of(&trace_id);
         let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
@@ -223,6 +223,50 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
     assert!(
         !attrs.values().any(|v| v.contains("traced")),
         "arguments stay out of spans: {attrs:?}"
+    );
+
+    // A sandboxed command, in a call with a request id (which the coordinator and the worker
+    // each finish in a task of their own), hangs under both hops too.
+    let trace_id = [0x5a; 16];
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
+    let arguments =
+        heist_proto::json::json_to_struct(&json!({"command": "echo traced"})).expect("args");
+    let mut request = authed(
+        &client.token,
+        v1::CallToolRequest {
+            session_id: session.id.clone(),
+            tool: "exec".into(),
+            arguments: Some(arguments),
+            request_id: "traced-exec-1".into(),
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ascii"));
+    let response = client.tools.call_tool(request).await.expect("exec");
+    assert!(!response.get_ref().is_error, "{:?}", response.get_ref());
+    let _provider = flush(provider).await;
+    let spans = wait_for("the sandboxed command's span", || {
+        let spans = receiver.spans_of(&trace_id);
+        let complete = spans.iter().any(|s| s.name == "sandbox_command")
+            && spans
+                .iter()
+                .any(|s| s.name == "/heist.v1.ToolService/CallTool");
+        async move { complete.then_some(spans) }
+    })
+    .await;
+    let command = spans
+        .iter()
+        .find(|s| s.name == "sandbox_command")
+        .expect("command span");
+    assert_eq!(
+        ancestry(&spans, command),
+        [
+            "sandbox_command",
+            "/heist.v1.WorkerService/CallTool",
+            "/heist.v1.ToolService/CallTool",
+        ],
+        "command → worker rpc → coordinator rpc"
     );
 
     worker.stop().await;
