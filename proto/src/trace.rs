@@ -563,26 +563,54 @@ mod tests {
         assert_eq!(method_label("/random", false), "other");
     }
 
-    /// A server that logs one line while it answers (in its response future, as tonic's
-    /// handlers run).
+    /// A server answering every request with the future its function makes.
     #[derive(Clone)]
-    struct Logs;
+    struct Answers<F>(F);
 
-    impl Service<http::Request<()>> for Logs {
+    type Answer = BoxFuture<Result<http::Response<()>, std::convert::Infallible>>;
+
+    /// The RPC layer around an [`Answers`] server.
+    type Traced = RpcService<Answers<fn() -> Answer>>;
+
+    impl<F: Fn() -> Answer> Service<http::Request<()>> for Answers<F> {
         type Response = http::Response<()>;
         type Error = std::convert::Infallible;
-        type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+        type Future = Answer;
 
         fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
             Poll::Ready(Ok(()))
         }
 
         fn call(&mut self, _: http::Request<()>) -> Self::Future {
-            Box::pin(async {
-                tracing::info!("answering");
-                Ok(http::Response::new(()))
-            })
+            (self.0)()
         }
+    }
+
+    /// The RPC layer around a server answering with `answer`, and a gRPC request to `path`
+    /// from a caller in trace 4bf92f35...
+    fn traced(answer: fn() -> Answer, path: &str) -> (Traced, http::Request<()>) {
+        let metrics = Arc::new(RpcMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let service = RpcLayer::new(metrics).layer(Answers(answer));
+        let request = http::Request::builder()
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .header(
+                TRACEPARENT,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(())
+            .expect("request");
+        (service, request)
+    }
+
+    /// Logs one line while it answers (in its response future, as tonic's handlers run).
+    fn logs() -> Answer {
+        Box::pin(async {
+            tracing::info!("answering");
+            Ok(http::Response::new(()))
+        })
     }
 
     /// Log lines written to a shared buffer.
@@ -611,19 +639,7 @@ mod tests {
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .finish();
-        let metrics = Arc::new(RpcMetrics::register(
-            &mut prometheus_client::registry::Registry::default(),
-        ));
-        let mut service = RpcLayer::new(metrics).layer(Logs);
-        let request = http::Request::builder()
-            .uri("/heist.v1.SessionService/GetSession")
-            .header("content-type", "application/grpc")
-            .header(
-                TRACEPARENT,
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
-            .body(())
-            .expect("request");
+        let (mut service, request) = traced(logs, "/heist.v1.SessionService/GetSession");
         let response = tracing::subscriber::with_default(subscriber, || {
             futures::executor::block_on(service.call(request))
         })
@@ -667,37 +683,24 @@ mod tests {
         }
     }
 
-    /// A server that fails with INTERNAL in the head of its response, and answers with the
-    /// `traceparent` it would send on to a worker.
-    #[derive(Clone)]
-    struct Forwards;
-
-    impl Service<http::Request<()>> for Forwards {
-        type Response = http::Response<()>;
-        type Error = std::convert::Infallible;
-        type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-        fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _: http::Request<()>) -> Self::Future {
-            // As a handler does: the work goes on in a task of its own.
-            let task = tokio::spawn(in_current(async {
-                let mut metadata = MetadataMap::new();
-                inject_current(&mut metadata);
-                let mut response = http::Response::new(());
-                response
-                    .headers_mut()
-                    .insert("grpc-status", HeaderValue::from_static("13"));
-                if let Some(sent) = metadata.get(TRACEPARENT) {
-                    let sent = HeaderValue::from_bytes(sent.as_bytes()).expect("header");
-                    response.headers_mut().insert("sent", sent);
-                }
-                response
-            }));
-            Box::pin(async move { Ok(task.await.expect("the task ran")) })
-        }
+    /// Fails with INTERNAL in the head of its response, and answers with the `traceparent` it
+    /// would send on to a worker.
+    fn forwards() -> Answer {
+        // As a handler does: the work goes on in a task of its own.
+        let task = tokio::spawn(in_current(async {
+            let mut metadata = MetadataMap::new();
+            inject_current(&mut metadata);
+            let mut response = http::Response::new(());
+            response
+                .headers_mut()
+                .insert("grpc-status", HeaderValue::from_static("13"));
+            if let Some(sent) = metadata.get(TRACEPARENT) {
+                let sent = HeaderValue::from_bytes(sent.as_bytes()).expect("header");
+                response.headers_mut().insert("sent", sent);
+            }
+            response
+        }));
+        Box::pin(async move { Ok(task.await.expect("the task ran")) })
     }
 
     #[test]
@@ -709,19 +712,7 @@ mod tests {
         set_rpc_tracer(opentelemetry::trace::TracerProvider::tracer(
             &provider, "test",
         ));
-        let metrics = Arc::new(RpcMetrics::register(
-            &mut prometheus_client::registry::Registry::default(),
-        ));
-        let mut service = RpcLayer::new(metrics).layer(Forwards);
-        let request = http::Request::builder()
-            .uri("/heist.v1.ToolService/CallTool")
-            .header("content-type", "application/grpc")
-            .header(
-                TRACEPARENT,
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
-            .body(())
-            .expect("request");
+        let (mut service, request) = traced(forwards, "/heist.v1.ToolService/CallTool");
         // Not `futures::executor`: the SDK's simple processor runs its own executor per span.
         let response = tokio::runtime::Builder::new_current_thread()
             .build()

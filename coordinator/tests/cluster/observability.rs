@@ -88,6 +88,49 @@ fn ancestry(spans: &[Span], span: &Span) -> Vec<String> {
     names
 }
 
+/// The spans of `trace_id`, once one of each of `names` has arrived.
+async fn spans_named(receiver: &Receiver, trace_id: &[u8], names: &[&str]) -> Vec<Span> {
+    wait_for(&format!("the spans {names:?}"), || {
+        let spans = receiver.spans_of(trace_id);
+        let complete = names.iter().all(|n| spans.iter().any(|s| s.name == *n));
+        async move { complete.then_some(spans) }
+    })
+    .await
+}
+
+/// The span named `name`.
+fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    spans
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
+}
+
+/// A `tool` call with `args` (and `request_id`) in the trace of `traceparent`.
+fn traced_call(
+    token: &str,
+    session_id: &str,
+    tool: &str,
+    args: serde_json::Value,
+    request_id: &str,
+    traceparent: &str,
+) -> tonic::Request<v1::CallToolRequest> {
+    let arguments = heist_proto::json::json_to_struct(&args).expect("args");
+    let mut request = authed(
+        token,
+        v1::CallToolRequest {
+            session_id: session_id.to_owned(),
+            tool: tool.to_owned(),
+            arguments: Some(arguments),
+            request_id: request_id.to_owned(),
+        },
+    );
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().expect("ascii"));
+    request
+}
+
 /// A receiver, and the process's trace pipeline exporting to it. The subscriber is
 /// process-wide: nextest runs each test in a process of its own, and every server the test
 /// starts exports through it (the endpoint is passed, not set in the env).
@@ -130,19 +173,14 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
     ];
     let client_span = [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7];
     let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
-    let arguments = heist_proto::json::json_to_struct(&json!({"msg": "traced"})).expect("args");
-    let mut request = authed(
+    let request = traced_call(
         &client.token,
-        v1::CallToolRequest {
-            session_id: session.id.clone(),
-            tool: "echo".into(),
-            arguments: Some(arguments),
-            request_id: String::new(),
-        },
+        &session.id,
+        "echo",
+        json!({"msg": "traced"}),
+        "",
+        &traceparent,
     );
-    request
-        .metadata_mut()
-        .insert("traceparent", traceparent.parse().expect("ascii"));
     let response = client.tools.call_tool(request).await.expect("echo");
     assert_eq!(
         response
@@ -154,30 +192,25 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
     );
 
     let provider = flush(provider).await;
-    let spans = wait_for("coordinator and worker spans of the call", || {
-        let spans = receiver.spans_of(&trace_id);
-        let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
-        let complete = names.contains(&"/heist.v1.ToolService/CallTool")
-            && names.contains(&"/heist.v1.WorkerService/CallTool");
-        async move { complete.then_some(spans) }
-    })
+    let spans = spans_named(
+        &receiver,
+        &trace_id,
+        &[
+            "/heist.v1.ToolService/CallTool",
+            "/heist.v1.WorkerService/CallTool",
+        ],
+    )
     .await;
 
     // The coordinator's RPC span is the child of the client's span.
-    let coord_rpc = spans
-        .iter()
-        .find(|s| s.name == "/heist.v1.ToolService/CallTool")
-        .expect("coordinator rpc span");
+    let coord_rpc = named(&spans, "/heist.v1.ToolService/CallTool");
     assert_eq!(
         coord_rpc.parent_span_id, client_span,
         "parented by the client"
     );
     // The worker's span hangs under the coordinator's, through the injected traceparent. A
     // gRPC CallTool is one span per hop: each RPC's span is its tool call's span.
-    let worker_tool = spans
-        .iter()
-        .find(|s| s.name == "/heist.v1.WorkerService/CallTool")
-        .expect("worker rpc span");
+    let worker_tool = named(&spans, "/heist.v1.WorkerService/CallTool");
     assert_eq!(
         ancestry(&spans, worker_tool),
         [
@@ -186,12 +219,8 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
         ],
         "worker rpc → coordinator rpc"
     );
-    let root = spans
-        .iter()
-        .find(|s| s.name == "/heist.v1.ToolService/CallTool")
-        .expect("root");
     assert!(
-        spans.iter().all(|s| s.trace_id == root.trace_id),
+        spans.iter().all(|s| s.trace_id == coord_rpc.trace_id),
         "one trace"
     );
     // Ids are attributes; arguments are not.
@@ -229,36 +258,24 @@ async fn a_routed_call_is_one_trace_from_the_client_through_the_worker() {
     // each finish in a task of their own), hangs under both hops too.
     let trace_id = [0x5a; 16];
     let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
-    let arguments =
-        heist_proto::json::json_to_struct(&json!({"command": "echo traced"})).expect("args");
-    let mut request = authed(
+    let request = traced_call(
         &client.token,
-        v1::CallToolRequest {
-            session_id: session.id.clone(),
-            tool: "exec".into(),
-            arguments: Some(arguments),
-            request_id: "traced-exec-1".into(),
-        },
+        &session.id,
+        "exec",
+        json!({"command": "echo traced"}),
+        "traced-exec-1",
+        &traceparent,
     );
-    request
-        .metadata_mut()
-        .insert("traceparent", traceparent.parse().expect("ascii"));
     let response = client.tools.call_tool(request).await.expect("exec");
     assert!(!response.get_ref().is_error, "{:?}", response.get_ref());
     let _provider = flush(provider).await;
-    let spans = wait_for("the sandboxed command's span", || {
-        let spans = receiver.spans_of(&trace_id);
-        let complete = spans.iter().any(|s| s.name == "sandbox_command")
-            && spans
-                .iter()
-                .any(|s| s.name == "/heist.v1.ToolService/CallTool");
-        async move { complete.then_some(spans) }
-    })
+    let spans = spans_named(
+        &receiver,
+        &trace_id,
+        &["sandbox_command", "/heist.v1.ToolService/CallTool"],
+    )
     .await;
-    let command = spans
-        .iter()
-        .find(|s| s.name == "sandbox_command")
-        .expect("command span");
+    let command = named(&spans, "sandbox_command");
     assert_eq!(
         ancestry(&spans, command),
         [
@@ -291,25 +308,16 @@ async fn an_mcp_call_with_a_traceparent_in_its_meta_joins_that_trace() {
     );
 
     let _provider = flush(provider).await;
-    let spans = wait_for("the MCP call's spans on coordinator and worker", || {
-        let spans = receiver.spans_of(&trace_id);
-        let complete = spans.iter().any(|s| s.name == "mcp-call")
-            && spans
-                .iter()
-                .any(|s| s.name == "/heist.v1.WorkerService/CallTool");
-        async move { complete.then_some(spans) }
-    })
+    let spans = spans_named(
+        &receiver,
+        &trace_id,
+        &["mcp-call", "/heist.v1.WorkerService/CallTool"],
+    )
     .await;
-    let call = spans
-        .iter()
-        .find(|s| s.name == "mcp-call")
-        .expect("mcp-call span");
+    let call = named(&spans, "mcp-call");
     assert_eq!(call.parent_span_id, client_span, "parented by the client");
     assert_eq!(call.trace_state, "heist=test", "tracestate carried");
-    let worker_tool = spans
-        .iter()
-        .find(|s| s.name == "/heist.v1.WorkerService/CallTool")
-        .expect("worker rpc span");
+    let worker_tool = named(&spans, "/heist.v1.WorkerService/CallTool");
     assert_eq!(
         ancestry(&spans, worker_tool)[1..],
         ["tool_call", "mcp-call"],
