@@ -197,10 +197,10 @@ where
     let tracer = provider.tracer("heist");
     // Each call's span is made with the SDK by the RPC layer (see `crate::trace`).
     crate::trace::set_rpc_tracer(tracer.clone());
-    // Per-span work kept to what a trace needs: no busy/idle timers and no OpenTelemetry
-    // context switch on every poll of an instrumented future (nothing here reads
-    // `Context::current`: propagation goes through the span itself), no thread or source
-    // location or target attributes on every span.
+    // Per-span work kept to what a trace needs: no busy/idle timers, no OpenTelemetry context
+    // switch on every poll of an instrumented future (a span finds its parent through the
+    // registry, or, under none, in the call's context the RPC layer attached), and no thread,
+    // source location or target attributes on every span.
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(false)

@@ -430,9 +430,19 @@ where
 fn end_span(cx: &Context, grpc: bool, code: &str, number: i64) {
     let span = cx.span();
     let (field, failed) = if grpc {
+        use tonic::Code;
+        let code = i32::try_from(number).map_or(Code::Unknown, Code::from);
         (
             "rpc.grpc.status_code",
-            matches!(number, 2 | 4 | 12 | 13 | 14 | 15),
+            matches!(
+                code,
+                Code::Unknown
+                    | Code::DeadlineExceeded
+                    | Code::Unimplemented
+                    | Code::Internal
+                    | Code::Unavailable
+                    | Code::DataLoss
+            ),
         )
     } else {
         ("http.response.status_code", number >= 500)
