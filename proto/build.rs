@@ -43,6 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     methods.sort();
     fs::write(out_dir.join("heist_methods.rs"), format!("&{methods:?}"))?;
     tonic_prost_build::configure()
+        // Blob bytes are decoded as views of the received buffer, not copied out of it.
+        .bytes(".heist.v1.BlobChunk.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

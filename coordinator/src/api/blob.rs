@@ -324,7 +324,7 @@ fn send_blobs(cas: &Cas, hashes: &[Hash], tx: &mpsc::Sender<Result<BlobChunk, St
                 hash: hash.to_vec(),
                 size,
                 offset,
-                data: buf[..n].to_vec(),
+                data: bytes::Bytes::copy_from_slice(&buf[..n]),
             };
             if tx.blocking_send(Ok(chunk)).is_err() {
                 return; // the caller went away

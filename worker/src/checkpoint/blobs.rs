@@ -173,49 +173,44 @@ pub fn blob_error(status: Status) -> Error {
     Error::BlobStore(status)
 }
 
-/// Sends each blob as chunks; a file that no longer matches its size is an error (the store
-/// would refuse the blob anyway).
+/// Sends each blob as chunks, each read into a buffer of its own that becomes the message's
+/// bytes (no copy between the file and the request stream); a file that no longer matches its
+/// size is an error (the store would refuse the blob anyway).
 fn read_blobs(
     root: &Dir,
     blobs: &[(Hash, u64, String)],
     tx: &mpsc::Sender<BlobChunk>,
 ) -> Result<(), Error> {
     use std::io::Read as _;
-    let mut buf = vec![0u8; CHUNK_BYTES];
     for (hash, size, path) in blobs {
         let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
         let mut file = root.open(path).map_err(io)?;
         let mut offset = 0u64;
         loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = file.read(&mut buf[filled..]).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 && (offset > 0 || *size > 0) {
-                break;
-            }
-            if offset + filled as u64 > *size {
+            let want = (*size - offset).min(CHUNK_BYTES as u64);
+            // `want` is at most CHUNK_BYTES.
+            let mut data = Vec::with_capacity(want as usize);
+            (&mut file).take(want).read_to_end(&mut data).map_err(io)?;
+            if (data.len() as u64) < want {
                 return Err(Error::ChangedDuringCapture(path.clone()));
             }
+            let filled = data.len() as u64;
             let chunk = BlobChunk {
                 hash: hash.to_vec(),
                 size: *size,
                 offset,
-                data: buf[..filled].to_vec(),
+                data: data.into(),
             };
             if tx.blocking_send(chunk).is_err() {
                 return Ok(()); // the call failed; its status says why
             }
-            offset += filled as u64;
+            offset += filled;
             if offset >= *size {
                 break;
             }
         }
-        if offset != *size {
+        // Grown since it was hashed: the blob would not match its hash.
+        if file.read(&mut [0u8; 1]).map_err(io)? != 0 {
             return Err(Error::ChangedDuringCapture(path.clone()));
         }
     }
