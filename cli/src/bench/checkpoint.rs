@@ -155,6 +155,7 @@ async fn measure(
     std::fs::create_dir_all(&scratch)
         .map_err(|e| failed(format!("cannot create {}: {e}", scratch.display())))?;
     let bench = Bench {
+        cluster,
         client: cluster.client().await?,
         data_dir,
         scratch,
@@ -171,6 +172,7 @@ async fn measure(
 
 /// What every round works with.
 struct Bench<'a> {
+    cluster: &'a LocalCluster,
     client: Client,
     data_dir: &'a Path,
     /// Where the `tar` and `cp` outputs go (kept until the end).
@@ -201,6 +203,13 @@ struct Samples {
     restore_in_place: Vec<f64>,
     /// first capture / `cp -a`.
     full_vs_cp: Vec<f64>,
+    /// CPU time of the first capture (coordinator + workers) and of the `cp -a` paired with it
+    /// (ms): what each step costs the machine, which its neighbours on the disk do not move as
+    /// much as its duration.
+    full_cpu: Vec<f64>,
+    cp_cpu: Vec<f64>,
+    /// first capture's CPU / `cp -a`'s.
+    full_vs_cp_cpu: Vec<f64>,
     /// capture after one change / `tar -cf`.
     one_vs_tar: Vec<f64>,
     /// restore on worker 2 / `cp -a`.
@@ -261,9 +270,15 @@ impl Bench<'_> {
         let capture = self
             .client
             .create_checkpoint(&round.here, Default::default(), &id);
-        let copy = self.copy(round, "copy");
-        let ((first, capture_ms), cp_ms) =
-            alternate(round.index, self.data_dir, timed(capture), copy).await?;
+        let capture = cpu_timed(|| self.cluster.cpu_seconds(), timed(capture));
+        let copy = cpu_timed(children_cpu_seconds, self.copy(round, "copy"));
+        let (((first, capture_ms), capture_cpu), (cp_ms, cp_cpu)) =
+            alternate(round.index, self.data_dir, capture, copy).await?;
+        if let (Some(capture_cpu), Some(cp_cpu)) = (capture_cpu, cp_cpu) {
+            out.full_cpu.push(capture_cpu);
+            out.cp_cpu.push(cp_cpu);
+            out.full_vs_cp_cpu.push(capture_cpu / cp_cpu);
+        }
         let stats = first.stats.unwrap_or_default();
         let files = self.size.files;
         if stats.files != files || stats.uploaded_blobs != files {
@@ -406,6 +421,18 @@ impl Samples {
                 "first capture / cp -a, highest round",
             ],
         ));
+        metrics.extend(Spread::of(&self.full_vs_cp_cpu).metrics(
+            [
+                "capture_full_vs_cp_cpu",
+                "capture_full_vs_cp_cpu_min",
+                "capture_full_vs_cp_cpu_max",
+            ],
+            [
+                "first capture CPU / cp -a CPU, median of per-round ratios",
+                "first capture CPU / cp -a CPU, lowest round",
+                "first capture CPU / cp -a CPU, highest round",
+            ],
+        ));
         metrics.extend(Spread::of(&self.one_vs_tar).metrics(
             [
                 "capture_one_vs_tar",
@@ -447,6 +474,18 @@ impl Samples {
                 "capture_full_ms",
                 "first capture (median)",
                 median(&self.full),
+                "ms",
+            ),
+            Metric::new(
+                "capture_full_cpu_ms",
+                "first capture, CPU of coordinator + workers (median)",
+                median(&self.full_cpu),
+                "ms",
+            ),
+            Metric::new(
+                "cp_cpu_ms",
+                "cp -a paired with it, CPU (median)",
+                median(&self.cp_cpu),
                 "ms",
             ),
             Metric::new(
@@ -509,6 +548,25 @@ impl Samples {
 
 fn rid() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+/// `step` and the CPU time `cpu` (seconds, cumulative) rose by while it ran, in ms; `None` where
+/// `cpu` could not be read.
+async fn cpu_timed<T>(
+    cpu: impl Fn() -> Option<f64>,
+    step: impl Future<Output = Result<T, Error>>,
+) -> Result<(T, Option<f64>), Error> {
+    let before = cpu();
+    let out = step.await?;
+    let used = before.zip(cpu()).map(|(b, a)| (a - b) * 1000.0);
+    Ok((out, used))
+}
+
+/// CPU time (user + system, seconds) of this process's children that have been waited for
+/// (`cutime` and `cstime` of `/proc/self/stat`): a baseline tool's, read around its run.
+fn children_cpu_seconds() -> Option<f64> {
+    // cutime and cstime: the 14th and 15th fields after the command name.
+    crate::cluster::process::stat_seconds("/proc/self/stat", 13)
 }
 
 async fn timed<T>(call: impl Future<Output = Result<T, Error>>) -> Result<(T, f64), Error> {

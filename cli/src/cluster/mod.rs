@@ -21,7 +21,7 @@
 mod binaries;
 pub mod certs;
 mod layout;
-mod process;
+pub(crate) mod process;
 mod secrets;
 
 use std::{

@@ -27,6 +27,17 @@ pub struct ProcessInfo {
     pub log: PathBuf,
 }
 
+/// The sum of two adjacent clock-tick fields of a `/proc/.../stat` file, in seconds: the
+/// `index`th and the next of the fields after the command name (which may hold spaces, inside
+/// parentheses; the state is field 0).
+pub(crate) fn stat_seconds(path: &str, index: usize) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(index);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / per_second as f64)
+}
+
 /// A running child.
 #[derive(Debug)]
 pub(crate) struct ChildProcess {
@@ -38,13 +49,8 @@ impl ChildProcess {
     /// CPU time (user + system) the process has used so far, from `/proc/PID/stat`; `None`
     /// once it has exited or where that file cannot be read.
     pub(crate) fn cpu_seconds(&self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()?)).ok()?;
-        // The fields after the command name (which may hold spaces, inside parentheses):
-        // state is the first, utime and stime are the 12th and 13th.
-        let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-        let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
-        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
-        Some(ticks as f64 / per_second as f64)
+        // utime and stime: the 12th and 13th fields after the command name.
+        stat_seconds(&format!("/proc/{}/stat", self.child.id()?), 11)
     }
 
     /// Starts `binary` with `env`, output appended to `info.log`. The child gets its own process

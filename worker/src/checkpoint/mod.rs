@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use self::{
-    blobs::{BlobClient, blob_error},
+    blobs::{BlobClient, Upload, blob_error},
     cache::BlobCache,
     journal::{Changes, Journal, bits},
     manifest::{Hash, StatCache, Targets},
@@ -146,30 +146,30 @@ impl<'a> Uploads<'a> {
         }
     }
 
-    /// Asks the store which of `blobs` (hash, size, path) not offered before it lacks, and
-    /// starts uploading those.
-    async fn offer(&mut self, blobs: Vec<(Hash, u64, String)>) -> Result<(), Error> {
-        let new: Vec<(Hash, u64, String)> = blobs
+    /// Asks the store which of `blobs` not offered before it lacks, and starts uploading
+    /// those.
+    async fn offer(&mut self, blobs: Vec<Upload>) -> Result<(), Error> {
+        let new: Vec<Upload> = blobs
             .into_iter()
-            .filter(|(hash, _, _)| self.offered.insert(*hash))
+            .filter(|blob| self.offered.insert(blob.hash))
             .collect();
         if new.is_empty() {
             return Ok(());
         }
-        let hashes: Vec<Hash> = new.iter().map(|(hash, _, _)| *hash).collect();
+        let hashes: Vec<Hash> = new.iter().map(|blob| blob.hash).collect();
         let missing: std::collections::HashSet<Hash> = self
             .client
             .find_missing(&hashes)
             .await?
             .into_iter()
             .collect();
-        let upload: Vec<(Hash, u64, String)> = new
+        let upload: Vec<Upload> = new
             .into_iter()
-            .filter(|(hash, _, _)| missing.contains(hash))
+            .filter(|blob| missing.contains(&blob.hash))
             .collect();
         self.blobs += upload.len() as u64;
-        self.bytes += upload.iter().map(|(_, size, _)| size).sum::<u64>();
-        for group in split(upload, |(_, size, _)| *size) {
+        self.bytes += upload.iter().map(|blob| blob.size).sum::<u64>();
+        for group in split(upload, |blob| blob.size) {
             let root = self
                 .root
                 .try_clone()
@@ -322,6 +322,8 @@ struct Handles {
 pub struct Checkpointer {
     blobs: BlobClient,
     cache: Arc<BlobCache>,
+    /// Room for the bytes of files read while hashed, until uploaded (HEIST_CAPTURE_KEEP_BYTES).
+    keep: Arc<manifest::KeepBudget>,
     max_entries: usize,
     /// Whether captures may use a change journal (HEIST_CHECKPOINT_JOURNAL).
     journal: bool,
@@ -375,6 +377,7 @@ impl Checkpointer {
                 &cache_dir(config),
                 config.blob_cache_bytes,
             )?),
+            keep: manifest::KeepBudget::new(config.capture_keep_bytes),
             max_entries: config.checkpoint_max_entries,
             // A process left running could write through a mapping, which reports nothing.
             journal: config.checkpoint_journal && config.sandbox.commands_end_whole(),
@@ -480,9 +483,11 @@ impl Checkpointer {
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
         let (hash_walked, batches) = (walked.clone(), hash_batches(&walked, todo));
+        let keep = self.keep.clone();
         let hasher = tokio::task::spawn_blocking(move || {
             for batch in batches {
-                let hashed = manifest::hash_files(&hash_root, &hash_walked, &batch);
+                let hashed =
+                    manifest::hash_files_keeping(&hash_root, &hash_walked, &batch, Some(&keep));
                 let failed = hashed.is_err();
                 if tx.blocking_send(hashed).is_err() || failed {
                     return;
@@ -492,13 +497,17 @@ impl Checkpointer {
         let mut uploads = Uploads::new(self.blobs.clone(), &root);
         let mut fresh = Vec::new();
         while let Some(batch) = rx.recv().await {
-            let batch = batch?;
-            let blobs = batch
-                .iter()
-                .map(|(i, hash, key)| (*hash, key.size, walked.file(*i).0.to_owned()))
-                .collect();
+            let mut blobs = Vec::new();
+            for ((i, hash, key), kept) in batch? {
+                blobs.push(Upload {
+                    hash,
+                    size: key.size,
+                    path: walked.file(i).0.to_owned(),
+                    kept,
+                });
+                fresh.push((i, hash, key));
+            }
             uploads.offer(blobs).await?;
-            fresh.extend(batch);
         }
         hasher
             .await
@@ -567,7 +576,12 @@ impl Checkpointer {
             .offer(
                 firsts
                     .iter()
-                    .map(|(h, (size, path))| (*h, *size, path.clone()))
+                    .map(|(h, (size, path))| Upload {
+                        hash: *h,
+                        size: *size,
+                        path: path.clone(),
+                        kept: None,
+                    })
                     .collect(),
             )
             .await?;
@@ -870,9 +884,13 @@ impl Checkpointer {
             std::fs::write(dir.path().join("blob"), &bytes).map_err(io)?;
             let root = cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority())
                 .map_err(io)?;
-            self.blobs
-                .put(root, vec![(hash, size, "blob".to_owned())])
-                .await?;
+            let blob = Upload {
+                hash,
+                size,
+                path: "blob".to_owned(),
+                kept: None,
+            };
+            self.blobs.put(root, vec![blob]).await?;
         }
         if let Err(err) = self.cache.insert_from(&mut bytes.as_slice(), &hash, size) {
             warn!(%err, "cannot cache a blob");
