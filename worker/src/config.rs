@@ -114,11 +114,6 @@ pub struct Config {
     /// the workspace is a file system of its own) instead of walking it (HEIST_CHECKPOINT_JOURNAL).
     /// Default true.
     pub checkpoint_journal: bool,
-    /// Bytes of small files (up to 1 MiB each) a capture may keep in memory from their hashing
-    /// to their upload, across the worker's captures, so they are read once
-    /// (HEIST_CAPTURE_KEEP_BYTES). Files beyond it are read again for their upload; 0 keeps none.
-    /// Default 64 MiB.
-    pub capture_keep_bytes: u64,
     /// Hashes per FindMissingBlobs / GetBlobs call to the coordinator (HEIST_BLOB_BATCH); keep
     /// it at most the coordinator's HEIST_MAX_BLOB_BATCH. Default 10000.
     pub blob_batch: usize,
@@ -203,7 +198,6 @@ impl Default for Config {
             blob_cache_bytes: 2 << 30,
             checkpoint_max_entries: 100_000,
             checkpoint_journal: true,
-            capture_keep_bytes: 64 << 20,
             blob_batch: 10_000,
             models: crate::model::ModelsConfig::default(),
             agents: Vec::new(),

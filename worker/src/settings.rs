@@ -95,11 +95,6 @@ pub struct Settings {
     #[arg(long, env = "HEIST_CHECKPOINT_JOURNAL", num_args = 0..=1, default_missing_value = "true",
           value_parser = clap::builder::BoolishValueParser::new())]
     pub checkpoint_journal: Option<bool>,
-    /// Bytes of small files a capture may keep in memory from their hashing to their upload
-    /// (across the worker's captures), 0 to read every file again for its upload
-    /// [default: 64 MiB].
-    #[arg(long, env = "HEIST_CAPTURE_KEEP_BYTES")]
-    pub capture_keep_bytes: Option<u64>,
     /// Hashes per FindMissingBlobs / GetBlobs call, at most the coordinator's
     /// HEIST_MAX_BLOB_BATCH [default: 10000].
     #[arg(long, env = "HEIST_BLOB_BATCH")]
@@ -182,7 +177,6 @@ heist_proto::layer_over!(Settings {
     blob_cache_bytes,
     checkpoint_max_entries,
     checkpoint_journal,
-    capture_keep_bytes,
     blob_batch,
     turn_retention_s,
     max_finished_turns,
@@ -239,7 +233,6 @@ impl Settings {
             |v| v,
         );
         set(&mut c.blob_batch, self.blob_batch, |v| v);
-        set(&mut c.capture_keep_bytes, self.capture_keep_bytes, |v| v);
         set(&mut c.metrics_public, self.metrics_public, |v| v);
         set(&mut c.telemetry, self.telemetry, |v| v);
         set(&mut c.checkpoint_journal, self.checkpoint_journal, |v| v);

@@ -22,27 +22,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming, metadata::AsciiMetadataValue, transport::Channel};
 
-use super::manifest::{Hash, Kept};
+use super::manifest::Hash;
 use crate::{Config, Error};
 
 /// Largest chunk sent, in bytes (the store's limit).
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// Chunks buffered between the disk reader and the network.
 const PIPELINE_DEPTH: usize = 8;
-
-/// A blob to upload: its hash and size, the path of a file holding it beneath the upload's
-/// root, and its bytes when they were kept from its hashing (then the file is not read again).
-#[derive(Debug)]
-pub struct Upload {
-    /// BLAKE3 of the content.
-    pub hash: Hash,
-    /// Size in bytes.
-    pub size: u64,
-    /// A file with the content, beneath the root given to [`BlobClient::put`].
-    pub path: String,
-    /// The content, read while it was hashed.
-    pub kept: Option<Kept>,
-}
 
 /// BlobService client.
 #[derive(Clone)]
@@ -132,14 +118,17 @@ impl BlobClient {
         Ok(missing)
     }
 
-    /// Uploads `blobs`, reading those not kept in memory from beneath `root` on a blocking
-    /// thread.
-    pub async fn put(&self, root: Dir, blobs: Vec<Upload>) -> Result<PutBlobsResponse, Error> {
+    /// Uploads `blobs` (hash, size, path beneath `root`), reading them on a blocking thread.
+    pub async fn put(
+        &self,
+        root: Dir,
+        blobs: Vec<(Hash, u64, String)>,
+    ) -> Result<PutBlobsResponse, Error> {
         if blobs.is_empty() {
             return Ok(PutBlobsResponse::default());
         }
         let (tx, rx) = mpsc::channel(PIPELINE_DEPTH);
-        let reader = tokio::task::spawn_blocking(move || read_blobs(&root, blobs, &tx));
+        let reader = tokio::task::spawn_blocking(move || read_blobs(&root, &blobs, &tx));
         let sent = self
             .client
             .clone()
@@ -187,46 +176,28 @@ pub fn blob_error(status: Status) -> Error {
 /// Sends each blob as chunks, each read into a buffer of its own that becomes the message's
 /// bytes (no copy between the file and the request stream); a file that no longer matches its
 /// size is an error (the store would refuse the blob anyway).
-fn read_blobs(root: &Dir, blobs: Vec<Upload>, tx: &mpsc::Sender<BlobChunk>) -> Result<(), Error> {
+fn read_blobs(
+    root: &Dir,
+    blobs: &[(Hash, u64, String)],
+    tx: &mpsc::Sender<BlobChunk>,
+) -> Result<(), Error> {
     use std::io::Read as _;
-    for Upload {
-        hash,
-        size,
-        path,
-        kept,
-    } in blobs
-    {
-        if let Some(kept) = kept {
-            let data = kept.into_bytes();
-            if data.len() as u64 != size || data.len() > CHUNK_BYTES {
-                return Err(Error::ChangedDuringCapture(path));
-            }
-            let chunk = BlobChunk {
-                hash: hash.to_vec(),
-                size,
-                offset: 0,
-                data: data.into(),
-            };
-            if tx.blocking_send(chunk).is_err() {
-                return Ok(()); // the call failed; its status says why
-            }
-            continue;
-        }
+    for (hash, size, path) in blobs {
         let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
-        let mut file = root.open(&path).map_err(io)?;
+        let mut file = root.open(path).map_err(io)?;
         let mut offset = 0u64;
         loop {
-            let want = (size - offset).min(CHUNK_BYTES as u64);
+            let want = (*size - offset).min(CHUNK_BYTES as u64);
             // `want` is at most CHUNK_BYTES.
             let mut data = Vec::with_capacity(want as usize);
             (&mut file).take(want).read_to_end(&mut data).map_err(io)?;
             if (data.len() as u64) < want {
-                return Err(Error::ChangedDuringCapture(path));
+                return Err(Error::ChangedDuringCapture(path.clone()));
             }
             let filled = data.len() as u64;
             let chunk = BlobChunk {
                 hash: hash.to_vec(),
-                size,
+                size: *size,
                 offset,
                 data: data.into(),
             };
@@ -234,13 +205,13 @@ fn read_blobs(root: &Dir, blobs: Vec<Upload>, tx: &mpsc::Sender<BlobChunk>) -> R
                 return Ok(()); // the call failed; its status says why
             }
             offset += filled;
-            if offset >= size {
+            if offset >= *size {
                 break;
             }
         }
         // Grown since it was hashed: the blob would not match its hash.
         if file.read(&mut [0u8; 1]).map_err(io)? != 0 {
-            return Err(Error::ChangedDuringCapture(path));
+            return Err(Error::ChangedDuringCapture(path.clone()));
         }
     }
     Ok(())

@@ -24,10 +24,7 @@ use std::{
     collections::{BTreeSet, HashMap},
     io::Read,
     os::fd::{AsFd, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -588,97 +585,15 @@ const INLINE_HASH_FILES: usize = 16;
 /// Hashes the files at `indices` of `walked`, in parallel on the rayon pool (a few small files
 /// on the calling thread).
 pub fn hash_files(root: &Dir, walked: &Walked, indices: &[usize]) -> Result<Vec<Hashed>, Error> {
-    let hashed = hash_files_keeping(root, walked, indices, None)?;
-    Ok(hashed.into_iter().map(|(hashed, _)| hashed).collect())
-}
-
-/// [`hash_files`], keeping the bytes read of each file up to [`KEEP_MAX_BYTES`] while `keep`
-/// has room for them, so that its upload does not read it again.
-pub fn hash_files_keeping(
-    root: &Dir,
-    walked: &Walked,
-    indices: &[usize],
-    keep: Option<&Arc<KeepBudget>>,
-) -> Result<Vec<(Hashed, Option<Kept>)>, Error> {
     let one = |&i: &usize| {
-        let (path, size) = walked.file(i);
-        let hold = keep
-            .filter(|_| size <= KEEP_MAX_BYTES)
-            .and_then(|budget| budget.hold(size));
-        hash_file_keeping(root, path, hold).map(|(hash, key, kept)| ((i, hash, key), kept))
+        let (path, _) = walked.file(i);
+        hash_file(root, path).map(|(hash, key)| (i, hash, key))
     };
     let bytes: u64 = indices.iter().map(|&i| walked.file(i).1).sum();
     if indices.len() <= INLINE_HASH_FILES && bytes < INLINE_HASH_BYTES {
         return indices.iter().map(one).collect();
     }
     indices.par_iter().map(one).collect()
-}
-
-/// Largest file whose bytes a capture keeps from its hashing to its upload: one chunk.
-pub const KEEP_MAX_BYTES: u64 = super::blobs::CHUNK_BYTES as u64;
-
-/// The bytes of files read while they were hashed and not yet uploaded: at most `limit`
-/// across the worker's captures (HEIST_CAPTURE_KEEP_BYTES). A file that does not fit is read
-/// again for its upload.
-#[derive(Debug)]
-pub struct KeepBudget {
-    held: AtomicU64,
-    limit: u64,
-}
-
-impl KeepBudget {
-    /// A budget of `limit` bytes (0: nothing is kept).
-    pub fn new(limit: u64) -> Arc<Self> {
-        Arc::new(Self {
-            held: AtomicU64::new(0),
-            limit,
-        })
-    }
-
-    /// Room for `bytes` more, if there is.
-    fn hold(self: &Arc<Self>, bytes: u64) -> Option<Hold> {
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|&total| total <= self.limit)
-            })
-            .ok()?;
-        Some(Hold {
-            budget: self.clone(),
-            bytes,
-        })
-    }
-
-    /// Bytes held now.
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Acquire)
-    }
-}
-
-/// Room taken in a [`KeepBudget`], given back when dropped.
-#[derive(Debug)]
-struct Hold {
-    budget: Arc<KeepBudget>,
-    bytes: u64,
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
-}
-
-/// A file's bytes as read while it was hashed (they hash to its manifest entry's hash).
-#[derive(Debug)]
-pub struct Kept {
-    bytes: Vec<u8>,
-    _hold: Hold,
-}
-
-impl Kept {
-    /// The bytes; their room in the budget is given back.
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
-    }
 }
 
 /// Bytes of directory entries read per `getdents64` call.
@@ -847,41 +762,15 @@ pub fn diff(old: &[ManifestEntry], new: &[ManifestEntry]) -> (Vec<ManifestEntry>
 
 /// Hashes one file, opened beneath `root`; fails if it changes while being read.
 pub fn hash_file(root: &Dir, path: &str) -> Result<(Hash, StatKey), Error> {
-    hash_file_keeping(root, path, None).map(|(hash, key, _)| (hash, key))
-}
-
-/// [`hash_file`]; with `hold` (room for the file's size as walked), its bytes are kept.
-fn hash_file_keeping(
-    root: &Dir,
-    path: &str,
-    hold: Option<Hold>,
-) -> Result<(Hash, StatKey, Option<Kept>), Error> {
     let io = |e: std::io::Error| Error::io(format!("cannot read {path:?}"), e);
     let mut file = root.open(path).map_err(io)?;
     let before = StatKey::of(&file.metadata().map_err(io)?);
-    let (hash, read, kept) = match hold {
-        // Read whole into a buffer of its size (one more byte shows a file that grew).
-        Some(hold) if before.size <= hold.bytes => {
-            let mut bytes = Vec::with_capacity(usize::try_from(hold.bytes).unwrap_or(0));
-            (&mut file)
-                .take(hold.bytes + 1)
-                .read_to_end(&mut bytes)
-                .map_err(io)?;
-            let hash = *blake3::hash(&bytes).as_bytes();
-            let read = bytes.len() as u64;
-            let kept = Kept { bytes, _hold: hold };
-            (hash, read, Some(kept))
-        }
-        _ => {
-            let (hash, read) = hash_reader(&mut file, |_| Ok(())).map_err(io)?;
-            (hash, read, None)
-        }
-    };
+    let (hash, read) = hash_reader(&mut file, |_| Ok(())).map_err(io)?;
     let after = StatKey::of(&file.metadata().map_err(io)?);
     if before != after || read != after.size {
         return Err(Error::ChangedDuringCapture(path.to_owned()));
     }
-    Ok((hash, after, kept))
+    Ok((hash, after))
 }
 
 /// Reads `src` to its end through one buffer per thread (not a zeroed one per file), hashing
@@ -1140,69 +1029,6 @@ mod tests {
         let mut cached: Vec<&str> = cache.iter().map(|(path, _)| path.as_str()).collect();
         cached.sort_unstable();
         assert_eq!(cached, ["b", "fresh"]);
-    }
-
-    /// Files read while hashed are kept for their upload while the budget has room, the bytes
-    /// kept are the bytes hashed, and the room is given back when they go.
-    #[test]
-    fn hashed_bytes_are_kept_within_the_budget() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let root = tmp.path();
-        let content = |i: usize| vec![u8::try_from(i).expect("small"); 1000 * (i + 1)];
-        for i in 0..6 {
-            std::fs::write(root.join(format!("f{i}")), content(i)).expect("write");
-        }
-        let big = vec![7u8; usize::try_from(KEEP_MAX_BYTES).expect("fits") + 1];
-        std::fs::write(root.join("big"), &big).expect("write");
-        let dir = open(root);
-        let walked = walk_tree(&dir, &StatCache::default(), 100).expect("walk");
-        let todo = walked.to_hash();
-        // Room for f0..f2 (1000 + 2000 + 3000 bytes) and not for f3 as well.
-        let budget = KeepBudget::new(9000);
-        let hashed = hash_files_keeping(&dir, &walked, &todo, Some(&budget)).expect("hash");
-        let plain = hash_files(&dir, &walked, &todo).expect("hash");
-        assert_eq!(
-            hashed.iter().map(|(h, _)| *h).collect::<Vec<_>>(),
-            plain,
-            "keeping bytes changes no hash"
-        );
-        let mut kept = Vec::new();
-        for ((i, hash, key), bytes) in hashed {
-            let (path, _) = walked.file(i);
-            if let Some(bytes) = bytes {
-                let bytes = bytes.into_bytes();
-                assert_eq!(*blake3::hash(&bytes).as_bytes(), hash, "{path}");
-                assert_eq!(bytes.len() as u64, key.size, "{path}");
-                kept.push(path.to_owned());
-            }
-        }
-        kept.sort();
-        assert!(
-            !kept.contains(&"big".to_owned()),
-            "a file over one chunk is read again"
-        );
-        let held: u64 = kept
-            .iter()
-            .map(|p| std::fs::metadata(root.join(p)).expect("stat").len())
-            .sum();
-        assert!(held <= 9000 && !kept.is_empty(), "kept {kept:?}");
-        assert_eq!(budget.held(), 0, "room given back once the bytes are taken");
-
-        let none = KeepBudget::new(0);
-        let hashed = hash_files_keeping(&dir, &walked, &todo, Some(&none)).expect("hash");
-        assert!(
-            hashed.iter().all(|(_, kept)| kept.is_none()),
-            "a budget of 0 keeps nothing"
-        );
-        let dropped = KeepBudget::new(1 << 20);
-        let hashed = hash_files_keeping(&dir, &walked, &todo, Some(&dropped)).expect("hash");
-        assert!(dropped.held() > 0);
-        drop(hashed);
-        assert_eq!(
-            dropped.held(),
-            0,
-            "room given back when unsent bytes are dropped"
-        );
     }
 
     #[test]

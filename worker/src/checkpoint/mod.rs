@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use self::{
-    blobs::{BlobClient, Upload, blob_error},
+    blobs::{BlobClient, blob_error},
     cache::BlobCache,
     journal::{Changes, Journal, bits},
     manifest::{Hash, StatCache, Targets},
@@ -146,30 +146,30 @@ impl<'a> Uploads<'a> {
         }
     }
 
-    /// Asks the store which of `blobs` not offered before it lacks, and starts uploading
-    /// those.
-    async fn offer(&mut self, blobs: Vec<Upload>) -> Result<(), Error> {
-        let new: Vec<Upload> = blobs
+    /// Asks the store which of `blobs` (hash, size, path) not offered before it lacks, and
+    /// starts uploading those.
+    async fn offer(&mut self, blobs: Vec<(Hash, u64, String)>) -> Result<(), Error> {
+        let new: Vec<(Hash, u64, String)> = blobs
             .into_iter()
-            .filter(|blob| self.offered.insert(blob.hash))
+            .filter(|(hash, _, _)| self.offered.insert(*hash))
             .collect();
         if new.is_empty() {
             return Ok(());
         }
-        let hashes: Vec<Hash> = new.iter().map(|blob| blob.hash).collect();
+        let hashes: Vec<Hash> = new.iter().map(|(hash, _, _)| *hash).collect();
         let missing: std::collections::HashSet<Hash> = self
             .client
             .find_missing(&hashes)
             .await?
             .into_iter()
             .collect();
-        let upload: Vec<Upload> = new
+        let upload: Vec<(Hash, u64, String)> = new
             .into_iter()
-            .filter(|blob| missing.contains(&blob.hash))
+            .filter(|(hash, _, _)| missing.contains(hash))
             .collect();
         self.blobs += upload.len() as u64;
-        self.bytes += upload.iter().map(|blob| blob.size).sum::<u64>();
-        for group in split(upload, |blob| blob.size) {
+        self.bytes += upload.iter().map(|(_, size, _)| size).sum::<u64>();
+        for group in split(upload, |(_, size, _)| *size) {
             let root = self
                 .root
                 .try_clone()
@@ -322,8 +322,6 @@ struct Handles {
 pub struct Checkpointer {
     blobs: BlobClient,
     cache: Arc<BlobCache>,
-    /// Room for the bytes of files read while hashed, until uploaded (HEIST_CAPTURE_KEEP_BYTES).
-    keep: Arc<manifest::KeepBudget>,
     max_entries: usize,
     /// Whether captures may use a change journal (HEIST_CHECKPOINT_JOURNAL).
     journal: bool,
@@ -377,7 +375,6 @@ impl Checkpointer {
                 &cache_dir(config),
                 config.blob_cache_bytes,
             )?),
-            keep: manifest::KeepBudget::new(config.capture_keep_bytes),
             max_entries: config.checkpoint_max_entries,
             // A process left running could write through a mapping, which reports nothing.
             journal: config.checkpoint_journal && config.sandbox.commands_end_whole(),
@@ -483,11 +480,9 @@ impl Checkpointer {
             .try_clone()
             .map_err(|e| Error::io("cannot open the workspace", e))?;
         let (hash_walked, batches) = (walked.clone(), hash_batches(&walked, todo));
-        let keep = self.keep.clone();
         let hasher = tokio::task::spawn_blocking(move || {
             for batch in batches {
-                let hashed =
-                    manifest::hash_files_keeping(&hash_root, &hash_walked, &batch, Some(&keep));
+                let hashed = manifest::hash_files(&hash_root, &hash_walked, &batch);
                 let failed = hashed.is_err();
                 if tx.blocking_send(hashed).is_err() || failed {
                     return;
@@ -497,17 +492,13 @@ impl Checkpointer {
         let mut uploads = Uploads::new(self.blobs.clone(), &root);
         let mut fresh = Vec::new();
         while let Some(batch) = rx.recv().await {
-            let mut blobs = Vec::new();
-            for ((i, hash, key), kept) in batch? {
-                blobs.push(Upload {
-                    hash,
-                    size: key.size,
-                    path: walked.file(i).0.to_owned(),
-                    kept,
-                });
-                fresh.push((i, hash, key));
-            }
+            let batch = batch?;
+            let blobs = batch
+                .iter()
+                .map(|(i, hash, key)| (*hash, key.size, walked.file(*i).0.to_owned()))
+                .collect();
             uploads.offer(blobs).await?;
+            fresh.extend(batch);
         }
         hasher
             .await
@@ -576,12 +567,7 @@ impl Checkpointer {
             .offer(
                 firsts
                     .iter()
-                    .map(|(h, (size, path))| Upload {
-                        hash: *h,
-                        size: *size,
-                        path: path.clone(),
-                        kept: None,
-                    })
+                    .map(|(h, (size, path))| (*h, *size, path.clone()))
                     .collect(),
             )
             .await?;
@@ -884,13 +870,9 @@ impl Checkpointer {
             std::fs::write(dir.path().join("blob"), &bytes).map_err(io)?;
             let root = cap_std::fs::Dir::open_ambient_dir(dir.path(), cap_std::ambient_authority())
                 .map_err(io)?;
-            let blob = Upload {
-                hash,
-                size,
-                path: "blob".to_owned(),
-                kept: None,
-            };
-            self.blobs.put(root, vec![blob]).await?;
+            self.blobs
+                .put(root, vec![(hash, size, "blob".to_owned())])
+                .await?;
         }
         if let Err(err) = self.cache.insert_from(&mut bytes.as_slice(), &hash, size) {
             warn!(%err, "cannot cache a blob");
