@@ -274,7 +274,9 @@ impl Bench<'_> {
         let copy = cpu_timed(children_cpu_seconds, self.copy(round, "copy"));
         let (((first, capture_ms), capture_cpu), (cp_ms, cp_cpu)) =
             alternate(round.index, self.data_dir, capture, copy).await?;
-        if let (Some(capture_cpu), Some(cp_cpu)) = (capture_cpu, cp_cpu) {
+        // CPU time is counted in clock ticks (10 ms): a tree small enough for `cp` to take
+        // less than one gives no ratio.
+        if let (Some(capture_cpu), Some(cp_cpu)) = (capture_cpu, cp_cpu.filter(|&t| t > 0.0)) {
             out.full_cpu.push(capture_cpu);
             out.cp_cpu.push(cp_cpu);
             out.full_vs_cp_cpu.push(capture_cpu / cp_cpu);
