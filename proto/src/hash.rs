@@ -4,13 +4,10 @@
 /// A content hash (BLAKE3, 32 bytes).
 pub type Hash = [u8; 32];
 
-/// Lower-case hex of a hash.
+/// Lower-case hex of a hash (a table lookup per byte, not the formatting machinery: the blob
+/// store names a file by it for every blob it touches).
 pub fn hex(hash: &Hash) -> String {
-    use std::fmt::Write as _;
-    hash.iter().fold(String::with_capacity(64), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    blake3::Hash::from_bytes(*hash).to_hex().to_string()
 }
 
 /// Parses 64 hex characters.
