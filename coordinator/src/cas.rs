@@ -419,7 +419,7 @@ impl BlobWriter {
         let linked = match (&self.tmp, &file) {
             (Some(tmp), _) => fs::hard_link(tmp, &self.dest),
             (None, Some(file)) => link_file(file, &self.dest),
-            (None, None) => Ok(()),
+            (None, None) => Err(io::Error::other("the upload's file was already closed")),
         };
         match linked {
             Ok(()) => {}

@@ -256,8 +256,8 @@ fn store_blobs(
             // A blob that would eat into the store's free-space reserve is refused.
             reserve.check_room(chunk.size).map_err(Error::StoreFull)?;
             response.blobs += 1;
-            // No stat first: the uploader asked FindMissingBlobs, and replacing an existing blob
-            // with verified identical content is harmless (the rename is atomic).
+            // No stat first: the uploader asked FindMissingBlobs, and a blob stored meanwhile is
+            // kept as it is (the upload is linked in, never over it).
             current = Some(Box::new(cas.writer(hash, chunk.size)?));
         }
         response.bytes += chunk.data.len() as u64;
