@@ -136,6 +136,8 @@ mod tests {
     async fn state(base: &Path) -> State {
         let config = Config {
             base_workspace: base.to_path_buf(),
+            // Inside the test's directory: by default the cache sits next to the workspaces.
+            blob_cache_dir: Some(base.join(".heist-blobs")),
             ..Config::default()
         };
         let checkpoints = Checkpointer::new(&config, CancellationToken::new()).expect("ckpt");
