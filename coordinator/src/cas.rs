@@ -200,7 +200,7 @@ impl Cas {
             size,
             written: 0,
             hasher: blake3::Hasher::new(),
-            file: Some(file),
+            file,
             tmp,
             dest,
             stored: false,
@@ -361,7 +361,7 @@ pub struct BlobWriter {
     written: u64,
     hasher: blake3::Hasher,
     /// Written chunk by chunk (chunks are up to 1 MiB: no extra buffering).
-    file: Option<fs::File>,
+    file: fs::File,
     /// The named temporary file, where the store cannot make anonymous ones.
     tmp: Option<PathBuf>,
     dest: PathBuf,
@@ -401,10 +401,9 @@ impl BlobWriter {
             ))));
         }
         self.hasher.update(data);
-        if let Some(file) = self.file.as_mut() {
-            file.write_all(data)
-                .map_err(|e| Error::io("cannot write", &self.dest, e))?;
-        }
+        self.file
+            .write_all(data)
+            .map_err(|e| Error::io("cannot write", &self.dest, e))?;
         self.written = end;
         Ok(Ok(()))
     }
@@ -415,11 +414,9 @@ impl BlobWriter {
         if self.written != self.size || self.hasher.finalize().as_bytes() != &self.hash {
             return Ok(Err(Rejected::Mismatch));
         }
-        let file = self.file.take();
-        let linked = match (&self.tmp, &file) {
-            (Some(tmp), _) => fs::hard_link(tmp, &self.dest),
-            (None, Some(file)) => link_file(file, &self.dest),
-            (None, None) => Err(io::Error::other("the upload's file was already closed")),
+        let linked = match &self.tmp {
+            Some(tmp) => fs::hard_link(tmp, &self.dest),
+            None => link_file(&self.file, &self.dest),
         };
         match linked {
             Ok(()) => {}

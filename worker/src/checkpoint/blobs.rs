@@ -194,7 +194,6 @@ fn read_blobs(
             if (data.len() as u64) < want {
                 return Err(Error::ChangedDuringCapture(path.clone()));
             }
-            let filled = data.len() as u64;
             let chunk = BlobChunk {
                 hash: hash.to_vec(),
                 size: *size,
@@ -204,7 +203,7 @@ fn read_blobs(
             if tx.blocking_send(chunk).is_err() {
                 return Ok(()); // the call failed; its status says why
             }
-            offset += filled;
+            offset += want;
             if offset >= *size {
                 break;
             }
