@@ -319,15 +319,7 @@ async fn records_removed_from_the_end_of_a_stopped_store_are_reported_after_rest
 
     // Someone with write access to the data directory removes the two newest records; what
     // is left is a valid, shorter chain.
-    // The stopped coordinator's last tasks may still hold the store's lock for a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let store = loop {
-        match heist_coordinator::store::Store::open(&data) {
-            Ok(store) => break store,
-            Err(err) if std::time::Instant::now() > deadline => panic!("store: {err:?}"),
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-        }
-    };
+    let store = crate::harness::open_stopped_store(&data).await;
     let tree = store.open_tree("audit").expect("tree");
     let last = heist_coordinator::audit::verify(&tree).expect("intact before");
     assert!(last >= 4, "{last}");

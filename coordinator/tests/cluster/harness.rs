@@ -216,6 +216,21 @@ impl Coordinator {
     }
 }
 
+/// The store of a coordinator that was just stopped. Its last tasks may still hold the store's
+/// lock for a moment after `serve` returns, so opening is retried for a few seconds.
+pub async fn open_stopped_store(data_dir: &Path) -> heist_coordinator::store::Store {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match heist_coordinator::store::Store::open(data_dir) {
+            Ok(store) => return store,
+            Err(err) if tokio::time::Instant::now() > deadline => {
+                panic!("cannot open the stopped coordinator's store: {err:?}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// A last-minute change to a test worker's config.
 pub type Configure = Box<dyn FnOnce(&mut heist_worker::Config) + Send>;
 

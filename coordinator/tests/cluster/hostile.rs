@@ -690,7 +690,7 @@ async fn the_audit_log_records_decisions_and_a_tampered_record_is_found() {
     coord.stop().await;
 
     // Read the stopped coordinator's store directly.
-    let store = heist_coordinator::store::Store::open(&data).expect("store");
+    let store = crate::harness::open_stopped_store(&data).await;
     let tree = store.open_tree("audit").expect("tree");
     let records: Vec<heist_coordinator::audit::AuditRecord> = tree
         .iter()
