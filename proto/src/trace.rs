@@ -271,9 +271,10 @@ pub fn tool_call_span(tool: &str, session_id: &str) -> Span {
         .get::<ToolCallRpc>()
         .is_some_and(|named| !named.0.swap(true, Ordering::Relaxed));
     if exported {
-        let span = cx.span();
-        span.set_attribute(KeyValue::new("tool", tool.to_owned()));
-        span.set_attribute(KeyValue::new("session_id", session_id.to_owned()));
+        cx.span().set_attributes([
+            KeyValue::new("tool", tool.to_owned()),
+            KeyValue::new("session_id", session_id.to_owned()),
+        ]);
     }
     if logged || exported {
         return current;
