@@ -21,7 +21,9 @@
 //! medians taken minutes apart swings with it.
 //!
 //! Times are what the client sees for the RPC. Captures include the coordinator's fsync of the
-//! uploaded blobs; `tar` and `cp` only write to the page cache. Every step starts from a clean
+//! uploaded blobs; `tar` and `cp` only write to the page cache. The first capture is also
+//! reported against `cp -a` followed by a `syncfs` of the copy (the copy made durable, as the
+//! capture is when it returns). Every step starts from a clean
 //! page-cache-warm state: `sync`, and background blob-cache fills allowed to finish
 //! ([`settle`]).
 //!
@@ -203,6 +205,8 @@ struct Samples {
     restore_in_place: Vec<f64>,
     /// first capture / `cp -a`.
     full_vs_cp: Vec<f64>,
+    /// first capture / `cp -a` and a `syncfs` after it (both durable when they end).
+    full_vs_cp_synced: Vec<f64>,
     /// CPU time of the first capture (coordinator + workers) and of the `cp -a` paired with it
     /// (ms): what each step costs the machine, which its neighbours on the disk do not move as
     /// much as its duration.
@@ -271,8 +275,8 @@ impl Bench<'_> {
             .client
             .create_checkpoint(&round.here, Default::default(), &id);
         let capture = cpu_timed(|| self.cluster.cpu_seconds(), timed(capture));
-        let copy = cpu_timed(children_cpu_seconds, self.copy(round, "copy"));
-        let (((first, capture_ms), capture_cpu), (cp_ms, cp_cpu)) =
+        let copy = cpu_timed(children_cpu_seconds, self.durable_copy(round, "copy"));
+        let (((first, capture_ms), capture_cpu), ((cp_ms, cp_sync_ms), cp_cpu)) =
             alternate(round.index, self.data_dir, capture, copy).await?;
         // CPU time is counted in clock ticks (10 ms): a tree small enough for `cp` to take
         // less than one gives no ratio.
@@ -291,14 +295,19 @@ impl Bench<'_> {
             )));
         }
         progress(&format!(
-            "checkpoint: first capture {capture_ms:.0} ms, cp -a {cp_ms:.0} ms: {:.2}x",
-            capture_ms / cp_ms
+            "checkpoint: first capture {capture_ms:.0} ms, cp -a {cp_ms:.0} ms: {:.2}x; \
+             cp -a + syncfs {:.0} ms: {:.2}x",
+            capture_ms / cp_ms,
+            cp_ms + cp_sync_ms,
+            capture_ms / (cp_ms + cp_sync_ms)
         ));
         out.full.push(capture_ms);
         out.full_worker.push(worker_ms(&stats));
         out.full_after_worker.push(capture_ms - worker_ms(&stats));
         out.cp.push(cp_ms);
         out.full_vs_cp.push(capture_ms / cp_ms);
+        out.full_vs_cp_synced
+            .push(capture_ms / (cp_ms + cp_sync_ms));
         Ok(first.id)
     }
 
@@ -371,6 +380,26 @@ impl Bench<'_> {
     }
 
     /// `cp -a` of the round's tree to `<name>-<round>` (ms), when awaited.
+    /// `cp -a` of the round's tree, then a `syncfs` of the copy's file system: the copy's time
+    /// and the sync's (ms). A capture is durable when it returns; this is the copy made as
+    /// durable.
+    fn durable_copy(
+        &self,
+        round: &Round,
+        name: &str,
+    ) -> impl Future<Output = Result<(f64, f64), Error>> {
+        let out = self.scratch.join(format!("{name}-{}", round.index));
+        let copy = self.copy(round, name);
+        async move {
+            let cp_ms = copy.await?;
+            let started = Instant::now();
+            std::fs::File::open(&out)
+                .and_then(|dir| nix::unistd::syncfs(&dir).map_err(std::io::Error::from))
+                .map_err(|e| failed(format!("cannot sync {}: {e}", out.display())))?;
+            Ok((cp_ms, ms(started.elapsed())))
+        }
+    }
+
     fn copy(&self, round: &Round, name: &str) -> impl Future<Output = Result<f64, Error>> {
         let out = self.scratch.join(format!("{name}-{}", round.index));
         let ws = round.ws.clone();
@@ -421,6 +450,18 @@ impl Samples {
                 "first capture / cp -a, median of per-round ratios",
                 "first capture / cp -a, lowest round",
                 "first capture / cp -a, highest round",
+            ],
+        ));
+        metrics.extend(Spread::of(&self.full_vs_cp_synced).metrics(
+            [
+                "capture_full_vs_cp_synced",
+                "capture_full_vs_cp_synced_min",
+                "capture_full_vs_cp_synced_max",
+            ],
+            [
+                "first capture / (cp -a + syncfs), median of per-round ratios",
+                "first capture / (cp -a + syncfs), lowest round",
+                "first capture / (cp -a + syncfs), highest round",
             ],
         ));
         metrics.extend(Spread::of(&self.full_vs_cp_cpu).metrics(
