@@ -379,7 +379,6 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `cp -a` of the round's tree to `<name>-<round>` (ms), when awaited.
     /// `cp -a` of the round's tree, then a `syncfs` of the copy's file system: the copy's time
     /// and the sync's (ms). A capture is durable when it returns; this is the copy made as
     /// durable.
@@ -400,6 +399,7 @@ impl Bench<'_> {
         }
     }
 
+    /// `cp -a` of the round's tree to `<name>-<round>` (ms), when awaited.
     fn copy(&self, round: &Round, name: &str) -> impl Future<Output = Result<f64, Error>> {
         let out = self.scratch.join(format!("{name}-{}", round.index));
         let ws = round.ws.clone();
