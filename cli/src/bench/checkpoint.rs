@@ -387,7 +387,7 @@ impl Bench<'_> {
         round: &Round,
         name: &str,
     ) -> impl Future<Output = Result<(f64, f64), Error>> {
-        let out = self.scratch.join(format!("{name}-{}", round.index));
+        let out = self.copy_path(round, name);
         let copy = self.copy(round, name);
         async move {
             let cp_ms = copy.await?;
@@ -399,11 +399,16 @@ impl Bench<'_> {
         }
     }
 
-    /// `cp -a` of the round's tree to `<name>-<round>` (ms), when awaited.
+    /// `cp -a` of the round's tree to [`Self::copy_path`] (ms), when awaited.
     fn copy(&self, round: &Round, name: &str) -> impl Future<Output = Result<f64, Error>> {
-        let out = self.scratch.join(format!("{name}-{}", round.index));
+        let out = self.copy_path(round, name);
         let ws = round.ws.clone();
         async move { baseline_cp(&ws, &out).map(ms) }
+    }
+
+    /// Where [`Self::copy`] puts the round's copy named `name`: `<name>-<round>`.
+    fn copy_path(&self, round: &Round, name: &str) -> PathBuf {
+        self.scratch.join(format!("{name}-{}", round.index))
     }
 
     /// The workspace directory of a session on worker `worker`.

@@ -216,19 +216,14 @@ impl Coordinator {
     }
 }
 
-/// The store of a coordinator that was just stopped. Its last tasks may still hold the store's
-/// lock for a moment after `serve` returns, so opening is retried for a few seconds.
+/// The store of a coordinator that was just stopped. Its lock may be released a moment after
+/// `serve` returns, so opening is retried (see [`wait_for`]).
 pub async fn open_stopped_store(data_dir: &Path) -> heist_coordinator::store::Store {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match heist_coordinator::store::Store::open(data_dir) {
-            Ok(store) => return store,
-            Err(err) if tokio::time::Instant::now() > deadline => {
-                panic!("cannot open the stopped coordinator's store: {err:?}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    wait_for(
+        "the stopped coordinator's store to open",
+        move || async move { heist_coordinator::store::Store::open(data_dir).ok() },
+    )
+    .await
 }
 
 /// A last-minute change to a test worker's config.
