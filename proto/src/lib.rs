@@ -11,8 +11,8 @@
 //! - [`json`]: `google.protobuf.Struct`/`Value` <-> `serde_json` conversion.
 //! - [`credential`]: the per-call coordinator -> worker credential and the key it is made with.
 //! - [`token`]: JWT claims and the pinned-algorithm verifier both coordinator and workers use.
-//! - [`logging`]: the log subscriber and OTLP trace export; [`trace`]: W3C trace context and
-//!   the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
+//! - [`logging`]: the log subscriber and OTLP trace export; [`sampling`]: the default trace
+//!   sampler; [`trace`]: W3C trace context and the per-RPC span layer; [`metrics`]: Prometheus registry helpers and RPC metrics.
 //! - [`space`]: the free-space reserve that refuses a store's mutations while its disk is full.
 //! - [`tls`]: certificate files, TLS listeners and client settings, peer certificate checks.
 
@@ -27,6 +27,7 @@ pub mod json;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod sampling;
 pub mod scopes;
 pub mod settings;
 pub mod shutdown;

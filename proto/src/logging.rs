@@ -6,7 +6,8 @@
 //! or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), the spans of heist's own crates are exported over
 //! OTLP/gRPC by a batch processor, through the `tracing` OpenTelemetry layer. The exporter
 //! honours the standard variables (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES,
-//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION).
+//! OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_EXPORTER_OTLP_COMPRESSION,
+//! OTEL_TRACES_SAMPLER); without OTEL_TRACES_SAMPLER the sampler is [`crate::sampling`]'s.
 //! Without an endpoint no OpenTelemetry layer is installed at all. [`Telemetry::shutdown`]
 //! flushes what is still queued; binaries call it after a graceful shutdown.
 
@@ -35,6 +36,9 @@ pub struct Otlp {
     pub endpoint: String,
     /// `service.name` when OTEL_SERVICE_NAME does not set one (`heist-coordinator`, ...).
     pub service_name: String,
+    /// New traces per second of the default sampler ([`crate::sampling`]); `None` when
+    /// OTEL_TRACES_SAMPLER sets a standard one.
+    pub traces_per_second: Option<f64>,
 }
 
 impl Otlp {
@@ -69,6 +73,7 @@ impl Otlp {
         Ok(Some(Self {
             endpoint: endpoint.trim().to_owned(),
             service_name: service_name.to_owned(),
+            traces_per_second: crate::sampling::traces_per_second_from_env()?,
         }))
     }
 }
@@ -190,10 +195,13 @@ where
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(otlp.service_name.clone());
     }
-    let provider = SdkTracerProvider::builder()
+    let mut provider = SdkTracerProvider::builder()
         .with_resource(resource.build())
-        .with_batch_exporter(exporter)
-        .build();
+        .with_batch_exporter(exporter);
+    if let Some(rate) = otlp.traces_per_second {
+        provider = provider.with_sampler(crate::sampling::default_sampler(rate));
+    }
+    let provider = provider.build();
     let tracer = provider.tracer("heist");
     // Each call's span is made with the SDK by the RPC layer (see `crate::trace`).
     crate::trace::set_rpc_tracer(tracer.clone());

@@ -6,7 +6,7 @@
 //! - Outgoing: [`inject`] writes the current span's context into a request's metadata (the
 //!   coordinator does it for every call to a worker; heistctl for every call it makes).
 //! - Back to the client: every response carries `x-trace-id` ([`TRACE_ID_HEADER`]) when the
-//!   call belongs to a trace, so a client can look it up.
+//!   call belongs to a sampled trace (one that is recorded), so a client can look it up.
 //!
 //! Each call's own span (the one span a routed call exports on each hop) is made by
 //! [`RpcLayer`] with the OpenTelemetry SDK directly, not as a `tracing` span: it is the only span
@@ -115,6 +115,18 @@ pub fn from_w3c(traceparent: &str, tracestate: Option<&str>) -> Context {
 pub fn context_trace_id(cx: &Context) -> Option<TraceId> {
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id())
+}
+
+/// A trace id as 32 lowercase hex digits, without the formatting machinery (it is made for
+/// every call: its log span and its `x-trace-id`).
+fn trace_id_hex(id: TraceId) -> [u8; 32] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(id.to_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    out
 }
 
 /// The `traceparent` a client process sends: the TRACEPARENT environment variable when it holds
@@ -365,9 +377,19 @@ where
                 cx
             }
         });
-        let trace = context_trace_id(otel.as_ref().unwrap_or(&parent));
+        let (trace, sampled) = {
+            let cx = otel.as_ref().unwrap_or(&parent);
+            let span = cx.span();
+            let sc = span.span_context();
+            let trace = sc.is_valid().then(|| trace_id_hex(sc.trace_id()));
+            (trace, sc.is_sampled())
+        };
         let logged = LOGS_SHOW_RPC_SPANS.load(Ordering::Relaxed);
-        let known = trace.filter(|_| logged).map(tracing::field::display);
+        let known = trace
+            .as_ref()
+            .filter(|_| logged)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .map(tracing::field::display);
         let span = if tool_call {
             info_span!(
                 target: RPC_SPAN_TARGET,
@@ -384,7 +406,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = self.metrics.clone();
-        let answer = self.answer_trace_id.then_some(trace).flatten();
+        // Only a trace that is recorded can be found: an unsampled call names none.
+        let answer = trace.filter(|_| self.answer_trace_id && sampled);
         let started = Instant::now();
         // The inner layers' own `call` runs in the call's context too, as its future will.
         let future = {
@@ -405,7 +428,7 @@ where
                     metrics.refused(&reason);
                 }
                 if let Some(id) = answer
-                    && let Ok(mut value) = HeaderValue::from_str(&id.to_string())
+                    && let Ok(mut value) = HeaderValue::from_bytes(&id)
                 {
                     // New on every trace: never indexed (see `MetadataInjector`).
                     value.set_sensitive(true);
@@ -598,8 +621,13 @@ mod tests {
     }
 
     /// The RPC layer around a server answering with `answer`, and a gRPC request to `path`
-    /// from a caller in trace 4bf92f35...
+    /// from a caller in trace 4bf92f35... that samples it.
     fn traced(answer: fn() -> Answer, path: &str) -> (Traced, http::Request<()>) {
+        traced_with(answer, path, "01")
+    }
+
+    /// [`traced`], with the caller's trace flags (`01` sampled, `00` not).
+    fn traced_with(answer: fn() -> Answer, path: &str, flags: &str) -> (Traced, http::Request<()>) {
         let metrics = Arc::new(RpcMetrics::register(
             &mut prometheus_client::registry::Registry::default(),
         ));
@@ -609,7 +637,7 @@ mod tests {
             .header("content-type", "application/grpc")
             .header(
                 TRACEPARENT,
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"),
             )
             .body(())
             .expect("request");
@@ -642,15 +670,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn log_lines_inside_a_call_carry_the_callers_trace_id() {
+    /// Calls the RPC layer around [`logs`] from a caller with trace `flags`; its log lines and
+    /// its response.
+    fn logged_call(flags: &str) -> (String, http::Response<()>) {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .finish();
-        let (mut service, request) = traced(logs, "/heist.v1.SessionService/GetSession");
+        let (mut service, request) =
+            traced_with(logs, "/heist.v1.SessionService/GetSession", flags);
         let response = tracing::subscriber::with_default(subscriber, || {
             futures::executor::block_on(service.call(request))
         })
@@ -662,6 +692,12 @@ mod tests {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
         .into_owned();
+        (logs, response)
+    }
+
+    #[test]
+    fn log_lines_inside_a_call_carry_the_callers_trace_id() {
+        let (logs, response) = logged_call("01");
         assert!(
             logs.contains("answering")
                 && logs.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
@@ -675,6 +711,27 @@ mod tests {
             Some(&b"4bf92f3577b34da6a3ce929d0e0e4736"[..]),
             "the response names the trace"
         );
+    }
+
+    #[test]
+    fn an_unsampled_call_logs_its_trace_id_but_names_no_trace() {
+        let (logs, response) = logged_call("00");
+        assert!(
+            logs.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+            "its log lines still go together: {logs}"
+        );
+        assert!(
+            response.headers().get(TRACE_ID_HEADER).is_none(),
+            "no trace was recorded for a client to look up"
+        );
+    }
+
+    #[test]
+    fn trace_ids_are_written_as_the_standard_hex() {
+        for id in [0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128, 1, u128::MAX] {
+            let id = TraceId::from(id);
+            assert_eq!(trace_id_hex(id).as_slice(), id.to_string().as_bytes());
+        }
     }
 
     /// Spans kept in memory as the SDK ends them.

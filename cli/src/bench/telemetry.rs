@@ -1,8 +1,11 @@
-//! What observability costs: routed `echo` throughput on a cluster exporting every span to an
-//! OTLP receiver (run here, in heistctl) and scraped on `/metrics` each round, against a cluster
-//! with both off (no exporter, `HEIST_TELEMETRY=false`). Both clusters run side by side and are
-//! loaded in alternating rounds (the order flips every round), so drift in the machine's speed
-//! hits both; the phase reports the median of the per-round ratios.
+//! What observability costs: routed `echo` throughput on a cluster exporting traces to an OTLP
+//! receiver (run here, in heistctl) and scraped on `/metrics` each round, against a cluster with
+//! both off (no exporter, `HEIST_TELEMETRY=false`). The traced cluster samples as a deployment
+//! does by default (new traces capped at HEIST_TRACES_PER_SECOND); OTEL_TRACES_SAMPLER in
+//! heistctl's environment, which the clusters inherit, measures another sampler
+//! (`parentbased_always_on`: every call). Both clusters run side by side and are loaded in
+//! alternating rounds (the order flips every round), so drift in the machine's speed hits both;
+//! the phase reports the median of the per-round ratios.
 
 use std::sync::{
     Arc,

@@ -135,11 +135,18 @@ fn traced_call(
 /// process-wide: nextest runs each test in a process of its own, and every server the test
 /// starts exports through it (the endpoint is passed, not set in the env).
 async fn export_to_receiver() -> (Receiver, SdkTracerProvider) {
+    export_sampled(None).await
+}
+
+/// [`export_to_receiver`] with heist's default sampler capped at `traces_per_second` (`None`:
+/// the SDK's, which samples every trace here, OTEL_TRACES_SAMPLER being unset).
+async fn export_sampled(traces_per_second: Option<f64>) -> (Receiver, SdkTracerProvider) {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
     let provider = heist_proto::logging::init_for_tests(&Otlp {
         endpoint,
         service_name: "heist-test".to_owned(),
+        traces_per_second,
     })
     .expect("install the trace pipeline (run this test alone: cargo nextest)");
     (receiver, provider)
@@ -330,6 +337,134 @@ async fn an_mcp_call_with_a_traceparent_in_its_meta_joins_that_trace() {
         ancestry(&spans, worker_tool)
     );
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_sampler_caps_new_traces_and_keeps_every_callers_trace_whole() {
+    const RATE: f64 = 4.0;
+    let (receiver, provider) = export_sampled(Some(RATE)).await;
+    let dir = crate::harness::tempdir();
+    let coord = Coordinator::start(coordinator_config(&dir.path().join("c"))).await;
+    let worker = Worker::start(&coord.url(), dir.path(), WorkerOpts::new("w1")).await;
+    let mut client = Client::admin(&coord.url()).await;
+    client.wait_ready(&["w1"]).await;
+    let session = client.create_session(&[]).await.expect("session");
+    // The setup's own calls started traces too; a second refills the bucket (RATE at most).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    // Calls without a trace context: this process starts their traces, RATE per second.
+    const CALLS: usize = 200;
+    let started = std::time::Instant::now();
+    let mut named_traces = Vec::new();
+    for _ in 0..CALLS {
+        let arguments = heist_proto::json::json_to_struct(&json!({"msg": "x"})).expect("args");
+        let request = authed(
+            &client.token,
+            v1::CallToolRequest {
+                session_id: session.id.clone(),
+                tool: "echo".to_owned(),
+                arguments: Some(arguments),
+                request_id: String::new(),
+            },
+        );
+        let response = client.tools.call_tool(request).await.expect("echo");
+        if let Some(id) = response
+            .metadata()
+            .get(heist_proto::trace::TRACE_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            named_traces.push(id.to_owned());
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cap = (RATE + (elapsed * RATE).ceil()) as usize;
+    assert!(
+        !named_traces.is_empty() && named_traces.len() <= cap,
+        "{} of {CALLS} calls in {elapsed:.2} s traced, at most {cap} expected",
+        named_traces.len()
+    );
+    assert!(named_traces.len() < CALLS, "new traces are capped");
+
+    // A caller's sampled trace is followed whatever the rate.
+    let trace_id = [0x6b; 16];
+    let client_span = [0x0d; 8];
+    let traceparent = format!("00-{}-{}-01", hex(&trace_id), hex(&client_span));
+    let request = traced_call(
+        &client.token,
+        &session.id,
+        "echo",
+        json!({"msg": "traced"}),
+        "",
+        &traceparent,
+    );
+    client.tools.call_tool(request).await.expect("echo");
+
+    let _provider = flush(provider).await;
+    const HOPS: [&str; 2] = [
+        "/heist.v1.ToolService/CallTool",
+        "/heist.v1.WorkerService/CallTool",
+    ];
+    spans_named(&receiver, &trace_id, &HOPS).await;
+    // Every trace a response named arrives whole (both hops), and no other call was exported.
+    for id in &named_traces {
+        let bytes: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        spans_named(&receiver, &bytes, &HOPS).await;
+    }
+    let exported_calls: std::collections::BTreeSet<String> = receiver
+        .spans
+        .lock()
+        .expect("spans")
+        .iter()
+        .filter(|s| s.name == HOPS[0])
+        .map(|s| hex(&s.trace_id))
+        .collect();
+    let mut expected: std::collections::BTreeSet<String> = named_traces.into_iter().collect();
+    expected.insert(hex(&trace_id));
+    assert_eq!(
+        exported_calls, expected,
+        "exactly the sampled calls are exported"
+    );
+
+    worker.stop().await;
+    coord.stop().await;
+}
+
+#[test]
+fn a_bad_trace_rate_stops_the_coordinator_with_what_to_change() {
+    let dir = crate::harness::tempdir();
+    for (env, says) in [
+        (vec![("HEIST_TRACES_PER_SECOND", "lots")], "a number ≥ 0"),
+        (
+            vec![
+                ("HEIST_TRACES_PER_SECOND", "5"),
+                ("OTEL_TRACES_SAMPLER", "always_on"),
+            ],
+            "unset one of them",
+        ),
+    ] {
+        let log = dir.path().join("coordinator.log");
+        let mut env = env;
+        env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"));
+        let mut child =
+            spawn_coordinator_process_with(free_port(), &dir.path().join("data"), &log, &env);
+        // A coordinator that took the setting serves until killed (the guard does).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "{env:?} was accepted");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let stderr = std::fs::read_to_string(&log).expect("log");
+        assert!(!status.success(), "{env:?} was accepted");
+        assert!(
+            stderr.contains("HEIST_TRACES_PER_SECOND") && stderr.contains(says),
+            "{env:?}: {stderr}"
+        );
+    }
 }
 
 /// `GET path` with an optional bearer token: status and body.
