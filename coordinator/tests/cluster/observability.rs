@@ -106,7 +106,27 @@ fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
         .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
 }
 
-/// A `tool` call with `args` (and `request_id`) in the trace of `traceparent`.
+/// A `tool` call with `args` (and `request_id`), without a trace context.
+fn call_request(
+    token: &str,
+    session_id: &str,
+    tool: &str,
+    args: serde_json::Value,
+    request_id: &str,
+) -> tonic::Request<v1::CallToolRequest> {
+    let arguments = heist_proto::json::json_to_struct(&args).expect("args");
+    authed(
+        token,
+        v1::CallToolRequest {
+            session_id: session_id.to_owned(),
+            tool: tool.to_owned(),
+            arguments: Some(arguments),
+            request_id: request_id.to_owned(),
+        },
+    )
+}
+
+/// [`call_request`] in the trace of `traceparent`.
 fn traced_call(
     token: &str,
     session_id: &str,
@@ -115,16 +135,7 @@ fn traced_call(
     request_id: &str,
     traceparent: &str,
 ) -> tonic::Request<v1::CallToolRequest> {
-    let arguments = heist_proto::json::json_to_struct(&args).expect("args");
-    let mut request = authed(
-        token,
-        v1::CallToolRequest {
-            session_id: session_id.to_owned(),
-            tool: tool.to_owned(),
-            arguments: Some(arguments),
-            request_id: request_id.to_owned(),
-        },
-    );
+    let mut request = call_request(token, session_id, tool, args, request_id);
     request
         .metadata_mut()
         .insert("traceparent", traceparent.parse().expect("ascii"));
@@ -357,16 +368,7 @@ async fn the_default_sampler_caps_new_traces_and_keeps_every_callers_trace_whole
     let started = std::time::Instant::now();
     let mut named_traces = Vec::new();
     for _ in 0..CALLS {
-        let arguments = heist_proto::json::json_to_struct(&json!({"msg": "x"})).expect("args");
-        let request = authed(
-            &client.token,
-            v1::CallToolRequest {
-                session_id: session.id.clone(),
-                tool: "echo".to_owned(),
-                arguments: Some(arguments),
-                request_id: String::new(),
-            },
-        );
+        let request = call_request(&client.token, &session.id, "echo", json!({"msg": "x"}), "");
         let response = client.tools.call_tool(request).await.expect("echo");
         if let Some(id) = response
             .metadata()
