@@ -23,11 +23,13 @@
 //!   container is killed and restarted for the next command.
 //! - **Exit status:** the engine reports an exit code only; codes 129–192 are read as
 //!   128 + signal, like a shell does. A command killed by SIGKILL that the worker did not
-//!   stop is checked for an OOM kill, answered like the process backend's: the engine's
-//!   `oom` events for the worker's containers (followed from the start, replayed after the
-//!   stream breaks) count them on the host side, which holds when the kill took the whole
-//!   container down; the container's own cgroup counter (`oom_kill`) is read as well. The
-//!   event may trail the exit: the check waits for it up to HEIST_DOCKER_OOM_WAIT_MS.
+//!   stop is checked for an OOM kill, answered like the process backend's. While the
+//!   container runs, its own cgroup counter (`oom_kill`) decides, and the engine's `oom`
+//!   events of the kills it showed are accounted for whenever they arrive (an event trailing
+//!   by seconds is not taken for a later command's kill). When the kill took the whole
+//!   container down, the engine's `oom` events for the worker's containers (followed from the
+//!   start, replayed after the stream breaks) decide: the check waits for one up to
+//!   HEIST_DOCKER_OOM_WAIT_MS.
 //!   The CPU rlimit is soft at the quota and hard a second later, so SIGXCPU comes first.
 
 use std::{
@@ -137,6 +139,11 @@ impl OomEvents {
         self.lock().remove(container);
     }
 
+    /// The container's count now.
+    fn count(&self, container: &str) -> u64 {
+        self.lock().get(container).copied().unwrap_or(0)
+    }
+
     /// The container's count as soon as it passes `seen`, else what it is after `wait`.
     async fn past(&self, container: &str, seen: u64, wait: Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + wait;
@@ -144,9 +151,9 @@ impl OomEvents {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let n = self.lock().get(container).copied().unwrap_or(0);
+            let n = self.count(container);
             if n > seen || tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.lock().get(container).copied().unwrap_or(0);
+                return self.count(container);
             }
         }
     }
@@ -759,9 +766,11 @@ struct DockerExecution {
     exit: Option<BoxFuture<'static, Result<ExitInfo, Error>>>,
 }
 
-/// Whether the container had an OOM kill since the last one accounted for: its own cgroup
-/// counter (while it still runs), and the engine's `oom` event (waited for up to `wait`; it
-/// also consumes the event of a kill the counter showed).
+/// Whether the container had an OOM kill since the last one accounted for. While it still
+/// runs, its own cgroup counter says, and the engine's events of the kills it counted are
+/// taken as seen, arrived or not: an event trailing its kill must not make a later command's
+/// SIGKILL look like one. When the counter cannot be read (the kill took the container down),
+/// the engine's `oom` event says (waited for up to `wait`).
 async fn out_of_memory(
     docker: &Docker,
     c: &Container,
@@ -769,13 +778,17 @@ async fn out_of_memory(
     events: &OomEvents,
     wait: Duration,
 ) -> bool {
-    let inside = oom_kills(docker, &c.id, user)
-        .await
-        .is_some_and(|n| n > c.oom_seen.fetch_max(n, Ordering::SeqCst));
     let seen = c.oom_events_seen.load(Ordering::SeqCst);
+    if let Some(n) = oom_kills(docker, &c.id, user).await {
+        let kills = n.saturating_sub(c.oom_seen.fetch_max(n, Ordering::SeqCst));
+        let arrived = events.count(&c.id);
+        c.oom_events_seen
+            .fetch_max(arrived.max(seen + kills), Ordering::SeqCst);
+        return kills > 0;
+    }
     let now = events.past(&c.id, seen, wait).await;
     c.oom_events_seen.fetch_max(now, Ordering::SeqCst);
-    inside || now > seen
+    now > seen
 }
 
 impl DockerExecution {
