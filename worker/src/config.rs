@@ -58,8 +58,8 @@ pub struct Config {
     /// Network mode of the docker backend's session containers (HEIST_DOCKER_NETWORK).
     /// Default `none`.
     pub docker_network: String,
-    /// How long a docker command killed by SIGKILL (not by the worker) waits for the engine's
-    /// `oom` event (HEIST_DOCKER_OOM_WAIT_MS). Default 1 s.
+    /// How long a docker command killed by SIGKILL (not by the worker), whose container went
+    /// down with it, waits for the engine's `oom` event (HEIST_DOCKER_OOM_WAIT_MS). Default 1 s.
     pub docker_oom_wait: Duration,
     /// The `heist-sandbox` helper binary (HEIST_SANDBOX_HELPER). `None` means `heist-sandbox`
     /// next to the running executable.

@@ -88,8 +88,9 @@ pub struct DockerSettings {
     pub network: String,
     /// Host directory holding each session's inbox (copied read-only inputs).
     pub inbox_dir: PathBuf,
-    /// How long a command killed by SIGKILL (not by the worker) waits for the engine's `oom`
-    /// event before it is answered as killed rather than out of memory.
+    /// How long a command killed by SIGKILL (not by the worker), whose container went down
+    /// with it, waits for the engine's `oom` event before it is answered as killed rather than
+    /// out of memory.
     pub oom_wait: Duration,
 }
 
